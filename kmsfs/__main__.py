@@ -1,0 +1,3 @@
+from kmsfs.cli import main
+
+main()

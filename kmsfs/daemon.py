@@ -1,0 +1,130 @@
+"""Runs a mounted volume: FUSE session, trio loop, readiness, signals, clean unmount.
+
+``serve`` blocks until the filesystem is unmounted or the process gets
+SIGTERM/SIGINT/SIGHUP (then it unmounts).  ``on_ready`` is called once the
+mount point answers a stat through the new filesystem.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+from collections.abc import Callable, Iterable
+
+import pyfuse3
+import trio
+
+from kmsfs.errors import MountError
+from kmsfs.format.volume import VolumeConfig
+from kmsfs.fs.inodes import ROOT_INODE
+from kmsfs.fs.operations import KmsfsOperations
+from kmsfs.fs.syscalls import disable_core_dumps
+from kmsfs.keys.keyring import Keyring
+
+log = logging.getLogger("kmsfs.daemon")
+
+
+def check_mountpoint(mountpoint: str, allow_nonempty: bool = False) -> None:
+    """MountError if *mountpoint* cannot take a mount: missing, stale, or not empty."""
+    try:
+        st = os.stat(mountpoint)
+    except FileNotFoundError:
+        raise MountError(f"mount point {mountpoint} does not exist") from None
+    except OSError as exc:
+        if exc.errno == errno.ENOTCONN:
+            raise MountError(
+                f"{mountpoint} is a stale mount left by a daemon that died:"
+                f" run 'kmsfs umount {mountpoint}' (or 'fusermount3 -uz {mountpoint}') first"
+            ) from None
+        raise MountError(f"mount point {mountpoint}: {exc.strerror}") from None
+    if not os.path.isdir(mountpoint):
+        raise MountError(f"mount point {mountpoint} is not a directory")
+    if os.path.ismount(mountpoint) and st.st_ino == ROOT_INODE:
+        raise MountError(f"{mountpoint} is already a mount point (already mounted?)")
+    if not allow_nonempty and os.listdir(mountpoint):
+        raise MountError(
+            f"mount point {mountpoint} is not empty (its files would be hidden; -o nonempty mounts"
+            " anyway)"
+        )
+
+
+def fuse_options(backing: str, extra: Iterable[str]) -> set[str]:
+    options = set(pyfuse3.default_options)
+    options |= {f"fsname={backing}", "subtype=kmsfs"}
+    for option in extra:
+        if option in ("nonempty", "foreground"):
+            continue
+        options.add(option)
+    return options
+
+
+def serve(
+    backing: str,
+    mountpoint: str,
+    config: VolumeConfig,
+    keyring: Keyring,
+    options: Iterable[str] = (),
+    on_ready: Callable[[], None] | None = None,
+    timeout: float | None = None,
+) -> None:
+    """Mount *backing* at *mountpoint* and serve until unmounted; MountError if mounting fails."""
+    disable_core_dumps()
+    os.umask(0)
+    _raise_fd_limit()
+    kwargs = {} if timeout is None else {"timeout": timeout}
+    ops = KmsfsOperations(backing, config, keyring, **kwargs)
+    try:
+        pyfuse3.init(ops, mountpoint, fuse_options(backing, options))
+    except RuntimeError as exc:
+        ops.close()
+        raise MountError(f"cannot mount {backing} at {mountpoint}: {exc}") from None
+    log.info("mounted %s at %s (volume %s)", backing, mountpoint, config.volume_id.hex())
+    unmount = True
+    try:
+        trio.run(_run, mountpoint, on_ready)
+    except BaseException:
+        log.exception("FUSE loop failed")
+        raise
+    finally:
+        pyfuse3.close(unmount=unmount)
+        ops.close()
+        keyring.close()
+        log.info("unmounted %s", mountpoint)
+
+
+async def _run(mountpoint: str, on_ready: Callable[[], None] | None) -> None:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_handle_signals)
+        nursery.start_soon(_announce_ready, mountpoint, on_ready)
+        await pyfuse3.main(min_tasks=4, max_tasks=64)
+        nursery.cancel_scope.cancel()
+
+
+async def _handle_signals() -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            log.info("received %s: unmounting", signal.Signals(signum).name)
+            pyfuse3.terminate()
+            return
+
+
+async def _announce_ready(mountpoint: str, on_ready: Callable[[], None] | None) -> None:
+    st = await trio.to_thread.run_sync(os.stat, mountpoint)
+    if st.st_ino != ROOT_INODE:
+        log.warning("mount point %s answered with inode %d", mountpoint, st.st_ino)
+    log.info("ready: %s answers", mountpoint)
+    if on_ready is not None:
+        on_ready()
+
+
+def _raise_fd_limit() -> None:
+    """One descriptor per inode the kernel remembers: allow as many as the system lets us."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError):
+        log.debug("cannot raise the descriptor limit above %d", soft)

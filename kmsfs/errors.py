@@ -1,0 +1,75 @@
+"""Domain exceptions shared by every layer, with the CLI exit code of each.
+
+Lower layers (format, keys) raise these; the FUSE operations layer maps them to
+an errno (``kmsfs.fs.operations``) and the CLI maps them to an exit code and a
+one-line message (``kmsfs.cli``).  Exit codes are part of the CLI contract and
+are listed in README.md.
+"""
+
+from __future__ import annotations
+
+
+class KmsfsError(Exception):
+    """Root of every kmsfs error.  ``str(exc)`` is a complete one-line message."""
+
+    exit_code = 1
+
+
+class UsageError(KmsfsError):
+    """A command was called with options that do not fit together."""
+
+    exit_code = 2
+
+
+class ConfigError(KmsfsError):
+    """A volume config, key file or settings file is missing, malformed or refused."""
+
+    exit_code = 3
+
+
+class FormatError(KmsfsError):
+    """Bytes that should follow the kmsfs format do not (header, block layout)."""
+
+    exit_code = 4
+
+
+class IntegrityError(KmsfsError):
+    """Authenticated decryption failed: the data was modified, moved or truncated."""
+
+    exit_code = 5
+
+
+class ProviderError(KmsfsError):
+    """A key provider could not produce or unwrap a key.
+
+    Attributes:
+        code: the provider's own error code (e.g. an AWS error code), if any.
+        temporary: True when retrying later may succeed (throttling, outage).
+    """
+
+    exit_code = 6
+    temporary = False
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class WrongKeyError(ProviderError):
+    """The key offered cannot unwrap this wrapped key (other key, other context)."""
+
+
+class KeyAccessDenied(ProviderError):
+    """The provider refuses the operation: permission, disabled or deleted key, wrong PIN."""
+
+
+class KeyUnavailable(ProviderError):
+    """The provider cannot be reached or is overloaded; retrying may succeed."""
+
+    temporary = True
+
+
+class MountError(KmsfsError):
+    """Mounting or unmounting failed."""
+
+    exit_code = 7

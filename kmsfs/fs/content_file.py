@@ -1,0 +1,170 @@
+"""Plaintext reads, writes and truncates on one encrypted backing file.
+
+Blocking code with no FUSE or trio in it: the operations layer calls it
+inline or in a worker thread, always holding the inode's lock, so one file's
+read-modify-write of a block is never interleaved with another.
+
+Write ordering keeps every state between two syscalls readable (see
+docs/FORMAT.md, "Crash behaviour"): an extending write first pads a partial
+final block (still sealed as final), then writes the new blocks, then re-seals
+the old final block as a middle block.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+from kmsfs.errors import IntegrityError
+from kmsfs.format.content import OVERHEAD, BlockCipher
+
+
+class ContentFile:
+    """One open backing file.
+
+    Attributes:
+        fd: backing file descriptor, opened read-write (or read-only).
+        cipher: the file's block cipher.
+        size: plaintext size; authoritative while the file is open.
+        describe: returns how log lines and errors name the file (its current path).
+    """
+
+    def __init__(
+        self, fd: int, cipher: BlockCipher, size: int, describe: Callable[[], str]
+    ) -> None:
+        self.fd = fd
+        self.cipher = cipher
+        self.layout = cipher.layout
+        self.size = size
+        self.describe = describe
+        # (index, plaintext) of the final block as last sealed, to re-seal it
+        # as a middle block on the next extending write without reading it back.
+        self._final: tuple[int, bytes] | None = None
+
+    @property
+    def what(self) -> str:
+        return self.describe()
+
+    @classmethod
+    def open(cls, fd: int, cipher: BlockCipher, describe: Callable[[], str]) -> ContentFile:
+        """Wrap *fd*; IntegrityError if its size cannot belong to a well-formed file."""
+        backing = os.fstat(fd).st_size
+        cipher.layout.check_backing_size(backing, describe())
+        return cls(fd, cipher, cipher.layout.plain_size(backing), describe)
+
+    def write_empty(self) -> None:
+        """Make a just-created backing file a well-formed empty file (one empty final block)."""
+        self._seal_at(0, b"", 0)
+        self.size = 0
+        self._final = (0, b"")
+
+    # -- reading -----------------------------------------------------------
+
+    def read(self, offset: int, length: int) -> bytes | bytearray:
+        """Up to *length* plaintext bytes at *offset*; IntegrityError on a bad block."""
+        end = min(self.size, offset + length)
+        if offset >= end:
+            return b""
+        bs = self.layout.block_size
+        first, last = offset // bs, (end - 1) // bs
+        plain = self._read_blocks(first, last)
+        start = offset - first * bs
+        return memoryview(plain)[start : start + end - offset].tobytes()
+
+    def _read_blocks(self, first: int, last: int) -> bytearray:
+        """Plaintext of blocks first..last (all must lie inside the file)."""
+        bbs = self.layout.backing_block
+        pos = first * bbs
+        want = min((last + 1) * bbs, self.layout.backing_size(self.size)) - pos
+        sealed = os.pread(self.fd, want, pos)
+        if len(sealed) != want:
+            raise IntegrityError(
+                f"{self.what}: backing file is shorter than its size (block {first})"
+            )
+        return self.cipher.open(first, sealed, self.layout.final_index(self.size), self.what)
+
+    def _block(self, index: int) -> bytes:
+        """Current plaintext of one block inside the file (from the cache if it is final)."""
+        if self._final is not None and self._final[0] == index:
+            return self._final[1]
+        return bytes(self._read_blocks(index, index))
+
+    # -- writing -----------------------------------------------------------
+
+    def _seal_at(self, index: int, plaintext: bytes | bytearray | memoryview, final: int) -> None:
+        sealed = self.cipher.seal(index, plaintext, final)
+        written = os.pwrite(self.fd, sealed, index * self.layout.backing_block)
+        if written != len(sealed):
+            raise OSError(28, "short write to backing file")  # ENOSPC is the usual cause
+
+    def write(self, offset: int, data: bytes | memoryview) -> int:
+        """Write *data* at *offset*, growing the file if needed; returns len(data)."""
+        length = len(data)
+        if length == 0:
+            return 0
+        bs = self.layout.block_size
+        old_size = self.size
+        end = offset + length
+        new_size = max(old_size, end)
+        old_final = self.layout.final_index(old_size)
+        new_final = self.layout.final_index(new_size)
+        first, last = offset // bs, (end - 1) // bs
+
+        moved_final = old_final < first  # the old final block becomes a middle block
+        if moved_final:
+            old_plain = self._block(old_final) if old_size else b""
+            padded = bytes(old_plain) + bytes(bs - len(old_plain))
+            if len(old_plain) != bs:
+                self._seal_at(old_final, padded, old_final)  # still final, now whole
+
+        run_end = min((last + 1) * bs, new_size)
+        run = bytearray(run_end - first * bs)
+        head = offset - first * bs
+        partial_first = head or (first == last and end < min(run_end, old_size))
+        if partial_first and first <= old_final and first * bs < old_size:
+            before = self._block(first)
+            run[: len(before)] = before
+        if last != first and end < min(run_end, old_size) and last <= old_final:
+            after = self._block(last)
+            run[(last - first) * bs : (last - first) * bs + len(after)] = after
+        run[head : head + length] = data
+        self._seal_at(first, run, new_final)
+
+        if moved_final:
+            self._seal_at(old_final, padded, new_final)  # now a middle block
+        self.size = new_size
+        if last == new_final:
+            self._final = (last, bytes(run[(last - first) * bs :]))
+        elif self._final is not None and self._final[0] != new_final:
+            self._final = None
+        return length
+
+    def truncate(self, new_size: int) -> None:
+        """Set the plaintext size, re-sealing the block that becomes final."""
+        old_size = self.size
+        if new_size == old_size:
+            return
+        bs = self.layout.block_size
+        if new_size > old_size:
+            new_final = self.layout.final_index(new_size)
+            start = max(old_size, new_final * bs)
+            self.write(start, bytes(new_size - start))
+            return
+        if new_size == 0:
+            self._seal_at(0, b"", 0)
+            os.ftruncate(self.fd, OVERHEAD)
+            self.size = 0
+            self._final = (0, b"")
+            return
+        new_final = self.layout.final_index(new_size)
+        keep = self._block(new_final)[: new_size - new_final * bs]
+        self._seal_at(new_final, keep, new_final)
+        os.ftruncate(self.fd, self.layout.backing_size(new_size))
+        self.size = new_size
+        self._final = (new_final, bytes(keep))
+
+    def fsync(self, datasync: bool) -> None:
+        if datasync:
+            os.fdatasync(self.fd)
+        else:
+            os.fsync(self.fd)

@@ -1,0 +1,603 @@
+"""pyfuse3 operations: the thin layer that maps FUSE requests onto the backing tree.
+
+This is the only place an errno is chosen.  Lower layers raise OSError (passed
+through with its errno) or kmsfs domain errors, which are logged with the file
+and cause and answered with EIO (integrity, format, wrong key, provider
+outage) or EACCES (the key provider refused access).
+
+Names are not encrypted (see docs/FORMAT.md, "Threat model"); at the root,
+names starting with ``.kmsfs`` (the volume config and state) are invisible
+and cannot be created, and ``user.kmsfs*`` xattrs are hidden and refused.
+
+Threads: metadata syscalls on the backing filesystem and small reads and
+writes run on the trio loop, because a worker-thread hop costs 0.1-0.4 ms on
+the machines we measured (docs/DESIGN.md); requests of OFFLOAD_BYTES or more,
+fsync, and calls to providers that are not ``inline`` go to worker threads.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import pyfuse3
+import trio
+from pyfuse3 import FUSEError
+
+from kmsfs.errors import FormatError, KeyAccessDenied, KmsfsError
+from kmsfs.format.content import BlockCipher, Layout
+from kmsfs.format.header import RESERVED_XATTR_PREFIX, XATTR_NAME, FileHeader
+from kmsfs.format.volume import RESERVED_PREFIX, VolumeConfig
+from kmsfs.fs import syscalls
+from kmsfs.fs.content_file import ContentFile
+from kmsfs.fs.inodes import ROOT_INODE, Inode, InodeTable
+from kmsfs.keys.keyring import Keyring
+from kmsfs.keys.provider import wipe
+
+log = logging.getLogger("kmsfs.fs")
+
+OFFLOAD_BYTES = 64 * 1024
+DEFAULT_TIMEOUT = 60.0
+_RESERVED_NAME = RESERVED_PREFIX.encode()
+_RESERVED_XATTR = RESERVED_XATTR_PREFIX.encode()
+_O_PATH = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+
+T = TypeVar("T")
+
+
+def _fuse_op(func: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    """Turn every exception of a handler into a FUSEError (pyfuse3 must never see others)."""
+
+    @functools.wraps(func)
+    async def wrapper(self: KmsfsOperations, *args: Any) -> T:
+        try:
+            return await func(self, *args)
+        except FUSEError:
+            raise
+        except OSError as exc:
+            raise FUSEError(exc.errno or errno.EIO) from None
+        except KmsfsError as exc:
+            self.errors += 1
+            log.error("%s: %s", func.__name__, exc)
+            raise FUSEError(
+                errno.EACCES if isinstance(exc, KeyAccessDenied) else errno.EIO
+            ) from None
+        except Exception:
+            self.errors += 1
+            log.exception("%s: unexpected error", func.__name__)
+            raise FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+class DirHandle:
+    __slots__ = ("fd", "ino", "names")
+
+    def __init__(self, fd: int, ino: int) -> None:
+        self.fd = fd
+        self.ino = ino
+        self.names: list[bytes] | None = None
+
+
+class KmsfsOperations(pyfuse3.Operations):
+    """Serves one volume.  Attributes: backing (path), config, keyring, inodes."""
+
+    enable_writeback_cache = True
+
+    def __init__(
+        self,
+        backing: str,
+        config: VolumeConfig,
+        keyring: Keyring,
+        timeout: float = DEFAULT_TIMEOUT,
+        offload_bytes: int = OFFLOAD_BYTES,
+    ) -> None:
+        super().__init__()
+        self.backing = os.path.abspath(backing)
+        self.config = config
+        self.keyring = keyring
+        self.layout = Layout(config.block_size)
+        self.timeout = timeout
+        self.offload_bytes = offload_bytes
+        self.inodes = InodeTable(os.open(self.backing, _O_PATH | os.O_DIRECTORY))
+        self._dirs: dict[int, DirHandle] = {}
+        self._next_dir = 1
+        self._limiter = trio.CapacityLimiter(4)
+        self._is_root = os.geteuid() == 0
+        self.errors = 0
+        self.bytes_read = 0
+        self.bytes_written = 0
+
+    # -- helpers -----------------------------------------------------------
+
+    def _inode(self, ino: int) -> Inode:
+        entry = self.inodes.get(ino)
+        if entry is None:
+            raise FUSEError(errno.ESTALE)
+        return entry
+
+    def _attr(self, st: os.stat_result, entry: Inode | None = None) -> pyfuse3.EntryAttributes:
+        attr = pyfuse3.EntryAttributes()
+        attr.st_ino = entry.ino if entry is not None else self.inodes.fuse_ino(st.st_ino)
+        attr.generation = 0
+        attr.entry_timeout = self.timeout
+        attr.attr_timeout = self.timeout
+        attr.st_mode = st.st_mode
+        attr.st_nlink = st.st_nlink
+        attr.st_uid = st.st_uid
+        attr.st_gid = st.st_gid
+        attr.st_rdev = st.st_rdev
+        if stat.S_ISREG(st.st_mode):
+            if entry is not None and entry.content is not None:
+                attr.st_size = entry.content.size
+            else:
+                attr.st_size = self.layout.plain_size(st.st_size)
+        else:
+            attr.st_size = st.st_size
+        attr.st_blksize = self.config.block_size
+        attr.st_blocks = st.st_blocks
+        attr.st_atime_ns = st.st_atime_ns
+        attr.st_mtime_ns = st.st_mtime_ns
+        attr.st_ctime_ns = st.st_ctime_ns
+        return attr
+
+    def _check_name(self, parent: int, name: bytes) -> None:
+        """EPERM for names reserved for kmsfs's own files at the root."""
+        if parent == ROOT_INODE and name.startswith(_RESERVED_NAME):
+            raise FUSEError(errno.EPERM)
+
+    def describe(self, entry: Inode) -> str:
+        """The file's path in the volume, for log lines (never raises)."""
+        try:
+            path = os.readlink(entry.proc_path)
+        except OSError:
+            return f"inode {entry.ino}"
+        if path.startswith(self.backing):
+            path = path[len(self.backing) :] or "/"
+        return path
+
+    def _requester(self, ctx: pyfuse3.RequestContext | None, entry: Inode | None) -> dict[str, Any]:
+        """Who asked, for the audit log (only built when someone listens)."""
+        if self.keyring.on_event is None or ctx is None:
+            return {}
+        try:
+            with open(f"/proc/{ctx.pid}/comm") as handle:
+                process = handle.read().strip()
+        except OSError:
+            process = ""
+        info: dict[str, Any] = {"uid": ctx.uid, "gid": ctx.gid, "pid": ctx.pid, "process": process}
+        if entry is not None:
+            info["path"] = self.describe(entry)
+        return info
+
+    async def _key_call(self, func: Callable[..., T], *args: Any) -> T:
+        if self.keyring.inline:
+            return func(*args)
+        return await trio.to_thread.run_sync(func, *args, limiter=self._limiter)
+
+    async def _io(self, size: int, func: Callable[..., T], *args: Any) -> T:
+        if size < self.offload_bytes:
+            return func(*args)
+        return await trio.to_thread.run_sync(func, *args, limiter=self._limiter)
+
+    def _own(self, fd: int, parent: Inode, ctx: pyfuse3.RequestContext) -> None:
+        """Give a new entry to the caller (group from a setgid parent), as the kernel would."""
+        if not self._is_root:
+            return
+        gid = ctx.gid
+        parent_st = os.stat(parent.fd)
+        if parent_st.st_mode & stat.S_ISGID:
+            gid = parent_st.st_gid
+        syscalls.fchown_path_fd(fd, ctx.uid, gid)
+
+    async def _content(
+        self, entry: Inode, ctx: pyfuse3.RequestContext | None = None
+    ) -> ContentFile:
+        """The entry's open ContentFile, opening the backing file and its key if needed.
+
+        Call with entry.lock held.
+        """
+        if entry.content is not None:
+            return entry.content
+        try:
+            fd = os.open(entry.proc_path, os.O_RDWR | os.O_CLOEXEC)
+        except PermissionError:
+            fd = os.open(entry.proc_path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            what = self.describe(entry)
+            try:
+                raw = os.getxattr(fd, XATTR_NAME)
+            except OSError as exc:
+                if exc.errno != errno.ENODATA:
+                    raise
+                raise FormatError(
+                    f"{what}: no kmsfs header (file not written through"
+                    " kmsfs, or its header xattr was lost)"
+                ) from None
+            header = FileHeader.parse(raw)
+            key = await self._key_call(
+                self.keyring.unwrap, header, what, self._requester(ctx, entry)
+            )
+            try:
+                cipher = BlockCipher.for_file(key, header)
+            finally:
+                wipe(key)
+            content = ContentFile.open(fd, cipher, lambda: self.describe(entry))
+        except BaseException as exc:
+            os.close(fd)
+            if isinstance(exc, KmsfsError) and not str(exc).startswith(self.describe(entry)):
+                raise type(exc)(f"{self.describe(entry)}: {exc}") from None
+            raise
+        entry.content = content
+        return content
+
+    def _drop_content(self, entry: Inode) -> None:
+        if entry.content is not None and entry.opens == 0:
+            os.close(entry.content.fd)
+            entry.content = None
+
+    # -- lookup and attributes ---------------------------------------------
+
+    @_fuse_op
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        parent = self._inode(parent_inode)
+        if parent_inode == ROOT_INODE and (name.startswith(_RESERVED_NAME) or name == b".."):
+            if name == b"..":
+                st = os.stat(parent.fd)
+                parent.lookups += 1
+                return self._attr(st, parent)
+            raise FUSEError(errno.ENOENT)
+        try:
+            st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
+        except FileNotFoundError:
+            negative = pyfuse3.EntryAttributes()
+            negative.st_ino = 0
+            negative.entry_timeout = self.timeout
+            return negative
+        entry = self.inodes.remember(st, lambda: os.open(name, _O_PATH, dir_fd=parent.fd))
+        return self._attr(st, entry)
+
+    async def forget(self, inode_list: list[tuple[int, int]]) -> None:
+        for ino, count in inode_list:
+            try:
+                self.inodes.forget(ino, count)
+            except OSError as exc:  # closing a descriptor cannot really fail; never raise here
+                log.warning("forget inode %d: %s", ino, exc)
+
+    @_fuse_op
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        entry = self._inode(inode)
+        return self._attr(os.stat(entry.fd), entry)
+
+    @_fuse_op
+    async def setattr(
+        self,
+        inode: int,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: int | None,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        entry = self._inode(inode)
+        if fields.update_size:
+            if not entry.is_regular:
+                raise FUSEError(errno.EISDIR if stat.S_ISDIR(entry.mode) else errno.EINVAL)
+            async with entry.lock:
+                content = await self._content(entry, ctx)
+                try:
+                    await self._io(0, content.truncate, attr.st_size)
+                finally:
+                    self._drop_content(entry)
+        if fields.update_mode and not stat.S_ISLNK(entry.mode):
+            os.chmod(entry.proc_path, stat.S_IMODE(attr.st_mode))
+        if fields.update_uid or fields.update_gid:
+            syscalls.fchown_path_fd(
+                entry.fd,
+                attr.st_uid if fields.update_uid else -1,
+                attr.st_gid if fields.update_gid else -1,
+            )
+        if fields.update_atime or fields.update_mtime:
+            syscalls.utimens_path_fd(
+                entry.fd,
+                attr.st_atime_ns if fields.update_atime else None,
+                attr.st_mtime_ns if fields.update_mtime else None,
+            )
+        return self._attr(os.stat(entry.fd), entry)
+
+    @_fuse_op
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        return os.readlink(b"", dir_fd=self._inode(inode).fd)
+
+    # -- directory entries -------------------------------------------------
+
+    def _adopt_new(self, parent: Inode, name: bytes, ctx: pyfuse3.RequestContext) -> Inode:
+        """Count the first lookup of an entry just created in *parent*, owned by the caller."""
+        fd = os.open(name, _O_PATH, dir_fd=parent.fd)
+        try:
+            self._own(fd, parent, ctx)
+            st = os.stat(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        return self.inodes.adopt(st, fd)
+
+    async def _created(
+        self, parent: Inode, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        entry = self._adopt_new(parent, name, ctx)
+        return self._attr(os.stat(entry.fd), entry)
+
+    @_fuse_op
+    async def mknod(
+        self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        self._check_name(parent_inode, name)
+        parent = self._inode(parent_inode)
+        if stat.S_ISREG(mode):
+            raise FUSEError(errno.EPERM)  # regular files are made by create, with a header
+        os.mknod(name, mode, rdev, dir_fd=parent.fd)
+        return await self._created(parent, name, ctx)
+
+    @_fuse_op
+    async def mkdir(
+        self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        self._check_name(parent_inode, name)
+        parent = self._inode(parent_inode)
+        os.mkdir(name, mode, dir_fd=parent.fd)
+        return await self._created(parent, name, ctx)
+
+    @_fuse_op
+    async def symlink(
+        self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        self._check_name(parent_inode, name)
+        parent = self._inode(parent_inode)
+        os.symlink(target, name, dir_fd=parent.fd)
+        return await self._created(parent, name, ctx)
+
+    @_fuse_op
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._check_name(parent_inode, name)
+        os.unlink(name, dir_fd=self._inode(parent_inode).fd)
+
+    @_fuse_op
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._check_name(parent_inode, name)
+        os.rmdir(name, dir_fd=self._inode(parent_inode).fd)
+
+    @_fuse_op
+    async def rename(
+        self,
+        parent_inode_old: int,
+        name_old: bytes,
+        parent_inode_new: int,
+        name_new: bytes,
+        flags: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> None:
+        self._check_name(parent_inode_old, name_old)
+        self._check_name(parent_inode_new, name_new)
+        old_fd = self._inode(parent_inode_old).fd
+        new_fd = self._inode(parent_inode_new).fd
+        if flags:
+            syscalls.renameat2(old_fd, name_old, new_fd, name_new, flags)
+        else:
+            os.rename(name_old, name_new, src_dir_fd=old_fd, dst_dir_fd=new_fd)
+
+    @_fuse_op
+    async def link(
+        self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        self._check_name(new_parent_inode, new_name)
+        entry = self._inode(inode)
+        parent = self._inode(new_parent_inode)
+        os.link(entry.proc_path, new_name, dst_dir_fd=parent.fd, follow_symlinks=True)
+        entry.lookups += 1
+        return self._attr(os.stat(entry.fd), entry)
+
+    # -- directories -------------------------------------------------------
+
+    @_fuse_op
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        entry = self._inode(inode)
+        fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=entry.fd)
+        fh = self._next_dir
+        self._next_dir += 1
+        self._dirs[fh] = DirHandle(fd, inode)
+        return fh
+
+    @_fuse_op
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        handle = self._dirs[fh]
+        if handle.names is None or start_id == 0:
+            names = [os.fsencode(n) for n in os.listdir(handle.fd)]
+            if handle.ino == ROOT_INODE:
+                names = [n for n in names if not n.startswith(_RESERVED_NAME)]
+            handle.names = names
+        names = handle.names
+        fd = handle.fd
+        # Offsets: 1 is ".", 2 is "..", 3 + i is names[i].  The kernel takes no
+        # lookup reference for the dot entries.
+        if start_id < 1:
+            st = os.stat(fd)
+            if not pyfuse3.readdir_reply(
+                token, b".", self._attr(st, self.inodes.get(handle.ino)), 1
+            ):
+                return
+        if start_id < 2:
+            st = os.stat("..", dir_fd=fd) if handle.ino != ROOT_INODE else os.stat(fd)
+            if not pyfuse3.readdir_reply(token, b"..", self._attr(st), 2):
+                return
+        for index in range(max(start_id - 2, 0), len(names)):
+            name = names[index]
+            try:
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            known = self.inodes.get(self.inodes.fuse_ino(st.st_ino))
+            if not pyfuse3.readdir_reply(token, name, self._attr(st, known), index + 3):
+                break
+            self.inodes.remember(st, lambda name=name: os.open(name, _O_PATH, dir_fd=fd))
+
+    @_fuse_op
+    async def releasedir(self, fh: int) -> None:
+        os.close(self._dirs.pop(fh).fd)
+
+    @_fuse_op
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        await trio.to_thread.run_sync(os.fsync, self._dirs[fh].fd, limiter=self._limiter)
+
+    @_fuse_op
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        vfs = os.statvfs(self.backing)
+        data = pyfuse3.StatvfsData()
+        for name in (
+            "f_bsize",
+            "f_frsize",
+            "f_blocks",
+            "f_bfree",
+            "f_bavail",
+            "f_files",
+            "f_ffree",
+            "f_favail",
+        ):
+            setattr(data, name, getattr(vfs, name))
+        data.f_namemax = vfs.f_namemax
+        return data
+
+    # -- files -------------------------------------------------------------
+
+    @_fuse_op
+    async def create(
+        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        self._check_name(parent_inode, name)
+        parent = self._inode(parent_inode)
+        file_id, key, entries = await self._key_call(
+            self.keyring.new_file, self._requester(ctx, None)
+        )
+        try:
+            header = FileHeader(self.config.volume_id, file_id, self.config.block_size, entries)
+            cipher = BlockCipher.for_file(key, header)
+        finally:
+            wipe(key)
+        fd = os.open(
+            name,
+            os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC,
+            stat.S_IMODE(mode),
+            dir_fd=parent.fd,
+        )
+        try:
+            os.setxattr(fd, XATTR_NAME, header.pack())
+            content = ContentFile(fd, cipher, 0, lambda: name.decode(errors="replace"))
+            content.write_empty()
+            entry = self._adopt_new(parent, name, ctx)
+        except BaseException:
+            os.close(fd)
+            try:
+                os.unlink(name, dir_fd=parent.fd)
+            except OSError:
+                pass
+            raise
+        content.describe = lambda: self.describe(entry)
+        if entry.content is not None:  # cannot happen: the inode is new
+            os.close(fd)
+            content = entry.content
+        entry.content = content
+        entry.opens += 1
+        return pyfuse3.FileInfo(fh=entry.ino, keep_cache=True), self._attr(os.stat(fd), entry)
+
+    @_fuse_op
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        entry = self._inode(inode)
+        if not entry.is_regular:
+            raise FUSEError(errno.EINVAL)
+        async with entry.lock:
+            content = await self._content(entry, ctx)
+            entry.opens += 1
+            if flags & os.O_TRUNC and content.size:
+                content.truncate(0)
+        return pyfuse3.FileInfo(fh=inode, keep_cache=True)
+
+    @_fuse_op
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        entry = self._inode(fh)
+        async with entry.lock:
+            content = entry.content
+            if content is None:
+                raise FUSEError(errno.EBADF)
+            data = await self._io(size, content.read, off, size)
+        self.bytes_read += len(data)
+        return data  # type: ignore[return-value]
+
+    @_fuse_op
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        entry = self._inode(fh)
+        async with entry.lock:
+            content = entry.content
+            if content is None:
+                raise FUSEError(errno.EBADF)
+            written = await self._io(len(buf), content.write, off, buf)
+        self.bytes_written += written
+        return written
+
+    @_fuse_op
+    async def flush(self, fh: int) -> None:
+        return None
+
+    @_fuse_op
+    async def release(self, fh: int) -> None:
+        entry = self._inode(fh)
+        async with entry.lock:
+            entry.opens -= 1
+            self._drop_content(entry)
+        self.inodes.release_if_unused(entry)
+
+    @_fuse_op
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        entry = self._inode(fh)
+        content = entry.content
+        if content is not None:
+            await trio.to_thread.run_sync(content.fsync, datasync, limiter=self._limiter)
+
+    # -- extended attributes -----------------------------------------------
+
+    @_fuse_op
+    async def setxattr(
+        self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
+    ) -> None:
+        if name.startswith(_RESERVED_XATTR):
+            raise FUSEError(errno.EPERM)
+        os.setxattr(self._inode(inode).proc_path, name, value)
+
+    @_fuse_op
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        if name.startswith(_RESERVED_XATTR):
+            raise FUSEError(errno.ENODATA)
+        return os.getxattr(self._inode(inode).proc_path, name)
+
+    @_fuse_op
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        names = os.listxattr(self._inode(inode).proc_path)
+        return [os.fsencode(n) for n in names if not n.startswith(RESERVED_XATTR_PREFIX)]
+
+    @_fuse_op
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        if name.startswith(_RESERVED_XATTR):
+            raise FUSEError(errno.ENODATA)
+        os.removexattr(self._inode(inode).proc_path, name)
+
+    def close(self) -> None:
+        """Close every descriptor (after the FUSE loop has ended)."""
+        for handle in self._dirs.values():
+            os.close(handle.fd)
+        self._dirs.clear()
+        self.inodes.close_all()

@@ -1,0 +1,57 @@
+"""Linux calls the os module lacks: renameat2 flags, and *at() on an O_PATH descriptor.
+
+Each raises OSError with the C errno, like the os module.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+AT_EMPTY_PATH = 0x1000
+AT_SYMLINK_NOFOLLOW = 0x100
+UTIME_OMIT = (1 << 30) - 2
+PR_SET_DUMPABLE = 4
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+def _check(result: int, what: str) -> None:
+    if result != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def renameat2(old_dir: int, old: bytes, new_dir: int, new: bytes, flags: int) -> None:
+    _check(_libc.renameat2(old_dir, old, new_dir, new, ctypes.c_uint(flags)), "renameat2")
+
+
+def fchown_path_fd(fd: int, uid: int, gid: int) -> None:
+    """chown the inode an O_PATH descriptor refers to (symlinks included)."""
+    _check(_libc.fchownat(fd, b"", uid, gid, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW), "fchownat")
+
+
+def utimens_path_fd(fd: int, atime_ns: int | None, mtime_ns: int | None) -> None:
+    """Set times of the inode an O_PATH descriptor refers to; None leaves one as it is."""
+    times = (_Timespec * 2)()
+    for slot, value in enumerate((atime_ns, mtime_ns)):
+        if value is None:
+            times[slot].tv_sec, times[slot].tv_nsec = 0, UTIME_OMIT
+        else:
+            times[slot].tv_sec, times[slot].tv_nsec = divmod(value, 1_000_000_000)
+    _check(_libc.utimensat(fd, b"", times, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW), "utimensat")
+
+
+def disable_core_dumps() -> None:
+    """No core files and no ptrace by other users: key material must not reach disk."""
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    _libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)

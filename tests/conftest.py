@@ -1,0 +1,162 @@
+"""Shared fixtures: volumes created with the real CLI and mounted with real FUSE.
+
+Every mount made here is unmounted at teardown whatever happened
+(``fusermount3 -u``, then a lazy unmount), and the daemon's log is checked
+for tracebacks, which fail the test.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+BIN = Path(sys.executable).parent / "kmsfs"
+
+
+def fuse_available() -> bool:
+    return os.path.exists("/dev/fuse") and shutil.which("fusermount3") is not None
+
+
+requires_fuse = pytest.mark.skipif(not fuse_available(), reason="needs /dev/fuse and fusermount3")
+
+
+def run_kmsfs(
+    *args: str | os.PathLike[str],
+    check: bool = True,
+    input: str | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = 60,
+) -> subprocess.CompletedProcess[str]:
+    """Run the kmsfs CLI; with check=True a non-zero exit fails the test with its stderr."""
+    result = subprocess.run(
+        [str(BIN), *map(str, args)],
+        capture_output=True,
+        text=True,
+        input=input,
+        env={**os.environ, **(env or {})},
+        timeout=timeout,
+        check=False,
+    )
+    if check and result.returncode != 0:
+        pytest.fail(f"kmsfs {' '.join(map(str, args))} exited {result.returncode}: {result.stderr}")
+    return result
+
+
+def force_unmount(mountpoint: Path) -> None:
+    """Unmount whatever is at *mountpoint*, stale or busy; never raises."""
+    for command in (["fusermount3", "-u", "-q"], ["fusermount3", "-uz", "-q"], ["umount", "-l"]):
+        if not os.path.ismount(mountpoint) and not _is_stale(mountpoint):
+            return
+        subprocess.run([*command, str(mountpoint)], capture_output=True, check=False)
+
+
+def _is_stale(path: Path) -> bool:
+    try:
+        os.stat(path)
+    except OSError as exc:
+        return exc.errno == 107  # ENOTCONN
+    return False
+
+
+@dataclass
+class Volume:
+    """A volume under a temporary directory.  Attributes: root, backing, mountpoint,
+    key_file, log_file, init_args (extra init options), mount_args (extra mount options)."""
+
+    root: Path
+    backing: Path
+    mountpoint: Path
+    key_file: Path
+    log_file: Path
+    mount_args: list[str] = field(default_factory=list)
+    mounted: bool = False
+
+    def mount(self, *extra: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        result = run_kmsfs(
+            "mount",
+            self.backing,
+            self.mountpoint,
+            "--log-file",
+            self.log_file,
+            "--log-level",
+            "debug",
+            *self.mount_args,
+            *extra,
+            check=check,
+        )
+        if result.returncode == 0:
+            self.mounted = True
+        return result
+
+    def umount(self) -> None:
+        if self.mounted:
+            run_kmsfs("umount", self.mountpoint)
+            self.mounted = False
+            _wait_unmounted(self.mountpoint)
+
+    def remount(self, *extra: str) -> None:
+        self.umount()
+        self.mount(*extra)
+
+    def log_text(self) -> str:
+        return self.log_file.read_text() if self.log_file.exists() else ""
+
+    def path(self, name: str) -> Path:
+        return self.mountpoint / name
+
+    def backing_path(self, name: str) -> Path:
+        return self.backing / name
+
+
+def _wait_unmounted(mountpoint: Path, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while os.path.ismount(mountpoint) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def make_volume(tmp_path: Path, *init_args: str, key: bool = True) -> Volume:
+    """Create (not mount) a local-provider volume under *tmp_path*."""
+    backing = tmp_path / "backing"
+    mountpoint = tmp_path / "mnt"
+    backing.mkdir()
+    mountpoint.mkdir()
+    volume = Volume(tmp_path, backing, mountpoint, tmp_path / "master.key", tmp_path / "kmsfs.log")
+    if key:
+        run_kmsfs("init", backing, "--key-file", volume.key_file, *init_args)
+    return volume
+
+
+@pytest.fixture
+def volume(tmp_path: Path) -> Iterator[Volume]:
+    """A local-provider volume (key file), created but not mounted."""
+    vol = make_volume(tmp_path)
+    try:
+        yield vol
+    finally:
+        force_unmount(vol.mountpoint)
+        _check_log(vol)
+
+
+@pytest.fixture
+def mounted(volume: Volume) -> Iterator[Volume]:
+    """A mounted local-provider volume."""
+    if not fuse_available():
+        pytest.skip("needs /dev/fuse")
+    volume.mount()
+    yield volume
+    if volume.mounted and os.path.ismount(volume.mountpoint):
+        volume.umount()
+
+
+def _check_log(vol: Volume) -> None:
+    text = vol.log_text()
+    if "Traceback" in text or "unexpected error" in text:
+        pytest.fail(f"daemon log of {vol.root} has an unexpected error:\n{text[-4000:]}")
