@@ -153,6 +153,8 @@ class FileHeader:
             raise FormatError(f"cipher suite {suite}: want {SUITE_AES256GCM_HKDF}")
         if flags:
             raise FormatError(f"header flags {flags:#06x}: no flags are defined in version 1")
+        if not 1 <= count <= MAX_ENTRIES:
+            raise FormatError(f"{count} wrapped-key entries: want 1..{MAX_ENTRIES}")
         pos = _FIXED.size
         entries = []
         for index in range(count):
