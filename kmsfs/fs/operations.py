@@ -190,9 +190,8 @@ class KmsfsOperations(pyfuse3.Operations):
         if not self._is_root:
             return
         gid = ctx.gid
-        parent_st = os.stat(parent.fd)
-        if parent_st.st_mode & stat.S_ISGID:
-            gid = parent_st.st_gid
+        if parent.mode & stat.S_ISGID:
+            gid = os.stat(parent.fd).st_gid
         syscalls.fchown_path_fd(fd, ctx.uid, gid)
 
     async def _content(
@@ -209,7 +208,7 @@ class KmsfsOperations(pyfuse3.Operations):
         except PermissionError:
             fd = os.open(entry.proc_path, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            what = self.describe(entry)
+            what = f"inode {entry.ino}"  # replaced by the path if an error is reported
             try:
                 raw = os.getxattr(fd, XATTR_NAME)
             except OSError as exc:
@@ -230,8 +229,9 @@ class KmsfsOperations(pyfuse3.Operations):
             content = ContentFile.open(fd, cipher, lambda: self.describe(entry))
         except BaseException as exc:
             os.close(fd)
-            if isinstance(exc, KmsfsError) and not str(exc).startswith(self.describe(entry)):
-                raise type(exc)(f"{self.describe(entry)}: {exc}") from None
+            if isinstance(exc, KmsfsError):
+                message = str(exc).replace(what, "", 1).lstrip(": ")
+                raise type(exc)(f"{self.describe(entry)}: {message}") from None
             raise
         entry.content = content
         return content
@@ -297,6 +297,7 @@ class KmsfsOperations(pyfuse3.Operations):
                     self._drop_content(entry)
         if fields.update_mode and not stat.S_ISLNK(entry.mode):
             os.chmod(entry.proc_path, stat.S_IMODE(attr.st_mode))
+            entry.mode = stat.S_IFMT(entry.mode) | stat.S_IMODE(attr.st_mode)
         if fields.update_uid or fields.update_gid:
             syscalls.fchown_path_fd(
                 entry.fd,
@@ -317,8 +318,10 @@ class KmsfsOperations(pyfuse3.Operations):
 
     # -- directory entries -------------------------------------------------
 
-    def _adopt_new(self, parent: Inode, name: bytes, ctx: pyfuse3.RequestContext) -> Inode:
-        """Count the first lookup of an entry just created in *parent*, owned by the caller."""
+    async def _created(
+        self, parent: Inode, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        """Count the first lookup of an entry just made in *parent*, owned by the caller."""
         fd = os.open(name, _O_PATH, dir_fd=parent.fd)
         try:
             self._own(fd, parent, ctx)
@@ -326,13 +329,7 @@ class KmsfsOperations(pyfuse3.Operations):
         except BaseException:
             os.close(fd)
             raise
-        return self.inodes.adopt(st, fd)
-
-    async def _created(
-        self, parent: Inode, name: bytes, ctx: pyfuse3.RequestContext
-    ) -> pyfuse3.EntryAttributes:
-        entry = self._adopt_new(parent, name, ctx)
-        return self._attr(os.stat(entry.fd), entry)
+        return self._attr(st, self.inodes.adopt(st, fd))
 
     @_fuse_op
     async def mknod(
@@ -497,9 +494,11 @@ class KmsfsOperations(pyfuse3.Operations):
         )
         try:
             os.setxattr(fd, XATTR_NAME, header.pack())
+            self._own(fd, parent, ctx)
             content = ContentFile(fd, cipher, 0, lambda: name.decode(errors="replace"))
             content.write_empty()
-            entry = self._adopt_new(parent, name, ctx)
+            st = os.fstat(fd)
+            path_fd = os.dup(fd)  # serves as the inode's descriptor, like an O_PATH one
         except BaseException:
             os.close(fd)
             try:
@@ -507,13 +506,11 @@ class KmsfsOperations(pyfuse3.Operations):
             except OSError:
                 pass
             raise
+        entry = self.inodes.adopt(st, path_fd)
         content.describe = lambda: self.describe(entry)
-        if entry.content is not None:  # cannot happen: the inode is new
-            os.close(fd)
-            content = entry.content
         entry.content = content
         entry.opens += 1
-        return pyfuse3.FileInfo(fh=entry.ino, keep_cache=True), self._attr(os.stat(fd), entry)
+        return pyfuse3.FileInfo(fh=entry.ino, keep_cache=True), self._attr(st, entry)
 
     @_fuse_op
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
@@ -527,31 +524,38 @@ class KmsfsOperations(pyfuse3.Operations):
                 content.truncate(0)
         return pyfuse3.FileInfo(fh=inode, keep_cache=True)
 
+    async def _content_call(self, fh: int, size: int, method: str, *args: Any) -> Any:
+        """Run a ContentFile method under the inode's lock, offloading large requests.
+
+        A small request runs inline without awaiting: it cannot interleave with
+        another task, so it only waits for the lock if a worker thread holds it.
+        """
+        entry = self._inode(fh)
+        content = entry.content
+        if content is None:
+            raise FUSEError(errno.EBADF)
+        if size < self.offload_bytes and not entry.lock.locked():
+            return getattr(content, method)(*args)
+        async with entry.lock:
+            return await self._io(size, getattr(content, method), *args)
+
     @_fuse_op
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        entry = self._inode(fh)
-        async with entry.lock:
-            content = entry.content
-            if content is None:
-                raise FUSEError(errno.EBADF)
-            data = await self._io(size, content.read, off, size)
+        data = await self._content_call(fh, size, "read", off, size)
         self.bytes_read += len(data)
-        return data  # type: ignore[return-value]
+        return data  # type: ignore[no-any-return]
 
     @_fuse_op
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        entry = self._inode(fh)
-        async with entry.lock:
-            content = entry.content
-            if content is None:
-                raise FUSEError(errno.EBADF)
-            written = await self._io(len(buf), content.write, off, buf)
+        written: int = await self._content_call(fh, len(buf), "write", off, buf)
         self.bytes_written += written
         return written
 
-    @_fuse_op
     async def flush(self, fh: int) -> None:
-        return None
+        # Nothing to do: writes reach the backing file when they arrive, and the
+        # kernel writes back its cached pages before it sends FLUSH.  ENOSYS
+        # tells the kernel to stop sending FLUSH on every close (one round trip).
+        raise FUSEError(errno.ENOSYS)
 
     @_fuse_op
     async def release(self, fh: int) -> None:
