@@ -12,11 +12,15 @@ the old final block as a middle block.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 
 from kmsfs.errors import IntegrityError
-from kmsfs.format.content import OVERHEAD, BlockCipher
+from kmsfs.format.content import MAX_BLOCK_ENCRYPTIONS, OVERHEAD, BlockCipher
+
+log = logging.getLogger("kmsfs.fs")
+WARN_BLOCK_ENCRYPTIONS = MAX_BLOCK_ENCRYPTIONS // 2
 
 
 class ContentFile:
@@ -40,6 +44,7 @@ class ContentFile:
         # (index, plaintext) of the final block as last sealed, to re-seal it
         # as a middle block on the next extending write without reading it back.
         self._final: tuple[int, bytes] | None = None
+        self.sealed_blocks = 0  # block encryptions under this key while open (FORMAT.md)
 
     @property
     def what(self) -> str:
@@ -93,6 +98,14 @@ class ContentFile:
 
     def _seal_at(self, index: int, plaintext: bytes | bytearray | memoryview, final: int) -> None:
         sealed = self.cipher.seal(index, plaintext, final)
+        before = self.sealed_blocks
+        self.sealed_blocks += max(-(-len(plaintext) // self.layout.block_size), 1)
+        if before < WARN_BLOCK_ENCRYPTIONS <= self.sealed_blocks:
+            log.warning(
+                "%s: %d block encryptions under one file key (NIST limit 2^32): re-key this file",
+                self.what,
+                self.sealed_blocks,
+            )
         written = os.pwrite(self.fd, sealed, index * self.layout.backing_block)
         if written != len(sealed):
             raise OSError(28, "short write to backing file")  # ENOSPC is the usual cause
