@@ -104,6 +104,7 @@ def test_key_use_warning(
         for _ in range(4):
             content.write(0, bytes(2 * BS))
     assert [r.getMessage() for r in caplog.records] == [
-        f"{tmp_path / 'f'}: 9 block encryptions under one file key (NIST limit 2^32): re-key this file"
+        f"{tmp_path / 'f'}: 9 block encryptions under one file key (NIST limit 2^32):"
+        " re-key this file"
     ]
     os.close(content.fd)
