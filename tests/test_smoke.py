@@ -1,6 +1,8 @@
 """A first end-to-end check: create, write, read back, remount."""
 
-from conftest import Volume, requires_fuse
+import os
+
+from conftest import Volume, requires_fuse, run_kmsfs
 
 
 @requires_fuse
@@ -11,3 +13,14 @@ def test_write_read_remount(mounted: Volume) -> None:
     mounted.remount()
     assert mounted.path("f.bin").read_bytes() == data
     assert data[:4096] not in mounted.backing_path("f.bin").read_bytes()
+
+
+@requires_fuse
+def test_second_mount_of_a_volume_is_refused(mounted: Volume) -> None:
+    other = mounted.root / "mnt2"
+    other.mkdir()
+    result = run_kmsfs("mount", mounted.backing, other, check=False)
+    assert result.returncode == 7
+    assert "in use by another kmsfs process" in result.stderr
+    assert not os.path.ismount(other)
+    assert mounted.path(".").exists()
