@@ -231,7 +231,10 @@ class KmsfsOperations(pyfuse3.Operations):
             os.close(fd)
             if isinstance(exc, KmsfsError):
                 message = str(exc).replace(what, "", 1).lstrip(": ")
-                raise type(exc)(f"{self.describe(entry)}: {message}") from None
+                name = self.describe(entry)
+                if not message.startswith(f"{name}: "):  # ContentFile.open names it already
+                    message = f"{name}: {message}"
+                raise type(exc)(message) from None
             raise
         entry.content = content
         return content
