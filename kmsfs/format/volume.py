@@ -84,6 +84,8 @@ class VolumeConfig:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{where}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        except (ValueError, RecursionError) as exc:  # a 5,000-digit number; nesting too deep
+            raise ConfigError(f"{where}: not acceptable JSON ({exc})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{where}: want a JSON object")
         version = data.get("kmsfs_volume")
@@ -122,7 +124,7 @@ def _parse_key(raw: Any, where: str) -> KeyConfig:
         raise ConfigError(f"{where}: want an object")
     try:
         check = base64.b64decode(_field(raw, "check", str, where), validate=True)
-    except binascii.Error:
+    except (binascii.Error, ValueError):  # ValueError: non-ASCII characters
         raise ConfigError(f"{where}: check is not valid base64") from None
     return KeyConfig(
         provider=_field(raw, "provider", str, where),
