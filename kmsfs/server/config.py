@@ -1,0 +1,406 @@
+"""Volume config files: ``/etc/kmsfs/NAME.toml``, one volume per file.
+
+Schema (every key optional except where the command line does not supply it)::
+
+    backing = "/srv/enc"              # absolute path of the backing directory
+    mountpoint = "/srv/data"          # absolute path of the mount point
+    options = ["allow_other"]         # FUSE mount options (list, or "a,b" string)
+    log_level = "info"                # debug, info, warning, error
+    log_file = "/var/log/kmsfs.log"   # default: stderr (the journal under systemd)
+    audit_log = "/var/log/kmsfs/data-audit.jsonl"
+    metrics_listen = "127.0.0.1:9750" # Prometheus endpoint (needs kmsfs[metrics])
+
+    [provider]
+    type = "local"                    # local, aws-kms, pkcs11
+    key_file = "/etc/kmsfs/data.key"  # local: key_file, passphrase_file
+                                      # aws-kms: key_id, region, endpoint_url, profile
+                                      # pkcs11: module, token, key, pin_file
+
+    [cache]
+    max_entries = 10000               # unwrapped file keys kept in memory
+    max_age = 3600                    # seconds
+
+Precedence: the command line over this file over the settings recorded in the
+volume (``.kmsfs.json``).  The file is validated whole when it is loaded and a
+ConfigError names the file, the key and the problem.  Secrets (passphrases,
+PINs, key material) are refused here: they come from files named by
+``*_file`` keys, from systemd credentials or from a prompt.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+
+from kmsfs.errors import ConfigError
+
+CONFIG_DIR = Path("/etc/kmsfs")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+# TOML provider option -> CLI parameter name, per provider type.
+PROVIDER_OPTIONS: dict[str, dict[str, str]] = {
+    "local": {"key_file": "key_file", "passphrase_file": "passphrase_file"},
+    "aws-kms": {
+        "key_id": "kms_key_id",
+        "region": "kms_region",
+        "endpoint_url": "kms_endpoint_url",
+        "profile": "kms_profile",
+    },
+    "pkcs11": {
+        "module": "pkcs11_module",
+        "token": "pkcs11_token",
+        "key": "pkcs11_key",
+        "pin_file": "pkcs11_pin_file",
+    },
+}
+# Options naming a file that must exist when the config is loaded.
+FILE_OPTIONS = {"key_file", "passphrase_file", "pin_file", "module"}
+
+# Names that would hold a secret: refused wherever they appear.
+SECRET_NAMES = {
+    "passphrase": "passphrase_file",
+    "password": "passphrase_file",
+    "pin": "pin_file",
+    "user_pin": "pin_file",
+    "so_pin": "pin_file",
+    "secret": None,
+    "secret_key": None,
+    "master_key": "key_file",
+    "key_data": "key_file",
+    "key_material": "key_file",
+    "aws_secret_access_key": None,
+    "aws_session_token": None,
+    "secret_access_key": None,
+    "session_token": None,
+}
+CREDENTIAL_HINT = {
+    "passphrase_file": "kmsfs-passphrase",
+    "pin_file": "kmsfs-pin",
+}
+
+TOP_LEVEL = {
+    "backing",
+    "mountpoint",
+    "options",
+    "log_level",
+    "log_file",
+    "audit_log",
+    "metrics_listen",
+    "provider",
+    "cache",
+}
+CACHE_KEYS = {"max_entries", "max_age"}
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """One volume's config file, validated.
+
+    Attributes: path (the file), backing, mountpoint, provider_type,
+    provider_options (CLI parameter name -> value), mount_options,
+    cache_max_entries, cache_max_age, log_level, log_file, audit_log,
+    metrics_listen.  Unset values are None.
+    """
+
+    path: Path
+    backing: str | None = None
+    mountpoint: str | None = None
+    provider_type: str | None = None
+    provider_options: dict[str, str] = field(default_factory=dict)
+    mount_options: tuple[str, ...] = ()
+    cache_max_entries: int | None = None
+    cache_max_age: float | None = None
+    log_level: str | None = None
+    log_file: str | None = None
+    audit_log: str | None = None
+    metrics_listen: str | None = None
+
+    def cli_defaults(self) -> dict[str, Any]:
+        """Values for click's ``default_map``: what the command line did not say.
+
+        Mount options are not here: they are added to the command line's
+        (see ``mount_options``), not replaced by them.
+        """
+        values: dict[str, Any] = {
+            "backing": self.backing,
+            "mountpoint": self.mountpoint,
+            "cache_max_entries": self.cache_max_entries,
+            "cache_max_age": self.cache_max_age,
+            "log_level": self.log_level,
+            "log_file": self.log_file,
+            "audit_log": self.audit_log,
+            "metrics_listen": self.metrics_listen,
+            **self.provider_options,
+        }
+        return {name: value for name, value in values.items() if value is not None}
+
+
+def load_server_config(path: str | os.PathLike[str]) -> ServerConfig:
+    """Read and validate the config file *path*; ConfigError naming the key and the problem."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as handle:
+            data = tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+    return parse_server_config(data, path)
+
+
+def parse_server_config(data: dict[str, Any], path: Path) -> ServerConfig:
+    """Validate the parsed TOML *data* of the file *path*."""
+    where = str(path)
+    _refuse_secrets(data, where, "")
+    _refuse_unknown(data, TOP_LEVEL, where, "")
+
+    provider_type: str | None = None
+    provider_options: dict[str, str] = {}
+    provider = _table(data, "provider", where)
+    if provider is not None:
+        provider_type, provider_options = _parse_provider(provider, where)
+
+    cache = _table(data, "cache", where)
+    max_entries: int | None = None
+    max_age: float | None = None
+    if cache is not None:
+        _refuse_unknown(cache, CACHE_KEYS, where, "cache.")
+        max_entries = _get(cache, "max_entries", int, where, "cache.")
+        if max_entries is not None and max_entries < 0:
+            raise ConfigError(f"{where}: cache.max_entries must not be negative")
+        raw_age = _get(cache, "max_age", (int, float), where, "cache.")
+        if raw_age is not None:
+            if raw_age < 0:
+                raise ConfigError(f"{where}: cache.max_age must not be negative")
+            max_age = float(raw_age)
+
+    log_level = _get(data, "log_level", str, where)
+    if log_level is not None and log_level.lower() not in LOG_LEVELS:
+        raise ConfigError(f"{where}: log_level {log_level!r} is not one of {', '.join(LOG_LEVELS)}")
+    metrics_listen = _get(data, "metrics_listen", str, where)
+    if metrics_listen is not None:
+        try:
+            parse_listen_address(metrics_listen)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: metrics_listen: {exc}") from None
+
+    return ServerConfig(
+        path=path,
+        backing=_abs_path(data, "backing", where),
+        mountpoint=_abs_path(data, "mountpoint", where),
+        provider_type=provider_type,
+        provider_options=provider_options,
+        mount_options=_mount_options(data, where),
+        cache_max_entries=max_entries,
+        cache_max_age=max_age,
+        log_level=log_level.lower() if log_level else None,
+        log_file=_abs_path(data, "log_file", where),
+        audit_log=_abs_path(data, "audit_log", where),
+        metrics_listen=metrics_listen,
+    )
+
+
+def parse_listen_address(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (IPv6 as ``[::1]:PORT``) -> (host, port); ValueError saying why not."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"{text!r} is not HOST:PORT (for example 127.0.0.1:9750)")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ValueError(f"{text!r}: port {port_text!r} is not a number") from None
+    if not 0 <= port <= 65535:
+        raise ValueError(f"{text!r}: port {port} is out of range")
+    return host, port
+
+
+def check_volume_provider(config: ServerConfig, backing: str) -> None:
+    """ConfigError if ``provider.type`` names no master key of the volume in *backing*."""
+    if config.provider_type is None:
+        return
+    from kmsfs.format.volume import load_config
+
+    volume = load_config(backing)
+    types = [key.provider for key in volume.keys]
+    if config.provider_type not in types:
+        have = ", ".join(f"{key.provider} {key.key_ref}" for key in volume.keys)
+        raise ConfigError(
+            f"{config.path}: provider.type is {config.provider_type!r} but the volume in"
+            f" {backing} has no such master key (it has {have})"
+        )
+
+
+# -- click integration -------------------------------------------------------
+
+CONTEXT_KEY = "kmsfs.server_config"
+
+
+def _load_into_context(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+    """Eager --config callback: the file's values become the command's defaults."""
+    if value is None or ctx.resilient_parsing:
+        return
+    try:
+        config = load_server_config(value)
+    except ConfigError as exc:
+        click.echo(f"kmsfs: error: {exc}", err=True)
+        ctx.exit(ConfigError.exit_code)
+    ctx.meta[CONTEXT_KEY] = config
+    ctx.default_map = {**(ctx.default_map or {}), **config.cli_defaults()}
+
+
+def config_option(func: Callable[..., Any]) -> Callable[..., Any]:
+    """The ``--config FILE`` option: values from the file fill what the command line omits."""
+    return click.option(
+        "--config",
+        "config_file",
+        type=click.Path(dir_okay=False),
+        is_eager=True,
+        expose_value=False,
+        callback=_load_into_context,
+        help="Volume config file (/etc/kmsfs/NAME.toml); the command line wins over it.",
+    )(func)
+
+
+def current_config() -> ServerConfig | None:
+    """The config file loaded by --config for the running command, if any."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is None:
+        return None
+    config: ServerConfig | None = ctx.meta.get(CONTEXT_KEY)
+    return config
+
+
+# -- validation helpers ------------------------------------------------------
+
+
+def _refuse_secrets(table: dict[str, Any], where: str, prefix: str) -> None:
+    for name, value in table.items():
+        lowered = name.lower()
+        if lowered in SECRET_NAMES:
+            use = SECRET_NAMES[lowered]
+            hint = "put it in a file readable only by root"
+            if use:
+                hint += f" and name that file with {use}"
+                credential = CREDENTIAL_HINT.get(use)
+                if credential:
+                    hint += f", or pass a systemd credential (LoadCredential={credential}:FILE)"
+            raise ConfigError(
+                f"{where}: {prefix}{name}: secrets never go in the config file; {hint}"
+            )
+        if isinstance(value, dict):
+            _refuse_secrets(value, where, f"{prefix}{name}.")
+
+
+def _refuse_unknown(table: dict[str, Any], known: set[str], where: str, prefix: str) -> None:
+    for name in table:
+        if name not in known:
+            close = difflib.get_close_matches(name, sorted(known), n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+            raise ConfigError(
+                f"{where}: unknown key {prefix}{name}{hint}; known: "
+                + ", ".join(f"{prefix}{k}" for k in sorted(known))
+            )
+
+
+def _type_name(kind: type | tuple[type, ...]) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    names = {str: "a string", int: "an integer", float: "a number", dict: "a table"}
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+def _get(
+    table: dict[str, Any],
+    name: str,
+    kind: type | tuple[type, ...],
+    where: str,
+    prefix: str = "",
+) -> Any:
+    value = table.get(name)
+    if value is None:
+        return None
+    # bool is an int in Python; TOML true/false is never a count or a path
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise ConfigError(
+            f"{where}: {prefix}{name} must be {_type_name(kind)}, not {type(value).__name__}"
+            f" ({value!r})"
+        )
+    return value
+
+
+def _table(data: dict[str, Any], name: str, where: str) -> dict[str, Any] | None:
+    value: dict[str, Any] | None = _get(data, name, dict, where)
+    return value
+
+
+def _abs_path(table: dict[str, Any], name: str, where: str, prefix: str = "") -> str | None:
+    value: str | None = _get(table, name, str, where, prefix)
+    if value is None:
+        return None
+    if not value:
+        raise ConfigError(f"{where}: {prefix}{name} is empty")
+    if not os.path.isabs(value):
+        raise ConfigError(f"{where}: {prefix}{name} must be an absolute path, not {value!r}")
+    return value
+
+
+def _mount_options(data: dict[str, Any], where: str) -> tuple[str, ...]:
+    value = data.get("options")
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        items = value.split(",")
+    elif isinstance(value, list) and all(isinstance(item, str) for item in value):
+        items = [part for item in value for part in item.split(",")]
+    else:
+        raise ConfigError(f"{where}: options must be a list of strings or a comma-separated string")
+    items = [item.strip() for item in items if item.strip()]
+    for item in items:
+        if item.startswith("config="):
+            raise ConfigError(f"{where}: options: {item!r} makes no sense inside a config file")
+    return tuple(items)
+
+
+def _parse_provider(provider: dict[str, Any], where: str) -> tuple[str, dict[str, str]]:
+    kind = _get(provider, "type", str, where, "provider.")
+    if kind is None:
+        raise ConfigError(
+            f"{where}: provider.type is missing (one of {', '.join(sorted(PROVIDER_OPTIONS))})"
+        )
+    if kind not in PROVIDER_OPTIONS:
+        raise ConfigError(
+            f"{where}: provider.type {kind!r} is not one of {', '.join(sorted(PROVIDER_OPTIONS))}"
+        )
+    allowed = PROVIDER_OPTIONS[kind]
+    options: dict[str, str] = {}
+    for name in provider:
+        if name == "type":
+            continue
+        if name not in allowed:
+            other = [t for t, names in PROVIDER_OPTIONS.items() if name in names]
+            hint = f" (it belongs to the {other[0]} provider)" if other else ""
+            raise ConfigError(
+                f"{where}: provider.{name} is not an option of the {kind} provider{hint};"
+                f" its options: {', '.join(sorted(allowed))}"
+            )
+        if name in FILE_OPTIONS:
+            value = _abs_path(provider, name, where, "provider.")
+            assert value is not None
+            if not os.path.exists(value):
+                raise ConfigError(f"{where}: provider.{name}: {value} does not exist")
+        else:
+            value = _get(provider, name, str, where, "provider.")
+            if not value:
+                raise ConfigError(f"{where}: provider.{name} is empty")
+        options[allowed[name]] = value
+    return kind, options

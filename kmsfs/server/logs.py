@@ -1,0 +1,68 @@
+"""Log formats for stderr: a terminal or file, or the systemd journal.
+
+Under systemd, stderr is connected to the journal and ``$JOURNAL_STREAM``
+holds its ``device:inode``.  There each line gets an sd-daemon priority prefix
+(``<3>`` for errors ... ``<7>`` for debug), which journald turns into the
+entry's priority (``journalctl -p warning`` works), and no timestamp (the
+journal has its own).  Elsewhere lines carry a timestamp and the level name.
+
+Messages never contain secrets: kmsfs logs paths, key references and key IDs,
+never key material, passphrases or PINs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import TextIO
+
+# sd-daemon(3) priority prefixes
+PRIORITIES = {
+    logging.CRITICAL: 2,
+    logging.ERROR: 3,
+    logging.WARNING: 4,
+    logging.INFO: 6,
+    logging.DEBUG: 7,
+}
+PLAIN_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class JournalFormatter(logging.Formatter):
+    """``<priority>logger: message``; a traceback's lines each get the prefix too."""
+
+    def __init__(self) -> None:
+        super().__init__("%(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        prefix = f"<{priority(record.levelno)}>"
+        return "\n".join(prefix + line for line in text.splitlines())
+
+
+def priority(levelno: int) -> int:
+    for level in sorted(PRIORITIES, reverse=True):
+        if levelno >= level:
+            return PRIORITIES[level]
+    return 7
+
+
+def stderr_is_journal(stream: TextIO | None = None) -> bool:
+    """True if *stream* (stderr) is the journal stream systemd gave us."""
+    value = os.environ.get("JOURNAL_STREAM")
+    if not value:
+        return False
+    stream = stream if stream is not None else sys.stderr
+    try:
+        device, inode = (int(part) for part in value.split(":"))
+        st = os.fstat(stream.fileno())
+    except (ValueError, OSError, AttributeError):
+        return False
+    return st.st_dev == device and st.st_ino == inode
+
+
+def stderr_formatter(stream: TextIO | None = None) -> logging.Formatter:
+    """The formatter for a handler writing to *stream* (default stderr)."""
+    if stderr_is_journal(stream):
+        return JournalFormatter()
+    return logging.Formatter(PLAIN_FORMAT)

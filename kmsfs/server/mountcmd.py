@@ -1,0 +1,81 @@
+"""The server side of ``kmsfs mount``: config-file values, stale mounts, the runtime.
+
+``kmsfs.cli.mount`` calls ``prepare_mount`` after click has merged the command
+line with ``--config`` (the file's values are click defaults, so the command
+line wins; see ``kmsfs.server.config``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import click
+
+from kmsfs.errors import UsageError
+from kmsfs.server.config import check_volume_provider, current_config
+from kmsfs.server.mountpoint import recover_stale_mount
+from kmsfs.server.runtime import ServerRuntime
+
+
+@dataclass
+class MountPlan:
+    """Attributes: backing and mountpoint (absolute), extra (FUSE options: the
+    config file's, then the command line's), runtime (status, metrics, notify)."""
+
+    backing: str
+    mountpoint: str
+    extra: list[str]
+    runtime: ServerRuntime
+
+
+def mount_server_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """``--config FILE`` and ``--metrics-listen HOST:PORT`` for ``kmsfs mount``."""
+    from kmsfs.server.config import config_option
+
+    func = click.option(
+        "--metrics-listen",
+        metavar="HOST:PORT",
+        default=None,
+        help="Serve Prometheus metrics here (needs kmsfs[metrics]; port 0 picks one).",
+    )(func)
+    return config_option(func)
+
+
+def prepare_mount(
+    backing: str | None,
+    mountpoint: str | None,
+    mount_options: tuple[str, ...],
+    kwargs: dict[str, Any],
+) -> MountPlan:
+    """Resolve what to mount; pops this module's options from *kwargs*.
+
+    Raises UsageError if BACKING or MOUNTPOINT is given nowhere, ConfigError if
+    the config file's provider does not fit the volume or metrics cannot work,
+    MountError if a stale mount at MOUNTPOINT cannot be detached.
+    """
+    config = current_config()
+    metrics_listen = kwargs.pop("metrics_listen", None)
+    if backing is None or mountpoint is None:
+        missing = " and ".join(
+            name for name, value in (("BACKING", backing), ("MOUNTPOINT", mountpoint)) if not value
+        )
+        raise UsageError(
+            f"{missing} missing: give it on the command line or in the config file"
+            " (backing = ..., mountpoint = ...)"
+        )
+    backing = os.path.abspath(backing)
+    mountpoint = os.path.abspath(mountpoint)
+    extra = [*(config.mount_options if config else ())]
+    extra += [o for opts in mount_options for o in opts.split(",") if o]
+    if config is not None:
+        check_volume_provider(config, backing)
+    runtime = ServerRuntime(mountpoint, metrics_listen)
+    runtime.check()
+    if recover_stale_mount(mountpoint):
+        click.echo(
+            f"kmsfs: detached the stale mount at {mountpoint} (its daemon had died)", err=True
+        )
+    return MountPlan(backing, mountpoint, extra, runtime)

@@ -1,0 +1,134 @@
+"""What a mount runs beside the FUSE loop: status socket, metrics, systemd notifications.
+
+``ServerRuntime.run(ops)`` is handed to ``kmsfs.daemon.serve`` as a service:
+it starts with the FUSE loop and is cancelled when the loop ends (unmount or
+signal).  On the way out it sends ``STOPPING=1`` and removes its socket.  A
+failure to start the status socket or the metrics endpoint is logged and the
+mount keeps serving: observability must never take data offline.  The one
+exception is a metrics address that cannot be used at all, which
+``check`` reports before mounting.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from kmsfs.server import notify
+from kmsfs.server.stats import ProviderStats, snapshot
+
+if TYPE_CHECKING:
+    from kmsfs.fs.operations import KmsfsOperations
+    from kmsfs.server.metrics import MetricsServer
+
+log = logging.getLogger("kmsfs.server")
+
+
+class ServerRuntime:
+    """Attributes: mountpoint, metrics_listen (``HOST:PORT`` or None),
+    provider_stats, metrics (the running MetricsServer, once started)."""
+
+    def __init__(self, mountpoint: str, metrics_listen: str | None = None) -> None:
+        self.mountpoint = mountpoint
+        self.metrics_listen = metrics_listen
+        self.provider_stats = ProviderStats()
+        self.metrics: MetricsServer | None = None
+        self.started = time.time()
+        self.started_monotonic = time.monotonic()
+
+    def check(self) -> None:
+        """ConfigError now, before mounting, if metrics were asked for but cannot work."""
+        if self.metrics_listen is None:
+            return
+        from kmsfs.server.config import parse_listen_address
+
+        try:
+            parse_listen_address(self.metrics_listen)
+        except ValueError as exc:
+            from kmsfs.errors import ConfigError
+
+            raise ConfigError(f"--metrics-listen: {exc}") from None
+        try:
+            import prometheus_client  # noqa: F401
+        except ImportError:
+            from kmsfs.errors import ConfigError
+
+            raise ConfigError(
+                "--metrics-listen needs prometheus-client: pip install 'kmsfs[metrics]'"
+            ) from None
+
+    def on_ready(self) -> None:
+        """Tell systemd the mount answers (the daemon calls this once it does)."""
+        notify.ready(f"serving {self.mountpoint}")
+
+    async def run(self, ops: KmsfsOperations) -> None:
+        """Serve status and metrics for *ops* until cancelled."""
+        keyring = ops.keyring
+        keyring.on_event = self.provider_stats.chain(keyring.on_event)
+        token = trio.lowlevel.current_trio_token()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._serve_status, ops)
+                if self.metrics_listen is not None:
+                    await self._start_metrics(ops, token)
+                interval = notify.watchdog_interval()
+                if interval is not None:
+                    nursery.start_soon(self._watchdog, interval)
+                await trio.sleep_forever()  # until the FUSE loop ends and cancels us
+        finally:
+            with trio.CancelScope(shield=True):
+                notify.stopping(f"unmounting {self.mountpoint}")
+                if self.metrics is not None:
+                    await trio.to_thread.run_sync(self.metrics.close)
+
+    def snapshot(self, ops: KmsfsOperations) -> dict[str, Any]:
+        info = snapshot(
+            ops, self.provider_stats, self.mountpoint, self.started, self.started_monotonic
+        )
+        info["metrics_url"] = self.metrics.url if self.metrics is not None else None
+        return info
+
+    async def _serve_status(self, ops: KmsfsOperations) -> None:
+        from kmsfs.server.status import bind_control_socket, serve_control
+
+        try:
+            sock, path = bind_control_socket(self.mountpoint)
+        except OSError as exc:
+            log.warning("no status socket for %s: %s", self.mountpoint, exc)
+            return
+        log.debug("status socket %s", path)
+
+        def answer(request: str) -> dict[str, Any]:
+            if request == "status":
+                return self.snapshot(ops)
+            return {"error": f"unknown request {request[:40]!r}"}
+
+        try:
+            await serve_control(sock, answer)
+        finally:
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+    async def _start_metrics(self, ops: KmsfsOperations, token: trio.lowlevel.TrioToken) -> None:
+        from kmsfs.server.metrics import start_metrics_server
+
+        assert self.metrics_listen is not None
+
+        def scrape() -> dict[str, Any]:
+            return trio.from_thread.run_sync(self.snapshot, ops, trio_token=token)
+
+        try:
+            self.metrics = await trio.to_thread.run_sync(
+                start_metrics_server, self.metrics_listen, scrape
+            )
+        except Exception as exc:
+            log.error("metrics endpoint %s not started: %s", self.metrics_listen, exc)
+
+    async def _watchdog(self, interval: float) -> None:
+        while True:
+            notify.notify("WATCHDOG=1")
+            await trio.sleep(interval)

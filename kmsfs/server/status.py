@@ -1,0 +1,190 @@
+"""The control socket of a running mount and the ``kmsfs status`` client.
+
+Each daemon listens on an AF_UNIX stream socket named after its mount point:
+``<runtime dir>/<sha256(mount point)[:32]>.sock``, where the runtime dir is
+``$KMSFS_RUNTIME_DIR``, else ``/run/kmsfs`` for root, else
+``$XDG_RUNTIME_DIR/kmsfs`` (else ``/tmp/kmsfs-UID``).  A socket outside the
+mount keeps the filesystem's namespace untouched; the hash keeps any mount
+point path within the 108-byte socket address limit.  The directory is 0700
+and the socket 0600: only the daemon's user (and root) may ask.
+
+Protocol: the client sends one line (``status``); the daemon answers one line
+of JSON and closes.  Requests are served by a trio task on the FUSE loop, so
+answering never blocks a file request for longer than building the answer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import logging
+import os
+import socket
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from kmsfs.errors import MountError
+
+log = logging.getLogger("kmsfs.status")
+
+MAX_REQUEST = 1024
+REQUEST_TIMEOUT = 5.0
+
+
+def runtime_dir() -> Path:
+    configured = os.environ.get("KMSFS_RUNTIME_DIR")
+    if configured:
+        return Path(configured)
+    if os.geteuid() == 0:
+        return Path("/run/kmsfs")
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg:
+        return Path(xdg, "kmsfs")
+    return Path(f"/tmp/kmsfs-{os.geteuid()}")
+
+
+def socket_path(mountpoint: str | os.PathLike[str]) -> Path:
+    """The control socket of the mount at *mountpoint* (an absolute, resolved path)."""
+    key = os.path.abspath(mountpoint).encode(errors="surrogateescape")
+    return runtime_dir() / f"{hashlib.sha256(key).hexdigest()[:32]}.sock"
+
+
+def bind_control_socket(mountpoint: str) -> tuple[trio.socket.SocketType, Path]:
+    """A listening trio socket at ``socket_path(mountpoint)``, replacing a stale one."""
+    path = socket_path(mountpoint)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()  # left by a daemon that died; a live one would own the mount point
+    plain = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        # the umask is process-wide and the daemon's is 0: chmod instead (the 0700
+        # directory keeps others out meanwhile)
+        plain.bind(str(path))
+        os.chmod(path, 0o600)
+        plain.listen(16)
+    except BaseException:
+        plain.close()
+        raise
+    sock = trio.socket.from_stdlib_socket(plain)
+    return sock, path
+
+
+async def serve_control(
+    sock: trio.socket.SocketType, answer: Callable[[str], dict[str, Any]]
+) -> None:
+    """Answer requests on *sock* until cancelled; *answer* maps a request to a JSON object."""
+    listener = trio.SocketListener(sock)
+
+    async def handle(stream: trio.SocketStream) -> None:
+        async with stream:
+            request = b""
+            with trio.move_on_after(REQUEST_TIMEOUT):
+                while b"\n" not in request and len(request) < MAX_REQUEST:
+                    chunk = await stream.receive_some(MAX_REQUEST)
+                    if not chunk:
+                        break
+                    request += chunk
+            text = request.decode(errors="replace").strip()
+            try:
+                reply = answer(text)
+            except Exception as exc:  # a status bug must not take the mount down
+                log.exception("status request %r failed", text)
+                reply = {"error": f"{type(exc).__name__}: {exc}"}
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await stream.send_all(json.dumps(reply).encode() + b"\n")
+
+    await trio.serve_listeners(handle, [listener])
+
+
+def query(mountpoint: str, request: str = "status", timeout: float = 10.0) -> dict[str, Any]:
+    """Ask the daemon of *mountpoint*; MountError if none answers."""
+    path = socket_path(mountpoint)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    sock.settimeout(timeout)
+    try:
+        try:
+            sock.connect(str(path))
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ECONNREFUSED):
+                raise MountError(
+                    f"no kmsfs daemon answers for {mountpoint} (not mounted, or its daemon"
+                    " died: see 'kmsfs mount' for stale mounts)"
+                ) from None
+            raise MountError(f"cannot reach the kmsfs daemon of {mountpoint}: {exc}") from None
+        sock.sendall(request.encode() + b"\n")
+        chunks = []
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    except TimeoutError:
+        raise MountError(
+            f"the kmsfs daemon of {mountpoint} did not answer in {timeout} s"
+        ) from None
+    finally:
+        sock.close()
+    try:
+        reply: dict[str, Any] = json.loads(b"".join(chunks))
+    except ValueError:
+        raise MountError(f"the kmsfs daemon of {mountpoint} sent a malformed answer") from None
+    if "error" in reply:
+        raise MountError(f"the kmsfs daemon of {mountpoint}: {reply['error']}")
+    return reply
+
+
+def format_status(info: dict[str, Any]) -> str:
+    """The human-readable form of a status answer."""
+    cache = info["key_cache"]
+    calls = info["provider_calls"]
+    latency = calls["latency_ms"]
+
+    def ms(value: float | None) -> str:
+        return "-" if value is None else f"{value:.2f} ms"
+
+    lines = [
+        f"mount point:    {info['mountpoint']}",
+        f"backing:        {info['backing']}",
+        f"volume:         {info['volume_id']} (block size {info['block_size']})",
+        f"daemon:         pid {info['pid']}, up {_duration(info['uptime_seconds'])}"
+        f" (since {info['started']})",
+    ]
+    for provider in info["providers"]:
+        lines.append(f"master key:     {provider['description']}")
+    lines += [
+        f"key cache:      {cache['size']} of {cache['max_entries']} keys,"
+        f" {cache['hits']} hits, {cache['misses']} misses, {cache['evictions']} evictions",
+        f"provider calls: {calls['count']} ({calls['errors']} errors);"
+        f" latency p50 {ms(latency['p50'])}, p90 {ms(latency['p90'])},"
+        f" p99 {ms(latency['p99'])} (last {latency['window']} calls)",
+    ]
+    for op, figures in calls["by_operation"].items():
+        lines.append(f"  {op + ':':14}{figures['count']} ({figures['errors']} errors)")
+    open_files = info["open_files"]
+    lines += [
+        f"open files:     {'-' if open_files is None else open_files}"
+        f" ({info['inodes']} inodes known to the kernel)",
+        f"bytes read:     {info['bytes_read']}",
+        f"bytes written:  {info['bytes_written']}",
+        f"errors:         {info['errors']}",
+    ]
+    return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d {hours}h {minutes}m"
+    if hours:
+        return f"{hours}h {minutes}m {secs}s"
+    if minutes:
+        return f"{minutes}m {secs}s"
+    return f"{secs}s"
