@@ -361,3 +361,8 @@ def decrypt(backing_file: str, output: str, volume: str | None, **kwargs: Any) -
     finally:
         keyring.close()
     click.echo(f"decrypted {size} bytes to {output}")
+
+from kmsfs.cli_lifecycle import COMMANDS as _LIFECYCLE_COMMANDS  # noqa: E402
+
+for _command in _LIFECYCLE_COMMANDS:
+    main.add_command(_command)
