@@ -1,0 +1,272 @@
+"""Key lifecycle commands: rewrap, rekey, keys, passwd, import, fsck, headers.
+
+Registered on the ``kmsfs`` group by kmsfs/cli.py.  Exit codes are those of
+kmsfs/cli.py; in addition ``fsck`` exits 0 when the volume is clean and
+FSCK_PROBLEMS (5, as for integrity errors) when it found anything, and
+``rewrap`` / ``keys add`` exit 1 when some files could not be re-wrapped
+(each is listed; the volume keeps its old key).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from kmsfs.cli import _options, handle_errors, key_options, prompt_secret
+
+FSCK_PROBLEMS = 5
+REWRAP_INCOMPLETE = 1
+PROVIDERS = ["local", "aws-kms", "pkcs11"]
+
+
+def old_key_options(func: Any) -> Any:
+    """Where the volume's current key's secret is, when it differs from its settings."""
+    for opt in reversed(
+        [
+            click.option(
+                "--old-key-file",
+                type=click.Path(dir_okay=False, exists=True),
+                help="Current local key file (default: the one recorded in the volume).",
+            ),
+            click.option(
+                "--old-passphrase-file",
+                type=click.Path(dir_okay=False, exists=True),
+                help="File holding the current passphrase.",
+            ),
+            click.option(
+                "--old-pkcs11-pin-file",
+                type=click.Path(dir_okay=False, exists=True),
+                help="File holding the current PKCS#11 token PIN.",
+            ),
+        ]
+    ):
+        func = opt(func)
+    return func
+
+
+def _old_options(kwargs: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "key_file": kwargs.pop("old_key_file", None),
+        "passphrase_file": kwargs.pop("old_passphrase_file", None),
+        "pkcs11_pin_file": kwargs.pop("old_pkcs11_pin_file", None),
+    }
+
+
+def _progress_flag(quiet: bool) -> bool | None:
+    return False if quiet else None  # None: on a terminal only
+
+
+quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+
+
+def _print_rewrap(report: Any, verb: str) -> None:
+    for rel, message in report.skipped:
+        click.echo(f"skipped {rel}: {message}", err=True)
+    for rel, message in report.problems:
+        click.echo(f"FAILED {rel}: {message}", err=True)
+    rate = report.files / report.seconds if report.seconds else 0.0
+    if report.dry_run:
+        click.echo(
+            f"dry run: {report.files} files, {report.rewrapped} would be re-wrapped under"
+            f" {report.new_key}, {report.already} already are, {len(report.skipped)} skipped,"
+            f" {len(report.problems)} cannot be"
+        )
+        return
+    click.echo(
+        f"{verb}: {report.files} files, {report.rewrapped} re-wrapped"
+        f" ({report.reencrypted} by the provider's re-encrypt), {report.already} already"
+        f" had the key, {report.stripped} old entries removed, {len(report.skipped)} skipped,"
+        f" {len(report.problems)} failed, in {report.seconds:.1f} s ({rate:,.0f} files/s)"
+    )
+    if report.problems:
+        click.echo(
+            f"kmsfs: error: {len(report.problems)} files could not be re-wrapped (listed above);"
+            " the volume keeps its current keys: fix them and run the same command again",
+            err=True,
+        )
+        sys.exit(REWRAP_INCOMPLETE)
+    if report.finished:
+        if report.retired:
+            click.echo(f"volume now uses {report.new_key}; removed {', '.join(report.retired)}")
+        else:
+            click.echo(f"done: every file is wrapped under {report.new_key}")
+    elif report.mounted_at:
+        click.echo(
+            f"volume is mounted at {report.mounted_at}: every file present is wrapped under"
+            f" {report.new_key} too, but the old keys stay in the volume config because the"
+            " running daemon wraps new files under the keys it loaded at mount; unmount, then"
+            " run the same command again to finish"
+        )
+
+
+@click.command()
+@click.argument("backing", type=click.Path(file_okay=False, exists=True))
+@click.option(
+    "--provider",
+    default="local",
+    show_default=True,
+    type=click.Choice(PROVIDERS),
+    help="Provider of the new master key.",
+)
+@key_options(for_init=True)
+@old_key_options
+@click.option("--dry-run", is_flag=True, help="Check every file can be re-wrapped; change nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@quiet_option
+@handle_errors
+def rewrap(
+    backing: str, provider: str, dry_run: bool, as_json: bool, quiet: bool, **kwargs: Any
+) -> None:
+    """Re-wrap every file key of BACKING under a new master key (no content rewritten).
+
+    The new key is described as for init; the current one comes from the
+    volume's settings or --old-*.  Resumable: run it again after a crash.
+    """
+    from kmsfs.lifecycle.rewrap import rewrap_volume
+
+    old = _old_options(kwargs)
+    report = rewrap_volume(
+        backing,
+        provider,
+        _options(kwargs),
+        old,
+        prompt_secret,
+        retire_old=True,
+        dry_run=dry_run,
+        show_progress=_progress_flag(quiet or as_json),
+    )
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2))
+        if report.problems:
+            sys.exit(REWRAP_INCOMPLETE)
+        return
+    _print_rewrap(report, "rewrap")
+
+
+@click.group()
+def keys() -> None:
+    """List, add and remove the master keys of a volume."""
+
+
+@keys.command("list")
+@click.argument("backing", type=click.Path(file_okay=False, exists=True))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@handle_errors
+def keys_list(backing: str, as_json: bool) -> None:
+    """List the master keys of BACKING in the order they are tried."""
+    from kmsfs.format.volume import load_config
+    from kmsfs.lifecycle.common import load_journal
+
+    config = load_config(backing)
+    if as_json:
+        click.echo(json.dumps([key.to_json() for key in config.keys], indent=2))
+        return
+    for index, key in enumerate(config.keys):
+        settings = ", ".join(
+            f"{name}={value}"
+            for name, value in sorted(key.settings.items())
+            if not isinstance(value, dict)
+        )
+        if "passphrase" in key.settings:
+            settings = (settings + ", " if settings else "") + "passphrase"
+        click.echo(f"{index}: {key.provider} {key.key_ref} ({settings})")
+    journal = load_journal(Path(backing), "rewrap")
+    if journal:
+        click.echo(
+            f"unfinished: {journal.get('operation')} (new key {journal.get('new_key') or '-'},"
+            f" retiring {', '.join(journal.get('retire', [])) or '-'}): run it again to finish"
+        )
+
+
+@keys.command("add")
+@click.argument("backing", type=click.Path(file_okay=False, exists=True))
+@click.option(
+    "--provider",
+    default="local",
+    show_default=True,
+    type=click.Choice(PROVIDERS),
+    help="Provider of the key to add.",
+)
+@key_options(for_init=True)
+@old_key_options
+@quiet_option
+@handle_errors
+def keys_add(backing: str, provider: str, quiet: bool, **kwargs: Any) -> None:
+    """Add a master key to BACKING and wrap every file key under it too.
+
+    The key to add is described as for init; the existing keys come from the
+    volume's settings or --old-*.  Resumable.
+    """
+    from kmsfs.lifecycle.rewrap import rewrap_volume
+
+    old = _old_options(kwargs)
+    report = rewrap_volume(
+        backing,
+        provider,
+        _options(kwargs),
+        old,
+        prompt_secret,
+        retire_old=False,
+        show_progress=_progress_flag(quiet),
+    )
+    _print_rewrap(report, "keys add")
+
+
+@keys.command("remove")
+@click.argument("backing", type=click.Path(file_okay=False, exists=True))
+@click.argument("key_ref")
+@click.option("--force", is_flag=True, help="Remove even if some files have no other key.")
+@quiet_option
+@handle_errors
+def keys_remove(backing: str, key_ref: str, force: bool, quiet: bool) -> None:
+    """Remove master key KEY_REF (see 'keys list') from BACKING and strip its entries."""
+    from kmsfs.lifecycle.rewrap import remove_key
+
+    report = remove_key(backing, key_ref, force, _progress_flag(quiet))
+    for rel, message in report.problems:
+        click.echo(f"warning: {rel}: {message}", err=True)
+    click.echo(f"removed {key_ref}: {report.stripped} headers updated in {report.seconds:.1f} s")
+
+
+@click.command()
+@click.argument("backing", type=click.Path(file_okay=False, exists=True))
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--quick", is_flag=True, help="Check headers and key unwrapping only, not blocks.")
+@key_options(for_init=False)
+@quiet_option
+@handle_errors
+def fsck(backing: str, as_json: bool, quick: bool, quiet: bool, **kwargs: Any) -> None:
+    """Check every header and block of the volume in BACKING.
+
+    Exit 0 if clean, 5 if anything is wrong (each problem is listed with the
+    file and block), 3/6 if the volume or its keys cannot be opened.
+    """
+    from kmsfs.keys.cache import KeyCache
+    from kmsfs.lifecycle.fsck import fsck_volume
+    from kmsfs.volume import open_volume
+
+    config, keyring = open_volume(backing, _options(kwargs), prompt_secret, KeyCache(0, 0))
+    try:
+        report = fsck_volume(
+            backing, config, keyring, quick, show_progress=_progress_flag(quiet or as_json)
+        )
+    finally:
+        keyring.close()
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2))
+    else:
+        for finding in report.findings:
+            where = f" block {finding.block}" if finding.block is not None else ""
+            click.echo(f"{finding.path}{where}: {finding.kind}: {finding.message}")
+        what = "headers" if quick else f"headers and {report.blocks} blocks"
+        verdict = "clean" if report.clean else f"{len(report.findings)} problems"
+        click.echo(f"fsck: {report.files} files, {report.ok} ok ({what} checked): {verdict}")
+    if not report.clean:
+        sys.exit(FSCK_PROBLEMS)
+
+
+COMMANDS = [rewrap, keys, fsck]

@@ -1,0 +1,435 @@
+"""Re-wrapping file keys under another master key, adding and removing master keys.
+
+No file content is touched: only the header xattr of each file, replaced whole
+by one ``setxattr`` (atomic for one value), so a crash leaves every header
+either as it was or as it will be.
+
+One engine serves three commands:
+
+- ``rewrap`` (``retire_old=True``): the new key replaces every key of the volume.
+- ``keys add`` (``retire_old=False``): the new key joins the others.
+- ``keys remove``: a key leaves (its header entries are stripped).
+
+Order of a run, each step recorded in the journal ``.kmsfs.d/rewrap.json``
+before it starts, so a second run with the same options resumes (and skips
+every header that already has an entry for the new key, so nothing is
+re-wrapped twice):
+
+1. **add**: the new key and its key-check value are appended to the volume
+   config.  From now on a daemon that *starts* with both keys available wraps
+   new files under both.
+2. **cover**: every regular file that lacks an entry for the new key gets one
+   (the old entries stay, so a running daemon that knows only the old key
+   keeps opening everything).
+3. **switch** (rewrap, remove): the config loses the retired keys.  Done only
+   when every file of the volume is covered *and the volume is not mounted*:
+   a daemon keeps the keyring it loaded at mount time, so files it creates
+   during or after the cover pass are wrapped under the old key only.
+   On a mounted volume the run therefore stops after the cover pass (exit 0,
+   saying so); run it again after the next unmount to finish.
+4. **strip**: the retired keys' entries are removed from every header.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kmsfs.errors import FormatError, KmsfsError, UsageError
+from kmsfs.format.header import MAX_ENTRIES, FileHeader, WrappedKey
+from kmsfs.format.volume import KeyConfig, VolumeConfig, load_config, save_config
+from kmsfs.keys.cache import KeyCache
+from kmsfs.keys.keyring import Keyring
+from kmsfs.keys.provider import KeyContext, KeyProvider, random_key, wipe
+from kmsfs.keys.registry import create_provider, open_provider
+from kmsfs.keys.secrets import Prompt
+from kmsfs.lifecycle.common import (
+    Entry,
+    LifecycleError,
+    Progress,
+    drop_journal,
+    load_journal,
+    mountpoints_of,
+    parse_header,
+    read_raw_header,
+    refuse_if_mounted,
+    replace_header,
+    save_journal,
+    walk_files,
+)
+from kmsfs.volume import open_providers
+
+JOURNAL = "rewrap"
+MAX_PASSES = 5  # cover passes on a mounted volume, until one finds nothing new
+
+
+@dataclass
+class RewrapReport:
+    """What a run did.  ``problems``: (path, message) of files it could not cover."""
+
+    new_key: str = ""
+    files: int = 0
+    rewrapped: int = 0
+    reencrypted: int = 0
+    already: int = 0
+    stripped: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    problems: list[tuple[str, str]] = field(default_factory=list)
+    passes: int = 0
+    finished: bool = False
+    mounted_at: str | None = None
+    dry_run: bool = False
+    seconds: float = 0.0
+    retired: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _old_prompt(prompt: Prompt | None) -> Prompt | None:
+    if prompt is None:
+        return None
+    return lambda text, confirm: prompt(f"Current {text[0].lower()}{text[1:]}", confirm)
+
+
+def _keyring(
+    config: VolumeConfig, keys: list[KeyConfig], options: dict[str, Any], prompt: Prompt | None
+) -> Keyring | None:
+    """A keyring (no key cache) over *keys*, key checks verified; None if *keys* is empty."""
+    if not keys:
+        return None
+    providers = open_providers(dataclasses.replace(config, keys=keys), options, prompt)
+    keyring = Keyring(config.volume_id, providers, KeyCache(0, 0))
+    try:
+        keyring.check(keys)
+    except BaseException:
+        keyring.close()
+        raise
+    return keyring
+
+
+def rewrap_volume(
+    backing: str | os.PathLike[str],
+    provider_name: str,
+    new_options: dict[str, Any],
+    old_options: dict[str, Any],
+    prompt: Prompt | None = None,
+    *,
+    retire_old: bool = True,
+    dry_run: bool = False,
+    show_progress: bool | None = None,
+) -> RewrapReport:
+    """Wrap every file key under the master key that *new_options* describe.
+
+    With *retire_old* the volume's other keys are removed once every file is
+    covered (rewrap); without, they stay (keys add).  Raises ConfigError or a
+    ProviderError if a key cannot be opened, LifecycleError if another
+    operation's journal is pending.  Per-file failures are listed in the report.
+    """
+    root = Path(backing).absolute()
+    operation = "rewrap" if retire_old else "add"
+    started = time.monotonic()
+    report = RewrapReport(dry_run=dry_run)
+    config = load_config(root)
+    journal = load_journal(root, JOURNAL)
+    refs = [key.key_ref for key in config.keys]
+    if journal is not None and journal.get("operation") != operation:
+        raise LifecycleError(
+            f"a 'kmsfs {_command(journal)}' is not finished on {root}: run it again to finish it"
+        )
+    if journal is not None and journal.get("phase") == "strip":
+        report.new_key = str(journal.get("new_key", ""))
+        _switch_and_strip(root, journal, report, show_progress)
+        report.seconds = time.monotonic() - started
+        return report
+    if journal is not None and journal.get("new_key") not in refs:
+        journal = None  # stopped before the key was added: nothing was done yet
+
+    new: KeyProvider | None = None
+    old_ring: Keyring | None = None
+    try:
+        if journal is not None:
+            key = config.keys[refs.index(journal["new_key"])]
+            try:
+                new = open_provider(key, new_options, prompt)
+            except KmsfsError as exc:
+                raise type(exc)(
+                    f"an unfinished {operation} to {key.key_ref} is recorded in"
+                    f" .kmsfs.d/{JOURNAL}.json; give that key's options to finish it ({exc})"
+                ) from None
+        elif dry_run and _would_create(provider_name, new_options):
+            new = None
+        else:
+            new = create_provider(provider_name, new_options, prompt)
+        new_ref = new.key_ref if new is not None else ""
+        report.new_key = new_ref or "(a new key)"
+        old_keys = [key for key in config.keys if key.key_ref != new_ref]
+        if not retire_old and new_ref in refs and journal is None:
+            raise UsageError(f"{new_ref} is already a key of this volume")
+        old_ring = _keyring(config, old_keys, old_options, _old_prompt(prompt))
+        if not dry_run:
+            assert new is not None
+            if journal is None:
+                journal = {
+                    "operation": operation,
+                    "new_key": new_ref,
+                    "retire": [k.key_ref for k in old_keys] if retire_old else [],
+                    "phase": "cover",
+                    "started": dt.datetime.now(dt.UTC).isoformat(),
+                }
+                save_journal(root, JOURNAL, journal)
+            if new_ref not in refs:
+                config.keys.append(_key_config(new, config.volume_id))
+                save_config(root, config)
+        mounted = mountpoints_of(root)
+        report.mounted_at = mounted[0] if mounted else None
+        for number in range(1, MAX_PASSES + 1):
+            report.passes = number
+            changed = _cover_pass(
+                root, config.volume_id, old_ring, new, report, dry_run, show_progress, number
+            )
+            if dry_run or not mountpoints_of(root) or changed == 0:
+                break
+    finally:
+        if old_ring is not None:
+            old_ring.close()
+        if new is not None:
+            new.close()
+    report.mounted_at = (mountpoints_of(root) or [None])[0]
+    if dry_run or report.problems or report.mounted_at is not None:
+        report.seconds = time.monotonic() - started
+        return report
+    assert journal is not None
+    journal["phase"] = "strip"
+    save_journal(root, JOURNAL, journal)
+    _switch_and_strip(root, journal, report, show_progress)
+    report.seconds = time.monotonic() - started
+    return report
+
+
+def remove_key(
+    backing: str | os.PathLike[str],
+    key_ref: str,
+    force: bool = False,
+    show_progress: bool | None = None,
+) -> RewrapReport:
+    """Remove master key *key_ref* from the volume and strip its header entries.
+
+    Offline only.  Refuses the last key, and (unless *force*) refuses when a
+    file has no entry for any remaining key (it would become unreadable).
+    """
+    root = Path(backing).absolute()
+    started = time.monotonic()
+    refuse_if_mounted(root, "keys remove")
+    journal = load_journal(root, JOURNAL)
+    if journal is not None and not (
+        journal.get("operation") == "remove" and journal.get("retire") == [key_ref]
+    ):
+        raise LifecycleError(
+            f"a 'kmsfs {_command(journal)}' is not finished on {root}: run it again to finish it"
+        )
+    report = RewrapReport(retired=[key_ref])
+    config = load_config(root)
+    refs = [key.key_ref for key in config.keys]
+    if journal is None:
+        if key_ref not in refs:
+            raise UsageError(f"{key_ref} is not a key of this volume (keys: {', '.join(refs)})")
+        if len(refs) == 1:
+            raise UsageError(f"{key_ref} is the volume's only key: refusing to remove it")
+        remaining = set(refs) - {key_ref}
+        orphans = []
+        for entry in walk_files(root):
+            header = _header_or_none(entry)
+            if header is not None and not any(e.key_ref in remaining for e in header.entries):
+                orphans.append(entry.rel)
+        if orphans and not force:
+            shown = ", ".join(orphans[:10]) + (" ..." if len(orphans) > 10 else "")
+            raise LifecycleError(
+                f"{len(orphans)} files have no entry for any other key and would become"
+                f" unreadable: {shown} (run 'kmsfs keys add' or 'rewrap' first, or --force)"
+            )
+        journal = {
+            "operation": "remove",
+            "new_key": "",
+            "retire": [key_ref],
+            "phase": "strip",
+            "started": dt.datetime.now(dt.UTC).isoformat(),
+        }
+        save_journal(root, JOURNAL, journal)
+    _switch_and_strip(root, journal, report, show_progress)
+    report.seconds = time.monotonic() - started
+    return report
+
+
+def _command(journal: dict[str, Any]) -> str:
+    return {"add": "keys add", "remove": "keys remove"}.get(str(journal.get("operation")), "rewrap")
+
+
+def _would_create(provider_name: str, options: dict[str, Any]) -> bool:
+    """True if opening this new key would create something (a key file, a passphrase key)."""
+    if provider_name != "local":
+        return False
+    key_file = options.get("key_file")
+    return not key_file or not Path(key_file).exists()
+
+
+def _key_config(provider: KeyProvider, volume_id: bytes) -> KeyConfig:
+    check_key = random_key()
+    try:
+        check = provider.wrap(check_key, KeyContext.key_check(volume_id))
+    finally:
+        wipe(check_key)
+    return KeyConfig(provider.name, provider.key_ref, provider.settings(), check.blob)
+
+
+def _header_or_none(entry: Entry) -> FileHeader | None:
+    try:
+        raw = read_raw_header(entry.path)
+        return parse_header(raw, entry.rel) if raw is not None else None
+    except (FormatError, FileNotFoundError):
+        return None
+
+
+def new_entry(
+    header: FileHeader, old_ring: Keyring | None, new: KeyProvider, what: str
+) -> tuple[WrappedKey, bool]:
+    """The file key of *header* wrapped by *new*; True if the provider re-encrypted it.
+
+    A provider may offer ``reencrypt(wrapped, context) -> WrappedKey`` for a key
+    wrapped by another master key of the same provider (AWS KMS ReEncrypt: the
+    plaintext key never leaves KMS).  Otherwise the key is unwrapped by the
+    old keys and wrapped by the new one.
+    """
+    context = KeyContext(header.volume_id, header.file_id)
+    reencrypt = getattr(new, "reencrypt", None)
+    if callable(reencrypt):
+        for entry in header.entries:
+            if entry.provider == new.name:
+                try:
+                    result: WrappedKey = reencrypt(entry, context)
+                    return result, True
+                except KmsfsError:
+                    break  # fall back to unwrap + wrap
+    if old_ring is None:
+        raise LifecycleError(f"{what}: no old key is available to unwrap the file key")
+    key = old_ring.unwrap(header, what)
+    try:
+        return new.wrap(key, context), False
+    finally:
+        wipe(key)
+
+
+def _cover_pass(
+    root: Path,
+    volume_id: bytes,
+    old_ring: Keyring | None,
+    new: KeyProvider | None,
+    report: RewrapReport,
+    dry_run: bool,
+    show_progress: bool | None,
+    number: int,
+) -> int:
+    """Give every file an entry for *new*; returns how many headers changed."""
+    entries = list(walk_files(root))
+    label = "checking" if dry_run else "re-wrapping"
+    progress = Progress(
+        label if number == 1 else f"{label} (pass {number})", len(entries), enabled=show_progress
+    )
+    changed = 0
+    report.problems.clear()
+    report.skipped.clear()
+    first = number == 1
+    seen: set[tuple[int, int]] = set()
+    try:
+        for entry in entries:
+            progress.advance()
+            inode = (entry.st.st_dev, entry.st.st_ino)
+            if inode in seen:
+                continue  # another name of a file already done
+            seen.add(inode)
+            if first:
+                report.files += 1
+            try:
+                raw = read_raw_header(entry.path)
+                if raw is None:
+                    report.skipped.append((entry.rel, "no kmsfs header (not encrypted)"))
+                    continue
+                header = parse_header(raw, entry.rel)
+                if header.volume_id != volume_id:
+                    report.skipped.append(
+                        (entry.rel, f"header of another volume {header.volume_id.hex()}")
+                    )
+                    continue
+                if new is not None and any(new.accepts(e) for e in header.entries):
+                    if first:
+                        report.already += 1
+                    continue
+                if len(header.entries) >= MAX_ENTRIES:
+                    raise FormatError(f"{entry.rel}: header already has {MAX_ENTRIES} entries")
+                if dry_run:
+                    if old_ring is None:
+                        raise LifecycleError(f"{entry.rel}: no old key to unwrap it")
+                    wipe(old_ring.unwrap(header, entry.rel))
+                    changed += 1
+                    report.rewrapped += 1
+                    continue
+                assert new is not None
+                wrapped, reencrypted = new_entry(header, old_ring, new, entry.rel)
+                replace_header(entry.path, header.with_entries((*header.entries, wrapped)))
+                changed += 1
+                report.rewrapped += 1
+                report.reencrypted += reencrypted
+            except FileNotFoundError:
+                continue  # removed or renamed meanwhile (mounted volume)
+            except FormatError as exc:
+                report.skipped.append((entry.rel, f"malformed header: {exc}"))
+            except (KmsfsError, OSError) as exc:
+                report.problems.append((entry.rel, str(exc)))
+    finally:
+        progress.close()
+    return changed
+
+
+def _switch_and_strip(
+    root: Path, journal: dict[str, Any], report: RewrapReport, show_progress: bool | None
+) -> None:
+    """Remove the retired keys from the config (idempotent), then from every header."""
+    retire = set(journal.get("retire", []))
+    report.retired = sorted(retire)
+    if retire:
+        refuse_if_mounted(root, "switching the volume to the new key")
+        config = load_config(root)
+        keep = [key for key in config.keys if key.key_ref not in retire]
+        if not keep:
+            raise LifecycleError("refusing to remove every key of the volume")
+        if len(keep) != len(config.keys):
+            config.keys = keep
+            save_config(root, config)
+        entries = list(walk_files(root))
+        progress = Progress("removing old entries", len(entries), enabled=show_progress)
+        try:
+            for entry in entries:
+                progress.advance()
+                header = _header_or_none(entry)
+                if header is None or header.volume_id != config.volume_id:
+                    continue
+                remaining = tuple(e for e in header.entries if e.key_ref not in retire)
+                if len(remaining) == len(header.entries):
+                    continue
+                if not remaining:
+                    report.problems.append((entry.rel, "no entry left for any kept key"))
+                    continue
+                try:
+                    replace_header(entry.path, header.with_entries(remaining))
+                    report.stripped += 1
+                except FileNotFoundError:
+                    continue
+        finally:
+            progress.close()
+    drop_journal(root, JOURNAL)
+    report.finished = True
