@@ -337,7 +337,10 @@ def check(root: Path, journal: Path, seed: int, log_text: str) -> CheckResult:
             if not file_model.eio_allowed:
                 result.problems.append(f"{name}: EIO where the format promises a readable file")
             elif f"/{root.name}/{name}" not in log_text:
-                result.problems.append(f"{name}: EIO but the daemon log does not name it")
+                errors = [line for line in log_text.splitlines() if " ERROR " in line]
+                result.problems.append(
+                    f"{name}: EIO but the daemon log does not name it; errors logged: {errors[-5:]}"
+                )
             continue
         result.contents[name] = got
         if file_model.changed:

@@ -30,6 +30,7 @@ BS = 4096
 BBS = BS + 28
 
 
+@pytest.mark.slow
 def test_sigkill_during_writes(volume: Volume) -> None:
     iterations = env_int("KMSFS_CRASH_ITERATIONS", scaled(10))
     base_seed = env_int("KMSFS_CRASH_SEED", 1000)

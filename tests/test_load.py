@@ -163,6 +163,7 @@ def load_worker(writer: int, root: str, seconds: float, seed: int) -> dict[str, 
     return {"ops": ops, "errors": errors, "digests": digests}
 
 
+@pytest.mark.slow
 def test_many_processes_mixed_operations(volume: Volume) -> None:
     processes = env_int("KMSFS_LOAD_PROCESSES", 16)
     seconds = env_int("KMSFS_LOAD_SECONDS", scaled(20))
@@ -312,6 +313,7 @@ class Fsx:
             self._fail("whole file after dropping the cache", got, 0)
 
 
+@pytest.mark.slow
 def test_fsx_random_operations_with_mmap(volume: Volume) -> None:
     ops = env_int("KMSFS_FSX_OPS", scaled(5000))
     seed = env_int("KMSFS_FSX_SEED", 11)
