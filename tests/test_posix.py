@@ -11,8 +11,10 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import json
 import os
 import random
+import shutil
 import stat
 import subprocess
 import sys
@@ -755,3 +757,115 @@ def test_passphrase_volume(tmp_path: Path) -> None:
 
         force_unmount(vol.mountpoint)
     assert "Traceback" not in vol.log_text()
+
+
+# -- lookup counts and other users -------------------------------------------
+
+
+def _daemon_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_forget_closes_descriptors_and_entries_come_back(mounted: Volume) -> None:
+    """The kernel's FORGETs (here forced by dropping dentries) release the daemon's
+    per-inode descriptors, and a later lookup finds the entries again."""
+    mounted.umount()
+    pid = int(mounted.mount().stdout.split("daemon pid ")[1].split(")")[0])
+    d = mounted.path("many")
+    d.mkdir()
+    for i in range(300):
+        (d / f"f{i}").write_bytes(b"%d" % i)
+    assert _daemon_fds(pid) > 300
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("2\n")
+    deadline = time.monotonic() + 10
+    while _daemon_fds(pid) > 100 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _daemon_fds(pid) < 100
+    assert len(os.listdir(d)) == 300
+    assert all((d / f"f{i}").read_bytes() == b"%d" % i for i in range(0, 300, 7))
+
+
+_AS_OTHER_USER = r"""
+import errno, json, os, sys
+root = int(sys.argv[1])
+out = {}
+def do(label, func, *args, **kwargs):
+    try:
+        result = func(*args, **kwargs)
+        out[label] = result.decode() if isinstance(result, bytes) else "ok"
+        if label.startswith("open") and isinstance(result, int):
+            os.close(result)
+    except OSError as exc:
+        out[label] = errno.errorcode[exc.errno]
+do("open_secret", os.open, "secret", os.O_RDONLY, dir_fd=root)
+do("stat_secret", os.stat, "secret", dir_fd=root)
+do("chmod_secret", os.chmod, "secret", 0o777, dir_fd=root)
+do("unlink_root_file_in_sticky_dir", os.unlink, "pub/roots", dir_fd=root)
+do("open_create_mine", os.open, "pub/mine", os.O_CREAT | os.O_WRONLY, 0o600, dir_fd=root)
+fd = os.open("pub/mine", os.O_RDWR, dir_fd=root)
+os.write(fd, b"written by nobody")
+os.close(fd)
+do("mkdir_mine", os.mkdir, "pub/mydir", 0o700, dir_fd=root)
+do("symlink_mine", os.symlink, "mine", "pub/mylink", dir_fd=root)
+do("open_create_in_setgid_dir", os.open, "sgid/f", os.O_CREAT | os.O_WRONLY, 0o644, dir_fd=root)
+do("create_in_root_dir", os.open, "noentry", os.O_CREAT | os.O_WRONLY, 0o644, dir_fd=root)
+do("read_mine", lambda: open(os.open("pub/mine", os.O_RDONLY, dir_fd=root), "rb").read())
+print(json.dumps(out))
+"""
+
+
+def test_other_user_with_allow_other(mounted: Volume) -> None:
+    """Permissions are the kernel's (default_permissions); new entries belong to their creator."""
+    mounted.umount()
+    mounted.mount("-o", "allow_other")
+    m = mounted.mountpoint
+    os.chmod(m, 0o755)
+    (m / "secret").write_bytes(b"root only")
+    os.chmod(m / "secret", 0o600)
+    (m / "pub").mkdir()
+    os.chmod(m / "pub", 0o1777)
+    (m / "pub/roots").write_bytes(b"r")
+    (m / "sgid").mkdir()
+    os.chown(m / "sgid", 0, 4321)
+    os.chmod(m / "sgid", 0o2777)
+    python = shutil.which("python3", path="/usr/bin:/bin")
+    if python is None:
+        pytest.skip("needs a python3 that user nobody may run")
+    fd = os.open(m, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        result = subprocess.run(
+            [python, "-I", "-c", _AS_OTHER_USER, str(fd)],
+            pass_fds=(fd,),
+            user=65534,
+            group=65534,
+            extra_groups=[],
+            capture_output=True,
+            text=True,
+            check=False,
+            cwd="/",
+        )
+    finally:
+        os.close(fd)
+    assert result.returncode == 0, result.stderr
+    got = json.loads(result.stdout)
+    assert got == {
+        "open_secret": "EACCES",
+        "stat_secret": "ok",
+        "chmod_secret": "EPERM",
+        "unlink_root_file_in_sticky_dir": "EPERM",
+        "open_create_mine": "ok",
+        "mkdir_mine": "ok",
+        "symlink_mine": "ok",
+        "open_create_in_setgid_dir": "ok",
+        "create_in_root_dir": "EACCES",
+        "read_mine": "written by nobody",
+    }
+    for name in ("pub/mine", "pub/mydir", "pub/mylink"):
+        st = os.lstat(m / name)
+        assert (st.st_uid, st.st_gid) == (65534, 65534), name
+        bst = os.lstat(mounted.backing_path(name))
+        assert (bst.st_uid, bst.st_gid) == (65534, 65534), name
+    assert stat.S_IMODE(os.stat(m / "pub/mine").st_mode) == 0o600
+    assert (m / "sgid/f").stat().st_gid == 4321
+    assert (m / "pub/roots").read_bytes() == b"r"
