@@ -507,6 +507,12 @@ def test_new_file_owner_and_mode(mounted: Volume) -> None:
         assert stat.S_IMODE(path.stat().st_mode) == 0o644
         mounted.path("d").mkdir(0o777)
         assert stat.S_IMODE(mounted.path("d").stat().st_mode) == 0o755
+        os.umask(0)
+        # Set-user-ID and set-group-ID bits given at creation are kept (a chown
+        # of the new backing file must not clear them).
+        fd = os.open(mounted.path("suid"), os.O_CREAT | os.O_WRONLY, 0o6755)
+        os.close(fd)
+        assert stat.S_IMODE(mounted.path("suid").stat().st_mode) == 0o6755
     finally:
         os.umask(old)
     assert (path.stat().st_uid, path.stat().st_gid) == (os.getuid(), os.getgid())
@@ -803,6 +809,7 @@ do("stat_secret", os.stat, "secret", dir_fd=root)
 do("chmod_secret", os.chmod, "secret", 0o777, dir_fd=root)
 do("unlink_root_file_in_sticky_dir", os.unlink, "pub/roots", dir_fd=root)
 do("open_create_mine", os.open, "pub/mine", os.O_CREAT | os.O_WRONLY, 0o600, dir_fd=root)
+do("open_create_suid", os.open, "pub/suid", os.O_CREAT | os.O_WRONLY, 0o4755, dir_fd=root)
 fd = os.open("pub/mine", os.O_RDWR, dir_fd=root)
 os.write(fd, b"written by nobody")
 os.close(fd)
@@ -855,6 +862,7 @@ def test_other_user_with_allow_other(mounted: Volume) -> None:
         "chmod_secret": "EPERM",
         "unlink_root_file_in_sticky_dir": "EPERM",
         "open_create_mine": "ok",
+        "open_create_suid": "ok",
         "mkdir_mine": "ok",
         "symlink_mine": "ok",
         "open_create_in_setgid_dir": "ok",
@@ -867,5 +875,7 @@ def test_other_user_with_allow_other(mounted: Volume) -> None:
         bst = os.lstat(mounted.backing_path(name))
         assert (bst.st_uid, bst.st_gid) == (65534, 65534), name
     assert stat.S_IMODE(os.stat(m / "pub/mine").st_mode) == 0o600
+    suid = os.stat(m / "pub/suid")
+    assert (suid.st_uid, stat.S_IMODE(suid.st_mode)) == (65534, 0o4755)
     assert (m / "sgid/f").stat().st_gid == 4321
     assert (m / "pub/roots").read_bytes() == b"r"

@@ -192,7 +192,15 @@ class KmsfsOperations(pyfuse3.Operations):
         gid = ctx.gid
         if parent.mode & stat.S_ISGID:
             gid = os.stat(parent.fd).st_gid
+        st = os.stat(fd)
+        if (st.st_uid, st.st_gid) == (ctx.uid, gid):
+            return  # nothing to change, and chown would clear a set-user-ID bit
         syscalls.fchown_path_fd(fd, ctx.uid, gid)
+        # chown clears S_ISUID (and S_ISGID) of a regular file even for root:
+        # give back what the creator asked for (S_ISGID only with its own group).
+        keep = st.st_mode & (stat.S_ISUID | (stat.S_ISGID if gid == ctx.gid else 0))
+        if keep and stat.S_ISREG(st.st_mode):
+            os.chmod(f"/proc/self/fd/{fd}", stat.S_IMODE(st.st_mode))
 
     async def _content(
         self, entry: Inode, ctx: pyfuse3.RequestContext | None = None
