@@ -44,6 +44,7 @@ import json
 import os
 import random
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -304,8 +305,11 @@ class CheckResult:
     contents: dict[str, bytes] = field(default_factory=dict)
 
 
-def check(root: Path, journal: Path, seed: int, log_text: str) -> CheckResult:
-    """Compare the directory *root* (remounted after the kill) with the journal."""
+def check(root: Path, journal: Path, seed: int, log_text: Callable[[], str]) -> CheckResult:
+    """Compare the directory *root* (remounted after the kill) with the journal.
+
+    *log_text* returns the daemon's log (read after the reads that fail).
+    """
     done, pending = parse_journal(journal)
     model = Model(seed)
     for n, op in done:
@@ -336,8 +340,8 @@ def check(root: Path, journal: Path, seed: int, log_text: str) -> CheckResult:
             result.eio.append(name)
             if not file_model.eio_allowed:
                 result.problems.append(f"{name}: EIO where the format promises a readable file")
-            elif f"/{root.name}/{name}" not in log_text:
-                errors = [line for line in log_text.splitlines() if " ERROR " in line]
+            elif f"/{root.name}/{name}" not in log_text():
+                errors = [line for line in log_text().splitlines() if " ERROR " in line]
                 result.problems.append(
                     f"{name}: EIO but the daemon log does not name it; errors logged: {errors[-5:]}"
                 )

@@ -55,7 +55,7 @@ def test_sigkill_during_writes(volume: Volume) -> None:
         totals["ops"] += int(out or 0)
 
         pid = mount_pid(volume)  # the volume must always mount again
-        result = check(directory, journal, seed, volume.log_text())
+        result = check(directory, journal, seed, volume.log_text)
         assert not result.problems, f"seed {seed} (journal {journal}):\n" + "\n".join(
             result.problems
         )
