@@ -78,6 +78,7 @@ class Volume:
     log_file: Path
     mount_args: list[str] = field(default_factory=list)
     mounted: bool = False
+    env: dict[str, str] = field(default_factory=dict)  # e.g. SOFTHSM2_CONF, AWS credentials
 
     def mount(self, *extra: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         result = run_kmsfs(
@@ -91,6 +92,7 @@ class Volume:
             *self.mount_args,
             *extra,
             check=check,
+            env=self.env,
         )
         if result.returncode == 0:
             self.mounted = True
@@ -98,7 +100,7 @@ class Volume:
 
     def umount(self) -> None:
         if self.mounted:
-            run_kmsfs("umount", self.mountpoint)
+            run_kmsfs("umount", self.mountpoint, env=self.env)
             self.mounted = False
             _wait_unmounted(self.mountpoint)
 
