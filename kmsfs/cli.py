@@ -14,11 +14,17 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from kmsfs.errors import KmsfsError, MountError
+from kmsfs.errors import KmsfsError, MountError, UsageError
+from kmsfs.server.config import config_option
+from kmsfs.server.mountcmd import mount_server_options
+from kmsfs.server.mounthelper import MountHelperGroup
+
+if TYPE_CHECKING:
+    from kmsfs.server.runtime import ServerRuntime
 
 log = logging.getLogger("kmsfs")
 
@@ -34,6 +40,7 @@ KEY_OPTION_NAMES = (
     "pkcs11_key",
     "pkcs11_pin_file",
     "pkcs11_create_key",
+    "pkcs11_mechanism",
 )
 
 
@@ -86,6 +93,13 @@ def key_options(for_init: bool) -> Callable[[Callable[..., Any]], Callable[..., 
                     help="Create the wrapping key on the token if missing.",
                 )
             )
+            opts.append(
+                click.option(
+                    "--pkcs11-mechanism",
+                    type=click.Choice(["aes-gcm", "aes-kwp", "aes-kw", "rsa-oaep-sha1"]),
+                    help="Wrapping mechanism (default: the first the token and key support).",
+                )
+            )
         for opt in reversed(opts):
             func = opt(func)
         return func
@@ -125,9 +139,16 @@ def setup_logging(level: str, log_file: str | None = None, background: bool = Fa
         syslog.ident = "kmsfs: "
         handlers.append(syslog)
     if not log_file and not background:
-        handlers.append(logging.StreamHandler(sys.stderr))
+        from kmsfs.server.logs import stderr_formatter
+
+        stderr = logging.StreamHandler(sys.stderr)
+        stderr.setFormatter(stderr_formatter())  # journald-style under systemd
+        handlers.append(stderr)
     for handler in handlers:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        if handler.formatter is None:
+            handler.setFormatter(
+                logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+            )
     root = logging.getLogger()
     root.handlers[:] = handlers
     root.setLevel(level.upper())
@@ -135,7 +156,7 @@ def setup_logging(level: str, log_file: str | None = None, background: bool = Fa
     logging.getLogger("pyfuse3").setLevel(logging.WARNING)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=MountHelperGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="kmsfs")
 def main() -> None:
     """kmsfs: a FUSE filesystem that encrypts a directory with KMS- or HSM-wrapped keys."""
@@ -170,8 +191,8 @@ def init(backing: str, provider: str, block_size: int, **kwargs: Any) -> None:
 
 
 @main.command()
-@click.argument("backing", type=click.Path(file_okay=False, exists=True))
-@click.argument("mountpoint", type=click.Path(file_okay=False))
+@click.argument("backing", required=False, type=click.Path(file_okay=False, exists=True))
+@click.argument("mountpoint", required=False, type=click.Path(file_okay=False))
 @click.option("--foreground", "-f", is_flag=True, help="Stay in the foreground.")
 @click.option(
     "-o",
@@ -190,36 +211,51 @@ def init(backing: str, provider: str, block_size: int, **kwargs: Any) -> None:
 @click.option(
     "--cache-max-age", type=float, default=None, help="Seconds an unwrapped key stays cached."
 )
+@click.option(
+    "--audit-log",
+    type=click.Path(dir_okay=False),
+    help="Append one JSON line per key operation to this file (default: no audit log).",
+)
+@mount_server_options
 @key_options(for_init=False)
 @handle_errors
 def mount(
-    backing: str,
-    mountpoint: str,
+    backing: str | None,
+    mountpoint: str | None,
     foreground: bool,
     mount_options: tuple[str, ...],
     log_level: str,
     log_file: str | None,
     cache_max_entries: int | None,
     cache_max_age: float | None,
+    audit_log: str | None,
     **kwargs: Any,
 ) -> None:
     """Mount the volume in BACKING at MOUNTPOINT.
 
     Without --foreground, returns once the mount answers (exit 0) or failed.
+    With --config FILE, BACKING, MOUNTPOINT and other settings may come from
+    the file; the command line wins.  A stale mount left at MOUNTPOINT by a
+    daemon that died is detached first.
     """
     from kmsfs.daemon import check_mountpoint
+    from kmsfs.server.mountcmd import prepare_mount
 
-    backing = os.path.abspath(backing)
-    mountpoint = os.path.abspath(mountpoint)
-    extra = [o for opts in mount_options for o in opts.split(",") if o]
+    plan = prepare_mount(backing, mountpoint, mount_options, kwargs)
+    backing, mountpoint, extra, runtime = plan.backing, plan.mountpoint, plan.extra, plan.runtime
     check_mountpoint(mountpoint, allow_nonempty="nonempty" in extra)
     options = _options(kwargs)
     cache_args = (cache_max_entries, cache_max_age)
+    audit_log = os.path.abspath(audit_log) if audit_log else None
     if foreground:
         setup_logging(log_level, log_file)
-        _mount(backing, mountpoint, options, extra, cache_args, on_ready=None)
+        _mount(
+            backing, mountpoint, options, extra, cache_args, runtime.on_ready, audit_log, runtime
+        )
         return
-    _mount_in_background(backing, mountpoint, options, extra, cache_args, log_level, log_file)
+    _mount_in_background(
+        backing, mountpoint, options, extra, cache_args, log_level, log_file, audit_log, runtime
+    )
 
 
 def _mount(
@@ -229,7 +265,10 @@ def _mount(
     extra: list[str],
     cache_args: tuple[int | None, float | None],
     on_ready: Callable[[], None] | None,
+    audit_log: str | None = None,
+    runtime: ServerRuntime | None = None,
 ) -> None:
+    from kmsfs.audit import AuditLog
     from kmsfs.daemon import serve
     from kmsfs.keys.cache import KeyCache
     from kmsfs.volume import open_volume
@@ -239,8 +278,14 @@ def _mount(
         **({} if max_entries is None else {"max_entries": max_entries}),
         **({} if max_age is None else {"max_age": max_age}),
     )
-    config, keyring = open_volume(backing, options, prompt_secret, cache)
-    serve(backing, mountpoint, config, keyring, extra, on_ready)
+    audit = AuditLog(audit_log) if audit_log else None
+    try:
+        config, keyring = open_volume(backing, options, prompt_secret, cache, audit)
+        services = [runtime.run] if runtime is not None else []
+        serve(backing, mountpoint, config, keyring, extra, on_ready, services=services)
+    finally:
+        if audit is not None:
+            audit.close()
 
 
 def _mount_in_background(
@@ -251,6 +296,8 @@ def _mount_in_background(
     cache_args: tuple[int | None, float | None],
     log_level: str,
     log_file: str | None,
+    audit_log: str | None = None,
+    runtime: ServerRuntime | None = None,
 ) -> None:
     """Fork a daemon; the parent exits 0 once the mount answers, or with the daemon's error."""
     read_end, write_end = os.pipe()
@@ -284,7 +331,7 @@ def _mount_in_background(
 
     code = 0
     try:
-        _mount(backing, mountpoint, options, extra, cache_args, ready)
+        _mount(backing, mountpoint, options, extra, cache_args, ready, audit_log, runtime)
     except KmsfsError as exc:
         code = exc.exit_code
         _report(write_end, code, str(exc))
@@ -305,11 +352,17 @@ def _report(fd: int, code: int, text: str) -> None:
 
 
 @main.command()
-@click.argument("mountpoint", type=click.Path(file_okay=False))
+@click.argument("mountpoint", required=False, type=click.Path(file_okay=False))
 @click.option("--lazy", "-z", is_flag=True, help="Detach now even if the mount is busy.")
+@config_option
 @handle_errors
-def umount(mountpoint: str, lazy: bool) -> None:
-    """Unmount MOUNTPOINT (also clears a stale mount left by a dead daemon)."""
+def umount(mountpoint: str | None, lazy: bool) -> None:
+    """Unmount MOUNTPOINT (also clears a stale mount left by a dead daemon).
+
+    With --config FILE, MOUNTPOINT may come from the file.
+    """
+    if mountpoint is None:
+        raise UsageError("MOUNTPOINT missing: give it or --config FILE")
     command = ["fusermount3", "-u"] + (["-z"] if lazy else []) + [mountpoint]
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
@@ -361,6 +414,24 @@ def decrypt(backing_file: str, output: str, volume: str | None, **kwargs: Any) -
     finally:
         keyring.close()
     click.echo(f"decrypted {size} bytes to {output}")
+
+
+@main.command()
+@click.argument("mountpoint", required=False, type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (stable keys, for scripts).")
+@config_option
+@handle_errors
+def status(mountpoint: str | None, as_json: bool) -> None:
+    """Show the state of the mount at MOUNTPOINT: volume, keys, key cache, I/O, uptime.
+
+    Exit 7 if no daemon answers for MOUNTPOINT.
+    """
+    from kmsfs.server.status import format_status, query
+
+    if mountpoint is None:
+        raise UsageError("MOUNTPOINT missing: give it or --config FILE")
+    info = query(os.path.abspath(mountpoint))
+    click.echo(json.dumps(info, indent=2) if as_json else format_status(info))
 
 from kmsfs.cli_lifecycle import COMMANDS as _LIFECYCLE_COMMANDS  # noqa: E402
 

@@ -21,6 +21,7 @@ from kmsfs.errors import KmsfsError, ProviderError, WrongKeyError
 from kmsfs.format.header import FileHeader, WrappedKey
 from kmsfs.format.volume import KeyConfig, VolumeConfig
 from kmsfs.keys.cache import KeyCache
+from kmsfs.keys.prefetch import KeyPool
 from kmsfs.keys.provider import KeyContext, KeyProvider, wipe
 
 
@@ -28,7 +29,9 @@ from kmsfs.keys.provider import KeyContext, KeyProvider, wipe
 class KeyEvent:
     """One use of a key, for the audit log.  Never holds key material."""
 
-    operation: str  # "generate", "wrap", "unwrap", "cache-hit"
+    # "generate", "wrap", "unwrap", "cache-hit"; with a key pool also "prefetch"
+    # (background generate), "assign" (pooled key given to a new file), "discard"
+    operation: str
     provider: str
     key_ref: str
     volume_id: str
@@ -43,7 +46,11 @@ EventSink = Callable[[KeyEvent], None]
 
 
 class Keyring:
-    """Attributes: volume_id, providers (in order), cache, inline."""
+    """Attributes: volume_id, providers (in order), cache, inline, pool.
+
+    ``pool`` (a KeyPool, started by the first ``new_file``) prefetches data keys
+    when the first provider is not inline, so creates skip its round trip.
+    """
 
     def __init__(
         self,
@@ -59,6 +66,14 @@ class Keyring:
         self.cache = cache if cache is not None else KeyCache()
         self.on_event = on_event
         self.inline = all(p.inline for p in providers)
+        first = providers[0]
+        self.pool: KeyPool | None = None
+        if not first.inline:
+            self.pool = KeyPool(
+                volume_id,
+                lambda ctx: self._timed("prefetch", first, ctx, first.generate_data_key, ctx),
+                on_discard=lambda ctx: self._emit("discard", first, ctx, "ok", 0.0),
+            )
 
     def check(self, keys: list[KeyConfig]) -> None:
         """Unwrap each provider's key-check value; WrongKeyError naming the key if one fails."""
@@ -77,7 +92,15 @@ class Keyring:
     def new_file(
         self, requester: dict[str, Any] | None = None
     ) -> tuple[bytes, bytearray, tuple[WrappedKey, ...]]:
-        """A new file ID with a fresh file key and its wrapped forms."""
+        """A new file ID with a fresh file key and its wrapped forms (from the pool if any)."""
+        pooled = self.pool.take() if self.pool is not None else None
+        if pooled is not None:
+            context = pooled.context
+            self._emit("assign", self.providers[0], context, "ok", 0.0, requester=requester)
+            key, entries = self._add_wrapped(context, pooled.key, pooled.wrapped, requester)
+            return context.file_id, key, entries
+        if self.pool is not None:
+            self.pool.start()
         file_id = os.urandom(16)
         key, entries = self.new_file_key(file_id, requester)
         return file_id, key, entries
@@ -91,6 +114,16 @@ class Keyring:
         key, wrapped = self._timed(
             "generate", first, context, first.generate_data_key, context, requester=requester
         )
+        return self._add_wrapped(context, key, wrapped, requester)
+
+    def _add_wrapped(
+        self,
+        context: KeyContext,
+        key: bytearray,
+        wrapped: WrappedKey,
+        requester: dict[str, Any] | None,
+    ) -> tuple[bytearray, tuple[WrappedKey, ...]]:
+        """Wrap *key* by the other master keys too and cache it."""
         entries = [wrapped]
         try:
             for provider in self.providers[1:]:
@@ -150,6 +183,8 @@ class Keyring:
         raise WrongKeyError(f"{what}: file key is wrapped by {have}; this volume has {want}")
 
     def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
         self.cache.clear()
         for provider in self.providers:
             provider.close()
