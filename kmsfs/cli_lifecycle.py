@@ -269,4 +269,158 @@ def fsck(backing: str, as_json: bool, quick: bool, quiet: bool, **kwargs: Any) -
         sys.exit(FSCK_PROBLEMS)
 
 
-COMMANDS = [rewrap, keys, fsck]
+@click.command()
+@click.argument("backing", type=click.Path(file_okay=False, exists=True))
+@key_options(for_init=False)
+@click.option("--older-than", help="Only files whose key is older (90d, 12h, 2w, 1y...).")
+@quiet_option
+@handle_errors
+def rekey(backing: str, older_than: str | None, quiet: bool, **kwargs: Any) -> None:
+    """Re-encrypt file contents of BACKING under fresh file keys (volume unmounted).
+
+    Crash-safe and resumable (run it again); keeps hard links, owner, mode,
+    times and user xattrs.
+    """
+    from kmsfs.keys.cache import KeyCache
+    from kmsfs.lifecycle.common import parse_duration, refuse_if_mounted
+    from kmsfs.lifecycle.rekey import rekey_volume
+    from kmsfs.volume import open_volume
+
+    age = parse_duration(older_than) if older_than else None
+    refuse_if_mounted(Path(backing).absolute(), "rekey")
+    config, keyring = open_volume(backing, _options(kwargs), prompt_secret, KeyCache(0, 0))
+    try:
+        report = rekey_volume(backing, config, keyring, age, _progress_flag(quiet))
+    finally:
+        keyring.close()
+    for rel, message in report.skipped:
+        click.echo(f"skipped {rel}: {message}", err=True)
+    for rel, message in report.problems:
+        click.echo(f"FAILED {rel}: {message}", err=True)
+    click.echo(
+        f"rekey: {report.files} files, {report.rekeyed} re-keyed ({report.bytes:,} bytes),"
+        f" {report.not_due} not due, {len(report.skipped)} skipped,"
+        f" {len(report.problems)} failed, in {report.seconds:.1f} s"
+    )
+    if report.problems:
+        sys.exit(1)
+
+
+@click.command()
+@click.argument("backing", type=click.Path(file_okay=False, exists=True))
+@click.option(
+    "--old-passphrase-file",
+    type=click.Path(dir_okay=False, exists=True),
+    help="File holding the current passphrase.",
+)
+@click.option(
+    "--passphrase-file",
+    type=click.Path(dir_okay=False, exists=True),
+    help="File holding the new passphrase.",
+)
+@handle_errors
+def passwd(backing: str, old_passphrase_file: str | None, passphrase_file: str | None) -> None:
+    """Change the passphrase of BACKING's local passphrase key (no file is rewritten).
+
+    For a key-file volume, move to a new key file with 'kmsfs rewrap BACKING
+    --key-file NEW'.
+    """
+    from kmsfs.lifecycle.passwd import change_passphrase
+
+    ref = change_passphrase(Path(backing), old_passphrase_file, passphrase_file, prompt_secret)
+    click.echo(f"passphrase changed for {ref}")
+
+
+@click.command("import")
+@click.argument("plaindir", type=click.Path(file_okay=False, exists=True))
+@click.argument("backing", type=click.Path(file_okay=False))
+@click.option(
+    "--provider",
+    default="local",
+    show_default=True,
+    type=click.Choice(PROVIDERS),
+    help="Master key provider of the new volume.",
+)
+@click.option("--block-size", default=4096, show_default=True, type=int)
+@key_options(for_init=True)
+@quiet_option
+@handle_errors
+def import_(
+    plaindir: str, backing: str, provider: str, block_size: int, quiet: bool, **kwargs: Any
+) -> None:
+    """Copy the plaintext tree PLAINDIR into a new volume BACKING, encrypting every file.
+
+    PLAINDIR is never modified.  Resumable: run the same command again.
+    """
+    from kmsfs.keys.cache import KeyCache
+    from kmsfs.lifecycle.importer import check_import_target, import_tree
+    from kmsfs.volume import init_volume, open_volume
+
+    options = _options(kwargs)
+    target = Path(backing)
+    target.mkdir(exist_ok=True)
+    if check_import_target(Path(plaindir), target) is None:
+        init_volume(target, provider, options, prompt_secret, block_size)
+    config, keyring = open_volume(target, options, prompt_secret, KeyCache(0, 0))
+    try:
+        report = import_tree(plaindir, target, config, keyring, _progress_flag(quiet))
+    finally:
+        keyring.close()
+    for rel, message in report.skipped:
+        click.echo(f"skipped {rel}: {message}", err=True)
+    click.echo(
+        f"import: {report.files} files ({report.imported} encrypted, {report.bytes:,} bytes;"
+        f" {report.already} already done; {report.links} hard links), {report.dirs}"
+        f" directories, {report.other} other, {len(report.skipped)} skipped,"
+        f" in {report.seconds:.1f} s into volume {config.volume_id.hex()}"
+    )
+
+
+@click.group()
+def headers() -> None:
+    """Back up and restore the per-file key headers (for backups that drop xattrs)."""
+
+
+@headers.command("export")
+@click.argument("backing", type=click.Path(file_okay=False, exists=True))
+@click.argument("output", type=click.Path(dir_okay=False))
+@handle_errors
+def headers_export(backing: str, output: str) -> None:
+    """Write the header of every file of BACKING to OUTPUT (JSON lines)."""
+    from kmsfs.format.volume import load_config
+    from kmsfs.lifecycle.headers import export_headers
+
+    report = export_headers(Path(backing), load_config(backing), Path(output))
+    for rel in report.no_header:
+        click.echo(f"warning: {rel}: no kmsfs header", err=True)
+    click.echo(f"exported {report.exported} headers to {output}")
+
+
+@headers.command("import")
+@click.argument("backing", type=click.Path(file_okay=False, exists=True))
+@click.argument("source", type=click.Path(dir_okay=False, exists=True))
+@click.option("--force", is_flag=True, help="Replace headers that differ from the export.")
+@handle_errors
+def headers_import(backing: str, source: str, force: bool) -> None:
+    """Restore headers from SOURCE (made by 'headers export') onto BACKING's files.
+
+    Missing headers are set; differing ones are reported (replaced with --force).
+    """
+    from kmsfs.format.volume import load_config
+    from kmsfs.lifecycle.headers import import_headers
+
+    report = import_headers(Path(backing), load_config(backing), Path(source), force)
+    for rel in report.missing:
+        click.echo(f"warning: {rel}: not in the volume", err=True)
+    for rel in report.conflicts:
+        click.echo(f"conflict: {rel}: has a different header (kept; --force replaces)", err=True)
+    click.echo(
+        f"headers import: {report.restored} restored, {report.replaced} replaced,"
+        f" {report.unchanged} unchanged, {len(report.conflicts)} conflicts,"
+        f" {len(report.missing)} missing"
+    )
+    if report.conflicts:
+        sys.exit(1)
+
+
+COMMANDS = [rewrap, keys, fsck, rekey, passwd, import_, headers]

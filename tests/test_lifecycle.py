@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import BIN, Volume, requires_fuse, run_kmsfs
+from conftest import BIN, Volume, make_volume, requires_fuse, run_kmsfs
 from lifecycle_support import entry_refs, populate
 
 from kmsfs.format.volume import load_config
@@ -233,3 +233,226 @@ def test_rewrap_10000_files_timing(volume: Volume, tmp_path: Path) -> None:
     elapsed = time.monotonic() - start
     assert "rewrap: 10000 files, 10000 re-wrapped" in result.stdout
     print(f"rewrap of 10,000 files local->local: {elapsed:.2f} s")
+
+
+def _snapshot(backing: Path) -> dict[str, tuple[int, int, int, int, int, bytes]]:
+    out = {}
+    for path in sorted(backing.rglob("*")):
+        rel = str(path.relative_to(backing))
+        if rel.startswith(".kmsfs") or not path.is_file() or path.is_symlink():
+            continue
+        st = path.lstat()
+        try:
+            tag = os.getxattr(path, "user.tag")
+        except OSError:
+            tag = b""
+        out[rel] = (st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns, st.st_nlink, tag)
+    return out
+
+
+@requires_fuse
+def test_rekey_preserves_content_links_and_metadata(volume: Volume) -> None:
+    volume.mount()
+    contents = {
+        "a": os.urandom(3 * 4096 + 5),
+        "dir/b": b"small\n",
+        "empty": b"",
+        "sparse": bytes(1 << 20) + b"end",
+    }
+    for rel, data in contents.items():
+        volume.path(rel).parent.mkdir(exist_ok=True)
+        volume.path(rel).write_bytes(data)
+    os.link(volume.path("a"), volume.path("dir/a-link"))
+    contents["dir/a-link"] = contents["a"]
+    os.setxattr(volume.path("dir/b"), "user.tag", b"kept")
+    os.chmod(volume.path("dir/b"), 0o640)
+    os.chown(volume.path("dir/b"), 1234, 5678)
+    os.utime(volume.path("a"), ns=(1_000_000_000, 1_500_000_000_123))
+    os.symlink("dir/b", volume.path("sym"))
+    refused = run_kmsfs("rekey", volume.backing, check=False)
+    assert refused.returncode == 7 and "is mounted at" in refused.stderr
+    volume.umount()
+    before = _snapshot(volume.backing)
+    ids = {rel: os.getxattr(volume.backing / rel, "user.kmsfs.header")[28:44] for rel in before}
+    dir_mtime = (volume.backing / "dir").stat().st_mtime_ns
+
+    not_due = run_kmsfs("rekey", volume.backing, "--older-than", "1d")
+    assert "0 re-keyed" in not_due.stdout and "4 not due" in not_due.stdout
+    result = run_kmsfs("rekey", volume.backing)
+    assert "rekey: 4 files, 4 re-keyed" in result.stdout
+    after = _snapshot(volume.backing)
+    assert after == before  # mode, owner, mtime, link count, user xattrs
+    for rel in before:
+        assert os.getxattr(volume.backing / rel, "user.kmsfs.header")[28:44] != ids[rel], rel
+    assert os.path.samefile(volume.backing / "a", volume.backing / "dir/a-link")
+    assert (volume.backing / "dir").stat().st_mtime_ns == dir_mtime
+    assert (volume.backing / "sparse").stat().st_blocks * 512 < 100_000  # still sparse
+    again = run_kmsfs("rekey", volume.backing, "--older-than", "1h")
+    assert "0 re-keyed" in again.stdout
+    assert run_kmsfs("fsck", volume.backing).returncode == 0
+    volume.mount()
+    _read_all(volume, contents)
+    assert os.readlink(volume.path("sym")) == "dir/b"
+    volume.umount()
+
+
+def test_rekey_killed_then_resumed(volume: Volume) -> None:
+    contents = populate(volume.backing, volume.key_file, 1500, size=5000)
+    for n in range(0, 1500, 100):  # some hard links across directories
+        os.link(volume.backing / f"d{n % 10}/f{n:05d}", volume.backing / f"d9/link{n}")
+    journal = volume.backing / ".kmsfs.d" / "rekey.json"
+    process = subprocess.Popen(
+        [str(BIN), "rekey", str(volume.backing), "--quiet"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 30
+    while not journal.exists() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.005)
+    time.sleep(random.uniform(0.1, 0.8))
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "rekey finished before it could be killed"
+    result = run_kmsfs("rekey", volume.backing)
+    assert "0 failed" in result.stdout
+    done = int(result.stdout.split(" re-keyed")[0].rsplit(" ", 1)[1])
+    assert 0 < done < 1500  # the first run did the rest
+    assert not journal.exists()
+    assert " 0 re-keyed" in run_kmsfs("rekey", volume.backing, "--older-than", "1h").stdout
+    for n in range(0, 1500, 100):
+        assert os.path.samefile(
+            volume.backing / f"d{n % 10}/f{n:05d}", volume.backing / f"d9/link{n}"
+        )
+    check = run_kmsfs("fsck", volume.backing)
+    assert "fsck: 1515 files, 1515 ok" in check.stdout
+    out = volume.root / "out"
+    for rel in list(contents)[::97]:
+        run_kmsfs("decrypt", volume.backing / rel, out)
+        assert out.read_bytes() == contents[rel]
+        out.unlink()
+
+
+def _plain_tree(tmp_path: Path) -> Path:
+    import shutil
+
+    plain = tmp_path / "plain"
+    shutil.copytree("/usr/include/linux", plain / "linux", symlinks=True)
+    os.link(plain / "linux" / "fs.h", plain / "fs-hardlink.h")
+    os.symlink("linux/fs.h", plain / "fs-symlink.h")
+    (plain / "empty").write_bytes(b"")
+    (plain / "sparse").write_bytes(b"")
+    os.truncate(plain / "sparse", 5 << 20)
+    os.setxattr(plain / "empty", "user.origin", b"import-test")
+    os.chmod(plain / "empty", 0o604)
+    os.utime(plain / "empty", ns=(1_000_000_000, 2_000_000_000))
+    return plain
+
+
+def _compare_tree(plain: Path, mountpoint: Path) -> int:
+    count = 0
+    for path in plain.rglob("*"):
+        rel = path.relative_to(plain)
+        target = mountpoint / rel
+        st, tt = path.lstat(), target.lstat()
+        assert st.st_mode == tt.st_mode, rel
+        if path.is_symlink():
+            assert os.readlink(target) == os.readlink(path)
+        elif path.is_file():
+            assert target.read_bytes() == path.read_bytes(), rel
+            assert st.st_mtime_ns == tt.st_mtime_ns, rel
+            count += 1
+    return count
+
+
+@requires_fuse
+def test_import_tree_byte_exact(tmp_path: Path) -> None:
+    from conftest import force_unmount
+
+    plain = _plain_tree(tmp_path)
+    before = {p: p.read_bytes() for p in plain.rglob("*") if p.is_file() and not p.is_symlink()}
+    vol = make_volume(tmp_path, key=False)
+    result = run_kmsfs("import", plain, vol.backing, "--key-file", vol.key_file, timeout=300)
+    assert "import:" in result.stdout and "1 hard links" in result.stdout
+    after = {p: p.read_bytes() for p in plain.rglob("*") if p.is_file() and not p.is_symlink()}
+    assert after == before  # the plaintext is untouched
+    assert run_kmsfs("fsck", vol.backing).returncode == 0
+    try:
+        vol.mount()
+        assert _compare_tree(plain, vol.mountpoint) == len(before)
+        assert os.getxattr(vol.path("empty"), "user.origin") == b"import-test"
+        assert os.stat(vol.path("fs-hardlink.h")).st_nlink == 2
+        vol.umount()
+    finally:
+        force_unmount(vol.mountpoint)
+    assert (vol.backing / "sparse").stat().st_blocks * 512 < 100_000
+
+
+@requires_fuse
+def test_import_killed_then_resumed(tmp_path: Path) -> None:
+    from conftest import force_unmount
+
+    plain = _plain_tree(tmp_path)
+    vol = make_volume(tmp_path, key=False)
+    journal = vol.backing / ".kmsfs.d" / "import.json"
+    process = subprocess.Popen(
+        [str(BIN), "import", str(plain), str(vol.backing), "--key-file", str(vol.key_file), "-q"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 30
+    while not journal.exists() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.005)
+    time.sleep(random.uniform(0.05, 0.4))
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "import finished before it could be killed"
+    other = run_kmsfs("import", tmp_path, vol.backing, "--key-file", vol.key_file, check=False)
+    assert other.returncode != 0
+    result = run_kmsfs("import", plain, vol.backing, "--key-file", vol.key_file, timeout=300)
+    assert "already done" in result.stdout and not journal.exists()
+    assert run_kmsfs("fsck", vol.backing).returncode == 0
+    try:
+        vol.mount()
+        assert _compare_tree(plain, vol.mountpoint) > 100
+        vol.umount()
+    finally:
+        force_unmount(vol.mountpoint)
+
+
+def test_headers_export_import(volume: Volume, tmp_path: Path) -> None:
+    contents = populate(volume.backing, volume.key_file, 20)
+    export = tmp_path / "headers.jsonl"
+    result = run_kmsfs("headers", "export", volume.backing, export)
+    assert "exported 20 headers" in result.stdout
+    lines = export.read_text().splitlines()
+    assert json.loads(lines[0])["kmsfs_headers"] == 1 and len(lines) == 21
+    for rel in contents:  # a backup tool that drops xattrs
+        os.removexattr(volume.backing / rel, "user.kmsfs.header")
+    broken = run_kmsfs("fsck", volume.backing, check=False)
+    assert broken.returncode == 5 and broken.stdout.count("no-header") == 20
+    restored = run_kmsfs("headers", "import", volume.backing, export)
+    assert "20 restored" in restored.stdout
+    assert run_kmsfs("fsck", volume.backing).returncode == 0
+    assert "20 unchanged" in run_kmsfs("headers", "import", volume.backing, export).stdout
+
+
+def test_passwd_changes_the_passphrase(tmp_path: Path) -> None:
+    old, new = tmp_path / "old.pass", tmp_path / "new.pass"
+    old.write_text("correct horse\n")
+    new.write_text("battery staple\n")
+    vol = make_volume(tmp_path, key=False)
+    run_kmsfs("init", vol.backing, "--passphrase-file", old)
+    ref = load_config(vol.backing).keys[0].key_ref
+    result = run_kmsfs(
+        "passwd", vol.backing, "--old-passphrase-file", new, "--passphrase-file", old, check=False
+    )
+    assert result.returncode == 6 and "wrong passphrase" in result.stderr
+    result = run_kmsfs(
+        "passwd", vol.backing, "--old-passphrase-file", old, "--passphrase-file", new
+    )
+    assert f"passphrase changed for {ref}" in result.stdout
+    assert run_kmsfs("fsck", vol.backing, "--passphrase-file", new).returncode == 0
+    refused = run_kmsfs("fsck", vol.backing, "--passphrase-file", old, check=False)
+    assert refused.returncode == 6
+    key_file_vol = run_kmsfs("passwd", tmp_path / "nowhere", check=False)
+    assert key_file_vol.returncode == 2
