@@ -219,7 +219,9 @@ def test_tar_round_trip(mounted: Volume, tmp_path: Path) -> None:
         os.utime(p, ns=(1_600_000_000_000_000_000 + i, 1_600_000_000_000_000_000 + i))
     os.symlink("d0/f0", source / "ln")
     archive = tmp_path / "a.tar"
-    subprocess.run(["tar", "--format=posix", "-C", str(source), "-cf", str(archive), "."], check=True)
+    subprocess.run(
+        ["tar", "--format=posix", "-C", str(source), "-cf", str(archive), "."], check=True
+    )
     target = mounted.path("unpacked")
     target.mkdir()
     subprocess.run(["tar", "-C", str(target), "-xf", str(archive)], check=True)

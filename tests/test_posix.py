@@ -498,6 +498,20 @@ def test_utime_now_and_mtime_on_write(mounted: Volume) -> None:
     assert abs(path.stat().st_mtime_ns - time.time_ns()) < 5_000_000_000
 
 
+def test_utime_with_dirty_pages_is_not_undone_by_writeback(mounted: Volume) -> None:
+    """Times set while cached writes are pending survive their write-back."""
+    path = mounted.path("f")
+    with open(path, "wb") as f:
+        f.write(pattern(3 * BS + 5))
+        f.flush()
+        os.utime(f.fileno(), ns=(111_000_000_007, 222_000_000_009))
+        time.sleep(0.1)
+    assert path.stat().st_mtime_ns == 222_000_000_009
+    mounted.remount()
+    assert (path.stat().st_atime_ns, path.stat().st_mtime_ns) == (111_000_000_007, 222_000_000_009)
+    assert path.read_bytes() == pattern(3 * BS + 5)
+
+
 def test_new_file_owner_and_mode(mounted: Volume) -> None:
     old = os.umask(0o022)
     try:
