@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Volume, requires_fuse
+from conftest import Volume, force_unmount, make_volume, requires_fuse, run_kmsfs
 from crash_harness import check
 from reliability_util import drop_file_cache, env_int, kill_daemon, mount_pid, scaled
 
@@ -149,3 +149,58 @@ def test_checker_rejects_stale_and_foreign_bytes() -> None:
     exact = FileModel(2, versions=[synced])
     assert allowed_bytes_check(synced, exact) is None
     assert allowed_bytes_check(b"A" * 99 + b"B", exact) is not None
+
+
+@pytest.mark.parametrize("seed, chunk, free", [(1, 3000, 6000), (2, 20000, 30000), (3, 4096, 4096)])
+def test_enospc_never_corrupts_the_file(tmp_path: Path, seed: int, chunk: int, free: int) -> None:
+    """A full backing filesystem fails writes with ENOSPC; the file keeps its fsync'ed state.
+
+    Found by this test: a short backing write left a partial final block and the
+    whole file gave EIO from then on.  Fixed by preallocating (ContentFile.write).
+    """
+    volume = make_volume(tmp_path, key=False)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(volume.backing)])
+    try:
+        run_kmsfs("init", volume.backing, "--key-file", volume.key_file)
+        mount_pid(volume)
+        rng = random.Random(seed)
+        path = volume.path("f")
+        synced = rng.randbytes(10000)
+        _write_and_sync(path, synced)
+        filler = volume.backing / ".kmsfs.d" / "filler"
+        filler.parent.mkdir(exist_ok=True)
+        fd = os.open(filler, os.O_CREAT | os.O_WRONLY, 0o600)
+        try:
+            while True:
+                os.write(fd, bytes(4096))
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC
+        finally:
+            os.close(fd)
+        os.truncate(filler, filler.stat().st_size - free)
+        fd = os.open(path, os.O_WRONLY)
+        pending = synced
+        with pytest.raises(OSError) as info:
+            for _ in range(200):
+                data = rng.randbytes(chunk)
+                off = rng.choice([len(pending), rng.randrange(len(pending))])
+                os.pwrite(fd, data, off)
+                grown = pending.ljust(off, b"\0")
+                pending = grown[:off] + data + grown[off + len(data) :]
+                os.fsync(fd)
+                synced = pending
+        assert info.value.errno == errno.ENOSPC
+        try:
+            os.close(fd)
+        except OSError:
+            pass  # the close may report the failed write-back again
+        volume.umount()
+        mount_pid(volume)
+        assert path.read_bytes() == synced
+        filler.unlink()
+        path.write_bytes(b"space again")
+        assert path.read_bytes() == b"space again"
+        volume.umount()
+    finally:
+        force_unmount(volume.mountpoint)
+        subprocess.run(["umount", "-l", str(volume.backing)], capture_output=True)

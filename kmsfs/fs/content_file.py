@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 from kmsfs.errors import IntegrityError
 from kmsfs.format.content import MAX_BLOCK_ENCRYPTIONS, OVERHEAD, BlockCipher
+from kmsfs.fs.syscalls import preallocate
 
 log = logging.getLogger("kmsfs.fs")
 WARN_BLOCK_ENCRYPTIONS = MAX_BLOCK_ENCRYPTIONS // 2
@@ -124,6 +125,11 @@ class ContentFile:
         first, last = offset // bs, (end - 1) // bs
 
         moved_final = old_final < first  # the old final block becomes a middle block
+        if new_size > old_size:
+            # Reserve the space first: ENOSPC then fails the write before any block
+            # changed, never after a partial final block (docs/FORMAT.md, "Write order").
+            start = (old_final if moved_final else first) * self.layout.backing_block
+            preallocate(self.fd, start, self.layout.backing_size(new_size) - start)
         if moved_final:
             old_plain = self._block(old_final) if old_size else b""
             padded = bytes(old_plain) + bytes(bs - len(old_plain))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import os
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -17,6 +18,7 @@ AT_EMPTY_PATH = 0x1000
 AT_SYMLINK_NOFOLLOW = 0x100
 UTIME_OMIT = (1 << 30) - 2
 PR_SET_DUMPABLE = 4
+FALLOC_FL_KEEP_SIZE = 1
 
 
 class _Timespec(ctypes.Structure):
@@ -47,6 +49,21 @@ def utimens_path_fd(fd: int, atime_ns: int | None, mtime_ns: int | None) -> None
         else:
             times[slot].tv_sec, times[slot].tv_nsec = divmod(value, 1_000_000_000)
     _check(_libc.utimensat(fd, b"", times, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW), "utimensat")
+
+
+def preallocate(fd: int, offset: int, length: int) -> None:
+    """Reserve backing space for [offset, offset + length) without changing the file size.
+
+    OSError(ENOSPC) if the space is not there.  On a filesystem without
+    fallocate (EOPNOTSUPP) nothing is reserved and nothing is raised.
+    """
+    result = _libc.fallocate(
+        fd, FALLOC_FL_KEEP_SIZE, ctypes.c_int64(offset), ctypes.c_int64(length)
+    )
+    if result != 0:
+        err = ctypes.get_errno()
+        if err not in (errno.EOPNOTSUPP, errno.ENOSYS):
+            raise OSError(err, f"fallocate: {os.strerror(err)}")
 
 
 def disable_core_dumps() -> None:
