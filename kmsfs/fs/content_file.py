@@ -128,7 +128,14 @@ class ContentFile:
         if new_size > old_size:
             # Reserve the space first: ENOSPC then fails the write before any block
             # changed, never after a partial final block (docs/FORMAT.md, "Write order").
-            start = (old_final if moved_final else first) * self.layout.backing_block
+            # Only the blocks written: a gap between the old final block and the
+            # new run stays a hole (sparse files, truncate -s 10G).
+            bbs = self.layout.backing_block
+            start = first * bbs
+            if moved_final and old_final + 1 < first:
+                preallocate(self.fd, old_final * bbs, bbs)
+            elif moved_final:
+                start = old_final * bbs
             preallocate(self.fd, start, self.layout.backing_size(new_size) - start)
         if moved_final:
             old_plain = self._block(old_final) if old_size else b""
