@@ -220,6 +220,16 @@ def test_truncate_10g_is_instant_and_reads_zeros(mounted: Area) -> None:
     with open(target, "rb") as f:
         assert os.pread(f.fileno(), 9000, size // 2 - 4096) == bytes(4096) + b"mid" + bytes(4901)
         assert os.pread(f.fileno(), 10, size - 10) == bytes(10)
+    # Truncating down into the hole makes a hole block the (sealed) final block.
+    os.truncate(target, size // 4 + 100)
+    with open(target, "ab") as f:
+        f.write(b"end")
+    mounted.remount()
+    assert target.stat().st_size == size // 4 + 103
+    with open(target, "rb") as f:
+        assert os.pread(f.fileno(), 5000, size // 4 - 4000) == bytes(4100) + b"end"
+        assert os.pread(f.fileno(), 20, 0) == b"x" * 10 + bytes(10)
+    assert mounted.backing_path("big.bin").stat().st_blocks * 512 < 1 << 20
 
 
 def test_truncate_up_and_down(mounted: Area) -> None:
