@@ -604,6 +604,22 @@ def test_utime_with_dirty_pages_is_not_undone_by_writeback(mounted: Area) -> Non
     assert path.read_bytes() == pattern(3 * BS + 5)
 
 
+@pytest.mark.xfail(
+    strict=False,
+    reason="known: with the writeback cache the kernel sets mtime at write(2) and often never"
+    " sends it (no SETATTR); the backing file gets the time the WRITE reached the daemon,"
+    " a few ms (up to the write-back delay) later, which is what a remount shows",
+)
+def test_implicit_mtime_is_the_same_after_remount(mounted: Area) -> None:
+    before = {}
+    for i in range(5):
+        path = mounted.path(f"f{i}")
+        path.write_bytes(pattern(5000 + i))
+        before[path] = path.stat().st_mtime_ns
+    mounted.remount()
+    assert {path: path.stat().st_mtime_ns for path in before} == before
+
+
 def test_new_file_owner_and_mode(mounted: Area) -> None:
     old = os.umask(0o022)
     try:
