@@ -11,7 +11,8 @@ import errno
 import logging
 import os
 import signal
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from pathlib import Path
 
 import pyfuse3
 import trio
@@ -24,6 +25,7 @@ from kmsfs.fs.syscalls import disable_core_dumps
 from kmsfs.keys.keyring import Keyring
 
 log = logging.getLogger("kmsfs.daemon")
+FLUSH_TIMEOUT = 30.0  # seconds to flush the kernel's dirty pages on SIGTERM before unmounting
 
 
 def check_mountpoint(mountpoint: str, allow_nonempty: bool = False) -> None:
@@ -68,8 +70,13 @@ def serve(
     options: Iterable[str] = (),
     on_ready: Callable[[], None] | None = None,
     timeout: float | None = None,
+    services: Sequence[Callable[[KmsfsOperations], Awaitable[None]]] = (),
 ) -> None:
-    """Mount *backing* at *mountpoint* and serve until unmounted; MountError if mounting fails."""
+    """Mount *backing* at *mountpoint* and serve until unmounted; MountError if mounting fails.
+
+    Each of *services* (status socket, metrics, ...) runs beside the FUSE loop
+    with the operations object and is cancelled when the loop ends.
+    """
     disable_core_dumps()
     os.umask(0)
     _raise_fd_limit()
@@ -83,7 +90,7 @@ def serve(
     log.info("mounted %s at %s (volume %s)", backing, mountpoint, config.volume_id.hex())
     unmount = True
     try:
-        trio.run(_run, mountpoint, on_ready)
+        trio.run(_run, mountpoint, on_ready, ops, services)
     except BaseException:
         log.exception("FUSE loop failed")
         raise
@@ -94,20 +101,89 @@ def serve(
         log.info("unmounted %s", mountpoint)
 
 
-async def _run(mountpoint: str, on_ready: Callable[[], None] | None) -> None:
+async def _run(
+    mountpoint: str,
+    on_ready: Callable[[], None] | None,
+    ops: KmsfsOperations,
+    services: Sequence[Callable[[KmsfsOperations], Awaitable[None]]],
+) -> None:
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_handle_signals)
+        nursery.start_soon(_handle_signals, mountpoint, ops)
         nursery.start_soon(_announce_ready, mountpoint, on_ready)
+        for service in services:
+            nursery.start_soon(service, ops)
         await pyfuse3.main(min_tasks=4, max_tasks=64)
         nursery.cancel_scope.cancel()
 
 
-async def _handle_signals() -> None:
+async def _handle_signals(mountpoint: str, ops: KmsfsOperations) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
             log.info("received %s: unmounting", signal.Signals(signum).name)
+            await _flush_kernel_cache(mountpoint, ops)
+            # terminate() stops reading new requests; requests being handled finish
+            # before pyfuse3.main returns, then serve() unmounts
             pyfuse3.terminate()
             return
+
+
+async def _flush_kernel_cache(mountpoint: str, ops: KmsfsOperations) -> None:
+    """syncfs the mount while the loop still serves, so the kernel's writeback cache
+    (dirty pages of files still open) reaches the backing files before we unmount.
+
+    syncfs may return once the kernel has queued the WRITE requests, before we have
+    answered them, so then wait until none is pending: the connection's ``waiting``
+    count (fusectl) when available, else until no write arrived for a while.
+    """
+    with trio.move_on_after(FLUSH_TIMEOUT) as scope:
+        try:
+            await trio.to_thread.run_sync(_syncfs, mountpoint, abandon_on_cancel=True)
+        except OSError as exc:
+            log.warning("cannot flush %s before unmounting: %s", mountpoint, exc)
+        waiting = _fusectl_waiting(mountpoint)
+        quiet, last = 0, -1
+        while quiet < 4:
+            await trio.sleep(0.025)
+            if waiting is not None:
+                try:
+                    quiet = quiet + 1 if int(waiting.read_text()) == 0 else 0
+                    continue
+                except (OSError, ValueError):
+                    waiting = None
+            quiet = quiet + 1 if ops.bytes_written == last else 0
+            last = ops.bytes_written
+    if scope.cancelled_caught:
+        log.warning("flushing %s took over %.0f s: unmounting anyway", mountpoint, FLUSH_TIMEOUT)
+
+
+def _fusectl_waiting(mountpoint: str) -> Path | None:
+    """``/sys/fs/fuse/connections/<minor>/waiting`` of the mount at *mountpoint*, if any."""
+    try:
+        with open("/proc/self/mountinfo") as handle:
+            for line in handle:
+                fields = line.split()
+                target = fields[4].encode().decode("unicode_escape")  # octal escapes
+                if target == mountpoint and fields[2].startswith("0:"):
+                    path = Path("/sys/fs/fuse/connections", fields[2][2:], "waiting")
+                    return path if path.exists() else None
+    except (OSError, IndexError, UnicodeDecodeError):
+        pass
+    return None
+
+
+def _syncfs(path: str) -> None:
+    """syncfs(2) with the GIL released (pyfuse3.syncfs keeps it, which would deadlock
+    against the loop that has to serve the writeback)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        if libc.syncfs(fd) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code), path)
+    finally:
+        os.close(fd)
 
 
 async def _announce_ready(mountpoint: str, on_ready: Callable[[], None] | None) -> None:
