@@ -18,7 +18,9 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from kmsfs.errors import ConfigError
 from kmsfs.server import notify
+from kmsfs.server.config import parse_listen_address
 from kmsfs.server.stats import ProviderStats, snapshot
 
 if TYPE_CHECKING:
@@ -44,19 +46,13 @@ class ServerRuntime:
         """ConfigError now, before mounting, if metrics were asked for but cannot work."""
         if self.metrics_listen is None:
             return
-        from kmsfs.server.config import parse_listen_address
-
         try:
             parse_listen_address(self.metrics_listen)
         except ValueError as exc:
-            from kmsfs.errors import ConfigError
-
             raise ConfigError(f"--metrics-listen: {exc}") from None
         try:
             import prometheus_client  # noqa: F401
         except ImportError:
-            from kmsfs.errors import ConfigError
-
             raise ConfigError(
                 "--metrics-listen needs prometheus-client: pip install 'kmsfs[metrics]'"
             ) from None

@@ -49,8 +49,16 @@ def runtime_dir() -> Path:
 
 
 def socket_path(mountpoint: str | os.PathLike[str]) -> Path:
-    """The control socket of the mount at *mountpoint* (an absolute, resolved path)."""
-    key = os.path.abspath(mountpoint).encode(errors="surrogateescape")
+    """The control socket of the mount at *mountpoint*.
+
+    Symlinks in the parent directories are resolved, so any spelling of the
+    path finds the socket; the mount point itself is not touched (the daemon
+    calls this from the loop that would have to answer a stat of it).
+    """
+    path = os.path.abspath(mountpoint)
+    parent, name = os.path.split(path)
+    resolved = os.path.join(os.path.realpath(parent), name) if name else path
+    key = resolved.encode(errors="surrogateescape")
     return runtime_dir() / f"{hashlib.sha256(key).hexdigest()[:32]}.sock"
 
 
