@@ -101,12 +101,14 @@ def translate(argv: Sequence[str]) -> list[str] | None:
 class MountHelperGroup(click.Group):
     """The ``kmsfs`` group; also takes mount.fuse3's ``kmsfs SOURCE MOUNTPOINT -o OPTS``.
 
-    A first argument that is not a command name and not an option is read as
-    a mount source: the arguments are translated as for ``mount.fuse.kmsfs``.
+    A first argument that is a path (has a ``/``; command names never do) is
+    read as a mount source: the arguments are translated as for
+    ``mount.fuse.kmsfs``.  A mistyped command name stays "No such command".
     """
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        if len(args) >= 2 and args[0] not in self.commands and not args[0].startswith("-"):
+        first = args[0] if args else ""
+        if len(args) >= 2 and "/" in first and first not in self.commands:
             try:
                 command = translate(args)
             except HelperUsage as exc:
