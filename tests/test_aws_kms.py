@@ -285,6 +285,8 @@ def test_create_read_remount_one_kms_call_per_file(kms_volume: KmsVolume) -> Non
         assert record["uid"] == os.getuid() and record["pid"] and record["process"]
         assert record["result"] == "ok" and isinstance(record["latency_ms"], float)
         assert record["key_ref"] == kms_volume.arn and record["volume_id"] == volume_id
+    created = [r for r in records if r["operation"] in ("assign", "generate") and r.get("path")]
+    assert sorted(r["path"] for r in created) == sorted(f"/{n}" for n in files)
     hits = [r for r in records if r["operation"] == "cache-hit"]
     assert len(hits) >= 2 * len(files)
     audit_text = kms_volume.audit.read_text() + vol.log_text()

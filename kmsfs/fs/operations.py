@@ -107,7 +107,10 @@ class KmsfsOperations(pyfuse3.Operations):
         self.inodes = InodeTable(os.open(self.backing, _O_PATH | os.O_DIRECTORY))
         self._dirs: dict[int, DirHandle] = {}
         self._next_dir = 1
-        self._limiter = trio.CapacityLimiter(4)
+        self._limiter = trio.CapacityLimiter(4)  # large I/O and fsync
+        # Provider calls (KMS, HSM) get their own threads: a KMS outage that holds
+        # them for seconds must not stall large reads and writes of other files.
+        self._key_limiter = trio.CapacityLimiter(8)
         self._is_root = os.geteuid() == 0
         self.errors = 0
         self.bytes_read = 0
@@ -161,8 +164,16 @@ class KmsfsOperations(pyfuse3.Operations):
             path = path[len(self.backing) :] or "/"
         return path
 
-    def _requester(self, ctx: pyfuse3.RequestContext | None, entry: Inode | None) -> dict[str, Any]:
-        """Who asked, for the audit log (only built when someone listens)."""
+    def _requester(
+        self,
+        ctx: pyfuse3.RequestContext | None,
+        entry: Inode | None,
+        name: bytes | None = None,
+    ) -> dict[str, Any]:
+        """Who asked, for the audit log (only built when someone listens).
+
+        The path is the entry's, or *name* inside the directory *entry*.
+        """
         if self.keyring.on_event is None or ctx is None:
             return {}
         try:
@@ -172,13 +183,16 @@ class KmsfsOperations(pyfuse3.Operations):
             process = ""
         info: dict[str, Any] = {"uid": ctx.uid, "gid": ctx.gid, "pid": ctx.pid, "process": process}
         if entry is not None:
-            info["path"] = self.describe(entry)
+            path = self.describe(entry)
+            if name is not None:
+                path = os.path.join(path, os.fsdecode(name))
+            info["path"] = path
         return info
 
     async def _key_call(self, func: Callable[..., T], *args: Any) -> T:
         if self.keyring.inline:
             return func(*args)
-        return await trio.to_thread.run_sync(func, *args, limiter=self._limiter)
+        return await trio.to_thread.run_sync(func, *args, limiter=self._key_limiter)
 
     async def _io(self, size: int, func: Callable[..., T], *args: Any) -> T:
         if size < self.offload_bytes:
@@ -490,7 +504,7 @@ class KmsfsOperations(pyfuse3.Operations):
         self._check_name(parent_inode, name)
         parent = self._inode(parent_inode)
         file_id, key, entries = await self._key_call(
-            self.keyring.new_file, self._requester(ctx, None)
+            self.keyring.new_file, self._requester(ctx, parent, name)
         )
         try:
             header = FileHeader(self.config.volume_id, file_id, self.config.block_size, entries)
