@@ -23,6 +23,7 @@ from kmsfs.fs.inodes import ROOT_INODE
 from kmsfs.fs.operations import KmsfsOperations
 from kmsfs.fs.syscalls import disable_core_dumps
 from kmsfs.keys.keyring import Keyring
+from kmsfs.volume import lock_volume
 
 log = logging.getLogger("kmsfs.daemon")
 FLUSH_TIMEOUT = 30.0  # seconds to flush the kernel's dirty pages on SIGTERM before unmounting
@@ -78,6 +79,7 @@ def serve(
     with the operations object and is cancelled when the loop ends.
     """
     disable_core_dumps()
+    lock_fd = lock_volume(backing)  # held until the process exits: one daemon per volume
     os.umask(0)
     _raise_fd_limit()
     kwargs = {} if timeout is None else {"timeout": timeout}
@@ -86,6 +88,7 @@ def serve(
         pyfuse3.init(ops, mountpoint, fuse_options(backing, options))
     except RuntimeError as exc:
         ops.close()
+        os.close(lock_fd)
         raise MountError(f"cannot mount {backing} at {mountpoint}: {exc}") from None
     log.info("mounted %s at %s (volume %s)", backing, mountpoint, config.volume_id.hex())
     unmount = True
@@ -98,6 +101,7 @@ def serve(
         pyfuse3.close(unmount=unmount)
         ops.close()
         keyring.close()
+        os.close(lock_fd)
         log.info("unmounted %s", mountpoint)
 
 
