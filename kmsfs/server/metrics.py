@@ -42,22 +42,31 @@ class MetricsServer:
             self._thread.join(timeout=5)
 
 
+def check_metrics_listen(listen: str) -> tuple[str, int]:
+    """The (host, port) of *listen*; ConfigError if it is malformed or
+    prometheus-client is not installed."""
+    try:
+        address = parse_listen_address(listen)
+    except ValueError as exc:
+        raise ConfigError(f"--metrics-listen: {exc}") from None
+    try:
+        import prometheus_client  # noqa: F401
+    except ImportError:
+        raise ConfigError(
+            "--metrics-listen needs prometheus-client: pip install 'kmsfs[metrics]'"
+        ) from None
+    return address
+
+
 def start_metrics_server(listen: str, snapshot: Snapshot) -> MetricsServer:
     """Serve metrics on *listen* (``HOST:PORT``; port 0 picks a free one).
 
     Raises ConfigError if prometheus-client is missing or the address is bad,
     OSError if it cannot be bound.
     """
-    try:
-        host, port = parse_listen_address(listen)
-    except ValueError as exc:
-        raise ConfigError(f"--metrics-listen: {exc}") from None
-    try:
-        from prometheus_client import CollectorRegistry, start_http_server
-    except ImportError:
-        raise ConfigError(
-            "--metrics-listen needs prometheus-client: pip install 'kmsfs[metrics]'"
-        ) from None
+    host, port = check_metrics_listen(listen)
+    from prometheus_client import CollectorRegistry, start_http_server
+
     registry = CollectorRegistry(auto_describe=False)
     registry.register(KmsfsCollector(snapshot))  # type: ignore[arg-type]
     started = start_http_server(port, addr=host, registry=registry)

@@ -18,9 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from kmsfs.errors import ConfigError
 from kmsfs.server import notify
-from kmsfs.server.config import parse_listen_address
 from kmsfs.server.stats import ProviderStats, snapshot
 
 if TYPE_CHECKING:
@@ -44,18 +42,10 @@ class ServerRuntime:
 
     def check(self) -> None:
         """ConfigError now, before mounting, if metrics were asked for but cannot work."""
-        if self.metrics_listen is None:
-            return
-        try:
-            parse_listen_address(self.metrics_listen)
-        except ValueError as exc:
-            raise ConfigError(f"--metrics-listen: {exc}") from None
-        try:
-            import prometheus_client  # noqa: F401
-        except ImportError:
-            raise ConfigError(
-                "--metrics-listen needs prometheus-client: pip install 'kmsfs[metrics]'"
-            ) from None
+        if self.metrics_listen is not None:
+            from kmsfs.server.metrics import check_metrics_listen
+
+            check_metrics_listen(self.metrics_listen)
 
     def on_ready(self) -> None:
         """Tell systemd the mount answers (the daemon calls this once it does)."""
