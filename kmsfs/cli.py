@@ -433,6 +433,7 @@ def status(mountpoint: str | None, as_json: bool) -> None:
     info = query(os.path.abspath(mountpoint))
     click.echo(json.dumps(info, indent=2) if as_json else format_status(info))
 
+
 from kmsfs.cli_lifecycle import COMMANDS as _LIFECYCLE_COMMANDS  # noqa: E402
 
 for _command in _LIFECYCLE_COMMANDS:

@@ -87,7 +87,10 @@ class ContentFile:
             raise IntegrityError(
                 f"{self.what}: backing file is shorter than its size (block {first})"
             )
-        return self.cipher.open(first, sealed, self.layout.final_index(self.size), self.what)
+        try:
+            return self.cipher.open(first, sealed, self.layout.final_index(self.size), "")
+        except IntegrityError as exc:  # name the file only now: describe() costs a readlink
+            raise IntegrityError(f"{self.what}{exc}") from None
 
     def _block(self, index: int) -> bytes:
         """Current plaintext of one block inside the file (from the cache if it is final)."""

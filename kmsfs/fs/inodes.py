@@ -7,10 +7,17 @@ its parents need no bookkeeping, and the backing inode (and so its number)
 stays alive while the kernel may still refer to it.  Lookup counts follow
 pyfuse3's rules: +1 for every entry returned by lookup, create, mkdir, mknod,
 symlink, link and readdir; -n in forget; the entry is closed at zero.
+
+Descriptors are bounded: each entry remembers one (parent, name) it was
+reached by, and once the table holds ``high_water`` entries the operations
+layer asks the kernel to drop the dentries of the oldest unused ones
+(``victims``), whose inodes it then forgets.  A directory of 100,000 files
+thus never needs 100,000 descriptors.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from dataclasses import dataclass, field
@@ -20,6 +27,7 @@ import trio
 from kmsfs.fs.content_file import ContentFile
 
 ROOT_INODE = 1
+O_PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 @dataclass(eq=False)
@@ -35,6 +43,9 @@ class Inode:
     content: ContentFile | None = None
     opens: int = 0
     lock: trio.Lock = field(default_factory=trio.Lock)
+    parent: int = 0  # one (parent, name) this inode was reached by, to evict it
+    name: bytes = b""
+    evicting: bool = False  # the kernel was asked to forget it
 
     @property
     def proc_path(self) -> str:
@@ -49,7 +60,8 @@ class Inode:
 class InodeTable:
     """Maps FUSE inode numbers to Inode entries."""
 
-    def __init__(self, root_fd: int) -> None:
+    def __init__(self, root_fd: int, high_water: int = 1 << 30) -> None:
+        self.high_water = high_water
         st = os.stat(root_fd)
         self.root_st_ino = st.st_ino
         self._entries: dict[int, Inode] = {
@@ -69,32 +81,71 @@ class InodeTable:
     def get(self, ino: int) -> Inode | None:
         return self._entries.get(ino)
 
-    def remember(self, st: os.stat_result, open_fd: object) -> Inode:
-        """Count one more lookup of the inode *st* describes, opening it if new.
-
-        *open_fd* is a callable returning an O_PATH descriptor for the entry;
-        it is called only when the inode is not in the table yet.
-        """
+    def remember(self, st: os.stat_result, parent: int, name: bytes) -> Inode:
+        """Count one more lookup of entry *name* of directory *parent*, opening it if new."""
         ino = self.fuse_ino(st.st_ino)
         entry = self._entries.get(ino)
         if entry is None:
-            fd = open_fd()  # type: ignore[operator]
-            entry = Inode(ino, fd, st.st_mode)
+            entry = Inode(ino, self._open_or_defer(self._entries[parent].fd, name), st.st_mode)
             self._entries[ino] = entry
         entry.lookups += 1
+        entry.parent, entry.name, entry.evicting = parent, name, False
         return entry
 
-    def adopt(self, st: os.stat_result, fd: int) -> Inode:
+    def adopt(self, st: os.stat_result, fd: int, parent: int, name: bytes) -> Inode:
         """Count one lookup for an inode we just created and hold *fd* for."""
         ino = self.fuse_ino(st.st_ino)
         entry = self._entries.get(ino)
         if entry is None:
             entry = Inode(ino, fd, st.st_mode)
             self._entries[ino] = entry
-        else:
+        elif fd >= 0:
             os.close(fd)
         entry.lookups += 1
+        entry.parent, entry.name, entry.evicting = parent, name, False
         return entry
+
+    @staticmethod
+    def _open_or_defer(dir_fd: int, name: bytes) -> int:
+        """O_PATH descriptor of *name*, or -1 (open it on first use) when out of descriptors."""
+        try:
+            return os.open(name, O_PATH_FLAGS, dir_fd=dir_fd)
+        except OSError as exc:
+            if exc.errno != errno.EMFILE:
+                raise
+            return -1
+
+    def open_deferred(self, entry: Inode) -> None:
+        """Give a deferred entry (fd -1) its descriptor, through its parent and name.
+
+        OSError: ESTALE if that name now leads elsewhere or nowhere (it was
+        renamed or removed meanwhile), EMFILE if still out of descriptors.
+        """
+        parent = self._entries.get(entry.parent)
+        if parent is None:
+            raise OSError(errno.ESTALE, "parent of a deferred entry was forgotten")
+        if parent.fd < 0:
+            self.open_deferred(parent)
+        try:
+            fd = os.open(entry.name, O_PATH_FLAGS, dir_fd=parent.fd)
+        except FileNotFoundError:
+            raise OSError(errno.ESTALE, "deferred entry was renamed or removed") from None
+        if self.fuse_ino(os.stat(fd).st_ino) != entry.ino:
+            os.close(fd)
+            raise OSError(errno.ESTALE, "deferred entry's name now leads to another inode")
+        entry.fd = fd
+
+    def victims(self, count: int) -> list[tuple[int, bytes]]:
+        """(parent, name) of up to *count* of the oldest entries not open or being evicted."""
+        found: list[tuple[int, bytes]] = []
+        for entry in self._entries.values():
+            if len(found) >= count:
+                break
+            if entry.opens or entry.evicting or not entry.name or entry.ino == ROOT_INODE:
+                continue
+            entry.evicting = True
+            found.append((entry.parent, entry.name))
+        return found
 
     def forget(self, ino: int, count: int) -> None:
         entry = self._entries.get(ino)
@@ -112,12 +163,14 @@ class InodeTable:
     def _close(self, entry: Inode) -> None:
         if self._entries.get(entry.ino) is entry:
             del self._entries[entry.ino]
-        os.close(entry.fd)
+        if entry.fd >= 0:
+            os.close(entry.fd)
 
     def close_all(self) -> None:
         for entry in list(self._entries.values()):
             if entry.content is not None:
                 os.close(entry.content.fd)
                 entry.content = None
-            os.close(entry.fd)
+            if entry.fd >= 0:
+                os.close(entry.fd)
         self._entries.clear()

@@ -21,6 +21,7 @@ import errno
 import functools
 import logging
 import os
+import resource
 import stat
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -45,6 +46,7 @@ OFFLOAD_BYTES = 128 * 1024 + 1  # reads up to the readahead window run inline (D
 DEFAULT_TIMEOUT = 60.0
 _RESERVED_NAME = RESERVED_PREFIX.encode()
 _RESERVED_XATTR = RESERVED_XATTR_PREFIX.encode()
+_USER_XATTR = b"user."
 _O_PATH = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 
 T = TypeVar("T")
@@ -60,6 +62,8 @@ def _fuse_op(func: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
         except FUSEError:
             raise
         except OSError as exc:
+            if exc.errno in (errno.EBADF, errno.EMFILE, errno.ENFILE):  # our own descriptors
+                log.warning("%s: %s", func.__name__, exc, exc_info=log.isEnabledFor(logging.DEBUG))
             raise FUSEError(exc.errno or errno.EIO) from None
         except KmsfsError as exc:
             self.errors += 1
@@ -104,7 +108,11 @@ class KmsfsOperations(pyfuse3.Operations):
         self.layout = Layout(config.block_size)
         self.timeout = timeout
         self.offload_bytes = offload_bytes
-        self.inodes = InodeTable(os.open(self.backing, _O_PATH | os.O_DIRECTORY))
+        fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self.inodes = InodeTable(
+            os.open(self.backing, _O_PATH | os.O_DIRECTORY),
+            high_water=max(fd_limit * 2 // 3, 64) if fd_limit > 0 else 1 << 30,
+        )
         self._dirs: dict[int, DirHandle] = {}
         self._next_dir = 1
         self._limiter = trio.CapacityLimiter(4)  # large I/O and fsync
@@ -122,6 +130,8 @@ class KmsfsOperations(pyfuse3.Operations):
         entry = self.inodes.get(ino)
         if entry is None:
             raise FUSEError(errno.ESTALE)
+        if entry.fd < 0:
+            self.inodes.open_deferred(entry)
         return entry
 
     def _attr(self, st: os.stat_result, entry: Inode | None = None) -> pyfuse3.EntryAttributes:
@@ -148,6 +158,20 @@ class KmsfsOperations(pyfuse3.Operations):
         attr.st_mtime_ns = st.st_mtime_ns
         attr.st_ctime_ns = st.st_ctime_ns
         return attr
+
+    def _trim(self) -> None:
+        """Past the high-water mark, ask the kernel to forget the oldest unused entries.
+
+        Each entry holds a descriptor, and the kernel keeps entries until memory
+        runs short: without this, a directory of more files than RLIMIT_NOFILE
+        would fail with EMFILE.  Invalidation is queued to pyfuse3's notify
+        thread; the FORGETs that follow close the descriptors.
+        """
+        table = self.inodes
+        if len(table) < table.high_water:
+            return
+        for parent, name in table.victims(table.high_water // 4):
+            pyfuse3.invalidate_entry_async(parent, name, ignore_enoent=True)
 
     def _check_name(self, parent: int, name: bytes) -> None:
         """EPERM for names reserved for kmsfs's own files at the root."""
@@ -286,7 +310,8 @@ class KmsfsOperations(pyfuse3.Operations):
             negative.st_ino = 0
             negative.entry_timeout = self.timeout
             return negative
-        entry = self.inodes.remember(st, lambda: os.open(name, _O_PATH, dir_fd=parent.fd))
+        entry = self.inodes.remember(st, parent_inode, name)
+        self._trim()
         return self._attr(st, entry)
 
     async def forget(self, inode_list: list[tuple[int, int]]) -> None:
@@ -354,7 +379,9 @@ class KmsfsOperations(pyfuse3.Operations):
         except BaseException:
             os.close(fd)
             raise
-        return self._attr(st, self.inodes.adopt(st, fd))
+        entry = self.inodes.adopt(st, fd, parent.ino, name)
+        self._trim()
+        return self._attr(st, entry)
 
     @_fuse_op
     async def mknod(
@@ -465,9 +492,23 @@ class KmsfsOperations(pyfuse3.Operations):
             except FileNotFoundError:
                 continue
             known = self.inodes.get(self.inodes.fuse_ino(st.st_ino))
+            new_fd = None
+            if known is None:  # open it before the kernel counts a reference to it
+                try:
+                    new_fd = os.open(name, _O_PATH, dir_fd=fd)
+                except OSError as exc:
+                    if exc.errno != errno.EMFILE:
+                        raise
+                    new_fd = -1  # opened on first use (InodeTable.open_deferred)
             if not pyfuse3.readdir_reply(token, name, self._attr(st, known), index + 3):
+                if new_fd is not None and new_fd >= 0:
+                    os.close(new_fd)
                 break
-            self.inodes.remember(st, lambda name=name: os.open(name, _O_PATH, dir_fd=fd))
+            if new_fd is None:
+                self.inodes.remember(st, handle.ino, name)
+            else:
+                self.inodes.adopt(st, new_fd, handle.ino, name)
+        self._trim()
 
     @_fuse_op
     async def releasedir(self, fh: int) -> None:
@@ -531,7 +572,8 @@ class KmsfsOperations(pyfuse3.Operations):
             except OSError:
                 pass
             raise
-        entry = self.inodes.adopt(st, path_fd)
+        entry = self.inodes.adopt(st, path_fd, parent.ino, name)
+        self._trim()
         content.describe = lambda: self.describe(entry)
         entry.content = content
         entry.opens += 1
@@ -605,22 +647,32 @@ class KmsfsOperations(pyfuse3.Operations):
     ) -> None:
         if name.startswith(_RESERVED_XATTR):
             raise FUSEError(errno.EPERM)
+        if not name.startswith(_USER_XATTR):
+            # Only user.* is stored: ACLs and security labels set here would be
+            # kept but never enforced by this mount (no FUSE_POSIX_ACL).
+            raise FUSEError(errno.EOPNOTSUPP)
         os.setxattr(self._inode(inode).proc_path, name, value)
 
     @_fuse_op
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        if name.startswith(_RESERVED_XATTR):
+        # ls -l asks for security.selinux and system.posix_acl_* on every file, and
+        # the kernel for security.capability on every write: no syscall for those.
+        if name.startswith(_RESERVED_XATTR) or not name.startswith(_USER_XATTR):
             raise FUSEError(errno.ENODATA)
         return os.getxattr(self._inode(inode).proc_path, name)
 
     @_fuse_op
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
         names = os.listxattr(self._inode(inode).proc_path)
-        return [os.fsencode(n) for n in names if not n.startswith(RESERVED_XATTR_PREFIX)]
+        return [
+            os.fsencode(n)
+            for n in names
+            if n.startswith("user.") and not n.startswith(RESERVED_XATTR_PREFIX)
+        ]
 
     @_fuse_op
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        if name.startswith(_RESERVED_XATTR):
+        if name.startswith(_RESERVED_XATTR) or not name.startswith(_USER_XATTR):
             raise FUSEError(errno.ENODATA)
         os.removexattr(self._inode(inode).proc_path, name)
 

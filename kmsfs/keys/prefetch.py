@@ -120,11 +120,13 @@ class KeyPool:
         self._drop(stale)
         return pooled
 
-    def close(self, timeout: float = 1.0) -> None:
+    def close(self, timeout: float = 15.0) -> None:
         """Stop the workers and wipe every unused key (reported to on_discard).
 
-        Waits up to *timeout* seconds for workers; one still inside a provider
-        call wipes and reports its key itself when the call returns.
+        Waits up to *timeout* seconds (more than one bounded provider call) for
+        workers still inside a provider call, so that each key they get is
+        wiped and reported before the process exits: every GenerateDataKey in
+        CloudTrail then has its audit record.
         """
         with self._cond:
             self._closed = True
