@@ -159,6 +159,20 @@ class KmsfsOperations(pyfuse3.Operations):
         attr.st_ctime_ns = st.st_ctime_ns
         return attr
 
+    async def _inode_waiting(self, ino: int) -> Inode:
+        """``_inode`` for requests that hold no directory lock (getattr, open,
+        opendir, setattr): if a deferred entry finds no free descriptor, wait up
+        to 2 s for the kernel to forget older entries instead of failing."""
+        for _ in range(200):
+            try:
+                return self._inode(ino)
+            except OSError as exc:
+                if exc.errno != errno.EMFILE:
+                    raise
+                self._trim()
+                await trio.sleep(0.01)
+        return self._inode(ino)
+
     def _trim(self) -> None:
         """Past the high-water mark, ask the kernel to forget the oldest unused entries.
 
@@ -323,7 +337,7 @@ class KmsfsOperations(pyfuse3.Operations):
 
     @_fuse_op
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        entry = self._inode(inode)
+        entry = await self._inode_waiting(inode)
         return self._attr(os.stat(entry.fd), entry)
 
     @_fuse_op
@@ -335,7 +349,7 @@ class KmsfsOperations(pyfuse3.Operations):
         fh: int | None,
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
-        entry = self._inode(inode)
+        entry = await self._inode_waiting(inode)
         if fields.update_size:
             if not entry.is_regular:
                 raise FUSEError(errno.EISDIR if stat.S_ISDIR(entry.mode) else errno.EINVAL)
@@ -456,7 +470,7 @@ class KmsfsOperations(pyfuse3.Operations):
 
     @_fuse_op
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
-        entry = self._inode(inode)
+        entry = await self._inode_waiting(inode)
         fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=entry.fd)
         fh = self._next_dir
         self._next_dir += 1
@@ -581,7 +595,7 @@ class KmsfsOperations(pyfuse3.Operations):
 
     @_fuse_op
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
-        entry = self._inode(inode)
+        entry = await self._inode_waiting(inode)
         if not entry.is_regular:
             raise FUSEError(errno.EINVAL)
         async with entry.lock:
