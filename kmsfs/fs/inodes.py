@@ -62,6 +62,7 @@ class InodeTable:
 
     def __init__(self, root_fd: int, high_water: int = 1 << 30) -> None:
         self.high_water = high_water
+        self.evicting = 0  # entries the kernel was asked to forget and has not yet
         st = os.stat(root_fd)
         self.root_st_ino = st.st_ino
         self._entries: dict[int, Inode] = {
@@ -89,7 +90,7 @@ class InodeTable:
             entry = Inode(ino, self._open_or_defer(self._entries[parent].fd, name), st.st_mode)
             self._entries[ino] = entry
         entry.lookups += 1
-        entry.parent, entry.name, entry.evicting = parent, name, False
+        self._keep(entry, parent, name)
         return entry
 
     def adopt(self, st: os.stat_result, fd: int, parent: int, name: bytes) -> Inode:
@@ -102,7 +103,7 @@ class InodeTable:
         elif fd >= 0:
             os.close(fd)
         entry.lookups += 1
-        entry.parent, entry.name, entry.evicting = parent, name, False
+        self._keep(entry, parent, name)
         return entry
 
     @staticmethod
@@ -135,6 +136,17 @@ class InodeTable:
             raise OSError(errno.ESTALE, "deferred entry's name now leads to another inode")
         entry.fd = fd
 
+    def _keep(self, entry: Inode, parent: int, name: bytes) -> None:
+        """Record the entry's latest name; it is in use again, so no longer evicting."""
+        entry.parent, entry.name = parent, name
+        if entry.evicting:
+            entry.evicting = False
+            self.evicting -= 1
+
+    def over_high_water(self) -> bool:
+        """True if the entries not already being evicted reach the high-water mark."""
+        return len(self._entries) - self.evicting >= self.high_water
+
     def victims(self, count: int) -> list[tuple[int, bytes]]:
         """(parent, name) of up to *count* of the oldest entries not open or being evicted."""
         found: list[tuple[int, bytes]] = []
@@ -144,6 +156,7 @@ class InodeTable:
             if entry.opens or entry.evicting or not entry.name or entry.ino == ROOT_INODE:
                 continue
             entry.evicting = True
+            self.evicting += 1
             found.append((entry.parent, entry.name))
         return found
 
@@ -163,6 +176,9 @@ class InodeTable:
     def _close(self, entry: Inode) -> None:
         if self._entries.get(entry.ino) is entry:
             del self._entries[entry.ino]
+        if entry.evicting:
+            entry.evicting = False
+            self.evicting -= 1
         if entry.fd >= 0:
             os.close(entry.fd)
 

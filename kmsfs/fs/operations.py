@@ -111,7 +111,8 @@ class KmsfsOperations(pyfuse3.Operations):
         fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         self.inodes = InodeTable(
             os.open(self.backing, _O_PATH | os.O_DIRECTORY),
-            high_water=max(fd_limit * 2 // 3, 64) if fd_limit > 0 else 1 << 30,
+            # keep a quarter of the descriptors (at most 2,048) for open files and the rest
+            high_water=fd_limit - min(fd_limit // 4, 2048) if fd_limit > 0 else 1 << 30,
         )
         self._dirs: dict[int, DirHandle] = {}
         self._next_dir = 1
@@ -169,11 +170,11 @@ class KmsfsOperations(pyfuse3.Operations):
             except OSError as exc:
                 if exc.errno != errno.EMFILE:
                     raise
-                self._trim()
+                self._trim(force=True)  # more victims: the pending ones may be in use
                 await trio.sleep(0.01)
         return self._inode(ino)
 
-    def _trim(self) -> None:
+    def _trim(self, force: bool = False) -> None:
         """Past the high-water mark, ask the kernel to forget the oldest unused entries.
 
         Each entry holds a descriptor, and the kernel keeps entries until memory
@@ -182,7 +183,7 @@ class KmsfsOperations(pyfuse3.Operations):
         thread; the FORGETs that follow close the descriptors.
         """
         table = self.inodes
-        if len(table) < table.high_water:
+        if not force and not table.over_high_water():  # O(1): on every lookup and create
             return
         for parent, name in table.victims(table.high_water // 4):
             pyfuse3.invalidate_entry_async(parent, name, ignore_enoent=True)
