@@ -15,8 +15,12 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from kms_support import KmsProxy, MotoServer
 
 BIN = Path(sys.executable).parent / "kmsfs"
 
@@ -79,6 +83,7 @@ class Volume:
     mount_args: list[str] = field(default_factory=list)
     mounted: bool = False
     env: dict[str, str] = field(default_factory=dict)  # e.g. SOFTHSM2_CONF, AWS credentials
+    daemon_pid: int | None = None
 
     def mount(self, *extra: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         result = run_kmsfs(
@@ -96,6 +101,8 @@ class Volume:
         )
         if result.returncode == 0:
             self.mounted = True
+            if "daemon pid " in result.stdout:
+                self.daemon_pid = int(result.stdout.split("daemon pid ")[1].split(")")[0])
         return result
 
     def umount(self) -> None:
@@ -103,6 +110,9 @@ class Volume:
             run_kmsfs("umount", self.mountpoint, env=self.env)
             self.mounted = False
             _wait_unmounted(self.mountpoint)
+            if self.daemon_pid is not None:  # its log and audit records are complete then
+                _wait_exited(self.daemon_pid)
+                self.daemon_pid = None
 
     def remount(self, *extra: str) -> None:
         self.umount()
@@ -121,6 +131,19 @@ class Volume:
 def _wait_unmounted(mountpoint: Path, timeout: float = 10) -> None:
     deadline = time.monotonic() + timeout
     while os.path.ismount(mountpoint) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _wait_exited(pid: int, timeout: float = 30) -> None:
+    """Wait until process *pid* is gone (or a zombie): the daemon outlives its mount briefly."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as handle:
+                if handle.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    return
+        except OSError:
+            return
         time.sleep(0.05)
 
 
@@ -162,3 +185,37 @@ def _check_log(vol: Volume) -> None:
     text = vol.log_text()
     if "Traceback" in text or "unexpected error" in text:
         pytest.fail(f"daemon log of {vol.root} has an unexpected error:\n{text[-4000:]}")
+
+
+# -- AWS KMS on moto's server (tests/kms_support.py), shared by the KMS test modules --
+
+
+@pytest.fixture(scope="module")
+def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
+    """moto's KMS server on 127.0.0.1, one per test module."""
+    from kms_support import MotoServer
+
+    server = MotoServer(tmp_path_factory.mktemp("moto") / "moto.log")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def proxy(moto: MotoServer) -> Iterator[KmsProxy]:
+    """A counting, fault-injecting proxy in front of moto."""
+    from kms_support import KmsProxy
+
+    kms_proxy = KmsProxy(moto.url)
+    yield kms_proxy
+    kms_proxy.close()
+
+
+@pytest.fixture
+def aws_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Dummy credentials for the kmsfs subprocesses, and nothing from this machine's AWS setup."""
+    from kms_support import aws_environment
+
+    for name in ("AWS_PROFILE", "AWS_REGION", "HTTP_PROXY", "HTTPS_PROXY", "https_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in aws_environment(tmp_path).items():
+        monkeypatch.setenv(name, value)

@@ -27,7 +27,7 @@ import boto3
 import pytest
 from botocore.stub import Stubber
 from conftest import Volume, force_unmount, make_volume, requires_fuse, run_kmsfs
-from kms_support import REGION, Fault, KmsProxy, MotoServer, aws_environment
+from kms_support import REGION, Fault, KmsProxy, MotoServer
 
 from kmsfs.errors import KeyAccessDenied, KeyUnavailable, ProviderError, WrongKeyError
 from kmsfs.format.header import XATTR_NAME, FileHeader, WrappedKey
@@ -40,29 +40,6 @@ pytestmark = pytest.mark.aws
 # One KMS call never takes longer than this, whatever the endpoint does
 # (aws_kms: 3 attempts x 2 s read timeout + jittered backoff), plus FUSE slack.
 KMS_CALL_BOUND = 12.0
-
-
-@pytest.fixture(scope="module")
-def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
-    server = MotoServer(tmp_path_factory.mktemp("moto") / "moto.log")
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def proxy(moto: MotoServer) -> Iterator[KmsProxy]:
-    proxy = KmsProxy(moto.url)
-    yield proxy
-    proxy.close()
-
-
-@pytest.fixture
-def aws_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Dummy credentials for the kmsfs subprocesses, and nothing from this machine's AWS setup."""
-    for name in ("AWS_PROFILE", "AWS_REGION", "HTTP_PROXY", "HTTPS_PROXY", "https_proxy"):
-        monkeypatch.delenv(name, raising=False)
-    for name, value in aws_environment(tmp_path).items():
-        monkeypatch.setenv(name, value)
 
 
 @dataclass

@@ -9,34 +9,12 @@ from pathlib import Path
 
 import pytest
 from conftest import Volume, force_unmount, make_volume, requires_fuse, run_kmsfs
-from kms_support import KmsProxy, MotoServer, aws_environment
+from kms_support import KmsProxy, MotoServer
 from lifecycle_support import entry_refs, populate
 
 from kmsfs.format.volume import load_config
 
 pytestmark = pytest.mark.aws
-
-
-@pytest.fixture(scope="module")
-def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
-    server = MotoServer(tmp_path_factory.mktemp("moto") / "moto.log")
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def proxy(moto: MotoServer) -> Iterator[KmsProxy]:
-    proxy = KmsProxy(moto.url)
-    yield proxy
-    proxy.close()
-
-
-@pytest.fixture
-def aws_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("AWS_PROFILE", "AWS_REGION", "HTTP_PROXY", "HTTPS_PROXY", "https_proxy"):
-        monkeypatch.delenv(name, raising=False)
-    for name, value in aws_environment(tmp_path).items():
-        monkeypatch.setenv(name, value)
 
 
 @pytest.fixture
