@@ -511,15 +511,19 @@ class Pkcs11Provider(KeyProvider):
             finally:
                 _destroy(obj)
             return bytes([ALGORITHM_BYTE[mechanism]]) + bytes(wrapped)
-        except _MECHANISM_REFUSED as exc:
-            raise ProviderError(
-                f"{self.describe()}: token refused {mechanism}: {_name(exc)}",
-                code=type(exc).__name__,
-            ) from None
-        except _BUSY as exc:
-            raise KeyUnavailable(
+        except _MECHANISM_REFUSED + _BUSY as exc:
+            raise self._token_failure(exc, mechanism) from None
+
+    def _token_failure(self, exc: BaseException, mechanism: object) -> ProviderError:
+        """The error for a token that refused a mechanism (permanent) or is busy (temporary)."""
+        if isinstance(exc, _BUSY):
+            return KeyUnavailable(
                 f"{self.describe()}: token busy: {_name(exc)}", code=type(exc).__name__
-            ) from None
+            )
+        return ProviderError(
+            f"{self.describe()}: token refused {mechanism}: {_name(exc)}",
+            code=type(exc).__name__,
+        )
 
     def _open(self, blob: bytes, context: KeyContext) -> bytes:
         mechanism = MECHANISM_OF_BYTE.get(blob[0]) if blob else None
@@ -561,15 +565,8 @@ class Pkcs11Provider(KeyProvider):
                 _destroy(obj)
         except _NOT_OURS:
             raise refused from None
-        except _MECHANISM_REFUSED as exc:
-            raise ProviderError(
-                f"{self.describe()}: token refused {mechanism}: {_name(exc)}",
-                code=type(exc).__name__,
-            ) from None
-        except _BUSY as exc:
-            raise KeyUnavailable(
-                f"{self.describe()}: token busy: {_name(exc)}", code=type(exc).__name__
-            ) from None
+        except _MECHANISM_REFUSED + _BUSY as exc:
+            raise self._token_failure(exc, mechanism) from None
         if len(value) != DATA_KEY_SIZE + BINDING_SIZE or not hmac.compare_digest(
             value[DATA_KEY_SIZE:], binding(context)
         ):
