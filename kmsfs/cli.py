@@ -11,6 +11,7 @@ import json
 import logging
 import logging.handlers
 import os
+import shlex
 import subprocess
 import sys
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from kmsfs.errors import KmsfsError, MountError, UsageError
+from kmsfs.keys.registry import PROVIDER_NAMES
 from kmsfs.server.config import config_option
 from kmsfs.server.mountcmd import mount_server_options
 from kmsfs.server.mounthelper import MountHelperGroup
@@ -41,6 +43,7 @@ KEY_OPTION_NAMES = (
     "pkcs11_pin_file",
     "pkcs11_create_key",
     "pkcs11_mechanism",
+    "trust_volume_settings",
 )
 
 
@@ -85,6 +88,17 @@ def key_options(for_init: bool) -> Callable[[Callable[..., Any]], Callable[..., 
                 help="File holding the token user PIN.",
             ),
         ]
+        if not for_init:
+            opts.append(
+                click.option(
+                    "--trust-volume-settings",
+                    is_flag=True,
+                    default=None,
+                    help="Find keys this host does not name with the settings recorded in the"
+                    " backing directory (key file path, KMS endpoint, PKCS#11 module). Only for"
+                    " a backing directory nobody else can write.",
+                )
+            )
         if for_init:
             opts.append(
                 click.option(
@@ -144,6 +158,8 @@ def setup_logging(level: str, log_file: str | None = None, background: bool = Fa
         stderr = logging.StreamHandler(sys.stderr)
         stderr.setFormatter(stderr_formatter())  # journald-style under systemd
         handlers.append(stderr)
+    if not handlers:  # a background daemon with nowhere to log: errors go through the pipe
+        handlers.append(logging.NullHandler())
     for handler in handlers:
         if handler.formatter is None:
             handler.setFormatter(
@@ -168,7 +184,7 @@ def main() -> None:
     "--provider",
     default="local",
     show_default=True,
-    type=click.Choice(["local", "aws-kms", "pkcs11"]),
+    type=click.Choice(PROVIDER_NAMES),
     help="Master key provider.",
 )
 @click.option(
@@ -182,11 +198,13 @@ def main() -> None:
 @handle_errors
 def init(backing: str, provider: str, block_size: int, **kwargs: Any) -> None:
     """Create a volume in the empty directory BACKING."""
-    from kmsfs.volume import init_volume
+    from kmsfs.volume import host_options_hint, init_volume
 
     config = init_volume(backing, provider, _options(kwargs), prompt_secret, block_size)
     key = config.keys[0]
     click.echo(f"created volume {config.volume_id.hex()} in {backing}")
+    named = host_options_hint(key).split(" (")[0].replace("its options", "")
+    click.echo(f"mount it with: kmsfs mount {shlex.quote(backing)} MOUNTPOINT {named}".rstrip())
     click.echo(f"master key: {key.provider} {key.key_ref}")
 
 
@@ -280,7 +298,9 @@ def _mount(
     )
     audit = AuditLog(audit_log) if audit_log else None
     try:
-        config, keyring = open_volume(backing, options, prompt_secret, cache, audit)
+        config, keyring = open_volume(
+            backing, options, prompt_secret, cache, audit, migrate="ro" not in extra
+        )
         services = [runtime.run] if runtime is not None else []
         serve(backing, mountpoint, config, keyring, extra, on_ready, services=services)
     finally:

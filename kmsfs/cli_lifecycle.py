@@ -17,30 +17,58 @@ from typing import Any
 import click
 
 from kmsfs.cli import _options, handle_errors, key_options, prompt_secret
+from kmsfs.keys.registry import PROVIDER_NAMES
 
 FSCK_PROBLEMS = 5
 REWRAP_INCOMPLETE = 1
-PROVIDERS = ["local", "aws-kms", "pkcs11"]
+# --old-X -> the option X naming the current key on this host; the shared --kms-region,
+# --kms-endpoint-url and --kms-profile serve the current key too.
+OLD_OPTIONS = {
+    "old_key_file": "key_file",
+    "old_passphrase_file": "passphrase_file",
+    "old_kms_key_id": "kms_key_id",
+    "old_pkcs11_module": "pkcs11_module",
+    "old_pkcs11_token": "pkcs11_token",
+    "old_pkcs11_key": "pkcs11_key",
+    "old_pkcs11_pin_file": "pkcs11_pin_file",
+    "trust_volume_settings": "trust_volume_settings",
+}
+SHARED_OPTIONS = ("kms_region", "kms_endpoint_url", "kms_profile")
 
 
 def old_key_options(func: Any) -> Any:
-    """Where the volume's current key's secret is, when it differs from its settings."""
+    """Options naming the volume's current key on this host (the new key uses the others)."""
     for opt in reversed(
         [
             click.option(
                 "--old-key-file",
                 type=click.Path(dir_okay=False, exists=True),
-                help="Current local key file (default: the one recorded in the volume).",
+                help="Current local key file.",
             ),
             click.option(
                 "--old-passphrase-file",
                 type=click.Path(dir_okay=False, exists=True),
                 help="File holding the current passphrase.",
             ),
+            click.option("--old-kms-key-id", help="Current AWS KMS key (ARN, ID or alias)."),
+            click.option(
+                "--old-pkcs11-module",
+                type=click.Path(dir_okay=False),
+                help="PKCS#11 module of the current key.",
+            ),
+            click.option("--old-pkcs11-token", help="Token label of the current key."),
+            click.option("--old-pkcs11-key", help="Label of the current key on its token."),
             click.option(
                 "--old-pkcs11-pin-file",
                 type=click.Path(dir_okay=False, exists=True),
                 help="File holding the current PKCS#11 token PIN.",
+            ),
+            click.option(
+                "--trust-volume-settings",
+                is_flag=True,
+                default=None,
+                help="Find the current keys with the settings recorded in the backing"
+                " directory (only for a backing directory nobody else can write).",
             ),
         ]
     ):
@@ -48,12 +76,13 @@ def old_key_options(func: Any) -> Any:
     return func
 
 
-def _old_options(kwargs: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "key_file": kwargs.pop("old_key_file", None),
-        "passphrase_file": kwargs.pop("old_passphrase_file", None),
-        "pkcs11_pin_file": kwargs.pop("old_pkcs11_pin_file", None),
+def _old_options(kwargs: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    old = {option: kwargs.pop(name, None) for name, option in OLD_OPTIONS.items()}
+    old.update({name: new.get(name) for name in SHARED_OPTIONS})
+    old["flag_names"] = {
+        option: "--" + name.replace("_", "-") for name, option in OLD_OPTIONS.items()
     }
+    return old
 
 
 def _progress_flag(quiet: bool) -> bool | None:
@@ -109,7 +138,7 @@ def _print_rewrap(report: Any, verb: str) -> None:
     "--provider",
     default="local",
     show_default=True,
-    type=click.Choice(PROVIDERS),
+    type=click.Choice(PROVIDER_NAMES),
     help="Provider of the new master key.",
 )
 @key_options(for_init=True)
@@ -128,12 +157,12 @@ def rewrap(
     """
     from kmsfs.lifecycle.rewrap import rewrap_volume
 
-    old = _old_options(kwargs)
+    new = _options(kwargs)
     report = rewrap_volume(
         backing,
         provider,
-        _options(kwargs),
-        old,
+        new,
+        _old_options(kwargs, new),
         prompt_secret,
         retire_old=True,
         dry_run=dry_run,
@@ -188,7 +217,7 @@ def keys_list(backing: str, as_json: bool) -> None:
     "--provider",
     default="local",
     show_default=True,
-    type=click.Choice(PROVIDERS),
+    type=click.Choice(PROVIDER_NAMES),
     help="Provider of the key to add.",
 )
 @key_options(for_init=True)
@@ -203,12 +232,12 @@ def keys_add(backing: str, provider: str, quiet: bool, **kwargs: Any) -> None:
     """
     from kmsfs.lifecycle.rewrap import rewrap_volume
 
-    old = _old_options(kwargs)
+    new = _options(kwargs)
     report = rewrap_volume(
         backing,
         provider,
-        _options(kwargs),
-        old,
+        new,
+        _old_options(kwargs, new),
         prompt_secret,
         retire_old=False,
         show_progress=_progress_flag(quiet),
@@ -220,16 +249,40 @@ def keys_add(backing: str, provider: str, quiet: bool, **kwargs: Any) -> None:
 @click.argument("backing", type=click.Path(file_okay=False, exists=True))
 @click.argument("key_ref")
 @click.option("--force", is_flag=True, help="Remove even if some files have no other key.")
+@key_options(for_init=False)
 @quiet_option
 @handle_errors
-def keys_remove(backing: str, key_ref: str, force: bool, quiet: bool) -> None:
-    """Remove master key KEY_REF (see 'keys list') from BACKING and strip its entries."""
+def keys_remove(backing: str, key_ref: str, force: bool, quiet: bool, **kwargs: Any) -> None:
+    """Remove master key KEY_REF (see 'keys list') from BACKING and strip its entries.
+
+    The key options name a key of the volume on this host (any of them): the
+    volume config is authenticated with it before it is changed.
+    """
     from kmsfs.lifecycle.rewrap import remove_key
 
-    report = remove_key(backing, key_ref, force, _progress_flag(quiet))
+    report = remove_key(
+        backing, key_ref, _options(kwargs), prompt_secret, force, _progress_flag(quiet)
+    )
     for rel, message in report.problems:
         click.echo(f"warning: {rel}: {message}", err=True)
     click.echo(f"removed {key_ref}: {report.stripped} headers updated in {report.seconds:.1f} s")
+
+
+@keys.command("update")
+@click.argument("backing", type=click.Path(file_okay=False, exists=True))
+@click.argument("key_ref")
+@key_options(for_init=False)
+@handle_errors
+def keys_update(backing: str, key_ref: str, **kwargs: Any) -> None:
+    """Record this host's settings (key file path, KMS endpoint, PKCS#11 module) as KEY_REF's
+    hints in BACKING, after checking that they open that very key."""
+    from kmsfs.lifecycle.hints import update_hints
+
+    old, new = update_hints(backing, key_ref, _options(kwargs), prompt_secret)
+    for name in sorted(set(old) | set(new)):
+        if old.get(name) != new.get(name) and not isinstance(new.get(name), dict):
+            click.echo(f"{name}: {old.get(name)!r} -> {new.get(name)!r}")
+    click.echo(f"recorded this host's settings for {key_ref}")
 
 
 @click.command()
@@ -338,7 +391,7 @@ def passwd(backing: str, old_passphrase_file: str | None, passphrase_file: str |
     "--provider",
     default="local",
     show_default=True,
-    type=click.Choice(PROVIDERS),
+    type=click.Choice(PROVIDER_NAMES),
     help="Master key provider of the new volume.",
 )
 @click.option("--block-size", default=4096, show_default=True, type=int)

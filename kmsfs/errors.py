@@ -27,6 +27,20 @@ class ConfigError(KmsfsError):
     exit_code = 3
 
 
+class ConfigTampered(ConfigError):
+    """The volume config fails authentication: edited without a master key, or damaged.
+
+    Attributes:
+        changed: the fields and key entries whose tags do not match, as words.
+    """
+
+    exit_code = 5
+
+    def __init__(self, message: str, *, changed: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.changed = changed or []
+
+
 class FormatError(KmsfsError):
     """Bytes that should follow the kmsfs format do not (header, block layout)."""
 

@@ -1,21 +1,31 @@
-"""Creating a volume and opening one (config + providers + verified keyring).
+"""Creating a volume and opening one: config, providers, authentication, keyring.
 
 Used by the daemon and by every offline command; no FUSE here.
+
+Opening (docs/FORMAT.md, "Threat model"): the keys this host names (its
+options: command line or TOML volume config) are opened first with this
+host's settings only; their key-check values give the volume key, which
+verifies the config's tags.  Only then are the other key entries opened with
+the settings the config records (now authenticated).  A format-1 config has
+no tags: it is migrated to format 2 by the tools that write (mount included)
+once every key opens, and until then only keys named by this host are used.
 """
 
 from __future__ import annotations
 
 import errno
+import hmac
 import logging
 import os
 from pathlib import Path
 from typing import Any
 
-from kmsfs.errors import ConfigError, KmsfsError, ProviderError
+from kmsfs.errors import ConfigError, ConfigTampered, KmsfsError, ProviderError
 from kmsfs.format.header import check_block_size
 from kmsfs.format.volume import (
     CONFIG_NAME,
     DEFAULT_BLOCK_SIZE,
+    VOLUME_KEY_SIZE,
     KeyConfig,
     VolumeConfig,
     config_path,
@@ -23,13 +33,21 @@ from kmsfs.format.volume import (
     save_config,
 )
 from kmsfs.keys.cache import KeyCache
-from kmsfs.keys.keyring import EventSink, Keyring, open_keyring
-from kmsfs.keys.provider import KeyContext, KeyProvider, random_key, wipe
-from kmsfs.keys.registry import create_provider, open_provider
+from kmsfs.keys.keyring import EventSink, Keyring, unwrap_check
+from kmsfs.keys.provider import KeyContext, KeyProvider, wipe
+from kmsfs.keys.registry import (
+    TRUST_FLAG,
+    create_provider,
+    host_names,
+    open_provider,
+    option_flag,
+    provider_info,
+)
 from kmsfs.keys.secrets import Prompt
 
-log = logging.getLogger("kmsfs.volume")
+log = logging.getLogger(__name__)
 XATTR_PROBE = "user.kmsfs.probe"
+BACKING_MODE = 0o700
 
 
 def check_backing_dir(backing: Path) -> None:
@@ -41,12 +59,15 @@ def check_backing_dir(backing: Path) -> None:
     if any(backing.iterdir()):
         raise ConfigError(
             f"{backing} is not empty: init needs an empty directory"
-            " (to encrypt existing files, copy them in through the mount)"
+            " (to encrypt existing files, use 'kmsfs import')"
         )
     probe = backing / ".kmsfs-xattr-probe"
     try:
-        probe.touch()
-        os.setxattr(probe, XATTR_PROBE, b"1")
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        try:
+            os.setxattr(fd, XATTR_PROBE, b"1")
+        finally:
+            os.close(fd)
     except OSError as exc:
         if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
             raise ConfigError(
@@ -59,6 +80,12 @@ def check_backing_dir(backing: Path) -> None:
         probe.unlink(missing_ok=True)
 
 
+def new_key_config(provider: KeyProvider, volume_id: bytes, volume_key: bytes) -> KeyConfig:
+    """The config entry of *provider*: its hints and the volume key wrapped as its check."""
+    check = provider.wrap(volume_key, KeyContext.key_check(volume_id))
+    return KeyConfig(provider.name, provider.key_ref, provider.settings(), check.blob)
+
+
 def init_volume(
     backing: str | os.PathLike[str],
     provider_name: str,
@@ -66,51 +93,86 @@ def init_volume(
     prompt: Prompt | None = None,
     block_size: int = DEFAULT_BLOCK_SIZE,
 ) -> VolumeConfig:
-    """Create a volume in the empty directory *backing*; returns its config."""
+    """Create a volume in the empty (or absent) directory *backing*; returns its config.
+
+    The backing root is made 0700: its subdirectories are owned by the users
+    who create them through the mount, and only root may reach them, so no
+    local user can swap a symlink into the tree the root tools walk.
+    """
     path = Path(backing)
     try:
         check_block_size(block_size)
     except KmsfsError as exc:
         raise ConfigError(str(exc)) from None
+    if not path.exists():
+        try:
+            path.mkdir(mode=BACKING_MODE)
+        except OSError as exc:
+            raise ConfigError(f"cannot create {path}: {exc.strerror}") from None
     check_backing_dir(path)
+    os.chmod(path, BACKING_MODE)
     provider = create_provider(provider_name, options, prompt)
+    volume_key = bytearray(os.urandom(VOLUME_KEY_SIZE))
     try:
         volume_id = os.urandom(16)
-        check_key = random_key()
-        try:
-            check = provider.wrap(check_key, KeyContext.key_check(volume_id))
-        finally:
-            wipe(check_key)
         config = VolumeConfig(
             volume_id=volume_id,
             block_size=block_size,
-            keys=[KeyConfig(provider.name, provider.key_ref, provider.settings(), check.blob)],
+            keys=[new_key_config(provider, volume_id, volume_key)],
         )
+        config.seal(volume_key)
         save_config(path, config)
     finally:
+        wipe(volume_key)
         provider.close()
     return config
 
 
-def open_providers(
-    config: VolumeConfig, options: dict[str, Any], prompt: Prompt | None
-) -> list[KeyProvider]:
-    """Open each master key that can be opened, in configured order.
+def host_options_hint(key: KeyConfig) -> str:
+    """The options that name *key* on a host, from its hints: '--key-file /k (local key ...)'.
 
-    Raises the first error if none can; logs the others.
+    The hints are not verified here: callers say so where it matters.
     """
-    providers: list[KeyProvider] = []
+    info = provider_info(key.provider)
+    wanted = [
+        f"{option_flag(option)} {key.settings[hint]}"
+        for hint, option in info.host_settings.items()
+        if hint in info.required and isinstance(key.settings.get(hint), str)
+    ]
+    return f"{' '.join(wanted) or 'its options'} ({key.describe()})"
+
+
+def _open_named(
+    config: VolumeConfig, options: dict[str, Any], prompt: Prompt | None, trusted: bool
+) -> tuple[dict[int, KeyProvider], list[int], list[KmsfsError]]:
+    """Open the keys this host names; the others are deferred until the config is verified.
+
+    Trusted (``--trust-volume-settings``): the first key, in configured order,
+    that opens with its recorded settings; the others wait for verification too.
+    """
+    opened: dict[int, KeyProvider] = {}
+    deferred: list[int] = []
     errors: list[KmsfsError] = []
-    for key in config.keys:
+    for index, key in enumerate(config.keys):
+        wanted = not opened if trusted else host_names(key, options)
+        if not wanted:
+            deferred.append(index)
+            continue
         try:
-            providers.append(open_provider(key, options, prompt))
+            opened[index] = open_provider(key, options, prompt, trusted)
         except (ConfigError, ProviderError) as exc:
             errors.append(exc)
-    if not providers:
-        raise errors[0]
-    for exc in errors:
-        log.warning("master key unavailable, using the others: %s", exc)
-    return providers
+    return opened, deferred, errors
+
+
+def _nothing_named(config: VolumeConfig) -> ConfigError:
+    keys = "; or ".join(host_options_hint(key) for key in config.keys)
+    return ConfigError(
+        f"no key of this volume is named on this host: give {keys}, on the command line or in"
+        " the TOML volume config ([provider]) (these values are read from the volume config,"
+        f" not yet verified: use them only if they are this host's); or pass {TRUST_FLAG} to"
+        " use the settings recorded in the backing directory (only if nobody else can write it)"
+    )
 
 
 def open_volume(
@@ -119,17 +181,123 @@ def open_volume(
     prompt: Prompt | None = None,
     cache: KeyCache | None = None,
     on_event: EventSink | None = None,
+    *,
+    migrate: bool = False,
 ) -> tuple[VolumeConfig, Keyring]:
-    """Load the config and a keyring whose keys passed their key check."""
+    """Load and authenticate the config; a keyring whose keys passed their key check.
+
+    ``options["trust_volume_settings"]`` uses the recorded settings to find
+    keys the host does not name.  With *migrate*, a format-1 config is
+    rewritten as format 2 when every key opens.  Raises ConfigError (no key
+    named, host and recorded settings differ), ConfigTampered (tags do not
+    verify), WrongKeyError and other ProviderErrors.
+    """
     config = load_config(backing)
-    providers = open_providers(config, options, prompt)
+    trusted = bool(options.get("trust_volume_settings"))
+    opened, deferred, errors = _open_named(config, options, prompt, trusted)
+    if not opened:
+        raise errors[0] if errors else _nothing_named(config)
+    checks: dict[int, bytearray] = {}
+    providers = dict(opened)
     try:
-        keyring = open_keyring(config, providers, cache, on_event)
+        for index, provider in opened.items():
+            checks[index] = unwrap_check(
+                provider, config.keys[index], config.volume_id, on_event, config.version
+            )
+        if config.authenticated_format:
+            config.verify(checks[min(checks)], str(config_path(backing)))
+        for index in deferred:
+            key = config.keys[index]
+            if not config.authenticated_format and not trusted:
+                log.warning(
+                    "%s not used: this format-1 volume config is not authenticated, so its"
+                    " recorded settings are not trusted; give this key's options too (or %s)",
+                    key.describe(),
+                    TRUST_FLAG,
+                )
+                continue
+            try:
+                providers[index] = open_provider(key, options, prompt, trusted=True)
+                checks[index] = unwrap_check(
+                    providers[index], key, config.volume_id, on_event, config.version
+                )
+            except (ConfigError, ProviderError) as exc:
+                providers.pop(index, None)
+                errors.append(exc)
+        for exc in errors:
+            log.warning("master key unavailable, using the others: %s", exc)
+        volume_key = _volume_key(config, checks)
+        if volume_key is None and migrate:
+            volume_key = _migrate(backing, config, providers)
+        ordered = [providers[index] for index in sorted(providers)]
+        keyring = Keyring(config.volume_id, ordered, cache, on_event)
+        keyring.volume_key = volume_key
     except BaseException:
-        for provider in providers:
+        for provider in providers.values():
             provider.close()
         raise
+    finally:
+        for value in checks.values():
+            wipe(value)
     return config, keyring
+
+
+def _volume_key(config: VolumeConfig, checks: dict[int, bytearray]) -> bytearray | None:
+    """The volume key (a copy); ConfigTampered if two checks disagree.  None for format 1."""
+    if not config.authenticated_format:
+        return None
+    first = checks[min(checks)]
+    for index, value in checks.items():
+        if not hmac.compare_digest(bytes(value), bytes(first)):
+            raise ConfigTampered(
+                f"{CONFIG_NAME}: keys[{index}] ({config.keys[index].describe()}) wraps another"
+                " volume key than the others: the config was assembled from other volumes",
+                changed=[f"keys[{index}]"],
+            )
+    return bytearray(first)
+
+
+def _migrate(
+    backing: str | os.PathLike[str], config: VolumeConfig, providers: dict[int, KeyProvider]
+) -> bytearray | None:
+    """Rewrite a format-1 config as format 2; None (and a warning) unless every key opened."""
+    missing = [config.keys[i].describe() for i in range(len(config.keys)) if i not in providers]
+    if missing:
+        log.warning(
+            "volume config stays at format 1 (unauthenticated) because %s could not be opened;"
+            " give every key's options once to migrate it",
+            ", ".join(missing),
+        )
+        return None
+    volume_key = bytearray(os.urandom(VOLUME_KEY_SIZE))
+    for index, provider in providers.items():
+        key = config.keys[index]
+        fresh = new_key_config(provider, config.volume_id, volume_key)
+        key.check = fresh.check
+    config.seal(volume_key)
+    save_config(backing, config)
+    log.warning(
+        "migrated the volume config of %s from format 1 to format 2 (authenticated)", backing
+    )
+    return volume_key
+
+
+def save_volume_config(
+    backing: str | os.PathLike[str], config: VolumeConfig, keyring: Keyring
+) -> None:
+    """Seal *config* under the keyring's volume key and write it.
+
+    ConfigError if the volume is still at format 1 (not every key could be
+    opened to migrate it).
+    """
+    if keyring.volume_key is None:
+        raise ConfigError(
+            "this volume's config is still format 1 (unauthenticated): open it once with"
+            " every key available (for example 'kmsfs keys list' then the same command with"
+            " every key's options) so it is migrated, then run this command again"
+        )
+    config.seal(keyring.volume_key)
+    save_config(backing, config)
 
 
 def find_volume_root(path: str | os.PathLike[str]) -> Path:

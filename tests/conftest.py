@@ -23,6 +23,13 @@ if TYPE_CHECKING:
     from kms_support import KmsProxy, MotoServer
 
 BIN = Path(sys.executable).parent / "kmsfs"
+KEY_FLAGS = {
+    "--key-file",
+    "--passphrase-file",
+    "--kms-key-id",
+    "--pkcs11-module",
+    "--trust-volume-settings",
+}
 
 
 def fuse_available() -> bool:
@@ -84,8 +91,12 @@ class Volume:
     mounted: bool = False
     env: dict[str, str] = field(default_factory=dict)  # e.g. SOFTHSM2_CONF, AWS credentials
     daemon_pid: int | None = None
+    # The options naming the volume's key on this host (mount and tools need them: the
+    # settings recorded in the backing directory are not trusted to find keys).
+    key_args: list[str] = field(default_factory=list)
 
     def mount(self, *extra: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        named = any(arg in KEY_FLAGS for arg in (*self.mount_args, *extra))
         result = run_kmsfs(
             "mount",
             self.backing,
@@ -96,6 +107,7 @@ class Volume:
             "debug",
             *self.mount_args,
             *extra,
+            *([] if named else self.key_args),
             check=check,
             env=self.env,
         )
@@ -154,6 +166,7 @@ def make_volume(tmp_path: Path, *init_args: str, key: bool = True) -> Volume:
     backing.mkdir()
     mountpoint.mkdir()
     volume = Volume(tmp_path, backing, mountpoint, tmp_path / "master.key", tmp_path / "kmsfs.log")
+    volume.key_args = ["--key-file", str(volume.key_file)]
     if key:
         run_kmsfs("init", backing, "--key-file", volume.key_file, *init_args)
     return volume

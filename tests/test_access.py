@@ -108,8 +108,14 @@ def test_without_allow_other_other_users_get_eacces(open_volume: Volume) -> None
     assert attempt(NOBODY, "create", open_volume.path("g")) == "EACCES"
 
 
+def open_root_to_others(volume: Volume) -> None:
+    """kmsfs init makes the backing root (so the mount's root) 0700; a shared mount opens it."""
+    volume.mountpoint.chmod(0o755)
+
+
 def test_with_allow_other_kernel_permission_checks_apply(open_volume: Volume) -> None:
     mount_pid(open_volume, "-o", "allow_other")
+    open_root_to_others(open_volume)
     private, public = open_volume.path("private"), open_volume.path("public")
     private.write_bytes(b"root only")
     private.chmod(0o600)
@@ -139,6 +145,7 @@ def test_with_allow_other_kernel_permission_checks_apply(open_volume: Volume) ->
 
 def test_sticky_directory(open_volume: Volume) -> None:
     mount_pid(open_volume, "-o", "allow_other")
+    open_root_to_others(open_volume)
     sticky = open_volume.path("tmp")
     sticky.mkdir()
     sticky.chmod(0o1777)

@@ -86,6 +86,7 @@ def kms_volume(
     arn = moto.create_key()
     vol = make_volume(tmp_path, key=False)
     _init(vol, arn, proxy)
+    vol.key_args = ["--kms-key-id", arn, "--kms-endpoint-url", proxy.url]
     audit = tmp_path / "audit.jsonl"
     vol.mount_args = ["--audit-log", str(audit)]
     proxy.reset_calls()
@@ -142,7 +143,7 @@ def test_init_resolves_alias_and_records_no_credentials(
     assert check.context == {
         "kmsfs:volume-id": config.volume_id.hex(),
         "kmsfs:file-id": "0" * 32,
-        "kmsfs:purpose": "key-check",
+        "kmsfs:purpose": "volume-key",  # format 2: the volume key is the check value
     }
 
 
@@ -255,7 +256,7 @@ def test_create_read_remount_one_kms_call_per_file(kms_volume: KmsVolume) -> Non
 
     # The audit trail: who, what, which file; never key material.
     records = kms_volume.audit_records()
-    unwraps = [r for r in records if r["operation"] == "unwrap" and r["file_id"] != "key-check"]
+    unwraps = [r for r in records if r["operation"] == "unwrap" and r["file_id"] != "volume-key"]
     assert len(unwraps) == len(files)
     for record in unwraps:
         assert record["path"] in {f"/{n}" for n in files}
@@ -282,6 +283,7 @@ def test_foreign_and_mismatched_headers_give_eio(
     (tmp_path / "other").mkdir()
     other = make_volume(tmp_path / "other", key=False)
     _init(other, kms_volume.arn, proxy)  # same KMS key, another volume
+    other.key_args = vol.key_args
     try:
         other.mount()
         other.path("theirs").write_bytes(b"their secret")

@@ -33,7 +33,7 @@ def flaky_mount(volume: Volume, control: Path) -> int:
     result = subprocess.run(
         [sys.executable, str(FLAKY), "mount", str(volume.backing), str(volume.mountpoint)]
         + ["--log-file", str(volume.log_file), "--log-level", "debug"]
-        + ["--cache-max-entries", "0"],
+        + ["--cache-max-entries", "0", *volume.key_args],
         capture_output=True,
         text=True,
         env={**os.environ, "KMSFS_TEST_FAULTS": str(control)},

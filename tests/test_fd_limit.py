@@ -37,6 +37,7 @@ def test_more_files_than_descriptors(volume: Volume) -> None:
             "debug",
             "--log-file",
             str(volume.log_file),
+            *volume.key_args,
         ],
         capture_output=True,
         text=True,

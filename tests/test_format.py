@@ -105,6 +105,58 @@ def test_kmsfs_matches_every_vector() -> None:
     assert Layout(512).plain_size(len(h("ciphertext"))) == len(PLAINTEXT)
 
 
+def spec_config_tags(volume_key: bytes, config: dict[str, object]) -> dict[str, bytes]:
+    """Every tag of a format-2 config, computed from docs/FORMAT.md alone."""
+    import hashlib
+    import hmac
+    import json
+
+    def canon(value: object) -> bytes:
+        return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+    volume_id = bytes.fromhex(str(config["volume_id"]))
+    k_mac = hkdf(volume_key, b"kmsfs/v2/config-mac" + volume_id)
+    tags = {}
+    for name in ("kmsfs_volume", "volume_id", "suite", "block_size", "created"):
+        message = b"field\0" + name.encode() + b"\0" + canon(config[name])
+        tags[name] = hmac.new(k_mac, message, hashlib.sha256).digest()
+    entry_tags = b""
+    for index, entry in enumerate(config["keys"]):  # type: ignore[arg-type]
+        body = {k: entry[k] for k in ("provider", "key_ref", "settings", "check")}
+        tag = hmac.new(k_mac, b"key\0" + canon(body), hashlib.sha256).digest()
+        tags[f"keys[{index}]"] = tag
+        entry_tags += tag
+    tags["keys"] = hmac.new(k_mac, b"keys\0" + entry_tags, hashlib.sha256).digest()
+    return tags
+
+
+def test_volume_config_vector() -> None:
+    import json
+
+    from kmsfs.format.volume import config_mac_key
+
+    text = V["volume_config"]
+    data = json.loads(text)
+    assert hkdf(h("volume_key"), b"kmsfs/v2/config-mac" + h("volume_id")) == h("config_mac_key")
+    assert config_mac_key(h("volume_key"), h("volume_id")) == h("config_mac_key")
+    want = spec_config_tags(h("volume_key"), data)
+    for name, tag in data["tags"].items():
+        assert base64.b64decode(tag) == want[name], name
+    assert base64.b64decode(data["keys"][0]["tag"]) == want["keys[0]"]
+    # the check value is the volume key wrapped for the volume-key context (spec AAD)
+    check = base64.b64decode(data["keys"][0]["check"])
+    assert check == h("wrapped_volume_key")
+    context = KeyContext.key_check(h("volume_id"))
+    assert context.aad() == h("volume_key_aad")
+    wrapping = AESGCM(hkdf(h("master_key"), b"kmsfs/v1/local-wrap"))
+    assert wrapping.decrypt(check[1:13], check[13:], h("volume_key_aad")) == h("volume_key")
+    config = VolumeConfig.loads(text)
+    config.verify(h("volume_key"))  # kmsfs agrees
+    config.block_size = 1024
+    with pytest.raises(ConfigError, match="block_size"):
+        config.verify(h("volume_key"))
+
+
 def test_seal_round_trip_and_fresh_nonces() -> None:
     cipher = BlockCipher(bytes(32), bytes(16), 512)
     sealed = cipher.seal(0, PLAINTEXT, 1)
@@ -245,7 +297,7 @@ def test_volume_config_round_trip_and_errors() -> None:
     for text, message in [
         ("{", "not valid JSON"),
         ("[]", "JSON object"),
-        ('{"kmsfs_volume": 2}', "reads 1"),
+        ('{"kmsfs_volume": 3}', "reads 1 and 2"),
         (config.dumps().replace('"block_size": 4096', '"block_size": 3'), "block size 3"),
         (config.dumps().replace(bytes(range(16)).hex(), "zz"), "32 hex digits"),
     ]:

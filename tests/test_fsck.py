@@ -41,7 +41,7 @@ def test_fsck_clean(volume: Volume) -> None:
     assert result.returncode == 0
     assert result.stdout.strip().endswith(": clean")
     assert "fsck: 10 files, 10 ok" in result.stdout
-    data = json.loads(run_kmsfs("fsck", volume.backing, "--json").stdout)
+    data = json.loads(run_kmsfs("fsck", volume.backing, "--json", *volume.key_args).stdout)
     assert data["clean"] is True and data["findings"] == [] and data["files"] == 10
 
 
@@ -86,7 +86,7 @@ def test_fsck_names_each_planted_fault(volume: Volume, tmp_path: Path) -> None:
     assert any(line.startswith("dir/hardlink: foreign:") for line in lines)
     assert lines[-1] == "fsck: 11 files, 4 ok (headers and 15 blocks checked): 7 problems"
 
-    data = json.loads(run_kmsfs("fsck", b, "--json", check=False).stdout)
+    data = json.loads(run_kmsfs("fsck", b, "--json", *volume.key_args, check=False).stdout)
     kinds = {(f["path"], f["kind"], f["block"]) for f in data["findings"]}
     assert kinds == {
         ("flip", "block", 1),
@@ -98,7 +98,7 @@ def test_fsck_names_each_planted_fault(volume: Volume, tmp_path: Path) -> None:
         ("dir/hardlink", "foreign", None),
     }
     # --quick checks headers only: the block faults are not seen, the header faults are
-    quick = run_kmsfs("fsck", b, "--quick", "--json", check=False)
+    quick = run_kmsfs("fsck", b, "--quick", "--json", *volume.key_args, check=False)
     assert quick.returncode == 5
     quick_kinds = {f["kind"] for f in json.loads(quick.stdout)["findings"]}
     assert quick_kinds == {"no-header", "foreign"}
@@ -117,12 +117,12 @@ def test_fsck_missing_entry_for_a_volume_key(volume: Volume, tmp_path: Path) -> 
 
     populate(volume.backing, volume.key_file, 3)
     key_b = tmp_path / "b.key"
-    run_kmsfs("keys", "add", volume.backing, "--key-file", key_b)
+    run_kmsfs("keys", "add", volume.backing, "--old-key-file", volume.key_file, "--key-file", key_b)
     path = volume.backing / "d1/f00001"
     from kmsfs.format.header import FileHeader
 
     header = FileHeader.parse(os.getxattr(path, "user.kmsfs.header"))
     os.setxattr(path, "user.kmsfs.header", header.with_entries(header.entries[:1]).pack())
-    result = run_kmsfs("fsck", volume.backing, "--quick", check=False)
+    result = run_kmsfs("fsck", volume.backing, "--quick", *volume.key_args, check=False)
     assert result.returncode == 5
     assert "d1/f00001: missing-entry: no wrapped key for master key local:" in result.stdout

@@ -38,11 +38,21 @@ def test_rewrap_a_to_b_then_mount_with_b_only(volume: Volume, tmp_path: Path) ->
     old_ref = _key_ref(volume)
     key_b = tmp_path / "b.key"
 
-    dry = run_kmsfs("rewrap", volume.backing, "--key-file", key_b, "--dry-run")
+    dry = run_kmsfs(
+        "rewrap",
+        volume.backing,
+        "--old-key-file",
+        volume.key_file,
+        "--key-file",
+        key_b,
+        "--dry-run",
+    )
     assert "dry run: 41 files, 41 would be re-wrapped" in dry.stdout
     assert not key_b.exists() and load_config(volume.backing).keys[0].key_ref == old_ref
 
-    result = run_kmsfs("rewrap", volume.backing, "--key-file", key_b)
+    result = run_kmsfs(
+        "rewrap", volume.backing, "--old-key-file", volume.key_file, "--key-file", key_b
+    )
     assert "rewrap: 41 files, 41 re-wrapped" in result.stdout
     assert "41 old entries removed" in result.stdout
     config = load_config(volume.backing)
@@ -61,7 +71,7 @@ def test_rewrap_a_to_b_then_mount_with_b_only(volume: Volume, tmp_path: Path) ->
     assert wrong.returncode == 6
     assert run_kmsfs("fsck", volume.backing, "--key-file", key_b).returncode == 0
     # a second run has nothing to do
-    again = run_kmsfs("rewrap", volume.backing, "--key-file", key_b)
+    again = run_kmsfs("rewrap", volume.backing, "--old-key-file", key_b, "--key-file", key_b)
     assert "0 re-wrapped" in again.stdout and "41 already had the key" in again.stdout
 
 
@@ -70,14 +80,27 @@ def test_rewrap_killed_then_resumed(volume: Volume, tmp_path: Path) -> None:
     key_b = tmp_path / "b.key"
     journal = volume.backing / ".kmsfs.d" / "rewrap.json"
     process = subprocess.Popen(
-        [str(BIN), "rewrap", str(volume.backing), "--key-file", str(key_b), "--quiet"],
+        [
+            str(BIN),
+            "rewrap",
+            str(volume.backing),
+            "--key-file",
+            str(key_b),
+            "--quiet",
+            "--old-key-file",
+            str(volume.key_file),
+        ],  # fmt: skip
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+    # Kill it in the middle of the cover pass (files are walked in sorted order): after a
+    # random number of headers of d0..d4 got their new entry, before d5 is reached.
+    target = sorted(contents)[random.randrange(200, 1600)]
     deadline = time.monotonic() + 30
-    while not journal.exists() and time.monotonic() < deadline and process.poll() is None:
-        time.sleep(0.005)
-    time.sleep(random.uniform(0.05, 0.4))
+    while time.monotonic() < deadline and process.poll() is None:
+        if len(entry_refs(volume.backing / target)) == 2:
+            break
+        time.sleep(0.001)
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert process.returncode == -signal.SIGKILL, "rewrap finished before it could be killed"
@@ -94,7 +117,9 @@ def test_rewrap_killed_then_resumed(volume: Volume, tmp_path: Path) -> None:
         assert {f["kind"] for f in findings} <= {"missing-entry"}  # no unwrap failure
         assert len(findings) == 4000 - covered
 
-    result = run_kmsfs("rewrap", volume.backing, "--key-file", key_b, "--json")
+    result = run_kmsfs(
+        "rewrap", volume.backing, "--old-key-file", volume.key_file, "--key-file", key_b, "--json"
+    )
     report = json.loads(result.stdout)
     assert report["finished"] is True and report["problems"] == []
     assert report["files"] == 4000
@@ -138,7 +163,9 @@ def test_rewrap_while_mounted_with_writes(volume: Volume, tmp_path: Path) -> Non
     thread.start()
     try:
         time.sleep(0.2)
-        result = run_kmsfs("rewrap", volume.backing, "--key-file", key_b)
+        result = run_kmsfs(
+            "rewrap", volume.backing, "--old-key-file", volume.key_file, "--key-file", key_b
+        )
         time.sleep(0.2)
     finally:
         stop.set()
@@ -151,7 +178,9 @@ def test_rewrap_while_mounted_with_writes(volume: Volume, tmp_path: Path) -> Non
     _read_all(volume, {**contents, **written})  # the mount kept serving
     volume.umount()
 
-    finish = run_kmsfs("rewrap", volume.backing, "--key-file", key_b)
+    finish = run_kmsfs(
+        "rewrap", volume.backing, "--old-key-file", volume.key_file, "--key-file", key_b
+    )
     assert "volume now uses" in finish.stdout
     assert len(load_config(volume.backing).keys) == 1
     volume.key_file.unlink()
@@ -164,7 +193,9 @@ def test_rewrap_while_mounted_with_writes(volume: Volume, tmp_path: Path) -> Non
 def test_several_keys_mount_with_either(volume: Volume, tmp_path: Path) -> None:
     contents = populate(volume.backing, volume.key_file, 30)
     key_b = tmp_path / "b.key"
-    add = run_kmsfs("keys", "add", volume.backing, "--key-file", key_b)
+    add = run_kmsfs(
+        "keys", "add", volume.backing, "--old-key-file", volume.key_file, "--key-file", key_b
+    )
     assert "done: every file is wrapped under local:" in add.stdout
     config = load_config(volume.backing)
     ref_a, ref_b = (key.key_ref for key in config.keys)
@@ -173,7 +204,16 @@ def test_several_keys_mount_with_either(volume: Volume, tmp_path: Path) -> None:
     assert listing[1].startswith(f"1: local {ref_b} (key_file=")
     for rel in contents:
         assert entry_refs(volume.backing / rel) == [ref_a, ref_b]
-    again = run_kmsfs("keys", "add", volume.backing, "--key-file", key_b, check=False)
+    again = run_kmsfs(
+        "keys",
+        "add",
+        volume.backing,
+        "--old-key-file",
+        volume.key_file,
+        "--key-file",
+        key_b,
+        check=False,
+    )
     assert again.returncode == 2 and "already a key of this volume" in again.stderr
 
     hidden = tmp_path / "hidden"
@@ -186,25 +226,25 @@ def test_several_keys_mount_with_either(volume: Volume, tmp_path: Path) -> None:
         volume.umount()
         (hidden / other.name).rename(other)
     # a file made by a daemon that had only one key lacks the other: fsck says so
-    check = run_kmsfs("fsck", volume.backing, check=False)
+    check = run_kmsfs("fsck", volume.backing, *volume.key_args, check=False)
     assert check.returncode == 5
     assert f"made-with-master.key: missing-entry: no wrapped key for master key {ref_b}" in (
         check.stdout
     )
 
-    removed = run_kmsfs("keys", "remove", volume.backing, ref_a, check=False)
+    removed = run_kmsfs("keys", "remove", volume.backing, ref_a, *volume.key_args, check=False)
     assert removed.returncode == 1  # made-with-master.key has no entry for any other key
     assert "1 files have no entry for any other key and would become unreadable:" in (
         removed.stderr
     )
     assert "made-with-master.key" in removed.stderr
     (volume.backing / "made-with-master.key").unlink()
-    removed = run_kmsfs("keys", "remove", volume.backing, ref_a)
+    removed = run_kmsfs("keys", "remove", volume.backing, ref_a, *volume.key_args)
     assert f"removed {ref_a}" in removed.stdout
     assert [k.key_ref for k in load_config(volume.backing).keys] == [ref_b]
     for rel in contents:
         assert entry_refs(volume.backing / rel) == [ref_b]
-    last = run_kmsfs("keys", "remove", volume.backing, ref_b, check=False)
+    last = run_kmsfs("keys", "remove", volume.backing, ref_b, *volume.key_args, check=False)
     assert last.returncode == 2 and "only key: refusing" in last.stderr
 
 
@@ -229,7 +269,15 @@ def test_rewrap_wrong_old_key_is_refused(volume: Volume, tmp_path: Path) -> None
 def test_rewrap_10000_files_timing(volume: Volume, tmp_path: Path) -> None:
     populate(volume.backing, volume.key_file, 10_000, size=10)
     start = time.monotonic()
-    result = run_kmsfs("rewrap", volume.backing, "--key-file", tmp_path / "b.key", timeout=600)
+    result = run_kmsfs(
+        "rewrap",
+        volume.backing,
+        "--old-key-file",
+        volume.key_file,
+        "--key-file",
+        tmp_path / "b.key",
+        timeout=600,
+    )
     elapsed = time.monotonic() - start
     assert "rewrap: 10000 files, 10000 re-wrapped" in result.stdout
     print(f"rewrap of 10,000 files local->local: {elapsed:.2f} s")
@@ -269,16 +317,16 @@ def test_rekey_preserves_content_links_and_metadata(volume: Volume) -> None:
     os.chown(volume.path("dir/b"), 1234, 5678)
     os.utime(volume.path("a"), ns=(1_000_000_000, 1_500_000_000_123))
     os.symlink("dir/b", volume.path("sym"))
-    refused = run_kmsfs("rekey", volume.backing, check=False)
+    refused = run_kmsfs("rekey", volume.backing, *volume.key_args, check=False)
     assert refused.returncode == 7 and "is mounted at" in refused.stderr
     volume.umount()
     before = _snapshot(volume.backing)
     ids = {rel: os.getxattr(volume.backing / rel, "user.kmsfs.header")[28:44] for rel in before}
     dir_mtime = (volume.backing / "dir").stat().st_mtime_ns
 
-    not_due = run_kmsfs("rekey", volume.backing, "--older-than", "1d")
+    not_due = run_kmsfs("rekey", volume.backing, "--older-than", "1d", *volume.key_args)
     assert "0 re-keyed" in not_due.stdout and "4 not due" in not_due.stdout
-    result = run_kmsfs("rekey", volume.backing)
+    result = run_kmsfs("rekey", volume.backing, *volume.key_args)
     assert "rekey: 4 files, 4 re-keyed" in result.stdout
     after = _snapshot(volume.backing)
     assert after == before  # mode, owner, mtime, link count, user xattrs
@@ -287,9 +335,9 @@ def test_rekey_preserves_content_links_and_metadata(volume: Volume) -> None:
     assert os.path.samefile(volume.backing / "a", volume.backing / "dir/a-link")
     assert (volume.backing / "dir").stat().st_mtime_ns == dir_mtime
     assert (volume.backing / "sparse").stat().st_blocks * 512 < 100_000  # still sparse
-    again = run_kmsfs("rekey", volume.backing, "--older-than", "1h")
+    again = run_kmsfs("rekey", volume.backing, "--older-than", "1h", *volume.key_args)
     assert "0 re-keyed" in again.stdout
-    assert run_kmsfs("fsck", volume.backing).returncode == 0
+    assert run_kmsfs("fsck", volume.backing, *volume.key_args).returncode == 0
     volume.mount()
     _read_all(volume, contents)
     assert os.readlink(volume.path("sym")) == "dir/b"
@@ -302,7 +350,7 @@ def test_rekey_killed_then_resumed(volume: Volume) -> None:
         os.link(volume.backing / f"d{n % 10}/f{n:05d}", volume.backing / f"d9/link{n}")
     journal = volume.backing / ".kmsfs.d" / "rekey.json"
     process = subprocess.Popen(
-        [str(BIN), "rekey", str(volume.backing), "--quiet"],
+        [str(BIN), "rekey", str(volume.backing), "--quiet", *volume.key_args],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -313,21 +361,24 @@ def test_rekey_killed_then_resumed(volume: Volume) -> None:
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert process.returncode == -signal.SIGKILL, "rekey finished before it could be killed"
-    result = run_kmsfs("rekey", volume.backing)
+    result = run_kmsfs("rekey", volume.backing, *volume.key_args)
     assert "0 failed" in result.stdout
     done = int(result.stdout.split(" re-keyed")[0].rsplit(" ", 1)[1])
     assert 0 < done < 1500  # the first run did the rest
     assert not journal.exists()
-    assert " 0 re-keyed" in run_kmsfs("rekey", volume.backing, "--older-than", "1h").stdout
+    assert (
+        " 0 re-keyed"
+        in run_kmsfs("rekey", volume.backing, "--older-than", "1h", *volume.key_args).stdout
+    )
     for n in range(0, 1500, 100):
         assert os.path.samefile(
             volume.backing / f"d{n % 10}/f{n:05d}", volume.backing / f"d9/link{n}"
         )
-    check = run_kmsfs("fsck", volume.backing)
+    check = run_kmsfs("fsck", volume.backing, *volume.key_args)
     assert "fsck: 1515 files, 1515 ok" in check.stdout
     out = volume.root / "out"
     for rel in list(contents)[::97]:
-        run_kmsfs("decrypt", volume.backing / rel, out)
+        run_kmsfs("decrypt", volume.backing / rel, out, *volume.key_args)
         assert out.read_bytes() == contents[rel]
         out.unlink()
 
@@ -375,7 +426,7 @@ def test_import_tree_byte_exact(tmp_path: Path) -> None:
     assert "import:" in result.stdout and "1 hard links" in result.stdout
     after = {p: p.read_bytes() for p in plain.rglob("*") if p.is_file() and not p.is_symlink()}
     assert after == before  # the plaintext is untouched
-    assert run_kmsfs("fsck", vol.backing).returncode == 0
+    assert run_kmsfs("fsck", vol.backing, *vol.key_args).returncode == 0
     try:
         vol.mount()
         assert _compare_tree(plain, vol.mountpoint) == len(before)
@@ -410,7 +461,7 @@ def test_import_killed_then_resumed(tmp_path: Path) -> None:
     assert other.returncode != 0
     result = run_kmsfs("import", plain, vol.backing, "--key-file", vol.key_file, timeout=300)
     assert "already done" in result.stdout and not journal.exists()
-    assert run_kmsfs("fsck", vol.backing).returncode == 0
+    assert run_kmsfs("fsck", vol.backing, *vol.key_args).returncode == 0
     try:
         vol.mount()
         assert _compare_tree(plain, vol.mountpoint) > 100
@@ -428,11 +479,11 @@ def test_headers_export_import(volume: Volume, tmp_path: Path) -> None:
     assert json.loads(lines[0])["kmsfs_headers"] == 1 and len(lines) == 21
     for rel in contents:  # a backup tool that drops xattrs
         os.removexattr(volume.backing / rel, "user.kmsfs.header")
-    broken = run_kmsfs("fsck", volume.backing, check=False)
+    broken = run_kmsfs("fsck", volume.backing, *volume.key_args, check=False)
     assert broken.returncode == 5 and broken.stdout.count("no-header") == 20
     restored = run_kmsfs("headers", "import", volume.backing, export)
     assert "20 restored" in restored.stdout
-    assert run_kmsfs("fsck", volume.backing).returncode == 0
+    assert run_kmsfs("fsck", volume.backing, *volume.key_args).returncode == 0
     assert "20 unchanged" in run_kmsfs("headers", "import", volume.backing, export).stdout
 
 

@@ -50,6 +50,8 @@ def test_rewrap_local_to_aws_kms_and_back(
         arn,
         "--kms-endpoint-url",
         proxy.url,
+        "--old-key-file",
+        vol.key_file,
         "-q",
     )
     elapsed = time.monotonic() - start
@@ -63,6 +65,7 @@ def test_rewrap_local_to_aws_kms_and_back(
     print(f"rewrap local -> aws-kms of 30 files: {elapsed:.1f} s")
 
     vol.key_file.rename(tmp_path / "old.key")  # the local key is gone: KMS only
+    vol.key_args = ["--kms-key-id", arn, "--kms-endpoint-url", proxy.url]
     proxy.reset_calls()
     vol.mount()
     _read_all(vol, contents)
@@ -71,7 +74,10 @@ def test_rewrap_local_to_aws_kms_and_back(
 
     # and back to a new local key file: afterwards KMS is never contacted
     new_key = tmp_path / "new.key"
-    result = run_kmsfs("rewrap", vol.backing, "--key-file", new_key, "-q")
+    result = run_kmsfs(
+        "rewrap", vol.backing, "--key-file", new_key, "--old-kms-key-id", arn,
+        "--kms-endpoint-url", proxy.url, "-q",
+    )  # fmt: skip
     assert "rewrap: 30 files, 30 re-wrapped" in result.stdout, result.stdout
     config = load_config(vol.backing)
     assert [k.provider for k in config.keys] == ["local"]
@@ -103,6 +109,7 @@ def test_files_survive_kms_key_rotation(
         "--kms-endpoint-url",
         proxy.url,
     )
+    vol.key_args = ["--kms-key-id", arn, "--kms-endpoint-url", proxy.url]
     vol.mount()
     contents = {f"f{n}": os.urandom(7000 + n) for n in range(5)}
     for rel, data in contents.items():

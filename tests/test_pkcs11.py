@@ -62,6 +62,7 @@ def p11_args(hsm: SoftHSM, key: str, pin_file: Path | None = None) -> list[str]:
 
 
 def init(vol: Volume, hsm: SoftHSM, key: str, *extra: str, check: bool = True):  # type: ignore[no-untyped-def]
+    vol.key_args = p11_args(hsm, key)  # what this host gives to find the key at mount
     return run_kmsfs(
         "init", vol.backing, "--provider", "pkcs11", *p11_args(hsm, key), *extra,
         env=hsm.env, check=check,
@@ -69,10 +70,13 @@ def init(vol: Volume, hsm: SoftHSM, key: str, *extra: str, check: bool = True): 
 
 
 def mount(vol: Volume, hsm: SoftHSM, *extra: str, check: bool = True):  # type: ignore[no-untyped-def]
-    """Mount with the PIN file (module, token and key come from the volume config)."""
+    """Mount with this host's module, token, key and PIN file (``vol.key_args``) unless
+    *extra* names them."""
+    named = "--pkcs11-module" in extra or "--trust-volume-settings" in extra
+    host = [] if named else vol.key_args
     result = run_kmsfs(
         "mount", vol.backing, vol.mountpoint, "--log-file", vol.log_file, "--log-level", "debug",
-        "--pkcs11-pin-file", hsm.pin_file(), *extra, env=hsm.env, check=check,
+        *host, *extra, env=hsm.env, check=check,
     )  # fmt: skip
     if result.returncode == 0:
         vol.mounted = True
@@ -147,7 +151,7 @@ def test_init_create_key_mount_remount_decrypt(p11vol: Volume, hsm: SoftHSM, lab
 
     out = p11vol.root / "decrypted.bin"
     result = run_kmsfs(
-        "decrypt", p11vol.backing_path("big.bin"), out, "--pkcs11-pin-file", hsm.pin_file(),
+        "decrypt", p11vol.backing_path("big.bin"), out, *p11vol.key_args,
         env=hsm.env,
     )  # fmt: skip
     assert result.stdout.strip() == f"decrypted {len(files['big.bin'])} bytes to {out}"
@@ -181,7 +185,7 @@ def test_rsa_oaep_volume(p11vol: Volume, hsm: SoftHSM, label: str) -> None:
     p11vol.umount()
     out = p11vol.root / "one.out"
     run_kmsfs(
-        "decrypt", p11vol.backing_path("block"), out, "--pkcs11-pin-file", hsm.pin_file(),
+        "decrypt", p11vol.backing_path("block"), out, *p11vol.key_args,
         env=hsm.env,
     )  # fmt: skip
     assert out.read_bytes() == files["block"]
@@ -201,6 +205,7 @@ def test_aes_key_wrap_volume(p11vol: Volume, hsm: SoftHSM, label: str) -> None:
         "pkcs11_mechanism": "aes-kwp",
     }
     config = init_volume(p11vol.backing, "pkcs11", options)
+    p11vol.key_args = p11_args(hsm, label)
     assert config.keys[0].settings["mechanism"] == "aes-kwp"
     mount(p11vol, hsm)
     files = payloads()
@@ -230,7 +235,7 @@ def test_wrong_pin_refused(p11vol: Volume, hsm: SoftHSM, label: str) -> None:
 
     init(p11vol, hsm, label, "--pkcs11-create-key")
     result = run_kmsfs(
-        "mount", p11vol.backing, p11vol.mountpoint, "--pkcs11-pin-file", bad,
+        "mount", p11vol.backing, p11vol.mountpoint, *p11_args(hsm, label, bad),
         env=hsm.env, check=False,
     )  # fmt: skip
     assert result.returncode == 6
@@ -388,7 +393,7 @@ def test_header_from_other_token_is_eio(
     assert "cannot unwrap this key: other master key or other volume/file" in p11vol.log_text()
 
     result = run_kmsfs(
-        "decrypt", backing, p11vol.root / "x", "--pkcs11-pin-file", hsm.pin_file(),
+        "decrypt", backing, p11vol.root / "x", *p11vol.key_args,
         env=hsm.env, check=False,
     )  # fmt: skip
     assert result.returncode == 6 and "cannot unwrap this key" in result.stderr
@@ -727,3 +732,43 @@ def test_softhsm_token_script(tmp_path: Path) -> None:
         check=False,
     )
     assert again.returncode != 0 and "already" in again.stderr
+
+
+# -- the volume config names the module: never loaded unless authenticated (issue 11) --
+
+
+@requires_fuse
+def test_changed_module_in_the_volume_config_is_never_loaded(
+    p11vol: Volume, hsm: SoftHSM, label: str, tmp_path: Path
+) -> None:
+    """The attacker edits the recorded module path; the operator mounts as before."""
+    from planted import build_planted_module
+
+    init(p11vol, hsm, label, "--pkcs11-create-key")
+    library, marker = build_planted_module(tmp_path)
+    config_file = p11vol.backing / ".kmsfs.json"
+    data = json.loads(config_file.read_text())
+    data["keys"][0]["settings"]["module"] = str(library)
+    config_file.write_text(json.dumps(data))
+    # the PIN alone (kmsfs 0.1 took the module from the volume config): refused, nothing loaded
+    pin_only = run_kmsfs(
+        "mount", p11vol.backing, p11vol.mountpoint, "--pkcs11-pin-file", hsm.pin_file(),
+        env=hsm.env, check=False,
+    )  # fmt: skip
+    assert not marker.exists(), "the planted PKCS#11 module was loaded"
+    assert pin_only.returncode == 3, pin_only.stderr
+    assert "give --pkcs11-module" in pin_only.stderr and "not yet verified" in pin_only.stderr
+    # this host's module: refused because it differs from the recorded one, both named
+    host = mount(p11vol, hsm, check=False)
+    assert not marker.exists(), "the planted PKCS#11 module was loaded"
+    assert host.returncode == 3, host.stderr
+    assert f"gives module '{MODULE}'" in host.stderr and str(library) in host.stderr
+    # even when told to accept this host's value, the edit fails authentication
+    for tool in (["fsck", p11vol.backing], ["keys", "update", p11vol.backing, "x"]):
+        result = run_kmsfs(*tool, *p11vol.key_args, env=hsm.env, check=False)
+        assert not marker.exists(), "the planted PKCS#11 module was loaded"
+        assert result.returncode in (3, 5), result.stderr
+    update = run_kmsfs("keys", "update", p11vol.backing, "x", *p11vol.key_args, env=hsm.env,
+                       check=False)  # fmt: skip
+    assert update.returncode == 5 and "keys[0]" in update.stderr
+    assert not marker.exists()

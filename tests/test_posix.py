@@ -85,6 +85,10 @@ class Area:
     def key_file(self) -> Path:
         return self.vol.key_file
 
+    @property
+    def key_args(self) -> list[str]:
+        return self.vol.key_args
+
     def path(self, name: str) -> Path:
         return self.mountpoint / name
 
@@ -804,14 +808,19 @@ def test_offline_decrypt_equals_mount(mounted: Area, tmp_path: Path) -> None:
         )
         assert f"decrypted {len(data)} bytes" in result.stdout
         assert (out / name).read_bytes() == data, name
-    # Without --key-file it uses the key file init recorded.
-    run_kmsfs("decrypt", mounted.backing_path("sub/f1"), out / "again")
+    # Without --key-file it is refused, naming the option; the key file init recorded is
+    # used only when the operator trusts the backing directory.
+    bare = run_kmsfs("decrypt", mounted.backing_path("sub/f1"), out / "again", check=False)
+    assert bare.returncode == 3 and f"give --key-file {mounted.key_file}" in bare.stderr
+    run_kmsfs("decrypt", mounted.backing_path("sub/f1"), out / "again", "--trust-volume-settings")
     assert (out / "again").read_bytes() == files["f1"]
     mounted.mount()
     for name in files:
         assert mounted.path(f"sub/{name}").read_bytes() == (out / name).read_bytes()
     # It refuses to overwrite an existing output.
-    refused = run_kmsfs("decrypt", mounted.backing_path("sub/f1"), out / "f1", check=False)
+    refused = run_kmsfs(
+        "decrypt", mounted.backing_path("sub/f1"), out / "f1", *mounted.key_args, check=False
+    )
     assert refused.returncode != 0 and "exists" in refused.stderr
 
 

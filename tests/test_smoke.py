@@ -19,7 +19,7 @@ def test_write_read_remount(mounted: Volume) -> None:
 def test_second_mount_of_a_volume_is_refused(mounted: Volume) -> None:
     other = mounted.root / "mnt2"
     other.mkdir()
-    result = run_kmsfs("mount", mounted.backing, other, check=False)
+    result = run_kmsfs("mount", mounted.backing, other, *mounted.key_args, check=False)
     assert result.returncode == 7
     assert "in use by another kmsfs process" in result.stderr
     assert not os.path.ismount(other)

@@ -78,6 +78,11 @@ def patch(data: bytes, offset: int, value: bytes) -> bytes:
     return data[:offset] + value + data[offset + len(value) :]
 
 
+def inverted(data: bytes, offset: int) -> bytes:
+    """*data* with the byte at *offset* inverted (a random ID byte may already be 0xff)."""
+    return patch(data, offset, bytes([data[offset] ^ 0xFF]))
+
+
 @dataclass
 class Ctx:
     """What a tampering function may use: the victim's and donors' backing paths."""
@@ -209,12 +214,12 @@ CASES: list[tuple[str, Tamper, tuple[str, ...]]] = [
     ),
     (
         "header-volume-id-flipped",
-        lambda c: set_header(c.victim, patch(header_of(c.victim), 12, b"\xff")),
+        lambda c: set_header(c.victim, inverted(header_of(c.victim), 12)),
         ("volume", "key", "wrapped"),
     ),
     (
         "header-file-id-flipped",
-        lambda c: set_header(c.victim, patch(header_of(c.victim), 30, b"\xff")),
+        lambda c: set_header(c.victim, inverted(header_of(c.victim), 30)),
         ("key", "wrapped", "authentication"),
     ),
     (

@@ -2,15 +2,25 @@
 
 JSON, UTF-8, one object (see docs/FORMAT.md, "Volume config")::
 
-    {"kmsfs_volume": 1, "volume_id": "<32 hex>", "suite": "AES-256-GCM/HKDF-SHA256",
+    {"kmsfs_volume": 2, "volume_id": "<32 hex>", "suite": "AES-256-GCM/HKDF-SHA256",
      "block_size": 4096, "created": "<ISO 8601>",
      "keys": [{"provider": "local", "key_ref": "...", "settings": {...},
-               "check": "<base64 wrapped key-check key>"}, ...]}
+               "check": "<base64>", "tag": "<base64>"}, ...],
+     "tags": {"kmsfs_volume": "<base64>", "volume_id": ..., "suite": ..., "block_size": ...,
+              "created": ..., "keys": ...}}
 
-``settings`` holds what a provider needs to find its master key, never a
-secret in the clear.  ``check`` is a random key wrapped by that master key for
-the key-check context; unwrapping it at mount proves the key is the right one.
-Names starting with ``.kmsfs`` at the backing root are reserved for kmsfs.
+Format 2 is **authenticated**: every master key's ``check`` wraps the same
+random 32-byte *volume key*, and ``tags`` / ``keys[i].tag`` are HMAC-SHA256
+tags under a key derived from it (``config_mac_key``).  Whoever lacks a master
+key cannot add, remove, reorder or edit a key entry, nor change the block size
+or suite, without ``verify_tags`` naming what changed.  Format 1 (no tags,
+one independent check value per key) is still read; ``kmsfs`` migrates it.
+
+``settings`` are *hints* (docs/FORMAT.md): what init used to find each key.
+They are shown by ``keys list`` and compared at mount; code paths, endpoints
+and key-file paths in them are used only once the config is authenticated, or
+when the operator says to trust them.  Names starting with ``.kmsfs`` at the
+backing root are reserved for kmsfs.  Nothing here imports FUSE or an SDK.
 """
 
 from __future__ import annotations
@@ -18,34 +28,71 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime as dt
+import hashlib
+import hmac
 import json
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kmsfs.errors import ConfigError, FormatError
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from kmsfs.durable import write_durably
+from kmsfs.errors import ConfigError, ConfigTampered, FormatError
 from kmsfs.format.header import ID_SIZE, check_block_size
 
 CONFIG_NAME = ".kmsfs.json"
 STATE_DIR_NAME = ".kmsfs.d"
 RESERVED_PREFIX = ".kmsfs"
-CONFIG_VERSION = 1
+CONFIG_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 SUITE_NAME = "AES-256-GCM/HKDF-SHA256"
 DEFAULT_BLOCK_SIZE = 4096
 MAX_CONFIG_SIZE = 1 << 20
+MAX_KEYS = 64
+VOLUME_KEY_SIZE = 32
+TAG_SIZE = 32
+MAC_LABEL = b"kmsfs/v2/config-mac"
+TOP_FIELDS = ("kmsfs_volume", "volume_id", "suite", "block_size", "created", "keys")
+KEY_FIELDS = ("provider", "key_ref", "settings", "check")
+
+
+def canonical_json(value: Any) -> bytes:
+    """RFC 8785 form for the strings, integers, lists and objects a config holds."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def config_mac_key(volume_key: bytes | bytearray, volume_id: bytes) -> bytes:
+    """The HMAC key of a format-2 config: HKDF-SHA256(volume key, info = label || volume ID)."""
+    if len(volume_key) != VOLUME_KEY_SIZE:
+        raise ValueError(f"volume key of {len(volume_key)} bytes: want {VOLUME_KEY_SIZE}")
+    return HKDF(hashes.SHA256(), 32, salt=None, info=MAC_LABEL + volume_id).derive(
+        bytes(volume_key)
+    )
+
+
+def _mac(mac_key: bytes, kind: bytes, *parts: bytes) -> bytes:
+    return hmac.new(mac_key, kind + b"\0" + b"".join(parts), hashlib.sha256).digest()
 
 
 @dataclass
 class KeyConfig:
-    """One master key of the volume: its provider, identity, settings and check value."""
+    """One master key of the volume: provider, identity, hints, check value, tag.
+
+    ``tag`` is None in a format-1 config and in an entry not yet tagged.
+    """
 
     provider: str
     key_ref: str
     settings: dict[str, Any]
     check: bytes
+    tag: bytes | None = None
 
-    def to_json(self) -> dict[str, Any]:
+    def body(self) -> dict[str, Any]:
+        """The tagged fields, as JSON."""
         return {
             "provider": self.provider,
             "key_ref": self.key_ref,
@@ -53,33 +100,101 @@ class KeyConfig:
             "check": base64.b64encode(self.check).decode(),
         }
 
+    def to_json(self) -> dict[str, Any]:
+        data = self.body()
+        if self.tag is not None:
+            data["tag"] = base64.b64encode(self.tag).decode()
+        return data
+
+    def describe(self) -> str:
+        return f"{self.provider} key {self.key_ref}"
+
 
 @dataclass
 class VolumeConfig:
-    """The parsed volume config."""
+    """The parsed volume config.  ``tags`` is empty in format 1 (unauthenticated)."""
 
     volume_id: bytes
     block_size: int
     keys: list[KeyConfig]
     created: str = field(default_factory=lambda: dt.datetime.now(dt.UTC).isoformat())
     suite: str = SUITE_NAME
+    version: int = CONFIG_VERSION
+    tags: dict[str, bytes] = field(default_factory=dict)
 
-    def to_json(self) -> dict[str, Any]:
+    @property
+    def authenticated_format(self) -> bool:
+        """True for format 2 (tags present); False for a format-1 config."""
+        return self.version >= 2
+
+    def field_values(self) -> dict[str, Any]:
+        """The top-level fields, as JSON, keys excluded."""
         return {
-            "kmsfs_volume": CONFIG_VERSION,
+            "kmsfs_volume": self.version,
             "volume_id": self.volume_id.hex(),
             "suite": self.suite,
             "block_size": self.block_size,
             "created": self.created,
-            "keys": [key.to_json() for key in self.keys],
         }
+
+    def to_json(self) -> dict[str, Any]:
+        data = {**self.field_values(), "keys": [key.to_json() for key in self.keys]}
+        if self.tags:
+            data["tags"] = {name: base64.b64encode(tag).decode() for name, tag in self.tags.items()}
+        return data
 
     def dumps(self) -> str:
         return json.dumps(self.to_json(), indent=2, sort_keys=True) + "\n"
 
+    # -- authentication (format 2) -------------------------------------------
+
+    def seal(self, volume_key: bytes | bytearray) -> None:
+        """Make this a format-2 config and (re)compute every tag under *volume_key*."""
+        self.version = CONFIG_VERSION
+        mac_key = config_mac_key(volume_key, self.volume_id)
+        for key in self.keys:
+            key.tag = _mac(mac_key, b"key", canonical_json(key.body()))
+        self.tags = _field_tags(mac_key, self)
+
+    def verify(self, volume_key: bytes | bytearray, where: str = CONFIG_NAME) -> None:
+        """ConfigTampered naming every field and key entry whose tag does not match.
+
+        Also raised for a format-1 config (nothing to verify): callers check
+        ``authenticated_format`` first and migrate.
+        """
+        if not self.authenticated_format:
+            raise ConfigTampered(f"{where}: format 1 has no tags to verify")
+        mac_key = config_mac_key(volume_key, self.volume_id)
+        changed = [
+            f"{name} (now {value!r})"
+            for name, value in self.field_values().items()
+            if not _tag_ok(
+                self.tags.get(name),
+                _mac(mac_key, b"field", name.encode(), b"\0", canonical_json(value)),
+            )
+        ]
+        for index, key in enumerate(self.keys):
+            if not _tag_ok(key.tag, _mac(mac_key, b"key", canonical_json(key.body()))):
+                changed.append(f"keys[{index}] ({key.describe()}: added or edited)")
+        if not _tag_ok(self.tags.get("keys"), _keys_tag(mac_key, self.keys)) and not any(
+            item.startswith("keys[") for item in changed
+        ):
+            changed.append("keys (an entry was removed or the order changed)")
+        if changed:
+            raise ConfigTampered(
+                f"{where} was changed by someone without a master key of this volume (or is"
+                f" damaged): {'; '.join(changed)}. Restore it from a backup, or ask who edited"
+                " it; keys are added and removed with 'kmsfs keys', never by hand",
+                changed=changed,
+            )
+
     @classmethod
     def loads(cls, text: str, where: str = CONFIG_NAME) -> VolumeConfig:
-        """Parse config text; raise ConfigError naming the field and the problem."""
+        """Parse config text; raise ConfigError naming the field and the problem.
+
+        Parsing checks form only: a format-2 config must still be verified
+        (``verify``) with the volume key before anything in it is trusted.
+        """
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
@@ -89,8 +204,15 @@ class VolumeConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"{where}: want a JSON object")
         version = data.get("kmsfs_volume")
-        if version != CONFIG_VERSION:
-            raise ConfigError(f"{where}: kmsfs_volume is {version!r}, this kmsfs reads 1")
+        if isinstance(version, bool) or version not in READABLE_VERSIONS:
+            raise ConfigError(
+                f"{where}: kmsfs_volume is {version!r}, this kmsfs reads"
+                f" {' and '.join(map(str, READABLE_VERSIONS))}"
+            )
+        if version >= 2:
+            unknown = sorted(set(data) - set(TOP_FIELDS) - {"tags"})
+            if unknown:
+                raise ConfigError(f"{where}: unknown fields {', '.join(unknown)}")
         suite = _field(data, "suite", str, where)
         if suite != SUITE_NAME:
             raise ConfigError(f"{where}: suite {suite!r} is not supported (want {SUITE_NAME})")
@@ -107,9 +229,38 @@ class VolumeConfig:
         raw_keys = _field(data, "keys", list, where)
         if not raw_keys:
             raise ConfigError(f"{where}: keys is empty; a volume needs at least one master key")
-        keys = [_parse_key(raw, f"{where}: keys[{i}]") for i, raw in enumerate(raw_keys)]
+        if len(raw_keys) > MAX_KEYS:
+            raise ConfigError(f"{where}: {len(raw_keys)} keys; at most {MAX_KEYS}")
+        keys = [_parse_key(raw, f"{where}: keys[{i}]", version) for i, raw in enumerate(raw_keys)]
         created = data.get("created", "")
-        return cls(volume_id, block_size, keys, str(created), suite)
+        if not isinstance(created, str):
+            raise ConfigError(f"{where}: created must be a str, found {created!r}")
+        tags: dict[str, bytes] = {}
+        if version >= 2:
+            raw_tags = data.get("tags") or {}
+            if not isinstance(raw_tags, dict):
+                raise ConfigError(f"{where}: tags must be an object, found {raw_tags!r}")
+            for name in TOP_FIELDS:  # a missing tag is reported by verify, naming the field
+                if raw_tags.get(name) is not None:
+                    tags[name] = _b64(raw_tags[name], f"{where}: tags.{name}", TAG_SIZE)
+        return cls(volume_id, block_size, keys, created, suite, version, tags)
+
+
+def _field_tags(mac_key: bytes, config: VolumeConfig) -> dict[str, bytes]:
+    tags = {
+        name: _mac(mac_key, b"field", name.encode(), b"\0", canonical_json(value))
+        for name, value in config.field_values().items()
+    }
+    tags["keys"] = _keys_tag(mac_key, config.keys)
+    return tags
+
+
+def _keys_tag(mac_key: bytes, keys: list[KeyConfig]) -> bytes:
+    return _mac(mac_key, b"keys", *[key.tag or bytes(TAG_SIZE) for key in keys])
+
+
+def _tag_ok(have: bytes | None, want: bytes) -> bool:
+    return have is not None and hmac.compare_digest(have, want)
 
 
 def _field(data: dict[str, Any], name: str, kind: type, where: str) -> Any:
@@ -119,18 +270,35 @@ def _field(data: dict[str, Any], name: str, kind: type, where: str) -> Any:
     return value
 
 
-def _parse_key(raw: Any, where: str) -> KeyConfig:
+def _b64(value: Any, where: str, size: int | None = None) -> bytes:
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: want a base64 string, found {value!r}")
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):  # ValueError: non-ASCII characters
+        raise ConfigError(f"{where}: not valid base64") from None
+    if size is not None and len(raw) != size:
+        raise ConfigError(f"{where}: {len(raw)} bytes, want {size}")
+    return raw
+
+
+def _parse_key(raw: Any, where: str, version: int) -> KeyConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: want an object")
-    try:
-        check = base64.b64decode(_field(raw, "check", str, where), validate=True)
-    except (binascii.Error, ValueError):  # ValueError: non-ASCII characters
-        raise ConfigError(f"{where}: check is not valid base64") from None
+    if version >= 2:
+        unknown = sorted(set(raw) - set(KEY_FIELDS) - {"tag"})
+        if unknown:
+            raise ConfigError(f"{where}: unknown fields {', '.join(unknown)}")
+    check = _b64(raw.get("check"), f"{where}: check")
+    tag = None  # absent: an entry added without a master key; verify names it
+    if version >= 2 and raw.get("tag") is not None:
+        tag = _b64(raw["tag"], f"{where}: tag", TAG_SIZE)
     return KeyConfig(
         provider=_field(raw, "provider", str, where),
         key_ref=_field(raw, "key_ref", str, where),
         settings=_field(raw, "settings", dict, where),
         check=check,
+        tag=tag,
     )
 
 
@@ -139,15 +307,22 @@ def config_path(backing: str | os.PathLike[str]) -> Path:
 
 
 def load_config(backing: str | os.PathLike[str]) -> VolumeConfig:
-    """Read the volume config of *backing*; ConfigError if absent or malformed."""
+    """Read the volume config of *backing* (never through a symlink); ConfigError if absent
+    or malformed.  The result is not yet verified: see ``VolumeConfig.verify``."""
     path = config_path(backing)
     try:
-        with open(path, "rb") as handle:
-            raw = handle.read(MAX_CONFIG_SIZE + 1)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except FileNotFoundError:
         raise ConfigError(
             f"{backing} is not a kmsfs volume (no {CONFIG_NAME}; create one with 'kmsfs init')"
         ) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        with os.fdopen(fd, "rb") as handle:
+            if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+                raise ConfigError(f"{path}: not a regular file")
+            raw = handle.read(MAX_CONFIG_SIZE + 1)
     except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
     if len(raw) > MAX_CONFIG_SIZE:
@@ -160,18 +335,8 @@ def load_config(backing: str | os.PathLike[str]) -> VolumeConfig:
 
 
 def save_config(backing: str | os.PathLike[str], config: VolumeConfig) -> None:
-    """Write the config atomically (temporary file, fsync, rename, fsync directory)."""
-    path = config_path(backing)
-    temp = path.with_name(path.name + ".tmp")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, config.dumps().encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(temp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    """Write the config atomically (temporary file, fsync, rename, fsync directory).
+
+    The caller seals a format-2 config first (``VolumeConfig.seal``).
+    """
+    write_durably(config_path(backing), config.dumps().encode())

@@ -312,22 +312,22 @@ def create(options: dict[str, Any], prompt: Prompt | None) -> AwsKmsProvider:
 def open_provider(
     settings: dict[str, Any], options: dict[str, Any], prompt: Prompt | None
 ) -> AwsKmsProvider:
-    """The provider of an existing volume; --kms-* options override the recorded settings.
+    """The provider of an existing volume: --kms-* options, else *settings* (trusted hints).
 
-    No KMS call unless --kms-key-id names the key other than by its recorded
-    ARN (then DescribeKey resolves it); the keyring's key check makes the first
-    Decrypt.
+    No KMS call when the key is named by its ARN (the recorded one, or an ARN
+    on the command line); otherwise DescribeKey resolves the ID or alias.  The
+    keyring's key check makes the first Decrypt.
     """
     recorded = settings.get("key_arn")
-    if not isinstance(recorded, str) or not recorded:
-        raise ConfigError("volume config: aws-kms settings have no key_arn")
     key_id = options.get("kms_key_id") or recorded
+    if not isinstance(key_id, str) or not key_id:
+        raise ConfigError("the aws-kms provider needs --kms-key-id (key ARN, ID or alias)")
     endpoint_url = options.get("kms_endpoint_url") or settings.get("endpoint_url")
     profile = options.get("kms_profile") or settings.get("profile")
     region = options.get("kms_region") or settings.get("region")
     client, region = _client(region, endpoint_url, profile, key_id)
     try:
-        arn = key_id if key_id == recorded else _describe(client, key_id)
+        arn = key_id if key_id == recorded or _arn_region(key_id) else _describe(client, key_id)
     except BaseException:
         client.close()
         raise

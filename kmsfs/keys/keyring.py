@@ -19,7 +19,7 @@ from typing import Any
 
 from kmsfs.errors import KmsfsError, ProviderError, WrongKeyError
 from kmsfs.format.header import FileHeader, WrappedKey
-from kmsfs.format.volume import KeyConfig, VolumeConfig
+from kmsfs.format.volume import KeyConfig
 from kmsfs.keys.cache import KeyCache
 from kmsfs.keys.prefetch import KeyPool
 from kmsfs.keys.provider import KeyContext, KeyProvider, wipe
@@ -46,10 +46,12 @@ EventSink = Callable[[KeyEvent], None]
 
 
 class Keyring:
-    """Attributes: volume_id, providers (in order), cache, inline, pool.
+    """Attributes: volume_id, providers (in order), cache, inline, pool, volume_key.
 
     ``pool`` (a KeyPool, started by the first ``new_file``) prefetches data keys
     when the first provider is not inline, so creates skip its round trip.
+    ``volume_key`` is the volume key every key-check value wraps (None for a
+    format-1 volume not migrated): tools need it to re-tag the volume config.
     """
 
     def __init__(
@@ -66,6 +68,7 @@ class Keyring:
         self.cache = cache if cache is not None else KeyCache()
         self.on_event = on_event
         self.inline = all(p.inline for p in providers)
+        self.volume_key: bytearray | None = None  # set by kmsfs.volume.open_volume
         first = providers[0]
         self.pool: KeyPool | None = None
         if not first.inline:
@@ -74,20 +77,6 @@ class Keyring:
                 lambda ctx: self._timed("prefetch", first, ctx, first.generate_data_key, ctx),
                 on_discard=lambda ctx: self._emit("discard", first, ctx, "ok", 0.0),
             )
-
-    def check(self, keys: list[KeyConfig]) -> None:
-        """Unwrap each provider's key-check value; WrongKeyError naming the key if one fails."""
-        context = KeyContext.key_check(self.volume_id)
-        by_ref = {key.key_ref: key for key in keys}
-        for provider in self.providers:
-            key = by_ref[provider.key_ref]
-            wrapped = WrappedKey(provider.name, provider.key_ref, key.check)
-            try:
-                wipe(self._timed("unwrap", provider, context, provider.unwrap, wrapped, context))
-            except WrongKeyError as exc:
-                raise WrongKeyError(
-                    f"{provider.describe()} is not this volume's key ({exc})"
-                ) from None
 
     def new_file(
         self, requester: dict[str, Any] | None = None
@@ -183,6 +172,7 @@ class Keyring:
         raise WrongKeyError(f"{what}: file key is wrapped by {have}; this volume has {want}")
 
     def close(self) -> None:
+        wipe(self.volume_key)
         if self.pool is not None:
             self.pool.close()
         self.cache.clear()
@@ -227,30 +217,59 @@ class Keyring:
         error: str = "",
         requester: dict[str, Any] | None = None,
     ) -> None:
-        if self.on_event is None:
-            return
-        self.on_event(
-            KeyEvent(
-                operation,
-                provider.name,
-                provider.key_ref,
-                context.volume_id.hex(),
-                context.file_id.hex() if context.purpose == "file" else context.purpose,
-                result,
-                round(latency_ms, 3),
-                error,
-                requester or {},
-            )
+        emit(self.on_event, operation, provider, context, result, latency_ms, error, requester)
+
+
+def emit(
+    on_event: EventSink | None,
+    operation: str,
+    provider: KeyProvider,
+    context: KeyContext,
+    result: str,
+    latency_ms: float,
+    error: str = "",
+    requester: dict[str, Any] | None = None,
+) -> None:
+    """Report one key use to *on_event* (audit log, metrics); no-op without a sink."""
+    if on_event is None:
+        return
+    on_event(
+        KeyEvent(
+            operation,
+            provider.name,
+            provider.key_ref,
+            context.volume_id.hex(),
+            context.file_id.hex() if context.purpose == "file" else context.purpose,
+            result,
+            round(latency_ms, 3),
+            error,
+            requester or {},
         )
+    )
 
 
-def open_keyring(
-    config: VolumeConfig,
-    providers: list[KeyProvider],
-    cache: KeyCache | None = None,
+def unwrap_check(
+    provider: KeyProvider,
+    key: KeyConfig,
+    volume_id: bytes,
     on_event: EventSink | None = None,
-) -> Keyring:
-    """A keyring for *config* whose key-check values have been verified."""
-    keyring = Keyring(config.volume_id, providers, cache, on_event)
-    keyring.check(config.keys)
-    return keyring
+    version: int = 2,
+) -> bytearray:
+    """Unwrap *key*'s key-check value with *provider* (audited as an unwrap).
+
+    Raises WrongKeyError naming the key if *provider* is not this volume's key
+    (or the check was made for another config format: no downgrade).
+    """
+    context = KeyContext.key_check(volume_id, version)
+    wrapped = WrappedKey(provider.name, provider.key_ref, key.check)
+    start = time.monotonic()
+    try:
+        value = provider.unwrap(wrapped, context)
+    except KmsfsError as exc:
+        elapsed = (time.monotonic() - start) * 1000
+        emit(on_event, "unwrap", provider, context, type(exc).__name__, elapsed, str(exc))
+        if isinstance(exc, WrongKeyError):
+            raise WrongKeyError(f"{provider.describe()} is not this volume's key ({exc})") from None
+        raise
+    emit(on_event, "unwrap", provider, context, "ok", (time.monotonic() - start) * 1000)
+    return value

@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from kmsfs.errors import ConfigError, FormatError, WrongKeyError
+from kmsfs.errors import ConfigError, WrongKeyError
 from kmsfs.format.header import WrappedKey
 from kmsfs.keys.provider import DATA_KEY_SIZE, KeyContext, KeyProvider
 from kmsfs.keys.secrets import Prompt, get_text_secret, read_secret_file
@@ -34,6 +34,11 @@ KEY_FILE_TAG = "kmsfs-local-key-v1"
 BLOB_VERSION = 1
 NONCE_SIZE = 12
 ARGON2_DEFAULTS = {"memory_kib": 65536, "iterations": 3, "lanes": 4}
+# Bounds on parameters read from the (not yet authenticated) volume config: a planted
+# config must not make mount allocate or compute without limit.
+ARGON2_LIMITS = {"memory_kib": (8, 4 * 1024 * 1024), "iterations": (1, 64), "lanes": (1, 64)}
+SALT_SIZES = (16, 64)
+PASSPHRASE_AAD = b"kmsfs/v1/passphrase"
 
 
 def _hkdf(master: bytes, label: bytes, length: int = 32) -> bytes:
@@ -128,6 +133,55 @@ class LocalProvider(KeyProvider):
             ) from None
 
 
+def wrap_master(master: bytes, passphrase: str) -> dict[str, Any]:
+    """``settings.passphrase``: *master* wrapped under Argon2id(*passphrase*, new salt)."""
+    salt = os.urandom(16)
+    params = dict(ARGON2_DEFAULTS)
+    nonce = os.urandom(NONCE_SIZE)
+    wrapped = nonce + AESGCM(_argon2(passphrase, salt, params)).encrypt(
+        nonce, master, PASSPHRASE_AAD
+    )
+    return {
+        "kdf": "argon2id",
+        **params,
+        "salt": base64.b64encode(salt).decode(),
+        "wrapped_master": base64.b64encode(wrapped).decode(),
+    }
+
+
+def unlock_master(stored: Any, passphrase: str) -> bytes:
+    """The master key in ``settings.passphrase`` *stored*.
+
+    Raises ConfigError if the settings are malformed or their cost parameters
+    are out of bounds (ARGON2_LIMITS), WrongKeyError for a wrong passphrase.
+    """
+    where = "volume config: passphrase settings"
+    if not isinstance(stored, dict) or stored.get("kdf") != "argon2id":
+        raise ConfigError(f"{where} are malformed (want kdf argon2id)")
+    params: dict[str, int] = {}
+    for name, (low, high) in ARGON2_LIMITS.items():
+        value = stored.get(name)
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            raise ConfigError(f"{where}: {name} is {value!r}, want an integer {low}..{high}")
+        params[name] = value
+    if params["memory_kib"] < 8 * params["lanes"]:
+        raise ConfigError(f"{where}: memory_kib must be at least 8 x lanes")
+    try:
+        salt = base64.b64decode(stored["salt"], validate=True)
+        wrapped = base64.b64decode(stored["wrapped_master"], validate=True)
+    except (KeyError, ValueError, TypeError, binascii.Error) as exc:
+        raise ConfigError(f"{where} are malformed ({exc})") from None
+    if not SALT_SIZES[0] <= len(salt) <= SALT_SIZES[1]:
+        raise ConfigError(f"{where}: salt of {len(salt)} bytes, want 16..64")
+    if len(wrapped) != NONCE_SIZE + DATA_KEY_SIZE + 16:
+        raise ConfigError(f"{where}: wrapped_master of {len(wrapped)} bytes, want 60")
+    try:
+        kek = AESGCM(_argon2(passphrase, salt, params))
+        return kek.decrypt(wrapped[:NONCE_SIZE], wrapped[NONCE_SIZE:], PASSPHRASE_AAD)
+    except InvalidTag:
+        raise WrongKeyError("wrong passphrase for this volume") from None
+
+
 def create(options: dict[str, Any], prompt: Prompt | None) -> LocalProvider:
     """The master key for a new volume: an existing or new key file, or a passphrase."""
     key_file = options.get("key_file")
@@ -144,49 +198,24 @@ def create(options: dict[str, Any], prompt: Prompt | None) -> LocalProvider:
         options.get("passphrase_file"), "kmsfs-passphrase", "passphrase", prompt, confirm=True
     )
     master = os.urandom(DATA_KEY_SIZE)
-    salt = os.urandom(16)
-    params = dict(ARGON2_DEFAULTS)
-    kek = AESGCM(_argon2(passphrase, salt, params))
-    nonce = os.urandom(NONCE_SIZE)
-    wrapped = nonce + kek.encrypt(nonce, master, b"kmsfs/v1/passphrase")
-    settings = {
-        "passphrase": {
-            "kdf": "argon2id",
-            **params,
-            "salt": base64.b64encode(salt).decode(),
-            "wrapped_master": base64.b64encode(wrapped).decode(),
-        }
-    }
-    return LocalProvider(master, settings)
+    return LocalProvider(master, {"passphrase": wrap_master(master, passphrase)})
 
 
 def open_provider(
     settings: dict[str, Any], options: dict[str, Any], prompt: Prompt | None
 ) -> LocalProvider:
-    """The provider for an existing volume; --key-file / --passphrase-file override settings."""
+    """The provider for an existing volume: --key-file, else a recorded (trusted) key file,
+    else the passphrase (--passphrase-file, credential or prompt)."""
     key_file = options.get("key_file")
     if not key_file and not options.get("passphrase_file"):
         key_file = settings.get("key_file")
     if key_file:
         master = parse_key_file(read_secret_file(key_file, "key file"), str(key_file))
-        return LocalProvider(master, settings)
+        return LocalProvider(master, {**settings, "key_file": str(Path(key_file).absolute())})
     stored = settings.get("passphrase")
-    if not isinstance(stored, dict):
+    if stored is None:
         raise ConfigError("this volume's local key is a key file: give --key-file")
-    try:
-        params = {name: int(stored[name]) for name in ARGON2_DEFAULTS}
-        salt = base64.b64decode(stored["salt"], validate=True)
-        wrapped = base64.b64decode(stored["wrapped_master"], validate=True)
-    except (KeyError, ValueError, TypeError, binascii.Error) as exc:
-        raise ConfigError(f"volume config: passphrase settings are malformed ({exc})") from None
     passphrase = get_text_secret(
         options.get("passphrase_file"), "kmsfs-passphrase", "passphrase", prompt
     )
-    try:
-        kek = AESGCM(_argon2(passphrase, salt, params))
-        master = kek.decrypt(wrapped[:NONCE_SIZE], wrapped[NONCE_SIZE:], b"kmsfs/v1/passphrase")
-    except InvalidTag:
-        raise WrongKeyError("wrong passphrase for this volume") from None
-    except (ValueError, FormatError) as exc:
-        raise ConfigError(f"volume config: passphrase settings are malformed ({exc})") from None
-    return LocalProvider(master, settings)
+    return LocalProvider(unlock_master(stored, passphrase), settings)

@@ -688,11 +688,16 @@ def create(options: dict[str, Any], prompt: Prompt | None) -> Pkcs11Provider:
 def open_provider(
     settings: dict[str, Any], options: dict[str, Any], prompt: Prompt | None
 ) -> Pkcs11Provider:
-    """The provider for an existing volume; --pkcs11-module/-token/-key override the settings."""
+    """The provider for an existing volume: --pkcs11-module/-token/-key, else *settings*.
+
+    *settings* carries the module, token and key only when the caller trusts the
+    recorded hints (kmsfs.keys.registry); the key's CKA_ID, type and mechanism
+    are used to find the same key again, and the key_ref and key check verify it.
+    """
     module = _required(options, settings, "module", "--pkcs11-module")
     token = _required(options, settings, "token", "--pkcs11-token")
     key = _required(options, settings, "key", "--pkcs11-key")
-    same_key = key == settings.get("key") and token == settings.get("token")
+    same_key = settings.get("key") in (None, key) and settings.get("token") in (None, token)
     try:
         key_id = bytes.fromhex(str(settings.get("key_id") or "")) if same_key else None
     except ValueError:

@@ -27,7 +27,8 @@ from kmsfs.format.header import ID_SIZE, WrappedKey
 
 DATA_KEY_SIZE = 32
 PURPOSE_FILE = "file"
-PURPOSE_KEY_CHECK = "key-check"
+PURPOSE_KEY_CHECK = "key-check"  # format 1: a random key per master key
+PURPOSE_VOLUME_KEY = "volume-key"  # format 2: the volume key, the same under every master key
 
 
 @dataclass(frozen=True)
@@ -48,8 +49,11 @@ class KeyContext:
             raise ValueError("volume and file IDs must be 16 bytes")
 
     @classmethod
-    def key_check(cls, volume_id: bytes) -> KeyContext:
-        return cls(volume_id, bytes(ID_SIZE), PURPOSE_KEY_CHECK)
+    def key_check(cls, volume_id: bytes, version: int = 2) -> KeyContext:
+        """The context of a config's key-check value: format 1's random key, or (format 2)
+        the volume key.  Distinct purposes, so a format-2 config cannot pass as format 1."""
+        purpose = PURPOSE_KEY_CHECK if version < 2 else PURPOSE_VOLUME_KEY
+        return cls(volume_id, bytes(ID_SIZE), purpose)
 
     def as_dict(self) -> dict[str, str]:
         context = {"kmsfs:volume-id": self.volume_id.hex(), "kmsfs:file-id": self.file_id.hex()}

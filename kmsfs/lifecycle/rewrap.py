@@ -42,10 +42,10 @@ from typing import Any
 
 from kmsfs.errors import FormatError, KmsfsError, UsageError
 from kmsfs.format.header import MAX_ENTRIES, FileHeader, WrappedKey
-from kmsfs.format.volume import KeyConfig, VolumeConfig, load_config, save_config
+from kmsfs.format.volume import load_config
 from kmsfs.keys.cache import KeyCache
 from kmsfs.keys.keyring import Keyring
-from kmsfs.keys.provider import KeyContext, KeyProvider, random_key, wipe
+from kmsfs.keys.provider import KeyContext, KeyProvider, wipe
 from kmsfs.keys.registry import create_provider, open_provider
 from kmsfs.keys.secrets import Prompt
 from kmsfs.lifecycle.common import (
@@ -62,7 +62,7 @@ from kmsfs.lifecycle.common import (
     save_journal,
     walk_files,
 )
-from kmsfs.volume import open_providers
+from kmsfs.volume import new_key_config, open_volume, save_volume_config
 
 JOURNAL = "rewrap"
 MAX_PASSES = 5  # cover passes on a mounted volume, until one finds nothing new
@@ -97,22 +97,6 @@ def _old_prompt(prompt: Prompt | None) -> Prompt | None:
     return lambda text, confirm: prompt(f"Current {text[0].lower()}{text[1:]}", confirm)
 
 
-def _keyring(
-    config: VolumeConfig, keys: list[KeyConfig], options: dict[str, Any], prompt: Prompt | None
-) -> Keyring | None:
-    """A keyring (no key cache) over *keys*, key checks verified; None if *keys* is empty."""
-    if not keys:
-        return None
-    providers = open_providers(dataclasses.replace(config, keys=keys), options, prompt)
-    keyring = Keyring(config.volume_id, providers, KeyCache(0, 0))
-    try:
-        keyring.check(keys)
-    except BaseException:
-        keyring.close()
-        raise
-    return keyring
-
-
 def rewrap_volume(
     backing: str | os.PathLike[str],
     provider_name: str,
@@ -126,33 +110,37 @@ def rewrap_volume(
 ) -> RewrapReport:
     """Wrap every file key under the master key that *new_options* describe.
 
-    With *retire_old* the volume's other keys are removed once every file is
-    covered (rewrap); without, they stay (keys add).  Raises ConfigError or a
-    ProviderError if a key cannot be opened, LifecycleError if another
-    operation's journal is pending.  Per-file failures are listed in the report.
+    The volume is opened (and its config authenticated) with *old_options*,
+    which name a current key on this host.  With *retire_old* the volume's
+    other keys are removed once every file is covered (rewrap); without, they
+    stay (keys add).  Raises ConfigError or a ProviderError if a key cannot be
+    opened, ConfigTampered if the config fails authentication, LifecycleError
+    if another operation's journal is pending.  Per-file failures are listed
+    in the report.
     """
     root = Path(backing).absolute()
     operation = "rewrap" if retire_old else "add"
     started = time.monotonic()
     report = RewrapReport(dry_run=dry_run)
-    config = load_config(root)
     journal = load_journal(root, JOURNAL)
-    refs = [key.key_ref for key in config.keys]
     if journal is not None and journal.get("operation") != operation:
         raise LifecycleError(
             f"a 'kmsfs {_command(journal)}' is not finished on {root}: run it again to finish it"
         )
     if journal is not None and journal.get("phase") == "strip":
         report.new_key = str(journal.get("new_key", ""))
-        _switch_and_strip(root, journal, report, show_progress)
+        _switch_and_strip(root, journal, report, show_progress, new_options, prompt)
         report.seconds = time.monotonic() - started
         return report
-    if journal is not None and journal.get("new_key") not in refs:
-        journal = None  # stopped before the key was added: nothing was done yet
 
     new: KeyProvider | None = None
-    old_ring: Keyring | None = None
+    config, old_ring = open_volume(
+        root, old_options, _old_prompt(prompt), KeyCache(0, 0), migrate=not dry_run
+    )
     try:
+        refs = [key.key_ref for key in config.keys]
+        if journal is not None and journal.get("new_key") not in refs:
+            journal = None  # stopped before the key was added: nothing was done yet
         if journal is not None:
             key = config.keys[refs.index(journal["new_key"])]
             try:
@@ -171,7 +159,6 @@ def rewrap_volume(
         old_keys = [key for key in config.keys if key.key_ref != new_ref]
         if not retire_old and new_ref in refs and journal is None:
             raise UsageError(f"{new_ref} is already a key of this volume")
-        old_ring = _keyring(config, old_keys, old_options, _old_prompt(prompt))
         if not dry_run:
             assert new is not None
             if journal is None:
@@ -184,8 +171,9 @@ def rewrap_volume(
                 }
                 save_journal(root, JOURNAL, journal)
             if new_ref not in refs:
-                config.keys.append(_key_config(new, config.volume_id))
-                save_config(root, config)
+                volume_key = _volume_key(old_ring)
+                config.keys.append(new_key_config(new, config.volume_id, volume_key))
+                save_volume_config(root, config, old_ring)
         mounted = mountpoints_of(root)
         report.mounted_at = mounted[0] if mounted else None
         for number in range(1, MAX_PASSES + 1):
@@ -196,8 +184,7 @@ def rewrap_volume(
             if dry_run or not mountpoints_of(root) or changed == 0:
                 break
     finally:
-        if old_ring is not None:
-            old_ring.close()
+        old_ring.close()
         if new is not None:
             new.close()
     report.mounted_at = (mountpoints_of(root) or [None])[0]
@@ -207,21 +194,35 @@ def rewrap_volume(
     assert journal is not None
     journal["phase"] = "strip"
     save_journal(root, JOURNAL, journal)
-    _switch_and_strip(root, journal, report, show_progress)
+    _switch_and_strip(root, journal, report, show_progress, new_options, prompt)
     report.seconds = time.monotonic() - started
     return report
+
+
+def _volume_key(ring: Keyring) -> bytes:
+    """The volume key of an opened, migrated volume (see ``save_volume_config``)."""
+    if ring.volume_key is None:
+        raise LifecycleError(
+            "this volume's config is still format 1 (unauthenticated) because not every key"
+            " could be opened: give every key's options once so it is migrated"
+        )
+    return bytes(ring.volume_key)
 
 
 def remove_key(
     backing: str | os.PathLike[str],
     key_ref: str,
+    options: dict[str, Any],
+    prompt: Prompt | None = None,
     force: bool = False,
     show_progress: bool | None = None,
 ) -> RewrapReport:
     """Remove master key *key_ref* from the volume and strip its header entries.
 
-    Offline only.  Refuses the last key, and (unless *force*) refuses when a
-    file has no entry for any remaining key (it would become unreadable).
+    *options* name a key of the volume on this host (to authenticate the
+    config and re-tag it).  Offline only.  Refuses the last key, and (unless
+    *force*) refuses when a file has no entry for any remaining key (it would
+    become unreadable).
     """
     root = Path(backing).absolute()
     started = time.monotonic()
@@ -261,7 +262,7 @@ def remove_key(
             "started": dt.datetime.now(dt.UTC).isoformat(),
         }
         save_journal(root, JOURNAL, journal)
-    _switch_and_strip(root, journal, report, show_progress)
+    _switch_and_strip(root, journal, report, show_progress, options, prompt)
     report.seconds = time.monotonic() - started
     return report
 
@@ -276,15 +277,6 @@ def _would_create(provider_name: str, options: dict[str, Any]) -> bool:
         return False
     key_file = options.get("key_file")
     return not key_file or not Path(key_file).exists()
-
-
-def _key_config(provider: KeyProvider, volume_id: bytes) -> KeyConfig:
-    check_key = random_key()
-    try:
-        check = provider.wrap(check_key, KeyContext.key_check(volume_id))
-    finally:
-        wipe(check_key)
-    return KeyConfig(provider.name, provider.key_ref, provider.settings(), check.blob)
 
 
 def _header_or_none(entry: Entry) -> FileHeader | None:
@@ -396,20 +388,32 @@ def _cover_pass(
 
 
 def _switch_and_strip(
-    root: Path, journal: dict[str, Any], report: RewrapReport, show_progress: bool | None
+    root: Path,
+    journal: dict[str, Any],
+    report: RewrapReport,
+    show_progress: bool | None,
+    options: dict[str, Any],
+    prompt: Prompt | None,
 ) -> None:
-    """Remove the retired keys from the config (idempotent), then from every header."""
+    """Remove the retired keys from the config (idempotent), then from every header.
+
+    *options* name a key of the volume on this host: the config is opened
+    (authenticated) with it and re-tagged after the switch.
+    """
     retire = set(journal.get("retire", []))
     report.retired = sorted(retire)
     if retire:
         refuse_if_mounted(root, "switching the volume to the new key")
-        config = load_config(root)
-        keep = [key for key in config.keys if key.key_ref not in retire]
-        if not keep:
-            raise LifecycleError("refusing to remove every key of the volume")
-        if len(keep) != len(config.keys):
-            config.keys = keep
-            save_config(root, config)
+        config, ring = open_volume(root, options, prompt, KeyCache(0, 0), migrate=True)
+        try:
+            keep = [key for key in config.keys if key.key_ref not in retire]
+            if not keep:
+                raise LifecycleError("refusing to remove every key of the volume")
+            if len(keep) != len(config.keys):
+                config.keys = keep
+                save_volume_config(root, config, ring)
+        finally:
+            ring.close()
         entries = list(walk_files(root))
         progress = Progress("removing old entries", len(entries), enabled=show_progress)
         try:

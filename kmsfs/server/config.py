@@ -9,6 +9,8 @@ Schema (every key optional except where the command line does not supply it)::
     log_file = "/var/log/kmsfs.log"   # default: stderr (the journal under systemd)
     audit_log = "/var/log/kmsfs/data-audit.jsonl"
     metrics_listen = "127.0.0.1:9750" # Prometheus endpoint (needs kmsfs[metrics])
+    trust_volume_settings = false     # true: find keys with the settings recorded in the
+                                      # backing directory (only if nobody else can write it)
 
     [provider]
     type = "local"                    # local, aws-kms, pkcs11
@@ -20,11 +22,15 @@ Schema (every key optional except where the command line does not supply it)::
     max_entries = 10000               # unwrapped file keys kept in memory
     max_age = 3600                    # seconds
 
-Precedence: the command line over this file over the settings recorded in the
-volume (``.kmsfs.json``).  The file is validated whole when it is loaded and a
-ConfigError names the file, the key and the problem.  Secrets (passphrases,
-PINs, key material) are refused here: they come from files named by
-``*_file`` keys, from systemd credentials or from a prompt.
+Precedence: the command line over this file.  The settings recorded in the
+volume (``.kmsfs.json``) are hints, used only once the volume config is
+authenticated or with ``trust_volume_settings`` (docs/FORMAT.md, "Threat model").
+The file names code to load and endpoints to contact, so it must be owned by
+root (or the user running kmsfs) and not writable by group or others.  The
+file is validated whole when it is loaded and a ConfigError names the file,
+the key and the problem.  Secrets (passphrases, PINs, key material) are
+refused here: they come from files named by ``*_file`` keys, from systemd
+credentials or from a prompt.
 """
 
 from __future__ import annotations
@@ -95,6 +101,7 @@ TOP_LEVEL = {
     "metrics_listen",
     "provider",
     "cache",
+    "trust_volume_settings",
 }
 CACHE_KEYS = {"max_entries", "max_age"}
 
@@ -121,6 +128,7 @@ class ServerConfig:
     log_file: str | None = None
     audit_log: str | None = None
     metrics_listen: str | None = None
+    trust_volume_settings: bool | None = None
 
     def cli_defaults(self) -> dict[str, Any]:
         """Values for click's ``default_map``: what the command line did not say.
@@ -137,6 +145,7 @@ class ServerConfig:
             "log_file": self.log_file,
             "audit_log": self.audit_log,
             "metrics_listen": self.metrics_listen,
+            "trust_volume_settings": self.trust_volume_settings,
             **self.provider_options,
         }
         return {name: value for name, value in values.items() if value is not None}
@@ -147,6 +156,7 @@ def load_server_config(path: str | os.PathLike[str]) -> ServerConfig:
     path = Path(path)
     try:
         with open(path, "rb") as handle:
+            _check_owner_and_mode(handle.fileno(), path)
             data = tomllib.load(handle)
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
@@ -155,6 +165,21 @@ def load_server_config(path: str | os.PathLike[str]) -> ServerConfig:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML ({exc})") from None
     return parse_server_config(data, path)
+
+
+def _check_owner_and_mode(fd: int, path: Path) -> None:
+    """ConfigError unless the open file *fd* is owned by root or us and not group/world-writable."""
+    st = os.fstat(fd)
+    if st.st_uid not in (0, os.geteuid()):
+        raise ConfigError(
+            f"config file {path} is owned by uid {st.st_uid}: it names code to load and"
+            f" endpoints to contact, so it must belong to root (chown root: {path})"
+        )
+    if st.st_mode & 0o022:
+        raise ConfigError(
+            f"config file {path} is writable by group or others (mode {st.st_mode & 0o777:o}):"
+            f" run chmod go-w {path}"
+        )
 
 
 def parse_server_config(data: dict[str, Any], path: Path) -> ServerConfig:
@@ -193,8 +218,12 @@ def parse_server_config(data: dict[str, Any], path: Path) -> ServerConfig:
         except ValueError as exc:
             raise ConfigError(f"{where}: metrics_listen: {exc}") from None
 
+    trust = data.get("trust_volume_settings")
+    if trust is not None and not isinstance(trust, bool):
+        raise ConfigError(f"{where}: trust_volume_settings must be true or false, not {trust!r}")
     return ServerConfig(
         path=path,
+        trust_volume_settings=trust,
         backing=_abs_path(data, "backing", where),
         mountpoint=_abs_path(data, "mountpoint", where),
         provider_type=provider_type,
