@@ -13,6 +13,7 @@ never key material, passphrases or PINs.
 from __future__ import annotations
 
 import logging
+import logging.handlers
 import os
 import sys
 from typing import TextIO
@@ -66,3 +67,30 @@ def stderr_formatter(stream: TextIO | None = None) -> logging.Formatter:
     if stderr_is_journal(stream):
         return JournalFormatter()
     return logging.Formatter(PLAIN_FORMAT)
+
+
+def setup_logging(level: str, log_file: str | None = None, background: bool = False) -> None:
+    """Log to *log_file*, else stderr; a background daemon without a file logs to syslog."""
+    handlers: list[logging.Handler] = []
+    if log_file:
+        handlers.append(logging.FileHandler(log_file))
+    elif background and os.path.exists("/dev/log"):
+        syslog = logging.handlers.SysLogHandler(address="/dev/log")
+        syslog.ident = "kmsfs: "
+        handlers.append(syslog)
+    if not log_file and not background:
+        stderr = logging.StreamHandler(sys.stderr)
+        stderr.setFormatter(stderr_formatter())  # journald-style under systemd
+        handlers.append(stderr)
+    if not handlers:  # a background daemon with nowhere to log: errors go through the pipe
+        handlers.append(logging.NullHandler())
+    for handler in handlers:
+        if handler.formatter is None:
+            handler.setFormatter(
+                logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+            )
+    root = logging.getLogger()
+    root.handlers[:] = handlers
+    root.setLevel(level.upper())
+    logging.getLogger("botocore").setLevel(logging.WARNING)
+    logging.getLogger("pyfuse3").setLevel(logging.WARNING)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import click
@@ -22,13 +22,26 @@ from kmsfs.server.runtime import ServerRuntime
 
 @dataclass
 class MountPlan:
-    """Attributes: backing and mountpoint (absolute), extra (FUSE options: the
-    config file's, then the command line's), runtime (status, metrics, notify)."""
+    """Everything ``kmsfs mount`` decided, for kmsfs/server/launch.py.
+
+    Attributes: backing and mountpoint (absolute), extra (FUSE options: the
+    config file's, then the command line's), runtime (status, metrics, notify),
+    key_options (what the providers read: this host's key options), prompt
+    (asks for a passphrase or PIN, or None), cache_max_entries/cache_max_age
+    (None: defaults), audit_log (absolute, or None), log_level, log_file.
+    """
 
     backing: str
     mountpoint: str
     extra: list[str]
     runtime: ServerRuntime
+    key_options: dict[str, Any] = field(default_factory=dict)
+    prompt: Callable[[str, bool], str] | None = None
+    cache_max_entries: int | None = None
+    cache_max_age: float | None = None
+    audit_log: str | None = None
+    log_level: str = "info"
+    log_file: str | None = None
 
 
 def mount_server_options(func: Callable[..., Any]) -> Callable[..., Any]:

@@ -23,7 +23,6 @@ or systemd (``defaults``, ``auto``, ``noauto``, ``user``, ``users``,
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -118,20 +117,3 @@ class MountHelperGroup(click.Group):
             args = command
         result: Any = super().parse_args(ctx, args)
         return list(result)
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    try:
-        command = translate(sys.argv[1:] if argv is None else argv)
-    except HelperUsage as exc:
-        print(f"mount.fuse.kmsfs: {exc}\n{USAGE}", file=sys.stderr)
-        sys.exit(2)
-    if command is None:
-        return
-    from kmsfs.cli import main as kmsfs_main
-
-    kmsfs_main(args=command, prog_name="kmsfs")
-
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,120 @@
+"""Starting the daemon for ``kmsfs mount``: open the volume, then serve in the foreground,
+or fork a daemon that reports back through a pipe once the mount answers.
+
+The command line and the config file are merged into one ``MountPlan``
+(kmsfs/server/mountcmd.py) before anything here runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+
+from kmsfs.errors import KmsfsError, MountError
+from kmsfs.server.logs import setup_logging
+from kmsfs.server.mountcmd import MountPlan
+
+log = logging.getLogger(__name__)
+
+
+def serve_plan(plan: MountPlan, on_ready: Callable[[], None] | None) -> None:
+    """Open the volume and serve it until unmounted (blocks).
+
+    Raises the errors of ``open_volume`` (ConfigError, ConfigTampered,
+    ProviderError...) and MountError; nothing is mounted then.
+    """
+    from kmsfs.audit import AuditLog
+    from kmsfs.daemon import serve
+    from kmsfs.keys.cache import KeyCache
+    from kmsfs.volume import open_volume
+
+    cache = KeyCache(
+        **({} if plan.cache_max_entries is None else {"max_entries": plan.cache_max_entries}),
+        **({} if plan.cache_max_age is None else {"max_age": plan.cache_max_age}),
+    )
+    audit = AuditLog(plan.audit_log) if plan.audit_log else None
+    try:
+        config, keyring = open_volume(
+            plan.backing,
+            plan.key_options,
+            plan.prompt,
+            cache,
+            audit,
+            migrate="ro" not in plan.extra,
+        )
+        services = [plan.runtime.run]
+        serve(
+            plan.backing, plan.mountpoint, config, keyring, plan.extra, on_ready, services=services
+        )
+    finally:
+        if audit is not None:
+            audit.close()
+
+
+def run_foreground(plan: MountPlan) -> None:
+    """Serve in this process, logging as the plan says (systemd's Type=notify path)."""
+    setup_logging(plan.log_level, plan.log_file)
+    serve_plan(plan, plan.runtime.on_ready)
+
+
+def run_in_background(plan: MountPlan) -> int:
+    """Fork a daemon; in the parent, return its pid once the mount answers.
+
+    Raises the daemon's error (its message and exit code) if it failed before
+    the mount answered: a KmsfsError subclass chosen by the exit code.
+    """
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(write_end)
+        with os.fdopen(read_end, "rb") as pipe:
+            message = pipe.read().decode(errors="replace")
+        if message.startswith("OK"):
+            return pid
+        if not message:
+            _, status = os.waitpid(pid, 0)
+            message = f"ERR 7 daemon exited (status {status}) before the mount answered"
+        _, code, text = message.split(" ", 2)
+        raise _error_for(int(code), text.strip())
+
+    os.close(read_end)
+    setup_logging(plan.log_level, plan.log_file, background=True)
+
+    def ready() -> None:
+        os.write(write_end, b"OK\n")
+        os.close(write_end)
+        os.setsid()
+        os.chdir("/")
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(devnull, fd)
+        os.close(devnull)
+
+    code = 0
+    try:
+        serve_plan(plan, ready)
+    except KmsfsError as exc:
+        code = exc.exit_code
+        _report(write_end, code, str(exc))
+    except BaseException as exc:  # the daemon must report, whatever happened
+        code = 1
+        _report(write_end, code, f"{type(exc).__name__}: {exc}")
+    finally:
+        logging.shutdown()
+        os._exit(code)
+
+
+def _error_for(code: int, text: str) -> KmsfsError:
+    """A KmsfsError carrying *text* whose exit code is *code*."""
+    error = MountError(text)
+    error.exit_code = code
+    return error
+
+
+def _report(fd: int, code: int, text: str) -> None:
+    log.error("%s", text)
+    try:
+        os.write(fd, f"ERR {code} {text}\n".encode())
+    except OSError:
+        pass  # the parent is gone or the pipe was already closed after readiness
