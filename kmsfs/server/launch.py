@@ -26,12 +26,12 @@ def serve_plan(plan: MountPlan, on_ready: Callable[[], None] | None) -> None:
     """
     from kmsfs.audit import AuditLog
     from kmsfs.daemon import serve
-    from kmsfs.keys.cache import KeyCache
+    from kmsfs.keys.cache import DEFAULT_MAX_AGE, DEFAULT_MAX_ENTRIES, KeyCache
     from kmsfs.volume import open_volume
 
     cache = KeyCache(
-        **({} if plan.cache_max_entries is None else {"max_entries": plan.cache_max_entries}),
-        **({} if plan.cache_max_age is None else {"max_age": plan.cache_max_age}),
+        DEFAULT_MAX_ENTRIES if plan.cache_max_entries is None else plan.cache_max_entries,
+        DEFAULT_MAX_AGE if plan.cache_max_age is None else plan.cache_max_age,
     )
     audit = AuditLog(plan.audit_log) if plan.audit_log else None
     try:
@@ -75,8 +75,8 @@ def run_in_background(plan: MountPlan) -> int:
         if not message:
             _, status = os.waitpid(pid, 0)
             message = f"ERR 7 daemon exited (status {status}) before the mount answered"
-        _, code, text = message.split(" ", 2)
-        raise _error_for(int(code), text.strip())
+        _, exit_code, text = message.split(" ", 2)
+        raise _error_for(int(exit_code), text.strip())
 
     os.close(read_end)
     setup_logging(plan.log_level, plan.log_file, background=True)
