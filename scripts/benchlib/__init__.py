@@ -1,0 +1,9 @@
+"""The benchmark harness behind ``scripts/bench`` (see docs/PERFORMANCE.md).
+
+Modules: ``common`` (running commands, /proc readings), ``systems`` (how each
+filesystem under test is created, mounted and unmounted), ``workloads`` (the
+rows), ``report`` (medians, ratios, the table), ``cli`` (options and the run
+loop).
+
+The harness itself uses only the standard library, so the system python3 runs it.
+"""
