@@ -73,7 +73,7 @@ def ensure_tools(names: list[str]) -> None:
         env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
         run(["apt-get", "update", "-qq"], env=env)
         run(["apt-get", "install", "-y", "-qq", *missing], env=env)
-    if ("kmsfs" in names or "passthrough" in names) and not KMSFS.exists():
+    if {"kmsfs", "passthrough", "floor"} & set(names) and not KMSFS.exists():
         log("no .venv yet: running scripts/setup")
         subprocess.run([str(ROOT / "scripts" / "setup")], check=True)
 
@@ -128,7 +128,8 @@ def positive(text: str) -> int:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="bench",
-        description="Benchmark kmsfs against gocryptfs, securefs and a plain directory.",
+        description="Benchmark kmsfs against gocryptfs, securefs, a plain directory and the"
+        " in-memory pyfuse3 floor (docs/PERFORMANCE.md).",
     )
     p.add_argument("--workdir", default="/var/tmp/kmsfs-bench", help="where volumes live")
     p.add_argument("--repeats", type=positive, default=3, help="repeats per workload (median)")
@@ -138,6 +139,7 @@ def parser() -> argparse.ArgumentParser:
         "--systems",
         default=DEFAULT_SYSTEMS,
         help=f"comma list of {','.join(SYSTEMS)} (default {DEFAULT_SYSTEMS};"
+        " floor = an in-memory pyfuse3 filesystem with trivial handlers;"
         " passthrough = pyfuse3's example, a Python ceiling, not a peer)",
     )
     p.add_argument(

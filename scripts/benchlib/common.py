@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent.parent
 VENV = ROOT / ".venv"
 VENV_PYTHON = VENV / "bin" / "python"
 KMSFS = VENV / "bin" / "kmsfs"
+BENCHLIB = Path(__file__).resolve().parent
 CMD_TIMEOUT = 1800.0
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 MB = 1_000_000

@@ -13,6 +13,7 @@ import tarfile
 from pathlib import Path
 
 from benchlib.common import (
+    BENCHLIB,
     KMSFS,
     VENV,
     VENV_PYTHON,
@@ -54,7 +55,7 @@ class System:
         drop_caches()
 
     def daemon_pid(self) -> int | None:
-        """The pid whose RSS and CPU are reported (kmsfs, and the Python ceiling)."""
+        """The pid whose RSS and CPU are reported (kmsfs, floor and passthrough)."""
         return None
 
     def force_cleanup(self) -> None:
@@ -310,7 +311,25 @@ class Passthrough(ForegroundDaemon):
         return [str(VENV_PYTHON), str(self.script), str(self.base / "source"), str(self.mnt)]
 
 
+class Floor(ForegroundDaemon):
+    """benchlib/floorfs.py: an in-memory pyfuse3 filesystem with trivial handlers.
+
+    The floor of kmsfs's stack (pyfuse3 + trio with kmsfs's settings, no backing
+    I/O, no crypto).  Its data lives in the daemon's memory, so a "cold" access
+    cannot remount it: remount_cold only drops the kernel's caches (as for
+    plain), and the next access goes to the daemon again.
+    """
+
+    name = "floor"
+
+    def command(self) -> list[str]:
+        return [str(VENV_PYTHON), str(BENCHLIB / "floorfs.py"), str(self.mnt)]
+
+    def remount_cold(self) -> None:
+        drop_caches()
+
+
 SYSTEMS: dict[str, type[System]] = {
-    cls.name: cls for cls in (Kmsfs, Gocryptfs, Securefs, Plain, Passthrough)
+    cls.name: cls for cls in (Kmsfs, Gocryptfs, Securefs, Plain, Floor, Passthrough)
 }
-DEFAULT_SYSTEMS = "kmsfs,gocryptfs,securefs,plain"
+DEFAULT_SYSTEMS = "kmsfs,gocryptfs,securefs,plain,floor"
