@@ -22,6 +22,7 @@ from benchlib.common import (
     FAILURES,
     KMSFS,
     ROOT,
+    MiB,
     log,
     pid_alive,
     proc_cpu,
@@ -31,6 +32,9 @@ from benchlib.common import (
 from benchlib.report import Results, Sample, fmt, render
 from benchlib.systems import DEFAULT_SYSTEMS, SYSTEMS, System
 from benchlib.workloads import FULL, QUICK, ROWS, Bench, Row, Sizes
+
+TREE_ROWS = {"untar", "ls", "readall", "rm"}
+GIT_ROWS = {"gitclone", "gitmake", "gitstatus", "gitrm"}
 
 
 def recreate(s: System) -> None:
@@ -61,12 +65,14 @@ def measure(bench: Bench, row: Row, system: System) -> Sample:
     return sample
 
 
-def ensure_tools(names: list[str]) -> None:
+def ensure_tools(names: list[str], rows: list[Row]) -> None:
     wanted = {"fio": "fio", "fusermount3": "fuse3", "tar": "tar"}
     if "gocryptfs" in names:
         wanted["gocryptfs"] = "gocryptfs"
     if "securefs" in names:
         wanted["securefs"] = "securefs"
+    if GIT_ROWS & {r.key for r in rows}:
+        wanted |= {"git": "git", "make": "make", "cc": "gcc"}
     missing = sorted({pkg for tool, pkg in wanted.items() if shutil.which(tool) is None})
     if missing:
         log(f"installing {' '.join(missing)} with apt-get")
@@ -98,12 +104,12 @@ def raise_fd_limit() -> None:
 
 
 def parse_rows(spec: str | None) -> list[Row]:
-    """The rows named in *spec* by key ("untar"), number ("7a") or group ("7")."""
+    """The rows named in *spec* by key ("untar"), number ("7a") or group ("7", "10")."""
     if not spec:
         return list(ROWS)
     chosen = []
     for item in (x.strip() for x in spec.split(",") if x.strip()):
-        matches = [r for r in ROWS if item in (r.key, r.number, r.number.rstrip("ab"))]
+        matches = [r for r in ROWS if item in (r.key, r.number, r.number.rstrip("abcd"))]
         if not matches:
             keys = ", ".join(f"{r.number}={r.key}" for r in ROWS)
             raise SystemExit(f"bench: unknown row {item!r} (rows: {keys})")
@@ -113,9 +119,22 @@ def parse_rows(spec: str | None) -> list[Row]:
 
 def sizes_of(args: argparse.Namespace) -> Sizes:
     sizes = QUICK if args.quick else FULL
-    if args.creates:
-        sizes = dataclasses.replace(sizes, creates=args.creates)
-    return sizes
+    changes: dict[str, object] = {}
+    for option, name, scale in (
+        ("creates", "creates", 1),
+        ("seq_mib", "seq_bytes", MiB),
+        ("fio_mib", "fio_bytes", MiB),
+        ("fio_seconds", "fio_seconds", 1),
+        ("tree", "tree_source", None),
+        ("procs", "procs", 1),
+        ("par_mib", "par_bytes", MiB),
+        ("par_creates", "par_creates", 1),
+        ("modules", "modules", 1),
+    ):
+        value = getattr(args, option)
+        if value is not None:
+            changes[name] = value if scale is None else value * scale
+    return dataclasses.replace(sizes, **changes)  # type: ignore[arg-type]
 
 
 def positive(text: str) -> int:
@@ -134,7 +153,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default="/var/tmp/kmsfs-bench", help="where volumes live")
     p.add_argument("--repeats", type=positive, default=3, help="repeats per workload (median)")
     p.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
-    p.add_argument("--only", help="rows to run, e.g. 1,2,7 or seqwrite,untar (default all)")
+    p.add_argument("--only", help="rows to run, e.g. 1,2,7 or seqwrite,untar or 9,10 (default all)")
     p.add_argument(
         "--systems",
         default=DEFAULT_SYSTEMS,
@@ -142,9 +161,20 @@ def parser() -> argparse.ArgumentParser:
         " floor = an in-memory pyfuse3 filesystem with trivial handlers;"
         " passthrough = pyfuse3's example, a Python ceiling, not a peer)",
     )
-    p.add_argument(
+    sizes = p.add_argument_group("sizes (defaults: full sizes, or small ones with --quick)")
+    sizes.add_argument(
         "--creates", type=positive, help="files in row 8 (default 20,000; 2,000 with --quick)"
     )
+    sizes.add_argument("--seq-mib", type=positive, help="file of rows 1-2 (256; 32)")
+    sizes.add_argument("--tree", help="directory tarred for rows 3-6 (/usr/include; its linux/)")
+    sizes.add_argument("--fio-mib", type=positive, help="file of row 7 (256; 32)")
+    sizes.add_argument("--fio-seconds", type=positive, help="run time of each fio job (5; 2)")
+    sizes.add_argument("--procs", type=positive, help="processes in rows 9a-9b (8)")
+    sizes.add_argument("--par-mib", type=positive, help="file per process in row 9a (64; 8)")
+    sizes.add_argument(
+        "--par-creates", type=positive, help="files per process in row 9b (2,000; 250)"
+    )
+    sizes.add_argument("--modules", type=positive, help="C modules in the row 10 project (48; 16)")
     p.add_argument("--markdown", help="also write the table to this file")
     p.add_argument("--keep", action="store_true", help="keep the volumes afterwards")
     return p
@@ -168,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGHUP, on_signal)
 
-    ensure_tools(names)
+    ensure_tools(names, rows)
     raise_fd_limit()
     systems = [SYSTEMS[n](work) for n in names]
     # A previous run killed hard may have left mounts: clear them before wiping the volumes.
@@ -181,8 +211,12 @@ def main(argv: list[str] | None = None) -> int:
 
     bench = Bench(work, sizes)
     results = Results()
+    keys = {r.key for r in rows}
     try:
-        bench.make_tar()
+        if keys & TREE_ROWS:
+            bench.make_tar()
+        if keys & GIT_ROWS:
+            bench.make_project()
         for s in systems:
             s.create()
             s.mount()

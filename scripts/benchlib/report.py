@@ -102,6 +102,23 @@ def versions(names: list[str]) -> str:
     return ", ".join(parts + [fio])
 
 
+def _target(row: Row, peer_ratio: float | None, floor_ratio: float | None) -> list[str]:
+    """The target and met cells of *row* (empty when the row has no target)."""
+    if row.peer_target is not None:
+        goal, ratio, of = row.peer_target, peer_ratio, "best peer"
+    elif row.floor_target is not None:
+        goal, ratio, of = row.floor_target, floor_ratio, "floor"
+    else:
+        return ["", ""]
+    higher = row.higher_better
+    digits = f"{goal:.2f}".rstrip("0")
+    target = f"{'≥' if higher else '≤'} {digits}{'0' if digits.endswith('.') else ''}× {of}"
+    if ratio is None:
+        return [target, "n/a"]
+    met = ratio >= goal if higher else ratio <= goal
+    return [target, "met" if met else "MISSED"]
+
+
 def render(
     results: Results,
     rows: list[Row],
@@ -113,6 +130,8 @@ def render(
 ) -> str:
     names = [s.name for s in systems]
     peers = [s.name for s in systems if s.peer]
+    ours = "kmsfs" in names
+    floor = "floor" in names
     lines = [
         f"kmsfs benchmark, {time.strftime('%Y-%m-%d %H:%M %Z')}: medians of {repeats}"
         f" repeat(s){' (quick sizes)' if quick else ''}",
@@ -122,29 +141,39 @@ def render(
         "",
     ]
     header = ["#", "workload", "unit", *names]
-    if "kmsfs" in names and peers:
-        header += ["kmsfs / best peer", "target", "met"]
-    if "kmsfs" in names:
+    if ours and peers:
+        header.append("kmsfs / best peer")
+    if ours and floor:
+        header.append("kmsfs / floor")
+    if ours and (peers or floor):
+        header += ["target", "met"]
+    if ours:
         header += ["kmsfs CPU s", "kmsfs VmHWM MB"]
+    if floor:
+        header.append("floor CPU s")
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "|".join("---" for _ in header) + "|")
     peak = 0
     for row in rows:
         unit = row.unit + (" (higher is better)" if row.higher_better else " (lower is better)")
-        cells = [row.number, row.label, unit]
+        cells = [row.number, row.label.format(procs=sizes.procs), unit]
         cells += [fmt(results.median(row.key, n), row.unit) for n in names]
-        if "kmsfs" in names and peers:
-            ours = results.median(row.key, "kmsfs")
+        mine = results.median(row.key, "kmsfs")
+        peer_ratio = floor_ratio = None
+        if ours and peers:
             theirs = [v for p in peers if (v := results.median(row.key, p)) is not None]
-            if ours is None or not theirs:
-                cells += ["n/a", "", ""]
-            else:
+            if mine is not None and theirs:
                 best = max(theirs) if row.higher_better else min(theirs)
-                ratio = ours / best
-                sign = "≥" if row.higher_better else "≤"
-                met = ratio >= row.target if row.higher_better else ratio <= row.target
-                cells += [f"{ratio:.2f}×", f"{sign} {row.target:.1f}×", "met" if met else "MISSED"]
-        if "kmsfs" in names:
+                peer_ratio = mine / best
+            cells.append("n/a" if peer_ratio is None else f"{peer_ratio:.2f}×")
+        if ours and floor:
+            base = results.median(row.key, "floor")
+            if mine is not None and base:
+                floor_ratio = mine / base
+            cells.append("n/a" if floor_ratio is None else f"{floor_ratio:.2f}×")
+        if ours and (peers or floor):
+            cells += _target(row, peer_ratio if peers else None, floor_ratio)
+        if ours:
             cpu = results.cpu(row.key, "kmsfs")
             hwm = results.hwm(row.key, "kmsfs")
             peak = max(peak, hwm or 0)
@@ -152,9 +181,12 @@ def render(
                 "" if cpu is None else f"{cpu:.1f}",
                 "" if hwm is None else f"{hwm / 1024:.0f}",
             ]
+        if floor:
+            cpu = results.cpu(row.key, "floor")
+            cells.append("" if cpu is None else f"{cpu:.1f}")
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
-    if "kmsfs" in names and peak:
+    if ours and peak:
         rss_met = "met" if peak / 1024 < RSS_TARGET_MB else "MISSED"
         lines.append(
             f"kmsfs daemon peak RSS (VmHWM) over the suite: {peak / 1024:.0f} MB"
@@ -163,10 +195,13 @@ def render(
     lines.append(
         f"Sizes: sequential file {sizes.seq_bytes // MiB} MiB; tree = tar of {sizes.tree_source};"
         f" fio file {sizes.fio_bytes // MiB} MiB, {sizes.fio_seconds} s per job;"
-        f" {sizes.creates:,} creates."
+        f" {sizes.creates:,} creates; {sizes.procs} processes ×"
+        f" {sizes.par_bytes // MiB} MiB (9a) and × {sizes.par_creates:,} files (9b);"
+        f" C project of {sizes.modules} modules (10)."
         " MB = 10^6 bytes. Ratios: throughput and IOPS kmsfs/best (higher is better),"
-        " times kmsfs/best (lower is better). CPU s = kmsfs daemon utime+stime during the"
-        " timed part (median); VmHWM = daemon peak RSS after the workload (max over repeats)."
+        " times kmsfs/best (lower is better); kmsfs / floor likewise against the in-memory"
+        " pyfuse3 floor. CPU s = daemon utime+stime during the timed part (median);"
+        " VmHWM = daemon peak RSS after the workload (max over repeats)."
     )
     failures = [
         f"- {row}/{system}: {s.error.splitlines()[-1].strip()}"
