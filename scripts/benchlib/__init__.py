@@ -3,9 +3,9 @@
 Modules: ``common`` (running commands, /proc readings), ``systems`` (how each
 filesystem under test is created, mounted and unmounted), ``workloads`` (the
 rows), ``report`` (medians, ratios, the table), ``cli`` (options and the run
-loop), ``cproject`` (the generated C project of the git rows) and ``floorfs``
-(the in-memory pyfuse3 filesystem of the ``floor`` system, run with the
-checkout's .venv).
+loop), ``cproject`` (the generated C project of the git row), ``micro``
+(format-layer micro-benchmarks, run with the checkout's .venv) and ``floorfs``
+(the in-memory pyfuse3 filesystem of the ``floor`` system, run with the .venv).
 
 The harness itself uses only the standard library, so the system python3 runs it.
 """

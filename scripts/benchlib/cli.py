@@ -19,9 +19,11 @@ import sys
 from pathlib import Path
 
 from benchlib.common import (
+    BENCHLIB,
     FAILURES,
     KMSFS,
     ROOT,
+    VENV_PYTHON,
     MiB,
     log,
     pid_alive,
@@ -177,11 +179,37 @@ def parser() -> argparse.ArgumentParser:
     sizes.add_argument("--modules", type=positive, help="C modules in the row 10 project (48; 16)")
     p.add_argument("--markdown", help="also write the table to this file")
     p.add_argument("--keep", action="store_true", help="keep the volumes afterwards")
+    p.add_argument(
+        "--micro",
+        action="store_true",
+        help="run only the format-layer micro-benchmarks (seal/open per block size, header"
+        " pack/parse), with the checkout's .venv; no root needed",
+    )
+    p.add_argument(
+        "--micro-seconds",
+        type=float,
+        default=None,
+        help="time per micro-benchmark measurement (default 0.5; 0.1 with --quick)",
+    )
     return p
+
+
+def run_micro(args: argparse.Namespace) -> int:
+    """Run benchlib/micro.py with the .venv's python (it imports kmsfs.format)."""
+    if not VENV_PYTHON.exists():
+        log("no .venv yet: running scripts/setup")
+        subprocess.run([str(ROOT / "scripts" / "setup")], check=True)
+    seconds = args.micro_seconds or (0.1 if args.quick else 0.5)
+    cmd = [str(VENV_PYTHON), str(BENCHLIB / "micro.py"), "--seconds", str(seconds)]
+    if args.markdown:
+        cmd += ["--markdown", args.markdown]
+    return subprocess.run(cmd, check=False).returncode
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.micro:
+        return run_micro(args)
     if os.geteuid() != 0:
         raise SystemExit("bench: run as root (mounts, drop_caches)")
     names = [n.strip() for n in args.systems.split(",") if n.strip()]
