@@ -376,12 +376,11 @@ class Bench:
             for proc in procs:
                 assert proc.stdin is not None
                 proc.stdin.write("go\n")
-                proc.stdin.close()
+                proc.stdin.flush()
             ends, failed = [], []
             for proc in procs:
-                assert proc.stdout is not None
-                out = proc.stdout.read()
-                if proc.wait(timeout=CMD_TIMEOUT):
+                out = proc.communicate(timeout=max(start + CMD_TIMEOUT - time.monotonic(), 1))[0]
+                if proc.returncode:
                     failed.append(out.strip()[-500:])
                 else:
                     ends.append(float(out))
