@@ -1,0 +1,87 @@
+"""Running commands, waiting, and reading a daemon's CPU time and peak RSS from /proc."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+VENV = ROOT / ".venv"
+VENV_PYTHON = VENV / "bin" / "python"
+KMSFS = VENV / "bin" / "kmsfs"
+BENCHLIB = Path(__file__).resolve().parent
+CMD_TIMEOUT = 1800.0
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+MB = 1_000_000
+MiB = 1 << 20
+# Errors a workload or a system may raise; the run loop records them and goes on.
+FAILURES = (RuntimeError, OSError, subprocess.TimeoutExpired)
+
+
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def run(
+    cmd: list[str] | str, *, env: Mapping[str, str] | None = None, timeout: float = CMD_TIMEOUT
+) -> subprocess.CompletedProcess[str]:
+    """Run a command (a string runs through bash); raise with its stderr if it fails."""
+    shell = isinstance(cmd, str)
+    args: list[str] | str = ["bash", "-c", f"set -o pipefail; {cmd}"] if shell else cmd
+    result = subprocess.run(
+        args, capture_output=True, text=True, timeout=timeout, check=False, env=env
+    )
+    if result.returncode != 0:
+        shown = cmd if shell else shlex.join(cmd)
+        raise RuntimeError(
+            f"command failed ({result.returncode}): {shown}\n{result.stderr.strip()[-2000:]}"
+        )
+    return result
+
+
+def timed(cmd: list[str] | str, env: Mapping[str, str] | None = None) -> float:
+    """Seconds a command takes (RuntimeError if it fails)."""
+    start = time.perf_counter()
+    run(cmd, env=env)
+    return time.perf_counter() - start
+
+
+def drop_caches() -> None:
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    """Poll *predicate* until it holds; RuntimeError naming *what* after *timeout* s."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def proc_cpu(pid: int) -> float:
+    """utime + stime of *pid* (all its threads), in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def proc_hwm_kb(pid: int) -> int:
+    """Peak RSS (VmHWM) of *pid* in kB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no VmHWM for pid {pid}")

@@ -1,0 +1,214 @@
+"""Samples, medians, ratios and the markdown table ``scripts/bench`` prints."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from benchlib.common import KMSFS, MiB, run
+from benchlib.systems import System
+from benchlib.workloads import Row, Sizes
+
+RSS_TARGET_MB = 150
+
+
+@dataclass
+class Sample:
+    """One measurement: the figure or the error, and the daemon's CPU s and peak RSS."""
+
+    value: float | None = None
+    error: str | None = None
+    cpu: float | None = None
+    hwm_kb: int | None = None
+
+
+@dataclass
+class Results:
+    samples: dict[tuple[str, str], list[Sample]] = field(default_factory=dict)
+
+    def add(self, row: str, system: str, sample: Sample) -> None:
+        self.samples.setdefault((row, system), []).append(sample)
+
+    def median(self, row: str, system: str) -> float | None:
+        values = [s.value for s in self.samples.get((row, system), []) if s.value is not None]
+        return statistics.median(values) if values else None
+
+    def cpu(self, row: str, system: str) -> float | None:
+        values = [s.cpu for s in self.samples.get((row, system), []) if s.cpu is not None]
+        return statistics.median(values) if values else None
+
+    def hwm(self, row: str, system: str) -> int | None:
+        values = [s.hwm_kb for s in self.samples.get((row, system), []) if s.hwm_kb is not None]
+        return max(values) if values else None
+
+
+def fmt(value: float | None, unit: str) -> str:
+    if value is None:
+        return "fail"
+    if unit == "s":
+        return f"{value:.2f}"
+    return f"{value:,.0f}"
+
+
+def machine_info(work: Path) -> list[str]:
+    cpu = "?"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    df = run(["df", "-T", str(work)]).stdout.splitlines()[-1].split()
+    device, fstype = df[0], df[1]
+    disk = ""
+    try:
+        name = Path(device).name
+        model = Path(f"/sys/class/block/{name}/device/model")
+        rotational = Path(f"/sys/class/block/{name}/queue/rotational").read_text().strip()
+        disk = f", {'rotational' if rotational == '1' else 'non-rotational'}"
+        if model.exists():
+            disk += f", model {model.read_text().strip()}"
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return [
+        f"- CPU: {cpu}, {os.cpu_count()} cores (nproc {len(os.sched_getaffinity(0))})",
+        f"- memory: {mem:.0f} GiB; kernel: {platform.release()}",
+        f"- work dir: {work} on {device} ({fstype}{disk})",
+    ]
+
+
+def versions(names: list[str]) -> str:
+    parts = []
+    for name in names:
+        try:
+            if name == "kmsfs":
+                out = run([str(KMSFS), "--version"]).stdout.strip()
+            elif name == "gocryptfs":
+                out = run(["gocryptfs", "-version"]).stdout.split(";")[0].strip()
+            elif name == "securefs":
+                out = (
+                    "securefs "
+                    + run(["dpkg-query", "-W", "-f=${Version}", "securefs"]).stdout.strip()
+                )
+            else:
+                continue
+            parts.append(out)
+        except (RuntimeError, OSError):
+            pass
+    fio = run(["fio", "--version"]).stdout.strip()
+    return ", ".join(parts + [fio])
+
+
+def _target(row: Row, peer_ratio: float | None, floor_ratio: float | None) -> list[str]:
+    """The target and met cells of *row* (empty when the row has no target)."""
+    if row.peer_target is not None:
+        goal, ratio, of = row.peer_target, peer_ratio, "best peer"
+    elif row.floor_target is not None:
+        goal, ratio, of = row.floor_target, floor_ratio, "floor"
+    else:
+        return ["", ""]
+    higher = row.higher_better
+    digits = f"{goal:.2f}".rstrip("0")
+    target = f"{'≥' if higher else '≤'} {digits}{'0' if digits.endswith('.') else ''}× {of}"
+    if ratio is None:
+        return [target, "n/a"]
+    met = ratio >= goal if higher else ratio <= goal
+    return [target, "met" if met else "MISSED"]
+
+
+def render(
+    results: Results,
+    rows: list[Row],
+    systems: list[System],
+    sizes: Sizes,
+    repeats: int,
+    quick: bool,
+    work: Path,
+) -> str:
+    names = [s.name for s in systems]
+    peers = [s.name for s in systems if s.peer]
+    ours = "kmsfs" in names
+    floor = "floor" in names
+    lines = [
+        f"kmsfs benchmark, {time.strftime('%Y-%m-%d %H:%M %Z')}: medians of {repeats}"
+        f" repeat(s){' (quick sizes)' if quick else ''}",
+        "",
+        *machine_info(work),
+        f"- versions: {versions(names)}",
+        "",
+    ]
+    header = ["#", "workload", "unit", *names]
+    if ours and peers:
+        header.append("kmsfs / best peer")
+    if ours and floor:
+        header.append("kmsfs / floor")
+    if ours and (peers or floor):
+        header += ["target", "met"]
+    if ours:
+        header += ["kmsfs CPU s", "kmsfs VmHWM MB"]
+    if floor:
+        header.append("floor CPU s")
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("|" + "|".join("---" for _ in header) + "|")
+    peak = 0
+    for row in rows:
+        unit = row.unit + (" (higher is better)" if row.higher_better else " (lower is better)")
+        cells = [row.number, row.label.format(procs=sizes.procs), unit]
+        cells += [fmt(results.median(row.key, n), row.unit) for n in names]
+        mine = results.median(row.key, "kmsfs")
+        peer_ratio = floor_ratio = None
+        if ours and peers:
+            theirs = [v for p in peers if (v := results.median(row.key, p)) is not None]
+            if mine is not None and theirs:
+                best = max(theirs) if row.higher_better else min(theirs)
+                peer_ratio = mine / best
+            cells.append("n/a" if peer_ratio is None else f"{peer_ratio:.2f}×")
+        if ours and floor:
+            base = results.median(row.key, "floor")
+            if mine is not None and base:
+                floor_ratio = mine / base
+            cells.append("n/a" if floor_ratio is None else f"{floor_ratio:.2f}×")
+        if ours and (peers or floor):
+            cells += _target(row, peer_ratio if peers else None, floor_ratio)
+        if ours:
+            cpu = results.cpu(row.key, "kmsfs")
+            hwm = results.hwm(row.key, "kmsfs")
+            peak = max(peak, hwm or 0)
+            cells += [
+                "" if cpu is None else f"{cpu:.1f}",
+                "" if hwm is None else f"{hwm / 1024:.0f}",
+            ]
+        if floor:
+            cpu = results.cpu(row.key, "floor")
+            cells.append("" if cpu is None else f"{cpu:.1f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    if ours and peak:
+        rss_met = "met" if peak / 1024 < RSS_TARGET_MB else "MISSED"
+        lines.append(
+            f"kmsfs daemon peak RSS (VmHWM) over the suite: {peak / 1024:.0f} MB"
+            f" (target < {RSS_TARGET_MB} MB: {rss_met})."
+        )
+    lines.append(
+        f"Sizes: sequential file {sizes.seq_bytes // MiB} MiB; tree = tar of {sizes.tree_source};"
+        f" fio file {sizes.fio_bytes // MiB} MiB, {sizes.fio_seconds} s per job;"
+        f" {sizes.creates:,} creates; {sizes.procs} processes ×"
+        f" {sizes.par_bytes // MiB} MiB (9a) and × {sizes.par_creates:,} files (9b);"
+        f" C project of {sizes.modules} modules (10)."
+        " MB = 10^6 bytes. Ratios: throughput and IOPS kmsfs/best (higher is better),"
+        " times kmsfs/best (lower is better); kmsfs / floor likewise against the in-memory"
+        " pyfuse3 floor. CPU s = daemon utime+stime during the timed part (median);"
+        " VmHWM = daemon peak RSS after the workload (max over repeats)."
+    )
+    failures = [
+        f"- {row}/{system}: {s.error.splitlines()[-1].strip()}"
+        for (row, system), samples in results.samples.items()
+        for s in samples
+        if s.error
+    ]
+    if failures:
+        lines += ["", "Failures:", *failures]
+    return "\n".join(lines) + "\n"

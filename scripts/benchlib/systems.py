@@ -1,0 +1,335 @@
+"""The filesystems under test: how each is created, mounted, unmounted and cleaned up.
+
+Every system keeps its volume under ``WORKDIR/<name>/`` and is reachable at
+``self.mnt`` once mounted, so all systems share one disk.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import tarfile
+from pathlib import Path
+
+from benchlib.common import (
+    BENCHLIB,
+    KMSFS,
+    VENV,
+    VENV_PYTHON,
+    drop_caches,
+    pid_alive,
+    run,
+    wait_for,
+)
+
+
+class System:
+    """One filesystem under test: a volume in base/, reachable at self.mnt once mounted."""
+
+    name = ""
+    peer = False
+    fuse = True
+
+    def __init__(self, work: Path) -> None:
+        self.base = work / self.name
+        self.mnt = self.base / "mnt"
+        self.mounted = False
+
+    def create(self) -> None:
+        self.mnt.mkdir(parents=True)
+
+    def mount(self) -> None:
+        raise NotImplementedError
+
+    def umount(self) -> None:
+        if self.mounted:
+            run(["umount", str(self.mnt)])
+            wait_for(lambda: not os.path.ismount(self.mnt), f"unmount of {self.mnt}")
+            self.mounted = False
+
+    def remount_cold(self) -> None:
+        """Unmount, mount again and drop the kernel's caches: the next access is cold."""
+        self.umount()
+        self.mount()
+        drop_caches()
+
+    def daemon_pid(self) -> int | None:
+        """The pid whose RSS and CPU are reported (kmsfs, floor and passthrough)."""
+        return None
+
+    def force_cleanup(self) -> None:
+        """Last-resort teardown (never raises)."""
+        if os.path.ismount(self.mnt):
+            for cmd in (["umount", str(self.mnt)], ["umount", "-l", str(self.mnt)]):
+                if subprocess.run(cmd, capture_output=True, check=False).returncode == 0:
+                    break
+        self.mounted = False
+
+    def _wait_mounted(self) -> None:
+        wait_for(lambda: os.path.ismount(self.mnt), f"{self.name} mount at {self.mnt}")
+        self.mounted = True
+
+
+class Plain(System):
+    """A directory on the work disk: what the hardware and kernel give without FUSE."""
+
+    name = "plain"
+    fuse = False
+
+    def __init__(self, work: Path) -> None:
+        super().__init__(work)
+        self.mnt = self.base / "dir"
+
+    def mount(self) -> None:
+        self.mounted = True
+
+    def umount(self) -> None:
+        self.mounted = False
+
+    def remount_cold(self) -> None:
+        drop_caches()
+
+
+class Kmsfs(System):
+    """kmsfs from the checkout's .venv, local key file provider, started by ``kmsfs mount``."""
+
+    name = "kmsfs"
+
+    def __init__(self, work: Path) -> None:
+        super().__init__(work)
+        self.pid: int | None = None
+
+    def create(self) -> None:
+        super().create()
+        (self.base / "backing").mkdir()
+        run([str(KMSFS), "init", str(self.base / "backing"), "--key-file", str(self.base / "key")])
+
+    def mount(self) -> None:
+        out = run(
+            [
+                str(KMSFS),
+                "mount",
+                str(self.base / "backing"),
+                str(self.mnt),
+                "--key-file",
+                str(self.base / "key"),
+                "--log-file",
+                str(self.base / "kmsfs.log"),
+                "--log-level",
+                "warning",
+            ]
+        ).stdout
+        self.pid = int(out.rsplit("daemon pid", 1)[1].strip(" )\n"))
+        self._wait_mounted()
+
+    def umount(self) -> None:
+        if not self.mounted:
+            return
+        run([str(KMSFS), "umount", str(self.mnt)])
+        self.mounted = False
+        if self.pid is not None:
+            pid = self.pid
+            wait_for(lambda: not pid_alive(pid), f"kmsfs daemon {pid} to exit")
+            self.pid = None
+
+    def daemon_pid(self) -> int | None:
+        return self.pid
+
+    def force_cleanup(self) -> None:
+        super().force_cleanup()
+        if self.pid is not None and pid_alive(self.pid):
+            try:
+                os.kill(self.pid, signal.SIGTERM)
+            except OSError:
+                pass
+        self.pid = None
+
+
+class Gocryptfs(System):
+    """gocryptfs (Debian package), password file, default options."""
+
+    name = "gocryptfs"
+    peer = True
+
+    def create(self) -> None:
+        super().create()
+        (self.base / "cipher").mkdir()
+        (self.base / "pass").write_text("bench-password\n")
+        run(
+            [
+                "gocryptfs",
+                "-init",
+                "-q",
+                "-passfile",
+                str(self.base / "pass"),
+                str(self.base / "cipher"),
+            ]
+        )
+
+    def mount(self) -> None:
+        run(
+            [
+                "gocryptfs",
+                "-q",
+                "-passfile",
+                str(self.base / "pass"),
+                str(self.base / "cipher"),
+                str(self.mnt),
+            ]
+        )
+        self._wait_mounted()
+
+
+class Securefs(System):
+    """securefs (Debian package), key file, default options, in the background (-b)."""
+
+    name = "securefs"
+    peer = True
+
+    def create(self) -> None:
+        super().create()
+        (self.base / "cipher").mkdir()
+        (self.base / "keyfile").write_bytes(os.urandom(32))
+        run(
+            [
+                "securefs",
+                "create",
+                "--keyfile",
+                str(self.base / "keyfile"),
+                str(self.base / "cipher"),
+            ]
+        )
+
+    def mount(self) -> None:
+        run(
+            [
+                "securefs",
+                "mount",
+                "-b",
+                "--log",
+                str(self.base / "securefs.log"),
+                "--keyfile",
+                str(self.base / "keyfile"),
+                str(self.base / "cipher"),
+                str(self.mnt),
+            ]
+        )
+        self._wait_mounted()
+
+
+class ForegroundDaemon(System):
+    """A Python FUSE daemon this script starts in the foreground and stops with fusermount3."""
+
+    def __init__(self, work: Path) -> None:
+        super().__init__(work)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def mount(self) -> None:
+        with open(self.base / f"{self.name}.log", "ab") as log_file:
+            self.proc = subprocess.Popen(
+                self.command(),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=log_file,
+                start_new_session=True,
+            )
+        proc = self.proc
+        wait_for(
+            lambda: os.path.ismount(self.mnt) or proc.poll() is not None,
+            f"{self.name} mount at {self.mnt}",
+        )
+        if proc.poll() is not None:
+            self.proc = None
+            tail = (self.base / f"{self.name}.log").read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"{self.name} daemon exited with {proc.returncode}:\n{tail}")
+        self.mounted = True
+
+    def umount(self) -> None:
+        if not self.mounted:
+            return
+        run(["fusermount3", "-u", str(self.mnt)])
+        self.mounted = False
+        if self.proc is not None:
+            self.proc.wait(timeout=30)
+            self.proc = None
+
+    def daemon_pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    def force_cleanup(self) -> None:
+        super().force_cleanup()
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.proc = None
+
+
+class Passthrough(ForegroundDaemon):
+    """pyfuse3's examples/passthroughfs.py: no encryption, a ceiling for Python (not a peer)."""
+
+    name = "passthrough"
+
+    def __init__(self, work: Path) -> None:
+        super().__init__(work)
+        self.script = work / "passthroughfs.py"
+
+    def create(self) -> None:
+        super().create()
+        (self.base / "source").mkdir()
+        if self.script.exists():
+            return
+        version = run(
+            [str(VENV_PYTHON), "-c", "import pyfuse3; print(pyfuse3.__version__)"]
+        ).stdout.strip()
+        fetch = self.base / "sdist"
+        run(
+            [
+                str(VENV / "bin" / "pip"),
+                "download",
+                "-q",
+                "--no-deps",
+                "--no-binary",
+                ":all:",
+                "-d",
+                str(fetch),
+                f"pyfuse3=={version}",
+            ]
+        )
+        with tarfile.open(next(fetch.glob("pyfuse3-*.tar.gz"))) as sdist:
+            member = sdist.extractfile(f"pyfuse3-{version}/examples/passthroughfs.py")
+            assert member is not None
+            self.script.write_bytes(member.read())
+
+    def command(self) -> list[str]:
+        return [str(VENV_PYTHON), str(self.script), str(self.base / "source"), str(self.mnt)]
+
+
+class Floor(ForegroundDaemon):
+    """benchlib/floorfs.py: an in-memory pyfuse3 filesystem with trivial handlers.
+
+    The floor of kmsfs's stack (pyfuse3 + trio with kmsfs's settings, no backing
+    I/O, no crypto).  Its data lives in the daemon's memory, so a "cold" access
+    cannot remount it: remount_cold only drops the kernel's caches (as for
+    plain), and the next access goes to the daemon again.
+    """
+
+    name = "floor"
+
+    def command(self) -> list[str]:
+        return [str(VENV_PYTHON), str(BENCHLIB / "floorfs.py"), str(self.mnt)]
+
+    def remount_cold(self) -> None:
+        drop_caches()
+
+
+SYSTEMS: dict[str, type[System]] = {
+    cls.name: cls for cls in (Kmsfs, Gocryptfs, Securefs, Plain, Floor, Passthrough)
+}
+DEFAULT_SYSTEMS = "kmsfs,gocryptfs,securefs,plain,floor"

@@ -1,0 +1,441 @@
+"""The rows: what each workload does on one system, and the sizes it uses.
+
+Each row ``key`` has ``Bench.prep_<key>`` (untimed set-up), ``Bench.run_<key>``
+(returns the figure) and optionally ``Bench.post_<key>`` (untimed clean-up).
+Rows that share state run in order (3-6 share the untarred tree, 10a-10d the
+clone), and each prep makes what its row needs if an earlier row did not, so
+any subset of rows can run alone.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from benchlib.common import CMD_TIMEOUT, MB, MiB, log, run, timed
+from benchlib.cproject import git_env, make_project
+from benchlib.systems import System
+
+
+@dataclass
+class Sizes:
+    """How big each workload is.  Attributes (rows): seq_bytes (1, 2), tree_source (3-6),
+    fio_bytes and fio_seconds (7), creates (8), procs (9a, 9b), par_bytes (9a, per
+    process), par_creates (9b, per process), modules (10, C modules in the project)."""
+
+    seq_bytes: int
+    tree_source: str
+    fio_bytes: int
+    fio_seconds: int
+    creates: int
+    procs: int = 8
+    par_bytes: int = 64 * MiB
+    par_creates: int = 2_000
+    modules: int = 48
+
+
+FULL = Sizes(256 * MiB, "/usr/include", 256 * MiB, 5, 20_000)
+QUICK = Sizes(
+    32 * MiB,
+    "/usr/include/linux",
+    32 * MiB,
+    2,
+    2_000,
+    par_bytes=8 * MiB,
+    par_creates=250,
+    modules=16,
+)
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of the table.  ``peer_target``: kmsfs / best peer must reach it (throughput:
+    at least, time: at most); ``floor_target``: kmsfs / floor must stay within it."""
+
+    key: str
+    number: str
+    label: str
+    unit: str
+    higher_better: bool
+    peer_target: float | None = None
+    floor_target: float | None = None
+
+
+# Targets of issue 13: data rows against the best peer, metadata rows against the floor.
+ROWS = [
+    Row("seqwrite", "1", "sequential write (dd bs=128k, fsync)", "MB/s", True, 0.9),
+    Row("seqread", "2", "cold sequential read (dd bs=128k)", "MB/s", True, 1.0),
+    Row("untar", "3", "untar", "s", False, floor_target=1.25),
+    Row("ls", "4", "`ls -lR`, cold", "s", False, floor_target=1.25),
+    Row(
+        "readall",
+        "5",
+        "read all (`find -type f` + `xargs cat`), cold",
+        "s",
+        False,
+        floor_target=1.25,
+    ),
+    Row("rm", "6", "`rm -rf`", "s", False, floor_target=1.25),
+    Row("randread", "7a", "fio random 4 KiB read, cold", "IOPS", True, 0.8),
+    Row("randwrite", "7b", "fio random 4 KiB write (+ end fsync)", "IOPS", True, 0.8),
+    Row("create", "8", "create + stat of empty files in one dir", "s", False, floor_target=1.25),
+    Row(
+        "parrw",
+        "9a",
+        "{procs} processes at once, each writes (fsync) then reads its own file",
+        "MB/s",
+        True,
+        0.8,
+    ),
+    Row(
+        "parcreate",
+        "9b",
+        "{procs} processes at once, each creates files in its own dir",
+        "files/s",
+        True,
+        0.8,
+    ),
+    Row("gitclone", "10a", "C project: `git clone` (file://)", "s", False),
+    Row("gitmake", "10b", "C project: `make -j2`", "s", False),
+    Row("gitstatus", "10c", "C project: `git status` ×3", "s", False, floor_target=1.25),
+    Row("gitrm", "10d", "C project: `rm -rf` of the clone", "s", False),
+]
+
+CREATE_AND_STAT = """
+import os, sys
+d, n = sys.argv[1], int(sys.argv[2])
+names = [os.path.join(d, "f%06d" % i) for i in range(n)]
+flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY
+for p in names:
+    os.close(os.open(p, flags, 0o644))
+for p in names:
+    os.stat(p)
+"""
+
+# One process of row 9b: says it is ready, waits for the go, creates, prints its end time.
+CREATE_ON_GO = """
+import os, sys, time
+d, n = sys.argv[1], int(sys.argv[2])
+names = [os.path.join(d, "f%06d" % i) for i in range(n)]
+flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY
+print("ready", flush=True)
+sys.stdin.readline()
+for p in names:
+    os.close(os.open(p, flags, 0o644))
+print(time.monotonic(), flush=True)
+"""
+
+
+class Bench:
+    """The workloads; each run_* method returns one figure for one system."""
+
+    def __init__(self, work: Path, sizes: Sizes) -> None:
+        self.work = work
+        self.sizes = sizes
+        self.tar = work / "tree.tar"
+        self.project: Path | None = None
+
+    def make_tar(self) -> None:
+        source = Path(self.sizes.tree_source)
+        run(["tar", "-C", str(source.parent), "-cf", str(self.tar), source.name])
+        count = int(run(f"tar -tf {shlex.quote(str(self.tar))} | grep -vc '/$'").stdout)
+        log(f"tar of {source}: {count} files, {self.tar.stat().st_size / MB:.0f} MB")
+
+    def make_project(self) -> None:
+        self.project = make_project(self.work, self.sizes.modules)
+        log(f"C project: {self.sizes.modules} modules, git history in {self.project}")
+
+    # paths
+    @staticmethod
+    def seq(s: System) -> Path:
+        return s.mnt / "seq.bin"
+
+    @staticmethod
+    def tree(s: System) -> Path:
+        return s.mnt / "tree"
+
+    @staticmethod
+    def fio_file(s: System) -> Path:
+        return s.mnt / "fio.bin"
+
+    @staticmethod
+    def many(s: System) -> Path:
+        return s.mnt / "many"
+
+    @staticmethod
+    def par(s: System) -> Path:
+        return s.mnt / "par"
+
+    @staticmethod
+    def clone(s: System) -> Path:
+        return s.mnt / "cproject"
+
+    def leftovers(self, s: System) -> list[Path]:
+        """Everything a row may leave on a volume."""
+        return [
+            self.seq(s),
+            self.tree(s),
+            self.fio_file(s),
+            self.many(s),
+            self.par(s),
+            self.clone(s),
+        ]
+
+    def _dd_write(self, path: Path) -> str:
+        count = self.sizes.seq_bytes // (128 * 1024)
+        target = shlex.quote(str(path))
+        return f"dd if=/dev/zero of={target} bs=128k count={count} conv=fsync status=none"
+
+    def _untar(self, s: System) -> str:
+        tree = shlex.quote(str(self.tree(s)))
+        return f"mkdir {tree} && tar -C {tree} -xf {shlex.quote(str(self.tar))}"
+
+    # 1
+    def prep_seqwrite(self, s: System) -> None:
+        self.seq(s).unlink(missing_ok=True)
+
+    def run_seqwrite(self, s: System) -> float:
+        return self.sizes.seq_bytes / MB / timed(self._dd_write(self.seq(s)))
+
+    # 2
+    def prep_seqread(self, s: System) -> None:
+        if not self.seq(s).exists():
+            run(self._dd_write(self.seq(s)))
+        s.remount_cold()
+
+    def run_seqread(self, s: System) -> float:
+        path = shlex.quote(str(self.seq(s)))
+        seconds = timed(f"dd if={path} of=/dev/null bs=128k status=none")
+        return self.sizes.seq_bytes / MB / seconds
+
+    def post_seqread(self, s: System) -> None:
+        self.seq(s).unlink(missing_ok=True)
+
+    # 3
+    def prep_untar(self, s: System) -> None:
+        if self.tree(s).exists():
+            run(["rm", "-rf", str(self.tree(s))])
+
+    def run_untar(self, s: System) -> float:
+        return timed(self._untar(s))
+
+    # 4, 5, 6
+    def _ensure_tree(self, s: System) -> None:
+        if not self.tree(s).exists():
+            run(self._untar(s))
+
+    def prep_ls(self, s: System) -> None:
+        self._ensure_tree(s)
+        s.remount_cold()
+
+    def run_ls(self, s: System) -> float:
+        return timed(f"ls -lR {shlex.quote(str(self.tree(s)))} > /dev/null")
+
+    def prep_readall(self, s: System) -> None:
+        self._ensure_tree(s)
+        s.remount_cold()
+
+    def run_readall(self, s: System) -> float:
+        tree = shlex.quote(str(self.tree(s)))
+        return timed(f"find {tree} -type f -print0 | xargs -0 cat > /dev/null")
+
+    def prep_rm(self, s: System) -> None:
+        self._ensure_tree(s)
+
+    def run_rm(self, s: System) -> float:
+        return timed(["rm", "-rf", str(self.tree(s))])
+
+    # 7
+    def _fio(self, s: System, rw: str, extra: list[str]) -> dict[str, object]:
+        out = run(
+            [
+                "fio",
+                f"--name={rw}",
+                f"--filename={self.fio_file(s)}",
+                f"--size={self.sizes.fio_bytes}",
+                f"--rw={rw}",
+                "--bs=4k",
+                "--direct=0",
+                "--ioengine=psync",
+                "--numjobs=1",
+                f"--runtime={self.sizes.fio_seconds}",
+                "--time_based",
+                "--output-format=json",
+                *extra,
+            ]
+        ).stdout
+        return json.loads(out[out.index("{") :])["jobs"][0]  # type: ignore[no-any-return]
+
+    def prep_randread(self, s: System) -> None:
+        path = self.fio_file(s)
+        if not path.exists() or path.stat().st_size != self.sizes.fio_bytes:
+            count = self.sizes.fio_bytes // (1024 * 1024)
+            run(
+                f"dd if=/dev/urandom of={shlex.quote(str(path))} bs=1M count={count}"
+                " conv=fsync status=none"
+            )
+        s.remount_cold()
+
+    def run_randread(self, s: System) -> float:
+        return float(self._fio(s, "randread", [])["read"]["iops"])  # type: ignore[index]
+
+    def prep_randwrite(self, s: System) -> None:
+        self.prep_randread(s)
+
+    def run_randwrite(self, s: System) -> float:
+        """Writes for the run time, then fsync: IOPS over the wall time including the fsync.
+
+        Without the fsync a writeback-cache filesystem would be measured writing to RAM.
+        """
+        start = time.perf_counter()
+        job = self._fio(s, "randwrite", ["--end_fsync=1"])
+        seconds = time.perf_counter() - start
+        return float(job["write"]["total_ios"]) / seconds  # type: ignore[index]
+
+    def post_randwrite(self, s: System) -> None:
+        self.fio_file(s).unlink(missing_ok=True)
+
+    # 8
+    def prep_create(self, s: System) -> None:
+        if self.many(s).exists():
+            run(["rm", "-rf", str(self.many(s))])
+        self.many(s).mkdir()
+
+    def run_create(self, s: System) -> float:
+        return timed(
+            [sys.executable, "-c", CREATE_AND_STAT, str(self.many(s)), str(self.sizes.creates)]
+        )
+
+    def post_create(self, s: System) -> None:
+        run(["rm", "-rf", str(self.many(s))])
+
+    # 9a, 9b
+    def _fresh_par(self, s: System) -> None:
+        if self.par(s).exists():
+            run(["rm", "-rf", str(self.par(s))])
+        self.par(s).mkdir()
+
+    def prep_parrw(self, s: System) -> None:
+        self._fresh_par(s)
+
+    def run_parrw(self, s: System) -> float:
+        """Every process: dd write + fsync, drop the file's cached pages, dd read.
+
+        Dropping the pages (``dd iflag=nocache count=0``: POSIX_FADV_DONTNEED) makes
+        the read reach the filesystem, which a read right after the write would not
+        (the writeback cache keeps the pages).  MB/s = bytes written + bytes read,
+        over the wall time of all processes.
+        """
+        count = self.sizes.par_bytes // (128 * 1024)
+        script = (
+            'pids=(); for i in $(seq 1 "$1"); do f="$2/f$i"; ('
+            f' dd if=/dev/zero of="$f" bs=128k count={count} conv=fsync status=none'
+            ' && dd if="$f" iflag=nocache count=0 status=none'
+            ' && dd if="$f" of=/dev/null bs=128k status=none'
+            ') & pids+=($!); done; for p in "${pids[@]}"; do wait "$p" || exit 1; done'
+        )
+        seconds = timed(["bash", "-c", script, "par", str(self.sizes.procs), str(self.par(s))])
+        return 2 * self.sizes.procs * count * 128 * 1024 / MB / seconds
+
+    def post_parrw(self, s: System) -> None:
+        run(["rm", "-rf", str(self.par(s))])
+
+    def prep_parcreate(self, s: System) -> None:
+        self._fresh_par(s)
+        for i in range(self.sizes.procs):
+            (self.par(s) / f"d{i}").mkdir()
+
+    def run_parcreate(self, s: System) -> float:
+        """All processes start creating at one moment, once every one has started
+        (a barrier on their pipes); files/s = all files over the time from that
+        moment to the end of the last one."""
+        n = self.sizes.par_creates
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", CREATE_ON_GO, str(self.par(s) / f"d{i}"), str(n)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            for i in range(self.sizes.procs)
+        ]
+        try:
+            for proc in procs:
+                assert proc.stdout is not None
+                if proc.stdout.readline().strip() != "ready":
+                    proc.kill()
+                    err = proc.stdout.read().strip()[-500:]
+                    raise RuntimeError(f"a creating process did not start: {err}")
+            start = time.monotonic()
+            for proc in procs:
+                assert proc.stdin is not None
+                proc.stdin.write("go\n")
+                proc.stdin.flush()
+            ends, failed = [], []
+            for proc in procs:
+                out = proc.communicate(timeout=max(start + CMD_TIMEOUT - time.monotonic(), 1))[0]
+                if proc.returncode:
+                    failed.append(out.strip()[-500:])
+                else:
+                    ends.append(float(out))
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+        if failed:
+            raise RuntimeError(f"{len(failed)} creating process(es) failed: {failed[0]}")
+        return self.sizes.procs * n / (max(ends) - start)
+
+    def post_parcreate(self, s: System) -> None:
+        run(["rm", "-rf", str(self.par(s))])
+
+    # 10a-10d
+    def _clone_now(self, s: System) -> None:
+        if self.project is None:
+            raise RuntimeError("no C project (Bench.make_project was not called)")
+        run(["git", "clone", "-q", f"file://{self.project}", str(self.clone(s))], env=git_env())
+
+    def _ensure_built(self, s: System) -> None:
+        if not self.clone(s).exists():
+            self._clone_now(s)
+        if not (self.clone(s) / "app").exists():
+            run(["make", "-C", str(self.clone(s)), "-j2", "-s"])
+
+    def prep_gitclone(self, s: System) -> None:
+        if self.clone(s).exists():
+            run(["rm", "-rf", str(self.clone(s))])
+
+    def run_gitclone(self, s: System) -> float:
+        start = time.perf_counter()
+        self._clone_now(s)
+        return time.perf_counter() - start
+
+    def prep_gitmake(self, s: System) -> None:
+        if self.clone(s).exists():  # from row 10a; else (row run alone) clone now
+            run(["git", "-C", str(self.clone(s)), "clean", "-q", "-fdx"], env=git_env())
+        else:
+            self._clone_now(s)
+
+    def run_gitmake(self, s: System) -> float:
+        return timed(["make", "-C", str(self.clone(s)), "-j2", "-s"])
+
+    def prep_gitstatus(self, s: System) -> None:
+        self._ensure_built(s)
+
+    def run_gitstatus(self, s: System) -> float:
+        """Three ``git status`` right after the build (warm: as a developer runs it)."""
+        clone = shlex.quote(str(self.clone(s)))
+        return timed(f"for i in 1 2 3; do git -C {clone} status > /dev/null; done", env=git_env())
+
+    def prep_gitrm(self, s: System) -> None:
+        self._ensure_built(s)
+
+    def run_gitrm(self, s: System) -> float:
+        return timed(["rm", "-rf", str(self.clone(s))])
