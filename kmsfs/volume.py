@@ -80,7 +80,9 @@ def check_backing_dir(backing: Path) -> None:
         probe.unlink(missing_ok=True)
 
 
-def new_key_config(provider: KeyProvider, volume_id: bytes, volume_key: bytes) -> KeyConfig:
+def new_key_config(
+    provider: KeyProvider, volume_id: bytes, volume_key: bytes | bytearray
+) -> KeyConfig:
     """The config entry of *provider*: its hints and the volume key wrapped as its check."""
     check = provider.wrap(volume_key, KeyContext.key_check(volume_id))
     return KeyConfig(provider.name, provider.key_ref, provider.settings(), check.blob)
@@ -222,10 +224,12 @@ def open_volume(
                     providers[index], key, config.volume_id, on_event, config.version
                 )
             except (ConfigError, ProviderError) as exc:
-                providers.pop(index, None)
+                failed = providers.pop(index, None)
+                if failed is not None:
+                    failed.close()
                 errors.append(exc)
-        for exc in errors:
-            log.warning("master key unavailable, using the others: %s", exc)
+        for error in errors:
+            log.warning("master key unavailable, using the others: %s", error)
         volume_key = _volume_key(config, checks)
         if volume_key is None and migrate:
             volume_key = _migrate(backing, config, providers)
