@@ -106,6 +106,19 @@ def key_options(for_init: bool) -> Callable[[Callable[..., Any]], Callable[..., 
     return decorate
 
 
+def provider_option(help_text: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``--provider``: one of the registered providers, local by default."""
+    from kmsfs.keys.registry import PROVIDER_NAMES
+
+    return click.option(
+        "--provider",
+        default="local",
+        show_default=True,
+        type=click.Choice(PROVIDER_NAMES),
+        help=help_text,
+    )
+
+
 def key_option_values(kwargs: dict[str, Any]) -> dict[str, Any]:
     """Pop the key options from a command's *kwargs*: the options a provider reads."""
     return {name: kwargs.pop(name) for name in KEY_OPTION_NAMES if name in kwargs}

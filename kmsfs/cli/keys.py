@@ -17,9 +17,9 @@ from kmsfs.cli.common import (
     old_option_values,
     progress_flag,
     prompt_secret,
+    provider_option,
     quiet_option,
 )
-from kmsfs.keys.registry import PROVIDER_NAMES
 
 REWRAP_INCOMPLETE = 1
 
@@ -66,13 +66,7 @@ def _print_rewrap(report: Any, verb: str) -> None:
 
 @click.command()
 @click.argument("backing", type=click.Path(file_okay=False, exists=True))
-@click.option(
-    "--provider",
-    default="local",
-    show_default=True,
-    type=click.Choice(PROVIDER_NAMES),
-    help="Provider of the new master key.",
-)
+@provider_option("Provider of the new master key.")
 @key_options(for_init=True)
 @old_key_options
 @click.option("--dry-run", is_flag=True, help="Check every file can be re-wrapped; change nothing.")
@@ -145,13 +139,7 @@ def keys_list(backing: str, as_json: bool) -> None:
 
 @keys.command("add")
 @click.argument("backing", type=click.Path(file_okay=False, exists=True))
-@click.option(
-    "--provider",
-    default="local",
-    show_default=True,
-    type=click.Choice(PROVIDER_NAMES),
-    help="Provider of the key to add.",
-)
+@provider_option("Provider of the key to add.")
 @key_options(for_init=True)
 @old_key_options
 @quiet_option

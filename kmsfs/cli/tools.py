@@ -15,9 +15,9 @@ from kmsfs.cli.common import (
     key_options,
     progress_flag,
     prompt_secret,
+    provider_option,
     quiet_option,
 )
-from kmsfs.keys.registry import PROVIDER_NAMES
 
 FSCK_PROBLEMS = 5
 
@@ -101,13 +101,7 @@ def rekey(backing: str, older_than: str | None, quiet: bool, **kwargs: Any) -> N
 @click.command("import")
 @click.argument("plaindir", type=click.Path(file_okay=False, exists=True))
 @click.argument("backing", type=click.Path(file_okay=False))
-@click.option(
-    "--provider",
-    default="local",
-    show_default=True,
-    type=click.Choice(PROVIDER_NAMES),
-    help="Master key provider of the new volume.",
-)
+@provider_option("Master key provider of the new volume.")
 @click.option("--block-size", default=4096, show_default=True, type=int)
 @key_options(for_init=True)
 @quiet_option

@@ -8,19 +8,18 @@ from typing import Any
 
 import click
 
-from kmsfs.cli.common import handle_errors, key_option_values, key_options, prompt_secret
-from kmsfs.keys.registry import PROVIDER_NAMES
+from kmsfs.cli.common import (
+    handle_errors,
+    key_option_values,
+    key_options,
+    prompt_secret,
+    provider_option,
+)
 
 
 @click.command()
 @click.argument("backing", type=click.Path(file_okay=False))
-@click.option(
-    "--provider",
-    default="local",
-    show_default=True,
-    type=click.Choice(PROVIDER_NAMES),
-    help="Master key provider.",
-)
+@provider_option("Master key provider.")
 @click.option(
     "--block-size",
     default=4096,
