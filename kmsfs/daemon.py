@@ -53,9 +53,30 @@ def check_mountpoint(mountpoint: str, allow_nonempty: bool = False) -> None:
         )
 
 
+def escape_option_value(value: str) -> str:
+    """*value* made safe inside one libfuse ``-o`` option.
+
+    libfuse splits an option string at commas and reads backslash escapes
+    (``\\,``, ``\\\\``, ``\\NNN`` octal: ``process_real_option_group`` in
+    lib/fuse_opt.c), so a backing path ``/srv/x,allow_other`` would otherwise add
+    the option ``allow_other``.  Every comma, backslash, space or control
+    character and every byte outside ASCII (pyfuse3 passes options as ASCII)
+    becomes a three-digit octal escape, which libfuse turns back into that byte:
+    the mount source is then exactly the path.
+    """
+    out = []
+    for byte in os.fsencode(value):
+        if 0x20 < byte < 0x7F and byte not in b",\\":
+            out.append(chr(byte))
+        else:
+            out.append(f"\\{byte:03o}")
+    return "".join(out)
+
+
 def fuse_options(backing: str, extra: Iterable[str]) -> set[str]:
+    """The FUSE options of a mount: ours (the backing path as fsname, escaped) and *extra*."""
     options = set(pyfuse3.default_options)
-    options |= {f"fsname={backing}", "subtype=kmsfs"}
+    options |= {f"fsname={escape_option_value(backing)}", "subtype=kmsfs"}
     for option in extra:
         if option in ("nonempty", "foreground"):
             continue
