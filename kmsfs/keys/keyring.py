@@ -135,7 +135,7 @@ class Keyring:
         except BaseException:
             wipe(key)
             raise
-        self.cache.put(wrapped.blob, key)
+        self.cache.put(context, wrapped, key)
         return key, tuple(entries)
 
     def unwrap(
@@ -157,10 +157,12 @@ class Keyring:
             for entry in header.entries:
                 if not provider.accepts(entry):
                     continue
-                cached = self.cache.get(entry.blob)
+                # keyed by context and entry: a blob copied into a header with
+                # another file ID misses, and the provider refuses it
+                cached = self.cache.get(context, entry)
                 if cached is not None:
                     self._emit("cache-hit", provider, context, "ok", 0.0, requester=requester)
-                    return bytearray(cached)
+                    return cached
                 try:
                     key = self._timed(
                         "unwrap",
@@ -174,7 +176,7 @@ class Keyring:
                 except ProviderError as exc:
                     errors.append(exc)
                     continue
-                self.cache.put(entry.blob, key)
+                self.cache.put(context, entry, key)
                 return key
         if errors:
             raise type(errors[-1])(f"{what}: {errors[-1]}", code=errors[-1].code)
