@@ -17,8 +17,10 @@ from pathlib import Path
 import pyfuse3
 import trio
 
+from kmsfs.audit import AuditLog
 from kmsfs.errors import MountError
 from kmsfs.format.volume import VolumeConfig
+from kmsfs.fs.events import AccessSink
 from kmsfs.fs.inodes import ROOT_INODE
 from kmsfs.fs.operations import KmsfsOperations
 from kmsfs.fs.syscalls import disable_core_dumps
@@ -93,18 +95,23 @@ def serve(
     on_ready: Callable[[], None] | None = None,
     timeout: float | None = None,
     services: Sequence[Callable[[KmsfsOperations], Awaitable[None]]] = (),
+    audit: AccessSink | None = None,
 ) -> None:
     """Mount *backing* at *mountpoint* and serve until unmounted; MountError if mounting fails.
 
     Each of *services* (status socket, metrics, ...) runs beside the FUSE loop
-    with the operations object and is cancelled when the loop ends.
+    with the operations object and is cancelled when the loop ends.  *audit*
+    gets a record of every open and create; by default it is the keyring's
+    event sink when that is an AuditLog (``kmsfs mount --audit-log``).
     """
     disable_core_dumps()
     lock_fd = lock_volume(backing)  # held until the process exits: one daemon per volume
     os.umask(0)
     _raise_fd_limit()
+    if audit is None and isinstance(keyring.on_event, AuditLog):
+        audit = keyring.on_event
     kwargs = {} if timeout is None else {"timeout": timeout}
-    ops = KmsfsOperations(backing, config, keyring, **kwargs)
+    ops = KmsfsOperations(backing, config, keyring, on_access=audit, **kwargs)
     try:
         pyfuse3.init(ops, mountpoint, fuse_options(backing, options))
     except RuntimeError as exc:

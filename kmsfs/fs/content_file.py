@@ -32,13 +32,20 @@ class ContentFile:
         cipher: the file's block cipher.
         size: plaintext size; authoritative while the file is open.
         describe: returns how log lines and errors name the file (its current path).
+        file_id: the header's file ID (b"" if not given), for audit records.
     """
 
     def __init__(
-        self, fd: int, cipher: BlockCipher, size: int, describe: Callable[[], str]
+        self,
+        fd: int,
+        cipher: BlockCipher,
+        size: int,
+        describe: Callable[[], str],
+        file_id: bytes = b"",
     ) -> None:
         self.fd = fd
         self.cipher = cipher
+        self.file_id = file_id
         self.layout = cipher.layout
         self.size = size
         self.describe = describe
@@ -52,11 +59,13 @@ class ContentFile:
         return self.describe()
 
     @classmethod
-    def open(cls, fd: int, cipher: BlockCipher, describe: Callable[[], str]) -> ContentFile:
+    def open(
+        cls, fd: int, cipher: BlockCipher, describe: Callable[[], str], file_id: bytes = b""
+    ) -> ContentFile:
         """Wrap *fd*; IntegrityError if its size cannot belong to a well-formed file."""
         backing = os.fstat(fd).st_size
         cipher.layout.check_backing_size(backing, describe())
-        return cls(fd, cipher, cipher.layout.plain_size(backing), describe)
+        return cls(fd, cipher, cipher.layout.plain_size(backing), describe, file_id)
 
     def write_empty(self) -> None:
         """Make a just-created backing file a well-formed empty file (one empty final block)."""
