@@ -35,7 +35,7 @@ from kmsfs.format.content import BlockCipher, Layout
 from kmsfs.format.header import RESERVED_XATTR_PREFIX, XATTR_NAME, FileHeader, WrappedKey
 from kmsfs.format.volume import RESERVED_PREFIX, VolumeConfig
 from kmsfs.fs import syscalls
-from kmsfs.fs.content_file import ContentFile
+from kmsfs.fs.content_file import ContentFile, KeyUsageTable
 from kmsfs.fs.events import AccessEvent, AccessSink, access_mode
 from kmsfs.fs.inodes import ROOT_INODE, Inode, InodeTable
 from kmsfs.keys.keyring import Keyring
@@ -136,6 +136,9 @@ class KmsfsOperations(pyfuse3.Operations):
         )
         self._dirs: dict[int, DirHandle] = {}
         self._next_dir = 1
+        # Block encryptions per file key, kept across opens and closes (FORMAT.md,
+        # "How much one file key may encrypt")
+        self.key_usage = KeyUsageTable()
         self._limiter = trio.CapacityLimiter(4)  # large I/O and fsync
         # Provider calls (KMS, HSM) get their own threads: a KMS outage that holds
         # them for seconds must not stall large reads and writes of other files.
@@ -346,7 +349,13 @@ class KmsfsOperations(pyfuse3.Operations):
                 cipher = BlockCipher.for_file(key, header)
             finally:
                 wipe(key)
-            content = ContentFile.open(fd, cipher, lambda: self.describe(entry), header.file_id)
+            content = ContentFile.open(
+                fd,
+                cipher,
+                lambda: self.describe(entry),
+                header.file_id,
+                self.key_usage.get(header.file_id),
+            )
         except BaseException as exc:
             os.close(fd)
             if isinstance(exc, KmsfsError):
@@ -655,7 +664,14 @@ class KmsfsOperations(pyfuse3.Operations):
         try:
             os.setxattr(fd, XATTR_NAME, header.pack())
             self._own(fd, parent, ctx)
-            content = ContentFile(fd, cipher, 0, lambda: name.decode(errors="replace"), file_id)
+            content = ContentFile(
+                fd,
+                cipher,
+                0,
+                lambda: name.decode(errors="replace"),
+                file_id,
+                self.key_usage.get(file_id),
+            )
             content.write_empty()
             st = os.fstat(fd)
             path_fd = os.dup(fd)  # serves as the inode's descriptor, like an O_PATH one
