@@ -30,7 +30,8 @@ class KeyEvent:
     """One use of a key, for the audit log.  Never holds key material."""
 
     # "generate", "wrap", "unwrap", "cache-hit"; with a key pool also "prefetch"
-    # (background generate), "assign" (pooled key given to a new file), "discard"
+    # (background generate), "assign" (pooled key given to a new file), "discard";
+    # "reencrypt" (a provider re-encrypting another key's entry itself)
     operation: str
     provider: str
     key_ref: str
@@ -183,6 +184,15 @@ class Keyring:
         have = ", ".join(f"{e.provider} {e.key_ref}" for e in header.entries)
         want = ", ".join(p.describe() for p in self.providers)
         raise WrongKeyError(f"{what}: file key is wrapped by {have}; this volume has {want}")
+
+    def reencrypt(self, provider: Any, wrapped: WrappedKey, context: KeyContext) -> WrappedKey:
+        """*wrapped* re-encrypted under *provider*'s key by the provider itself
+        (``provider.reencrypt``, e.g. KMS ReEncrypt), reported as a "reencrypt"
+        event.  Raises what the provider raises."""
+        result: WrappedKey = self._timed(
+            "reencrypt", provider, context, provider.reencrypt, wrapped, context
+        )
+        return result
 
     def close(self) -> None:
         if self.pool is not None:
