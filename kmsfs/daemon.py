@@ -23,7 +23,7 @@ from kmsfs.format.volume import VolumeConfig
 from kmsfs.fs.events import AccessSink
 from kmsfs.fs.inodes import ROOT_INODE
 from kmsfs.fs.operations import KmsfsOperations
-from kmsfs.fs.syscalls import disable_core_dumps
+from kmsfs.fs.syscalls import disable_core_dumps, lock_memory
 from kmsfs.keys.keyring import Keyring
 from kmsfs.volume import lock_volume
 
@@ -105,6 +105,9 @@ def serve(
     event sink when that is an AuditLog (``kmsfs mount --audit-log``).
     """
     disable_core_dumps()
+    not_locked = lock_memory()
+    if not_locked is not None:
+        log.warning("%s", not_locked)
     lock_fd = lock_volume(backing)  # held until the process exits: one daemon per volume
     os.umask(0)
     _raise_fd_limit()
