@@ -46,39 +46,20 @@ REQUESTER_FIELDS = ("path", "uid", "gid", "pid", "process", "exe")
 
 
 def record(event: KeyEvent | AccessEvent, now: datetime | None = None) -> dict[str, object]:
-    """The audit record of *event* as a JSON-ready dict."""
-    when = now or datetime.now(UTC)
+    """The audit record of *event* (a key operation, or an open or create) as a JSON-ready dict."""
+    out: dict[str, object] = {
+        "time": (now or datetime.now(UTC)).isoformat(timespec="microseconds"),
+        "operation": event.operation,
+    }
+    if isinstance(event, KeyEvent):
+        out |= {"provider": event.provider, "key_ref": event.key_ref}
+    out |= {"volume_id": event.volume_id, "file_id": event.file_id or None}
+    out |= {name: event.requester.get(name) for name in REQUESTER_FIELDS}
     if isinstance(event, AccessEvent):
-        return access_record(event, when)
-    out: dict[str, object] = {
-        "time": when.isoformat(timespec="microseconds"),
-        "operation": event.operation,
-        "provider": event.provider,
-        "key_ref": event.key_ref,
-        "volume_id": event.volume_id,
-        "file_id": event.file_id,
-    }
-    for name in REQUESTER_FIELDS:
-        out[name] = event.requester.get(name)
-    out["result"] = event.result
-    out["error"] = event.error
-    out["latency_ms"] = event.latency_ms
-    return out
-
-
-def access_record(event: AccessEvent, when: datetime) -> dict[str, object]:
-    """The audit record of an open or create."""
-    out: dict[str, object] = {
-        "time": when.isoformat(timespec="microseconds"),
-        "operation": event.operation,
-        "volume_id": event.volume_id,
-        "file_id": event.file_id or None,
-    }
-    for name in REQUESTER_FIELDS:
-        out[name] = event.requester.get(name)
-    out["access"] = event.access
-    out["result"] = event.result
-    out["error"] = event.error
+        out["access"] = event.access
+    out |= {"result": event.result, "error": event.error}
+    if isinstance(event, KeyEvent):
+        out["latency_ms"] = event.latency_ms
     return out
 
 

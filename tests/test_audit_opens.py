@@ -16,15 +16,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import subprocess
 import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Volume, _check_log, force_unmount, requires_fuse, run_kmsfs
+from conftest import Volume, _check_log, force_unmount, requires_fuse, run_as, run_kmsfs
 from kms_support import Fault, KmsProxy, MotoServer
 
 from kmsfs.format.header import XATTR_NAME, FileHeader
@@ -49,27 +45,10 @@ except OSError as exc:
 
 def open_as(uid: int, how: str, path: Path) -> tuple[str, int]:
     """Open *path* once as *uid* ("read", "write" or "create"): (errno name or OK, pid)."""
-    result = subprocess.run(
-        ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
-        + [sys.executable, "-c", OPEN_AS, how, str(path)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    result = run_as(uid, sys.executable, "-c", OPEN_AS, how, path)
     assert result.returncode == 0, result.stderr
     answer, pid = result.stdout.split()
     return answer, int(pid)
-
-
-@pytest.fixture
-def top() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="kmsfs-audit-", dir="/tmp"))
-    path.chmod(0o755)
-    try:
-        yield path
-    finally:
-        force_unmount(path / "mnt")
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def new_volume(top: Path, *init_args: str) -> Volume:
@@ -90,8 +69,8 @@ def records(vol: Volume, **match: object) -> list[dict[str, object]]:
     return [r for r in found if all(r.get(k) == v for k, v in match.items())]
 
 
-def test_every_open_of_a_file_held_open_is_recorded(top: Path) -> None:
-    vol = new_volume(top)
+def test_every_open_of_a_file_held_open_is_recorded(shared_dir: Path) -> None:
+    vol = new_volume(shared_dir)
     try:
         vol.mount()
         vol.path("shared").write_bytes(b"payroll")
@@ -124,8 +103,8 @@ def test_every_open_of_a_file_held_open_is_recorded(top: Path) -> None:
         _check_log(vol)
 
 
-def test_creates_writes_and_refused_opens_are_recorded(top: Path) -> None:
-    vol = new_volume(top)
+def test_creates_writes_and_refused_opens_are_recorded(shared_dir: Path) -> None:
+    vol = new_volume(shared_dir)
     try:
         vol.mount()
         vol.path("pub").mkdir()
@@ -159,12 +138,12 @@ def test_creates_writes_and_refused_opens_are_recorded(top: Path) -> None:
 
 @pytest.mark.aws
 def test_open_refused_by_the_key_provider_is_recorded_as_eacces(
-    top: Path, moto: MotoServer, proxy: KmsProxy, aws_env: None
+    shared_dir: Path, moto: MotoServer, proxy: KmsProxy, aws_env: None
 ) -> None:
     """moto enforces no key policy: the proxy answers AccessDeniedException in its place."""
     arn = moto.create_key()
     init = ("--provider", "aws-kms", "--kms-key-id", arn, "--kms-endpoint-url", proxy.url)
-    vol = new_volume(top, *init)
+    vol = new_volume(shared_dir, *init)
     try:
         vol.mount()
         vol.path("f").write_bytes(b"data")
@@ -184,10 +163,10 @@ def test_open_refused_by_the_key_provider_is_recorded_as_eacces(
         _check_log(vol)
 
 
-def test_opens_the_kernel_refuses_never_reach_the_log(top: Path) -> None:
+def test_opens_the_kernel_refuses_never_reach_the_log(shared_dir: Path) -> None:
     """With default_permissions the kernel checks modes itself: such an EACCES is not
     kmsfs's to record (auditd sees it); README says so."""
-    vol = new_volume(top)
+    vol = new_volume(shared_dir)
     try:
         vol.mount()
         vol.path("private").write_bytes(b"root only")

@@ -10,32 +10,15 @@ world-traversable directory in /tmp (pytest's own tmp directory is 0700).
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Volume, _check_log, force_unmount, requires_fuse, run_kmsfs
+from conftest import Volume, _check_log, force_unmount, requires_fuse, run_as, run_kmsfs
 
 pytestmark = [requires_fuse, pytest.mark.mount]
 
 NOBODY = 65534
-
-
-@pytest.fixture
-def top() -> Iterator[Path]:
-    """A 0755 directory in /tmp, so that other uids can reach mounts under it."""
-    path = Path(tempfile.mkdtemp(prefix="kmsfs-mountsec-", dir="/tmp"))
-    path.chmod(0o755)
-    try:
-        yield path
-    finally:
-        for mnt in path.glob("mnt*"):
-            force_unmount(mnt)
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def volume_at(top: Path, backing_name: str, index: int = 0) -> Volume:
@@ -82,13 +65,7 @@ def listdir_as(uid: int, path: Path) -> str:
         "try:\n    os.listdir(sys.argv[1]); print('OK')\n"
         "except OSError as exc:\n    print(errno.errorcode[exc.errno])\n"
     )
-    result = subprocess.run(
-        ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
-        + [sys.executable, "-c", code, str(path)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    result = run_as(uid, sys.executable, "-c", code, path)
     assert result.returncode == 0, result.stderr
     return result.stdout.strip()
 
@@ -102,8 +79,8 @@ def listdir_as(uid: int, path: Path) -> str:
         "a,allow_other,default_permissions",
     ],
 )
-def test_comma_in_backing_path_cannot_add_allow_other(top: Path, name: str) -> None:
-    vol = volume_at(top, name)
+def test_comma_in_backing_path_cannot_add_allow_other(shared_dir: Path, name: str) -> None:
+    vol = volume_at(shared_dir, name)
     try:
         vol.mount()
         vol.path("secret").write_bytes(b"root's data")
@@ -118,10 +95,10 @@ def test_comma_in_backing_path_cannot_add_allow_other(top: Path, name: str) -> N
         _check_log(vol)
 
 
-def test_backing_path_with_escapes_spaces_and_utf8_mounts_as_itself(top: Path) -> None:
+def test_backing_path_with_escapes_spaces_and_utf8_mounts_as_itself(shared_dir: Path) -> None:
     """Every byte of the path reaches the mount source unchanged (libfuse's own escapes
     included), so tools that find a volume's mount by its source keep finding it."""
-    vol = volume_at(top, "b\\054x \t\\134 é")
+    vol = volume_at(shared_dir, "b\\054x \t\\134 é")
     try:
         vol.mount()
         vol.path("f").write_bytes(b"data")
@@ -135,8 +112,8 @@ def test_backing_path_with_escapes_spaces_and_utf8_mounts_as_itself(top: Path) -
         _check_log(vol)
 
 
-def test_allow_other_still_works_when_asked_for(top: Path) -> None:
-    vol = volume_at(top, "plain")
+def test_allow_other_still_works_when_asked_for(shared_dir: Path) -> None:
+    vol = volume_at(shared_dir, "plain")
     try:
         vol.mount("-o", "allow_other")
         vol.path("f").write_bytes(b"shared")

@@ -8,7 +8,6 @@ with which key IDs and encryption contexts.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import boto3
@@ -88,20 +87,19 @@ def test_reencrypt_refuses_what_the_header_cannot_vouch_for(
     new.close()
 
 
-@pytest.fixture
-def vol(tmp_path: Path) -> Iterator[Volume]:
-    volume = make_volume(tmp_path, key=False)
-    try:
-        yield volume
-    finally:
-        force_unmount(volume.mountpoint)
-
-
 @requires_fuse
 @pytest.mark.mount
 def test_rewrap_between_kms_keys_uses_reencrypt_and_no_decrypt(
-    vol: Volume, moto: MotoServer, proxy: KmsProxy, aws_env: None
+    tmp_path: Path, moto: MotoServer, proxy: KmsProxy, aws_env: None
 ) -> None:
+    vol = make_volume(tmp_path, key=False)
+    try:
+        rewrap_and_read(vol, moto, proxy)
+    finally:
+        force_unmount(vol.mountpoint)
+
+
+def rewrap_and_read(vol: Volume, moto: MotoServer, proxy: KmsProxy) -> None:
     old_arn, new_arn = moto.create_key(), moto.create_key()
     kms = ("--kms-endpoint-url", proxy.url)
     run_kmsfs("init", vol.backing, "--provider", "aws-kms", "--kms-key-id", old_arn, *kms)
