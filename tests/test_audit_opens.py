@@ -51,14 +51,18 @@ def open_as(uid: int, how: str, path: Path) -> tuple[str, int]:
     return answer, int(pid)
 
 
-def new_volume(top: Path, *init_args: str) -> Volume:
+def new_volume(top: Path, *init_args: str, key_args: tuple[str, ...] = ()) -> Volume:
+    """A volume (a local key file unless *init_args* say otherwise), mounted with
+    allow_other, an audit log and the options naming its key (*key_args*)."""
     backing, mnt = top / "backing", top / "mnt"
     backing.mkdir()
     mnt.mkdir()
     vol = Volume(top, backing, mnt, top / "master.key", top / "kmsfs.log")
-    run_kmsfs("init", backing, *(init_args or ("--key-file", vol.key_file)))
+    key_args = key_args or ("--key-file", str(vol.key_file))
+    run_kmsfs("init", backing, *(init_args or key_args))
     backing.chmod(0o755)
-    vol.mount_args = ["-o", "allow_other", "--audit-log", str(top / "audit.jsonl")]
+    audit = ["--audit-log", str(top / "audit.jsonl")]
+    vol.mount_args = ["-o", "allow_other", *audit, *key_args]
     return vol
 
 
@@ -142,8 +146,8 @@ def test_open_refused_by_the_key_provider_is_recorded_as_eacces(
 ) -> None:
     """moto enforces no key policy: the proxy answers AccessDeniedException in its place."""
     arn = moto.create_key()
-    init = ("--provider", "aws-kms", "--kms-key-id", arn, "--kms-endpoint-url", proxy.url)
-    vol = new_volume(shared_dir, *init)
+    kms = ("--kms-key-id", arn, "--kms-endpoint-url", proxy.url)
+    vol = new_volume(shared_dir, "--provider", "aws-kms", *kms, key_args=kms)
     try:
         vol.mount()
         vol.path("f").write_bytes(b"data")

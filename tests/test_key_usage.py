@@ -21,7 +21,7 @@ from types import SimpleNamespace
 
 import pytest
 import trio
-from conftest import make_volume
+from conftest import Volume, make_volume
 
 from kmsfs.fs import content_file
 from kmsfs.fs.operations import KmsfsOperations
@@ -30,9 +30,9 @@ from kmsfs.volume import open_volume
 CTX = SimpleNamespace(uid=0, gid=0, pid=os.getpid(), umask=0o022)
 
 
-def operations(backing: Path) -> KmsfsOperations:
-    config, keyring = open_volume(backing, {})
-    return KmsfsOperations(str(backing), config, keyring)
+def operations(vol: Volume) -> KmsfsOperations:
+    config, keyring = open_volume(vol.backing, {"key_file": str(vol.key_file)})
+    return KmsfsOperations(str(vol.backing), config, keyring)
 
 
 def warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -48,7 +48,7 @@ def test_warning_fires_for_a_file_opened_and_closed_many_times(
     seen_at: list[int] = []
 
     async def main() -> None:
-        ops = operations(vol.backing)
+        ops = operations(vol)
         try:
             info, _ = await ops.create(1, b"db", 0o600, os.O_RDWR, CTX)
             await ops.write(info.fh, 0, bytes(4 * bs))  # 4 blocks, + 1 empty at create
@@ -81,7 +81,7 @@ def test_a_new_daemon_starts_from_the_blocks_already_written(
     vol = make_volume(tmp_path)
 
     async def write_big() -> None:
-        ops = operations(vol.backing)
+        ops = operations(vol)
         try:
             info, _ = await ops.create(1, b"big", 0o600, os.O_RDWR, CTX)
             await ops.write(info.fh, 0, os.urandom(120 * 4096))
@@ -91,7 +91,7 @@ def test_a_new_daemon_starts_from_the_blocks_already_written(
             ops.keyring.close()
 
     async def touch_big() -> None:
-        ops = operations(vol.backing)  # a new daemon: an empty table
+        ops = operations(vol)  # a new daemon: an empty table
         try:
             attr = await ops.lookup(1, b"big", CTX)
             fh = (await ops.open(attr.st_ino, os.O_RDWR, CTX)).fh

@@ -34,7 +34,8 @@ def mount_under(volume: Volume, *prefix: str) -> int:
     """Mount *volume* with the kmsfs command run under *prefix*; returns the daemon's pid."""
     result = subprocess.run(
         [*prefix, str(BIN), "mount", str(volume.backing), str(volume.mountpoint)]
-        + ["--log-file", str(volume.log_file), "--log-level", "debug"],
+        + ["--log-file", str(volume.log_file), "--log-level", "debug"]
+        + ["--key-file", str(volume.key_file)],
         capture_output=True,
         text=True,
         timeout=60,

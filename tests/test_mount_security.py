@@ -29,6 +29,7 @@ def volume_at(top: Path, backing_name: str, index: int = 0) -> Volume:
     vol = Volume(top, backing, mountpoint, top / f"key{index}", top / f"log{index}")
     run_kmsfs("init", backing, "--key-file", vol.key_file)
     backing.chmod(0o755)  # the mount's root: traversable by others, as a shared volume is
+    vol.mount_args = ["--key-file", str(vol.key_file)]
     return vol
 
 

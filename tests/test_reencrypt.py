@@ -103,7 +103,7 @@ def rewrap_and_read(vol: Volume, moto: MotoServer, proxy: KmsProxy) -> None:
     old_arn, new_arn = moto.create_key(), moto.create_key()
     kms = ("--kms-endpoint-url", proxy.url)
     run_kmsfs("init", vol.backing, "--provider", "aws-kms", "--kms-key-id", old_arn, *kms)
-    vol.mount()
+    vol.mount("--kms-key-id", old_arn, *kms)
     contents = {f"d/f{n}": os.urandom(3000 + n) for n in range(12)}
     vol.path("d").mkdir()
     for rel, data in contents.items():
@@ -130,7 +130,7 @@ def rewrap_and_read(vol: Volume, moto: MotoServer, proxy: KmsProxy) -> None:
     for rel in contents:
         assert entry_refs(vol.backing / rel) == [new_arn]
     proxy.reset_calls()
-    vol.mount()
+    vol.mount("--kms-key-id", new_arn, *kms)
     for rel, data in contents.items():
         assert vol.path(rel).read_bytes() == data
     vol.umount()
