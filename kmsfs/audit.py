@@ -1,17 +1,25 @@
-"""The audit trail: one JSON line per key operation (``kmsfs mount --audit-log PATH``).
+"""The audit trail: one JSON line per key operation and per file open
+(``kmsfs mount --audit-log PATH``).
 
-Each record (see README.md, "Audit log")::
+A key operation (see README.md, "Audit log")::
 
     {"time": "2025-01-01T12:00:00.123456+00:00", "operation": "unwrap",
      "provider": "aws-kms", "key_ref": "arn:aws:kms:...", "volume_id": "<32 hex>",
      "file_id": "<32 hex>", "path": "/dir/file", "uid": 1000, "gid": 1000,
-     "pid": 4242, "process": "cat", "result": "ok", "error": "",
-     "latency_ms": 2.1}
+     "pid": 4242, "process": "cat", "exe": "/usr/bin/cat", "result": "ok",
+     "error": "", "latency_ms": 2.1}
+
+An open or create through the mount, allowed or refused by kmsfs::
+
+    {"time": "...", "operation": "open", "volume_id": "<32 hex>",
+     "file_id": "<32 hex>", "path": "/dir/file", "uid": 1000, "gid": 1000,
+     "pid": 4242, "process": "cat", "exe": "/usr/bin/cat", "access": "read",
+     "result": "ok", "error": ""}
 
 ``file_id`` is the one in the KMS encryption context, so records join with
 CloudTrail's.  Fields the request did not provide (background prefetch, the
-mount's key check, a create's path) are null.  Key material never reaches
-this module: a KeyEvent holds none.
+mount's key check) are null.  Key material never reaches this module:
+neither a KeyEvent nor an AccessEvent holds any.
 
 The file is opened for appending, mode 0600 when created, and every record is
 written whole and flushed under a lock, so lines from worker threads never
@@ -29,34 +37,35 @@ from datetime import UTC, datetime
 from typing import IO
 
 from kmsfs.errors import ConfigError
+from kmsfs.fs.events import AccessEvent
 from kmsfs.keys.keyring import KeyEvent
 
 log = logging.getLogger("kmsfs.audit")
 
-REQUESTER_FIELDS = ("path", "uid", "gid", "pid", "process")
+REQUESTER_FIELDS = ("path", "uid", "gid", "pid", "process", "exe")
 
 
-def record(event: KeyEvent, now: datetime | None = None) -> dict[str, object]:
-    """The audit record of *event* as a JSON-ready dict."""
-    when = now or datetime.now(UTC)
+def record(event: KeyEvent | AccessEvent, now: datetime | None = None) -> dict[str, object]:
+    """The audit record of *event* (a key operation, or an open or create) as a JSON-ready dict."""
     out: dict[str, object] = {
-        "time": when.isoformat(timespec="microseconds"),
+        "time": (now or datetime.now(UTC)).isoformat(timespec="microseconds"),
         "operation": event.operation,
-        "provider": event.provider,
-        "key_ref": event.key_ref,
-        "volume_id": event.volume_id,
-        "file_id": event.file_id,
     }
-    for name in REQUESTER_FIELDS:
-        out[name] = event.requester.get(name)
-    out["result"] = event.result
-    out["error"] = event.error
-    out["latency_ms"] = event.latency_ms
+    if isinstance(event, KeyEvent):
+        out |= {"provider": event.provider, "key_ref": event.key_ref}
+    out |= {"volume_id": event.volume_id, "file_id": event.file_id or None}
+    out |= {name: event.requester.get(name) for name in REQUESTER_FIELDS}
+    if isinstance(event, AccessEvent):
+        out["access"] = event.access
+    out |= {"result": event.result, "error": event.error}
+    if isinstance(event, KeyEvent):
+        out["latency_ms"] = event.latency_ms
     return out
 
 
 class AuditLog:
-    """A thread-safe JSON-lines writer; call it with each KeyEvent (an ``on_event`` sink).
+    """A thread-safe JSON-lines writer; call it with each KeyEvent (the keyring's
+    ``on_event`` sink) and each AccessEvent (the operations' ``on_access`` sink).
 
     Attributes: path, records (lines written), failed (True once a write failed).
     """
@@ -72,7 +81,7 @@ class AuditLog:
             raise ConfigError(f"cannot open audit log {self.path}: {exc.strerror}") from None
         self._file: IO[str] | None = os.fdopen(fd, "a", encoding="utf-8")
 
-    def __call__(self, event: KeyEvent) -> None:
+    def __call__(self, event: KeyEvent | AccessEvent) -> None:
         line = json.dumps(record(event), separators=(",", ":")) + "\n"
         with self._lock:
             if self._file is None:

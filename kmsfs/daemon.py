@@ -17,11 +17,13 @@ from pathlib import Path
 import pyfuse3
 import trio
 
+from kmsfs.audit import AuditLog
 from kmsfs.errors import MountError
 from kmsfs.format.volume import VolumeConfig
+from kmsfs.fs.events import AccessSink
 from kmsfs.fs.inodes import ROOT_INODE
 from kmsfs.fs.operations import KmsfsOperations
-from kmsfs.fs.syscalls import disable_core_dumps
+from kmsfs.fs.syscalls import disable_core_dumps, lock_memory
 from kmsfs.keys.keyring import Keyring
 from kmsfs.volume import lock_volume
 
@@ -53,9 +55,30 @@ def check_mountpoint(mountpoint: str, allow_nonempty: bool = False) -> None:
         )
 
 
+def escape_option_value(value: str) -> str:
+    """*value* made safe inside one libfuse ``-o`` option.
+
+    libfuse splits an option string at commas and reads backslash escapes
+    (``\\,``, ``\\\\``, ``\\NNN`` octal: ``process_real_option_group`` in
+    lib/fuse_opt.c), so a backing path ``/srv/x,allow_other`` would otherwise add
+    the option ``allow_other``.  Every comma, backslash, space or control
+    character and every byte outside ASCII (pyfuse3 passes options as ASCII)
+    becomes a three-digit octal escape, which libfuse turns back into that byte:
+    the mount source is then exactly the path.
+    """
+    out = []
+    for byte in os.fsencode(value):
+        if 0x20 < byte < 0x7F and byte not in b",\\":
+            out.append(chr(byte))
+        else:
+            out.append(f"\\{byte:03o}")
+    return "".join(out)
+
+
 def fuse_options(backing: str, extra: Iterable[str]) -> set[str]:
+    """The FUSE options of a mount: ours (the backing path as fsname, escaped) and *extra*."""
     options = set(pyfuse3.default_options)
-    options |= {f"fsname={backing}", "subtype=kmsfs"}
+    options |= {f"fsname={escape_option_value(backing)}", "subtype=kmsfs"}
     for option in extra:
         if option in ("nonempty", "foreground"):
             continue
@@ -72,18 +95,26 @@ def serve(
     on_ready: Callable[[], None] | None = None,
     timeout: float | None = None,
     services: Sequence[Callable[[KmsfsOperations], Awaitable[None]]] = (),
+    audit: AccessSink | None = None,
 ) -> None:
     """Mount *backing* at *mountpoint* and serve until unmounted; MountError if mounting fails.
 
     Each of *services* (status socket, metrics, ...) runs beside the FUSE loop
-    with the operations object and is cancelled when the loop ends.
+    with the operations object and is cancelled when the loop ends.  *audit*
+    gets a record of every open and create; by default it is the keyring's
+    event sink when that is an AuditLog (``kmsfs mount --audit-log``).
     """
     disable_core_dumps()
+    not_locked = lock_memory()
+    if not_locked is not None:
+        log.warning("%s", not_locked)
     lock_fd = lock_volume(backing)  # held until the process exits: one daemon per volume
     os.umask(0)
     _raise_fd_limit()
+    if audit is None and isinstance(keyring.on_event, AuditLog):
+        audit = keyring.on_event
     kwargs = {} if timeout is None else {"timeout": timeout}
-    ops = KmsfsOperations(backing, config, keyring, **kwargs)
+    ops = KmsfsOperations(backing, config, keyring, on_access=audit, **kwargs)
     try:
         pyfuse3.init(ops, mountpoint, fuse_options(backing, options))
     except RuntimeError as exc:

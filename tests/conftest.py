@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -157,6 +158,32 @@ def _wait_exited(pid: int, timeout: float = 30) -> None:
         except OSError:
             return
         time.sleep(0.05)
+
+
+def run_as(uid: int, *command: str | os.PathLike[str]) -> subprocess.CompletedProcess[str]:
+    """Run *command* as user and group *uid*, without supplementary groups (setpriv)."""
+    return subprocess.run(
+        ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", *map(str, command)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A 0755 directory in /tmp, so that other uids (``run_as``) can reach mounts under
+    it (pytest's own tmp directory is 0700).  Mounts at ``mnt*`` in it are unmounted
+    at teardown."""
+    path = Path(tempfile.mkdtemp(prefix="kmsfs-shared-", dir="/tmp"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        for mountpoint in path.glob("mnt*"):
+            force_unmount(mountpoint)
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def make_volume(tmp_path: Path, *init_args: str, key: bool = True) -> Volume:

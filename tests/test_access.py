@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Volume, _check_log, force_unmount, make_volume, requires_fuse
+from conftest import Volume, _check_log, force_unmount, make_volume, requires_fuse, run_as
 from reliability_util import mount_pid
 
 from kmsfs.format.content import derive_content_key
@@ -33,13 +33,7 @@ NOBODY = 65534
 OTHER = 65533
 
 
-def as_user(uid: int, *command: str | os.PathLike[str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", *map(str, command)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+as_user = run_as
 
 
 def py_as_user(uid: int, code: str, *args: str) -> subprocess.CompletedProcess[str]:

@@ -491,6 +491,8 @@ def test_passwd_changes_the_passphrase(tmp_path: Path) -> None:
     old, new = tmp_path / "old.pass", tmp_path / "new.pass"
     old.write_text("correct horse\n")
     new.write_text("battery staple\n")
+    old.chmod(0o600)  # secret files must be private (kmsfs.keys.secrets)
+    new.chmod(0o600)
     vol = make_volume(tmp_path, key=False)
     run_kmsfs("init", vol.backing, "--passphrase-file", old)
     ref = load_config(vol.backing).keys[0].key_ref

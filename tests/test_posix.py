@@ -881,6 +881,8 @@ def test_passphrase_volume(tmp_path: Path) -> None:
     right, wrong = tmp_path / "right.txt", tmp_path / "wrong.txt"
     right.write_text("correct horse battery staple\n")
     wrong.write_text("incorrect horse\n")
+    right.chmod(0o600)  # secret files must be private (kmsfs.keys.secrets)
+    wrong.chmod(0o600)
     run_kmsfs("init", vol.backing, "--passphrase-file", right)
     assert "correct horse" not in vol.backing_path(".kmsfs.json").read_text()
     try:

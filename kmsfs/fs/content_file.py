@@ -22,6 +22,56 @@ from kmsfs.fs.syscalls import preallocate
 
 log = logging.getLogger("kmsfs.fs")
 WARN_BLOCK_ENCRYPTIONS = MAX_BLOCK_ENCRYPTIONS // 2
+USAGE_TABLE_ENTRIES = 32_768  # file IDs whose counts a daemon keeps (about 200 bytes each)
+
+
+class KeyUsage:
+    """Block encryptions counted under one file key (see docs/FORMAT.md,
+    "How much one file key may encrypt").  Shared by every open of the files
+    with that file ID while the daemon runs.
+
+    Attributes: sealed (the count: a lower bound of the key's real use),
+    warned (the warning was logged).
+    """
+
+    __slots__ = ("sealed", "warned")
+
+    def __init__(self, sealed: int = 0) -> None:
+        self.sealed = sealed
+        self.warned = False
+
+
+class KeyUsageTable:
+    """The KeyUsage of each file ID the daemon opened or created, for its lifetime.
+
+    Bounded: beyond ``max_entries`` file IDs, the half with the fewest
+    encryptions is forgotten (their counts restart from the lower bound at
+    their next open), so the files rewritten most, the ones the count is for,
+    stay.  Used on the trio loop only.
+    """
+
+    def __init__(self, max_entries: int = USAGE_TABLE_ENTRIES) -> None:
+        if max_entries < 2:
+            raise ValueError("a key usage table needs at least 2 entries")
+        self.max_entries = max_entries
+        self._entries: dict[bytes, KeyUsage] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, file_id: bytes) -> KeyUsage:
+        """The count for *file_id*, a new one (0) if the daemon has none."""
+        usage = self._entries.get(file_id)
+        if usage is None:
+            if len(self._entries) >= self.max_entries:
+                self._forget_least_used()
+            usage = self._entries[file_id] = KeyUsage()
+        return usage
+
+    def _forget_least_used(self) -> None:
+        ranked = sorted(self._entries.items(), key=lambda item: item[1].sealed)
+        for file_id, _ in ranked[: len(ranked) // 2]:
+            del self._entries[file_id]
 
 
 class ContentFile:
@@ -32,31 +82,64 @@ class ContentFile:
         cipher: the file's block cipher.
         size: plaintext size; authoritative while the file is open.
         describe: returns how log lines and errors name the file (its current path).
+        file_id: the header's file ID (b"" if not given), for audit records.
+        usage: the count of block encryptions under the file's key, shared by
+            the daemon's opens of this file ID (a private one if not given).
     """
 
     def __init__(
-        self, fd: int, cipher: BlockCipher, size: int, describe: Callable[[], str]
+        self,
+        fd: int,
+        cipher: BlockCipher,
+        size: int,
+        describe: Callable[[], str],
+        file_id: bytes = b"",
+        usage: KeyUsage | None = None,
     ) -> None:
         self.fd = fd
         self.cipher = cipher
+        self.file_id = file_id
+        self.usage = usage if usage is not None else KeyUsage()
         self.layout = cipher.layout
         self.size = size
         self.describe = describe
         # (index, plaintext) of the final block as last sealed, to re-seal it
         # as a middle block on the next extending write without reading it back.
         self._final: tuple[int, bytes] | None = None
-        self.sealed_blocks = 0  # block encryptions under this key while open (FORMAT.md)
 
     @property
     def what(self) -> str:
         return self.describe()
 
+    @property
+    def sealed_blocks(self) -> int:
+        """Block encryptions counted under this file's key (FORMAT.md)."""
+        return self.usage.sealed
+
     @classmethod
-    def open(cls, fd: int, cipher: BlockCipher, describe: Callable[[], str]) -> ContentFile:
-        """Wrap *fd*; IntegrityError if its size cannot belong to a well-formed file."""
-        backing = os.fstat(fd).st_size
-        cipher.layout.check_backing_size(backing, describe())
-        return cls(fd, cipher, cipher.layout.plain_size(backing), describe)
+    def open(
+        cls,
+        fd: int,
+        cipher: BlockCipher,
+        describe: Callable[[], str],
+        file_id: bytes = b"",
+        usage: KeyUsage | None = None,
+    ) -> ContentFile:
+        """Wrap *fd*; IntegrityError if its size cannot belong to a well-formed file.
+
+        *usage* is raised to at least the number of the file's blocks that
+        are allocated: each of those was sealed at least once, by whichever
+        daemon or tool wrote it.
+        """
+        st = os.fstat(fd)
+        layout = cipher.layout
+        layout.check_backing_size(st.st_size, describe())
+        size = layout.plain_size(st.st_size)
+        content = cls(fd, cipher, size, describe, file_id, usage)
+        blocks = layout.final_index(size) + 1
+        allocated = st.st_blocks * 512 // layout.backing_block  # holes were never sealed
+        content.usage.sealed = max(content.usage.sealed, min(blocks, allocated))
+        return content
 
     def write_empty(self) -> None:
         """Make a just-created backing file a well-formed empty file (one empty final block)."""
@@ -102,13 +185,14 @@ class ContentFile:
 
     def _seal_at(self, index: int, plaintext: bytes | bytearray | memoryview, final: int) -> None:
         sealed = self.cipher.seal(index, plaintext, final)
-        before = self.sealed_blocks
-        self.sealed_blocks += max(-(-len(plaintext) // self.layout.block_size), 1)
-        if before < WARN_BLOCK_ENCRYPTIONS <= self.sealed_blocks:
+        usage = self.usage
+        usage.sealed += max(-(-len(plaintext) // self.layout.block_size), 1)
+        if usage.sealed >= WARN_BLOCK_ENCRYPTIONS and not usage.warned:
+            usage.warned = True
             log.warning(
                 "%s: %d block encryptions under one file key (NIST limit 2^32): re-key this file",
                 self.what,
-                self.sealed_blocks,
+                usage.sealed,
             )
         written = os.pwrite(self.fd, sealed, index * self.layout.backing_block)
         if written != len(sealed):

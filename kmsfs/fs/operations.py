@@ -32,10 +32,11 @@ from pyfuse3 import FUSEError
 
 from kmsfs.errors import FormatError, KeyAccessDenied, KmsfsError
 from kmsfs.format.content import BlockCipher, Layout
-from kmsfs.format.header import RESERVED_XATTR_PREFIX, XATTR_NAME, FileHeader
+from kmsfs.format.header import RESERVED_XATTR_PREFIX, XATTR_NAME, FileHeader, WrappedKey
 from kmsfs.format.volume import RESERVED_PREFIX, VolumeConfig
 from kmsfs.fs import syscalls
-from kmsfs.fs.content_file import ContentFile
+from kmsfs.fs.content_file import ContentFile, KeyUsageTable
+from kmsfs.fs.events import AccessEvent, AccessSink, access_mode
 from kmsfs.fs.inodes import ROOT_INODE, Inode, InodeTable
 from kmsfs.keys.keyring import Keyring
 from kmsfs.keys.provider import wipe
@@ -52,6 +53,22 @@ _O_PATH = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 T = TypeVar("T")
 
 
+def errno_for(exc: BaseException) -> int:
+    """The errno a request answers when its handler raised *exc*.
+
+    OSError keeps its own; the key provider's refusal is EACCES; any other
+    kmsfs error (integrity, format, wrong key, provider outage) and anything
+    unexpected is EIO.
+    """
+    if isinstance(exc, FUSEError):
+        return int(exc.errno)
+    if isinstance(exc, OSError):
+        return exc.errno or errno.EIO
+    if isinstance(exc, KeyAccessDenied):
+        return errno.EACCES
+    return errno.EIO
+
+
 def _fuse_op(func: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
     """Turn every exception of a handler into a FUSEError (pyfuse3 must never see others)."""
 
@@ -64,13 +81,11 @@ def _fuse_op(func: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
         except OSError as exc:
             if exc.errno in (errno.EBADF, errno.EMFILE, errno.ENFILE):  # our own descriptors
                 log.warning("%s: %s", func.__name__, exc, exc_info=log.isEnabledFor(logging.DEBUG))
-            raise FUSEError(exc.errno or errno.EIO) from None
+            raise FUSEError(errno_for(exc)) from None
         except KmsfsError as exc:
             self.errors += 1
             log.error("%s: %s", func.__name__, exc)
-            raise FUSEError(
-                errno.EACCES if isinstance(exc, KeyAccessDenied) else errno.EIO
-            ) from None
+            raise FUSEError(errno_for(exc)) from None
         except Exception:
             self.errors += 1
             log.exception("%s: unexpected error", func.__name__)
@@ -89,7 +104,9 @@ class DirHandle:
 
 
 class KmsfsOperations(pyfuse3.Operations):
-    """Serves one volume.  Attributes: backing (path), config, keyring, inodes."""
+    """Serves one volume.  Attributes: backing (path), config, keyring, inodes,
+    on_access (called with an AccessEvent for every open and create when an
+    audit log is configured, else None)."""
 
     enable_writeback_cache = True
 
@@ -100,11 +117,14 @@ class KmsfsOperations(pyfuse3.Operations):
         keyring: Keyring,
         timeout: float = DEFAULT_TIMEOUT,
         offload_bytes: int = OFFLOAD_BYTES,
+        on_access: AccessSink | None = None,
     ) -> None:
         super().__init__()
         self.backing = os.path.abspath(backing)
         self.config = config
         self.keyring = keyring
+        self.on_access = on_access  # the audit log's sink for opens and creates, if any
+        self._volume_hex = config.volume_id.hex()
         self.layout = Layout(config.block_size)
         self.timeout = timeout
         self.offload_bytes = offload_bytes
@@ -116,6 +136,9 @@ class KmsfsOperations(pyfuse3.Operations):
         )
         self._dirs: dict[int, DirHandle] = {}
         self._next_dir = 1
+        # Block encryptions per file key, kept across opens and closes (FORMAT.md,
+        # "How much one file key may encrypt")
+        self.key_usage = KeyUsageTable()
         self._limiter = trio.CapacityLimiter(4)  # large I/O and fsync
         # Provider calls (KMS, HSM) get their own threads: a KMS outage that holds
         # them for seconds must not stall large reads and writes of other files.
@@ -209,24 +232,66 @@ class KmsfsOperations(pyfuse3.Operations):
         entry: Inode | None,
         name: bytes | None = None,
     ) -> dict[str, Any]:
-        """Who asked, for the audit log (only built when someone listens).
+        """Who asked, for the audit log (built only when there is one: two small
+        /proc reads per request, on the loop).
 
-        The path is the entry's, or *name* inside the directory *entry*.
+        The path is the entry's, or *name* inside the directory *entry*.  The
+        process may have exited (or be a kernel thread): then "process" and
+        "exe" are empty.
         """
-        if self.keyring.on_event is None or ctx is None:
+        if self.on_access is None or ctx is None:
             return {}
         try:
             with open(f"/proc/{ctx.pid}/comm") as handle:
                 process = handle.read().strip()
         except OSError:
             process = ""
-        info: dict[str, Any] = {"uid": ctx.uid, "gid": ctx.gid, "pid": ctx.pid, "process": process}
+        try:
+            exe = os.readlink(f"/proc/{ctx.pid}/exe")
+        except OSError:
+            exe = ""
+        info: dict[str, Any] = {
+            "uid": ctx.uid,
+            "gid": ctx.gid,
+            "pid": ctx.pid,
+            "process": process,
+            "exe": exe,
+        }
         if entry is not None:
             path = self.describe(entry)
             if name is not None:
                 path = os.path.join(path, os.fsdecode(name))
             info["path"] = path
         return info
+
+    def _audit_access(
+        self,
+        operation: str,
+        flags: int,
+        requester: dict[str, Any],
+        file_id: bytes | None,
+        exc: BaseException | None = None,
+    ) -> None:
+        """Report an open or create, allowed (*exc* None) or refused, to the audit log."""
+        if self.on_access is None:
+            return
+        if exc is None:
+            result, error = "ok", ""
+        else:
+            code = errno_for(exc)
+            result = errno.errorcode.get(code, str(code))
+            error = os.strerror(code) if isinstance(exc, FUSEError) else str(exc)
+        self.on_access(
+            AccessEvent(
+                operation,
+                access_mode(flags),
+                self._volume_hex,
+                file_id.hex() if file_id else "",
+                result,
+                error,
+                requester,
+            )
+        )
 
     async def _key_call(self, func: Callable[..., T], *args: Any) -> T:
         if self.keyring.inline:
@@ -255,12 +320,11 @@ class KmsfsOperations(pyfuse3.Operations):
         if keep and stat.S_ISREG(st.st_mode):
             os.chmod(f"/proc/self/fd/{fd}", stat.S_IMODE(st.st_mode))
 
-    async def _content(
-        self, entry: Inode, ctx: pyfuse3.RequestContext | None = None
-    ) -> ContentFile:
+    async def _content(self, entry: Inode, requester: dict[str, Any]) -> ContentFile:
         """The entry's open ContentFile, opening the backing file and its key if needed.
 
-        Call with entry.lock held.
+        *requester* (``_requester``) goes into the key's audit record.  Call
+        with entry.lock held.
         """
         if entry.content is not None:
             return entry.content
@@ -280,14 +344,18 @@ class KmsfsOperations(pyfuse3.Operations):
                     " kmsfs, or its header xattr was lost)"
                 ) from None
             header = FileHeader.parse(raw)
-            key = await self._key_call(
-                self.keyring.unwrap, header, what, self._requester(ctx, entry)
-            )
+            key = await self._key_call(self.keyring.unwrap, header, what, requester)
             try:
                 cipher = BlockCipher.for_file(key, header)
             finally:
                 wipe(key)
-            content = ContentFile.open(fd, cipher, lambda: self.describe(entry))
+            content = ContentFile.open(
+                fd,
+                cipher,
+                lambda: self.describe(entry),
+                header.file_id,
+                self.key_usage.get(header.file_id),
+            )
         except BaseException as exc:
             os.close(fd)
             if isinstance(exc, KmsfsError):
@@ -355,7 +423,7 @@ class KmsfsOperations(pyfuse3.Operations):
             if not entry.is_regular:
                 raise FUSEError(errno.EISDIR if stat.S_ISDIR(entry.mode) else errno.EINVAL)
             async with entry.lock:
-                content = await self._content(entry, ctx)
+                content = await self._content(entry, self._requester(ctx, entry))
                 try:
                     await self._io(0, content.truncate, attr.st_size)
                 finally:
@@ -557,11 +625,31 @@ class KmsfsOperations(pyfuse3.Operations):
     async def create(
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
-        self._check_name(parent_inode, name)
-        parent = self._inode(parent_inode)
-        file_id, key, entries = await self._key_call(
-            self.keyring.new_file, self._requester(ctx, parent, name)
-        )
+        requester: dict[str, Any] = {}
+        file_id = None
+        try:
+            self._check_name(parent_inode, name)
+            parent = self._inode(parent_inode)
+            requester = self._requester(ctx, parent, name)
+            file_id, key, entries = await self._key_call(self.keyring.new_file, requester)
+            answer = self._create(parent, name, mode, ctx, file_id, key, entries)
+        except Exception as exc:
+            self._audit_access("create", flags, requester or self._requester(ctx, None), None, exc)
+            raise
+        self._audit_access("create", flags, requester, file_id)
+        return answer
+
+    def _create(
+        self,
+        parent: Inode,
+        name: bytes,
+        mode: int,
+        ctx: pyfuse3.RequestContext,
+        file_id: bytes,
+        key: bytearray,
+        entries: tuple[WrappedKey, ...],
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        """Create *name* in *parent* with a header for the new file key *key* (wiped here)."""
         try:
             header = FileHeader(self.config.volume_id, file_id, self.config.block_size, entries)
             cipher = BlockCipher.for_file(key, header)
@@ -576,7 +664,14 @@ class KmsfsOperations(pyfuse3.Operations):
         try:
             os.setxattr(fd, XATTR_NAME, header.pack())
             self._own(fd, parent, ctx)
-            content = ContentFile(fd, cipher, 0, lambda: name.decode(errors="replace"))
+            content = ContentFile(
+                fd,
+                cipher,
+                0,
+                lambda: name.decode(errors="replace"),
+                file_id,
+                self.key_usage.get(file_id),
+            )
             content.write_empty()
             st = os.fstat(fd)
             path_fd = os.dup(fd)  # serves as the inode's descriptor, like an O_PATH one
@@ -596,14 +691,24 @@ class KmsfsOperations(pyfuse3.Operations):
 
     @_fuse_op
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
-        entry = await self._inode_waiting(inode)
-        if not entry.is_regular:
-            raise FUSEError(errno.EINVAL)
-        async with entry.lock:
-            content = await self._content(entry, ctx)
-            entry.opens += 1
-            if flags & os.O_TRUNC and content.size:
-                content.truncate(0)
+        # Every open reaches the audit log, also of a file already open (whose key
+        # needs no provider call).  Opens the kernel refuses itself (permission
+        # bits, default_permissions) never get here.
+        requester: dict[str, Any] = {}
+        try:
+            entry = await self._inode_waiting(inode)
+            requester = self._requester(ctx, entry)
+            if not entry.is_regular:
+                raise FUSEError(errno.EINVAL)
+            async with entry.lock:
+                content = await self._content(entry, requester)
+                entry.opens += 1
+                if flags & os.O_TRUNC and content.size:
+                    content.truncate(0)
+        except Exception as exc:
+            self._audit_access("open", flags, requester or self._requester(ctx, None), None, exc)
+            raise
+        self._audit_access("open", flags, requester, content.file_id)
         return pyfuse3.FileInfo(fh=inode, keep_cache=True)
 
     async def _content_call(self, fh: int, size: int, method: str, *args: Any) -> Any:

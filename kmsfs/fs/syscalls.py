@@ -1,6 +1,8 @@
-"""Linux calls the os module lacks: renameat2 flags, and *at() on an O_PATH descriptor.
+"""Linux calls the os module lacks: renameat2 flags, *at() on an O_PATH descriptor,
+fallocate, and the process-wide protections of key material (no core dumps,
+locked memory).
 
-Each raises OSError with the C errno, like the os module.
+Each raises OSError with the C errno, like the os module, unless it says otherwise.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ AT_SYMLINK_NOFOLLOW = 0x100
 UTIME_OMIT = (1 << 30) - 2
 PR_SET_DUMPABLE = 4
 FALLOC_FL_KEEP_SIZE = 1
+MCL_CURRENT, MCL_FUTURE, MCL_ONFAULT = 1, 2, 4
+CAP_IPC_LOCK = 14
 
 
 class _Timespec(ctypes.Structure):
@@ -72,3 +76,53 @@ def disable_core_dumps() -> None:
 
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     _libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
+
+
+def lock_memory() -> str | None:
+    """Keep the process's memory (and so its keys) out of swap: ``mlockall``.
+
+    Locks every page now mapped and every page mapped later, each once it is
+    first touched (MCL_ONFAULT: thread stacks and malloc arenas are not
+    filled in up front).  Done only when the kernel lets the locked amount
+    grow without bound, that is with RLIMIT_MEMLOCK unlimited (raised to the
+    hard limit first) or CAP_IPC_LOCK: under a finite limit, MCL_FUTURE would
+    make later allocations fail once the limit is reached.
+
+    Returns None once locked, else one line saying why not and what to set
+    (for a warning); never raises.
+    """
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_MEMLOCK, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    if soft != resource.RLIM_INFINITY and not _has_capability(CAP_IPC_LOCK):
+        return (
+            f"memory not locked: RLIMIT_MEMLOCK is {_bytes(soft)} (needs unlimited, or"
+            " CAP_IPC_LOCK), so keys may reach swap: set LimitMEMLOCK=infinity in the"
+            " systemd unit (or 'ulimit -l unlimited' before mounting)"
+        )
+    if _libc.mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT) != 0:
+        err = ctypes.get_errno()
+        return f"memory not locked: mlockall failed: {os.strerror(err)}, so keys may reach swap"
+    return None
+
+
+def _has_capability(cap: int) -> bool:
+    """True if *cap* is in this process's effective capability set."""
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> cap & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
+
+
+def _bytes(limit: int) -> str:
+    return f"{limit // 1024} KiB" if limit >= 1024 else f"{limit} bytes"

@@ -5,6 +5,9 @@
 - wrap: ``Encrypt`` of an existing 32-byte key (extra master keys, key check).
 - unwrap: ``Decrypt`` with ``KeyId`` pinned to the ARN; the KeyId KMS returns
   must be that ARN too.
+- reencrypt (rewrap from another aws-kms key): ``ReEncrypt`` with the source
+  pinned to the entry's key ARN, the same context on both sides and this key
+  as destination, so the plaintext key never leaves KMS.
 
 Every call carries the encryption context ``KeyContext.as_dict()``: volume ID
 and file ID (never the path, which CloudTrail would log in the clear and which
@@ -51,7 +54,12 @@ CONNECT_TIMEOUT = 1.0
 READ_TIMEOUT = 2.0
 MAX_ATTEMPTS = 3  # worst case about 3 x 2 s read timeouts + < 3 s of backoff
 MAX_POOL_CONNECTIONS = 16
-METHODS = {"GenerateDataKey": "generate_data_key", "Encrypt": "encrypt", "Decrypt": "decrypt"}
+METHODS = {
+    "GenerateDataKey": "generate_data_key",
+    "Encrypt": "encrypt",
+    "Decrypt": "decrypt",
+    "ReEncrypt": "re_encrypt",
+}
 INIT_TEST_PURPOSE = "init-test"  # context purpose of the test GenerateDataKey made by init
 
 DENIED_CODES = frozenset(
@@ -224,6 +232,50 @@ class AwsKmsProvider(KeyProvider):
         plaintext: bytes = response["Plaintext"]
         return plaintext
 
+    def reencrypt(self, wrapped: WrappedKey, context: KeyContext) -> WrappedKey:
+        """*wrapped*, made by another aws-kms key for *context*, re-encrypted under this key.
+
+        One ``ReEncrypt``: KMS decrypts with the source key and encrypts with
+        this one, so the plaintext key never leaves KMS (kmsfs rewrap between
+        KMS keys).  The source is pinned to the entry's key ARN, which must be
+        a full key ARN in this key's partition and account: a key reference
+        read from a header is the backing directory's to choose, and must not
+        make KMS accept a blob from a key someone else owns.  Raises
+        WrongKeyError for any other entry (the caller then unwraps and wraps
+        instead) or a blob KMS rejects for that key and context, and
+        KeyAccessDenied / KeyUnavailable as the other calls do.
+        """
+        if wrapped.provider != self.name:
+            raise WrongKeyError(f"{self.describe()}: cannot re-encrypt a {wrapped.provider} key")
+        if not _same_owner(wrapped.key_ref, self.key_arn):
+            raise WrongKeyError(
+                f"{self.describe()}: will not re-encrypt from {wrapped.key_ref}: not a key ARN"
+                " of this key's account"
+            )
+        blob = self._call("reencrypt", self._reencrypt, wrapped, context)
+        return WrappedKey(self.name, self.key_ref, bytes(blob))
+
+    def _reencrypt(self, wrapped: WrappedKey, context: KeyContext) -> bytes:
+        encryption_context = context.as_dict()
+        response = self._request(
+            "ReEncrypt",
+            CiphertextBlob=wrapped.blob,
+            SourceKeyId=wrapped.key_ref,
+            SourceEncryptionContext=encryption_context,
+            DestinationKeyId=self.key_arn,
+            DestinationEncryptionContext=encryption_context,
+        )
+        self._check_key_id(response, "ReEncrypt")
+        source = response.get("SourceKeyId")
+        if source != wrapped.key_ref:
+            raise WrongKeyError(
+                f"aws-kms key {self.key_arn}: ReEncrypt answered for source key {source},"
+                f" not {wrapped.key_ref}",
+                code="IncorrectKeyException",
+            )
+        blob: bytes = response["CiphertextBlob"]
+        return blob
+
     def close(self) -> None:
         close = getattr(self._client, "close", None)
         if close is not None:
@@ -257,6 +309,19 @@ def _client(
         "kms", region_name=region, endpoint_url=endpoint_url, config=client_config()
     )
     return client, region
+
+
+def _same_owner(key_ref: str, key_arn: str) -> bool:
+    """True if *key_ref* is a KMS key ARN (not an alias) in *key_arn*'s partition and account."""
+    parts, ours = key_ref.split(":"), key_arn.split(":")
+    return (
+        len(parts) == 6
+        and parts[0] == "arn"
+        and parts[2] == "kms"
+        and parts[5].startswith("key/")
+        and parts[1] == ours[1]
+        and parts[4] == ours[4]
+    )
 
 
 def _arn_region(key_id: str) -> str | None:

@@ -30,7 +30,8 @@ class KeyEvent:
     """One use of a key, for the audit log.  Never holds key material."""
 
     # "generate", "wrap", "unwrap", "cache-hit"; with a key pool also "prefetch"
-    # (background generate), "assign" (pooled key given to a new file), "discard"
+    # (background generate), "assign" (pooled key given to a new file), "discard";
+    # "reencrypt" (a provider re-encrypting another key's entry itself)
     operation: str
     provider: str
     key_ref: str
@@ -124,7 +125,7 @@ class Keyring:
         except BaseException:
             wipe(key)
             raise
-        self.cache.put(wrapped.blob, key)
+        self.cache.put(context, wrapped, key)
         return key, tuple(entries)
 
     def unwrap(
@@ -146,10 +147,12 @@ class Keyring:
             for entry in header.entries:
                 if not provider.accepts(entry):
                     continue
-                cached = self.cache.get(entry.blob)
+                # keyed by context and entry: a blob copied into a header with
+                # another file ID misses, and the provider refuses it
+                cached = self.cache.get(context, entry)
                 if cached is not None:
                     self._emit("cache-hit", provider, context, "ok", 0.0, requester=requester)
-                    return bytearray(cached)
+                    return cached
                 try:
                     key = self._timed(
                         "unwrap",
@@ -163,13 +166,22 @@ class Keyring:
                 except ProviderError as exc:
                     errors.append(exc)
                     continue
-                self.cache.put(entry.blob, key)
+                self.cache.put(context, entry, key)
                 return key
         if errors:
             raise type(errors[-1])(f"{what}: {errors[-1]}", code=errors[-1].code)
         have = ", ".join(f"{e.provider} {e.key_ref}" for e in header.entries)
         want = ", ".join(p.describe() for p in self.providers)
         raise WrongKeyError(f"{what}: file key is wrapped by {have}; this volume has {want}")
+
+    def reencrypt(self, provider: Any, wrapped: WrappedKey, context: KeyContext) -> WrappedKey:
+        """*wrapped* re-encrypted under *provider*'s key by the provider itself
+        (``provider.reencrypt``, e.g. KMS ReEncrypt), reported as a "reencrypt"
+        event.  Raises what the provider raises."""
+        result: WrappedKey = self._timed(
+            "reencrypt", provider, context, provider.reencrypt, wrapped, context
+        )
+        return result
 
     def close(self) -> None:
         wipe(self.volume_key)

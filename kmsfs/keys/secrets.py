@@ -4,6 +4,8 @@ Secrets are read from a file named by an option (``--key-file``,
 ``--passphrase-file``, ``--pkcs11-pin-file``), else from
 ``$CREDENTIALS_DIRECTORY/<credential>`` (systemd ``LoadCredential=``), else from
 an interactive prompt when one is available.  Anything else is a ConfigError.
+A secret file must be private to its owner, as ssh wants of a private key:
+mode 0600 or stricter, owned by root or by the user running kmsfs.
 """
 
 from __future__ import annotations
@@ -19,15 +21,31 @@ MAX_SECRET_FILE = 64 * 1024
 Prompt = Callable[[str, bool], str]
 
 
-def read_secret_file(path: str | os.PathLike[str], what: str) -> bytes:
-    """Read a secret file whole; ConfigError if missing, unreadable, empty or huge."""
+def read_secret_file(path: str | os.PathLike[str], what: str, private: bool = True) -> bytes:
+    """Read a secret file whole.
+
+    ConfigError if it is missing, unreadable, empty or huge, or (when
+    *private*) if it is a regular file not private to its owner: see
+    ``check_private``.  A pipe (``--passphrase-file <(...)``) holds no stored
+    secret and is read as it is.  systemd credentials are read with *private*
+    False (systemd makes them readable by the service alone).
+    """
     try:
-        with open(path, "rb") as handle:
-            data = handle.read(MAX_SECRET_FILE + 1)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY)
     except FileNotFoundError:
         raise ConfigError(f"{what} {path} does not exist") from None
     except OSError as exc:
         raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)  # the file opened, not a path that may change meanwhile
+        if private and stat.S_ISREG(st.st_mode):
+            check_private(st, path, what)
+        with open(fd, "rb", closefd=False) as handle:
+            data = handle.read(MAX_SECRET_FILE + 1)
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
     if not data:
         raise ConfigError(f"{what} {path} is empty")
     if len(data) > MAX_SECRET_FILE:
@@ -35,15 +53,34 @@ def read_secret_file(path: str | os.PathLike[str], what: str) -> bytes:
     return data
 
 
-def warn_if_readable_by_others(path: str | os.PathLike[str]) -> str | None:
-    """A warning if *path* can be read by group or others, else None."""
+def check_private(st: os.stat_result, path: str | os.PathLike[str], what: str) -> None:
+    """ConfigError unless the file *st* describes is private, as ssh wants of a private key.
+
+    Refused: any permission bit for group or others (they could read the
+    secret, or replace it with one they know), and an owner other than root
+    or the user running kmsfs (that owner could do either).  The message
+    gives the command that fixes it.
+    """
+    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ConfigError(
+            f"{what} {path} is accessible by group or others"
+            f" (mode {stat.S_IMODE(st.st_mode):04o}): run 'chmod 600 {path}'"
+        )
+    me = os.geteuid()
+    if st.st_uid not in (0, me):
+        raise ConfigError(
+            f"{what} {path} belongs to uid {st.st_uid}, not to root or to you"
+            f" ({_user_name(me)}): run 'chown {_user_name(me)} {path}'"
+        )
+
+
+def _user_name(uid: int) -> str:
+    import pwd
+
     try:
-        mode = os.stat(path).st_mode
-    except OSError:
-        return None
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        return f"{path} is accessible by group or others (mode {stat.S_IMODE(mode):04o}); use 0600"
-    return None
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
 
 
 def get_text_secret(
@@ -63,7 +100,9 @@ def get_text_secret(
         cred_dir = os.environ.get("CREDENTIALS_DIRECTORY")
         cred = Path(cred_dir, credential) if cred_dir else None
         if cred is not None and cred.exists():
-            data = read_secret_file(cred, f"{what} credential")
+            # systemd makes credentials readable by the service alone (0400, its
+            # user, a private directory): no mode check, which a copy may fail
+            data = read_secret_file(cred, f"{what} credential", private=False)
         elif prompt is not None:
             data = prompt(f"{what[0].upper()}{what[1:]}", confirm).encode()
         else:

@@ -1,0 +1,125 @@
+"""The per-key block-encryption count behind the nonce-limit warning survives closes.
+
+AES-GCM with random nonces allows 2^32 encryptions per key (docs/FORMAT.md,
+"How much one file key may encrypt"); the daemon warns at 2^31.  The count
+used to live in the open file and restart at zero on every open, so a file
+rewritten a little at a time by a program that opens and closes it (a log,
+a database checkpoint, an editor's saves) never reached the warning.
+
+In-process: the operations layer is driven without a kernel mount (no FUSE
+request can set a 2^31 threshold in reasonable time), with the threshold
+lowered by monkeypatching the constant; everything below the operations
+(backing files, headers, keys, ciphers) is real.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import trio
+from conftest import Volume, make_volume
+
+from kmsfs.fs import content_file
+from kmsfs.fs.operations import KmsfsOperations
+from kmsfs.volume import open_volume
+
+CTX = SimpleNamespace(uid=0, gid=0, pid=os.getpid(), umask=0o022)
+
+
+def operations(vol: Volume) -> KmsfsOperations:
+    config, keyring = open_volume(vol.backing, {"key_file": str(vol.key_file)})
+    return KmsfsOperations(str(vol.backing), config, keyring)
+
+
+def warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "block encryptions" in r.getMessage()]
+
+
+def test_warning_fires_for_a_file_opened_and_closed_many_times(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(content_file, "WARN_BLOCK_ENCRYPTIONS", 50)
+    vol = make_volume(tmp_path)
+    bs = 4096
+    seen_at: list[int] = []
+
+    async def main() -> None:
+        ops = operations(vol)
+        try:
+            info, _ = await ops.create(1, b"db", 0o600, os.O_RDWR, CTX)
+            await ops.write(info.fh, 0, bytes(4 * bs))  # 4 blocks, + 1 empty at create
+            await ops.release(info.fh)
+            for cycle in range(30):  # each session rewrites the 4 blocks, then closes
+                fh = (await ops.open(info.fh, os.O_RDWR, CTX)).fh
+                await ops.write(fh, 0, os.urandom(4 * bs))
+                await ops.release(fh)
+                if warnings(caplog) and not seen_at:
+                    seen_at.append(cycle)
+        finally:
+            ops.close()
+            ops.keyring.close()
+
+    with caplog.at_level(logging.WARNING, logger="kmsfs.fs"):
+        trio.run(main)
+    # 5 at creation, then 4 per session: the 12th session (index 11) reaches 53.
+    assert warnings(caplog) == [
+        "/db: 53 block encryptions under one file key (NIST limit 2^32): re-key this file"
+    ]
+    assert seen_at == [11]
+
+
+def test_a_new_daemon_starts_from_the_blocks_already_written(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Counts are kept per daemon; each allocated block was sealed at least once, so a
+    restarted daemon counts a big file's blocks before its first write."""
+    monkeypatch.setattr(content_file, "WARN_BLOCK_ENCRYPTIONS", 100)
+    vol = make_volume(tmp_path)
+
+    async def write_big() -> None:
+        ops = operations(vol)
+        try:
+            info, _ = await ops.create(1, b"big", 0o600, os.O_RDWR, CTX)
+            await ops.write(info.fh, 0, os.urandom(120 * 4096))
+            await ops.release(info.fh)
+        finally:
+            ops.close()
+            ops.keyring.close()
+
+    async def touch_big() -> None:
+        ops = operations(vol)  # a new daemon: an empty table
+        try:
+            attr = await ops.lookup(1, b"big", CTX)
+            fh = (await ops.open(attr.st_ino, os.O_RDWR, CTX)).fh
+            assert warnings(caplog) == []  # reading or opening seals nothing
+            await ops.write(fh, 0, b"x")
+            await ops.release(fh)
+        finally:
+            ops.close()
+            ops.keyring.close()
+
+    with caplog.at_level(logging.WARNING, logger="kmsfs.fs"):
+        trio.run(write_big)
+        assert len(warnings(caplog)) == 1  # 121 seals in the first daemon
+        caplog.clear()
+        trio.run(touch_big)
+    assert warnings(caplog) == [
+        "/big: 121 block encryptions under one file key (NIST limit 2^32): re-key this file"
+    ]
+
+
+def test_table_is_bounded_and_keeps_the_most_used_keys() -> None:
+    from kmsfs.fs.content_file import KeyUsageTable
+
+    table = KeyUsageTable(max_entries=8)
+    for n in range(8):
+        table.get(bytes([n]) * 16).sealed = 1000 * n
+    table.get(b"\xff" * 16)  # the 9th: the four least used go
+    assert len(table) == 5
+    assert table.get(bytes([7]) * 16).sealed == 7000  # still counted
+    assert table.get(bytes([4]) * 16).sealed == 4000
+    assert table.get(bytes([0]) * 16).sealed == 0  # forgotten: restarts (from its lower bound)
