@@ -67,7 +67,7 @@ def test_without_the_limit_the_daemon_warns_once_and_serves(volume: Volume) -> N
     volume.umount()
     [line] = warnings(volume)
     assert line.endswith(
-        "WARNING kmsfs.daemon: memory not locked: RLIMIT_MEMLOCK is 0 bytes (needs"
+        "WARNING kmsfs.server.launch: memory not locked: RLIMIT_MEMLOCK is 0 bytes (needs"
         " unlimited, or CAP_IPC_LOCK), so keys may reach swap: set LimitMEMLOCK=infinity in"
         " the systemd unit (or 'ulimit -l unlimited' before mounting)"
     )

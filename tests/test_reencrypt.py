@@ -112,8 +112,9 @@ def rewrap_and_read(vol: Volume, moto: MotoServer, proxy: KmsProxy) -> None:
 
     proxy.reset_calls()
     result = run_kmsfs(
-        "rewrap", vol.backing, "--provider", "aws-kms", "--kms-key-id", new_arn, *kms, "-q"
-    )
+        "rewrap", vol.backing, "--provider", "aws-kms", "--kms-key-id", new_arn, *kms, "-q",
+        "--old-kms-key-id", old_arn,
+    )  # fmt: skip
     assert "12 re-wrapped (12 by the provider's re-encrypt)" in result.stdout, result.stdout
     assert proxy.count("ReEncrypt") == len(contents)
     file_decrypts = [c for c in proxy.ops("Decrypt") if "kmsfs:purpose" not in c.context]

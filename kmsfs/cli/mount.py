@@ -39,7 +39,8 @@ from kmsfs.server.mountcmd import mount_server_options
 @click.option(
     "--audit-log",
     type=click.Path(dir_okay=False),
-    help="Append one JSON line per key operation to this file (default: no audit log).",
+    help="Append one JSON line per key use and per open or create to this file"
+    " (default: no audit log).",
 )
 @mount_server_options
 @key_options(for_init=False)

@@ -78,6 +78,9 @@ def disable_core_dumps() -> None:
     _libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
 
 
+_MEMORY_LOCK_TRIED = False
+
+
 def lock_memory() -> str | None:
     """Keep the process's memory (and so its keys) out of swap: ``mlockall``.
 
@@ -89,8 +92,12 @@ def lock_memory() -> str | None:
     make later allocations fail once the limit is reached.
 
     Returns None once locked, else one line saying why not and what to set
-    (for a warning); never raises.
+    (for a warning), only the first time it is called in a process; never raises.
     """
+    global _MEMORY_LOCK_TRIED
+    if _MEMORY_LOCK_TRIED:
+        return None
+    _MEMORY_LOCK_TRIED = True
     import resource
 
     soft, hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)

@@ -299,9 +299,12 @@ def new_entry(
     """
     context = KeyContext(header.volume_id, header.file_id)
     reencrypt = getattr(new, "reencrypt", None)
+    # only entries of the volume's own (authenticated, opened) keys: a header's key_ref is
+    # the backing directory's to choose, and must not pick the source key of a ReEncrypt
+    known = {provider.key_ref for provider in old_ring.providers} if old_ring else set()
     if callable(reencrypt):
         for entry in header.entries:
-            if entry.provider == new.name:
+            if entry.provider == new.name and entry.key_ref in known:
                 try:
                     result: WrappedKey = reencrypt(entry, context)
                     return result, True

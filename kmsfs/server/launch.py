@@ -26,6 +26,7 @@ def serve_plan(plan: MountPlan, on_ready: Callable[[], None] | None) -> None:
     """
     from kmsfs.audit import AuditLog
     from kmsfs.daemon import serve
+    from kmsfs.fs.syscalls import disable_core_dumps, lock_memory
     from kmsfs.keys.cache import DEFAULT_MAX_AGE, DEFAULT_MAX_ENTRIES, KeyCache
     from kmsfs.volume import open_volume
 
@@ -33,6 +34,10 @@ def serve_plan(plan: MountPlan, on_ready: Callable[[], None] | None) -> None:
         DEFAULT_MAX_ENTRIES if plan.cache_max_entries is None else plan.cache_max_entries,
         DEFAULT_MAX_AGE if plan.cache_max_age is None else plan.cache_max_age,
     )
+    disable_core_dumps()  # before any secret is read: passphrase, PIN, keys
+    not_locked = lock_memory()
+    if not_locked is not None:
+        log.warning("%s", not_locked)
     audit = AuditLog(plan.audit_log) if plan.audit_log else None
     try:
         config, keyring = open_volume(
@@ -45,7 +50,14 @@ def serve_plan(plan: MountPlan, on_ready: Callable[[], None] | None) -> None:
         )
         services = [plan.runtime.run]
         serve(
-            plan.backing, plan.mountpoint, config, keyring, plan.extra, on_ready, services=services
+            plan.backing,
+            plan.mountpoint,
+            config,
+            keyring,
+            plan.extra,
+            on_ready,
+            services=services,
+            audit=audit,
         )
     finally:
         if audit is not None:
