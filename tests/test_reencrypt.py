@@ -20,7 +20,7 @@ from kmsfs.errors import KeyAccessDenied, WrongKeyError
 from kmsfs.format.header import WrappedKey
 from kmsfs.format.volume import load_config
 from kmsfs.keys.aws_kms import AwsKmsProvider, client_config
-from kmsfs.keys.cache import KeyCache
+from kmsfs.keys.cache import NullCache
 from kmsfs.keys.keyring import KeyEvent, Keyring
 from kmsfs.keys.provider import KeyContext, wipe
 
@@ -39,7 +39,7 @@ def test_reencrypt_moves_a_key_inside_kms(moto: MotoServer, proxy: KmsProxy, aws
     key, wrapped = old.generate_data_key(CONTEXT)
     proxy.reset_calls()
     events: list[KeyEvent] = []
-    ring = Keyring(CONTEXT.volume_id, [new], KeyCache(0, 0), events.append)
+    ring = Keyring(CONTEXT.volume_id, [new], NullCache(), events.append)
     moved = ring.reencrypt(new, wrapped, CONTEXT)
     assert (moved.provider, moved.key_ref) == ("aws-kms", new.key_arn)
     [call] = proxy.calls

@@ -35,11 +35,11 @@ def fsck(backing: str, as_json: bool, quick: bool, quiet: bool, **kwargs: Any) -
     Exit 0 if clean, 5 if anything is wrong (each problem is listed with the
     file and block), 3/6 if the volume or its keys cannot be opened.
     """
-    from kmsfs.keys.cache import KeyCache
+    from kmsfs.keys.cache import NullCache
     from kmsfs.lifecycle.fsck import fsck_volume
     from kmsfs.volume import open_volume
 
-    config, keyring = open_volume(backing, key_option_values(kwargs), prompt_secret, KeyCache(0, 0))
+    config, keyring = open_volume(backing, key_option_values(kwargs), prompt_secret, NullCache())
     try:
         report = fsck_volume(
             backing, config, keyring, quick, show_progress=progress_flag(quiet or as_json)
@@ -71,7 +71,7 @@ def rekey(backing: str, older_than: str | None, quiet: bool, **kwargs: Any) -> N
     Crash-safe and resumable (run it again); keeps hard links, owner, mode,
     times and user xattrs.
     """
-    from kmsfs.keys.cache import KeyCache
+    from kmsfs.keys.cache import NullCache
     from kmsfs.lifecycle.common import parse_duration, refuse_if_mounted
     from kmsfs.lifecycle.rekey import rekey_volume
     from kmsfs.volume import open_volume
@@ -79,7 +79,7 @@ def rekey(backing: str, older_than: str | None, quiet: bool, **kwargs: Any) -> N
     age = parse_duration(older_than) if older_than else None
     refuse_if_mounted(Path(backing).absolute(), "rekey")
     config, keyring = open_volume(
-        backing, key_option_values(kwargs), prompt_secret, KeyCache(0, 0), migrate=True
+        backing, key_option_values(kwargs), prompt_secret, NullCache(), migrate=True
     )
     try:
         report = rekey_volume(backing, config, keyring, age, progress_flag(quiet))
@@ -113,7 +113,7 @@ def import_(
 
     PLAINDIR is never modified.  Resumable: run the same command again.
     """
-    from kmsfs.keys.cache import KeyCache
+    from kmsfs.keys.cache import NullCache
     from kmsfs.lifecycle.importer import check_import_target, import_tree
     from kmsfs.volume import init_volume, open_volume
 
@@ -122,7 +122,7 @@ def import_(
     target.mkdir(exist_ok=True)
     if check_import_target(Path(plaindir), target) is None:
         init_volume(target, provider, options, prompt_secret, block_size)
-    config, keyring = open_volume(target, options, prompt_secret, KeyCache(0, 0), migrate=True)
+    config, keyring = open_volume(target, options, prompt_secret, NullCache(), migrate=True)
     try:
         report = import_tree(plaindir, target, config, keyring, progress_flag(quiet))
     finally:

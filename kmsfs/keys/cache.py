@@ -74,7 +74,7 @@ class KeyCache:
         """Cache a copy of *key*, which a provider unwrapped from *wrapped* for *context*
         (or generated and wrapped so); evict the oldest entries beyond the limits."""
         if self.max_entries == 0 or self.max_age == 0:
-            return
+            return  # a zero limit from the command line: nothing is kept
         entry = (context, wrapped)
         with self._lock:
             if entry in self._entries:
@@ -99,3 +99,18 @@ class KeyCache:
         _, key = self._entries.pop(entry)
         wipe(key)
         self.stats.evictions += 1
+
+
+class NullCache(KeyCache):
+    """A cache that keeps nothing: every ``get`` is a miss (offline tools, ``--cache-max-entries
+    0``).  Unwrapped keys then live only as long as the caller holds them."""
+
+    def __init__(self) -> None:
+        super().__init__(0, 0)
+
+    def get(self, context: KeyContext, wrapped: WrappedKey) -> bytearray | None:
+        self.stats.misses += 1
+        return None
+
+    def put(self, context: KeyContext, wrapped: WrappedKey, key: bytes | bytearray) -> None:
+        return None

@@ -13,7 +13,7 @@ import os
 from typing import Any
 
 from kmsfs.errors import UsageError
-from kmsfs.keys.cache import KeyCache
+from kmsfs.keys.cache import NullCache
 from kmsfs.keys.secrets import Prompt
 from kmsfs.volume import open_volume, save_volume_config
 
@@ -32,7 +32,7 @@ def update_hints(
     of the volume, and the errors of ``open_volume`` and ``open_provider``.
     """
     config, keyring = open_volume(
-        backing, {**options, "accept_changed_hints": True}, prompt, KeyCache(0, 0), migrate=True
+        backing, {**options, "accept_changed_hints": True}, prompt, NullCache(), migrate=True
     )
     try:
         key = next((k for k in config.keys if k.key_ref == key_ref), None)

@@ -43,7 +43,7 @@ from typing import Any
 from kmsfs.errors import FormatError, KmsfsError, UsageError
 from kmsfs.format.header import MAX_ENTRIES, FileHeader, WrappedKey
 from kmsfs.format.volume import load_config
-from kmsfs.keys.cache import KeyCache
+from kmsfs.keys.cache import NullCache
 from kmsfs.keys.keyring import Keyring
 from kmsfs.keys.provider import KeyContext, KeyProvider, wipe
 from kmsfs.keys.registry import create_provider, open_provider
@@ -135,7 +135,7 @@ def rewrap_volume(
 
     new: KeyProvider | None = None
     config, old_ring = open_volume(
-        root, old_options, _old_prompt(prompt), KeyCache(0, 0), migrate=not dry_run
+        root, old_options, _old_prompt(prompt), NullCache(), migrate=not dry_run
     )
     try:
         refs = [key.key_ref for key in config.keys]
@@ -407,7 +407,7 @@ def _switch_and_strip(
     report.retired = sorted(retire)
     if retire:
         refuse_if_mounted(root, "switching the volume to the new key")
-        config, ring = open_volume(root, options, prompt, KeyCache(0, 0), migrate=True)
+        config, ring = open_volume(root, options, prompt, NullCache(), migrate=True)
         try:
             keep = [key for key in config.keys if key.key_ref not in retire]
             if not keep:
