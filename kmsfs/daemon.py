@@ -22,7 +22,7 @@ from kmsfs.errors import MountError
 from kmsfs.format.volume import VolumeConfig
 from kmsfs.fs.events import AccessSink
 from kmsfs.fs.inodes import ROOT_INODE
-from kmsfs.fs.operations import KmsfsOperations
+from kmsfs.fs.operations import KmsfsOperations, serve_volume
 from kmsfs.fs.syscalls import disable_core_dumps, lock_memory
 from kmsfs.keys.keyring import Keyring
 from kmsfs.volume import lock_volume
@@ -114,7 +114,7 @@ def serve(
     if audit is None and isinstance(keyring.on_event, AuditLog):
         audit = keyring.on_event
     kwargs = {} if timeout is None else {"timeout": timeout}
-    ops = KmsfsOperations(backing, config, keyring, on_access=audit, **kwargs)
+    ops = KmsfsOperations(serve_volume(backing, config, keyring, on_access=audit, **kwargs))
     try:
         pyfuse3.init(ops, mountpoint, fuse_options(backing, options))
     except RuntimeError as exc:

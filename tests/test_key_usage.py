@@ -24,7 +24,7 @@ import trio
 from conftest import Volume, make_volume
 
 from kmsfs.fs import content_file
-from kmsfs.fs.operations import KmsfsOperations
+from kmsfs.fs.operations import KmsfsOperations, serve_volume
 from kmsfs.volume import open_volume
 
 CTX = SimpleNamespace(uid=0, gid=0, pid=os.getpid(), umask=0o022)
@@ -32,7 +32,7 @@ CTX = SimpleNamespace(uid=0, gid=0, pid=os.getpid(), umask=0o022)
 
 def operations(vol: Volume) -> KmsfsOperations:
     config, keyring = open_volume(vol.backing, {"key_file": str(vol.key_file)})
-    return KmsfsOperations(str(vol.backing), config, keyring)
+    return KmsfsOperations(serve_volume(str(vol.backing), config, keyring))
 
 
 def warnings(caplog: pytest.LogCaptureFixture) -> list[str]:

@@ -24,6 +24,7 @@ import os
 import resource
 import stat
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import pyfuse3
@@ -103,46 +104,86 @@ class DirHandle:
         self.names: list[bytes] | None = None
 
 
+@dataclass
+class ServedVolume:
+    """The parts an operations object serves with, built by ``serve_volume`` (or a test).
+
+    Attributes: backing (absolute path), config, keyring, inodes (the inode
+    table over the backing root's descriptor), key_usage (block encryptions
+    per file key), io_limiter (threads for large I/O and fsync), key_limiter
+    (threads for provider calls: a KMS outage must not stall other files'
+    I/O), timeout (entry and attribute seconds), offload_bytes (reads and
+    writes at least this large run in a thread), on_access (the audit log's
+    sink for every open and create, or None).
+    """
+
+    backing: str
+    config: VolumeConfig
+    keyring: Keyring
+    inodes: InodeTable
+    key_usage: KeyUsageTable
+    io_limiter: trio.CapacityLimiter
+    key_limiter: trio.CapacityLimiter
+    timeout: float = DEFAULT_TIMEOUT
+    offload_bytes: int = OFFLOAD_BYTES
+    on_access: AccessSink | None = None
+
+
+def serve_volume(
+    backing: str,
+    config: VolumeConfig,
+    keyring: Keyring,
+    timeout: float = DEFAULT_TIMEOUT,
+    on_access: AccessSink | None = None,
+) -> ServedVolume:
+    """The parts for *backing*: its root descriptor, an inode table sized to the descriptor
+    limit (a quarter of it, at most 2,048, stays free for open files), fresh limiters."""
+    backing = os.path.abspath(backing)
+    fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    inodes = InodeTable(
+        os.open(backing, _O_PATH | os.O_DIRECTORY),
+        high_water=fd_limit - min(fd_limit // 4, 2048) if fd_limit > 0 else 1 << 30,
+    )
+    return ServedVolume(
+        backing,
+        config,
+        keyring,
+        inodes,
+        KeyUsageTable(),
+        io_limiter=trio.CapacityLimiter(4),
+        key_limiter=trio.CapacityLimiter(8),
+        timeout=timeout,
+        on_access=on_access,
+    )
+
+
 class KmsfsOperations(pyfuse3.Operations):
-    """Serves one volume.  Attributes: backing (path), config, keyring, inodes,
-    on_access (called with an AccessEvent for every open and create when an
-    audit log is configured, else None)."""
+    """Serves one volume with the parts it is given (``ServedVolume``).
+
+    Attributes: backing (path), config, keyring, inodes, key_usage, timeout,
+    offload_bytes, on_access, and the counters errors, bytes_read, bytes_written.
+    """
 
     enable_writeback_cache = True
 
-    def __init__(
-        self,
-        backing: str,
-        config: VolumeConfig,
-        keyring: Keyring,
-        timeout: float = DEFAULT_TIMEOUT,
-        offload_bytes: int = OFFLOAD_BYTES,
-        on_access: AccessSink | None = None,
-    ) -> None:
+    def __init__(self, parts: ServedVolume) -> None:
         super().__init__()
-        self.backing = os.path.abspath(backing)
-        self.config = config
-        self.keyring = keyring
-        self.on_access = on_access  # the audit log's sink for opens and creates, if any
-        self._volume_hex = config.volume_id.hex()
-        self.layout = Layout(config.block_size)
-        self.timeout = timeout
-        self.offload_bytes = offload_bytes
-        fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-        self.inodes = InodeTable(
-            os.open(self.backing, _O_PATH | os.O_DIRECTORY),
-            # keep a quarter of the descriptors (at most 2,048) for open files and the rest
-            high_water=fd_limit - min(fd_limit // 4, 2048) if fd_limit > 0 else 1 << 30,
-        )
+        self.backing = parts.backing
+        self.config = parts.config
+        self.keyring = parts.keyring
+        self.on_access = parts.on_access
+        self._volume_hex = parts.config.volume_id.hex()
+        self.layout = Layout(parts.config.block_size)
+        self.timeout = parts.timeout
+        self.offload_bytes = parts.offload_bytes
+        self.inodes = parts.inodes
         self._dirs: dict[int, DirHandle] = {}
         self._next_dir = 1
         # Block encryptions per file key, kept across opens and closes (FORMAT.md,
         # "How much one file key may encrypt")
-        self.key_usage = KeyUsageTable()
-        self._limiter = trio.CapacityLimiter(4)  # large I/O and fsync
-        # Provider calls (KMS, HSM) get their own threads: a KMS outage that holds
-        # them for seconds must not stall large reads and writes of other files.
-        self._key_limiter = trio.CapacityLimiter(8)
+        self.key_usage = parts.key_usage
+        self._limiter = parts.io_limiter
+        self._key_limiter = parts.key_limiter
         self._is_root = os.geteuid() == 0
         self.errors = 0
         self.bytes_read = 0
@@ -711,8 +752,9 @@ class KmsfsOperations(pyfuse3.Operations):
         self._audit_access("open", flags, requester, content.file_id)
         return pyfuse3.FileInfo(fh=inode, keep_cache=True)
 
-    async def _content_call(self, fh: int, size: int, method: str, *args: Any) -> Any:
-        """Run a ContentFile method under the inode's lock, offloading large requests.
+    async def _content_call(self, fh: int, size: int, call: Callable[[ContentFile], T]) -> T:
+        """Run *call* on the open file's ContentFile under the inode's lock, offloading
+        large requests (``size`` at least ``offload_bytes``) to a worker thread.
 
         A small request runs inline without awaiting: it cannot interleave with
         another task, so it only waits for the lock if a worker thread holds it.
@@ -722,19 +764,19 @@ class KmsfsOperations(pyfuse3.Operations):
         if content is None:
             raise FUSEError(errno.EBADF)
         if size < self.offload_bytes and not entry.lock.locked():
-            return getattr(content, method)(*args)
+            return call(content)
         async with entry.lock:
-            return await self._io(size, getattr(content, method), *args)
+            return await self._io(size, call, content)
 
     @_fuse_op
-    async def read(self, fh: int, off: int, size: int) -> bytes:
-        data = await self._content_call(fh, size, "read", off, size)
+    async def read(self, fh: int, off: int, size: int) -> bytes | bytearray:
+        data = await self._content_call(fh, size, lambda content: content.read(off, size))
         self.bytes_read += len(data)
-        return data  # type: ignore[no-any-return]
+        return data
 
     @_fuse_op
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        written: int = await self._content_call(fh, len(buf), "write", off, buf)
+        written = await self._content_call(fh, len(buf), lambda content: content.write(off, buf))
         self.bytes_written += written
         return written
 

@@ -1,0 +1,246 @@
+"""The FUSE operations layer driven in-process (as s3ql's t3_fs_api.py does): no kernel,
+no mount, no root.  Everything below the handlers is real: backing files, headers,
+keys, ciphers.  The request context is a plain object with the fields handlers read.
+
+These tests pin the errno each failure maps to (the operations layer is the only
+place one is chosen) and the namespace and content operations end to end.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pyfuse3
+import pytest
+import trio
+from conftest import make_volume
+
+from kmsfs.errors import IntegrityError, KeyAccessDenied, KeyUnavailable, WrongKeyError
+from kmsfs.format.header import XATTR_NAME
+from kmsfs.fs.operations import KmsfsOperations, errno_for, serve_volume
+from kmsfs.volume import open_volume
+
+ROOT = pyfuse3.ROOT_INODE
+CTX = SimpleNamespace(uid=os.geteuid(), gid=os.getegid(), pid=os.getpid(), umask=0o022)
+
+
+def fields(**flags: bool) -> Any:
+    """A SetattrFields stand-in (pyfuse3's has read-only attributes)."""
+    names = ("atime", "ctime", "gid", "mode", "mtime", "size", "uid")
+    return SimpleNamespace(**{f"update_{n}": flags.get(n, False) for n in names})
+
+
+@pytest.fixture
+def ops(tmp_path: Path) -> Iterator[KmsfsOperations]:
+    vol = make_volume(tmp_path)
+    config, keyring = open_volume(vol.backing, {"key_file": str(vol.key_file)})
+    operations = KmsfsOperations(serve_volume(str(vol.backing), config, keyring))
+    try:
+        yield operations
+    finally:
+        operations.close()
+        keyring.close()
+
+
+def run(func: Callable[[], Awaitable[Any]]) -> Any:
+    return trio.run(func)
+
+
+def fuse_errno(func: Callable[[], Awaitable[Any]]) -> int:
+    with pytest.raises(pyfuse3.FUSEError) as info:
+        trio.run(func)
+    return int(info.value.errno)
+
+
+async def create(ops: KmsfsOperations, name: bytes, data: bytes = b"", parent: int = ROOT) -> int:
+    info, attr = await ops.create(parent, name, 0o644, os.O_RDWR, CTX)
+    if data:
+        assert await ops.write(info.fh, 0, data) == len(data)
+    await ops.release(info.fh)
+    return int(attr.st_ino)
+
+
+async def read_all(ops: KmsfsOperations, inode: int) -> bytes:
+    fh = (await ops.open(inode, os.O_RDONLY, CTX)).fh
+    try:
+        size = (await ops.getattr(inode, CTX)).st_size
+        return bytes(await ops.read(fh, 0, size + 100))
+    finally:
+        await ops.release(fh)
+
+
+# -- content ------------------------------------------------------------------
+
+
+def test_create_write_read_back_and_backing_is_ciphertext(ops: KmsfsOperations) -> None:
+    data = os.urandom(10_000)
+
+    async def main() -> None:
+        inode = await create(ops, b"f", data)
+        assert await read_all(ops, inode) == data
+        assert (await ops.getattr(inode, CTX)).st_size == len(data)
+        assert (await ops.lookup(ROOT, b"f", CTX)).st_ino == inode
+
+    run(main)
+    backing = Path(ops.backing, "f").read_bytes()
+    assert data[:4096] not in backing and len(backing) > len(data)
+    assert os.getxattr(Path(ops.backing, "f"), XATTR_NAME)
+
+
+def test_truncate_extends_with_zeros_and_shrinks(ops: KmsfsOperations) -> None:
+    async def main() -> None:
+        inode = await create(ops, b"t", b"abcdef" * 1000)
+        attr = pyfuse3.EntryAttributes()
+        attr.st_size = 3
+        await ops.setattr(inode, attr, fields(size=True), None, CTX)
+        assert await read_all(ops, inode) == b"abc"
+        attr.st_size = 9000
+        await ops.setattr(inode, attr, fields(size=True), None, CTX)
+        assert await read_all(ops, inode) == b"abc" + bytes(8997)
+
+    run(main)
+
+
+def test_write_past_end_leaves_a_hole_of_zeros(ops: KmsfsOperations) -> None:
+    async def main() -> None:
+        info, attr = await ops.create(ROOT, b"h", 0o644, os.O_RDWR, CTX)
+        await ops.write(info.fh, 20_000, b"end")
+        await ops.release(info.fh)
+        assert await read_all(ops, attr.st_ino) == bytes(20_000) + b"end"
+
+    run(main)
+
+
+# -- namespace ----------------------------------------------------------------
+
+
+def test_rename_link_unlink(ops: KmsfsOperations) -> None:
+    async def main() -> None:
+        inode = await create(ops, b"a", b"content")
+        dir_attr = await ops.mkdir(ROOT, b"d", 0o755, CTX)
+        await ops.rename(ROOT, b"a", dir_attr.st_ino, b"b", 0, CTX)
+        assert (await ops.lookup(ROOT, b"a", CTX)).st_ino == 0  # a negative entry
+        assert (await ops.lookup(dir_attr.st_ino, b"b", CTX)).st_ino == inode
+        linked = await ops.link(inode, ROOT, b"c", CTX)
+        assert linked.st_ino == inode and linked.st_nlink == 2
+        await ops.unlink(dir_attr.st_ino, b"b", CTX)
+        assert await read_all(ops, inode) == b"content"  # through the other name
+
+    run(main)
+
+
+def test_lookup_of_a_missing_name_is_a_cached_negative_entry(ops: KmsfsOperations) -> None:
+    async def main() -> None:
+        negative = await ops.lookup(ROOT, b"nope", CTX)
+        assert negative.st_ino == 0 and negative.entry_timeout == ops.timeout
+
+    run(main)
+
+
+def test_namespace_errors_map_to_posix_errnos(ops: KmsfsOperations) -> None:
+    async def main() -> dict[str, int]:
+        await create(ops, b"file")
+        d = await ops.mkdir(ROOT, b"dir", 0o755, CTX)
+        await create(ops, b"inside", parent=d.st_ino)
+        seen = {}
+        for label, call in {
+            "create existing": lambda: ops.create(ROOT, b"file", 0o644, os.O_RDWR, CTX),
+            "mkdir existing": lambda: ops.mkdir(ROOT, b"dir", 0o755, CTX),
+            "rmdir not empty": lambda: ops.rmdir(ROOT, b"dir", CTX),
+            "unlink a directory": lambda: ops.unlink(ROOT, b"dir", CTX),
+            "rename noreplace": lambda: ops.rename(
+                ROOT, b"file", d.st_ino, b"inside", pyfuse3.RENAME_NOREPLACE, CTX
+            ),
+        }.items():
+            try:
+                await call()
+            except pyfuse3.FUSEError as exc:
+                seen[label] = exc.errno
+        return seen
+
+    assert run(main) == {
+        "create existing": errno.EEXIST,
+        "mkdir existing": errno.EEXIST,
+        "rmdir not empty": errno.ENOTEMPTY,
+        "unlink a directory": errno.EISDIR,
+        "rename noreplace": errno.EEXIST,
+    }
+
+
+def test_reserved_names_are_invisible_and_untouchable(ops: KmsfsOperations) -> None:
+    for call in (
+        lambda: ops.lookup(ROOT, b".kmsfs.json", CTX),
+        lambda: ops.create(ROOT, b".kmsfs.d", 0o644, os.O_RDWR, CTX),
+        lambda: ops.mkdir(ROOT, b".kmsfs-x", 0o755, CTX),
+        lambda: ops.unlink(ROOT, b".kmsfs.json", CTX),
+    ):
+        assert fuse_errno(call) in (errno.ENOENT, errno.EPERM, errno.EACCES)
+
+
+# -- xattrs -------------------------------------------------------------------
+
+
+def test_user_xattrs_round_trip_and_the_header_is_hidden(ops: KmsfsOperations) -> None:
+    async def main() -> None:
+        inode = await create(ops, b"x", b"1")
+        await ops.setxattr(inode, b"user.color", b"blue", CTX)
+        assert await ops.getxattr(inode, b"user.color", CTX) == b"blue"
+        names = await ops.listxattr(inode, CTX)
+        assert b"user.color" in names and XATTR_NAME.encode() not in names
+        await ops.removexattr(inode, b"user.color", CTX)
+        assert b"user.color" not in await ops.listxattr(inode, CTX)
+
+    run(main)
+    inode = os.stat(Path(ops.backing, "x")).st_ino
+    assert fuse_errno(lambda: ops.getxattr(inode, XATTR_NAME.encode(), CTX)) in (
+        errno.ENODATA,
+        errno.EPERM,
+        errno.EACCES,
+    )
+    assert fuse_errno(lambda: ops.setxattr(inode, XATTR_NAME.encode(), b"x", CTX)) in (
+        errno.EPERM,
+        errno.EACCES,
+    )
+    assert fuse_errno(lambda: ops.getxattr(inode, b"user.none", CTX)) == errno.ENODATA
+
+
+# -- errors of the layers below ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("exc", "want"),
+    [
+        (IntegrityError("f: block 0 failed authentication"), errno.EIO),
+        (WrongKeyError("other volume"), errno.EIO),
+        (KeyUnavailable("KMS down"), errno.EIO),
+        (KeyAccessDenied("key disabled"), errno.EACCES),
+        (FileNotFoundError(errno.ENOENT, "gone"), errno.ENOENT),
+        (PermissionError(errno.EPERM, "no"), errno.EPERM),
+        (RuntimeError("a bug"), errno.EIO),
+    ],
+)
+def test_domain_errors_map_to_one_errno(exc: BaseException, want: int) -> None:
+    assert errno_for(exc) == want
+
+
+def test_tampered_block_gives_eio_and_a_log_line(
+    ops: KmsfsOperations, caplog: pytest.LogCaptureFixture
+) -> None:
+    inode = run(lambda: create(ops, b"victim", b"secret" * 2000))
+    path = Path(ops.backing, "victim")
+    raw = bytearray(path.read_bytes())
+    raw[100] ^= 1
+    path.write_bytes(bytes(raw))
+    assert fuse_errno(lambda: read_all(ops, inode)) == errno.EIO
+    assert any("victim" in r.getMessage() for r in caplog.records)
+
+
+def test_missing_header_gives_eio(ops: KmsfsOperations) -> None:
+    inode = run(lambda: create(ops, b"plain", b"data"))
+    os.removexattr(Path(ops.backing, "plain"), XATTR_NAME)
+    assert fuse_errno(lambda: ops.open(inode, os.O_RDONLY, CTX)) == errno.EIO
