@@ -110,7 +110,9 @@ class BlockCipher:
             raise IntegrityError(f"unsupported suite {header.suite}")
         return cls(derive_content_key(file_key, header), header.file_id, header.block_size)
 
-    def seal(self, first_index: int, plaintext: bytes | memoryview, final_index: int) -> bytearray:
+    def seal(
+        self, first_index: int, plaintext: bytes | bytearray | memoryview, final_index: int
+    ) -> bytearray:
         """Encrypt *plaintext*, which starts at block *first_index*.
 
         All blocks but the last of the run must be whole.  A block whose index

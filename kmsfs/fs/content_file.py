@@ -198,7 +198,7 @@ class ContentFile:
         if written != len(sealed):
             raise OSError(28, "short write to backing file")  # ENOSPC is the usual cause
 
-    def write(self, offset: int, data: bytes | memoryview) -> int:
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> int:
         """Write *data* at *offset*, growing the file if needed; returns len(data)."""
         length = len(data)
         if length == 0:

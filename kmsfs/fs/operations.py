@@ -23,9 +23,9 @@ import logging
 import os
 import resource
 import stat
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import pyfuse3
 import trio
@@ -52,6 +52,7 @@ _USER_XATTR = b"user."
 _O_PATH = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 
 def errno_for(exc: BaseException) -> int:
@@ -70,13 +71,14 @@ def errno_for(exc: BaseException) -> int:
     return errno.EIO
 
 
-def _fuse_op(func: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+def _fuse_op(
+    func: Callable[Concatenate[KmsfsOperations, P], Coroutine[Any, Any, T]],
+) -> Callable[Concatenate[KmsfsOperations, P], Coroutine[Any, Any, T]]:
     """Turn every exception of a handler into a FUSEError (pyfuse3 must never see others)."""
 
-    @functools.wraps(func)
-    async def wrapper(self: KmsfsOperations, *args: Any) -> T:
+    async def wrapper(self: KmsfsOperations, /, *args: P.args, **kwargs: P.kwargs) -> T:
         try:
-            return await func(self, *args)
+            return await func(self, *args, **kwargs)
         except FUSEError:
             raise
         except OSError as exc:
@@ -92,6 +94,7 @@ def _fuse_op(func: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
             log.exception("%s: unexpected error", func.__name__)
             raise FUSEError(errno.EIO) from None
 
+    functools.update_wrapper(wrapper, func)
     return wrapper
 
 
@@ -438,7 +441,7 @@ class KmsfsOperations(pyfuse3.Operations):
         self._trim()
         return self._attr(st, entry)
 
-    async def forget(self, inode_list: list[tuple[int, int]]) -> None:
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for ino, count in inode_list:
             try:
                 self.inodes.forget(ino, count)
@@ -769,7 +772,9 @@ class KmsfsOperations(pyfuse3.Operations):
             return await self._io(size, call, content)
 
     @_fuse_op
-    async def read(self, fh: int, off: int, size: int) -> bytes | bytearray:
+    async def read(  # type: ignore[override]  # pyfuse3 takes any buffer: no copy
+        self, fh: int, off: int, size: int
+    ) -> bytes | bytearray:
         data = await self._content_call(fh, size, lambda content: content.read(off, size))
         self.bytes_read += len(data)
         return data

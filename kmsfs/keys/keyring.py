@@ -142,7 +142,7 @@ class Keyring:
                 f" not this volume {self.volume_id.hex()}"
             )
         context = KeyContext(self.volume_id, header.file_id)
-        errors: list[KmsfsError] = []
+        errors: list[ProviderError] = []
         for provider in self.providers:
             for entry in header.entries:
                 if not provider.accepts(entry):
@@ -154,7 +154,7 @@ class Keyring:
                     self._emit("cache-hit", provider, context, "ok", 0.0, requester=requester)
                     return cached
                 try:
-                    key = self._timed(
+                    key: bytearray = self._timed(
                         "unwrap",
                         provider,
                         context,

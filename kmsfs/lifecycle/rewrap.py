@@ -187,7 +187,7 @@ def rewrap_volume(
         old_ring.close()
         if new is not None:
             new.close()
-    report.mounted_at = (mountpoints_of(root) or [None])[0]
+    report.mounted_at = next(iter(mountpoints_of(root)), None)
     if dry_run or report.problems or report.mounted_at is not None:
         report.seconds = time.monotonic() - started
         return report

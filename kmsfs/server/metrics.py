@@ -68,7 +68,7 @@ def start_metrics_server(listen: str, snapshot: Snapshot) -> MetricsServer:
     from prometheus_client import CollectorRegistry, start_http_server
 
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(KmsfsCollector(snapshot))  # type: ignore[arg-type]
+    registry.register(KmsfsCollector(snapshot))
     started = start_http_server(port, addr=host, registry=registry)
     server, thread = started if started is not None else (None, None)
     bound = server.server_address[1] if server is not None else port
