@@ -33,12 +33,13 @@ from pyfuse3 import FUSEError
 
 from kmsfs.errors import FormatError, KeyAccessDenied, KmsfsError
 from kmsfs.format.content import BlockCipher, Layout
-from kmsfs.format.header import RESERVED_XATTR_PREFIX, XATTR_NAME, FileHeader, WrappedKey
+from kmsfs.format.header import XATTR_NAME, FileHeader, WrappedKey
 from kmsfs.format.volume import RESERVED_PREFIX, VolumeConfig
-from kmsfs.fs import syscalls
+from kmsfs.fs import syscalls, xattrs
 from kmsfs.fs.content_file import ContentFile, KeyUsageTable
 from kmsfs.fs.events import AccessEvent, AccessSink, access_mode
 from kmsfs.fs.inodes import ROOT_INODE, Inode, InodeTable
+from kmsfs.fs.xattrs import Namespace
 from kmsfs.keys.keyring import Keyring
 from kmsfs.keys.provider import wipe
 
@@ -47,8 +48,6 @@ log = logging.getLogger("kmsfs.fs")
 OFFLOAD_BYTES = 128 * 1024 + 1  # reads up to the readahead window run inline (DESIGN.md)
 DEFAULT_TIMEOUT = 60.0
 _RESERVED_NAME = RESERVED_PREFIX.encode()
-_RESERVED_XATTR = RESERVED_XATTR_PREFIX.encode()
-_USER_XATTR = b"user."
 _O_PATH = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 
 T = TypeVar("T")
@@ -168,6 +167,9 @@ class KmsfsOperations(pyfuse3.Operations):
     """
 
     enable_writeback_cache = True
+    # FUSE_POSIX_ACL: the kernel caches ACLs and checks them with default_permissions
+    # (and stops asking for them on every ls -l); they are stored on the backing files.
+    enable_acl = True
 
     def __init__(self, parts: ServedVolume) -> None:
         super().__init__()
@@ -812,36 +814,48 @@ class KmsfsOperations(pyfuse3.Operations):
     async def setxattr(
         self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
     ) -> None:
-        if name.startswith(_RESERVED_XATTR):
+        kind = xattrs.namespace_of(name)
+        if kind is Namespace.RESERVED:
             raise FUSEError(errno.EPERM)
-        if not name.startswith(_USER_XATTR):
-            # Only user.* is stored: ACLs and security labels set here would be
-            # kept but never enforced by this mount (no FUSE_POSIX_ACL).
-            raise FUSEError(errno.EOPNOTSUPP)
+        if kind is Namespace.UNSUPPORTED:
+            raise FUSEError(errno.EOPNOTSUPP)  # see kmsfs/fs/xattrs.py
+        if kind is Namespace.PRIVILEGED and not self._is_admin(ctx):
+            raise FUSEError(errno.EPERM)
         os.setxattr(self._inode(inode).proc_path, name, value)
 
     @_fuse_op
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        # ls -l asks for security.selinux and system.posix_acl_* on every file, and
-        # the kernel for security.capability on every write: no syscall for those.
-        if name.startswith(_RESERVED_XATTR) or not name.startswith(_USER_XATTR):
-            raise FUSEError(errno.ENODATA)
-        return os.getxattr(self._inode(inode).proc_path, name)
+        # ls -l asks for security.selinux on every file, and the kernel for
+        # security.capability on every write: no syscall for those.
+        kind = xattrs.namespace_of(name)
+        if kind is Namespace.PRIVILEGED and self._is_admin(ctx) or kind is Namespace.STORED:
+            return os.getxattr(self._inode(inode).proc_path, name)
+        raise FUSEError(errno.ENODATA)
 
     @_fuse_op
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
-        names = os.listxattr(self._inode(inode).proc_path)
+        names = [os.fsencode(n) for n in os.listxattr(self._inode(inode).proc_path)]
+        kinds = {name: xattrs.namespace_of(name) for name in names}
+        admin = Namespace.PRIVILEGED in kinds.values() and self._is_admin(ctx)
         return [
-            os.fsencode(n)
-            for n in names
-            if n.startswith("user.") and not n.startswith(RESERVED_XATTR_PREFIX)
+            name
+            for name, kind in kinds.items()
+            if kind is Namespace.STORED or kind is Namespace.PRIVILEGED and admin
         ]
 
     @_fuse_op
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        if name.startswith(_RESERVED_XATTR) or not name.startswith(_USER_XATTR):
+        kind = xattrs.namespace_of(name)
+        if kind is Namespace.PRIVILEGED and not self._is_admin(ctx):
+            raise FUSEError(errno.EPERM)
+        if kind is Namespace.RESERVED or kind is Namespace.UNSUPPORTED:
             raise FUSEError(errno.ENODATA)
         os.removexattr(self._inode(inode).proc_path, name)
+
+    @staticmethod
+    def _is_admin(ctx: pyfuse3.RequestContext) -> bool:
+        """CAP_SYS_ADMIN in the requester's effective set (what ext4 asks for trusted.*)."""
+        return xattrs.has_capability(ctx.pid, xattrs.CAP_SYS_ADMIN)
 
     def close(self) -> None:
         """Close every descriptor (after the FUSE loop has ended)."""

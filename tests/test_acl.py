@@ -1,0 +1,115 @@
+"""POSIX ACLs and the xattr namespaces through a real mount (issue 14, part 1).
+
+The kernel enforces ACLs (FUSE_POSIX_ACL with default_permissions); kmsfs stores
+them on the backing files, where the backing filesystem inherits default ACLs.
+``trusted.*`` is root's (CAP_SYS_ADMIN), as on ext4.  Other users are real uids
+(setpriv) on an ``allow_other`` mount.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import Volume, make_volume, requires_fuse, run_as
+
+pytestmark = [requires_fuse, pytest.mark.mount]
+NOBODY = 65534
+
+
+@pytest.fixture
+def shared_volume(shared_dir: Path) -> Iterator[Volume]:
+    vol = make_volume(shared_dir)
+    vol.mountpoint.rename(shared_dir / "mnt")
+    vol.mountpoint = shared_dir / "mnt"
+    vol.mount("-o", "allow_other")
+    vol.mountpoint.chmod(0o755)  # the backing root is 0700; a shared mount opens its root
+    yield vol
+    vol.umount()
+
+
+def acl(*args: str | os.PathLike[str]) -> str:
+    return subprocess.run(
+        [*map(str, args)], capture_output=True, text=True, check=True, timeout=30
+    ).stdout
+
+
+def test_an_acl_grants_another_user_read_on_a_0600_file(shared_volume: Volume) -> None:
+    secret = shared_volume.path("secret")
+    secret.write_bytes(b"for nobody too\n")
+    secret.chmod(0o600)
+    denied = run_as(NOBODY, "cat", secret)
+    assert denied.returncode != 0 and "Permission denied" in denied.stderr
+    acl("setfacl", "-m", f"u:{NOBODY}:r", secret)
+    assert f"user:{NOBODY}:r--" in acl("getfacl", "-n", secret)
+    allowed = run_as(NOBODY, "cat", secret)
+    assert allowed.returncode == 0 and allowed.stdout == "for nobody too\n"
+    # stored on the backing file, so it survives a remount
+    shared_volume.umount()
+    shared_volume.mount("-o", "allow_other")
+    assert run_as(NOBODY, "cat", secret).stdout == "for nobody too\n"
+    acl("setfacl", "-x", f"u:{NOBODY}", secret)
+    assert run_as(NOBODY, "cat", secret).returncode != 0
+
+
+def test_a_default_acl_is_inherited(shared_volume: Volume) -> None:
+    project = shared_volume.path("project")
+    project.mkdir(mode=0o700)
+    acl("setfacl", "-m", f"u:{NOBODY}:rx", project)
+    acl("setfacl", "-d", "-m", f"u:{NOBODY}:rw", project)
+    (project / "new.txt").write_bytes(b"inherited\n")
+    (project / "sub").mkdir()
+    text = acl("getfacl", "-n", project / "new.txt")
+    assert f"user:{NOBODY}:rw-" in text
+    assert f"default:user:{NOBODY}:rw-" in acl("getfacl", "-n", project / "sub")
+    assert run_as(NOBODY, "cat", project / "new.txt").stdout == "inherited\n"
+
+
+def test_cp_a_and_rsync_keep_acls_and_xattrs(shared_volume: Volume, tmp_path: Path) -> None:
+    if shutil.which("rsync") is None:
+        pytest.fail("rsync is missing: scripts/setup --test installs it")
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    f = plain / "f"
+    f.write_bytes(b"data\n")
+    f.chmod(0o640)
+    acl("setfacl", "-m", f"u:{NOBODY}:r", f)
+    os.setxattr(f, "user.origin", b"plain")
+    copied = shared_volume.path("copied")
+    subprocess.run(["cp", "-a", plain, copied], check=True)
+    assert f"user:{NOBODY}:r--" in acl("getfacl", "-n", copied / "f")
+    assert os.getxattr(copied / "f", "user.origin") == b"plain"
+    back = tmp_path / "back"
+    subprocess.run(["rsync", "-aAX", f"{copied}/", f"{back}/"], check=True, timeout=60)
+    assert (back / "f").read_bytes() == b"data\n"
+    assert f"user:{NOBODY}:r--" in acl("getfacl", "-n", back / "f")
+    assert os.getxattr(back / "f", "user.origin") == b"plain"
+
+
+def test_trusted_xattrs_are_roots(shared_volume: Volume) -> None:
+    f = shared_volume.path("t")
+    f.write_bytes(b"x")
+    f.chmod(0o666)
+    os.setxattr(f, "trusted.label", b"root's")
+    assert os.getxattr(f, "trusted.label") == b"root's"
+    assert "trusted.label" in os.listxattr(f)
+    as_nobody = run_as(NOBODY, "setfattr", "-n", "trusted.other", "-v", "1", f)
+    assert as_nobody.returncode != 0 and "Operation not permitted" in as_nobody.stderr
+    read = run_as(NOBODY, "getfattr", "-n", "trusted.label", f)
+    assert read.returncode != 0  # ext4: a non-admin neither reads nor lists trusted.*
+    listed = run_as(NOBODY, "getfattr", "-d", "-m", "-", f)
+    assert "trusted.label" not in listed.stdout
+
+
+def test_security_xattrs_are_not_stored(shared_volume: Volume) -> None:
+    f = shared_volume.path("s")
+    f.write_bytes(b"x")
+    with pytest.raises(OSError) as info:
+        os.setxattr(f, "security.label", b"x")
+    assert info.value.errno == errno.EOPNOTSUPP
+    assert not any(n.startswith("user.kmsfs") for n in os.listxattr(f))
