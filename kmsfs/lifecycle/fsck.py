@@ -10,7 +10,12 @@ Findings (``Finding.kind``):
 - ``missing-entry``: no wrapped-key entry for one of the volume's master keys
   (an unfinished ``rewrap`` / ``keys add``, or a file created by a daemon that
   did not have that key).
-- ``unwrap``: no available master key unwraps the file key.
+- ``unwrap``: no available master key unwraps the file key; or, when another
+  entry does, the entry of one available key does not (names that key).
+- ``key-mismatch``: two entries unwrap, with their keys, to different file keys
+  (a header edited or assembled from pieces): readers holding different master
+  keys would see different things.  Names both keys.  Every entry whose key is
+  available is unwrapped, not only the first that opens.
 - ``size``: the backing size cannot belong to a well-formed file (truncated
   inside a block header, empty backing file).
 - ``block``: a block fails authentication (bit flip, truncation at a block
@@ -27,20 +32,22 @@ its check is left out, as a removed one is.
 
 from __future__ import annotations
 
+import hmac
 import os
 import stat
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kmsfs.errors import FormatError, IntegrityError, KmsfsError
+from kmsfs.errors import FormatError, IntegrityError, KmsfsError, ProviderError
 from kmsfs.format.content import BlockCipher
+from kmsfs.format.header import FileHeader
 from kmsfs.format.volume import STATE_DIR_NAME as STATE_DIR
 from kmsfs.format.volume import VolumeConfig
 from kmsfs.fs.content_file import ContentFile
 from kmsfs.fs.tree import Tree, TreeChanged, open_state_dir, walk
 from kmsfs.keys.keyring import Keyring
-from kmsfs.keys.provider import wipe
+from kmsfs.keys.provider import KeyContext, wipe
 from kmsfs.lifecycle.common import Progress, parse_header, read_raw_header
 
 CHUNK_BLOCKS = 256
@@ -173,10 +180,8 @@ def _check_file(
     for ref in refs:
         if ref not in have:
             add(Finding(rel, "missing-entry", f"no wrapped key for master key {ref}"))
-    try:
-        key = keyring.unwrap(header, rel)
-    except KmsfsError as exc:
-        add(Finding(rel, "unwrap", str(exc).removeprefix(f"{rel}: ")))
+    key = _file_key(header, rel, keyring, report)
+    if key is None:
         return
     try:
         cipher = BlockCipher.for_file(key, header)
@@ -224,3 +229,47 @@ def _check_blocks(fd: int, rel: str, cipher: BlockCipher, report: FsckReport) ->
 
 def _block_message(exc: Exception, rel: str) -> str:
     return str(exc).removeprefix(f"{rel}: ")
+
+
+def _file_key(
+    header: FileHeader, rel: str, keyring: Keyring, report: FsckReport
+) -> bytearray | None:
+    """The file key of *header*, or None after reporting why not.
+
+    With one entry whose master key is available, the keyring unwraps it.  With
+    several, each is unwrapped on its own and the keys compared: a mismatch is a
+    ``key-mismatch`` finding, an entry that does not open while another does an
+    ``unwrap`` finding (a temporary provider error is not a finding).
+    """
+    add = report.findings.append
+    pairs = [(p, e) for p in keyring.providers for e in header.entries if p.accepts(e)]
+    if len(pairs) > 1:
+        context = KeyContext(header.volume_id, header.file_id)
+        opened: list[tuple[str, bytearray]] = []
+        failed: list[tuple[str, ProviderError]] = []
+        for provider, entry in pairs:
+            try:
+                opened.append((entry.key_ref, provider.unwrap(entry, context)))
+            except ProviderError as exc:
+                failed.append((entry.key_ref, exc))
+        if opened:
+            for ref, exc in failed:
+                if not exc.temporary:
+                    add(Finding(rel, "unwrap", f"the entry for {ref} does not unwrap ({exc})"))
+            first_ref, key = opened[0]
+            for ref, other in opened[1:]:
+                if not hmac.compare_digest(bytes(other), bytes(key)):
+                    add(
+                        Finding(
+                            rel,
+                            "key-mismatch",
+                            f"the entries for {first_ref} and {ref} unwrap to different file keys",
+                        )
+                    )
+                wipe(other)
+            return key
+    try:  # one entry, or none opened: the keyring's answer and message
+        return keyring.unwrap(header, rel)
+    except KmsfsError as exc:
+        add(Finding(rel, "unwrap", str(exc).removeprefix(f"{rel}: ")))
+        return None
