@@ -74,9 +74,8 @@ def open_backing_file(path: str | os.PathLike[str]) -> int:
                 os.close(root_fd)
     except OSError as exc:
         if exc.errno in NOT_FOLLOWED:
-            raise KmsfsError(
-                f"{path}: a symlink (or mount point) is in its path inside the volume: not followed"
-            ) from None
+            where = "is a symlink" if located is None else "has a symlink in its path in the volume"
+            raise KmsfsError(f"{path} {where} (or a mount point): not followed") from None
         raise
     try:
         return check_file(fd, str(path))
