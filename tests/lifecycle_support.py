@@ -55,14 +55,7 @@ def entry_refs(path: Path) -> list[str]:
 def read_file(path: Path, keyring: Keyring) -> bytes:
     """The plaintext of the backing file *path* (test side: no hostile tree here)."""
     header = FileHeader.parse(os.getxattr(path, XATTR_NAME))
-    key = keyring.unwrap(header, str(path))
-    try:
-        cipher = BlockCipher.for_file(key, header)
-    finally:
-        wipe(key)
-    with open(path, "rb") as handle:
-        content = ContentFile.open(handle.fileno(), cipher, lambda: str(path))
-        return bytes(content.read(0, content.size))
+    return _decrypt(path, header, keyring.unwrap(header, str(path)))
 
 
 def read_file_with_any_key(path: Path, key_files: list[Path]) -> bytes:
@@ -77,12 +70,15 @@ def read_file_with_any_key(path: Path, key_files: list[Path]) -> bytes:
         provider = local.open_provider({}, {"key_file": str(key_file)}, None)
         for entry in header.entries:
             if provider.accepts(entry):
-                key = provider.unwrap(entry, context)
-                try:
-                    cipher = BlockCipher.for_file(key, header)
-                finally:
-                    wipe(key)
-                with open(path, "rb") as handle:
-                    content = ContentFile.open(handle.fileno(), cipher, lambda: str(path))
-                    return bytes(content.read(0, content.size))
+                return _decrypt(path, header, provider.unwrap(entry, context))
     raise AssertionError(f"{path}: no key file opens any entry of its header")
+
+
+def _decrypt(path: Path, header: FileHeader, key: bytearray) -> bytes:
+    try:
+        cipher = BlockCipher.for_file(key, header)
+    finally:
+        wipe(key)
+    with open(path, "rb") as handle:
+        content = ContentFile.open(handle.fileno(), cipher, lambda: str(path))
+        return bytes(content.read(0, content.size))
