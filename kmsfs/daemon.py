@@ -25,7 +25,7 @@ from kmsfs.fs.inodes import ROOT_INODE
 from kmsfs.fs.operations import KmsfsOperations, serve_volume
 from kmsfs.fs.syscalls import disable_core_dumps, lock_memory
 from kmsfs.keys.keyring import Keyring
-from kmsfs.volume import lock_volume
+from kmsfs.lock import lock_volume
 
 log = logging.getLogger("kmsfs.daemon")
 FLUSH_TIMEOUT = 30.0  # seconds to flush the kernel's dirty pages on SIGTERM before unmounting

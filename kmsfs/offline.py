@@ -1,40 +1,119 @@
-"""Offline tools on backing files: inspect a header, decrypt a file.  No FUSE."""
+"""Offline tools on backing files: inspect a header, decrypt a file.  No FUSE.
+
+A backing file named on the command line may lie in a tree its users control (a
+directory of it swapped for a symlink while root runs ``kmsfs decrypt``).  So the
+file is opened once, by descriptor, and everything is read from that descriptor:
+if it lies inside a volume (a real directory above it holds ``.kmsfs.json``), it
+is opened beneath that volume's root without following any symlink
+(``kmsfs.fs.tree``); otherwise (a copy outside any volume) with ``O_NOFOLLOW``.
+"""
 
 from __future__ import annotations
 
 import errno
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
 from kmsfs.errors import FormatError, KmsfsError
 from kmsfs.format.content import BlockCipher, Layout
 from kmsfs.format.header import XATTR_NAME, FileHeader
+from kmsfs.format.volume import CONFIG_NAME
 from kmsfs.fs.content_file import ContentFile
+from kmsfs.fs.syscalls import RENAME_NOREPLACE, renameat2
+from kmsfs.fs.tree import FILE_FLAGS, NOT_FOLLOWED, TreeChanged, check_file, open_beneath, open_root
 from kmsfs.keys.keyring import Keyring
 from kmsfs.keys.provider import wipe
 
 CHUNK_BLOCKS = 256
+_AT_FDCWD = -100
 
 
-def read_header(path: str | os.PathLike[str]) -> FileHeader:
-    """The parsed header of a backing file; FormatError if absent or malformed."""
+def volume_root_of(path: str | os.PathLike[str]) -> tuple[Path, str] | None:
+    """The nearest directory above *path* (lexically, from its absolute spelling) that
+    holds a regular ``.kmsfs.json``, and *path* relative to it; None if there is none.
+
+    A volume root is taken only as a real directory: KmsfsError if the nearest one
+    is reached through a symlink of that name (inside a tree, a symlink can be
+    anyone's; the operator gives the volume's own directory instead).
+    """
+    absolute = Path(os.path.abspath(path))
+    for candidate in absolute.parents:
+        try:
+            if os.path.islink(candidate):
+                if os.path.isfile(candidate / CONFIG_NAME):
+                    raise KmsfsError(
+                        f"{candidate} is a symlink to a kmsfs volume: give the path through"
+                        f" the volume's own directory ({os.path.realpath(candidate)})"
+                    )
+                continue
+            if stat.S_ISREG(os.lstat(candidate / CONFIG_NAME).st_mode):
+                return candidate, absolute.relative_to(candidate).as_posix()
+        except OSError:
+            continue
+    return None
+
+
+def open_backing_file(path: str | os.PathLike[str]) -> int:
+    """A read-only descriptor of the regular backing file *path* (see the module doc).
+
+    KmsfsError if a symlink or mount point is in its way inside the volume, or it
+    is not a regular file; OSError (FileNotFoundError...) as the open raises it.
+    """
+    located = volume_root_of(path)
     try:
-        raw = os.getxattr(path, XATTR_NAME, follow_symlinks=False)
+        if located is None:
+            fd = os.open(path, os.O_RDONLY | FILE_FLAGS)
+        else:
+            root, rel = located
+            root_fd = open_root(root)
+            try:
+                fd = open_beneath(root_fd, rel, os.O_RDONLY | FILE_FLAGS)
+            finally:
+                os.close(root_fd)
+    except OSError as exc:
+        if exc.errno in NOT_FOLLOWED:
+            where = "is a symlink" if located is None else "has a symlink in its path in the volume"
+            raise KmsfsError(f"{path} {where} (or a mount point): not followed") from None
+        raise
+    try:
+        return check_file(fd, str(path))
+    except TreeChanged:
+        raise KmsfsError(f"{path} is not a regular file") from None
+
+
+def read_header_fd(fd: int, what: str) -> FileHeader:
+    """The parsed header of the open backing file *fd*; FormatError if absent or malformed."""
+    try:
+        raw = os.getxattr(fd, XATTR_NAME)
     except OSError as exc:
         if exc.errno == errno.ENODATA:
-            raise FormatError(f"{path}: no kmsfs header ({XATTR_NAME} is missing)") from None
+            raise FormatError(f"{what}: no kmsfs header ({XATTR_NAME} is missing)") from None
         raise
     try:
         return FileHeader.parse(raw)
     except FormatError as exc:
-        raise FormatError(f"{path}: {exc}") from None
+        raise FormatError(f"{what}: {exc}") from None
+
+
+def read_header(path: str | os.PathLike[str]) -> FileHeader:
+    """The parsed header of a backing file; FormatError if absent or malformed."""
+    fd = open_backing_file(path)
+    try:
+        return read_header_fd(fd, str(path))
+    finally:
+        os.close(fd)
 
 
 def inspect(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The header of *path* and its sizes, without any key."""
-    header = read_header(path)
-    backing_size = os.stat(path).st_size
+    fd = open_backing_file(path)
+    try:
+        header = read_header_fd(fd, str(path))
+        backing_size = os.fstat(fd).st_size
+    finally:
+        os.close(fd)
     return {
         "path": str(path),
         "format_version": header.version,
@@ -56,31 +135,39 @@ def decrypt_file(
 ) -> int:
     """Decrypt one backing file into *output* (which must not exist); returns the size.
 
-    The output is written to a temporary name and renamed only when every
-    block has authenticated, so a failure leaves no partial plaintext behind.
+    The output is written to a temporary name and renamed (never over an existing
+    name) only when every block has authenticated, so a failure leaves no partial
+    plaintext behind.
     """
     out_path = Path(output)
     if out_path.exists() or out_path.is_symlink():
         raise KmsfsError(f"{output} exists: refusing to overwrite it")
-    header = read_header(backing_file)
-    key = keyring.unwrap(header, str(backing_file))
+    fd = open_backing_file(backing_file)
     try:
-        cipher = BlockCipher.for_file(key, header)
-    finally:
-        wipe(key)
-    temp = out_path.with_name(f".{out_path.name}.kmsfs-partial")
-    with open(backing_file, "rb") as source:
-        content = ContentFile.open(source.fileno(), cipher, lambda: str(backing_file))
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        header = read_header_fd(fd, str(backing_file))
+        key = keyring.unwrap(header, str(backing_file))
+        try:
+            cipher = BlockCipher.for_file(key, header)
+        finally:
+            wipe(key)
+        content = ContentFile.open(fd, cipher, lambda: str(backing_file))
+        temp = out_path.with_name(f".{out_path.name}.kmsfs-partial")
+        out = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             chunk = CHUNK_BLOCKS * header.block_size
             for offset in range(0, content.size, chunk):
-                os.write(fd, content.read(offset, chunk))
-            os.fsync(fd)
+                os.write(out, content.read(offset, chunk))
+            os.fsync(out)
         except BaseException:
-            os.close(fd)
+            os.close(out)
             os.unlink(temp)
             raise
+        os.close(out)
+    finally:
         os.close(fd)
-    os.rename(temp, out_path)
+    try:
+        renameat2(_AT_FDCWD, os.fsencode(temp), _AT_FDCWD, os.fsencode(out_path), RENAME_NOREPLACE)
+    except FileExistsError:
+        os.unlink(temp)
+        raise KmsfsError(f"{output} exists: refusing to overwrite it") from None
     return content.size

@@ -313,24 +313,3 @@ def find_volume_root(path: str | os.PathLike[str]) -> Path:
         if config_path(candidate).exists():
             return candidate
     raise ConfigError(f"{path} is not inside a kmsfs volume (no {CONFIG_NAME} above it)")
-
-
-def lock_volume(backing: str | os.PathLike[str]) -> int:
-    """Take the volume's exclusive lock (flock on its config) for a daemon or offline tool.
-
-    Returns the descriptor holding it (the lock lasts until it is closed or the
-    process exits); MountError if another process holds it.
-    """
-    import fcntl
-
-    from kmsfs.errors import MountError
-
-    fd = os.open(config_path(backing), os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise MountError(
-            f"volume {backing} is in use by another kmsfs process (already mounted?)"
-        ) from None
-    return fd

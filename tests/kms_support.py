@@ -28,7 +28,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -161,13 +161,16 @@ class Fault:
 class KmsProxy:
     """A counting, delaying, fault-injecting HTTP proxy in front of a KMS endpoint.
 
-    Attributes: upstream, port, url, delay (seconds added to every call), calls.
+    Attributes: upstream, port, url, delay (seconds added to every call), calls,
+    before (called with the operation name and request body before a call is
+    forwarded, in the proxy's thread: a test acts while the client waits).
     """
 
     def __init__(self, upstream: str, delay: float = 0.0) -> None:
         self.upstream = upstream
         self.delay = delay
         self.calls: list[Call] = []
+        self.before: Callable[[str, dict[str, Any]], None] | None = None
         self.port = 0
         self.url = ""
         self._faults: dict[str, list[tuple[Fault, int | None]]] = {}
@@ -315,6 +318,8 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if proxy.delay:
             time.sleep(proxy.delay)
+        if proxy.before is not None:
+            proxy.before(operation, request)
         fault = proxy._take_fault(operation)
         if fault is not None:
             status = fault.status

@@ -7,7 +7,9 @@ from pathlib import Path
 
 from kmsfs.format.content import BlockCipher
 from kmsfs.format.header import XATTR_NAME, FileHeader
+from kmsfs.format.volume import VolumeConfig
 from kmsfs.fs.content_file import ContentFile
+from kmsfs.keys.keyring import Keyring
 from kmsfs.keys.provider import wipe
 from kmsfs.volume import open_volume
 
@@ -19,29 +21,64 @@ def populate(backing: Path, key_file: Path, count: int, size: int = 100) -> dict
     try:
         for n in range(count):
             rel = f"d{n % 10}/f{n:05d}"
-            path = backing / rel
-            path.parent.mkdir(exist_ok=True)
-            data = os.urandom(size + n % 50)
-            file_id, key, entries = keyring.new_file()
-            header = FileHeader(config.volume_id, file_id, config.block_size, entries)
-            try:
-                cipher = BlockCipher.for_file(key, header)
-            finally:
-                wipe(key)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
-            try:
-                os.setxattr(fd, XATTR_NAME, header.pack())
-                content = ContentFile(fd, cipher, 0, lambda rel=rel: rel)
-                content.write_empty()
-                content.write(0, data)
-            finally:
-                os.close(fd)
-            contents[rel] = data
+            (backing / rel).parent.mkdir(exist_ok=True)
+            contents[rel] = os.urandom(size + n % 50)
+            write_file(backing / rel, config, keyring, contents[rel])
     finally:
         keyring.close()
     return contents
 
 
+def write_file(path: Path, config: VolumeConfig, keyring: Keyring, data: bytes) -> None:
+    """Create the backing file *path* holding *data*, encrypted as the daemon writes it."""
+    file_id, key, entries = keyring.new_file()
+    header = FileHeader(config.volume_id, file_id, config.block_size, entries)
+    try:
+        cipher = BlockCipher.for_file(key, header)
+    finally:
+        wipe(key)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        os.setxattr(fd, XATTR_NAME, header.pack())
+        content = ContentFile(fd, cipher, 0, lambda: str(path))
+        content.write_empty()
+        content.write(0, data)
+    finally:
+        os.close(fd)
+
+
 def entry_refs(path: Path) -> list[str]:
     header = FileHeader.parse(os.getxattr(path, XATTR_NAME))
     return [entry.key_ref for entry in header.entries]
+
+
+def read_file(path: Path, keyring: Keyring) -> bytes:
+    """The plaintext of the backing file *path* (test side: no hostile tree here)."""
+    header = FileHeader.parse(os.getxattr(path, XATTR_NAME))
+    return _decrypt(path, header, keyring.unwrap(header, str(path)))
+
+
+def read_file_with_any_key(path: Path, key_files: list[Path]) -> bytes:
+    """The plaintext of the backing file *path*, unwrapped by whichever of the local
+    key files opens one of its header's entries (AssertionError if none does)."""
+    from kmsfs.keys import local
+    from kmsfs.keys.provider import KeyContext
+
+    header = FileHeader.parse(os.getxattr(path, XATTR_NAME))
+    context = KeyContext(header.volume_id, header.file_id)
+    for key_file in key_files:
+        provider = local.open_provider({}, {"key_file": str(key_file)}, None)
+        for entry in header.entries:
+            if provider.accepts(entry):
+                return _decrypt(path, header, provider.unwrap(entry, context))
+    raise AssertionError(f"{path}: no key file opens any entry of its header")
+
+
+def _decrypt(path: Path, header: FileHeader, key: bytearray) -> bytes:
+    try:
+        cipher = BlockCipher.for_file(key, header)
+    finally:
+        wipe(key)
+    with open(path, "rb") as handle:
+        content = ContentFile.open(handle.fileno(), cipher, lambda: str(path))
+        return bytes(content.read(0, content.size))

@@ -182,7 +182,7 @@ def test_no_key_material_in_backing_logs_or_audit(volume: Volume, tmp_path: Path
     secrets = _key_forms(master)
     config_text = volume.backing_path(".kmsfs.json").read_text()
     for path in volume.backing.rglob("*"):
-        if not path.is_file() or path.name.startswith(".kmsfs"):
+        if not path.is_file() or path.relative_to(volume.backing).parts[0].startswith(".kmsfs"):
             continue
         header = FileHeader.parse(os.getxattr(path, XATTR_NAME))
         file_key = bytes(
@@ -332,7 +332,8 @@ def test_rename_over_an_open_file(mounted: Volume) -> None:
         assert handle.read() == b"old content " * 1000  # the open file keeps its inode
         assert os.fstat(handle.fileno()).st_nlink == 0
         assert old.read_bytes() == b"new content " * 500
-    assert sorted(os.listdir(mounted.backing)) == [".kmsfs.json", "target"]
+    assert sorted(os.listdir(mounted.backing)) == [".kmsfs.d", ".kmsfs.json", "target"]
+    assert os.listdir(mounted.backing / ".kmsfs.d") == ["lock"]  # the daemon's volume lock
     mounted.remount()
     assert old.read_bytes() == b"new content " * 500
 

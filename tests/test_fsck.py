@@ -126,3 +126,59 @@ def test_fsck_missing_entry_for_a_volume_key(volume: Volume, tmp_path: Path) -> 
     result = run_kmsfs("fsck", volume.backing, "--quick", *volume.key_args, check=False)
     assert result.returncode == 5
     assert "d1/f00001: missing-entry: no wrapped key for master key local:" in result.stdout
+
+
+def test_fsck_reports_entries_that_unwrap_to_different_keys(volume: Volume, tmp_path: Path) -> None:
+    """A header whose entries are each valid but wrap different file keys: whoever reads
+    the file with one master key sees other bytes (or EIO) than whoever uses the other."""
+    from lifecycle_support import populate
+
+    from kmsfs.format.header import FileHeader, WrappedKey
+    from kmsfs.format.volume import load_config
+    from kmsfs.keys.provider import KeyContext, random_key, wipe
+    from kmsfs.keys.registry import open_provider
+
+    populate(volume.backing, volume.key_file, 3)
+    key_b = tmp_path / "b.key"
+    run_kmsfs("keys", "add", volume.backing, "--key-file", key_b)
+    config = load_config(volume.backing)
+    ref_a, ref_b = (key.key_ref for key in config.keys)
+    provider_b = open_provider(config.keys[1], {"key_file": str(key_b)}, None)
+    try:
+        mixed = volume.backing / "d1/f00001"
+        header = FileHeader.parse(os.getxattr(mixed, "user.kmsfs.header"))
+        other_key = random_key()  # a valid entry for B, for this file, of another key
+        try:
+            forged = provider_b.wrap(other_key, KeyContext(header.volume_id, header.file_id))
+        finally:
+            wipe(other_key)
+        os.setxattr(
+            mixed, "user.kmsfs.header", header.with_entries((header.entries[0], forged)).pack()
+        )
+        # and an entry for B that does not unwrap at all (taken from another file)
+        moved = volume.backing / "d2/f00002"
+        header2 = FileHeader.parse(os.getxattr(moved, "user.kmsfs.header"))
+        stray = FileHeader.parse(os.getxattr(volume.backing / "d0/f00000", "user.kmsfs.header"))
+        os.setxattr(
+            moved,
+            "user.kmsfs.header",
+            header2.with_entries((header2.entries[0], stray.entries[1])).pack(),
+        )
+        assert isinstance(forged, WrappedKey)
+    finally:
+        provider_b.close()
+
+    result = run_kmsfs("fsck", volume.backing, "--quick", check=False)
+    assert result.returncode == 5, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert (
+        f"d1/f00001: key-mismatch: the entries for {ref_a} and {ref_b} unwrap to different"
+        " file keys" in lines
+    ), lines
+    assert any(line.startswith(f"d2/f00002: unwrap: the entry for {ref_b}") for line in lines)
+    assert lines[-1] == "fsck: 3 files, 1 ok (headers checked): 2 problems"
+    data = json.loads(run_kmsfs("fsck", volume.backing, "--json", check=False).stdout)
+    assert {(f["path"], f["kind"]) for f in data["findings"]} == {
+        ("d1/f00001", "key-mismatch"),
+        ("d2/f00002", "unwrap"),
+    }

@@ -509,3 +509,51 @@ def test_passwd_changes_the_passphrase(tmp_path: Path) -> None:
     assert refused.returncode == 6
     key_file_vol = run_kmsfs("passwd", tmp_path / "nowhere", check=False)
     assert key_file_vol.returncode == 2
+
+
+@pytest.mark.parametrize("crash_at", ["before-exchange", "after-exchange"])
+def test_rekey_crash_around_the_exchange_is_finished_by_the_next_run(
+    volume: Volume, monkeypatch: pytest.MonkeyPatch, crash_at: str
+) -> None:
+    """rekey puts the new file in place with one atomic exchange, then drops the old one
+    from .kmsfs.d.  A crash on either side of the exchange (simulated by an exception
+    out of an in-process run, which leaves the journal and .kmsfs.d as a kill would) is
+    finished by the next run: both names of a hard-linked file end on one re-keyed inode."""
+    from kmsfs.keys.cache import KeyCache
+    from kmsfs.lifecycle import rekey
+    from kmsfs.volume import open_volume
+
+    contents = populate(volume.backing, volume.key_file, 3, size=5000)
+    os.link(volume.backing / "d0/f00000", volume.backing / "d2/link")
+    old_id = os.getxattr(volume.backing / "d0/f00000", "user.kmsfs.header")[28:44]
+    real_exchange = rekey.renameat2
+
+    class Crash(Exception):
+        pass
+
+    def exchange(*args: object) -> None:
+        if crash_at == "after-exchange":
+            real_exchange(*args)  # type: ignore[arg-type]
+        raise Crash
+
+    monkeypatch.setattr(rekey, "renameat2", exchange)
+    options = {"key_file": str(volume.key_file)}
+    config, keyring = open_volume(volume.backing, options, None, KeyCache(0, 0))
+    try:
+        with pytest.raises(Crash):
+            rekey.rekey_volume(volume.backing, config, keyring)
+    finally:
+        keyring.close()
+    monkeypatch.undo()
+    assert (volume.backing / ".kmsfs.d/rekey-tmp").exists()  # as a kill would leave it
+    result = run_kmsfs("rekey", volume.backing)
+    assert "0 failed" in result.stdout
+    assert not (volume.backing / ".kmsfs.d/rekey-tmp").exists()
+    assert os.path.samefile(volume.backing / "d0/f00000", volume.backing / "d2/link")
+    assert os.getxattr(volume.backing / "d0/f00000", "user.kmsfs.header")[28:44] != old_id
+    assert "fsck: 4 files, 4 ok" in run_kmsfs("fsck", volume.backing).stdout
+    out = volume.root / "out"
+    for rel in ("d0/f00000", "d2/link"):
+        run_kmsfs("decrypt", volume.backing / rel, out)
+        assert out.read_bytes() == contents["d0/f00000"]
+        out.unlink()

@@ -1,5 +1,9 @@
-"""Shared pieces of the lifecycle tools: walking a backing tree, headers, journals,
-mount detection, birth times and the progress bar."""
+"""Shared pieces of the lifecycle tools: headers on descriptors, journals, the volume
+lock and mount names, birth times, durations and the progress bar.
+
+Walking the backing tree is ``kmsfs.fs.tree`` (by descriptor, never following a
+symlink); everything here works on the descriptors it hands out.
+"""
 
 from __future__ import annotations
 
@@ -8,17 +12,20 @@ import ctypes.util
 import errno
 import json
 import os
-import stat
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TextIO
 
-from kmsfs.errors import FormatError, KmsfsError, UsageError
+from kmsfs.errors import FormatError, KmsfsError, MountError, UsageError
 from kmsfs.format.header import XATTR_NAME, FileHeader
-from kmsfs.format.volume import RESERVED_PREFIX, STATE_DIR_NAME
+from kmsfs.format.volume import STATE_DIR_NAME
+from kmsfs.fs.tree import FILE_FLAGS, open_root, open_state_dir
+from kmsfs.lock import lock_volume, volume_in_use
+
+MAX_JOURNAL_SIZE = 1 << 20
 
 
 class LifecycleError(KmsfsError):
@@ -33,65 +40,17 @@ class VolumeMounted(LifecycleError):
     exit_code = 7
 
 
-# -- walking -----------------------------------------------------------------
-
-
-@dataclass
-class Entry:
-    """One regular backing file (all names of one inode are walked separately)."""
-
-    path: Path  # absolute
-    rel: str  # relative to the backing root, '/'-separated
-    st: os.stat_result
-
-
-def walk_files(root: Path) -> Iterator[Entry]:
-    """Every regular file under *root* in a stable (sorted) order, skipping the reserved
-    ``.kmsfs*`` names at the root.  Symlinks are never followed."""
-    root = Path(root)
-    stack = [""]
-    while stack:
-        rel_dir = stack.pop()
-        directory = root / rel_dir if rel_dir else root
-        try:
-            names = sorted(os.listdir(directory))
-        except FileNotFoundError:
-            continue  # removed meanwhile (a mounted volume)
-        subdirs = []
-        for name in names:
-            if not rel_dir and name.startswith(RESERVED_PREFIX):
-                continue
-            rel = f"{rel_dir}/{name}" if rel_dir else name
-            path = directory / name
-            try:
-                st = os.lstat(path)
-            except FileNotFoundError:
-                continue
-            if stat.S_ISDIR(st.st_mode):
-                subdirs.append(rel)
-            elif stat.S_ISREG(st.st_mode):
-                yield Entry(path, rel, st)
-        stack.extend(reversed(subdirs))
-
-
-def walk_dirs(root: Path) -> list[Path]:
-    """Every directory under *root* (not the root, not ``.kmsfs*``), parents first."""
-    out: list[Path] = []
-    for dirpath, dirnames, _ in os.walk(root):
-        if Path(dirpath) == Path(root):
-            dirnames[:] = [d for d in dirnames if not d.startswith(RESERVED_PREFIX)]
-        dirnames.sort()
-        out.extend(Path(dirpath) / d for d in dirnames)
-    return out
+class HeaderChanged(LifecycleError):
+    """A header was not what the tool read a moment before: it was left as it is."""
 
 
 # -- headers -----------------------------------------------------------------
 
 
-def read_raw_header(path: Path) -> bytes | None:
-    """The header xattr's bytes, or None if the file has none."""
+def read_raw_header(fd: int) -> bytes | None:
+    """The header xattr's bytes of the open file *fd*, or None if it has none."""
     try:
-        return os.getxattr(path, XATTR_NAME, follow_symlinks=False)
+        return os.getxattr(fd, XATTR_NAME)
     except OSError as exc:
         if exc.errno == errno.ENODATA:
             return None
@@ -105,60 +64,93 @@ def parse_header(raw: bytes, what: str) -> FileHeader:
         raise FormatError(f"{what}: {exc}") from None
 
 
-def replace_header(path: Path, header: FileHeader) -> None:
-    """Replace the header xattr of *path* whole (setxattr is atomic for one value).
+def replace_header(fd: int, expected: bytes | None, header: bytes, what: str) -> None:
+    """Compare-and-swap the header of the open file *fd*: set *header* only if the
+    header is still byte-identical to *expected* (None: the file has none).
 
-    XATTR_REPLACE: a file whose header vanished (or that was replaced by a
-    file without one) is never given a header here; ENODATA then.
+    One setxattr replaces the value whole, so a crash leaves the old header or the
+    new one.  Working on the descriptor the header was read from, the write can only
+    reach the inode that was read, whatever is renamed meanwhile.  HeaderChanged if
+    the header differs from *expected* (nothing written); ENODATA if it vanished
+    between the check and the write.
     """
-    os.setxattr(path, XATTR_NAME, header.pack(), os.XATTR_REPLACE, follow_symlinks=False)
+    if read_raw_header(fd) != expected:
+        raise HeaderChanged(f"{what}: its header changed while the tool ran: left as it is")
+    flags = os.XATTR_CREATE if expected is None else os.XATTR_REPLACE
+    os.setxattr(fd, XATTR_NAME, header, flags)
 
 
 # -- journals ----------------------------------------------------------------
 
 
-def state_dir(backing: Path) -> Path:
-    path = Path(backing) / STATE_DIR_NAME
-    path.mkdir(mode=0o700, exist_ok=True)
-    return path
-
-
-def journal_path(backing: Path, name: str) -> Path:
-    return Path(backing) / STATE_DIR_NAME / f"{name}.json"
+@contextmanager
+def _state(backing: Path, create: bool) -> Iterator[int | None]:
+    """The descriptor of ``.kmsfs.d`` (None if absent and not *create*)."""
+    root = open_root(backing)
+    try:
+        try:
+            state = open_state_dir(root, create)
+        except OSError as exc:
+            raise LifecycleError(
+                f"{backing}/{STATE_DIR_NAME}: {exc.strerror} (kmsfs never follows a symlink there)"
+            ) from None
+    finally:
+        os.close(root)
+    try:
+        yield state
+    finally:
+        if state is not None:
+            os.close(state)
 
 
 def load_journal(backing: Path, name: str) -> dict[str, Any] | None:
-    path = journal_path(backing, name)
+    where = f"{backing}/{STATE_DIR_NAME}/{name}.json"
+    with _state(backing, create=False) as state:
+        if state is None:
+            return None
+        try:
+            fd = os.open(f"{name}.json", os.O_RDONLY | FILE_FLAGS, dir_fd=state)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise LifecycleError(f"cannot read journal {where}: {exc.strerror}") from None
+        try:
+            raw = os.read(fd, MAX_JOURNAL_SIZE + 1)
+        finally:
+            os.close(fd)
     try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as exc:
-        raise LifecycleError(f"cannot read journal {path}: {exc}") from None
+        data = json.loads(raw)
+    except ValueError as exc:
+        raise LifecycleError(f"cannot read journal {where}: {exc}") from None
     if not isinstance(data, dict):
-        raise LifecycleError(f"journal {path} is not a JSON object")
+        raise LifecycleError(f"journal {where} is not a JSON object")
     return data
 
 
 def save_journal(backing: Path, name: str, data: dict[str, Any]) -> None:
     """Write the journal atomically and durably (temp file, fsync, rename, fsync dir)."""
-    directory = state_dir(backing)
-    path = journal_path(backing, name)
-    temp = path.with_name(path.name + ".tmp")
-    write_durably(temp, (json.dumps(data, indent=1, sort_keys=True) + "\n").encode())
-    os.replace(temp, path)
-    fsync_dir(directory)
+    text = json.dumps(data, indent=1, sort_keys=True) + "\n"
+    with _state(backing, create=True) as state:
+        assert state is not None
+        write_durably(state, f"{name}.json.tmp", text.encode())
+        os.replace(f"{name}.json.tmp", f"{name}.json", src_dir_fd=state, dst_dir_fd=state)
+        os.fsync(state)
 
 
 def drop_journal(backing: Path, name: str) -> None:
-    path = journal_path(backing, name)
-    path.unlink(missing_ok=True)
-    if path.parent.exists():
-        fsync_dir(path.parent)
+    with _state(backing, create=False) as state:
+        if state is None:
+            return
+        try:
+            os.unlink(f"{name}.json", dir_fd=state)
+        except FileNotFoundError:
+            pass
+        os.fsync(state)
 
 
-def write_durably(path: Path, data: bytes, mode: int = 0o600) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+def write_durably(dir_fd: int, name: str, data: bytes, mode: int = 0o600) -> None:
+    """Create or truncate *name* in *dir_fd* (never through a symlink) with *data*, fsynced."""
+    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | FILE_FLAGS, mode, dir_fd=dir_fd)
     try:
         os.write(fd, data)
         os.fsync(fd)
@@ -166,15 +158,14 @@ def write_durably(path: Path, data: bytes, mode: int = 0o600) -> None:
         os.close(fd)
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+def unlink_if_present(dir_fd: int, name: str) -> None:
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        os.unlink(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        pass
 
 
-# -- mounts ------------------------------------------------------------------
+# -- the volume lock and mounts -----------------------------------------------
 
 
 def _unescape_mount_field(text: str) -> str:
@@ -191,43 +182,81 @@ def _unescape_mount_field(text: str) -> str:
 
 
 def mountpoints_of(backing: Path, mounts_file: str = "/proc/mounts") -> list[str]:
-    """Mount points where *backing* is mounted by kmsfs (fsname = the backing path)."""
-    wanted = os.path.abspath(backing)
-    found = []
+    """Mount points of FUSE mounts whose source is the directory *backing* (the same
+    inode, however either is spelled).  Only for naming a mount in messages: whether
+    the volume is in use is the volume lock's answer (``kmsfs.lock``)."""
     try:
+        wanted = os.stat(backing)
         with open(mounts_file) as handle:
             lines = handle.readlines()
     except OSError:
         return []
+    found = []
     for line in lines:
         fields = line.split()
-        if len(fields) < 3:
+        if len(fields) < 3 or not fields[2].startswith("fuse"):
             continue
-        source = _unescape_mount_field(fields[0])
-        if fields[2].startswith("fuse") and os.path.abspath(source) == wanted:
+        try:
+            st = os.stat(_unescape_mount_field(fields[0]))
+        except (OSError, ValueError):
+            continue
+        if (st.st_dev, st.st_ino) == (wanted.st_dev, wanted.st_ino):
             found.append(_unescape_mount_field(fields[1]))
     return found
 
 
-def refuse_if_mounted(backing: Path, tool: str) -> None:
+def in_use_by(backing: Path) -> str | None:
+    """None if no daemon or tool holds the volume's lock; else who: the mount point
+    if /proc/mounts names one, else 'another kmsfs process'."""
+    if not volume_in_use(backing):
+        return None
+    where = mountpoints_of(backing)
+    return where[0] if where else "another kmsfs process"
+
+
+def _in_use_message(backing: Path, tool: str) -> str:
     where = mountpoints_of(backing)
     if where:
-        raise VolumeMounted(
+        return (
             f"{backing} is mounted at {where[0]}: {tool} works on an unmounted volume"
             f" (kmsfs umount {where[0]} first)"
         )
+    return (
+        f"{backing} is in use by another kmsfs process (a daemon or a tool holds its lock):"
+        f" {tool} works on an unmounted volume"
+    )
+
+
+def refuse_if_mounted(backing: Path, tool: str) -> None:
+    """VolumeMounted (exit 7) while a daemon (or another tool) holds the volume lock."""
+    if volume_in_use(backing):
+        raise VolumeMounted(_in_use_message(backing, tool))
+
+
+@contextmanager
+def volume_locked(backing: Path, tool: str) -> Iterator[None]:
+    """Hold the volume lock for the block: no daemon can mount the volume meanwhile.
+    VolumeMounted (exit 7) if a daemon or another tool holds it."""
+    try:
+        fd = lock_volume(backing)
+    except MountError:
+        raise VolumeMounted(_in_use_message(backing, tool)) from None
+    try:
+        yield
+    finally:
+        os.close(fd)
 
 
 # -- birth time --------------------------------------------------------------
 
 _STATX_BTIME = 0x800
 _AT_SYMLINK_NOFOLLOW = 0x100
-_AT_FDCWD = -100
+_AT_EMPTY_PATH = 0x1000
 _libc: Any = None
 
 
-def birth_time(path: Path) -> float | None:
-    """The inode's birth time (statx btime) in seconds, or None if unavailable.
+def birth_time(fd: int) -> float | None:
+    """The birth time (statx btime) of the open file *fd* in seconds, or None if unknown.
 
     A file key is created with its backing inode (by create, rekey and import,
     which all make new inodes), so the birth time is the age of the file key.
@@ -240,10 +269,10 @@ def birth_time(path: Path) -> float | None:
     if _libc is False:
         return None
     buf = ctypes.create_string_buffer(256)
-    rc = _libc.statx(_AT_FDCWD, os.fsencode(str(path)), _AT_SYMLINK_NOFOLLOW, _STATX_BTIME, buf)
+    rc = _libc.statx(fd, b"", _AT_EMPTY_PATH | _AT_SYMLINK_NOFOLLOW, _STATX_BTIME, buf)
     if rc != 0:
         err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err), str(path))
+        raise OSError(err, os.strerror(err))
     mask = int.from_bytes(buf.raw[0:4], "little")
     if not mask & _STATX_BTIME:
         return None

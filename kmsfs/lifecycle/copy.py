@@ -1,16 +1,17 @@
-"""Writing an encrypted copy of a file (rekey, import) and copying metadata."""
+"""Writing an encrypted copy of a file (rekey, import) and copying metadata, on descriptors."""
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import stat
 from collections.abc import Callable
-from pathlib import Path
 
 from kmsfs.format.content import BlockCipher
 from kmsfs.format.header import RESERVED_XATTR_PREFIX, XATTR_NAME, FileHeader
 from kmsfs.fs.content_file import ContentFile
+from kmsfs.fs.syscalls import fchown_path_fd, utimens_path_fd
 from kmsfs.keys.keyring import Keyring
 from kmsfs.keys.provider import wipe
 
@@ -19,10 +20,10 @@ Reader = Callable[[int, int], bytes | bytearray]
 
 
 def write_encrypted(
-    target: Path, keyring: Keyring, block_size: int, reader: Reader, size: int
+    fd: int, keyring: Keyring, block_size: int, reader: Reader, size: int, what: str
 ) -> FileHeader:
-    """Create *target* (must not exist) holding *size* bytes from *reader*, encrypted
-    under a fresh file key and file ID, and fsync it.  All-zero chunks become holes.
+    """Fill the new, empty file *fd* with *size* bytes from *reader*, encrypted under a
+    fresh file key and file ID, and fsync it.  All-zero chunks become holes.
     """
     file_id = os.urandom(16)
     key, entries = keyring.new_file_key(file_id)
@@ -31,52 +32,57 @@ def write_encrypted(
         cipher = BlockCipher.for_file(key, header)
     finally:
         wipe(key)
-    fd = os.open(target, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.setxattr(fd, XATTR_NAME, header.pack())
-        content = ContentFile(fd, cipher, 0, lambda: str(target))
-        content.write_empty()
-        chunk = CHUNK_BLOCKS * block_size
-        for offset in range(0, size, chunk):
-            data = reader(offset, chunk)
-            if not data:
-                break
-            if data == bytes(len(data)):
-                continue  # a hole: left sparse (the final truncate seals the last block)
-            content.write(offset, data)
-        if content.size != size:
-            content.truncate(size)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    os.setxattr(fd, XATTR_NAME, header.pack(), os.XATTR_CREATE)
+    content = ContentFile(fd, cipher, 0, lambda: what)
+    content.write_empty()
+    chunk = CHUNK_BLOCKS * block_size
+    for offset in range(0, size, chunk):
+        data = reader(offset, chunk)
+        if not data:
+            break
+        if data == bytes(len(data)):
+            continue  # a hole: left sparse (the final truncate seals the last block)
+        content.write(offset, data)
+    if content.size != size:
+        content.truncate(size)
+    os.fsync(fd)
     return header
 
 
-def copy_xattrs(source: Path, target: Path, skip_reserved: bool = True) -> None:
-    """Copy the user.* xattrs (not kmsfs's own) of *source* to *target*."""
+def read_xattrs(fd: int) -> dict[str, bytes]:
+    """The user.* xattrs of the open file or directory *fd*, without kmsfs's own."""
     try:
-        names = os.listxattr(source, follow_symlinks=False)
+        names = os.listxattr(fd)
     except OSError as exc:
         if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
-            return
+            return {}
         raise
+    values = {}
     for name in names:
-        if not name.startswith("user."):
-            continue
-        if skip_reserved and name.startswith(RESERVED_XATTR_PREFIX):
-            continue
-        value = os.getxattr(source, name, follow_symlinks=False)
-        os.setxattr(target, name, value, follow_symlinks=False)
+        if name.startswith("user.") and not name.startswith(RESERVED_XATTR_PREFIX):
+            try:
+                values[name] = os.getxattr(fd, name)
+            except OSError as exc:
+                if exc.errno != errno.ENODATA:  # removed meanwhile
+                    raise
+    return values
 
 
-def copy_metadata(st: os.stat_result, source: Path, target: Path) -> None:
-    """Owner, mode, user xattrs and atime/mtime of *source* (stat *st*) onto *target*."""
-    is_link = stat.S_ISLNK(st.st_mode)
+def copy_metadata(st: os.stat_result, fd: int, xattrs: dict[str, bytes] | None = None) -> None:
+    """Owner, mode, *xattrs* and atime/mtime of *st* onto the inode of *fd*.
+
+    *fd* may be an O_PATH descriptor (a symlink, FIFO or device node: no xattrs then).
+    The owner is set first (chown clears set-id bits), the times last.
+    """
     try:
-        os.chown(target, st.st_uid, st.st_gid, follow_symlinks=False)
+        fchown_path_fd(fd, st.st_uid, st.st_gid)
     except PermissionError:
         pass  # not root: the files stay owned by the caller
-    if not is_link:
-        os.chmod(target, stat.S_IMODE(st.st_mode))
-        copy_xattrs(source, target)
-    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+    if not stat.S_ISLNK(st.st_mode):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_PATH:
+            os.chmod(f"/proc/self/fd/{fd}", stat.S_IMODE(st.st_mode))  # the inode of fd
+        else:
+            os.fchmod(fd, stat.S_IMODE(st.st_mode))
+    for name, value in (xattrs or {}).items():
+        os.setxattr(fd, name, value)
+    utimens_path_fd(fd, st.st_atime_ns, st.st_mtime_ns)

@@ -10,7 +10,12 @@ Findings (``Finding.kind``):
 - ``missing-entry``: no wrapped-key entry for one of the volume's master keys
   (an unfinished ``rewrap`` / ``keys add``, or a file created by a daemon that
   did not have that key).
-- ``unwrap``: no available master key unwraps the file key.
+- ``unwrap``: no available master key unwraps the file key; or, when another
+  entry does, the entry of one available key does not (names that key).
+- ``key-mismatch``: two entries unwrap, with their keys, to different file keys
+  (a header edited or assembled from pieces): readers holding different master
+  keys would see different things.  Names both keys.  Every entry whose key is
+  available is unwrapped, not only the first that opens.
 - ``size``: the backing size cannot belong to a well-formed file (truncated
   inside a block header, empty backing file).
 - ``block``: a block fails authentication (bit flip, truncation at a block
@@ -19,22 +24,31 @@ Findings (``Finding.kind``):
 
 Files on a mounted volume that are being written may show transient block
 errors; run fsck on an unmounted volume for a definitive answer.
+
+The tree is walked and each file opened by descriptor (``kmsfs.fs.tree``): a
+symlink is never followed, and a file renamed or replaced between the walk and
+its check is left out, as a removed one is.
 """
 
 from __future__ import annotations
 
+import hmac
 import os
+import stat
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kmsfs.errors import FormatError, IntegrityError, KmsfsError
+from kmsfs.errors import FormatError, IntegrityError, KmsfsError, ProviderError
 from kmsfs.format.content import BlockCipher
-from kmsfs.format.volume import STATE_DIR_NAME, VolumeConfig
+from kmsfs.format.header import FileHeader
+from kmsfs.format.volume import STATE_DIR_NAME as STATE_DIR
+from kmsfs.format.volume import VolumeConfig
 from kmsfs.fs.content_file import ContentFile
+from kmsfs.fs.tree import Tree, TreeChanged, open_state_dir, walk
 from kmsfs.keys.keyring import Keyring
-from kmsfs.keys.provider import wipe
-from kmsfs.lifecycle.common import Progress, parse_header, read_raw_header, walk_files
+from kmsfs.keys.provider import KeyContext, wipe
+from kmsfs.lifecycle.common import Progress, parse_header, read_raw_header
 
 CHUNK_BLOCKS = 256
 MAX_BLOCKS_REPORTED = 20  # per file; the count says how many more
@@ -78,38 +92,63 @@ def fsck_volume(
     root = Path(backing).absolute()
     report = FsckReport(config.volume_id.hex(), quick=quick)
     refs = [key.key_ref for key in config.keys]
-    entries = list(walk_files(root))
-    progress = Progress("fsck", len(entries), enabled=show_progress)
-    try:
-        for entry in entries:
-            progress.advance()
-            report.files += 1
-            before = len(report.findings)
-            try:
-                _check_file(entry.path, entry.rel, config, refs, keyring, quick, report)
-            except FileNotFoundError:
-                report.files -= 1
-                continue
-            except OSError as exc:
-                report.findings.append(Finding(entry.rel, "io", f"{exc.strerror or exc}"))
-            if len(report.findings) == before:
-                report.ok += 1
-    finally:
-        progress.close()
-    state = root / STATE_DIR_NAME
-    if state.is_dir():
-        for dirpath, _, names in os.walk(state):
-            for name in sorted(names):
-                if name.endswith(".tmp") or "tmp" in Path(dirpath).name:
-                    rel = os.path.relpath(os.path.join(dirpath, name), root)
-                    report.findings.append(
-                        Finding(rel, "leftover", "temporary file of an interrupted kmsfs tool")
-                    )
+    with Tree(root) as tree:
+        entries = list(tree.files())
+        progress = Progress("fsck", len(entries), enabled=show_progress)
+        try:
+            for entry in entries:
+                progress.advance()
+                report.files += 1
+                before = len(report.findings)
+                try:
+                    fd = tree.open_file(entry.rel, expect=entry)
+                except (FileNotFoundError, TreeChanged):
+                    report.files -= 1  # removed, renamed or replaced since the walk
+                    continue
+                except OSError as exc:
+                    report.findings.append(Finding(entry.rel, "io", f"{exc.strerror or exc}"))
+                    continue
+                try:
+                    _check_file(fd, entry.rel, config, refs, keyring, quick, report)
+                except OSError as exc:
+                    report.findings.append(Finding(entry.rel, "io", f"{exc.strerror or exc}"))
+                finally:
+                    os.close(fd)
+                if len(report.findings) == before:
+                    report.ok += 1
+        finally:
+            progress.close()
+        _find_leftovers(tree, report)
     return report
 
 
+def _find_leftovers(tree: Tree, report: FsckReport) -> None:
+    """Temporary files of interrupted tools in ``.kmsfs.d`` (walked by descriptor)."""
+    try:
+        state = open_state_dir(tree.fd, create=False)
+    except OSError:
+        return
+    if state is None:
+        return
+    try:
+        for node in walk(state):
+            parent = node.rel.rpartition("/")[0].rpartition("/")[2]
+            if not stat.S_ISDIR(node.st.st_mode) and (
+                node.name.endswith(".tmp") or "tmp" in parent
+            ):
+                report.findings.append(
+                    Finding(
+                        f"{STATE_DIR}/{node.rel}",
+                        "leftover",
+                        "temporary file of an interrupted kmsfs tool",
+                    )
+                )
+    finally:
+        os.close(state)
+
+
 def _check_file(
-    path: Path,
+    fd: int,
     rel: str,
     config: VolumeConfig,
     refs: list[str],
@@ -118,7 +157,7 @@ def _check_file(
     report: FsckReport,
 ) -> None:
     add = report.findings.append
-    raw = read_raw_header(path)
+    raw = read_raw_header(fd)
     if raw is None:
         add(Finding(rel, "no-header", "no kmsfs header: plaintext or lost xattr"))
         return
@@ -141,10 +180,8 @@ def _check_file(
     for ref in refs:
         if ref not in have:
             add(Finding(rel, "missing-entry", f"no wrapped key for master key {ref}"))
-    try:
-        key = keyring.unwrap(header, rel)
-    except KmsfsError as exc:
-        add(Finding(rel, "unwrap", str(exc).removeprefix(f"{rel}: ")))
+    key = _file_key(header, rel, keyring, report)
+    if key is None:
         return
     try:
         cipher = BlockCipher.for_file(key, header)
@@ -152,39 +189,87 @@ def _check_file(
         wipe(key)
     if quick:
         return
-    with open(path, "rb") as handle:
+    _check_blocks(fd, rel, cipher, report)
+
+
+def _check_blocks(fd: int, rel: str, cipher: BlockCipher, report: FsckReport) -> None:
+    add = report.findings.append
+    try:
+        content = ContentFile.open(fd, cipher, lambda: rel)
+    except IntegrityError as exc:
+        add(Finding(rel, "size", str(exc).removeprefix(f"{rel}: ")))
+        return
+    bs = cipher.block_size
+    count = max(-(-content.size // bs), 1)
+    report.blocks += count
+    bad = 0
+    chunk = CHUNK_BLOCKS * bs
+    for offset in range(0, max(content.size, 1), chunk):
         try:
-            content = ContentFile.open(handle.fileno(), cipher, lambda: rel)
-        except IntegrityError as exc:
-            add(Finding(rel, "size", str(exc).removeprefix(f"{rel}: ")))
-            return
-        bs = cipher.block_size
-        count = max(-(-content.size // bs), 1)
-        report.blocks += count
-        bad = 0
-        chunk = CHUNK_BLOCKS * bs
-        for offset in range(0, max(content.size, 1), chunk):
+            content.read(offset, chunk)
+            continue
+        except IntegrityError:
+            pass
+        first = offset // bs
+        for index in range(first, min(first + CHUNK_BLOCKS, count)):
             try:
-                content.read(offset, chunk)
-                continue
-            except IntegrityError:
-                pass
-            first = offset // bs
-            for index in range(first, min(first + CHUNK_BLOCKS, count)):
-                try:
-                    content.read(index * bs, bs)
-                except IntegrityError as exc:
-                    bad += 1
-                    if bad <= MAX_BLOCKS_REPORTED:
-                        add(Finding(rel, "block", _block_message(exc, rel), index))
-        if content.size == 0:
-            try:
-                cipher.open(0, os.pread(handle.fileno(), 28, 0), 0, rel)
+                content.read(index * bs, bs)
             except IntegrityError as exc:
-                add(Finding(rel, "block", _block_message(exc, rel), 0))
-        if bad > MAX_BLOCKS_REPORTED:
-            add(Finding(rel, "block", f"{bad - MAX_BLOCKS_REPORTED} more bad blocks not listed"))
+                bad += 1
+                if bad <= MAX_BLOCKS_REPORTED:
+                    add(Finding(rel, "block", _block_message(exc, rel), index))
+    if content.size == 0:
+        try:
+            cipher.open(0, os.pread(fd, 28, 0), 0, rel)
+        except IntegrityError as exc:
+            add(Finding(rel, "block", _block_message(exc, rel), 0))
+    if bad > MAX_BLOCKS_REPORTED:
+        add(Finding(rel, "block", f"{bad - MAX_BLOCKS_REPORTED} more bad blocks not listed"))
 
 
 def _block_message(exc: Exception, rel: str) -> str:
     return str(exc).removeprefix(f"{rel}: ")
+
+
+def _file_key(
+    header: FileHeader, rel: str, keyring: Keyring, report: FsckReport
+) -> bytearray | None:
+    """The file key of *header*, or None after reporting why not.
+
+    With one entry whose master key is available, the keyring unwraps it.  With
+    several, each is unwrapped on its own and the keys compared: a mismatch is a
+    ``key-mismatch`` finding, an entry that does not open while another does an
+    ``unwrap`` finding (a temporary provider error is not a finding).
+    """
+    add = report.findings.append
+    pairs = [(p, e) for p in keyring.providers for e in header.entries if p.accepts(e)]
+    if len(pairs) > 1:
+        context = KeyContext(header.volume_id, header.file_id)
+        opened: list[tuple[str, bytearray]] = []
+        failed: list[tuple[str, ProviderError]] = []
+        for provider, entry in pairs:
+            try:
+                opened.append((entry.key_ref, provider.unwrap(entry, context)))
+            except ProviderError as exc:
+                failed.append((entry.key_ref, exc))
+        if opened:
+            for ref, error in failed:
+                if not error.temporary:
+                    add(Finding(rel, "unwrap", f"the entry for {ref} does not unwrap ({error})"))
+            first_ref, key = opened[0]
+            for ref, other in opened[1:]:
+                if not hmac.compare_digest(bytes(other), bytes(key)):
+                    add(
+                        Finding(
+                            rel,
+                            "key-mismatch",
+                            f"the entries for {first_ref} and {ref} unwrap to different file keys",
+                        )
+                    )
+                wipe(other)
+            return key
+    try:  # one entry, or none opened: the keyring's answer and message
+        return keyring.unwrap(header, rel)
+    except KmsfsError as exc:
+        add(Finding(rel, "unwrap", str(exc).removeprefix(f"{rel}: ")))
+        return None

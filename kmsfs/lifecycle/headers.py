@@ -10,6 +10,12 @@ object per line; the first describes the export, each further one a file::
 Paths are relative to the backing root (inode-independent).  Hard links
 appear under each name.  Headers hold no secret (wrapped keys only), but the
 export names every file: keep it with the backup, mode 0600.
+
+Both directions work by descriptor (``kmsfs.fs.tree``): a file is opened beneath
+the backing root without following any symlink, and its header is read from, or
+set on, that descriptor; a path of an export that leads through a symlink is
+reported as missing.  Replacing a header (``--force``) is compare-and-swap on that
+descriptor.
 """
 
 from __future__ import annotations
@@ -21,11 +27,18 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 from kmsfs.errors import FormatError
-from kmsfs.format.header import XATTR_NAME, FileHeader
-from kmsfs.format.volume import VolumeConfig
-from kmsfs.lifecycle.common import LifecycleError, read_raw_header, walk_files
+from kmsfs.format.header import FileHeader
+from kmsfs.format.volume import RESERVED_PREFIX, VolumeConfig
+from kmsfs.fs.tree import Tree, TreeChanged, split_rel
+from kmsfs.lifecycle.common import (
+    HeaderChanged,
+    LifecycleError,
+    read_raw_header,
+    replace_header,
+)
 
 EXPORT_VERSION = 1
 
@@ -52,26 +65,35 @@ def export_headers(backing: Path, config: VolumeConfig, output: Path) -> Headers
             "created": dt.datetime.now(dt.UTC).isoformat(),
         }
         handle.write(json.dumps(meta) + "\n")
-        for entry in walk_files(backing):
-            raw = read_raw_header(entry.path)
-            if raw is None:
-                report.no_header.append(entry.rel)
-                continue
-            try:
-                file_id = FileHeader.parse(raw).file_id.hex()
-            except FormatError:
-                file_id = ""
-            record = {
-                "path": entry.rel,
-                "file_id": file_id,
-                "header": base64.b64encode(raw).decode(),
-            }
-            handle.write(json.dumps(record) + "\n")
-            report.exported += 1
+        with Tree(backing) as tree:
+            for entry in tree.files():
+                try:
+                    fd = tree.open_file(entry.rel, expect=entry)
+                except (FileNotFoundError, TreeChanged):
+                    report.missing.append(entry.rel)  # changed since the walk
+                    continue
+                try:
+                    raw = read_raw_header(fd)
+                finally:
+                    os.close(fd)
+                _export_one(handle, entry.rel, raw, report)
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(temp, output)
     return report
+
+
+def _export_one(handle: TextIO, rel: str, raw: bytes | None, report: HeadersReport) -> None:
+    if raw is None:
+        report.no_header.append(rel)
+        return
+    try:
+        file_id = FileHeader.parse(raw).file_id.hex()
+    except FormatError:
+        file_id = ""
+    record = {"path": rel, "file_id": file_id, "header": base64.b64encode(raw).decode()}
+    handle.write(json.dumps(record) + "\n")
+    report.exported += 1
 
 
 def import_headers(
@@ -94,30 +116,50 @@ def import_headers(
             f"{source} holds headers of volume {meta.get('volume_id')},"
             f" not this volume {config.volume_id.hex()}"
         )
-    root = backing.resolve()
-    for number, line in enumerate(lines[1:], start=2):
-        try:
-            record = json.loads(line)
-            rel = str(record["path"])
-            raw = base64.b64decode(record["header"], validate=True)
-            FileHeader.parse(raw)
-        except (ValueError, KeyError, TypeError, binascii.Error, FormatError) as exc:
-            raise LifecycleError(f"{source} line {number}: malformed record ({exc})") from None
-        path = (root / rel).resolve()
-        if root not in path.parents:
-            raise LifecycleError(f"{source} line {number}: path {rel!r} leaves the volume")
-        if not path.is_file() or path.is_symlink():
-            report.missing.append(rel)
-            continue
-        current = read_raw_header(path)
+    with Tree(backing) as tree:
+        for number, line in enumerate(lines[1:], start=2):
+            try:
+                record = json.loads(line)
+                rel = str(record["path"])
+                raw = base64.b64decode(record["header"], validate=True)
+                FileHeader.parse(raw)
+            except (ValueError, KeyError, TypeError, binascii.Error, FormatError) as exc:
+                raise LifecycleError(f"{source} line {number}: malformed record ({exc})") from None
+            try:
+                split_rel(rel)
+            except ValueError:
+                raise LifecycleError(
+                    f"{source} line {number}: path {rel!r} leaves the volume"
+                ) from None
+            if "/" not in rel and rel.startswith(RESERVED_PREFIX):
+                report.missing.append(rel)
+                continue
+            _import_one(tree, rel, raw, force, report)
+    return report
+
+
+def _import_one(tree: Tree, rel: str, raw: bytes, force: bool, report: HeadersReport) -> None:
+    """Set one header from the export on the file *rel* (by descriptor)."""
+    try:
+        fd = tree.open_file(rel, os.O_RDONLY)
+    except (FileNotFoundError, NotADirectoryError, TreeChanged):
+        report.missing.append(rel)
+        return
+    try:
+        current = read_raw_header(fd)
         if current == raw:
             report.unchanged += 1
-        elif current is None:
-            os.setxattr(path, XATTR_NAME, raw, os.XATTR_CREATE, follow_symlinks=False)
-            report.restored += 1
-        elif force:
-            os.setxattr(path, XATTR_NAME, raw, os.XATTR_REPLACE, follow_symlinks=False)
-            report.replaced += 1
-        else:
+        elif current is not None and not force:
             report.conflicts.append(rel)
-    return report
+        else:
+            try:
+                replace_header(fd, current, raw, rel)
+            except HeaderChanged:
+                report.conflicts.append(rel)  # changed under us: reported, left as it is
+                return
+            if current is None:
+                report.restored += 1
+            else:
+                report.replaced += 1
+    finally:
+        os.close(fd)

@@ -8,6 +8,14 @@ Directories, symlinks, FIFOs and device nodes are recreated with their
 metadata (directory times last, bottom-up); sockets are skipped; hard links
 among the source's files are hard links in the volume.  Names at the source
 root that begin with ``.kmsfs`` are reserved and skipped (reported).
+
+Both trees are read and written by descriptor (``kmsfs.fs.tree``), because the
+source can belong to other users as much as the backing tree does: the source
+is walked without following any symlink (a symlink is recreated as a symlink,
+whatever it points to), each file is opened relative to its directory's
+descriptor with ``O_NOFOLLOW`` and must be a regular file, and its content,
+xattrs and metadata are read from that descriptor.  An entry that changes type
+under the walk is skipped and reported.  The volume lock is held for the run.
 """
 
 from __future__ import annotations
@@ -20,18 +28,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kmsfs.format.volume import CONFIG_NAME, RESERVED_PREFIX, VolumeConfig
+from kmsfs.fs.syscalls import RENAME_NOREPLACE, renameat2
+from kmsfs.fs.tree import (
+    FILE_FLAGS,
+    NOT_FOLLOWED,
+    Node,
+    Tree,
+    TreeChanged,
+    check_file,
+)
 from kmsfs.keys.keyring import Keyring
 from kmsfs.lifecycle.common import (
     LifecycleError,
     Progress,
     drop_journal,
-    fsync_dir,
     load_journal,
-    refuse_if_mounted,
     save_journal,
-    state_dir,
+    unlink_if_present,
+    volume_locked,
 )
-from kmsfs.lifecycle.copy import copy_metadata, write_encrypted
+from kmsfs.lifecycle.copy import copy_metadata, read_xattrs, write_encrypted
 
 JOURNAL = "import"
 TMP_NAME = "import-tmp"
@@ -82,107 +98,192 @@ def import_tree(
     keyring: Keyring,
     show_progress: bool | None = None,
 ) -> ImportReport:
-    """Copy the plaintext tree *source* into the volume *backing*, encrypting files."""
+    """Copy the plaintext tree *source* into the volume *backing*, encrypting files.
+
+    VolumeMounted (exit 7) if a daemon holds the volume.
+    """
     src_root = Path(source).absolute()
     root = Path(backing).absolute()
     started = time.monotonic()
-    refuse_if_mounted(root, "import")
-    journal = load_journal(root, JOURNAL)
-    if journal is None:
-        journal = {
-            "source": str(src_root.resolve()),
-            "started": dt.datetime.now(dt.UTC).isoformat(),
-        }
-        save_journal(root, JOURNAL, journal)
-    tmp = state_dir(root) / TMP_NAME
-    tmp.unlink(missing_ok=True)
-    report = ImportReport()
-
-    total = sum(len(files) for _, _, files in os.walk(src_root))
-    progress = Progress("importing", total, enabled=show_progress)
-    linked: dict[tuple[int, int], Path] = {}
-    dirs: list[tuple[Path, Path, os.stat_result]] = []
-    try:
-        for dirpath, dirnames, filenames in os.walk(src_root):
-            here = Path(dirpath)
-            rel_dir = here.relative_to(src_root)
-            dirnames.sort()
-            if here == src_root:
-                for name in [d for d in dirnames if d.startswith(RESERVED_PREFIX)]:
-                    report.skipped.append((name, "name reserved for kmsfs"))
-                dirnames[:] = [d for d in dirnames if not d.startswith(RESERVED_PREFIX)]
-            for name in dirnames:
-                target = root / rel_dir / name
-                st = os.lstat(here / name)
-                target.mkdir(mode=0o700, exist_ok=True)
-                dirs.append((here / name, target, st))
-                report.dirs += 1
-            touched = False
-            for name in sorted(filenames):
-                progress.advance()
-                rel = str(rel_dir / name) if str(rel_dir) != "." else name
-                if here == src_root and name.startswith(RESERVED_PREFIX):
-                    report.skipped.append((rel, "name reserved for kmsfs"))
-                    continue
-                touched |= _import_one(
-                    here / name, root / rel, rel, keyring, config, tmp, linked, report
-                )
-            if touched:
-                fsync_dir(root / rel_dir)
-    finally:
-        progress.close()
-    for src_dir, target, st in reversed(dirs):
-        copy_metadata(st, src_dir, target)
-    drop_journal(root, JOURNAL)
+    with volume_locked(root, "import"), Tree(src_root, reserved=False) as src, Tree(root) as dst:
+        journal = load_journal(root, JOURNAL)
+        if journal is None:
+            journal = {
+                "source": str(src_root.resolve()),
+                "started": dt.datetime.now(dt.UTC).isoformat(),
+            }
+            save_journal(root, JOURNAL, journal)
+        with dst.state_dir() as state:
+            report = _import(src, dst, state, config, keyring, show_progress)
+        drop_journal(root, JOURNAL)
     report.seconds = time.monotonic() - started
     return report
 
 
-def _import_one(
-    source: Path,
-    target: Path,
-    rel: str,
-    keyring: Keyring,
+def _reserved(node: Node) -> bool:
+    return "/" not in node.rel and node.name.startswith(RESERVED_PREFIX)
+
+
+def _import(
+    src: Tree,
+    dst: Tree,
+    state: int,
     config: VolumeConfig,
-    tmp: Path,
-    linked: dict[tuple[int, int], Path],
-    report: ImportReport,
-) -> bool:
-    st = os.lstat(source)
-    mode = st.st_mode
-    inode = (st.st_dev, st.st_ino)
-    if stat.S_ISREG(mode):
-        report.files += 1
-        if os.path.lexists(target):
-            report.already += 1
-            linked.setdefault(inode, target)
-            return False
-        if st.st_nlink > 1 and inode in linked:
-            os.link(linked[inode], target)
-            report.links += 1
+    keyring: Keyring,
+    show_progress: bool | None,
+) -> ImportReport:
+    report = ImportReport()
+    unlink_if_present(state, TMP_NAME)
+
+    def skip_reserved(node: Node) -> bool:
+        if _reserved(node):
+            report.skipped.append((node.rel, "name reserved for kmsfs"))
             return True
-        fd = os.open(source, os.O_RDONLY)
+        return False
+
+    total = sum(not stat.S_ISDIR(node.st.st_mode) for node in src.walk(prune=_reserved))
+    progress = Progress("importing", total, enabled=show_progress)
+    linked: dict[tuple[int, int], str] = {}
+    dirs: list[tuple[str, os.stat_result, dict[str, bytes]]] = []
+    touched: set[str] = set()
+    try:
+        for node in src.walk(prune=skip_reserved):
+            if stat.S_ISDIR(node.st.st_mode):
+                assert node.fd is not None
+                dir_fd, name = dst.parent(node.rel)
+                try:
+                    os.mkdir(name, 0o700, dir_fd=dir_fd)
+                except FileExistsError:
+                    pass
+                finally:
+                    os.close(dir_fd)
+                dirs.append((node.rel, node.st, read_xattrs(node.fd)))
+                report.dirs += 1
+                continue
+            progress.advance()
+            if _import_one(node, dst, state, keyring, config, linked, report):
+                touched.add(node.rel.rpartition("/")[0])
+    finally:
+        progress.close()
+    src.skipped.sort()
+    report.skipped.extend((rel, f"{reason} (not imported)") for rel, reason in src.skipped)
+    for rel in sorted(touched):
+        fd = dst.open_dir(rel)
         try:
-            write_encrypted(
-                tmp, keyring, config.block_size, lambda off, n: os.pread(fd, n, off), st.st_size
-            )
+            os.fsync(fd)
         finally:
             os.close(fd)
-        copy_metadata(st, source, tmp)
-        os.rename(tmp, target)
-        linked[inode] = target
-        report.imported += 1
-        report.bytes += st.st_size
+    for rel, st, xattrs in reversed(dirs):  # children first: directory times last
+        fd = dst.open_dir(rel)
+        try:
+            copy_metadata(st, fd, xattrs)
+        finally:
+            os.close(fd)
+    return report
+
+
+def _import_one(
+    node: Node,
+    dst: Tree,
+    state: int,
+    keyring: Keyring,
+    config: VolumeConfig,
+    linked: dict[tuple[int, int], str],
+    report: ImportReport,
+) -> bool:
+    """Recreate the source entry *node* in the volume; True if something was made."""
+    mode = node.st.st_mode
+    if stat.S_ISREG(mode):
+        report.files += 1
+    dir_fd, name = dst.parent(node.rel)
+    try:
+        try:
+            os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            pass
+        else:  # done by an earlier run
+            if stat.S_ISREG(mode):
+                report.already += 1
+                linked.setdefault(node.inode, node.rel)
+            return False
+        if stat.S_ISREG(mode):
+            return _import_file(node, dst, dir_fd, name, state, keyring, config, linked, report)
+        if stat.S_ISLNK(mode):
+            try:
+                target = os.readlink(node.name, dir_fd=node.parent_fd)
+            except OSError as exc:  # EINVAL: no longer a symlink; ENOENT: gone
+                report.skipped.append((node.rel, f"changed during import ({exc.strerror})"))
+                return False
+            os.symlink(target, name, dir_fd=dir_fd)
+        elif stat.S_ISFIFO(mode) or stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+            os.mknod(name, mode, node.st.st_rdev, dir_fd=dir_fd)
+        else:
+            report.skipped.append((node.rel, "socket or unknown file type"))
+            return False
+        fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+        try:
+            copy_metadata(node.st, fd)
+        finally:
+            os.close(fd)
+        report.other += 1
         return True
-    if os.path.lexists(target):
+    finally:
+        os.close(dir_fd)
+
+
+def _import_file(
+    node: Node,
+    dst: Tree,
+    dir_fd: int,
+    name: str,
+    state: int,
+    keyring: Keyring,
+    config: VolumeConfig,
+    linked: dict[tuple[int, int], str],
+    report: ImportReport,
+) -> bool:
+    """Encrypt the regular source file *node* into *name* of *dir_fd* (or link it)."""
+    if node.st.st_nlink > 1 and node.inode in linked:
+        other_dir, other = dst.parent(linked[node.inode])
+        try:
+            os.link(other, name, src_dir_fd=other_dir, dst_dir_fd=dir_fd, follow_symlinks=False)
+        finally:
+            os.close(other_dir)
+        report.links += 1
+        return True
+    try:
+        fd = check_file(
+            os.open(node.name, os.O_RDONLY | FILE_FLAGS, dir_fd=node.parent_fd), node.rel
+        )
+    except (FileNotFoundError, TreeChanged):
+        report.skipped.append((node.rel, "changed during import (not a regular file now)"))
         return False
-    if stat.S_ISLNK(mode):
-        os.symlink(os.readlink(source), target)
-    elif stat.S_ISFIFO(mode) or stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        os.mknod(target, mode, st.st_rdev)
-    else:
-        report.skipped.append((rel, "socket or unknown file type"))
+    except OSError as exc:
+        if exc.errno not in NOT_FOLLOWED:
+            raise
+        report.skipped.append((node.rel, "changed during import (now a symlink): not followed"))
         return False
-    copy_metadata(st, source, target)
-    report.other += 1
+    try:
+        st = os.fstat(fd)  # the file read, whatever the walk saw
+        new = os.open(
+            TMP_NAME, os.O_RDWR | os.O_CREAT | os.O_EXCL | FILE_FLAGS, 0o600, dir_fd=state
+        )
+        try:
+            write_encrypted(
+                new,
+                keyring,
+                config.block_size,
+                lambda off, n: os.pread(fd, n, off),
+                st.st_size,
+                node.rel,
+            )
+            copy_metadata(st, new, read_xattrs(fd))
+        finally:
+            os.close(new)
+    finally:
+        os.close(fd)
+    renameat2(state, TMP_NAME.encode(), dir_fd, os.fsencode(name), RENAME_NOREPLACE)
+    linked[(st.st_dev, st.st_ino)] = node.rel
+    report.imported += 1
+    report.bytes += st.st_size
     return True

@@ -24,6 +24,15 @@ run started; without it, every file born before the run.  The cutoff is kept
 in the journal, so a resumed run skips the files it already re-keyed (they
 were born after it).  Directory times are restored after each rename.
 
+Everything is done by descriptor (``kmsfs.fs.tree``): the old file is opened
+beneath the backing root without following any symlink and must be the inode
+the walk saw; the new file is written, given its metadata and renamed from
+``.kmsfs.d`` into the descriptor of the directory the old file was found in;
+further names are linked to the new inode through its descriptor.  A directory
+swapped for a symlink while rekey runs is never followed: its files are listed
+as failed (run rekey again).  The volume lock is held for the whole run, so no
+daemon mounts the volume meanwhile.
+
 Online re-keying would need the daemon's cooperation: it holds open files'
 keys and file descriptors on the old inode, so the swap has to happen under
 the inode lock inside the daemon (re-encrypt to a temp file, then rename and
@@ -41,6 +50,8 @@ from kmsfs.errors import FormatError, KmsfsError
 from kmsfs.format.content import BlockCipher
 from kmsfs.format.volume import VolumeConfig
 from kmsfs.fs.content_file import ContentFile
+from kmsfs.fs.syscalls import RENAME_EXCHANGE, renameat2
+from kmsfs.fs.tree import FILE_FLAGS, Entry, Tree, TreeChanged, check_file
 from kmsfs.keys.keyring import Keyring
 from kmsfs.keys.provider import wipe
 from kmsfs.lifecycle.common import (
@@ -48,17 +59,14 @@ from kmsfs.lifecycle.common import (
     Progress,
     birth_time,
     drop_journal,
-    fsync_dir,
-    journal_path,
     load_journal,
     parse_header,
     read_raw_header,
-    refuse_if_mounted,
     save_journal,
-    state_dir,
-    walk_files,
+    unlink_if_present,
+    volume_locked,
 )
-from kmsfs.lifecycle.copy import copy_metadata, write_encrypted
+from kmsfs.lifecycle.copy import copy_metadata, read_xattrs, write_encrypted
 
 JOURNAL = "rekey"
 TMP_NAME = "rekey-tmp"
@@ -83,16 +91,38 @@ def rekey_volume(
     older_than: float | None = None,
     show_progress: bool | None = None,
 ) -> RekeyReport:
-    """Re-encrypt every due file of the (unmounted) volume under a fresh key."""
+    """Re-encrypt every due file of the (unmounted) volume under a fresh key.
+
+    VolumeMounted (exit 7) if a daemon holds the volume; per-file failures
+    (including files that changed under the run) are listed in the report.
+    """
     root = Path(backing).absolute()
     started = time.monotonic()
-    refuse_if_mounted(root, "rekey")
+    with volume_locked(root, "rekey"), Tree(root) as tree, tree.state_dir() as state:
+        report = _rekey_tree(tree, state, config, keyring, older_than, show_progress)
+    report.seconds = time.monotonic() - started
+    return report
+
+
+def _rekey_tree(
+    tree: Tree,
+    state: int,
+    config: VolumeConfig,
+    keyring: Keyring,
+    older_than: float | None,
+    show_progress: bool | None,
+) -> RekeyReport:
+    root = tree.path
     report = RekeyReport()
     journal = load_journal(root, JOURNAL)
     if journal is None:
         journal = {"older_than": older_than, "cutoff": None, "current": None}
         save_journal(root, JOURNAL, journal)
-        born = birth_time(journal_path(root, JOURNAL))
+        fd = os.open(f"{JOURNAL}.json", os.O_RDONLY | FILE_FLAGS, dir_fd=state)
+        try:
+            born = birth_time(fd)
+        finally:
+            os.close(fd)
         if born is None:
             drop_journal(root, JOURNAL)
             raise LifecycleError(
@@ -101,111 +131,194 @@ def rekey_volume(
         journal["cutoff"] = born - (older_than or 0.0)
         save_journal(root, JOURNAL, journal)
     cutoff = float(journal["cutoff"])
-    _recover(root, journal)
+    _recover(tree, state, journal)
 
-    groups: dict[tuple[int, int], list[str]] = {}
-    for entry in walk_files(root):
-        groups.setdefault((entry.st.st_dev, entry.st.st_ino), []).append(entry.rel)
+    groups: dict[tuple[int, int], list[Entry]] = {}
+    for entry in tree.files():
+        groups.setdefault(entry.inode, []).append(entry)
+    for rel, reason in tree.skipped:
+        report.problems.append((rel, reason))
     progress = Progress("re-keying", len(groups), enabled=show_progress)
     try:
-        for names in groups.values():
+        for entries in groups.values():
             progress.advance()
             report.files += 1
-            primary = root / names[0]
+            first = entries[0]
             try:
-                born = birth_time(primary)
-                if born is not None and born >= cutoff:
-                    report.not_due += 1
-                    continue
-                _rekey_one(root, names, config, keyring, journal, report)
+                dir_fd, name = tree.parent(first.rel)
+                try:
+                    fd = check_file(
+                        os.open(name, os.O_RDONLY | FILE_FLAGS, dir_fd=dir_fd), first.rel, first
+                    )
+                    try:
+                        born = birth_time(fd)
+                        if born is not None and born >= cutoff:
+                            report.not_due += 1
+                            continue
+                        _rekey_one(tree, state, dir_fd, name, fd, entries, keyring, journal, report)
+                    finally:
+                        os.close(fd)
+                finally:
+                    os.close(dir_fd)
             except FileNotFoundError:
                 continue
             except FormatError as exc:
-                report.skipped.append((names[0], str(exc)))
+                report.skipped.append((first.rel, str(exc)))
             except (KmsfsError, OSError) as exc:
-                report.problems.append((names[0], str(exc)))
+                report.problems.append((first.rel, _describe(exc, first.rel)))
     finally:
         progress.close()
     if not report.problems:
         drop_journal(root, JOURNAL)
-    report.seconds = time.monotonic() - started
     return report
 
 
-def _recover(root: Path, journal: dict[str, object]) -> None:
-    """Finish or undo the file a previous run was swapping when it stopped."""
+def _describe(exc: BaseException, rel: str) -> str:
+    if isinstance(exc, OSError):
+        return str(exc.strerror or exc)
+    return str(exc).removeprefix(f"{rel}: ")
+
+
+def _recover(tree: Tree, state: int, journal: dict[str, object]) -> None:
+    """Finish or undo the file a previous run was swapping when it stopped.
+
+    ``rekey-tmp`` holding the file the journal names (by file ID): the exchange never
+    happened and the old file is intact; the new one is dropped.  Otherwise the new
+    file is in place (``rekey-tmp``, if any, is the old one): the further hard links
+    are re-made to it.  (Journals of earlier versions have no file ID: they renamed,
+    so a ``rekey-tmp`` there means the rename never happened.)
+    """
     current = journal.get("current")
-    tmp = state_dir(root) / TMP_NAME
-    link_tmp = state_dir(root) / LINK_TMP_NAME
-    link_tmp.unlink(missing_ok=True)
+    unlink_if_present(state, LINK_TMP_NAME)
     if isinstance(current, list) and current:
-        if tmp.exists():
-            tmp.unlink()  # the rename never happened: the old file is intact
-        else:
-            _relink(root, [str(name) for name in current])
+        names = [str(name) for name in current]
+        new_id = journal.get("file_id")
+        tmp_id = _file_id_at(state, TMP_NAME)
+        if (tmp_id is None) if new_id is None else (tmp_id != new_id):
+            try:
+                fd = tree.open_file(names[0])
+            except (FileNotFoundError, TreeChanged):
+                fd = -1  # gone or replaced since: nothing of this run's to link
+            if fd >= 0:
+                try:
+                    if new_id is None or _header_id(fd, names[0]) == new_id:
+                        _relink(tree, state, fd, names)
+                finally:
+                    os.close(fd)
         journal["current"] = None
-        save_journal(root, JOURNAL, journal)
-    tmp.unlink(missing_ok=True)
+        journal.pop("file_id", None)
+        save_journal(tree.path, JOURNAL, journal)
+    unlink_if_present(state, TMP_NAME)
 
 
-def _relink(root: Path, names: list[str]) -> None:
-    primary = root / names[0]
-    link_tmp = state_dir(root) / LINK_TMP_NAME
+def _file_id_at(dir_fd: int, name: str) -> str | None:
+    """The file ID (hex) in the header of the regular file *name* of *dir_fd*, or None."""
+    try:
+        fd = check_file(os.open(name, os.O_RDONLY | FILE_FLAGS, dir_fd=dir_fd), name)
+    except (FileNotFoundError, TreeChanged):
+        return None
+    try:
+        return _header_id(fd, name)
+    finally:
+        os.close(fd)
+
+
+def _header_id(fd: int, rel: str) -> str | None:
+    try:
+        raw = read_raw_header(fd)
+        return parse_header(raw, rel).file_id.hex() if raw is not None else None
+    except FormatError:
+        return None
+
+
+def _relink(tree: Tree, state: int, fd: int, names: list[str]) -> None:
+    """Make every further name of *names* a hard link of the inode of *fd*."""
+    new = os.fstat(fd)
     for name in names[1:]:
-        other = root / name
-        if other.exists() and os.path.samefile(primary, other):
-            continue
-        link_tmp.unlink(missing_ok=True)
-        os.link(primary, link_tmp)
-        times = os.stat(other.parent)
-        os.rename(link_tmp, other)
-        os.utime(other.parent, ns=(times.st_atime_ns, times.st_mtime_ns))
-        fsync_dir(other.parent)
+        dir_fd, base = tree.parent(name)
+        try:
+            try:
+                now = os.stat(base, dir_fd=dir_fd, follow_symlinks=False)
+                if (now.st_dev, now.st_ino) == (new.st_dev, new.st_ino):
+                    continue
+            except FileNotFoundError:
+                pass
+            unlink_if_present(state, LINK_TMP_NAME)
+            # link the inode we hold, not whatever a name leads to by now
+            os.link(f"/proc/self/fd/{fd}", LINK_TMP_NAME, dst_dir_fd=state, follow_symlinks=True)
+            times = os.fstat(dir_fd)
+            os.rename(LINK_TMP_NAME, base, src_dir_fd=state, dst_dir_fd=dir_fd)
+            os.utime(dir_fd, ns=(times.st_atime_ns, times.st_mtime_ns))
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
 
 
 def _rekey_one(
-    root: Path,
-    names: list[str],
-    config: VolumeConfig,
+    tree: Tree,
+    state: int,
+    dir_fd: int,
+    name: str,
+    fd: int,
+    entries: list[Entry],
     keyring: Keyring,
     journal: dict[str, object],
     report: RekeyReport,
 ) -> None:
-    primary = root / names[0]
-    raw = read_raw_header(primary)
+    """Re-key the file open as *fd*, found as *name* in *dir_fd* (the first of *entries*)."""
+    rel = entries[0].rel
+    raw = read_raw_header(fd)
     if raw is None:
-        report.skipped.append((names[0], "no kmsfs header (not encrypted)"))
+        report.skipped.append((rel, "no kmsfs header (not encrypted)"))
         return
-    header = parse_header(raw, names[0])
-    if header.volume_id != config.volume_id:
-        report.skipped.append((names[0], "header of another volume"))
+    header = parse_header(raw, rel)
+    if header.volume_id != keyring.volume_id:
+        report.skipped.append((rel, "header of another volume"))
         return
-    key = keyring.unwrap(header, names[0])
+    key = keyring.unwrap(header, rel)
     try:
         cipher = BlockCipher.for_file(key, header)
     finally:
         wipe(key)
-    tmp = state_dir(root) / TMP_NAME
-    tmp.unlink(missing_ok=True)
-    with open(primary, "rb") as handle:
-        st = os.fstat(handle.fileno())
-        old = ContentFile.open(handle.fileno(), cipher, lambda: names[0])
-        write_encrypted(tmp, keyring, header.block_size, old.read, old.size)
-        size = old.size
-    copy_metadata(st, primary, tmp)
-    fd = os.open(tmp, os.O_RDONLY)
+    st = os.fstat(fd)
+    unlink_if_present(state, TMP_NAME)
+    new_fd = os.open(TMP_NAME, os.O_RDWR | os.O_CREAT | os.O_EXCL | FILE_FLAGS, 0o600, dir_fd=state)
     try:
-        os.fsync(fd)
+        old = ContentFile.open(fd, cipher, lambda: rel)
+        new_header = write_encrypted(new_fd, keyring, header.block_size, old.read, old.size, rel)
+        copy_metadata(st, new_fd, read_xattrs(fd))
+        os.fsync(new_fd)
+        names = [entry.rel for entry in entries]
+        journal["current"] = names
+        journal["file_id"] = new_header.file_id.hex()
+        save_journal(tree.path, JOURNAL, journal)
+        times = os.fstat(dir_fd)
+        _replace(state, dir_fd, name, st)
+        os.utime(dir_fd, ns=(times.st_atime_ns, times.st_mtime_ns))
+        os.fsync(dir_fd)
+        _relink(tree, state, new_fd, names)
     finally:
-        os.close(fd)
-    journal["current"] = names
-    save_journal(root, JOURNAL, journal)
-    times = os.stat(primary.parent)
-    os.rename(tmp, primary)
-    os.utime(primary.parent, ns=(times.st_atime_ns, times.st_mtime_ns))
-    fsync_dir(primary.parent)
-    _relink(root, names)
+        os.close(new_fd)
     journal["current"] = None
-    save_journal(root, JOURNAL, journal)
+    journal.pop("file_id", None)
+    save_journal(tree.path, JOURNAL, journal)
     report.rekeyed += 1
-    report.bytes += size
+    report.bytes += old.size
+
+
+def _replace(state: int, dir_fd: int, name: str, old: os.stat_result) -> None:
+    """Rename the new file over *name* in *dir_fd*, if *name* is still the old inode.
+
+    The new file is first exchanged with the name (atomic), and the inode that comes
+    back must be the old one; if the directory's owner put something else there
+    meanwhile, the exchange is undone and TreeChanged raised.
+    """
+    try:
+        renameat2(state, TMP_NAME.encode(), dir_fd, os.fsencode(name), RENAME_EXCHANGE)
+    except FileNotFoundError:
+        raise TreeChanged(f"{name}: removed while rekey ran: not re-keyed") from None
+    back = os.stat(TMP_NAME, dir_fd=state, follow_symlinks=False)
+    if (back.st_dev, back.st_ino) != (old.st_dev, old.st_ino):
+        renameat2(state, TMP_NAME.encode(), dir_fd, os.fsencode(name), RENAME_EXCHANGE)
+        raise TreeChanged(f"{name}: replaced while rekey ran: not re-keyed")
+    os.unlink(TMP_NAME, dir_fd=state)

@@ -28,6 +28,17 @@ re-wrapped twice):
    On a mounted volume the run therefore stops after the cover pass (exit 0,
    saying so); run it again after the next unmount to finish.
 4. **strip**: the retired keys' entries are removed from every header.
+
+Each header is replaced by compare-and-swap on one descriptor: the file is opened
+beneath the backing root without following any symlink (``kmsfs.fs.tree``), must
+be the inode the walk saw, its header is read from that descriptor, and the new
+header is written to the same descriptor only if the header there is still
+byte-identical to what was read (``replace_header``).  A rename on the mounted
+volume between the read and the write can therefore never put one file's header
+on another.  A file renamed or replaced under the walk counts as changed: the cover
+pass runs again (up to ``MAX_PASSES``), and if files still moved in the last pass
+they are listed and the keys are not switched.  Whether the volume is mounted is
+the volume lock's answer (``kmsfs.lock``), and the switch and strip hold that lock.
 """
 
 from __future__ import annotations
@@ -43,29 +54,30 @@ from typing import Any
 from kmsfs.errors import FormatError, KmsfsError, UsageError
 from kmsfs.format.header import MAX_ENTRIES, FileHeader, WrappedKey
 from kmsfs.format.volume import load_config
+from kmsfs.fs.tree import Entry, Tree, TreeChanged
 from kmsfs.keys.cache import NullCache
 from kmsfs.keys.keyring import Keyring
 from kmsfs.keys.provider import KeyContext, KeyProvider, wipe
 from kmsfs.keys.registry import create_provider, open_provider
 from kmsfs.keys.secrets import Prompt
 from kmsfs.lifecycle.common import (
-    Entry,
+    HeaderChanged,
     LifecycleError,
     Progress,
     drop_journal,
+    in_use_by,
     load_journal,
-    mountpoints_of,
     parse_header,
     read_raw_header,
-    refuse_if_mounted,
     replace_header,
     save_journal,
-    walk_files,
+    volume_locked,
 )
 from kmsfs.volume import new_key_config, open_volume, save_volume_config
 
 JOURNAL = "rewrap"
 MAX_PASSES = 5  # cover passes on a mounted volume, until one finds nothing new
+MAX_TRIES = 3  # per header, when it changes between our read and our write
 
 
 @dataclass
@@ -129,7 +141,7 @@ def rewrap_volume(
         )
     if journal is not None and journal.get("phase") == "strip":
         report.new_key = str(journal.get("new_key", ""))
-        _switch_and_strip(root, journal, report, show_progress, new_options, prompt)
+        _finish(root, journal, report, show_progress, new_options, prompt)
         report.seconds = time.monotonic() - started
         return report
 
@@ -174,27 +186,28 @@ def rewrap_volume(
                 volume_key = _volume_key(old_ring)
                 config.keys.append(new_key_config(new, config.volume_id, volume_key))
                 save_volume_config(root, config, old_ring)
-        mounted = mountpoints_of(root)
-        report.mounted_at = mounted[0] if mounted else None
+        report.mounted_at = in_use_by(root)
         for number in range(1, MAX_PASSES + 1):
             report.passes = number
-            changed = _cover_pass(
+            changed, moved = _cover_pass(
                 root, config.volume_id, old_ring, new, report, dry_run, show_progress, number
             )
-            if dry_run or not mountpoints_of(root) or changed == 0:
+            if dry_run or changed + len(moved) == 0 or (not moved and in_use_by(root) is None):
                 break
     finally:
         old_ring.close()
         if new is not None:
             new.close()
-    report.mounted_at = next(iter(mountpoints_of(root)), None)
+    report.mounted_at = in_use_by(root)
+    if report.mounted_at is None:
+        report.problems.extend(moved)  # the keys must not switch past a file not covered
     if dry_run or report.problems or report.mounted_at is not None:
         report.seconds = time.monotonic() - started
         return report
     assert journal is not None
     journal["phase"] = "strip"
     save_journal(root, JOURNAL, journal)
-    _switch_and_strip(root, journal, report, show_progress, new_options, prompt)
+    _finish(root, journal, report, show_progress, new_options, prompt)
     report.seconds = time.monotonic() - started
     return report
 
@@ -207,6 +220,23 @@ def _volume_key(ring: Keyring) -> bytes:
             " could be opened: give every key's options once so it is migrated"
         )
     return bytes(ring.volume_key)
+
+
+def _finish(
+    root: Path,
+    journal: dict[str, Any],
+    report: RewrapReport,
+    show_progress: bool | None,
+    options: dict[str, Any],
+    prompt: Prompt | None,
+) -> None:
+    """Switch and strip, holding the volume lock when keys leave the config (no daemon
+    may start with the old keys meanwhile)."""
+    if journal.get("retire"):
+        with volume_locked(root, "switching the volume to the new key"):
+            _switch_and_strip(root, journal, report, show_progress, options, prompt)
+    else:
+        _switch_and_strip(root, journal, report, show_progress, options, prompt)
 
 
 def remove_key(
@@ -226,7 +256,20 @@ def remove_key(
     """
     root = Path(backing).absolute()
     started = time.monotonic()
-    refuse_if_mounted(root, "keys remove")
+    with volume_locked(root, "keys remove"):
+        report = _remove_key(root, key_ref, force, show_progress, options, prompt)
+    report.seconds = time.monotonic() - started
+    return report
+
+
+def _remove_key(
+    root: Path,
+    key_ref: str,
+    force: bool,
+    show_progress: bool | None,
+    options: dict[str, Any],
+    prompt: Prompt | None,
+) -> RewrapReport:
     journal = load_journal(root, JOURNAL)
     if journal is not None and not (
         journal.get("operation") == "remove" and journal.get("retire") == [key_ref]
@@ -244,10 +287,11 @@ def remove_key(
             raise UsageError(f"{key_ref} is the volume's only key: refusing to remove it")
         remaining = set(refs) - {key_ref}
         orphans = []
-        for entry in walk_files(root):
-            header = _header_or_none(entry)
-            if header is not None and not any(e.key_ref in remaining for e in header.entries):
-                orphans.append(entry.rel)
+        with Tree(root) as tree:
+            for entry in tree.files():
+                header = _header_or_none(tree, entry)
+                if header is not None and not any(e.key_ref in remaining for e in header.entries):
+                    orphans.append(entry.rel)
         if orphans and not force:
             shown = ", ".join(orphans[:10]) + (" ..." if len(orphans) > 10 else "")
             raise LifecycleError(
@@ -263,7 +307,6 @@ def remove_key(
         }
         save_journal(root, JOURNAL, journal)
     _switch_and_strip(root, journal, report, show_progress, options, prompt)
-    report.seconds = time.monotonic() - started
     return report
 
 
@@ -279,12 +322,20 @@ def _would_create(provider_name: str, options: dict[str, Any]) -> bool:
     return not key_file or not Path(key_file).exists()
 
 
-def _header_or_none(entry: Entry) -> FileHeader | None:
+def _header_or_none(tree: Tree, entry: Entry) -> FileHeader | None:
+    """The parsed header of *entry* (read by descriptor), or None if it has none, is
+    malformed, or the entry is gone or changed."""
     try:
-        raw = read_raw_header(entry.path)
-        return parse_header(raw, entry.rel) if raw is not None else None
-    except (FormatError, FileNotFoundError):
+        fd = tree.open_file(entry.rel, expect=entry)
+    except (FileNotFoundError, TreeChanged):
         return None
+    try:
+        raw = read_raw_header(fd)
+        return parse_header(raw, entry.rel) if raw is not None else None
+    except FormatError:
+        return None
+    finally:
+        os.close(fd)
 
 
 def new_entry(
@@ -328,66 +379,98 @@ def _cover_pass(
     dry_run: bool,
     show_progress: bool | None,
     number: int,
-) -> int:
-    """Give every file an entry for *new*; returns how many headers changed."""
-    entries = list(walk_files(root))
-    label = "checking" if dry_run else "re-wrapping"
-    progress = Progress(
-        label if number == 1 else f"{label} (pass {number})", len(entries), enabled=show_progress
-    )
-    changed = 0
-    report.problems.clear()
-    report.skipped.clear()
-    first = number == 1
-    seen: set[tuple[int, int]] = set()
-    try:
-        for entry in entries:
-            progress.advance()
-            inode = (entry.st.st_dev, entry.st.st_ino)
-            if inode in seen:
-                continue  # another name of a file already done
-            seen.add(inode)
-            if first:
-                report.files += 1
-            try:
-                raw = read_raw_header(entry.path)
-                if raw is None:
-                    report.skipped.append((entry.rel, "no kmsfs header (not encrypted)"))
+) -> tuple[int, list[tuple[str, str]]]:
+    """Give every file an entry for *new*; returns how many headers changed, and the
+    files and directories that were renamed or replaced under the pass, with why (a
+    file there may not be covered: another pass sees it at its new name)."""
+    with Tree(root) as tree:
+        entries = list(tree.files())
+        label = "checking" if dry_run else "re-wrapping"
+        progress = Progress(
+            label if number == 1 else f"{label} (pass {number})",
+            len(entries),
+            enabled=show_progress,
+        )
+        changed = 0
+        moved: list[tuple[str, str]] = []
+        report.problems.clear()
+        report.skipped.clear()
+        first = number == 1
+        seen: set[tuple[int, int]] = set()
+        try:
+            for entry in entries:
+                progress.advance()
+                if entry.inode in seen:
+                    continue  # another name of a file already done
+                seen.add(entry.inode)
+                if first:
+                    report.files += 1
+                try:
+                    fd = tree.open_file(entry.rel, expect=entry)
+                except FileNotFoundError:  # removed, or renamed where the walk had been
+                    moved.append((entry.rel, "removed or renamed while rewrap ran"))
                     continue
-                header = parse_header(raw, entry.rel)
-                if header.volume_id != volume_id:
-                    report.skipped.append(
-                        (entry.rel, f"header of another volume {header.volume_id.hex()}")
+                except (TreeChanged, OSError) as exc:
+                    moved.append((entry.rel, str(exc).removeprefix(f"{entry.rel}: ")))
+                    continue
+                try:
+                    changed += _cover_file(
+                        fd, entry.rel, volume_id, old_ring, new, report, dry_run, first
                     )
-                    continue
-                if new is not None and any(new.accepts(e) for e in header.entries):
-                    if first:
-                        report.already += 1
-                    continue
-                if len(header.entries) >= MAX_ENTRIES:
-                    raise FormatError(f"{entry.rel}: header already has {MAX_ENTRIES} entries")
-                if dry_run:
-                    if old_ring is None:
-                        raise LifecycleError(f"{entry.rel}: no old key to unwrap it")
-                    wipe(old_ring.unwrap(header, entry.rel))
-                    changed += 1
-                    report.rewrapped += 1
-                    continue
-                assert new is not None
-                wrapped, reencrypted = new_entry(header, old_ring, new, entry.rel)
-                replace_header(entry.path, header.with_entries((*header.entries, wrapped)))
-                changed += 1
-                report.rewrapped += 1
-                report.reencrypted += reencrypted
-            except FileNotFoundError:
-                continue  # removed or renamed meanwhile (mounted volume)
-            except FormatError as exc:
-                report.skipped.append((entry.rel, f"malformed header: {exc}"))
-            except (KmsfsError, OSError) as exc:
-                report.problems.append((entry.rel, str(exc)))
-    finally:
-        progress.close()
-    return changed
+                except FormatError as exc:
+                    report.skipped.append((entry.rel, f"malformed header: {exc}"))
+                except (KmsfsError, OSError) as exc:
+                    report.problems.append((entry.rel, str(exc)))
+                finally:
+                    os.close(fd)
+        finally:
+            progress.close()
+        moved.extend(tree.skipped)  # complete once the walk is
+    return changed, moved
+
+
+def _cover_file(
+    fd: int,
+    rel: str,
+    volume_id: bytes,
+    old_ring: Keyring | None,
+    new: KeyProvider | None,
+    report: RewrapReport,
+    dry_run: bool,
+    first: bool,
+) -> int:
+    """Give the open file *fd* an entry for *new* (compare-and-swap); 1 if it changed."""
+    for _attempt in range(MAX_TRIES):
+        raw = read_raw_header(fd)
+        if raw is None:
+            report.skipped.append((rel, "no kmsfs header (not encrypted)"))
+            return 0
+        header = parse_header(raw, rel)
+        if header.volume_id != volume_id:
+            report.skipped.append((rel, f"header of another volume {header.volume_id.hex()}"))
+            return 0
+        if new is not None and any(new.accepts(e) for e in header.entries):
+            if first:
+                report.already += 1
+            return 0
+        if len(header.entries) >= MAX_ENTRIES:
+            raise FormatError(f"{rel}: header already has {MAX_ENTRIES} entries")
+        if dry_run:
+            if old_ring is None:
+                raise LifecycleError(f"{rel}: no old key to unwrap it")
+            wipe(old_ring.unwrap(header, rel))
+            report.rewrapped += 1
+            return 1
+        assert new is not None
+        wrapped, reencrypted = new_entry(header, old_ring, new, rel)
+        try:
+            replace_header(fd, raw, header.with_entries((*header.entries, wrapped)).pack(), rel)
+        except HeaderChanged:
+            continue  # read it again and redo
+        report.rewrapped += 1
+        report.reencrypted += reencrypted
+        return 1
+    raise HeaderChanged(f"{rel}: its header kept changing while rewrap ran: left as it is")
 
 
 def _switch_and_strip(
@@ -405,8 +488,7 @@ def _switch_and_strip(
     """
     retire = set(journal.get("retire", []))
     report.retired = sorted(retire)
-    if retire:
-        refuse_if_mounted(root, "switching the volume to the new key")
+    if retire:  # the caller holds the volume lock
         config, ring = open_volume(root, options, prompt, NullCache(), migrate=True)
         try:
             keep = [key for key in config.keys if key.key_ref not in retire]
@@ -417,26 +499,50 @@ def _switch_and_strip(
                 save_volume_config(root, config, ring)
         finally:
             ring.close()
-        entries = list(walk_files(root))
-        progress = Progress("removing old entries", len(entries), enabled=show_progress)
-        try:
-            for entry in entries:
-                progress.advance()
-                header = _header_or_none(entry)
-                if header is None or header.volume_id != config.volume_id:
-                    continue
-                remaining = tuple(e for e in header.entries if e.key_ref not in retire)
-                if len(remaining) == len(header.entries):
-                    continue
-                if not remaining:
-                    report.problems.append((entry.rel, "no entry left for any kept key"))
-                    continue
-                try:
-                    replace_header(entry.path, header.with_entries(remaining))
-                    report.stripped += 1
-                except FileNotFoundError:
-                    continue
-        finally:
-            progress.close()
+        with Tree(root) as tree:
+            entries = list(tree.files())
+            progress = Progress("removing old entries", len(entries), enabled=show_progress)
+            try:
+                for entry in entries:
+                    progress.advance()
+                    try:
+                        _strip_file(tree, entry, config.volume_id, retire, report)
+                    except FileNotFoundError:
+                        continue
+                    except (KmsfsError, OSError) as exc:
+                        report.problems.append((entry.rel, str(exc).removeprefix(f"{entry.rel}: ")))
+            finally:
+                progress.close()
     drop_journal(root, JOURNAL)
     report.finished = True
+
+
+def _strip_file(
+    tree: Tree, entry: Entry, volume_id: bytes, retire: set[str], report: RewrapReport
+) -> None:
+    """Remove the entries of the *retire*d keys from one header (compare-and-swap)."""
+    fd = tree.open_file(entry.rel, expect=entry)
+    try:
+        for _attempt in range(MAX_TRIES):
+            raw = read_raw_header(fd)
+            try:
+                header = parse_header(raw, entry.rel) if raw is not None else None
+            except FormatError:
+                return
+            if header is None or header.volume_id != volume_id:
+                return
+            remaining = tuple(e for e in header.entries if e.key_ref not in retire)
+            if len(remaining) == len(header.entries):
+                return
+            if not remaining:
+                report.problems.append((entry.rel, "no entry left for any kept key"))
+                return
+            try:
+                replace_header(fd, raw, header.with_entries(remaining).pack(), entry.rel)
+            except HeaderChanged:
+                continue
+            report.stripped += 1
+            return
+        raise HeaderChanged(f"{entry.rel}: its header kept changing: left as it is")
+    finally:
+        os.close(fd)
