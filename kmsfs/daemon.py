@@ -96,19 +96,23 @@ def serve(
     timeout: float | None = None,
     services: Sequence[Callable[[KmsfsOperations], Awaitable[None]]] = (),
     audit: AccessSink | None = None,
+    lock_fd: int | None = None,
 ) -> None:
     """Mount *backing* at *mountpoint* and serve until unmounted; MountError if mounting fails.
 
     Each of *services* (status socket, metrics, ...) runs beside the FUSE loop
     with the operations object and is cancelled when the loop ends.  *audit*
     gets a record of every open and create; by default it is the keyring's
-    event sink when that is an AuditLog (``kmsfs mount --audit-log``).
+    event sink when that is an AuditLog (``kmsfs mount --audit-log``).  *lock_fd*
+    is the volume lock if the caller took it already (the caller closes it then).
     """
     disable_core_dumps()
     not_locked = lock_memory()
     if not_locked is not None:
         log.warning("%s", not_locked)
-    lock_fd = lock_volume(backing)  # held until the process exits: one daemon per volume
+    own_lock = lock_fd is None
+    if lock_fd is None:  # held until the process exits: one daemon per volume
+        lock_fd = lock_volume(backing)
     os.umask(0)
     _raise_fd_limit()
     if audit is None and isinstance(keyring.on_event, AuditLog):
@@ -119,7 +123,8 @@ def serve(
         pyfuse3.init(ops, mountpoint, fuse_options(backing, options))
     except RuntimeError as exc:
         ops.close()
-        os.close(lock_fd)
+        if own_lock:
+            os.close(lock_fd)
         raise MountError(f"cannot mount {backing} at {mountpoint}: {exc}") from None
     log.info("mounted %s at %s (volume %s)", backing, mountpoint, config.volume_id.hex())
     unmount = True
@@ -132,7 +137,8 @@ def serve(
         pyfuse3.close(unmount=unmount)
         ops.close()
         keyring.close()
-        os.close(lock_fd)
+        if own_lock:
+            os.close(lock_fd)
         log.info("unmounted %s", mountpoint)
 
 

@@ -140,7 +140,7 @@ def test_fsck_reports_entries_that_unwrap_to_different_keys(volume: Volume, tmp_
 
     populate(volume.backing, volume.key_file, 3)
     key_b = tmp_path / "b.key"
-    run_kmsfs("keys", "add", volume.backing, "--key-file", key_b)
+    run_kmsfs("keys", "add", volume.backing, "--key-file", key_b, "--old-key-file", volume.key_file)
     config = load_config(volume.backing)
     ref_a, ref_b = (key.key_ref for key in config.keys)
     provider_b = open_provider(config.keys[1], {"key_file": str(key_b)}, None)
@@ -168,7 +168,7 @@ def test_fsck_reports_entries_that_unwrap_to_different_keys(volume: Volume, tmp_
     finally:
         provider_b.close()
 
-    result = run_kmsfs("fsck", volume.backing, "--quick", check=False)
+    result = run_kmsfs("fsck", volume.backing, "--quick", *volume.key_args, check=False)
     assert result.returncode == 5, result.stdout + result.stderr
     lines = result.stdout.splitlines()
     assert (

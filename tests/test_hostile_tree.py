@@ -262,12 +262,16 @@ def hostile(volume: Volume, tmp_path: Path) -> Iterator[Hostile]:
 def test_rekey_never_follows_a_swapped_directory(hostile: Hostile) -> None:
     codes: set[int] = set()
     hostile.attacker.race(
-        lambda n: codes.add(run_kmsfs("rekey", hostile.backing, "-q", check=False).returncode)
+        lambda n: codes.add(
+            run_kmsfs(
+                "rekey", hostile.backing, "-q", *hostile.volume.key_args, check=False
+            ).returncode
+        )
     )
     hostile.rootonly.assert_untouched()
     assert codes == {0, 1} or codes == {1}, codes  # 1: files that changed are listed, untouched
     # the attacker stopped: a rekey finishes and every file holds its own bytes
-    assert " 0 failed" in run_kmsfs("rekey", hostile.backing, "-q").stdout
+    assert " 0 failed" in run_kmsfs("rekey", hostile.backing, "-q", *hostile.volume.key_args).stdout
     hostile.assert_files_intact()
     assert all(p.stat().st_uid == NOBODY for p in (hostile.backing / "alice/sub").iterdir())
 
@@ -277,12 +281,13 @@ def test_rewrap_and_keys_add_never_follow_a_swapped_directory(
 ) -> None:
     keys = tmp_path / "keys"
     keys.mkdir()
-    state: dict[str, Any] = {"rewrap": 0, "extra": None}
+    # the tools name the volume's current key on this host: track which one it is
+    state: dict[str, Any] = {"rewrap": 0, "extra": None, "current": hostile.volume.key_file}
     failed: set[str] = set()
 
-    def run(*args: Any) -> subprocess.CompletedProcess[str]:
+    def run(*args: Any, current: str = "--old-key-file") -> subprocess.CompletedProcess[str]:
         # exit 1 while files move under it, naming each: the keys are not switched then
-        result = run_kmsfs(*args, "-q", check=False)
+        result = run_kmsfs(*args, "-q", current, state["current"], check=False)
         assert result.returncode in (0, 1), result.stderr
         failed.update(line.split()[1] for line in result.stderr.splitlines() if "FAILED" in line)
         return result
@@ -291,14 +296,17 @@ def test_rewrap_and_keys_add_never_follow_a_swapped_directory(
         key = keys / f"k{state['rewrap']}.key"
         if run("rewrap", hostile.backing, "--key-file", key).returncode == 0:
             state["rewrap"] += 1
+            state["current"] = key
 
     def add_remove(n: int) -> None:  # keys add an extra key, then keys remove it
         if state["extra"] is None:
             add = run("keys", "add", hostile.backing, "--key-file", keys / "extra.key")
             if "done:" in add.stdout:
                 state["extra"] = load_config(hostile.backing).keys[-1].key_ref
-        elif run("keys", "remove", hostile.backing, state["extra"], "--force").returncode == 0:
-            state["extra"] = None
+        else:
+            remove = ("keys", "remove", hostile.backing, state["extra"], "--force")
+            if run(*remove, current="--key-file").returncode == 0:
+                state["extra"] = None
 
     def step(n: int) -> None:
         if n % 3 == 2 or state["extra"] is not None:
@@ -326,7 +334,8 @@ def test_rewrap_and_keys_add_never_follow_a_swapped_directory(
     key_files = [hostile.volume.key_file, *keys.iterdir()]
     for rel, data in hostile.contents.items():
         assert read_file_with_any_key(hostile.backing / rel, key_files) == data, rel
-    config, keyring = open_volume(hostile.backing, {})  # the key files the config names
+    # the key files the config names (written by root: the attacker owns only alice/)
+    config, keyring = open_volume(hostile.backing, {"trust_volume_settings": True})
     try:
         for rel, data in hostile.contents.items():
             if rel.startswith("root/"):
@@ -339,7 +348,7 @@ def test_fsck_never_follows_a_swapped_directory(hostile: Hostile) -> None:
     reports: list[dict[str, Any]] = []
 
     def fsck(n: int) -> None:
-        result = run_kmsfs("fsck", hostile.backing, "--json", check=False)
+        result = run_kmsfs("fsck", hostile.backing, "--json", *hostile.volume.key_args, check=False)
         assert result.returncode in (0, 5), result.stderr
         reports.append(json.loads(result.stdout))
 
@@ -384,7 +393,7 @@ def test_decrypt_and_inspect_never_follow_a_swapped_directory(
     refused: list[str] = []
 
     def decrypt(n: int) -> None:
-        result = run_kmsfs("decrypt", target, out / str(n), check=False)
+        result = run_kmsfs("decrypt", target, out / str(n), *hostile.volume.key_args, check=False)
         if result.returncode != 0:
             refused.append(result.stderr)
         result = run_kmsfs("inspect", target, "--json", check=False)
@@ -469,7 +478,7 @@ def test_keys_add_racing_a_rename_keeps_every_header_on_its_file(
     proxy.before = swap_during_first_file_wrap
     arn = moto.create_key()
     kms = ("--provider", "aws-kms", "--kms-key-id", arn, "--kms-endpoint-url", proxy.url)
-    result = run_kmsfs("keys", "add", volume.backing, *kms, "-q")
+    result = run_kmsfs("keys", "add", volume.backing, *kms, "-q", "--old-key-file", volume.key_file)
     proxy.before = None
     assert swapped, "the tool never asked KMS to wrap a file key"
     assert "volume is mounted at" in result.stdout
@@ -530,7 +539,9 @@ def test_tools_see_the_mount_through_other_spellings_of_the_backing_path(
             remove = run_kmsfs("keys", "remove", spelling, "local:x", check=False)
             assert remove.returncode == 7, remove.stdout + remove.stderr
         # rewrap covers a mounted volume but never switches its keys while a daemon runs
-        rewrap = run_kmsfs("rewrap", link, "--key-file", tmp_path / "b.key")
+        rewrap = run_kmsfs(
+            "rewrap", link, "--key-file", tmp_path / "b.key", "--old-key-file", mounted.key_file
+        )
         assert f"volume is mounted at {mounted.mountpoint}" in rewrap.stdout
         assert len(load_config(mounted.backing).keys) == 2
     finally:

@@ -519,7 +519,7 @@ def test_rekey_crash_around_the_exchange_is_finished_by_the_next_run(
     from .kmsfs.d.  A crash on either side of the exchange (simulated by an exception
     out of an in-process run, which leaves the journal and .kmsfs.d as a kill would) is
     finished by the next run: both names of a hard-linked file end on one re-keyed inode."""
-    from kmsfs.keys.cache import KeyCache
+    from kmsfs.keys.cache import NullCache
     from kmsfs.lifecycle import rekey
     from kmsfs.volume import open_volume
 
@@ -538,7 +538,7 @@ def test_rekey_crash_around_the_exchange_is_finished_by_the_next_run(
 
     monkeypatch.setattr(rekey, "renameat2", exchange)
     options = {"key_file": str(volume.key_file)}
-    config, keyring = open_volume(volume.backing, options, None, KeyCache(0, 0))
+    config, keyring = open_volume(volume.backing, options, None, NullCache())
     try:
         with pytest.raises(Crash):
             rekey.rekey_volume(volume.backing, config, keyring)
@@ -546,14 +546,14 @@ def test_rekey_crash_around_the_exchange_is_finished_by_the_next_run(
         keyring.close()
     monkeypatch.undo()
     assert (volume.backing / ".kmsfs.d/rekey-tmp").exists()  # as a kill would leave it
-    result = run_kmsfs("rekey", volume.backing)
+    result = run_kmsfs("rekey", volume.backing, *volume.key_args)
     assert "0 failed" in result.stdout
     assert not (volume.backing / ".kmsfs.d/rekey-tmp").exists()
     assert os.path.samefile(volume.backing / "d0/f00000", volume.backing / "d2/link")
     assert os.getxattr(volume.backing / "d0/f00000", "user.kmsfs.header")[28:44] != old_id
-    assert "fsck: 4 files, 4 ok" in run_kmsfs("fsck", volume.backing).stdout
+    assert "fsck: 4 files, 4 ok" in run_kmsfs("fsck", volume.backing, *volume.key_args).stdout
     out = volume.root / "out"
     for rel in ("d0/f00000", "d2/link"):
-        run_kmsfs("decrypt", volume.backing / rel, out)
+        run_kmsfs("decrypt", volume.backing / rel, out, *volume.key_args)
         assert out.read_bytes() == contents["d0/f00000"]
         out.unlink()

@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TextIO
 
+from kmsfs.durable import replace_durably
 from kmsfs.errors import FormatError, KmsfsError, MountError, UsageError
 from kmsfs.format.header import XATTR_NAME, FileHeader
 from kmsfs.format.volume import STATE_DIR_NAME
@@ -132,9 +133,7 @@ def save_journal(backing: Path, name: str, data: dict[str, Any]) -> None:
     text = json.dumps(data, indent=1, sort_keys=True) + "\n"
     with _state(backing, create=True) as state:
         assert state is not None
-        write_durably(state, f"{name}.json.tmp", text.encode())
-        os.replace(f"{name}.json.tmp", f"{name}.json", src_dir_fd=state, dst_dir_fd=state)
-        os.fsync(state)
+        replace_durably(state, f"{name}.json", text.encode())
 
 
 def drop_journal(backing: Path, name: str) -> None:
@@ -146,16 +145,6 @@ def drop_journal(backing: Path, name: str) -> None:
         except FileNotFoundError:
             pass
         os.fsync(state)
-
-
-def write_durably(dir_fd: int, name: str, data: bytes, mode: int = 0o600) -> None:
-    """Create or truncate *name* in *dir_fd* (never through a symlink) with *data*, fsynced."""
-    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | FILE_FLAGS, mode, dir_fd=dir_fd)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def unlink_if_present(dir_fd: int, name: str) -> None:

@@ -28,6 +28,7 @@ def serve_plan(plan: MountPlan, on_ready: Callable[[], None] | None) -> None:
     from kmsfs.daemon import serve
     from kmsfs.fs.syscalls import disable_core_dumps, lock_memory
     from kmsfs.keys.cache import DEFAULT_MAX_AGE, DEFAULT_MAX_ENTRIES, KeyCache
+    from kmsfs.lock import lock_volume
     from kmsfs.volume import open_volume
 
     cache = KeyCache(
@@ -38,6 +39,9 @@ def serve_plan(plan: MountPlan, on_ready: Callable[[], None] | None) -> None:
     not_locked = lock_memory()
     if not_locked is not None:
         log.warning("%s", not_locked)
+    # The lock first: "in use" is said before any passphrase is asked, and a format-1
+    # config is migrated (rewritten) only by the process that will serve the volume.
+    lock_fd = lock_volume(plan.backing)
     audit = AuditLog(plan.audit_log) if plan.audit_log else None
     try:
         config, keyring = open_volume(
@@ -58,8 +62,10 @@ def serve_plan(plan: MountPlan, on_ready: Callable[[], None] | None) -> None:
             on_ready,
             services=services,
             audit=audit,
+            lock_fd=lock_fd,
         )
     finally:
+        os.close(lock_fd)
         if audit is not None:
             audit.close()
 
