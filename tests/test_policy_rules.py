@@ -357,6 +357,24 @@ def test_path_is_computed_only_when_a_rule_tests_paths() -> None:
     assert not policy.applies("exec") or policy.applies("exec")  # every action named (all)
 
 
+def test_whether_list_decisions_depend_on_the_requester() -> None:
+    # names for everyone, content for one user: the kernel's caches may keep entries
+    uniform = policy_of(
+        [
+            {"paths": "/**", "actions": "list", "effect": "permit"},
+            {"users": "daemon", "paths": "/db/**", "effect": "permit"},
+        ],
+        default="deny",
+    )
+    assert not uniform.varies_by_requester("list")
+    assert uniform.varies_by_requester("read")
+    for condition in ({"users": "daemon"}, {"groups": 34}, {"programs": "/bin/ls"}):
+        varies = policy_of([{**condition, "actions": ["list"], "effect": "deny"}])
+        assert varies.varies_by_requester("list"), condition
+    assert policy_of([{"sha256": "0" * 64, "effect": "deny"}]).varies_by_requester("list")
+    assert not Policy.permit_all().varies_by_requester("list")
+
+
 # -- renaming a directory renames everything below it -------------------------------
 
 

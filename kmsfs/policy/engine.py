@@ -112,6 +112,24 @@ class Policy:
         """False when no rule names *action*: ``decide`` would return the default at once."""
         return bool(self._any_uid[action] or self._by_uid[action])
 
+    def varies_by_requester(self, action: str) -> bool:
+        """True if two requesters can get different decisions for *action* on one path.
+
+        For ``list``: when False, the kernel's entry and attribute caches may
+        keep what one process was shown for others (docs/DESIGN.md "Access
+        policy"); when True, the operations layer answers with zero timeouts.
+        """
+        independent: list[Rule] = []  # earlier rules for this action that ignore the requester
+        for rule in self.rules:
+            if action not in rule.actions:
+                continue
+            if rule.ignores_requester:
+                independent.append(rule)
+                continue
+            if not _shadowed(rule, independent):
+                return True
+        return False
+
     def decide(self, requester: Requester, action: str, path: PathArg) -> Decision:
         """The first matching rule's Decision for *action* on *path*, else the default's.
 

@@ -46,6 +46,16 @@ class Rule:
     paths: PathSet | None = None
     table: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def ignores_requester(self) -> bool:
+        """True if the rule has no condition on users, groups, programs or sha256."""
+        return (
+            self.uids is None
+            and self.gids is None
+            and self.programs is None
+            and (self.sha256 is None)
+        )
+
     def matches(self, requester: Requester, path: str) -> bool:
         """True if the requester and *path* satisfy every condition but ``actions``.
 
