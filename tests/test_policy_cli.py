@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import pwd
 import tomllib
 from pathlib import Path
 
@@ -326,3 +327,49 @@ def test_a_config_without_policy_reloads_as_permit_all(tmp_path: Path) -> None:
     config = write_config(tmp_path, 'backing = "/srv/enc"\n')
     policy = load_policy(config)
     assert (policy.rules, policy.default, policy.mode) == ((), "permit", "enforce")
+
+
+# -- the README's worked example decides as the README says ----------------------------
+
+
+def readme_example(tmp_path: Path) -> tuple[Path, int, str]:
+    """The example config, its database user's uid and name (daemon if there is no postgres)."""
+    text = (Path(__file__).parent.parent / "README.md").read_text()
+    start = text.index("# /etc/kmsfs/pgdata.toml\n")
+    example = text[start : text.index("```", start)]
+    try:
+        uid, user = pwd.getpwnam("postgres").pw_uid, "postgres"
+    except KeyError:  # the example names postgres; the test needs a user that exists
+        uid, user = DAEMON, "daemon"
+        example = example.replace('users = ["postgres"]', 'users = ["daemon"]')
+    return write_config(tmp_path, example, "pgdata.toml"), uid, user
+
+
+def test_the_readme_example(tmp_path: Path) -> None:
+    config, postgres, user = readme_example(tmp_path)
+    policy = load_policy(config)
+    server = "/usr/lib/postgresql/15/bin/postgres"
+
+    def decide(uid: int, exe: str, action: str, path: str) -> tuple[bool, int | None, bool]:
+        d = policy.decide(Requester(uid, uid, exe=exe), action, path)
+        return d.allowed, d.rule, d.audit
+
+    table = "/15/main/base/1/1259"
+    assert decide(postgres, server, "write", table) == (True, 2, False)
+    assert decide(postgres, server, "create", "/15/main/pg_wal/000001") == (True, 2, False)
+    assert decide(0, "/usr/bin/cat", "read", table) == (False, None, True)  # root: no plaintext
+    assert decide(BACKUP, "/usr/bin/borg", "read", table) == (False, None, True)
+    assert decide(0, "/usr/bin/ls", "list", "/15/main/base") == (True, 1, False)  # names: all
+    assert decide(postgres, "/usr/bin/cat", "read", table) == (False, None, True)  # other program
+    basebackup = "/usr/lib/postgresql/15/bin/pg_basebackup"
+    assert decide(postgres, basebackup, "read", table) == (True, 3, True)
+    assert decide(postgres, basebackup, "write", table) == (False, None, True)
+    assert not policy.varies_by_requester("list")  # so the kernel's caches stay on
+    code, out, _ = check(
+        config, "--user", user, "--program", server, "--path", table, "--action", "write"
+    )
+    assert code == 0
+    assert out.splitlines()[1:3] == [
+        "  rule 1: no match: action write is not in its actions",
+        "  rule 2: matches, effect permit",
+    ]
