@@ -178,6 +178,7 @@ class Policy:
         below *path* (unless earlier rules that apply decide everything it could
         match), and by a default deny when no rule decides the whole subtree.
         Conservative: it may refuse for a deny rule that no existing file matches.
+        Raises HashPending like ``decide``.
         """
         decision = self.decide(requester, action, path)
         if decision.effect == "deny":

@@ -127,12 +127,9 @@ def _parse_rule(raw: dict[str, Any], number: int, where: str) -> Rule:
 
 def _ids(raw: dict[str, Any], key: str, here: str, lookup: Any, kind: str) -> frozenset[int] | None:
     """Names (resolved now) or numeric IDs -> a set of IDs; ConfigError for an unknown name."""
-    value = raw.get(key)
-    if value is None:
+    items = _items(raw, key, here, f"any {kind}")
+    if items is None:
         return None
-    items = value if isinstance(value, list) else [value]
-    if not items:
-        raise ConfigError(f"{here}: {key} is empty (leave it out to match any {kind})")
     ids: set[int] = set()
     for item in items:
         if isinstance(item, bool) or not isinstance(item, (int, str)):
@@ -153,14 +150,22 @@ def _ids(raw: dict[str, Any], key: str, here: str, lookup: Any, kind: str) -> fr
     return frozenset(ids)
 
 
-def _strings(raw: dict[str, Any], key: str, here: str) -> list[str] | None:
-    """A string or a non-empty list of strings under *key*, or None if absent."""
+def _items(raw: dict[str, Any], key: str, here: str, matches: str) -> list[Any] | None:
+    """The value under *key* as a non-empty list (a single value is a list of one)."""
     value = raw.get(key)
     if value is None:
         return None
     items = value if isinstance(value, list) else [value]
     if not items:
-        raise ConfigError(f"{here}: {key} is empty (leave it out to match anything)")
+        raise ConfigError(f"{here}: {key} is empty (leave it out to match {matches})")
+    return items
+
+
+def _strings(raw: dict[str, Any], key: str, here: str) -> list[str] | None:
+    """A string or a non-empty list of strings under *key*, or None if absent."""
+    items = _items(raw, key, here, "anything")
+    if items is None:
+        return None
     for item in items:
         if not isinstance(item, str):
             raise ConfigError(
