@@ -185,14 +185,13 @@ class IdentityCache:
     hashes (files hashed so far, for tests and status).
     """
 
-    def __init__(self, max_processes: int = 4096, max_files: int = 256, proc: str = "/proc"):
+    def __init__(self, max_processes: int = 4096, max_files: int = 256) -> None:
         self.max_processes = max_processes
         self.max_files = max_files
         self.hashes = 0
-        self._proc = proc
         self._lock = threading.Lock()
-        # pid -> (start time, exe link text, sha256 or None)
-        self._by_process: OrderedDict[int, tuple[int, str, str | None]] = OrderedDict()
+        # pid -> (start time, exe link text, sha256)
+        self._by_process: OrderedDict[int, tuple[int, str, str]] = OrderedDict()
         # (st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns) -> sha256
         self._by_file: OrderedDict[tuple[int, int, int, int, int], str] = OrderedDict()
 
@@ -205,7 +204,7 @@ class IdentityCache:
         if pid <= 0:
             return None
         try:
-            return os.readlink(f"{self._proc}/{pid}/exe")
+            return os.readlink(f"/proc/{pid}/exe")
         except OSError:
             return None
 
@@ -213,7 +212,7 @@ class IdentityCache:
         """The supplementary groups of *pid* (``Groups:`` in /proc/PID/status), None if gone."""
         if pid <= 0:
             return None
-        text = self._read(f"{self._proc}/{pid}/status", whole=True)
+        text = self._read(f"/proc/{pid}/status", whole=True)
         if text is None:
             return None
         start = text.find("\nGroups:")
@@ -226,7 +225,7 @@ class IdentityCache:
         """Field 22 of /proc/PID/stat (clock ticks after boot), None if gone."""
         if pid <= 0:
             return None
-        text = self._read(f"{self._proc}/{pid}/stat")
+        text = self._read(f"/proc/{pid}/stat")
         if text is None:
             return None
         # comm (field 2) may hold spaces and parentheses: count from the last ")"
@@ -241,7 +240,7 @@ class IdentityCache:
         start = self.start_time(pid)
         with self._lock:
             entry = self._by_process.get(pid)
-            if entry is None or entry[0] != start or entry[1] != exe or entry[2] is None:
+            if entry is None or entry[0] != start or entry[1] != exe:
                 return None
             self._by_process.move_to_end(pid)
             return entry[2]
@@ -260,7 +259,7 @@ class IdentityCache:
         if start is None:
             return None
         try:
-            fd = os.open(f"{self._proc}/{pid}/exe", os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(f"/proc/{pid}/exe", os.O_RDONLY | os.O_CLOEXEC)
         except OSError as exc:
             log.debug("cannot open the executable of pid %d: %s", pid, exc.strerror)
             return None
