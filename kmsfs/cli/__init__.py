@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import click
 
-from kmsfs.cli import keys, mount, tools, volume
+from kmsfs.cli import keys, mount, policy, tools, volume
 from kmsfs.server.mounthelper import MountHelperGroup
 
 
@@ -33,5 +33,6 @@ for _command in (
     tools.rekey,
     tools.import_,
     tools.headers,
+    policy.policy,
 ):
     main.add_command(_command)

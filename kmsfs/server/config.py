@@ -22,6 +22,14 @@ Schema (every key optional except where the command line does not supply it)::
     max_entries = 10000               # unwrapped file keys kept in memory
     max_age = 3600                    # seconds
 
+    [policy]                          # who may see plaintext (kmsfs/policy/parse.py)
+    mode = "enforce"                  # or "learn"
+    default = "permit"                # or "deny"
+    [[policy.rule]]
+    users = ["postgres"]
+    paths = ["/db/**"]
+    effect = "permit"
+
 Precedence: the command line over this file.  The settings recorded in the
 volume (``.kmsfs.json``) are hints, used only once the volume config is
 authenticated or with ``trust_volume_settings`` (docs/FORMAT.md, "Threat model").
@@ -46,6 +54,7 @@ from typing import Any
 import click
 
 from kmsfs.errors import ConfigError
+from kmsfs.policy import Policy, parse_policy
 
 CONFIG_DIR = Path("/etc/kmsfs")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -102,6 +111,7 @@ TOP_LEVEL = {
     "provider",
     "cache",
     "trust_volume_settings",
+    "policy",
 }
 CACHE_KEYS = {"max_entries", "max_age"}
 
@@ -113,7 +123,7 @@ class ServerConfig:
     Attributes: path (the file), backing, mountpoint, provider_type,
     provider_options (CLI parameter name -> value), mount_options,
     cache_max_entries, cache_max_age, log_level, log_file, audit_log,
-    metrics_listen.  Unset values are None.
+    metrics_listen, policy (the compiled ``[policy]``).  Unset values are None.
     """
 
     path: Path
@@ -129,6 +139,7 @@ class ServerConfig:
     audit_log: str | None = None
     metrics_listen: str | None = None
     trust_volume_settings: bool | None = None
+    policy: Policy | None = None
 
     def cli_defaults(self) -> dict[str, Any]:
         """Values for click's ``default_map``: what the command line did not say.
@@ -218,6 +229,9 @@ def parse_server_config(data: dict[str, Any], path: Path) -> ServerConfig:
         except ValueError as exc:
             raise ConfigError(f"{where}: metrics_listen: {exc}") from None
 
+    policy_table = _table(data, "policy", where)
+    policy = parse_policy(policy_table, where) if policy_table is not None else None
+
     trust = data.get("trust_volume_settings")
     if trust is not None and not isinstance(trust, bool):
         raise ConfigError(f"{where}: trust_volume_settings must be true or false, not {trust!r}")
@@ -235,6 +249,7 @@ def parse_server_config(data: dict[str, Any], path: Path) -> ServerConfig:
         log_file=_abs_path(data, "log_file", where),
         audit_log=_abs_path(data, "audit_log", where),
         metrics_listen=metrics_listen,
+        policy=policy,
     )
 
 
