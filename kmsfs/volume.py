@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from kmsfs.errors import ConfigError, ConfigTampered, KmsfsError, ProviderError
+from kmsfs.errors import ConfigError, ConfigTampered, KmsfsError, ProviderError, WrongKeyError
 from kmsfs.format.header import check_block_size
 from kmsfs.format.volume import (
     CONFIG_NAME,
@@ -146,24 +146,35 @@ def host_options_hint(key: KeyConfig) -> str:
 
 def _open_named(
     config: VolumeConfig, options: dict[str, Any], prompt: Prompt | None, trusted: bool
-) -> tuple[dict[int, KeyProvider], list[int], list[KmsfsError]]:
-    """Open the keys this host names; the others are deferred until the config is verified.
+) -> tuple[dict[int, KeyProvider], dict[int, dict[str, Any]], list[KmsfsError]]:
+    """Open the keys this host names; the others wait until the config is verified.
 
-    Trusted (``--trust-volume-settings``): the first key, in configured order,
-    that opens with its recorded settings; the others wait for verification too.
+    Returns the opened providers, the deferred entries with the options to open
+    them with later, and the errors.  An entry of a named provider that this
+    host's key is not (another key file, say) is deferred without the host's
+    key options, so its own authenticated hints find it.  Trusted
+    (``--trust-volume-settings``): the first key, in configured order, that
+    opens with its recorded settings; the others are deferred too.
     """
     opened: dict[int, KeyProvider] = {}
-    deferred: list[int] = []
+    deferred: dict[int, dict[str, Any]] = {}
     errors: list[KmsfsError] = []
+    wrong: list[KmsfsError] = []  # the host's key is not this entry's
     for index, key in enumerate(config.keys):
         wanted = not opened if trusted else host_names(key, options)
         if not wanted:
-            deferred.append(index)
+            deferred[index] = options
             continue
         try:
             opened[index] = open_provider(key, options, prompt, trusted)
+        except WrongKeyError as exc:
+            host_keys = provider_info(key.provider).host_settings.values()
+            deferred[index] = {k: v for k, v in options.items() if k not in host_keys}
+            wrong.append(exc)
         except (ConfigError, ProviderError) as exc:
             errors.append(exc)
+    if not opened:  # say why the named key did not open: a wrong key first
+        errors = wrong + errors
     return opened, deferred, errors
 
 
@@ -208,7 +219,7 @@ def open_volume(
             )
         if config.authenticated_format:
             config.verify(checks[min(checks)], str(config_path(backing)))
-        for index in deferred:
+        for index, later_options in deferred.items():
             key = config.keys[index]
             if not config.authenticated_format and not trusted:
                 log.warning(
@@ -219,7 +230,7 @@ def open_volume(
                 )
                 continue
             try:
-                providers[index] = open_provider(key, options, prompt, trusted=True)
+                providers[index] = open_provider(key, later_options, prompt, trusted=True)
                 checks[index] = unwrap_check(
                     providers[index], key, config.volume_id, on_event, config.version
                 )

@@ -177,7 +177,8 @@ def test_fsck_reports_entries_that_unwrap_to_different_keys(volume: Volume, tmp_
     ), lines
     assert any(line.startswith(f"d2/f00002: unwrap: the entry for {ref_b}") for line in lines)
     assert lines[-1] == "fsck: 3 files, 1 ok (headers checked): 2 problems"
-    data = json.loads(run_kmsfs("fsck", volume.backing, "--json", check=False).stdout)
+    report = run_kmsfs("fsck", volume.backing, "--json", *volume.key_args, check=False)
+    data = json.loads(report.stdout)
     assert {(f["path"], f["kind"]) for f in data["findings"]} == {
         ("d1/f00001", "key-mismatch"),
         ("d2/f00002", "unwrap"),

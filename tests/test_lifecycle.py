@@ -450,10 +450,15 @@ def test_import_killed_then_resumed(tmp_path: Path) -> None:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+    # kill it part-way: once a random number of the tree's files have been written
+    total = sum(1 for p in plain.rglob("*") if p.is_file() and not p.is_symlink())
+    target = random.randrange(total // 10, total // 2)
     deadline = time.monotonic() + 30
-    while not journal.exists() and time.monotonic() < deadline and process.poll() is None:
-        time.sleep(0.005)
-    time.sleep(random.uniform(0.05, 0.4))
+    while time.monotonic() < deadline and process.poll() is None:
+        done = sum(1 for p in (vol.backing / "linux").rglob("*") if p.is_file())
+        if journal.exists() and done >= target:
+            break
+        time.sleep(0.002)
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert process.returncode == -signal.SIGKILL, "import finished before it could be killed"
