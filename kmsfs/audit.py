@@ -82,7 +82,11 @@ class AuditLog:
         self._file: IO[str] | None = os.fdopen(fd, "a", encoding="utf-8")
 
     def __call__(self, event: KeyEvent | AccessEvent) -> None:
-        line = json.dumps(record(event), separators=(",", ":")) + "\n"
+        self.write(record(event))
+
+    def write(self, data: dict[str, object]) -> None:
+        """Append one record that is already a JSON-ready dict (access-policy decisions)."""
+        line = json.dumps(data, separators=(",", ":")) + "\n"
         with self._lock:
             if self._file is None:
                 return

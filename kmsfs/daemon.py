@@ -1,8 +1,9 @@
 """Runs a mounted volume: FUSE session, trio loop, readiness, signals, clean unmount.
 
 ``serve`` blocks until the filesystem is unmounted or the process gets
-SIGTERM/SIGINT/SIGHUP (then it unmounts).  ``on_ready`` is called once the
-mount point answers a stat through the new filesystem.
+SIGTERM/SIGINT (then it unmounts); SIGHUP reloads the access policy.
+``on_ready`` is called once the mount point answers a stat through the new
+filesystem.
 """
 
 from __future__ import annotations
@@ -22,10 +23,12 @@ from kmsfs.errors import MountError
 from kmsfs.format.volume import VolumeConfig
 from kmsfs.fs.events import AccessSink
 from kmsfs.fs.inodes import ROOT_INODE
-from kmsfs.fs.operations import KmsfsOperations, serve_volume
+from kmsfs.fs.operations import DEFAULT_TIMEOUT, KmsfsOperations, serve_volume
 from kmsfs.fs.syscalls import disable_core_dumps, lock_memory
 from kmsfs.keys.keyring import Keyring
 from kmsfs.lock import lock_volume
+from kmsfs.policy import Policy
+from kmsfs.server.policyfile import reload_policy
 
 log = logging.getLogger("kmsfs.daemon")
 FLUSH_TIMEOUT = 30.0  # seconds to flush the kernel's dirty pages on SIGTERM before unmounting
@@ -97,6 +100,8 @@ def serve(
     services: Sequence[Callable[[KmsfsOperations], Awaitable[None]]] = (),
     audit: AccessSink | None = None,
     lock_fd: int | None = None,
+    policy: Policy | None = None,
+    policy_file: str | None = None,
 ) -> None:
     """Mount *backing* at *mountpoint* and serve until unmounted; MountError if mounting fails.
 
@@ -105,6 +110,8 @@ def serve(
     gets a record of every open and create; by default it is the keyring's
     event sink when that is an AuditLog (``kmsfs mount --audit-log``).  *lock_fd*
     is the volume lock if the caller took it already (the caller closes it then).
+    *policy* is the access policy (permit-all by default); SIGHUP re-reads it from
+    *policy_file* (the TOML volume config), keeping the old one if the new one is refused.
     """
     disable_core_dumps()
     not_locked = lock_memory()
@@ -117,8 +124,16 @@ def serve(
     _raise_fd_limit()
     if audit is None and isinstance(keyring.on_event, AuditLog):
         audit = keyring.on_event
-    kwargs = {} if timeout is None else {"timeout": timeout}
-    ops = KmsfsOperations(serve_volume(backing, config, keyring, on_access=audit, **kwargs))
+    parts = serve_volume(
+        backing,
+        config,
+        keyring,
+        DEFAULT_TIMEOUT if timeout is None else timeout,
+        on_access=audit,
+        policy=policy,
+        on_policy=audit.write if isinstance(audit, AuditLog) else None,
+    )
+    ops = KmsfsOperations(parts)
     try:
         pyfuse3.init(ops, mountpoint, fuse_options(backing, options))
     except RuntimeError as exc:
@@ -129,7 +144,7 @@ def serve(
     log.info("mounted %s at %s (volume %s)", backing, mountpoint, config.volume_id.hex())
     unmount = True
     try:
-        trio.run(_run, mountpoint, on_ready, ops, services)
+        trio.run(_run, mountpoint, on_ready, ops, services, policy_file)
     except BaseException:
         log.exception("FUSE loop failed")
         raise
@@ -147,9 +162,10 @@ async def _run(
     on_ready: Callable[[], None] | None,
     ops: KmsfsOperations,
     services: Sequence[Callable[[KmsfsOperations], Awaitable[None]]],
+    policy_file: str | None = None,
 ) -> None:
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_handle_signals, mountpoint, ops)
+        nursery.start_soon(_handle_signals, mountpoint, ops, policy_file)
         nursery.start_soon(_announce_ready, mountpoint, on_ready)
         for service in services:
             nursery.start_soon(service, ops)
@@ -157,9 +173,15 @@ async def _run(
         nursery.cancel_scope.cancel()
 
 
-async def _handle_signals(mountpoint: str, ops: KmsfsOperations) -> None:
+async def _handle_signals(mountpoint: str, ops: KmsfsOperations, policy_file: str | None) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
+            if signum == signal.SIGHUP:  # systemctl reload: the access policy, nothing else
+                if policy_file is None:
+                    log.warning("received SIGHUP: no config file (--config) to reload; ignored")
+                    continue
+                ops.policy = await trio.to_thread.run_sync(reload_policy, policy_file, ops.policy)
+                continue
             log.info("received %s: unmounting", signal.Signals(signum).name)
             await _flush_kernel_cache(mountpoint, ops)
             # terminate() stops reading new requests; requests being handled finish

@@ -24,7 +24,7 @@ import os
 import resource
 import stat
 from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import pyfuse3
@@ -42,6 +42,9 @@ from kmsfs.fs.inodes import ROOT_INODE, Inode, InodeTable
 from kmsfs.fs.xattrs import Namespace
 from kmsfs.keys.keyring import Keyring
 from kmsfs.keys.provider import wipe
+from kmsfs.policy import Policy
+from kmsfs.policy.identity import HashPending, IdentityCache
+from kmsfs.policy.records import audit_record
 
 log = logging.getLogger("kmsfs.fs")
 
@@ -68,6 +71,20 @@ def errno_for(exc: BaseException) -> int:
     if isinstance(exc, KeyAccessDenied):
         return errno.EACCES
     return errno.EIO
+
+
+_FMODE_EXEC = 0x20  # in an OPEN's flags when the kernel opens a file to execute it
+
+
+def _open_actions(flags: int) -> tuple[str, ...]:
+    """The policy actions an open with *flags* needs: read, write, both, or exec."""
+    mode = flags & os.O_ACCMODE
+    actions: list[str] = []
+    if mode in (os.O_RDONLY, os.O_RDWR):
+        actions.append("exec" if flags & _FMODE_EXEC else "read")
+    if mode in (os.O_WRONLY, os.O_RDWR) or flags & os.O_TRUNC:
+        actions.append("write")
+    return tuple(actions)
 
 
 def _fuse_op(
@@ -116,7 +133,9 @@ class ServedVolume:
     (threads for provider calls: a KMS outage must not stall other files'
     I/O), timeout (entry and attribute seconds), offload_bytes (reads and
     writes at least this large run in a thread), on_access (the audit log's
-    sink for every open and create, or None).
+    sink for every open and create, or None), policy (the access policy;
+    permit-all without one), identities (requester identities for it),
+    on_policy (the audit log's sink for policy decisions marked for audit).
     """
 
     backing: str
@@ -129,6 +148,9 @@ class ServedVolume:
     timeout: float = DEFAULT_TIMEOUT
     offload_bytes: int = OFFLOAD_BYTES
     on_access: AccessSink | None = None
+    policy: Policy = field(default_factory=Policy.permit_all)
+    identities: IdentityCache = field(default_factory=IdentityCache)
+    on_policy: Callable[[dict[str, Any]], None] | None = None
 
 
 def serve_volume(
@@ -137,6 +159,8 @@ def serve_volume(
     keyring: Keyring,
     timeout: float = DEFAULT_TIMEOUT,
     on_access: AccessSink | None = None,
+    policy: Policy | None = None,
+    on_policy: Callable[[dict[str, Any]], None] | None = None,
 ) -> ServedVolume:
     """The parts for *backing*: its root descriptor, an inode table sized to the descriptor
     limit (a quarter of it, at most 2,048, stays free for open files), fresh limiters."""
@@ -156,6 +180,8 @@ def serve_volume(
         key_limiter=trio.CapacityLimiter(8),
         timeout=timeout,
         on_access=on_access,
+        policy=policy or Policy.permit_all(),
+        on_policy=on_policy,
     )
 
 
@@ -179,6 +205,7 @@ class KmsfsOperations(pyfuse3.Operations):
         self.on_access = parts.on_access
         self._volume_hex = parts.config.volume_id.hex()
         self.layout = Layout(parts.config.block_size)
+        self._timeout = parts.timeout  # the configured one; ``timeout`` may be 0 (policy)
         self.timeout = parts.timeout
         self.offload_bytes = parts.offload_bytes
         self.inodes = parts.inodes
@@ -190,6 +217,9 @@ class KmsfsOperations(pyfuse3.Operations):
         self._limiter = parts.io_limiter
         self._key_limiter = parts.key_limiter
         self._is_root = os.geteuid() == 0
+        self.identities = parts.identities
+        self.on_policy = parts.on_policy
+        self.policy = parts.policy
         self.errors = 0
         self.bytes_read = 0
         self.bytes_written = 0
@@ -261,6 +291,85 @@ class KmsfsOperations(pyfuse3.Operations):
         """EPERM for names reserved for kmsfs's own files at the root."""
         if parent == ROOT_INODE and name.startswith(_RESERVED_NAME):
             raise FUSEError(errno.EPERM)
+
+    @property
+    def policy(self) -> Policy:
+        return self._policy
+
+    @policy.setter
+    def policy(self, policy: Policy) -> None:
+        """Swap the access policy (SIGHUP reload).  When two processes may be shown
+        different things for one name (``list`` rules that test the requester), entries
+        and attributes are not cached by the kernel (docs/DESIGN.md "Access policy")."""
+        self._policy = policy
+        self.timeout = 0.0 if policy.varies_by_requester("list") else self._timeout
+
+    async def _allow(
+        self,
+        ctx: pyfuse3.RequestContext,
+        action: str,
+        path: Callable[[], str],
+        tree: bool = False,
+    ) -> None:
+        """EACCES unless the access policy lets the requester do *action* on *path*.
+
+        With *tree*, on *path* and everything below it (renaming a directory).
+        Decisions marked for audit go to ``on_policy``.  Permit-all policies cost
+        one dictionary look-up.
+        """
+        policy = self._policy
+        if not policy.applies(action):
+            decision = policy.default_decision
+            if decision.allowed and not decision.audit:
+                return
+            requester = self.identities.lookup(ctx.pid, ctx.uid, ctx.gid)
+        else:
+            requester = self.identities.lookup(ctx.pid, ctx.uid, ctx.gid)
+            try:
+                decision = self._decide(policy, requester, action, path, tree)
+            except HashPending:  # a rule needs the program's SHA-256: read it off the loop
+                await trio.to_thread.run_sync(requester.compute_sha256, limiter=self._key_limiter)
+                decision = self._decide(policy, requester, action, path, tree)
+        if decision.audit and self.on_policy is not None:
+            self.on_policy(audit_record(requester, action, path(), decision))
+        if not decision.allowed:
+            raise FUSEError(errno.EACCES)  # the access policy denies it
+
+    @staticmethod
+    def _decide(
+        policy: Policy, requester: Any, action: str, path: Callable[[], str], tree: bool
+    ) -> Any:
+        if tree:
+            return policy.decide_tree(requester, action, path())
+        return policy.decide(requester, action, path)
+
+    async def _allow_rename(
+        self,
+        ctx: pyfuse3.RequestContext,
+        old_parent: Inode,
+        old_name: bytes,
+        new_parent: Inode,
+        new_name: bytes,
+    ) -> None:
+        """rename on the source (and all below it), create on the destination, delete on a
+        name it replaces; the existence check costs a syscall only under a delete rule."""
+        await self._allow(ctx, "rename", self._path_of(old_parent, old_name), tree=True)
+        await self._allow(ctx, "create", self._path_of(new_parent, new_name))
+        if self._policy.applies("delete") or not self._policy.default_decision.allowed:
+            try:
+                os.stat(new_name, dir_fd=new_parent.fd, follow_symlinks=False)
+            except FileNotFoundError:
+                return
+            await self._allow(ctx, "delete", self._path_of(new_parent, new_name), tree=True)
+
+    def _path_of(self, entry: Inode, name: bytes | None = None) -> Callable[[], str]:
+        """The volume path of *entry* (or of *name* inside it), computed when asked."""
+
+        def path() -> str:
+            base = self.describe(entry)
+            return base if name is None else os.path.join(base, os.fsdecode(name))
+
+        return path
 
     def describe(self, entry: Inode) -> str:
         """The file's path in the volume, for log lines (never raises)."""
@@ -432,6 +541,7 @@ class KmsfsOperations(pyfuse3.Operations):
                 parent.lookups += 1
                 return self._attr(st, parent)
             raise FUSEError(errno.ENOENT)
+        await self._allow(ctx, "list", self._path_of(parent, name))
         try:
             st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
         except FileNotFoundError:
@@ -453,6 +563,7 @@ class KmsfsOperations(pyfuse3.Operations):
     @_fuse_op
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         entry = await self._inode_waiting(inode)
+        await self._allow(ctx, "list", self._path_of(entry))
         return self._attr(os.stat(entry.fd), entry)
 
     @_fuse_op
@@ -465,6 +576,7 @@ class KmsfsOperations(pyfuse3.Operations):
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
         entry = await self._inode_waiting(inode)
+        await self._allow(ctx, "write", self._path_of(entry))
         if fields.update_size:
             if not entry.is_regular:
                 raise FUSEError(errno.EISDIR if stat.S_ISDIR(entry.mode) else errno.EINVAL)
@@ -493,7 +605,9 @@ class KmsfsOperations(pyfuse3.Operations):
 
     @_fuse_op
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
-        return os.readlink(b"", dir_fd=self._inode(inode).fd)
+        entry = self._inode(inode)
+        await self._allow(ctx, "list", self._path_of(entry))
+        return os.readlink(b"", dir_fd=entry.fd)
 
     # -- directory entries -------------------------------------------------
 
@@ -518,6 +632,7 @@ class KmsfsOperations(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         self._check_name(parent_inode, name)
         parent = self._inode(parent_inode)
+        await self._allow(ctx, "create", self._path_of(parent, name))
         if stat.S_ISREG(mode):
             raise FUSEError(errno.EPERM)  # regular files are made by create, with a header
         os.mknod(name, mode, rdev, dir_fd=parent.fd)
@@ -529,6 +644,7 @@ class KmsfsOperations(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         self._check_name(parent_inode, name)
         parent = self._inode(parent_inode)
+        await self._allow(ctx, "create", self._path_of(parent, name))
         os.mkdir(name, mode, dir_fd=parent.fd)
         return await self._created(parent, name, ctx)
 
@@ -538,18 +654,23 @@ class KmsfsOperations(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         self._check_name(parent_inode, name)
         parent = self._inode(parent_inode)
+        await self._allow(ctx, "create", self._path_of(parent, name))
         os.symlink(target, name, dir_fd=parent.fd)
         return await self._created(parent, name, ctx)
 
     @_fuse_op
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         self._check_name(parent_inode, name)
-        os.unlink(name, dir_fd=self._inode(parent_inode).fd)
+        parent = self._inode(parent_inode)
+        await self._allow(ctx, "delete", self._path_of(parent, name))
+        os.unlink(name, dir_fd=parent.fd)
 
     @_fuse_op
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         self._check_name(parent_inode, name)
-        os.rmdir(name, dir_fd=self._inode(parent_inode).fd)
+        parent = self._inode(parent_inode)
+        await self._allow(ctx, "delete", self._path_of(parent, name))
+        os.rmdir(name, dir_fd=parent.fd)
 
     @_fuse_op
     async def rename(
@@ -563,8 +684,10 @@ class KmsfsOperations(pyfuse3.Operations):
     ) -> None:
         self._check_name(parent_inode_old, name_old)
         self._check_name(parent_inode_new, name_new)
-        old_fd = self._inode(parent_inode_old).fd
-        new_fd = self._inode(parent_inode_new).fd
+        old_parent, new_parent = self._inode(parent_inode_old), self._inode(parent_inode_new)
+        await self._allow_rename(ctx, old_parent, name_old, new_parent, name_new)
+        old_fd = old_parent.fd
+        new_fd = new_parent.fd
         if flags:
             syscalls.renameat2(old_fd, name_old, new_fd, name_new, flags)
         else:
@@ -577,6 +700,8 @@ class KmsfsOperations(pyfuse3.Operations):
         self._check_name(new_parent_inode, new_name)
         entry = self._inode(inode)
         parent = self._inode(new_parent_inode)
+        await self._allow(ctx, "rename", self._path_of(entry))  # a new name for it
+        await self._allow(ctx, "create", self._path_of(parent, new_name))
         os.link(entry.proc_path, new_name, dst_dir_fd=parent.fd, follow_symlinks=True)
         entry.lookups += 1
         return self._attr(os.stat(entry.fd), entry)
@@ -586,6 +711,7 @@ class KmsfsOperations(pyfuse3.Operations):
     @_fuse_op
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         entry = await self._inode_waiting(inode)
+        await self._allow(ctx, "list", self._path_of(entry))
         fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=entry.fd)
         fh = self._next_dir
         self._next_dir += 1
@@ -677,6 +803,10 @@ class KmsfsOperations(pyfuse3.Operations):
             self._check_name(parent_inode, name)
             parent = self._inode(parent_inode)
             requester = self._requester(ctx, parent, name)
+            path = self._path_of(parent, name)
+            await self._allow(ctx, "create", path)
+            for action in _open_actions(flags):
+                await self._allow(ctx, action, path)
             file_id, key, entries = await self._key_call(self.keyring.new_file, requester)
             answer = self._create(parent, name, mode, ctx, file_id, key, entries)
         except Exception as exc:
@@ -744,6 +874,8 @@ class KmsfsOperations(pyfuse3.Operations):
         try:
             entry = await self._inode_waiting(inode)
             requester = self._requester(ctx, entry)
+            for action in _open_actions(flags):
+                await self._allow(ctx, action, self._path_of(entry))
             if not entry.is_regular:
                 raise FUSEError(errno.EINVAL)
             async with entry.lock:
@@ -821,7 +953,9 @@ class KmsfsOperations(pyfuse3.Operations):
             raise FUSEError(errno.EOPNOTSUPP)  # see kmsfs/fs/xattrs.py
         if kind is Namespace.PRIVILEGED and not self._is_admin(ctx):
             raise FUSEError(errno.EPERM)
-        os.setxattr(self._inode(inode).proc_path, name, value)
+        entry = self._inode(inode)
+        await self._allow(ctx, "write", self._path_of(entry))
+        os.setxattr(entry.proc_path, name, value)
 
     @_fuse_op
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
@@ -829,12 +963,16 @@ class KmsfsOperations(pyfuse3.Operations):
         # security.capability on every write: no syscall for those.
         kind = xattrs.namespace_of(name)
         if kind is Namespace.PRIVILEGED and self._is_admin(ctx) or kind is Namespace.STORED:
-            return os.getxattr(self._inode(inode).proc_path, name)
+            entry = self._inode(inode)
+            await self._allow(ctx, "list", self._path_of(entry))
+            return os.getxattr(entry.proc_path, name)
         raise FUSEError(errno.ENODATA)
 
     @_fuse_op
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
-        names = [os.fsencode(n) for n in os.listxattr(self._inode(inode).proc_path)]
+        entry = self._inode(inode)
+        await self._allow(ctx, "list", self._path_of(entry))
+        names = [os.fsencode(n) for n in os.listxattr(entry.proc_path)]
         kinds = {name: xattrs.namespace_of(name) for name in names}
         admin = Namespace.PRIVILEGED in kinds.values() and self._is_admin(ctx)
         return [
@@ -850,7 +988,9 @@ class KmsfsOperations(pyfuse3.Operations):
             raise FUSEError(errno.EPERM)
         if kind is Namespace.RESERVED or kind is Namespace.UNSUPPORTED:
             raise FUSEError(errno.ENODATA)
-        os.removexattr(self._inode(inode).proc_path, name)
+        entry = self._inode(inode)
+        await self._allow(ctx, "write", self._path_of(entry))
+        os.removexattr(entry.proc_path, name)
 
     @staticmethod
     def _is_admin(ctx: pyfuse3.RequestContext) -> bool:

@@ -63,6 +63,8 @@ def serve_plan(plan: MountPlan, on_ready: Callable[[], None] | None) -> None:
             services=services,
             audit=audit,
             lock_fd=lock_fd,
+            policy=plan.policy,
+            policy_file=plan.config_file,
         )
     finally:
         os.close(lock_fd)

@@ -15,6 +15,7 @@ from typing import Any
 import click
 
 from kmsfs.errors import UsageError
+from kmsfs.policy import Policy
 from kmsfs.server.config import check_volume_provider, current_config
 from kmsfs.server.mountpoint import recover_stale_mount
 from kmsfs.server.runtime import ServerRuntime
@@ -28,7 +29,9 @@ class MountPlan:
     config file's, then the command line's), runtime (status, metrics, notify),
     key_options (what the providers read: this host's key options), prompt
     (asks for a passphrase or PIN, or None), cache_max_entries/cache_max_age
-    (None: defaults), audit_log (absolute, or None), log_level, log_file.
+    (None: defaults), audit_log (absolute, or None), log_level, log_file,
+    policy (the config file's access policy, or None: permit all) and
+    config_file (re-read for the policy on SIGHUP).
     """
 
     backing: str
@@ -42,6 +45,8 @@ class MountPlan:
     audit_log: str | None = None
     log_level: str = "info"
     log_file: str | None = None
+    policy: Policy | None = None
+    config_file: str | None = None
 
 
 def mount_server_options(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -91,4 +96,11 @@ def prepare_mount(
         click.echo(
             f"kmsfs: detached the stale mount at {mountpoint} (its daemon had died)", err=True
         )
-    return MountPlan(backing, mountpoint, extra, runtime)
+    return MountPlan(
+        backing,
+        mountpoint,
+        extra,
+        runtime,
+        policy=config.policy if config is not None else None,
+        config_file=str(config.path) if config is not None else None,
+    )

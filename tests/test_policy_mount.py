@@ -1,0 +1,211 @@
+"""The access policy enforced by a real mount (issue 14): real processes under other
+uids and other programs (a copy of a binary at another path is another program), on an
+``allow_other`` mount configured by a TOML volume config.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import BIN, Volume, make_volume, requires_fuse, run_as, run_kmsfs
+
+pytestmark = [requires_fuse, pytest.mark.mount]
+NOBODY = 65534
+
+
+class PolicyVolume:
+    """A volume mounted through a TOML config whose [policy] the test writes."""
+
+    def __init__(self, vol: Volume, root: Path) -> None:
+        self.vol = vol
+        self.toml = root / "vol.toml"
+        self.audit = root / "audit.jsonl"
+        self.programs = root / "programs"
+        self.programs.mkdir(mode=0o755)
+        self.pid = 0
+
+    def write_config(self, policy: str) -> None:
+        self.toml.write_text(
+            f'backing = "{self.vol.backing}"\n'
+            f'mountpoint = "{self.vol.mountpoint}"\n'
+            'options = ["allow_other"]\n'
+            f'audit_log = "{self.audit}"\n'
+            f'[provider]\ntype = "local"\nkey_file = "{self.vol.key_file}"\n' + policy
+        )
+        self.toml.chmod(0o644)
+
+    def mount(self) -> None:
+        result = run_kmsfs("mount", "--config", self.toml, "--log-file", self.vol.log_file)
+        self.pid = int(result.stdout.split("daemon pid ")[1].split(")")[0])
+        self.vol.mounted = True
+
+    def program(self, name: str, source: str = "/bin/cat") -> Path:
+        """A copy of *source* at another path: another program for the policy."""
+        copy = self.programs / name
+        shutil.copy2(source, copy)
+        copy.chmod(0o755)
+        return copy
+
+    def records(self) -> list[dict[str, object]]:
+        if not self.audit.exists():
+            return []
+        lines = self.audit.read_text().splitlines()
+        return [r for r in map(json.loads, lines) if r.get("operation") == "policy"]
+
+
+@pytest.fixture
+def pv(shared_dir: Path) -> Iterator[PolicyVolume]:
+    vol = make_volume(shared_dir)
+    vol.mountpoint.rename(shared_dir / "mnt")
+    vol.mountpoint = shared_dir / "mnt"
+    vol.mount()  # make the tree as root, without a policy
+    vol.mountpoint.chmod(0o755)
+    for d in ("secret", "shared", "vault"):
+        (vol.mountpoint / d).mkdir(mode=0o777)
+        (vol.mountpoint / d / "f").write_bytes(f"{d} data\n".encode())
+        (vol.mountpoint / d / "f").chmod(0o666)
+    vol.umount()
+    volume = PolicyVolume(vol, shared_dir)
+    yield volume
+    vol.umount()
+
+
+def as_root(*command: str | os.PathLike[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*map(str, command)], capture_output=True, text=True, timeout=30)
+
+
+def denied(result: subprocess.CompletedProcess[str]) -> bool:
+    return result.returncode != 0 and "Permission denied" in result.stderr
+
+
+def test_rules_by_program_user_and_root_with_audit(pv: PolicyVolume) -> None:
+    reader = pv.program("secret-reader")
+    pv.write_config(
+        f"""
+[policy]
+mode = "enforce"
+default = "permit"
+
+[[policy.rule]]           # 1: only this program reads /secret
+programs = ["{reader}"]
+paths = ["/secret/**"]
+actions = ["read"]
+effect = "permit"
+
+[[policy.rule]]           # 2: nobody else does
+paths = ["/secret/**"]
+actions = ["read"]
+effect = "deny"
+
+[[policy.rule]]           # 3: nobody (the user) may not write /shared, audited
+users = [{NOBODY}]
+paths = ["/shared/**"]
+actions = ["write", "create", "delete"]
+effect = "deny"
+
+[[policy.rule]]           # 4: root gets no plaintext of /vault
+users = ["root"]
+paths = ["/vault/**"]
+actions = ["read", "write"]
+effect = "deny"
+"""
+    )
+    pv.mount()
+    mnt = pv.vol.mountpoint
+    # first match wins: the permitted program reads, /bin/cat (rule 2) does not
+    assert as_root(reader, mnt / "secret/f").stdout == "secret data\n"
+    assert denied(as_root("cat", mnt / "secret/f"))
+    assert run_as(NOBODY, reader, mnt / "secret/f").stdout == "secret data\n"
+    # per user and per action: nobody reads /shared but cannot write or create there
+    assert run_as(NOBODY, "cat", mnt / "shared/f").stdout == "shared data\n"
+    assert denied(run_as(NOBODY, "sh", "-c", f"echo x >> {mnt}/shared/f"))
+    assert denied(run_as(NOBODY, "touch", mnt / "shared/new"))
+    assert denied(run_as(NOBODY, "rm", "-f", mnt / "shared/f"))
+    assert as_root("sh", "-c", f"echo root >> {mnt}/shared/f").returncode == 0
+    # root is matched like anyone: no plaintext of /vault, while names stay visible
+    assert denied(as_root("cat", mnt / "vault/f"))
+    assert as_root("ls", mnt / "vault").stdout == "f\n"
+    # the default (permit) for what no rule names
+    assert run_as(NOBODY, "cat", mnt / "vault/f").stdout == "vault data\n"
+    records = pv.records()
+    by_rule = {r["rule"]: r for r in records}
+    assert {2, 3, 4} <= set(by_rule), records
+    denial = by_rule[4]
+    assert denial["uid"] == 0 and denial["path"] == "/vault/f" and denial["action"] == "read"
+    assert denial["effect"] == "deny" and denial["allowed"] is False
+    assert denial["exe"] and str(denial["exe"]).endswith("cat")
+    assert by_rule[3]["uid"] == NOBODY
+
+
+def test_learn_mode_denies_nothing_and_suggest_makes_the_rules(pv: PolicyVolume) -> None:
+    app = pv.program("app")
+    learn = """
+[policy]
+mode = "learn"
+default = "deny"
+
+[[policy.rule]]
+actions = ["list"]
+effect = "permit"
+"""
+    pv.write_config(learn)
+    pv.mount()
+    mnt = pv.vol.mountpoint
+    assert as_root(app, mnt / "shared/f").stdout == "shared data\n"  # nothing denied
+    assert run_as(NOBODY, app, mnt / "secret/f").stdout == "secret data\n"
+    would_be = pv.records()
+    assert would_be and all(r["mode"] == "learn" and r["allowed"] for r in would_be)
+    pv.vol.umount()
+    suggested = run_kmsfs("policy", "suggest", pv.audit).stdout
+    assert "[[policy.rule]]" in suggested and str(app) in suggested
+    pv.write_config(learn.replace('"learn"', '"enforce"') + "\n" + suggested)
+    pv.audit.unlink()
+    pv.mount()
+    # exactly the workload that was seen is permitted, other programs are not
+    assert as_root(app, mnt / "shared/f").stdout == "shared data\n"
+    assert run_as(NOBODY, app, mnt / "secret/f").stdout == "secret data\n"
+    assert denied(as_root("cat", mnt / "shared/f"))
+    assert denied(run_as(NOBODY, app, mnt / "vault/f"))
+
+
+def test_reload_applies_a_good_policy_and_keeps_the_old_one_on_error(pv: PolicyVolume) -> None:
+    deny_vault = """
+[policy]
+mode = "enforce"
+default = "permit"
+
+[[policy.rule]]
+paths = ["/vault/**"]
+actions = ["read"]
+effect = "deny"
+"""
+    pv.write_config(deny_vault)
+    pv.mount()
+    mnt = pv.vol.mountpoint
+    assert denied(as_root("cat", mnt / "vault/f"))
+    bad_rule = '\n[[policy.rule]]\nusers = ["no-such-user-xyz"]\neffect = "deny"\n'
+    pv.write_config(deny_vault + bad_rule)
+    os.kill(pv.pid, signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while "policy not reloaded" not in pv.vol.log_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "policy not reloaded, keeping the current one" in pv.vol.log_text()
+    assert "no-such-user-xyz" in pv.vol.log_text()
+    assert os.path.ismount(mnt)  # SIGHUP no longer unmounts
+    assert denied(as_root("cat", mnt / "vault/f"))  # the old policy still holds
+    pv.write_config(deny_vault.replace('"/vault/**"', '"/secret/**"'))
+    os.kill(pv.pid, signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while "policy reloaded" not in pv.vol.log_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert as_root("cat", mnt / "vault/f").stdout == "vault data\n"
+    assert denied(as_root("cat", mnt / "secret/f"))
+    assert BIN.exists()
