@@ -10,21 +10,19 @@ is opened beneath that volume's root without following any symlink
 
 from __future__ import annotations
 
-import errno
 import os
 import stat
 from pathlib import Path
 from typing import Any
 
-from kmsfs.errors import FormatError, KmsfsError
-from kmsfs.format.content import BlockCipher, Layout
-from kmsfs.format.header import XATTR_NAME, FileHeader
+from kmsfs.errors import KmsfsError
+from kmsfs.format.content import Layout
 from kmsfs.format.volume import CONFIG_NAME
 from kmsfs.fs.content_file import ContentFile
+from kmsfs.fs.headerio import read_header
 from kmsfs.fs.syscalls import RENAME_NOREPLACE, renameat2
 from kmsfs.fs.tree import FILE_FLAGS, NOT_FOLLOWED, TreeChanged, check_file, open_beneath, open_root
 from kmsfs.keys.keyring import Keyring
-from kmsfs.keys.provider import wipe
 
 CHUNK_BLOCKS = 256
 _AT_FDCWD = -100
@@ -83,34 +81,11 @@ def open_backing_file(path: str | os.PathLike[str]) -> int:
         raise KmsfsError(f"{path} is not a regular file") from None
 
 
-def read_header_fd(fd: int, what: str) -> FileHeader:
-    """The parsed header of the open backing file *fd*; FormatError if absent or malformed."""
-    try:
-        raw = os.getxattr(fd, XATTR_NAME)
-    except OSError as exc:
-        if exc.errno == errno.ENODATA:
-            raise FormatError(f"{what}: no kmsfs header ({XATTR_NAME} is missing)") from None
-        raise
-    try:
-        return FileHeader.parse(raw)
-    except FormatError as exc:
-        raise FormatError(f"{what}: {exc}") from None
-
-
-def read_header(path: str | os.PathLike[str]) -> FileHeader:
-    """The parsed header of a backing file; FormatError if absent or malformed."""
-    fd = open_backing_file(path)
-    try:
-        return read_header_fd(fd, str(path))
-    finally:
-        os.close(fd)
-
-
 def inspect(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The header of *path* and its sizes, without any key."""
     fd = open_backing_file(path)
     try:
-        header = read_header_fd(fd, str(path))
+        header = read_header(fd, str(path))
         backing_size = os.fstat(fd).st_size
     finally:
         os.close(fd)
@@ -144,12 +119,8 @@ def decrypt_file(
         raise KmsfsError(f"{output} exists: refusing to overwrite it")
     fd = open_backing_file(backing_file)
     try:
-        header = read_header_fd(fd, str(backing_file))
-        key = keyring.unwrap(header, str(backing_file))
-        try:
-            cipher = BlockCipher.for_file(key, header)
-        finally:
-            wipe(key)
+        header = read_header(fd, str(backing_file))
+        cipher = keyring.cipher_for(header, str(backing_file))
         content = ContentFile.open(fd, cipher, lambda: str(backing_file))
         temp = out_path.with_name(f".{out_path.name}.kmsfs-partial")
         out = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)

@@ -31,12 +31,7 @@ def populate(backing: Path, key_file: Path, count: int, size: int = 100) -> dict
 
 def write_file(path: Path, config: VolumeConfig, keyring: Keyring, data: bytes) -> None:
     """Create the backing file *path* holding *data*, encrypted as the daemon writes it."""
-    file_id, key, entries = keyring.new_file()
-    header = FileHeader(config.volume_id, file_id, config.block_size, entries)
-    try:
-        cipher = BlockCipher.for_file(key, header)
-    finally:
-        wipe(key)
+    header, cipher = keyring.new_file_cipher(config.block_size)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
     try:
         os.setxattr(fd, XATTR_NAME, header.pack())
@@ -55,7 +50,7 @@ def entry_refs(path: Path) -> list[str]:
 def read_file(path: Path, keyring: Keyring) -> bytes:
     """The plaintext of the backing file *path* (test side: no hostile tree here)."""
     header = FileHeader.parse(os.getxattr(path, XATTR_NAME))
-    return _decrypt(path, header, keyring.unwrap(header, str(path)))
+    return _read(path, keyring.cipher_for(header, str(path)))
 
 
 def read_file_with_any_key(path: Path, key_files: list[Path]) -> bytes:
@@ -70,15 +65,15 @@ def read_file_with_any_key(path: Path, key_files: list[Path]) -> bytes:
         provider = local.open_provider({}, {"key_file": str(key_file)}, None)
         for entry in header.entries:
             if provider.accepts(entry):
-                return _decrypt(path, header, provider.unwrap(entry, context))
+                key = provider.unwrap(entry, context)
+                try:
+                    return _read(path, BlockCipher.for_file(key, header))
+                finally:
+                    wipe(key)
     raise AssertionError(f"{path}: no key file opens any entry of its header")
 
 
-def _decrypt(path: Path, header: FileHeader, key: bytearray) -> bytes:
-    try:
-        cipher = BlockCipher.for_file(key, header)
-    finally:
-        wipe(key)
+def _read(path: Path, cipher: BlockCipher) -> bytes:
     with open(path, "rb") as handle:
         content = ContentFile.open(handle.fileno(), cipher, lambda: str(path))
         return bytes(content.read(0, content.size))

@@ -31,17 +31,17 @@ import pyfuse3
 import trio
 from pyfuse3 import FUSEError
 
-from kmsfs.errors import FormatError, KeyAccessDenied, KmsfsError
+from kmsfs.errors import KeyAccessDenied, KmsfsError
 from kmsfs.format.content import BlockCipher, Layout
-from kmsfs.format.header import XATTR_NAME, FileHeader, WrappedKey
+from kmsfs.format.header import XATTR_NAME, FileHeader
 from kmsfs.format.volume import RESERVED_PREFIX, VolumeConfig
 from kmsfs.fs import syscalls, xattrs
 from kmsfs.fs.content_file import ContentFile, KeyUsageTable
 from kmsfs.fs.events import AccessEvent, AccessSink, access_mode
+from kmsfs.fs.headerio import read_header
 from kmsfs.fs.inodes import ROOT_INODE, Inode, InodeTable
 from kmsfs.fs.xattrs import Namespace
 from kmsfs.keys.keyring import Keyring
-from kmsfs.keys.provider import wipe
 from kmsfs.policy import Policy
 from kmsfs.policy.identity import HashPending, IdentityCache
 from kmsfs.policy.records import audit_record
@@ -489,21 +489,8 @@ class KmsfsOperations(pyfuse3.Operations):
             fd = os.open(entry.proc_path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             what = f"inode {entry.ino}"  # replaced by the path if an error is reported
-            try:
-                raw = os.getxattr(fd, XATTR_NAME)
-            except OSError as exc:
-                if exc.errno != errno.ENODATA:
-                    raise
-                raise FormatError(
-                    f"{what}: no kmsfs header (file not written through"
-                    " kmsfs, or its header xattr was lost)"
-                ) from None
-            header = FileHeader.parse(raw)
-            key = await self._key_call(self.keyring.unwrap, header, what, requester)
-            try:
-                cipher = BlockCipher.for_file(key, header)
-            finally:
-                wipe(key)
+            header = read_header(fd, what)
+            cipher = await self._key_call(self.keyring.cipher_for, header, what, requester)
             content = ContentFile.open(
                 fd,
                 cipher,
@@ -807,8 +794,11 @@ class KmsfsOperations(pyfuse3.Operations):
             await self._allow(ctx, "create", path)
             for action in _open_actions(flags):
                 await self._allow(ctx, action, path)
-            file_id, key, entries = await self._key_call(self.keyring.new_file, requester)
-            answer = self._create(parent, name, mode, ctx, file_id, key, entries)
+            header, cipher = await self._key_call(
+                self.keyring.new_file_cipher, self.config.block_size, requester
+            )
+            file_id = header.file_id
+            answer = self._create(parent, name, mode, ctx, header, cipher)
         except Exception as exc:
             self._audit_access("create", flags, requester or self._requester(ctx, None), None, exc)
             raise
@@ -821,16 +811,12 @@ class KmsfsOperations(pyfuse3.Operations):
         name: bytes,
         mode: int,
         ctx: pyfuse3.RequestContext,
-        file_id: bytes,
-        key: bytearray,
-        entries: tuple[WrappedKey, ...],
+        header: FileHeader,
+        cipher: BlockCipher,
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
-        """Create *name* in *parent* with a header for the new file key *key* (wiped here)."""
-        try:
-            header = FileHeader(self.config.volume_id, file_id, self.config.block_size, entries)
-            cipher = BlockCipher.for_file(key, header)
-        finally:
-            wipe(key)
+        """Create *name* in *parent* with the new file's *header*, its blocks sealed by
+        *cipher*; nothing is left behind if a step fails."""
+        file_id = header.file_id
         fd = os.open(
             name,
             os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC,

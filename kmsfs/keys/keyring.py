@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kmsfs.errors import KmsfsError, ProviderError, WrongKeyError
+from kmsfs.format.content import BlockCipher
 from kmsfs.format.header import FileHeader, WrappedKey
 from kmsfs.format.volume import KeyConfig
 from kmsfs.keys.cache import KeyCache
@@ -173,6 +174,30 @@ class Keyring:
         have = ", ".join(f"{e.provider} {e.key_ref}" for e in header.entries)
         want = ", ".join(p.describe() for p in self.providers)
         raise WrongKeyError(f"{what}: file key is wrapped by {have}; this volume has {want}")
+
+    def cipher_for(
+        self, header: FileHeader, what: str, requester: dict[str, Any] | None = None
+    ) -> BlockCipher:
+        """The block cipher of the file *header* describes: its key unwrapped (``unwrap``'s
+        errors), the content key derived, the file key wiped.  The one way from a header to
+        a cipher, for the daemon and every tool."""
+        key = self.unwrap(header, what, requester)
+        try:
+            return BlockCipher.for_file(key, header)
+        finally:
+            wipe(key)
+
+    def new_file_cipher(
+        self, block_size: int, requester: dict[str, Any] | None = None
+    ) -> tuple[FileHeader, BlockCipher]:
+        """A new file's header (fresh file ID and key, wrapped by every master key) and its
+        block cipher; the file key is wiped (``new_file``'s errors)."""
+        file_id, key, entries = self.new_file(requester)
+        try:
+            header = FileHeader(self.volume_id, file_id, block_size, entries)
+            return header, BlockCipher.for_file(key, header)
+        finally:
+            wipe(key)
 
     def reencrypt(self, provider: Any, wrapped: WrappedKey, context: KeyContext) -> WrappedKey:
         """*wrapped* re-encrypted under *provider*'s key by the provider itself

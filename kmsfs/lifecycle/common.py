@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import errno
 import json
 import os
 import sys
@@ -20,9 +19,10 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from kmsfs.durable import replace_durably
-from kmsfs.errors import FormatError, KmsfsError, MountError, UsageError
-from kmsfs.format.header import XATTR_NAME, FileHeader
+from kmsfs.errors import KmsfsError, MountError, UsageError
+from kmsfs.format.header import XATTR_NAME
 from kmsfs.format.volume import STATE_DIR_NAME
+from kmsfs.fs.headerio import read_raw_header
 from kmsfs.fs.tree import FILE_FLAGS, open_root, open_state_dir
 from kmsfs.lock import lock_volume, volume_in_use
 
@@ -46,23 +46,6 @@ class HeaderChanged(LifecycleError):
 
 
 # -- headers -----------------------------------------------------------------
-
-
-def read_raw_header(fd: int) -> bytes | None:
-    """The header xattr's bytes of the open file *fd*, or None if it has none."""
-    try:
-        return os.getxattr(fd, XATTR_NAME)
-    except OSError as exc:
-        if exc.errno == errno.ENODATA:
-            return None
-        raise
-
-
-def parse_header(raw: bytes, what: str) -> FileHeader:
-    try:
-        return FileHeader.parse(raw)
-    except FormatError as exc:
-        raise FormatError(f"{what}: {exc}") from None
 
 
 def replace_header(fd: int, expected: bytes | None, header: bytes, what: str) -> None:

@@ -8,12 +8,10 @@ import os
 import stat
 from collections.abc import Callable
 
-from kmsfs.format.content import BlockCipher
 from kmsfs.format.header import RESERVED_XATTR_PREFIX, XATTR_NAME, FileHeader
 from kmsfs.fs.content_file import ContentFile
 from kmsfs.fs.syscalls import fchown_path_fd, utimens_path_fd
 from kmsfs.keys.keyring import Keyring
-from kmsfs.keys.provider import wipe
 
 CHUNK_BLOCKS = 256
 Reader = Callable[[int, int], bytes | bytearray]
@@ -25,13 +23,7 @@ def write_encrypted(
     """Fill the new, empty file *fd* with *size* bytes from *reader*, encrypted under a
     fresh file key and file ID, and fsync it.  All-zero chunks become holes.
     """
-    file_id = os.urandom(16)
-    key, entries = keyring.new_file_key(file_id)
-    header = FileHeader(keyring.volume_id, file_id, block_size, entries)
-    try:
-        cipher = BlockCipher.for_file(key, header)
-    finally:
-        wipe(key)
+    header, cipher = keyring.new_file_cipher(block_size)
     os.setxattr(fd, XATTR_NAME, header.pack(), os.XATTR_CREATE)
     content = ContentFile(fd, cipher, 0, lambda: what)
     content.write_empty()

@@ -45,10 +45,11 @@ from kmsfs.format.header import FileHeader
 from kmsfs.format.volume import STATE_DIR_NAME as STATE_DIR
 from kmsfs.format.volume import VolumeConfig
 from kmsfs.fs.content_file import ContentFile
+from kmsfs.fs.headerio import parse_header, read_raw_header
 from kmsfs.fs.tree import Tree, TreeChanged, open_state_dir, walk
 from kmsfs.keys.keyring import Keyring
 from kmsfs.keys.provider import KeyContext, wipe
-from kmsfs.lifecycle.common import Progress, parse_header, read_raw_header
+from kmsfs.lifecycle.common import Progress
 
 CHUNK_BLOCKS = 256
 MAX_BLOCKS_REPORTED = 20  # per file; the count says how many more

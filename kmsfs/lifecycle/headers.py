@@ -32,11 +32,11 @@ from typing import TextIO
 from kmsfs.errors import FormatError
 from kmsfs.format.header import FileHeader
 from kmsfs.format.volume import RESERVED_PREFIX, VolumeConfig
+from kmsfs.fs.headerio import read_raw_header
 from kmsfs.fs.tree import Tree, TreeChanged, split_rel
 from kmsfs.lifecycle.common import (
     HeaderChanged,
     LifecycleError,
-    read_raw_header,
     replace_header,
 )
 

@@ -47,21 +47,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kmsfs.errors import FormatError, KmsfsError
-from kmsfs.format.content import BlockCipher
 from kmsfs.format.volume import VolumeConfig
 from kmsfs.fs.content_file import ContentFile
+from kmsfs.fs.headerio import parse_header, read_raw_header
 from kmsfs.fs.syscalls import RENAME_EXCHANGE, renameat2
 from kmsfs.fs.tree import FILE_FLAGS, Entry, Tree, TreeChanged, check_file
 from kmsfs.keys.keyring import Keyring
-from kmsfs.keys.provider import wipe
 from kmsfs.lifecycle.common import (
     LifecycleError,
     Progress,
     birth_time,
     drop_journal,
     load_journal,
-    parse_header,
-    read_raw_header,
     save_journal,
     unlink_if_present,
     volume_locked,
@@ -275,11 +272,7 @@ def _rekey_one(
     if header.volume_id != keyring.volume_id:
         report.skipped.append((rel, "header of another volume"))
         return
-    key = keyring.unwrap(header, rel)
-    try:
-        cipher = BlockCipher.for_file(key, header)
-    finally:
-        wipe(key)
+    cipher = keyring.cipher_for(header, rel)
     st = os.fstat(fd)
     unlink_if_present(state, TMP_NAME)
     new_fd = os.open(TMP_NAME, os.O_RDWR | os.O_CREAT | os.O_EXCL | FILE_FLAGS, 0o600, dir_fd=state)

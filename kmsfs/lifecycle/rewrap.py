@@ -54,6 +54,7 @@ from typing import Any
 from kmsfs.errors import FormatError, KmsfsError, UsageError
 from kmsfs.format.header import MAX_ENTRIES, FileHeader, WrappedKey
 from kmsfs.format.volume import load_config
+from kmsfs.fs.headerio import parse_header, read_raw_header
 from kmsfs.fs.tree import Entry, Tree, TreeChanged
 from kmsfs.keys.cache import NullCache
 from kmsfs.keys.keyring import Keyring
@@ -67,8 +68,6 @@ from kmsfs.lifecycle.common import (
     drop_journal,
     in_use_by,
     load_journal,
-    parse_header,
-    read_raw_header,
     replace_header,
     save_journal,
     volume_locked,
