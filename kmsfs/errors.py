@@ -83,6 +83,22 @@ class KeyUnavailable(ProviderError):
     temporary = True
 
 
+class LifecycleError(KmsfsError):
+    """A lifecycle tool cannot start or finish (mounted volume, journal of another run)."""
+
+    exit_code = 1
+
+
+class VolumeMounted(LifecycleError):
+    """The tool needs the volume unmounted."""
+
+    exit_code = 7
+
+
+class HeaderChanged(LifecycleError):
+    """A header was not what the tool read a moment before: it was left as it is."""
+
+
 class MountError(KmsfsError):
     """Mounting or unmounting failed."""
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from kmsfs.errors import KmsfsError
+from kmsfs.errors import KmsfsError, UsageError
 
 KEY_OPTION_NAMES = (
     "key_file",
@@ -211,3 +211,21 @@ def progress_flag(quiet: bool) -> bool | None:
 
 
 quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, "y": 31557600}
+
+
+def parse_duration(text: str) -> float:
+    """'90d', '12h', '2w', '1y', '30m', '45s' (or plain seconds) -> seconds."""
+    text = text.strip().lower()
+    try:
+        if text and text[-1] in _UNITS:
+            value = float(text[:-1]) * _UNITS[text[-1]]
+        else:
+            value = float(text)
+    except ValueError:
+        raise UsageError(f"duration {text!r}: want a number with s, m, h, d, w or y") from None
+    if value < 0:
+        raise UsageError(f"duration {text!r} is negative")
+    return value

@@ -13,6 +13,7 @@ from kmsfs.cli.common import (
     handle_errors,
     key_option_values,
     key_options,
+    parse_duration,
     progress_flag,
     prompt_secret,
     provider_option,
@@ -72,7 +73,7 @@ def rekey(backing: str, older_than: str | None, quiet: bool, **kwargs: Any) -> N
     times and user xattrs.
     """
     from kmsfs.keys.cache import NullCache
-    from kmsfs.lifecycle.common import parse_duration, refuse_if_mounted
+    from kmsfs.lifecycle.common import refuse_if_mounted
     from kmsfs.lifecycle.rekey import rekey_volume
     from kmsfs.volume import open_volume
 

@@ -133,3 +133,27 @@ def _has_capability(cap: int) -> bool:
 
 def _bytes(limit: int) -> str:
     return f"{limit // 1024} KiB" if limit >= 1024 else f"{limit} bytes"
+
+
+_STATX_BTIME = 0x800
+_AT_SYMLINK_NOFOLLOW = 0x100
+_AT_EMPTY_PATH = 0x1000
+
+
+def birth_time(fd: int) -> float | None:
+    """The birth time (statx btime) of the open file *fd* in seconds, or None if unknown
+    (no statx in this libc, or a filesystem that does not record it); OSError otherwise.
+
+    A file key is created with its backing inode (by create, rekey and import,
+    which all make new inodes), so the birth time is the age of the file key.
+    """
+    if not hasattr(_libc, "statx"):
+        return None
+    buf = ctypes.create_string_buffer(256)
+    _check(_libc.statx(fd, b"", _AT_EMPTY_PATH | _AT_SYMLINK_NOFOLLOW, _STATX_BTIME, buf), "statx")
+    mask = int.from_bytes(buf.raw[0:4], "little")
+    if not mask & _STATX_BTIME:
+        return None
+    seconds = int.from_bytes(buf.raw[80:88], "little", signed=True)
+    nanos = int.from_bytes(buf.raw[88:92], "little")
+    return seconds + nanos / 1e9

@@ -7,19 +7,18 @@ symlink); everything here works on the descriptors it hands out.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import json
 import os
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TextIO
 
+import click
+
 from kmsfs.durable import replace_durably
-from kmsfs.errors import KmsfsError, MountError, UsageError
+from kmsfs.errors import HeaderChanged, LifecycleError, MountError, VolumeMounted
 from kmsfs.format.header import XATTR_NAME
 from kmsfs.format.volume import STATE_DIR_NAME
 from kmsfs.fs.headerio import read_raw_header
@@ -27,22 +26,6 @@ from kmsfs.fs.tree import FILE_FLAGS, open_root, open_state_dir
 from kmsfs.lock import lock_volume, volume_in_use
 
 MAX_JOURNAL_SIZE = 1 << 20
-
-
-class LifecycleError(KmsfsError):
-    """A lifecycle tool cannot start or finish (mounted volume, journal of another run)."""
-
-    exit_code = 1
-
-
-class VolumeMounted(LifecycleError):
-    """The tool needs the volume unmounted."""
-
-    exit_code = 7
-
-
-class HeaderChanged(LifecycleError):
-    """A header was not what the tool read a moment before: it was left as it is."""
 
 
 # -- headers -----------------------------------------------------------------
@@ -219,115 +202,32 @@ def volume_locked(backing: Path, tool: str) -> Iterator[None]:
         os.close(fd)
 
 
-# -- birth time --------------------------------------------------------------
-
-_STATX_BTIME = 0x800
-_AT_SYMLINK_NOFOLLOW = 0x100
-_AT_EMPTY_PATH = 0x1000
-_libc: Any = None
-
-
-def birth_time(fd: int) -> float | None:
-    """The birth time (statx btime) of the open file *fd* in seconds, or None if unknown.
-
-    A file key is created with its backing inode (by create, rekey and import,
-    which all make new inodes), so the birth time is the age of the file key.
-    """
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        if not hasattr(_libc, "statx"):
-            _libc = False
-    if _libc is False:
-        return None
-    buf = ctypes.create_string_buffer(256)
-    rc = _libc.statx(fd, b"", _AT_EMPTY_PATH | _AT_SYMLINK_NOFOLLOW, _STATX_BTIME, buf)
-    if rc != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-    mask = int.from_bytes(buf.raw[0:4], "little")
-    if not mask & _STATX_BTIME:
-        return None
-    seconds = int.from_bytes(buf.raw[80:88], "little", signed=True)
-    nanos = int.from_bytes(buf.raw[88:92], "little")
-    return seconds + nanos / 1e9
-
-
-# -- durations ---------------------------------------------------------------
-
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, "y": 31557600}
-
-
-def parse_duration(text: str) -> float:
-    """'90d', '12h', '2w', '1y', '30m', '45s' (or plain seconds) -> seconds."""
-    text = text.strip().lower()
-    try:
-        if text and text[-1] in _UNITS:
-            value = float(text[:-1]) * _UNITS[text[-1]]
-        else:
-            value = float(text)
-    except ValueError:
-        raise UsageError(f"duration {text!r}: want a number with s, m, h, d, w or y") from None
-    if value < 0:
-        raise UsageError(f"duration {text!r} is negative")
-    return value
-
-
 # -- progress ----------------------------------------------------------------
 
 
 class Progress:
-    """A one-line progress bar (files, rate, ETA) on a terminal; silent otherwise.
-
-    Attributes: label, total, done, started.
-    """
+    """A progress bar (files, percentage, ETA: ``click.progressbar``) on a terminal;
+    silent otherwise.  Attributes: done (files counted), enabled."""
 
     def __init__(
         self, label: str, total: int, stream: TextIO | None = None, enabled: bool | None = None
     ) -> None:
-        self.label = label
-        self.total = total
+        stream = stream if stream is not None else sys.stderr
+        self.enabled = stream.isatty() if enabled is None else enabled
         self.done = 0
-        self.stream = stream if stream is not None else sys.stderr
-        self.enabled = self.stream.isatty() if enabled is None else enabled
-        self.started = time.monotonic()
-        self._shown = 0.0
+        self._bar: Any = None
+        if self.enabled:
+            self._bar = click.progressbar(
+                length=max(total, 1), label=label, file=stream, show_pos=True, show_eta=True
+            )
+            self._bar.__enter__()
 
     def advance(self, count: int = 1) -> None:
         self.done += count
-        if not self.enabled:
-            return
-        now = time.monotonic()
-        if now - self._shown >= 0.1 or self.done >= self.total:
-            self._shown = now
-            self._draw(now)
-
-    def _draw(self, now: float) -> None:
-        elapsed = max(now - self.started, 1e-6)
-        rate = self.done / elapsed
-        total = max(self.total, self.done)
-        fraction = self.done / total if total else 1.0
-        width = 24
-        filled = int(width * fraction)
-        eta = (total - self.done) / rate if rate > 0 else 0.0
-        self.stream.write(
-            f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {self.done}/{total}"
-            f" {fraction * 100:3.0f}% {rate:,.0f} files/s ETA {_clock(eta)} "
-        )
-        self.stream.flush()
+        if self._bar is not None:
+            self._bar.update(count)
 
     def close(self) -> None:
-        if self.enabled:
-            self._draw(time.monotonic())
-            self.stream.write("\n")
-            self.stream.flush()
-
-    @property
-    def elapsed(self) -> float:
-        return time.monotonic() - self.started
-
-
-def _clock(seconds: float) -> str:
-    seconds = int(seconds)
-    hours, rest = divmod(seconds, 3600)
-    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
+        if self._bar is not None:
+            self._bar.__exit__(None, None, None)
+            self._bar = None

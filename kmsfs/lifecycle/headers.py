@@ -29,14 +29,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from kmsfs.errors import FormatError
+from kmsfs.errors import FormatError, HeaderChanged, LifecycleError
 from kmsfs.format.header import FileHeader
 from kmsfs.format.volume import RESERVED_PREFIX, VolumeConfig
 from kmsfs.fs.headerio import read_raw_header
 from kmsfs.fs.tree import Tree, TreeChanged, split_rel
 from kmsfs.lifecycle.common import (
-    HeaderChanged,
-    LifecycleError,
     replace_header,
 )
 

@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kmsfs.errors import LifecycleError
 from kmsfs.format.volume import CONFIG_NAME, RESERVED_PREFIX, VolumeConfig
 from kmsfs.fs.syscalls import RENAME_NOREPLACE, renameat2
 from kmsfs.fs.tree import (
@@ -39,7 +40,6 @@ from kmsfs.fs.tree import (
 )
 from kmsfs.keys.keyring import Keyring
 from kmsfs.lifecycle.common import (
-    LifecycleError,
     Progress,
     drop_journal,
     load_journal,

@@ -46,17 +46,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kmsfs.errors import FormatError, KmsfsError
+from kmsfs.errors import FormatError, KmsfsError, LifecycleError
 from kmsfs.format.volume import VolumeConfig
 from kmsfs.fs.content_file import ContentFile
 from kmsfs.fs.headerio import parse_header, read_raw_header
-from kmsfs.fs.syscalls import RENAME_EXCHANGE, renameat2
+from kmsfs.fs.syscalls import RENAME_EXCHANGE, birth_time, renameat2
 from kmsfs.fs.tree import FILE_FLAGS, Entry, Tree, TreeChanged, check_file
 from kmsfs.keys.keyring import Keyring
 from kmsfs.lifecycle.common import (
-    LifecycleError,
     Progress,
-    birth_time,
     drop_journal,
     load_journal,
     save_journal,

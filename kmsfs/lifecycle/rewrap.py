@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kmsfs.errors import FormatError, KmsfsError, UsageError
+from kmsfs.errors import FormatError, HeaderChanged, KmsfsError, LifecycleError, UsageError
 from kmsfs.format.header import MAX_ENTRIES, FileHeader, WrappedKey
 from kmsfs.format.volume import load_config
 from kmsfs.fs.headerio import parse_header, read_raw_header
@@ -62,8 +62,6 @@ from kmsfs.keys.provider import KeyContext, KeyProvider, wipe
 from kmsfs.keys.registry import create_provider, open_provider
 from kmsfs.keys.secrets import Prompt
 from kmsfs.lifecycle.common import (
-    HeaderChanged,
-    LifecycleError,
     Progress,
     drop_journal,
     in_use_by,
