@@ -88,7 +88,17 @@ class Requester:
     supplementary groups).
     """
 
-    __slots__ = ("uid", "gid", "pid", "blocking", "_cache", "_exe", "_groups", "_sha256")
+    __slots__ = (
+        "uid",
+        "gid",
+        "pid",
+        "blocking",
+        "_cache",
+        "_exe",
+        "_program",
+        "_groups",
+        "_sha256",
+    )
 
     def __init__(
         self,
@@ -113,6 +123,7 @@ class Requester:
         self.blocking = blocking
         self._cache = cache
         self._exe = exe
+        self._program: str | None | object = _UNSET
         self._groups = None if groups is None else frozenset(groups) | {gid}
         self._sha256 = sha256
 
@@ -124,10 +135,12 @@ class Requester:
 
     @property
     def program(self) -> str | None:
-        exe = self.exe
-        if exe is not None and exe.endswith(DELETED):
-            return exe[: -len(DELETED)]
-        return exe
+        if self._program is _UNSET:  # asked once per rule with programs: computed once
+            exe = self.exe
+            if exe is not None and exe.endswith(DELETED):
+                exe = exe[: -len(DELETED)]
+            self._program = exe
+        return self._program  # type: ignore[return-value]
 
     @property
     def groups(self) -> frozenset[int]:
