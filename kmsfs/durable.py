@@ -17,9 +17,9 @@ def replace_durably(dir_fd: int, name: str, data: bytes, mode: int = 0o600) -> N
 
     Raises OSError (ENOSPC, EACCES...) with the target left as it was.
     """
-    temp = f".{name}.{os.getpid()}.tmp"
+    temp = f"{name}.tmp"  # one per target (a crashed writer's is replaced); .kmsfs* stays hidden
     try:
-        os.unlink(temp, dir_fd=dir_fd)  # left by a crashed process with this pid
+        os.unlink(temp, dir_fd=dir_fd)
     except FileNotFoundError:
         pass
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
