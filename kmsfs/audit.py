@@ -38,7 +38,7 @@ from typing import IO
 
 from kmsfs.errors import ConfigError
 from kmsfs.fs.events import AccessEvent
-from kmsfs.keys.keyring import KeyEvent
+from kmsfs.keys.events import KeyEvent
 
 log = logging.getLogger("kmsfs.audit")
 

@@ -33,7 +33,8 @@ from kmsfs.format.volume import (
     save_config,
 )
 from kmsfs.keys.cache import KeyCache
-from kmsfs.keys.keyring import EventSink, Keyring, unwrap_check
+from kmsfs.keys.events import EventSink
+from kmsfs.keys.keyring import Keyring, unwrap_check
 from kmsfs.keys.provider import KeyContext, KeyProvider, wipe
 from kmsfs.keys.registry import (
     TRUST_FLAG,

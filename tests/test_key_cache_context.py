@@ -20,7 +20,8 @@ from conftest import Volume, requires_fuse
 from kmsfs.errors import WrongKeyError
 from kmsfs.format.header import XATTR_NAME, FileHeader, WrappedKey
 from kmsfs.keys.cache import KeyCache
-from kmsfs.keys.keyring import KeyEvent, Keyring
+from kmsfs.keys.events import KeyEvent
+from kmsfs.keys.keyring import Keyring
 from kmsfs.keys.local import LocalProvider
 from kmsfs.keys.provider import KeyContext, wipe
 

@@ -9,7 +9,8 @@ from collections.abc import Callable
 
 from kmsfs.errors import KeyUnavailable
 from kmsfs.format.header import WrappedKey
-from kmsfs.keys.keyring import KeyEvent, Keyring
+from kmsfs.keys.events import KeyEvent
+from kmsfs.keys.keyring import Keyring
 from kmsfs.keys.local import LocalProvider
 from kmsfs.keys.prefetch import KeyPool
 from kmsfs.keys.provider import KeyContext

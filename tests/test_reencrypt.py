@@ -21,7 +21,8 @@ from kmsfs.format.header import WrappedKey
 from kmsfs.format.volume import load_config
 from kmsfs.keys.aws_kms import AwsKmsProvider, client_config
 from kmsfs.keys.cache import NullCache
-from kmsfs.keys.keyring import KeyEvent, Keyring
+from kmsfs.keys.events import KeyEvent
+from kmsfs.keys.keyring import Keyring
 from kmsfs.keys.provider import KeyContext, wipe
 
 pytestmark = pytest.mark.aws

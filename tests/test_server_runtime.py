@@ -370,7 +370,7 @@ def test_bad_metrics_address_refused_before_mounting(volume: Volume) -> None:
 
 
 def test_provider_stats_percentiles() -> None:
-    from kmsfs.keys.keyring import KeyEvent
+    from kmsfs.keys.events import KeyEvent
 
     stats = ProviderStats(window=100)
     for ms in range(1, 101):

@@ -16,7 +16,7 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
-from kmsfs.keys.keyring import EventSink, KeyEvent
+from kmsfs.keys.events import EventSink, KeyEvent
 
 if TYPE_CHECKING:
     from kmsfs.fs.operations import KmsfsOperations
