@@ -69,6 +69,7 @@ from kmsfs.lifecycle.common import (
     load_journal,
     parse_header,
     read_raw_header,
+    refuse_if_shared,
     replace_header,
     save_journal,
     volume_locked,
@@ -132,6 +133,7 @@ def rewrap_volume(
     """
     root = Path(backing).absolute()
     operation = "rewrap" if retire_old else "add"
+    refuse_if_shared(root, "kmsfs rewrap" if retire_old else "kmsfs keys add")
     started = time.monotonic()
     report = RewrapReport(dry_run=dry_run)
     journal = load_journal(root, JOURNAL)
