@@ -25,7 +25,7 @@ from kmsfs.fs.inodes import ROOT_INODE
 from kmsfs.fs.operations import KmsfsOperations, serve_volume
 from kmsfs.fs.syscalls import disable_core_dumps, lock_memory
 from kmsfs.keys.keyring import Keyring
-from kmsfs.lock import lock_volume
+from kmsfs.lock import claim_volume
 
 log = logging.getLogger("kmsfs.daemon")
 FLUSH_TIMEOUT = 30.0  # seconds to flush the kernel's dirty pages on SIGTERM before unmounting
@@ -97,6 +97,7 @@ def serve(
     services: Sequence[Callable[[KmsfsOperations], Awaitable[None]]] = (),
     audit: AccessSink | None = None,
     lock_fd: int | None = None,
+    shared: bool = False,
 ) -> None:
     """Mount *backing* at *mountpoint* and serve until unmounted; MountError if mounting fails.
 
@@ -104,27 +105,32 @@ def serve(
     with the operations object and is cancelled when the loop ends.  *audit*
     gets a record of every open and create; by default it is the keyring's
     event sink when that is an AuditLog (``kmsfs mount --audit-log``).  *lock_fd*
-    is the volume lock if the caller took it already (the caller closes it then).
+    is the volume lock if the caller took it already (the caller closes it then);
+    else this registers and takes it (``claim_volume``).  *shared*: other daemons
+    may serve the volume at once (docs/DESIGN.md "Shared storage"); *timeout* is
+    then the short one the mount options chose.
     """
     disable_core_dumps()
     not_locked = lock_memory()
     if not_locked is not None:
         log.warning("%s", not_locked)
-    own_lock = lock_fd is None
-    if lock_fd is None:  # held until the process exits: one daemon per volume
-        lock_fd = lock_volume(backing)
+    claim = None
+    if lock_fd is None:  # held until the process exits: one daemon per volume (or shared)
+        claim = claim_volume(backing, os.path.abspath(mountpoint), shared)
     os.umask(0)
     _raise_fd_limit()
     if audit is None and isinstance(keyring.on_event, AuditLog):
         audit = keyring.on_event
-    kwargs = {} if timeout is None else {"timeout": timeout}
-    ops = KmsfsOperations(serve_volume(backing, config, keyring, on_access=audit, **kwargs))
+    parts = serve_volume(backing, config, keyring, on_access=audit, shared=shared)
+    if timeout is not None:
+        parts.timeout = timeout
+    ops = KmsfsOperations(parts)
     try:
         pyfuse3.init(ops, mountpoint, fuse_options(backing, options))
     except RuntimeError as exc:
         ops.close()
-        if own_lock:
-            os.close(lock_fd)
+        if claim is not None:
+            claim.close()
         raise MountError(f"cannot mount {backing} at {mountpoint}: {exc}") from None
     log.info("mounted %s at %s (volume %s)", backing, mountpoint, config.volume_id.hex())
     unmount = True
@@ -137,8 +143,8 @@ def serve(
         pyfuse3.close(unmount=unmount)
         ops.close()
         keyring.close()
-        if own_lock:
-            os.close(lock_fd)
+        if claim is not None:
+            claim.close()
         log.info("unmounted %s", mountpoint)
 
 
