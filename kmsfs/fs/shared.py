@@ -155,62 +155,80 @@ def wait_until_created(fd: int, has_header: Callable[[], bool], what: str) -> No
 def check_shared_support(backing: str) -> None:
     """ConfigError naming what the backing filesystem lacks for shared mode: user
     extended attributes, or OFD byte-range locks that conflict between two open file
-    descriptions.  Tries them on a scratch file in ``.kmsfs.d`` (removed after)."""
-    from kmsfs.fs.tree import FILE_FLAGS, open_root, open_state_dir
+    descriptions.  Tries them on a scratch file (removed after)."""
+    check_user_xattrs(backing)
+    check_ofd_locks(backing)
 
-    try:
-        root = open_root(backing)
+
+def check_user_xattrs(backing: str) -> None:
+    """ConfigError if the backing filesystem refuses user extended attributes (kmsfs
+    keeps every file's header in one, in any mode)."""
+
+    def probe(fd: int) -> None:
         try:
-            state = open_state_dir(root, True)
-        finally:
-            os.close(root)
-    except OSError as exc:
-        raise ConfigError(
-            f"{backing}: cannot check the backing filesystem for shared mode: {exc.strerror}"
-        ) from None
-    assert state is not None
-    name = f"probe-{os.getpid()}"
-    try:
-        try:
-            first = os.open(name, os.O_RDWR | os.O_CREAT | FILE_FLAGS, 0o600, dir_fd=state)
+            os.setxattr(fd, "user.kmsfs.probe", b"1")
+            os.removexattr(fd, "user.kmsfs.probe")
         except OSError as exc:
             raise ConfigError(
-                f"{backing}: cannot check the backing filesystem for shared mode: {exc.strerror}"
+                f"{backing}: the backing filesystem has no user extended attributes"
+                f" ({exc.strerror}): kmsfs keeps each file's header in one, so it cannot"
+                " hold a volume (see README, 'Several hosts on one backing directory')"
             ) from None
-        try:
-            try:
-                os.setxattr(first, "user.kmsfs.probe", b"1")
-                os.removexattr(first, "user.kmsfs.probe")
-            except OSError as exc:
-                raise ConfigError(
-                    f"{backing}: the backing filesystem has no user extended attributes"
-                    f" ({exc.strerror}): kmsfs keeps each file's header in one, so it cannot"
-                    " serve this volume (see README, 'Several hosts on one backing directory')"
-                ) from None
-            second = os.open(name, os.O_RDWR | FILE_FLAGS, dir_fd=state)
-            try:
-                _check_locks(backing, first, second)
-            finally:
-                os.close(second)
-        finally:
-            os.close(first)
-            os.unlink(name, dir_fd=state)
-    finally:
-        os.close(state)
+
+    _with_scratch_file(backing, probe)
 
 
-def _check_locks(backing: str, first: int, second: int) -> None:
+def check_ofd_locks(backing: str) -> None:
+    """ConfigError if OFD byte-range locks on the backing filesystem fail or do not
+    conflict between two open file descriptions (shared mode relies on them)."""
     missing = (
         f"{backing}: the backing filesystem has no working OFD byte-range locks"
         " (fcntl F_OFD_SETLK){}: shared mode needs them to keep two daemons from sealing"
         " one block at once (see README, 'Several hosts on one backing directory')"
     )
+
+    def probe(first: int) -> None:
+        second = os.open(f"/proc/self/fd/{first}", os.O_RDWR | os.O_CLOEXEC)
+        try:
+            try:
+                ofd_lock(first, True, 0, 4096, wait=False)
+            except OSError as exc:
+                raise ConfigError(missing.format(f" ({exc.strerror})")) from None
+            try:
+                if ofd_lock(second, True, 0, 4096, wait=False):
+                    raise ConfigError(
+                        missing.format(" (a second lock of the same range was granted)")
+                    )
+            finally:
+                ofd_unlock(first, 0, 4096)
+        finally:
+            os.close(second)
+
+    _with_scratch_file(backing, probe)
+
+
+def _with_scratch_file(backing: str, probe: Callable[[int], None]) -> None:
+    """Run *probe* on a new empty file in the backing root (a ``.kmsfs`` name, never
+    shown through a mount), removed after.  ConfigError if it cannot be made."""
+    from kmsfs.fs.tree import FILE_FLAGS, open_root
+
+    name = f".kmsfs-probe-{os.getpid()}-{os.urandom(4).hex()}"
     try:
-        ofd_lock(first, True, 0, 4096, wait=False)
+        root = open_root(backing)
+        try:
+            fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | FILE_FLAGS, 0o600, dir_fd=root)
+        except BaseException:
+            os.close(root)
+            raise
     except OSError as exc:
-        raise ConfigError(missing.format(f" ({exc.strerror})")) from None
+        raise ConfigError(
+            f"{backing}: cannot check the backing filesystem: {exc.strerror}"
+        ) from None
     try:
-        if ofd_lock(second, True, 0, 4096, wait=False):
-            raise ConfigError(missing.format(" (a second lock of the same range was granted)"))
+        probe(fd)
     finally:
-        ofd_unlock(first, 0, 4096)
+        os.close(fd)
+        try:
+            os.unlink(name, dir_fd=root)
+        finally:
+            os.close(root)
