@@ -132,7 +132,13 @@ def serve(
         if claim is not None:
             claim.close()
         raise MountError(f"cannot mount {backing} at {mountpoint}: {exc}") from None
-    log.info("mounted %s at %s (volume %s)", backing, mountpoint, config.volume_id.hex())
+    log.info(
+        "mounted %s at %s (volume %s%s)",
+        backing,
+        mountpoint,
+        config.volume_id.hex(),
+        f", shared mode, timeouts {parts.timeout:g} s" if shared else "",
+    )
     unmount = True
     try:
         trio.run(_run, mountpoint, on_ready, ops, services)
