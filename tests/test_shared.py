@@ -32,6 +32,8 @@ from conftest import (
     run_kmsfs,
 )
 
+from kmsfs.format.header import XATTR_NAME
+
 pytestmark = requires_fuse
 
 BS = 4096  # the volumes' block size (init's default)
@@ -324,6 +326,26 @@ def test_a_write_and_fsync_on_one_mount_is_seen_by_the_other_within_the_timeout(
     assert second.path("seen").read_bytes() == b"TWO and more"
 
 
+def test_open_drops_the_page_cache_so_a_change_is_seen_before_the_timeout(
+    cluster: Cluster,
+) -> None:
+    """With a long shared timeout (5 s), A reads a file (its pages are cached), B
+    rewrites it at the same size and fsyncs; A's next open sees B's bytes at once,
+    before any timeout: close-to-open holds.  (Shared mode answers opens without
+    keep_cache for this; on this kernel the test also passes with keep_cache, so it
+    does not prove that flag alone.)"""
+    first, second = cluster.shared(2, "shared_timeout=5")
+    first.path("page").write_bytes(b"a" * BS)
+    time.sleep(0.1)
+    assert first.path("page").read_bytes() == b"a" * BS
+    assert second.path("page").read_bytes() == b"a" * BS
+    with open(second.path("page"), "r+b") as handle:
+        handle.write(b"b" * BS)
+        handle.flush()
+        os.fsync(handle.fileno())
+    assert first.path("page").read_bytes() == b"b" * BS
+
+
 # -- names: creating, renaming, deleting from two mounts --------------------------
 
 
@@ -380,6 +402,37 @@ def test_two_mounts_creating_one_name_at_once_one_gets_eexist(cluster: Cluster) 
         assert mounts[0].path(f"plain{n}").read_bytes() in (b"ab", b"\0b", b"a")
     cluster.umount_all()
     cluster.fsck_clean()
+
+
+def test_a_file_seen_while_another_daemon_creates_it_is_waited_for(cluster: Cluster) -> None:
+    """A daemon that opens a name another daemon has just created with O_EXCL, before
+    that one set its header and first block, waits and then opens it, instead of
+    calling it corrupt (EIO).  The creating daemon is played by this test, which makes
+    the backing file as ``create`` does, step by step with pauses in between (no
+    daemon can be paused between those syscalls on demand); the header and the empty
+    final block come from a file just created through a mount (a file's blocks are
+    bound to its file ID, not to its name)."""
+    (mount,) = cluster.shared(1)
+    mount.path("model").write_bytes(b"")
+    backing = cluster.volume.backing
+    fd = os.open(backing / "pending", os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644)
+    result: list[object] = []
+
+    def reader() -> None:
+        try:
+            result.append(mount.path("pending").read_bytes())
+        except OSError as exc:
+            result.append(exc)
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    time.sleep(0.3)
+    os.setxattr(fd, XATTR_NAME, os.getxattr(backing / "model", XATTR_NAME))
+    time.sleep(0.3)
+    os.write(fd, (backing / "model").read_bytes())
+    os.close(fd)
+    thread.join(timeout=30)
+    assert result == [b""]
 
 
 def test_renames_over_each_other_and_deletes_while_the_other_reads(cluster: Cluster) -> None:
