@@ -655,3 +655,21 @@ def test_default_mode_is_unchanged_by_shared_mode(tmp_path: Path) -> None:
         assert "shared mode" not in group.mounts[0].log_text()
     finally:
         group.umount_all()
+
+
+def test_the_config_file_says_shared_and_its_timeout(tmp_path: Path) -> None:
+    """``shared = true`` and ``shared_timeout`` in /etc/kmsfs/NAME.toml become the mount
+    options ``shared`` and ``shared_timeout=S``; a timeout without shared is refused."""
+    from kmsfs.errors import ConfigError
+    from kmsfs.server.config import parse_server_config
+    from kmsfs.server.mountcmd import split_shared_options
+
+    where = tmp_path / "data.toml"
+    config = parse_server_config({"shared": True, "shared_timeout": 0.5}, where)
+    assert config.mount_options == ("shared", "shared_timeout=0.5")
+    assert split_shared_options(list(config.mount_options)) == ([], True, 0.5)
+    assert parse_server_config({"shared": False}, where).mount_options == ()
+    with pytest.raises(ConfigError, match="shared_timeout is set but shared is not true"):
+        parse_server_config({"shared_timeout": 2}, where)
+    with pytest.raises(ConfigError, match="shared must be true or false"):
+        parse_server_config({"shared": "yes"}, where)
