@@ -105,7 +105,7 @@ def in_use_message(backing: str | os.PathLike[str], shared: bool = False) -> str
             f"volume {backing} is served in shared mode by {names}: mount it with -o shared"
             " too, or unmount those first"
         )
-    return f"volume {backing} is in use by another kmsfs daemon (already mounted?): {names}"
+    return f"volume {backing} is in use by another kmsfs process (already mounted?): {names}"
 
 
 def volume_in_use(backing: str | os.PathLike[str]) -> bool:

@@ -220,18 +220,19 @@ def refuse_if_shared(backing: Path, tool: str) -> None:
 
 
 def _in_use_message(backing: Path, tool: str) -> str:
+    where = mountpoints_of(backing)
     daemons = daemons_serving(backing)
+    names = "; ".join(map(str, daemons))
+    if where:
+        also = f"; daemons registered: {names}" if len(daemons) > 1 else ""
+        return (
+            f"{backing} is mounted at {where[0]}: {tool} works on an unmounted volume"
+            f" (kmsfs umount {where[0]} first{also})"
+        )
     if daemons:
-        names = "; ".join(map(str, daemons))
         return (
             f"{backing} is served by {names}: {tool} works on an unmounted volume"
             " (unmount every daemon listed first)"
-        )
-    where = mountpoints_of(backing)
-    if where:
-        return (
-            f"{backing} is mounted at {where[0]}: {tool} works on an unmounted volume"
-            f" (kmsfs umount {where[0]} first)"
         )
     return (
         f"{backing} is in use by another kmsfs process (a daemon or a tool holds its lock):"
