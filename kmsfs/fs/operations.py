@@ -697,13 +697,11 @@ class KmsfsOperations(pyfuse3.Operations):
             requester = self._requester(ctx, parent, name)
             file_id, key, entries = await self._key_call(self.keyring.new_file, requester)
             answer = self._create(parent, name, mode, ctx, file_id, key, entries)
-        except FileExistsError:
-            if not self.shared or flags & os.O_EXCL:
-                raise
-            # Another daemon created it since our negative lookup: open theirs (O_CREAT
-            # without O_EXCL), as a local filesystem would.
-            return await self._open_created_elsewhere(parent_inode, name, flags, ctx)
         except Exception as exc:
+            if self.shared and isinstance(exc, FileExistsError) and not flags & os.O_EXCL:
+                # Another daemon created it since our negative lookup: open theirs
+                # (O_CREAT without O_EXCL), as a local filesystem would.
+                return await self._open_created_elsewhere(parent_inode, name, flags, ctx)
             self._audit_access("create", flags, requester or self._requester(ctx, None), None, exc)
             raise
         self._audit_access("create", flags, requester, file_id)
