@@ -281,15 +281,23 @@ def _live_daemon(state: int, name: str) -> DaemonInfo | None:
         os.close(fd)
 
 
+def _printable(value: object, limit: int) -> str:
+    """*value* as text without control characters (it is shown on terminals and logs)."""
+    return "".join(c if c.isprintable() else "?" for c in str(value)[:limit])
+
+
 def _parse_info(name: str, raw: bytes) -> DaemonInfo:
+    """What a registration says; written by anyone who can write the backing directory,
+    so only displayed (printable, bounded), never used to find or signal a process."""
+    name = _printable(name, 256)
     try:
         info = json.loads(raw)
         return DaemonInfo(
             name,
-            str(info["host"])[:256],
+            _printable(info["host"], 256),
             int(info["pid"]),
-            str(info["mountpoint"])[:4096],
-            bool(info["shared"]),
+            _printable(info["mountpoint"], 4096),
+            info["shared"] is True,
         )
     except (ValueError, KeyError, TypeError):
         return DaemonInfo(name, "(unreadable registration)", 0, "?", True)

@@ -680,3 +680,28 @@ def test_the_config_file_says_shared_and_its_timeout(tmp_path: Path) -> None:
         parse_server_config({"shared_timeout": 2}, where)
     with pytest.raises(ConfigError, match="shared must be true or false"):
         parse_server_config({"shared": "yes"}, where)
+
+
+def test_a_planted_registration_is_only_displayed_and_a_dead_one_removed(tmp_path: Path) -> None:
+    """Registrations are written by whoever can write the backing directory: one that
+    no process holds is removed, control characters in a held one are not echoed,
+    and a symlink or directory among them is ignored."""
+    import fcntl
+
+    from kmsfs.lock import DAEMONS_DIR, daemons_serving
+
+    volume = make_volume(tmp_path)
+    daemons = volume.backing / ".kmsfs.d" / DAEMONS_DIR
+    daemons.mkdir(parents=True, exist_ok=True)
+    (daemons / "dead-1-00").write_text(
+        '{"host": "x", "pid": 1, "mountpoint": "/m", "shared": true}'
+    )
+    (daemons / "link").symlink_to("/etc/passwd")
+    (daemons / "dir").mkdir()
+    held = daemons / "evil-2-00"
+    held.write_text('{"host": "h\\u001b[2J", "pid": 2, "mountpoint": "/m\\n", "shared": "yes"}')
+    with open(held) as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        found = daemons_serving(volume.backing)
+    assert [(d.host, d.pid, d.mountpoint, d.shared) for d in found] == [("h?[2J", 2, "/m?", False)]
+    assert sorted(os.listdir(daemons)) == ["dir", "evil-2-00", "link"]
