@@ -26,7 +26,7 @@ from kmsfs.fs.inodes import ROOT_INODE
 from kmsfs.fs.operations import DEFAULT_TIMEOUT, KmsfsOperations, serve_volume
 from kmsfs.fs.syscalls import disable_core_dumps, lock_memory
 from kmsfs.keys.keyring import Keyring
-from kmsfs.lock import lock_volume
+from kmsfs.lock import claim_volume
 from kmsfs.policy import Policy
 from kmsfs.server.policyfile import reload_policy
 
@@ -102,6 +102,7 @@ def serve(
     lock_fd: int | None = None,
     policy: Policy | None = None,
     policy_file: str | None = None,
+    shared: bool = False,
 ) -> None:
     """Mount *backing* at *mountpoint* and serve until unmounted; MountError if mounting fails.
 
@@ -109,17 +110,20 @@ def serve(
     with the operations object and is cancelled when the loop ends.  *audit*
     gets a record of every open and create; by default it is the keyring's
     event sink when that is an AuditLog (``kmsfs mount --audit-log``).  *lock_fd*
-    is the volume lock if the caller took it already (the caller closes it then).
-    *policy* is the access policy (permit-all by default); SIGHUP re-reads it from
-    *policy_file* (the TOML volume config), keeping the old one if the new one is refused.
+    is the volume lock if the caller took it already (the caller closes it then);
+    else this registers and takes it (``claim_volume``).  *shared*: other daemons
+    may serve the volume at once (docs/DESIGN.md "Shared storage"); *timeout* is
+    then the short one the mount options chose.  *policy* is the access policy
+    (permit-all by default); SIGHUP re-reads it from *policy_file* (the TOML
+    volume config), keeping the old one if the new one is refused.
     """
     disable_core_dumps()
     not_locked = lock_memory()
     if not_locked is not None:
         log.warning("%s", not_locked)
-    own_lock = lock_fd is None
-    if lock_fd is None:  # held until the process exits: one daemon per volume
-        lock_fd = lock_volume(backing)
+    claim = None
+    if lock_fd is None:  # held until the process exits: one daemon per volume (or shared)
+        claim = claim_volume(backing, os.path.abspath(mountpoint), shared)
     os.umask(0)
     _raise_fd_limit()
     if audit is None and isinstance(keyring.on_event, AuditLog):
@@ -132,16 +136,23 @@ def serve(
         on_access=audit,
         policy=policy,
         on_policy=audit.write if isinstance(audit, AuditLog) else None,
+        shared=shared,
     )
     ops = KmsfsOperations(parts)
     try:
         pyfuse3.init(ops, mountpoint, fuse_options(backing, options))
     except RuntimeError as exc:
         ops.close()
-        if own_lock:
-            os.close(lock_fd)
+        if claim is not None:
+            claim.close()
         raise MountError(f"cannot mount {backing} at {mountpoint}: {exc}") from None
-    log.info("mounted %s at %s (volume %s)", backing, mountpoint, config.volume_id.hex())
+    log.info(
+        "mounted %s at %s (volume %s%s)",
+        backing,
+        mountpoint,
+        config.volume_id.hex(),
+        f", shared mode, timeouts {parts.timeout:g} s" if shared else "",
+    )
     unmount = True
     try:
         trio.run(_run, mountpoint, on_ready, ops, services, policy_file)
@@ -152,8 +163,8 @@ def serve(
         pyfuse3.close(unmount=unmount)
         ops.close()
         keyring.close()
-        if own_lock:
-            os.close(lock_fd)
+        if claim is not None:
+            claim.close()
         log.info("unmounted %s", mountpoint)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
 from typing import Any
 
@@ -31,8 +32,17 @@ from kmsfs.cli.common import (
 @handle_errors
 def init(backing: str, provider: str, block_size: int, **kwargs: Any) -> None:
     """Create a volume in the empty directory BACKING."""
+    from kmsfs.errors import ConfigError
+    from kmsfs.fs.shared import check_ofd_locks, check_user_xattrs
     from kmsfs.volume import host_options_hint, init_volume
 
+    # On the filesystem that will hold it (its parent if init is to create it):
+    where = backing if os.path.isdir(backing) else os.path.dirname(os.path.abspath(backing))
+    check_user_xattrs(where)  # every file's header lives in one
+    try:
+        check_ofd_locks(where)
+    except ConfigError as exc:
+        click.echo(f"kmsfs: warning: {exc} (the volume can still be mounted alone)", err=True)
     config = init_volume(backing, provider, key_option_values(kwargs), prompt_secret, block_size)
     key = config.keys[0]
     click.echo(f"created volume {config.volume_id.hex()} in {backing}")

@@ -40,6 +40,7 @@ from kmsfs.fs.content_file import ContentFile, KeyUsageTable
 from kmsfs.fs.events import AccessEvent, AccessSink, access_mode
 from kmsfs.fs.headerio import read_header
 from kmsfs.fs.inodes import ROOT_INODE, Inode, InodeTable
+from kmsfs.fs.shared import SharedContentFile, wait_until_created
 from kmsfs.fs.xattrs import Namespace
 from kmsfs.keys.keyring import Keyring
 from kmsfs.policy import Policy
@@ -135,7 +136,8 @@ class ServedVolume:
     writes at least this large run in a thread), on_access (the audit log's
     sink for every open and create, or None), policy (the access policy;
     permit-all without one), identities (requester identities for it),
-    on_policy (the audit log's sink for policy decisions marked for audit).
+    on_policy (the audit log's sink for policy decisions marked for audit),
+    shared (other daemons serve the volume too: docs/DESIGN.md "Shared storage").
     """
 
     backing: str
@@ -151,6 +153,7 @@ class ServedVolume:
     policy: Policy = field(default_factory=Policy.permit_all)
     identities: IdentityCache = field(default_factory=IdentityCache)
     on_policy: Callable[[dict[str, Any]], None] | None = None
+    shared: bool = False
 
 
 def serve_volume(
@@ -161,9 +164,12 @@ def serve_volume(
     on_access: AccessSink | None = None,
     policy: Policy | None = None,
     on_policy: Callable[[dict[str, Any]], None] | None = None,
+    shared: bool = False,
 ) -> ServedVolume:
     """The parts for *backing*: its root descriptor, an inode table sized to the descriptor
-    limit (a quarter of it, at most 2,048, stays free for open files), fresh limiters."""
+    limit (a quarter of it, at most 2,048, stays free for open files), fresh limiters.
+    *shared*: every content request runs in a worker thread (it may wait for another
+    daemon's byte-range lock)."""
     backing = os.path.abspath(backing)
     fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     inodes = InodeTable(
@@ -179,9 +185,11 @@ def serve_volume(
         io_limiter=trio.CapacityLimiter(4),
         key_limiter=trio.CapacityLimiter(8),
         timeout=timeout,
+        offload_bytes=0 if shared else OFFLOAD_BYTES,
         on_access=on_access,
         policy=policy or Policy.permit_all(),
         on_policy=on_policy,
+        shared=shared,
     )
 
 
@@ -223,6 +231,12 @@ class KmsfsOperations(pyfuse3.Operations):
         self.errors = 0
         self.bytes_read = 0
         self.bytes_written = 0
+        # Shared mode: no writeback cache (the kernel would write back whole pages over
+        # another host's bytes), no page cache kept across opens, sizes from the backing.
+        self.shared = parts.shared
+        self._content_class = SharedContentFile if parts.shared else ContentFile
+        if parts.shared:
+            self.enable_writeback_cache = False
 
     # -- helpers -----------------------------------------------------------
 
@@ -246,7 +260,7 @@ class KmsfsOperations(pyfuse3.Operations):
         attr.st_gid = st.st_gid
         attr.st_rdev = st.st_rdev
         if stat.S_ISREG(st.st_mode):
-            if entry is not None and entry.content is not None:
+            if entry is not None and entry.content is not None and not self.shared:
                 attr.st_size = entry.content.size
             else:
                 attr.st_size = self.layout.plain_size(st.st_size)
@@ -489,9 +503,13 @@ class KmsfsOperations(pyfuse3.Operations):
             fd = os.open(entry.proc_path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             what = f"inode {entry.ino}"  # replaced by the path if an error is reported
+            if self.shared:  # another daemon may be between its O_EXCL open and the header
+                await trio.to_thread.run_sync(
+                    wait_until_created, fd, functools.partial(_has_header, fd), what
+                )
             header = read_header(fd, what)
             cipher = await self._key_call(self.keyring.cipher_for, header, what, requester)
-            content = ContentFile.open(
+            content = self._content_class.open(
                 fd,
                 cipher,
                 lambda: self.describe(entry),
@@ -800,6 +818,10 @@ class KmsfsOperations(pyfuse3.Operations):
             file_id = header.file_id
             answer = self._create(parent, name, mode, ctx, header, cipher)
         except Exception as exc:
+            if self.shared and isinstance(exc, FileExistsError) and not flags & os.O_EXCL:
+                # Another daemon created it since our negative lookup: open theirs
+                # (O_CREAT without O_EXCL), as a local filesystem would.
+                return await self._open_created_elsewhere(parent_inode, name, flags, ctx)
             self._audit_access("create", flags, requester or self._requester(ctx, None), None, exc)
             raise
         self._audit_access("create", flags, requester, file_id)
@@ -826,7 +848,7 @@ class KmsfsOperations(pyfuse3.Operations):
         try:
             os.setxattr(fd, XATTR_NAME, header.pack())
             self._own(fd, parent, ctx)
-            content = ContentFile(
+            content = self._content_class(
                 fd,
                 cipher,
                 0,
@@ -849,7 +871,21 @@ class KmsfsOperations(pyfuse3.Operations):
         content.describe = lambda: self.describe(entry)
         entry.content = content
         entry.opens += 1
-        return pyfuse3.FileInfo(fh=entry.ino, keep_cache=True), self._attr(st, entry)
+        return pyfuse3.FileInfo(fh=entry.ino, keep_cache=not self.shared), self._attr(st, entry)
+
+    async def _open_created_elsewhere(
+        self, parent_inode: int, name: bytes, flags: int, ctx: pyfuse3.RequestContext
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        """Shared mode: lookup and open *name*, which another daemon just created."""
+        attr = await self.lookup(parent_inode, name, ctx)
+        if attr.st_ino == 0:  # and removed again meanwhile
+            raise FUSEError(errno.ENOENT)
+        try:
+            info = await self.open(attr.st_ino, flags & ~(os.O_CREAT | os.O_EXCL), ctx)
+        except BaseException:
+            await self.forget([(attr.st_ino, 1)])
+            raise
+        return info, attr
 
     @_fuse_op
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
@@ -867,13 +903,13 @@ class KmsfsOperations(pyfuse3.Operations):
             async with entry.lock:
                 content = await self._content(entry, requester)
                 entry.opens += 1
-                if flags & os.O_TRUNC and content.size:
-                    content.truncate(0)
+                if flags & os.O_TRUNC and (content.size or self.shared):
+                    await self._io(0, content.truncate, 0)
         except Exception as exc:
             self._audit_access("open", flags, requester or self._requester(ctx, None), None, exc)
             raise
         self._audit_access("open", flags, requester, content.file_id)
-        return pyfuse3.FileInfo(fh=inode, keep_cache=True)
+        return pyfuse3.FileInfo(fh=inode, keep_cache=not self.shared)
 
     async def _content_call(self, fh: int, size: int, call: Callable[[ContentFile], T]) -> T:
         """Run *call* on the open file's ContentFile under the inode's lock, offloading
@@ -989,3 +1025,14 @@ class KmsfsOperations(pyfuse3.Operations):
             os.close(handle.fd)
         self._dirs.clear()
         self.inodes.close_all()
+
+
+def _has_header(fd: int) -> bool:
+    """True if the open backing file *fd* has a kmsfs header xattr."""
+    try:
+        os.getxattr(fd, XATTR_NAME)
+    except OSError as exc:
+        if exc.errno != errno.ENODATA:
+            raise
+        return False
+    return True

@@ -23,7 +23,7 @@ from kmsfs.format.header import XATTR_NAME
 from kmsfs.format.volume import STATE_DIR_NAME
 from kmsfs.fs.headerio import read_raw_header
 from kmsfs.fs.tree import FILE_FLAGS, open_root, open_state_dir
-from kmsfs.lock import lock_volume, volume_in_use
+from kmsfs.lock import daemons_serving, lock_volume, volume_in_use
 
 MAX_JOURNAL_SIZE = 1 << 20
 
@@ -162,19 +162,43 @@ def mountpoints_of(backing: Path, mounts_file: str = "/proc/mounts") -> list[str
 
 def in_use_by(backing: Path) -> str | None:
     """None if no daemon or tool holds the volume's lock; else who: the mount point
-    if /proc/mounts names one, else 'another kmsfs process'."""
+    if /proc/mounts names one, else the registered daemons (shared mode, other hosts),
+    else 'another kmsfs process'."""
     if not volume_in_use(backing):
         return None
     where = mountpoints_of(backing)
-    return where[0] if where else "another kmsfs process"
+    if where:
+        return where[0]
+    daemons = daemons_serving(backing)
+    return "; ".join(map(str, daemons)) if daemons else "another kmsfs process"
+
+
+def refuse_if_shared(backing: Path, tool: str) -> None:
+    """VolumeMounted (exit 7) naming them while daemons serve the volume in shared
+    mode: *tool* rewrites headers, and does not coordinate with daemons on other hosts."""
+    shared = [daemon for daemon in daemons_serving(backing) if daemon.shared]
+    if shared:
+        names = "; ".join(map(str, shared))
+        raise VolumeMounted(
+            f"{backing} is served in shared mode by {names}: {tool} does not coordinate with"
+            " daemons on other hosts, so it refuses; unmount every one of them first"
+        )
 
 
 def _in_use_message(backing: Path, tool: str) -> str:
     where = mountpoints_of(backing)
+    daemons = daemons_serving(backing)
+    names = "; ".join(map(str, daemons))
     if where:
+        also = f"; daemons registered: {names}" if len(daemons) > 1 else ""
         return (
             f"{backing} is mounted at {where[0]}: {tool} works on an unmounted volume"
-            f" (kmsfs umount {where[0]} first)"
+            f" (kmsfs umount {where[0]} first{also})"
+        )
+    if daemons:
+        return (
+            f"{backing} is served by {names}: {tool} works on an unmounted volume"
+            " (unmount every daemon listed first)"
         )
     return (
         f"{backing} is in use by another kmsfs process (a daemon or a tool holds its lock):"

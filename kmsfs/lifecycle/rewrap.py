@@ -66,6 +66,7 @@ from kmsfs.lifecycle.common import (
     drop_journal,
     in_use_by,
     load_journal,
+    refuse_if_shared,
     replace_header,
     save_journal,
     volume_locked,
@@ -129,6 +130,7 @@ def rewrap_volume(
     """
     root = Path(backing).absolute()
     operation = "rewrap" if retire_old else "add"
+    refuse_if_shared(root, "kmsfs rewrap" if retire_old else "kmsfs keys add")
     started = time.monotonic()
     report = RewrapReport(dry_run=dry_run)
     journal = load_journal(root, JOURNAL)

@@ -104,6 +104,8 @@ TOP_LEVEL = {
     "backing",
     "mountpoint",
     "options",
+    "shared",
+    "shared_timeout",
     "log_level",
     "log_file",
     "audit_log",
@@ -242,7 +244,7 @@ def parse_server_config(data: dict[str, Any], path: Path) -> ServerConfig:
         mountpoint=_abs_path(data, "mountpoint", where),
         provider_type=provider_type,
         provider_options=provider_options,
-        mount_options=_mount_options(data, where),
+        mount_options=_mount_options(data, where) + _shared_options(data, where),
         cache_max_entries=max_entries,
         cache_max_age=max_age,
         log_level=log_level.lower() if log_level else None,
@@ -413,6 +415,21 @@ def _mount_options(data: dict[str, Any], where: str) -> tuple[str, ...]:
         if item.startswith("config="):
             raise ConfigError(f"{where}: options: {item!r} makes no sense inside a config file")
     return tuple(items)
+
+
+def _shared_options(data: dict[str, Any], where: str) -> tuple[str, ...]:
+    """``shared = true`` and ``shared_timeout = SECONDS`` as the mount options they mean."""
+    shared = data.get("shared")
+    if shared is not None and not isinstance(shared, bool):
+        raise ConfigError(f"{where}: shared must be true or false, not {shared!r}")
+    timeout = data.get("shared_timeout")
+    if timeout is None:
+        return ("shared",) if shared else ()
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout < 0:
+        raise ConfigError(f"{where}: shared_timeout must be a number of seconds, not {timeout!r}")
+    if not shared:
+        raise ConfigError(f"{where}: shared_timeout is set but shared is not true")
+    return ("shared", f"shared_timeout={timeout}")
 
 
 def _parse_provider(provider: dict[str, Any], where: str) -> tuple[str, dict[str, str]]:

@@ -26,9 +26,10 @@ def serve_plan(plan: MountPlan, on_ready: Callable[[], None] | None) -> None:
     """
     from kmsfs.audit import AuditLog
     from kmsfs.daemon import serve
+    from kmsfs.fs.shared import check_shared_support
     from kmsfs.fs.syscalls import disable_core_dumps, lock_memory
     from kmsfs.keys.cache import DEFAULT_MAX_AGE, DEFAULT_MAX_ENTRIES, KeyCache
-    from kmsfs.lock import lock_volume
+    from kmsfs.lock import claim_volume
     from kmsfs.volume import open_volume
 
     cache = KeyCache(
@@ -41,7 +42,9 @@ def serve_plan(plan: MountPlan, on_ready: Callable[[], None] | None) -> None:
         log.warning("%s", not_locked)
     # The lock first: "in use" is said before any passphrase is asked, and a format-1
     # config is migrated (rewritten) only by the process that will serve the volume.
-    lock_fd = lock_volume(plan.backing)
+    if plan.shared:
+        check_shared_support(plan.backing)
+    claim = claim_volume(plan.backing, plan.mountpoint, plan.shared)
     audit = AuditLog(plan.audit_log) if plan.audit_log else None
     try:
         config, keyring = open_volume(
@@ -62,12 +65,14 @@ def serve_plan(plan: MountPlan, on_ready: Callable[[], None] | None) -> None:
             on_ready,
             services=services,
             audit=audit,
-            lock_fd=lock_fd,
+            lock_fd=claim.lock_fd,
+            shared=plan.shared,
+            timeout=plan.shared_timeout if plan.shared else None,
             policy=plan.policy,
             policy_file=plan.config_file,
         )
     finally:
-        os.close(lock_fd)
+        claim.close()
         if audit is not None:
             audit.close()
 

@@ -15,6 +15,7 @@ from typing import Any
 import click
 
 from kmsfs.errors import UsageError
+from kmsfs.fs.shared import DEFAULT_SHARED_TIMEOUT
 from kmsfs.policy import Policy
 from kmsfs.server.config import check_volume_provider, current_config
 from kmsfs.server.mountpoint import recover_stale_mount
@@ -30,8 +31,10 @@ class MountPlan:
     key_options (what the providers read: this host's key options), prompt
     (asks for a passphrase or PIN, or None), cache_max_entries/cache_max_age
     (None: defaults), audit_log (absolute, or None), log_level, log_file,
-    policy (the config file's access policy, or None: permit all) and
-    config_file (re-read for the policy on SIGHUP).
+    policy (the config file's access policy, or None: permit all),
+    config_file (re-read for the policy on SIGHUP), shared (``-o shared``: other
+    daemons may serve the volume at once) and shared_timeout (entry and
+    attribute seconds in shared mode).
     """
 
     backing: str
@@ -47,6 +50,8 @@ class MountPlan:
     log_file: str | None = None
     policy: Policy | None = None
     config_file: str | None = None
+    shared: bool = False
+    shared_timeout: float = DEFAULT_SHARED_TIMEOUT
 
 
 def mount_server_options(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -90,6 +95,7 @@ def prepare_mount(
     extra += [o for opts in mount_options for o in opts.split(",") if o]
     if config is not None:
         check_volume_provider(config, backing)
+    extra, shared, shared_timeout = split_shared_options(extra)
     runtime = ServerRuntime(mountpoint, metrics_listen)
     runtime.check()
     if recover_stale_mount(mountpoint):
@@ -103,4 +109,38 @@ def prepare_mount(
         runtime,
         policy=config.policy if config is not None else None,
         config_file=str(config.path) if config is not None else None,
+        shared=shared,
+        shared_timeout=shared_timeout,
     )
+
+
+MAX_SHARED_TIMEOUT = 60.0
+
+
+def split_shared_options(options: list[str]) -> tuple[list[str], bool, float]:
+    """Take ``shared`` and ``shared_timeout=SECONDS`` out of the FUSE options.
+
+    Returns (the other options, shared, timeout).  UsageError for a timeout that
+    is not a number from 0 to 60, or given without ``shared``.
+    """
+    rest: list[str] = []
+    shared = False
+    timeout: float | None = None
+    for option in options:
+        if option == "shared":
+            shared = True
+        elif option.startswith("shared_timeout="):
+            text = option.partition("=")[2]
+            try:
+                timeout = float(text)
+            except ValueError:
+                timeout = -1.0
+            if not 0 <= timeout <= MAX_SHARED_TIMEOUT:
+                raise UsageError(
+                    f"-o shared_timeout={text}: give seconds from 0 to {MAX_SHARED_TIMEOUT:.0f}"
+                )
+        else:
+            rest.append(option)
+    if timeout is not None and not shared:
+        raise UsageError("-o shared_timeout applies to shared mode only: add -o shared")
+    return rest, shared, DEFAULT_SHARED_TIMEOUT if timeout is None else timeout

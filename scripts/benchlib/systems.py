@@ -95,6 +95,7 @@ class Kmsfs(System):
     """kmsfs from the checkout's .venv, local key file provider, started by ``kmsfs mount``."""
 
     name = "kmsfs"
+    options: tuple[str, ...] = ()
 
     def __init__(self, work: Path) -> None:
         super().__init__(work)
@@ -118,6 +119,7 @@ class Kmsfs(System):
                 str(self.base / "kmsfs.log"),
                 "--log-level",
                 "warning",
+                *self.options,
             ]
         ).stdout
         self.pid = int(out.rsplit("daemon pid", 1)[1].strip(" )\n"))
@@ -329,7 +331,15 @@ class Floor(ForegroundDaemon):
         drop_caches()
 
 
+class KmsfsShared(Kmsfs):
+    """kmsfs in shared-storage mode (``-o shared``: byte-range locks, no writeback cache,
+    1 s timeouts), one daemon: the cost of the mode without a second host's traffic."""
+
+    name = "kmsfs-shared"
+    options = ("-o", "shared")
+
+
 SYSTEMS: dict[str, type[System]] = {
-    cls.name: cls for cls in (Kmsfs, Gocryptfs, Securefs, Plain, Floor, Passthrough)
+    cls.name: cls for cls in (Kmsfs, KmsfsShared, Gocryptfs, Securefs, Plain, Floor, Passthrough)
 }
 DEFAULT_SYSTEMS = "kmsfs,gocryptfs,securefs,plain,floor"

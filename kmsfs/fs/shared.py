@@ -1,0 +1,234 @@
+"""Shared-storage mode: byte-range locks on backing files served by several daemons.
+
+In shared mode (``-o shared``, docs/DESIGN.md "Shared storage") other daemons, on
+this host or others, write the same backing files.  Every operation on a file's
+content then holds an OFD byte-range lock on the backing file (``F_OFD_SETLKW``;
+NFSv4 and CephFS carry these across clients) and re-derives the plaintext size
+from the backing file under it, never from what this daemon saw before:
+
+- a run of middle blocks (all before the final block) is locked on its own
+  backing bytes: shared to read, exclusive to write (a read-modify-write of a
+  partial block included);
+- anything that touches the final block, or changes the size (extension,
+  truncation), locks from the lower of its first block and the final block to
+  the end of the file (and beyond): so the final block, which is sealed with the
+  last flag, is never read or re-sealed while another daemon moves it.
+
+The lock is taken first, then the size re-read; if the size moved so that the
+range locked no longer covers what the operation needs, the lock is dropped and
+taken again.  Locks are held for the syscalls of one request only, in a worker
+thread (shared mode runs every content request off the trio loop).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import struct
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+from kmsfs.errors import ConfigError
+from kmsfs.fs.content_file import ContentFile
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+_TO_END = 0  # l_len 0: the lock reaches the end of the file, however far it grows
+_FLOCK = "hhqqi4x"  # struct flock on Linux (x86-64 and arm64): type, whence, start, len, pid
+DEFAULT_SHARED_TIMEOUT = 1.0  # entry and attribute seconds in shared mode
+CREATING_WAIT = 2.0  # seconds a file without its header yet is waited for (being created)
+
+
+def ofd_lock(fd: int, exclusive: bool, start: int, length: int, wait: bool = True) -> bool:
+    """Lock [start, start + length) of *fd* (length 0: to the end and beyond) with an
+    open-file-description lock; blocks until granted unless not *wait* (then False
+    if another description holds a conflicting lock).  OSError otherwise (ENOLCK:
+    the filesystem has no such locks)."""
+    kind = fcntl.F_WRLCK if exclusive else fcntl.F_RDLCK
+    arg = struct.pack(_FLOCK, kind, os.SEEK_SET, start, length, 0)
+    try:
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLKW if wait else fcntl.F_OFD_SETLK, arg)
+    except OSError as exc:
+        if not wait and exc.errno in (errno.EAGAIN, errno.EACCES):
+            return False
+        raise
+    return True
+
+
+def ofd_unlock(fd: int, start: int, length: int) -> None:
+    """Release [start, start + length) of *fd* locked by ``ofd_lock``."""
+    arg = struct.pack(_FLOCK, fcntl.F_UNLCK, os.SEEK_SET, start, length, 0)
+    fcntl.fcntl(fd, fcntl.F_OFD_SETLK, arg)
+
+
+class SharedContentFile(ContentFile):
+    """A ContentFile whose every read, write and truncate holds a byte-range lock on
+    the backing file and starts from the size the backing file has under that lock.
+
+    Raises what ContentFile raises, plus IntegrityError when the backing size
+    read under the lock cannot belong to a well-formed file.
+    """
+
+    _holding = False  # a lock covering the whole operation is held (truncate -> write)
+
+    def read(self, offset: int, length: int) -> bytes | bytearray:
+        bs = self.layout.block_size
+        last = (offset + max(length, 1) - 1) // bs
+        return self._locked(
+            offset // bs, last, False, lambda: ContentFile.read(self, offset, length)
+        )
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> int:
+        if self._holding:
+            return ContentFile.write(self, offset, data)
+        bs = self.layout.block_size
+        last = (offset + max(len(data), 1) - 1) // bs
+        return self._locked(offset // bs, last, True, lambda: ContentFile.write(self, offset, data))
+
+    def truncate(self, new_size: int) -> None:
+        first = self.layout.final_index(new_size)
+        self._locked(first, -1, True, lambda: ContentFile.truncate(self, new_size))
+
+    def write_empty(self) -> None:
+        """As ContentFile's, under an exclusive lock of the whole new file."""
+        self._locked(0, -1, True, lambda: ContentFile.write_empty(self))
+
+    def _locked(self, first: int, last: int, exclusive: bool, run: Callable[[], T]) -> T:
+        """Run *run* holding the lock that blocks *first*..*last* need (*last* -1: to
+        the end), with ``size`` re-read from the backing file under it."""
+        layout = self.layout
+        bbs = layout.backing_block
+        while True:
+            final = layout.final_index(self._backing_plain_size())
+            if 0 <= last < final:
+                start, length = first * bbs, (last - first + 1) * bbs
+            else:
+                start, length = min(first, final) * bbs, _TO_END
+            ofd_lock(self.fd, exclusive, start, length)
+            try:
+                st = os.fstat(self.fd)
+                size = layout.plain_size(st.st_size)
+                final = layout.final_index(size)
+                covered = last < final if length else start <= final * bbs
+                if covered:
+                    if st.st_size:  # zero: the file is being created (write_empty below)
+                        layout.check_backing_size(st.st_size, self.what)
+                    self.size = size
+                    self._final = None  # another daemon may have re-sealed it
+                    self._holding = True
+                    try:
+                        return run()
+                    finally:
+                        self._holding = False
+            finally:
+                ofd_unlock(self.fd, start, length)
+            # The size moved between our look and the lock: lock what it needs now.
+
+    def _backing_plain_size(self) -> int:
+        return self.layout.plain_size(os.fstat(self.fd).st_size)
+
+
+def wait_until_created(fd: int, has_header: Callable[[], bool], what: str) -> None:
+    """Wait (up to CREATING_WAIT seconds) while *fd* looks like a file another daemon is
+    creating: no header yet, or no content yet.  Holding a shared lock on the whole file
+    waits for a creator that already holds its lock (``write_empty``); the polling
+    covers the moment between its O_EXCL open and that lock.  Returns when the file
+    looks complete or the time is up (the caller then reports what is missing).
+    """
+    deadline = time.monotonic() + CREATING_WAIT
+    while True:
+        ofd_lock(fd, False, 0, _TO_END)
+        try:
+            complete = has_header() and os.fstat(fd).st_size > 0
+        finally:
+            ofd_unlock(fd, 0, _TO_END)
+        if complete or time.monotonic() > deadline:
+            return
+        log.debug("%s: being created by another daemon: waiting", what)
+        time.sleep(0.01)
+
+
+def check_shared_support(backing: str) -> None:
+    """ConfigError naming what the backing filesystem lacks for shared mode: user
+    extended attributes, or OFD byte-range locks that conflict between two open file
+    descriptions.  Tries them on a scratch file (removed after)."""
+    check_user_xattrs(backing)
+    check_ofd_locks(backing)
+
+
+def check_user_xattrs(backing: str) -> None:
+    """ConfigError if the backing filesystem refuses user extended attributes (kmsfs
+    keeps every file's header in one, in any mode)."""
+
+    def probe(fd: int) -> None:
+        try:
+            os.setxattr(fd, "user.kmsfs.probe", b"1")
+            os.removexattr(fd, "user.kmsfs.probe")
+        except OSError as exc:
+            raise ConfigError(
+                f"{backing}: the backing filesystem has no user extended attributes"
+                f" ({exc.strerror}): kmsfs keeps each file's header in one, so it cannot"
+                " hold a volume (see README, 'Several hosts on one backing directory')"
+            ) from None
+
+    _with_scratch_file(backing, probe)
+
+
+def check_ofd_locks(backing: str) -> None:
+    """ConfigError if OFD byte-range locks on the backing filesystem fail or do not
+    conflict between two open file descriptions (shared mode relies on them)."""
+    missing = (
+        f"{backing}: the backing filesystem has no working OFD byte-range locks"
+        " (fcntl F_OFD_SETLK){}: shared mode needs them to keep two daemons from sealing"
+        " one block at once (see README, 'Several hosts on one backing directory')"
+    )
+
+    def probe(first: int) -> None:
+        second = os.open(f"/proc/self/fd/{first}", os.O_RDWR | os.O_CLOEXEC)
+        try:
+            try:
+                ofd_lock(first, True, 0, 4096, wait=False)
+            except OSError as exc:
+                raise ConfigError(missing.format(f" ({exc.strerror})")) from None
+            try:
+                if ofd_lock(second, True, 0, 4096, wait=False):
+                    raise ConfigError(
+                        missing.format(" (a second lock of the same range was granted)")
+                    )
+            finally:
+                ofd_unlock(first, 0, 4096)
+        finally:
+            os.close(second)
+
+    _with_scratch_file(backing, probe)
+
+
+def _with_scratch_file(backing: str, probe: Callable[[int], None]) -> None:
+    """Run *probe* on a new empty file in the backing root (a ``.kmsfs`` name, never
+    shown through a mount), removed after.  ConfigError if it cannot be made."""
+    from kmsfs.fs.tree import FILE_FLAGS, open_root
+
+    name = f".kmsfs-probe-{os.getpid()}-{os.urandom(4).hex()}"
+    try:
+        root = open_root(backing)
+        try:
+            fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | FILE_FLAGS, 0o600, dir_fd=root)
+        except BaseException:
+            os.close(root)
+            raise
+    except OSError as exc:
+        raise ConfigError(
+            f"{backing}: cannot check the backing filesystem: {exc.strerror}"
+        ) from None
+    try:
+        probe(fd)
+    finally:
+        os.close(fd)
+        try:
+            os.unlink(name, dir_fd=root)
+        finally:
+            os.close(root)

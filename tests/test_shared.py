@@ -1,0 +1,707 @@
+"""Shared-storage mode (issue 15): several daemons serving one backing directory.
+
+This machine has no NFS (no client, no server, no module to load), so "several
+hosts" are several daemons on one local backing directory, each at its own mount
+point with its own page cache, inode table and state, as separate hosts would
+have; the OFD locks they take on the backing files are the ones NFSv4 carries
+between clients.  The test that would run over NFS 4.2 is below and skips saying
+so.  Every concurrent test runs for a bounded time (a few seconds).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from conftest import (
+    Volume,
+    _wait_exited,
+    _wait_unmounted,
+    force_unmount,
+    make_volume,
+    requires_fuse,
+    run_kmsfs,
+)
+
+from kmsfs.format.header import XATTR_NAME
+
+pytestmark = requires_fuse
+
+BS = 4096  # the volumes' block size (init's default)
+CELL = 64  # writers write whole cells; a cell is all zeros or one writer's record
+
+
+@dataclass
+class Mount:
+    """One daemon serving the volume at *mountpoint*."""
+
+    mountpoint: Path
+    log_file: Path
+    pid: int = 0
+
+    def path(self, name: str) -> Path:
+        return self.mountpoint / name
+
+    def log_text(self) -> str:
+        return self.log_file.read_text() if self.log_file.exists() else ""
+
+
+class Cluster:
+    """A volume and the daemons serving it (all unmounted at teardown)."""
+
+    def __init__(self, volume: Volume) -> None:
+        self.volume = volume
+        self.mounts: list[Mount] = []
+
+    def mount(
+        self, *options: str, name: str | None = None, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        index = len(self.mounts)
+        mountpoint = self.volume.root / (name or f"mnt{index}")
+        mountpoint.mkdir(exist_ok=True)
+        mount = Mount(mountpoint, self.volume.root / f"daemon{index}.log")
+        result = run_kmsfs(
+            "mount",
+            self.volume.backing,
+            mountpoint,
+            "--log-file",
+            mount.log_file,
+            "--log-level",
+            "debug",
+            *self.volume.key_args,
+            *options,
+            check=check,
+        )
+        if result.returncode == 0:
+            mount.pid = int(result.stdout.split("daemon pid ")[1].split(")")[0])
+            self.mounts.append(mount)
+        return result
+
+    def shared(self, count: int, *options: str) -> list[Mount]:
+        for _ in range(count):
+            self.mount("-o", ",".join(("shared", *options)))
+        return self.mounts
+
+    def umount(self, mount: Mount) -> None:
+        run_kmsfs("umount", mount.mountpoint)
+        _wait_unmounted(mount.mountpoint)
+        _wait_exited(mount.pid)
+        self.mounts.remove(mount)
+        self.check_log(mount)
+
+    def umount_all(self) -> None:
+        for mount in list(self.mounts):
+            self.umount(mount)
+
+    @staticmethod
+    def check_log(mount: Mount) -> None:
+        text = mount.log_text()
+        for bad in ("Traceback", "unexpected error", "authentication failed", "ERROR"):
+            assert bad not in text, f"{mount.log_file}: {bad}:\n{text[-3000:]}"
+
+    def fsck_clean(self) -> None:
+        result = run_kmsfs("fsck", self.volume.backing, *self.volume.key_args, check=False)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "clean" in result.stdout
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    group = Cluster(make_volume(tmp_path))
+    try:
+        yield group
+    finally:
+        for mount in group.mounts:
+            force_unmount(mount.mountpoint)
+            _wait_exited(mount.pid)
+
+
+def read_fresh(cluster: Cluster, name: str) -> bytes:
+    """The file's plaintext as a daemon that never saw it reads it (a new exclusive mount)."""
+    cluster.mount(name="check")
+    mount = cluster.mounts[-1]
+    try:
+        return mount.path(name).read_bytes()
+    finally:
+        cluster.umount(mount)
+
+
+def run_for(seconds: float, workers: list[Callable[[threading.Event], None]]) -> None:
+    """Run each worker in a thread until *seconds* pass; re-raise the first failure."""
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def guard(work: Callable[[threading.Event], None]) -> None:
+        try:
+            work(stop)
+        except BaseException as exc:  # reported by the main thread
+            errors.append(exc)
+            stop.set()
+
+    threads = [threading.Thread(target=guard, args=(work,)) for work in workers]
+    for thread in threads:
+        thread.start()
+    time.sleep(seconds)
+    stop.set()
+    for thread in threads:
+        thread.join(timeout=60)
+        assert not thread.is_alive(), "a worker hung (a lock never released?)"
+    if errors:
+        raise errors[0]
+
+
+def record(writer: int, seq: int) -> bytes:
+    """One cell: the writer's number and a sequence number, each repeated."""
+    return bytes([writer]) * 32 + seq.to_bytes(4, "big") * 8
+
+
+def check_cells(data: bytes, where: str) -> None:
+    """Every cell of *data* is zeros or one whole record (never a mix of two writes)."""
+    for start in range(0, len(data) - len(data) % CELL, CELL):
+        cell = data[start : start + CELL]
+        if cell == bytes(CELL):
+            continue
+        head, tail = cell[:32], cell[32:]
+        assert head == head[:1] * 32 and tail == tail[:4] * 8 and head[0], (
+            f"{where}: cell at {start} mixes two writes: {cell.hex()}"
+        )
+
+
+def serving_pids(backing: Path, expected: list[int], timeout: float = 10) -> list[int]:
+    """The pids of the registered live daemons, polled until they are *expected* (or
+    *timeout*): a killed daemon's lock is released when its last thread has exited, a
+    moment after its main thread became a zombie."""
+    from kmsfs.lock import daemons_serving
+
+    deadline = time.monotonic() + timeout
+    while True:
+        pids = sorted(daemon.pid for daemon in daemons_serving(backing))
+        if pids == sorted(expected) or time.monotonic() > deadline:
+            return pids
+        time.sleep(0.05)
+
+
+# -- the gocryptfs failure: disjoint ranges of one block from two mounts ----------
+
+
+def test_disjoint_ranges_of_one_block_written_from_two_mounts_are_both_kept(
+    cluster: Cluster,
+) -> None:
+    """Two mounts write disjoint 100-byte ranges of the same new block at the same
+    moment, block after block (so each pair also races on extending the file).  A
+    read-modify-write without the byte-range lock, a final block taken from a
+    daemon's cache, or whole pages written back by a writeback cache each lose one
+    of the two writes; here both are in every block and every block authenticates."""
+    first, second = cluster.shared(2)
+    name = "disjoint"
+    first.path(name).write_bytes(b"")
+    time.sleep(1.2)  # the second mount's negative entry expires (shared timeout 1 s)
+    fds = [os.open(m.path(name), os.O_RDWR) for m in (first, second)]
+    rounds = 300
+    barrier = threading.Barrier(2)
+    ranges = [(0, 100), (2000, 100)]
+
+    def writer(which: int) -> None:
+        start, length = ranges[which]
+        for block in range(rounds):
+            barrier.wait(timeout=30)
+            payload = bytes([0x41 + which]) * (length - 4) + block.to_bytes(4, "big")
+            os.pwrite(fds[which], payload, block * BS + start)
+        os.fsync(fds[which])
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    for fd in fds:
+        os.close(fd)
+    cluster.umount_all()
+    cluster.fsck_clean()
+    data = read_fresh(cluster, name)
+    assert len(data) == (rounds - 1) * BS + 2100
+    lost = []
+    for block in range(rounds):
+        for which, (start, length) in enumerate(ranges):
+            want = bytes([0x41 + which]) * (length - 4) + block.to_bytes(4, "big")
+            if data[block * BS + start : block * BS + start + length] != want:
+                lost.append((block, "AB"[which]))
+    assert not lost, f"{len(lost)} writes lost, first: {lost[:5]}"
+
+
+# -- writers, appenders, truncators and readers on three mounts -------------------
+
+
+def test_three_mounts_writing_appending_truncating_and_reading_one_file(
+    cluster: Cluster,
+) -> None:
+    """Random cell-aligned writes to the same blocks, appends and truncations from two
+    mounts, reads and truncations from a third, for a bounded time: no request fails,
+    no read returns a cell mixed from two writes, and afterwards every block
+    authenticates (fsck clean) and every cell holds zeros or one writer's whole record."""
+    mounts = cluster.shared(3)
+    name = "busy"
+    mounts[0].path(name).write_bytes(b"")
+    time.sleep(1.2)
+
+    def writer(index: int) -> Callable[[threading.Event], None]:
+        def work(stop: threading.Event) -> None:
+            rng = random.Random(index)
+            fd = os.open(mounts[index].path(name), os.O_RDWR)
+            seq = 0
+            try:
+                while not stop.is_set():
+                    seq += 1
+                    cells = rng.randint(1, 8)
+                    offset = rng.randrange(0, 3 * BS // CELL) * CELL
+                    os.pwrite(fd, record(index + 1, seq) * cells, offset)
+            finally:
+                os.close(fd)
+
+        return work
+
+    def appender(stop: threading.Event) -> None:
+        seq = 0
+        while not stop.is_set():
+            seq += 1
+            with open(mounts[seq % 2].path(name), "ab") as handle:
+                handle.write(record(9, seq) * 3)
+
+    def truncator(stop: threading.Event) -> None:
+        rng = random.Random(7)
+        while not stop.is_set():
+            os.truncate(
+                mounts[rng.randrange(3)].path(name), rng.randrange(0, 4 * BS // CELL) * CELL
+            )
+            time.sleep(0.02)
+
+    def reader(index: int) -> Callable[[threading.Event], None]:
+        def work(stop: threading.Event) -> None:
+            rng = random.Random(100 + index)
+            while not stop.is_set():
+                fd = os.open(mounts[index].path(name), os.O_RDONLY)  # open drops the cache
+                try:
+                    data = os.pread(fd, rng.randint(1, 3) * BS, rng.randrange(0, 3) * BS)
+                finally:
+                    os.close(fd)
+                check_cells(data, f"read through {mounts[index].mountpoint}")
+
+        return work
+
+    # Readers on the mount where nothing writes: on one mount, the kernel copies a
+    # write into a cached page while a read may copy out of it (no page lock for
+    # that), so a read there can see half a write on any filesystem; between mounts
+    # there is no such page to share, which is what this test is about.
+    workers = [writer(0), writer(1), appender, truncator, reader(2), reader(2)]
+    run_for(4.0, workers)
+    cluster.umount_all()
+    cluster.fsck_clean()
+    check_cells(read_fresh(cluster, name), "after the run")
+
+
+def test_a_write_and_fsync_on_one_mount_is_seen_by_the_other_within_the_timeout(
+    cluster: Cluster,
+) -> None:
+    """Close-to-open: after a write and fsync through A, a reader on B that opens the
+    file sees the new size and bytes once the shared timeout (0.5 s here) has passed."""
+    first, second = cluster.shared(2, "shared_timeout=0.5")
+    first.path("seen").write_bytes(b"one")
+    time.sleep(0.6)
+    assert second.path("seen").read_bytes() == b"one"
+    with open(first.path("seen"), "r+b") as handle:
+        handle.write(b"TWO and more")
+        handle.flush()
+        os.fsync(handle.fileno())
+    time.sleep(0.6)
+    assert os.stat(second.path("seen")).st_size == 12
+    assert second.path("seen").read_bytes() == b"TWO and more"
+
+
+def test_open_drops_the_page_cache_so_a_change_is_seen_before_the_timeout(
+    cluster: Cluster,
+) -> None:
+    """With a long shared timeout (5 s), A reads a file (its pages are cached), B
+    rewrites it at the same size and fsyncs; A's next open sees B's bytes at once,
+    before any timeout: close-to-open holds.  (Shared mode answers opens without
+    keep_cache for this; on this kernel the test also passes with keep_cache, so it
+    does not prove that flag alone.)"""
+    first, second = cluster.shared(2, "shared_timeout=5")
+    first.path("page").write_bytes(b"a" * BS)
+    time.sleep(0.1)
+    assert first.path("page").read_bytes() == b"a" * BS
+    assert second.path("page").read_bytes() == b"a" * BS
+    with open(second.path("page"), "r+b") as handle:
+        handle.write(b"b" * BS)
+        handle.flush()
+        os.fsync(handle.fileno())
+    assert first.path("page").read_bytes() == b"b" * BS
+
+
+# -- names: creating, renaming, deleting from two mounts --------------------------
+
+
+def test_two_mounts_creating_one_name_at_once_one_gets_eexist(cluster: Cluster) -> None:
+    """O_CREAT|O_EXCL of the same name from two mounts at the same moment: exactly one
+    wins, the other gets EEXIST, and the file is the winner's (never a file with the
+    other's header); O_CREAT alone from both opens one file that both write."""
+    mounts = cluster.shared(2)
+    barrier = threading.Barrier(2)
+    outcome: dict[tuple[int, int], object] = {}
+
+    def create(index: int) -> None:
+        for n in range(40):
+            barrier.wait(timeout=30)
+            try:
+                fd = os.open(
+                    mounts[index].path(f"excl{n}"), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644
+                )
+            except OSError as exc:
+                outcome[index, n] = exc.errno
+                continue
+            os.write(fd, f"made by {index}".encode())
+            os.close(fd)
+            outcome[index, n] = "won"
+
+    threads = [threading.Thread(target=create, args=(i,)) for i in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    for n in range(40):
+        results = sorted(map(str, (outcome[0, n], outcome[1, n])))
+        assert results == sorted([str(errno.EEXIST), "won"]), (n, results)
+    time.sleep(1.2)
+    for n in range(40):
+        winner = 0 if outcome[0, n] == "won" else 1
+        for mount in mounts:
+            assert mount.path(f"excl{n}").read_bytes() == f"made by {winner}".encode()
+
+    errors: list[BaseException] = []
+
+    def open_create(index: int) -> None:
+        try:
+            for n in range(40):
+                barrier.wait(timeout=30)
+                fd = os.open(mounts[index].path(f"plain{n}"), os.O_CREAT | os.O_WRONLY, 0o644)
+                os.pwrite(fd, bytes([0x61 + index]), index)
+                os.close(fd)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+            barrier.abort()
+
+    threads = [threading.Thread(target=open_create, args=(i,)) for i in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors, errors
+    time.sleep(1.2)
+    for n in range(40):
+        assert mounts[0].path(f"plain{n}").read_bytes() == b"ab"
+    cluster.umount_all()
+    cluster.fsck_clean()
+
+
+def test_a_file_seen_while_another_daemon_creates_it_is_waited_for(cluster: Cluster) -> None:
+    """A daemon that opens a name another daemon has just created with O_EXCL, before
+    that one set its header and first block, waits and then opens it, instead of
+    calling it corrupt (EIO).  The creating daemon is played by this test, which makes
+    the backing file as ``create`` does, step by step with pauses in between (no
+    daemon can be paused between those syscalls on demand); the header and the empty
+    final block come from a file just created through a mount (a file's blocks are
+    bound to its file ID, not to its name)."""
+    (mount,) = cluster.shared(1)
+    mount.path("model").write_bytes(b"")
+    backing = cluster.volume.backing
+    fd = os.open(backing / "pending", os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644)
+    result: list[object] = []
+
+    def reader() -> None:
+        try:
+            result.append(mount.path("pending").read_bytes())
+        except OSError as exc:
+            result.append(exc)
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    time.sleep(0.3)
+    os.setxattr(fd, XATTR_NAME, os.getxattr(backing / "model", XATTR_NAME))
+    time.sleep(0.3)
+    os.write(fd, (backing / "model").read_bytes())
+    os.close(fd)
+    thread.join(timeout=30)
+    assert result == [b""]
+
+
+def test_renames_over_each_other_and_deletes_while_the_other_reads(cluster: Cluster) -> None:
+    """Two mounts replace one name by rename, over and over, while both read it: every
+    read is one complete version; a file deleted through one mount stays readable to
+    the reader that has it open on the other."""
+    mounts = cluster.shared(2)
+    versions = {i: bytes([0x30 + i]) * (3 * BS + 100) for i in range(2)}
+    mounts[0].path("target").write_bytes(versions[0])
+    time.sleep(1.2)
+
+    def replacer(index: int) -> Callable[[threading.Event], None]:
+        def work(stop: threading.Event) -> None:
+            n = 0
+            while not stop.is_set():
+                n += 1
+                tmp = mounts[index].path(f"tmp{index}-{n}")
+                tmp.write_bytes(versions[index])
+                os.rename(tmp, mounts[index].path("target"))
+
+        return work
+
+    def reader(index: int) -> Callable[[threading.Event], None]:
+        def work(stop: threading.Event) -> None:
+            while not stop.is_set():
+                try:
+                    data = mounts[index].path("target").read_bytes()
+                except FileNotFoundError:
+                    continue  # looked up just as it was replaced on the other mount
+                assert data in versions.values(), f"torn or mixed version: {data[:8]!r}"
+
+        return work
+
+    run_for(3.0, [replacer(0), replacer(1), reader(0), reader(1)])
+
+    payload = os.urandom(5 * BS)
+    mounts[0].path("doomed").write_bytes(payload)
+    time.sleep(1.2)
+    with open(mounts[1].path("doomed"), "rb") as handle:
+        first = handle.read(BS)
+        os.unlink(mounts[0].path("doomed"))
+        rest = handle.read()
+    assert first + rest == payload
+    time.sleep(1.2)
+    assert not mounts[1].path("doomed").exists()
+    cluster.umount_all()
+    cluster.fsck_clean()
+
+
+# -- a daemon killed -----------------------------------------------------------------
+
+
+def test_sigkill_of_one_daemon_loses_nothing_fsynced_and_leaves_nothing_unreadable(
+    cluster: Cluster,
+) -> None:
+    """Both mounts append fsynced records to one file and each to its own; one daemon
+    is SIGKILLed mid-run while the other keeps writing.  Every record fsynced before
+    the kill (and all of the survivor's) is there, fsck is clean, and the dead
+    daemon's registration is gone from what the tools see."""
+    victim, survivor = cluster.shared(2)
+    for mount in (victim, survivor):
+        mount.path(f"own{mount.pid}").write_bytes(b"")
+    time.sleep(1.2)
+    synced: dict[int, int] = {victim.pid: 0, survivor.pid: 0}
+
+    def appender(mount: Mount) -> Callable[[threading.Event], None]:
+        def work(stop: threading.Event) -> None:
+            fd = os.open(mount.path(f"own{mount.pid}"), os.O_WRONLY | os.O_APPEND)
+            try:
+                n = 0
+                while not stop.is_set():
+                    os.write(fd, record(1, n))
+                    os.fsync(fd)
+                    n += 1
+                    synced[mount.pid] = n
+            except OSError as exc:
+                if mount is survivor or exc.errno not in (errno.ENOTCONN, errno.ECONNABORTED):
+                    raise
+            finally:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+
+        return work
+
+    def killer(stop: threading.Event) -> None:
+        time.sleep(1.0)
+        os.kill(victim.pid, signal.SIGKILL)
+
+    run_for(2.5, [appender(victim), appender(survivor), killer])
+    force_unmount(victim.mountpoint)
+    _wait_exited(victim.pid)
+    cluster.mounts.remove(victim)
+    assert serving_pids(cluster.volume.backing, [survivor.pid]) == [survivor.pid]
+    survivor_file = survivor.path(f"own{survivor.pid}").read_bytes()
+    assert len(survivor_file) == synced[survivor.pid] * CELL
+    cluster.umount_all()
+    cluster.fsck_clean()
+    data = read_fresh(cluster, f"own{victim.pid}")
+    assert len(data) >= synced[victim.pid] * CELL > 0
+    for n in range(synced[victim.pid]):
+        assert data[n * CELL : (n + 1) * CELL] == record(1, n)
+
+
+# -- registration and refusals -------------------------------------------------------
+
+
+def test_registrations_name_the_daemons_and_refuse_the_wrong_mode(cluster: Cluster) -> None:
+    """Shared daemons register one file each; an exclusive mount, rekey and keys remove
+    refuse naming every one of them; with an exclusive daemon serving, a shared mount
+    refuses naming it; a dead daemon's registration is removed."""
+    from kmsfs.lock import DAEMONS_DIR, daemons_serving, volume_in_use
+
+    backing = cluster.volume.backing
+    first, second = cluster.shared(2)
+    registered = os.listdir(backing / ".kmsfs.d" / DAEMONS_DIR)
+    assert len(registered) == 2
+    assert sorted(d.pid for d in daemons_serving(backing)) == sorted([first.pid, second.pid])
+    assert volume_in_use(backing)
+
+    refused = cluster.mount(name="mntx", check=False)
+    assert refused.returncode == 7
+    assert "served in shared mode by" in refused.stderr
+    for mount in (first, second):
+        assert f"pid {mount.pid} at {mount.mountpoint} (shared)" in refused.stderr
+    for tool in (
+        ["rekey", backing],
+        ["rewrap", backing, "--provider", "local", "--key-file", cluster.volume.root / "new.key"],
+        ["keys", "remove", backing, "whatever"],
+    ):
+        result = run_kmsfs(*tool, *cluster.volume.key_args, check=False)
+        assert result.returncode == 7, (tool, result.stderr)
+        assert f"pid {first.pid} at {first.mountpoint}" in result.stderr, (tool, result.stderr)
+        assert f"pid {second.pid} at {second.mountpoint}" in result.stderr, (tool, result.stderr)
+
+    os.kill(second.pid, signal.SIGKILL)  # its registration stays on disk, unlocked
+    _wait_exited(second.pid)
+    force_unmount(second.mountpoint)
+    cluster.mounts.remove(second)
+    assert serving_pids(backing, [first.pid]) == [first.pid]
+    assert len(os.listdir(backing / ".kmsfs.d" / DAEMONS_DIR)) == 1
+    cluster.umount_all()
+    assert not volume_in_use(backing)
+    assert os.listdir(backing / ".kmsfs.d" / DAEMONS_DIR) == []
+
+    cluster.mount(name="mntx")
+    exclusive = cluster.mounts[-1]
+    refused = cluster.mount("-o", "shared", name="mnty", check=False)
+    assert refused.returncode == 7
+    assert "served by an exclusive daemon" in refused.stderr
+    assert f"pid {exclusive.pid} at {exclusive.mountpoint} (exclusive)" in refused.stderr
+    assert "-o shared" in refused.stderr
+
+
+def test_shared_options_are_checked(cluster: Cluster) -> None:
+    """shared_timeout without shared, or out of range, is a usage error (exit 2)."""
+    for options, message in (
+        ("shared_timeout=1", "applies to shared mode only"),
+        ("shared,shared_timeout=999", "give seconds from 0 to 60"),
+        ("shared,shared_timeout=soon", "give seconds from 0 to 60"),
+    ):
+        result = cluster.mount("-o", options, check=False)
+        assert result.returncode == 2, result.stderr
+        assert message in result.stderr
+
+
+def test_a_backing_filesystem_without_user_xattrs_is_refused(tmp_path: Path) -> None:
+    """ramfs has no user extended attributes: init refuses it, naming the feature, and
+    so does mount -o shared of a volume copied there."""
+    where = tmp_path / "ramfs"
+    where.mkdir()
+    subprocess.run(["mount", "-t", "ramfs", "none", str(where)], check=True)
+    try:
+        result = run_kmsfs("init", where / "backing", "--key-file", tmp_path / "k", check=False)
+        assert result.returncode == 3
+        assert "no user extended attributes" in result.stderr
+        (tmp_path / "v").mkdir()
+        volume = make_volume(tmp_path / "v")
+        subprocess.run(["cp", "-a", str(volume.backing), str(where / "copy")], check=True)
+        (tmp_path / "m").mkdir()
+        result = run_kmsfs(
+            "mount", where / "copy", tmp_path / "m", *volume.key_args, "-o", "shared", check=False
+        )
+        assert result.returncode == 3, result.stderr
+        assert "no user extended attributes" in result.stderr
+    finally:
+        force_unmount(tmp_path / "m")
+        subprocess.run(["umount", str(where)], check=False)
+
+
+def test_the_suite_over_nfs_4_2() -> None:
+    """Over NFS 4.2 on loopback (nfs-kernel-server), two daemons on two NFS mounts of one
+    export.  This kernel has neither NFS client nor server: then it skips, saying so."""
+    with open("/proc/filesystems") as handle:
+        kinds = handle.read().split()
+    if "nfs" not in kinds and "nfs4" not in kinds:
+        pytest.skip(
+            "no NFS on this machine (/proc/filesystems lists no nfs, and no module can be"
+            " loaded): the shared-mode suite ran on one local backing directory instead"
+        )
+    pytest.fail(  # pragma: no cover - only where NFS exists; not written yet
+        "NFS is available here: export a directory over loopback with NFS 4.2 and run this"
+        " module's tests with the backing directory on it (not automated yet)"
+    )
+
+
+def test_default_mode_is_unchanged_by_shared_mode(tmp_path: Path) -> None:
+    """Without -o shared, the daemon registers (so tools can name it) but serves as
+    before, exclusively (and says nothing of shared mode)."""
+    from kmsfs.lock import daemons_serving
+
+    volume = make_volume(tmp_path)
+    group = Cluster(volume)
+    try:
+        group.mount()
+        daemons = daemons_serving(volume.backing)
+        assert len(daemons) == 1 and not daemons[0].shared
+        group.mounts[0].path("x").write_bytes(b"abc")
+        assert "shared mode" not in group.mounts[0].log_text()
+    finally:
+        group.umount_all()
+
+
+def test_the_config_file_says_shared_and_its_timeout(tmp_path: Path) -> None:
+    """``shared = true`` and ``shared_timeout`` in /etc/kmsfs/NAME.toml become the mount
+    options ``shared`` and ``shared_timeout=S``; a timeout without shared is refused."""
+    from kmsfs.errors import ConfigError
+    from kmsfs.server.config import parse_server_config
+    from kmsfs.server.mountcmd import split_shared_options
+
+    where = tmp_path / "data.toml"
+    config = parse_server_config({"shared": True, "shared_timeout": 0.5}, where)
+    assert config.mount_options == ("shared", "shared_timeout=0.5")
+    assert split_shared_options(list(config.mount_options)) == ([], True, 0.5)
+    assert parse_server_config({"shared": False}, where).mount_options == ()
+    with pytest.raises(ConfigError, match="shared_timeout is set but shared is not true"):
+        parse_server_config({"shared_timeout": 2}, where)
+    with pytest.raises(ConfigError, match="shared must be true or false"):
+        parse_server_config({"shared": "yes"}, where)
+
+
+def test_a_planted_registration_is_only_displayed_and_a_dead_one_removed(tmp_path: Path) -> None:
+    """Registrations are written by whoever can write the backing directory: one that
+    no process holds is removed, control characters in a held one are not echoed,
+    and a symlink or directory among them is ignored."""
+    import fcntl
+
+    from kmsfs.lock import DAEMONS_DIR, daemons_serving
+
+    volume = make_volume(tmp_path)
+    daemons = volume.backing / ".kmsfs.d" / DAEMONS_DIR
+    daemons.mkdir(parents=True, exist_ok=True)
+    (daemons / "dead-1-00").write_text(
+        '{"host": "x", "pid": 1, "mountpoint": "/m", "shared": true}'
+    )
+    (daemons / "link").symlink_to("/etc/passwd")
+    (daemons / "dir").mkdir()
+    held = daemons / "evil-2-00"
+    held.write_text('{"host": "h\\u001b[2J", "pid": 2, "mountpoint": "/m\\n", "shared": "yes"}')
+    with open(held) as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        found = daemons_serving(volume.backing)
+    assert [(d.host, d.pid, d.mountpoint, d.shared) for d in found] == [("h?[2J", 2, "/m?", False)]
+    assert sorted(os.listdir(daemons)) == ["dir", "evil-2-00", "link"]
