@@ -18,6 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from benchlib.budget import BUDGET_ROWS, RowBudget, render_budget, run_budget
 from benchlib.common import (
     BENCHLIB,
     FAILURES,
@@ -178,6 +179,19 @@ def parser() -> argparse.ArgumentParser:
     )
     sizes.add_argument("--modules", type=positive, help="C modules in the row 10 project (48; 16)")
     p.add_argument("--markdown", help="also write the table to this file")
+    p.add_argument(
+        "--budget",
+        action="store_true",
+        help="instead of timing: count the FUSE requests of the metadata rows (untar, ls -lR,"
+        " read all, rm -rf, create + stat, git status) per file and opcode with the kernel's"
+        " fuse tracepoints, once per system (needs Linux 6.16+ and tracefs)",
+    )
+    p.add_argument(
+        "--strace",
+        action="store_true",
+        help="with --budget: also run each row under strace -c -f on the kmsfs daemon"
+        " (syscalls per request)",
+    )
     p.add_argument("--keep", action="store_true", help="keep the volumes afterwards")
     p.add_argument(
         "--micro",
@@ -217,6 +231,13 @@ def main(argv: list[str] | None = None) -> int:
         if name not in SYSTEMS:
             raise SystemExit(f"bench: unknown system {name!r} (known: {', '.join(SYSTEMS)})")
     rows = parse_rows(args.only)
+    if args.budget:
+        from benchlib import fusetrace
+
+        why = fusetrace.available()
+        if why is not None:
+            raise SystemExit(f"bench: --budget: {why}")
+        rows = [r for r in rows if r.key in BUDGET_ROWS]
     work = Path(args.workdir).resolve()
     sizes = sizes_of(args)
 
@@ -239,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
 
     bench = Bench(work, sizes)
     results = Results()
+    budgets: dict[tuple[str, str], RowBudget] = {}
     keys = {r.key for r in rows}
     try:
         if keys & TREE_ROWS:
@@ -249,8 +271,11 @@ def main(argv: list[str] | None = None) -> int:
             s.create()
             s.mount()
             log(f"{s.name}: ready at {s.mnt}")
-        for repeat in range(args.repeats):
-            run_repeat(bench, rows, systems, repeat, results)
+        if args.budget:
+            budgets = run_budget(bench, rows, systems, work, args.strace)
+        else:
+            for repeat in range(args.repeats):
+                run_repeat(bench, rows, systems, repeat, results)
     except KeyboardInterrupt:
         log("interrupted: unmounting")
         return 130
@@ -269,7 +294,10 @@ def main(argv: list[str] | None = None) -> int:
         work.mkdir(parents=True, exist_ok=True)
         (work / "results.json").write_text(json.dumps(raw, indent=1))
 
-    table = render(results, rows, systems, sizes, args.repeats, args.quick, work)
+    if args.budget:
+        table = render_budget(budgets, rows, systems)
+    else:
+        table = render(results, rows, systems, sizes, args.repeats, args.quick, work)
     print(table)
     if args.markdown:
         Path(args.markdown).write_text(table)
