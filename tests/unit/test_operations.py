@@ -278,3 +278,16 @@ def test_requests_are_counted_per_opcode_with_their_errors(ops: KmsfsOperations)
     cumulative = list(create_figures["buckets"].values())
     assert cumulative == sorted(cumulative) and cumulative[-1] == 3
     assert list(create_figures["buckets"])[-1] == "+Inf"
+
+
+def test_forget_drops_the_entry_and_its_descriptor_is_closed(ops: KmsfsOperations) -> None:
+    inode = run(lambda: create(ops, b"gone", b"data"))
+    entry = ops.inodes.get(inode)
+    assert entry is not None
+    fd = entry.fd
+    os.fstat(fd)
+    run(lambda: ops.forget([(inode, 1)]))
+    assert ops.inodes.get(inode) is None and entry.fd == -1
+    ops.inodes.closer.stop()  # waits for the closer thread
+    with pytest.raises(OSError):
+        os.fstat(fd)
