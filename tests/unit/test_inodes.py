@@ -48,3 +48,34 @@ def test_closer_closes_at_once_when_too_many_wait(monkeypatch: pytest.MonkeyPatc
     release.set()
     closer.stop()
     assert not any(is_open(fd) for fd in fds)
+
+
+def test_entry_lock_excludes_a_second_task_until_released() -> None:
+    import trio
+
+    from kmsfs.fs.inodes import EntryLock
+
+    order: list[str] = []
+
+    async def main() -> None:
+        lock = EntryLock()
+
+        async def holder() -> None:
+            async with lock:
+                order.append("holder in")
+                await trio.sleep(0.05)  # as a task waiting for a worker thread
+                order.append("holder out")
+
+        async def second() -> None:
+            await trio.sleep(0.01)
+            assert lock.locked()
+            async with lock:
+                order.append("second in")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(holder)
+            nursery.start_soon(second)
+        assert not lock.locked()
+
+    trio.run(main)
+    assert order == ["holder in", "holder out", "second in"]
