@@ -133,7 +133,10 @@ class ContentFile:
         """
         st = os.fstat(fd)
         layout = cipher.layout
-        layout.check_backing_size(st.st_size, describe())
+        try:
+            layout.check_backing_size(st.st_size, "")
+        except IntegrityError as exc:  # name the file only now: describe() costs a readlink
+            raise IntegrityError(f"{describe()}{exc}") from None
         size = layout.plain_size(st.st_size)
         content = cls(fd, cipher, size, describe, file_id, usage)
         blocks = layout.final_index(size) + 1

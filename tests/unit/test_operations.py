@@ -291,3 +291,13 @@ def test_forget_drops_the_entry_and_its_descriptor_is_closed(ops: KmsfsOperation
     ops.inodes.closer.stop()  # waits for the closer thread
     with pytest.raises(OSError):
         os.fstat(fd)
+
+
+def test_backing_cut_inside_a_block_header_gives_eio_naming_the_file(
+    ops: KmsfsOperations, caplog: pytest.LogCaptureFixture
+) -> None:
+    inode = run(lambda: create(ops, b"cut", b"x" * 5000))
+    os.truncate(Path(ops.backing, "cut"), 4096 + 28 + 10)
+    assert fuse_errno(lambda: ops.open(inode, os.O_RDONLY, CTX)) == errno.EIO
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("/cut: backing size 4134 ends inside a block header" in m for m in messages), messages
