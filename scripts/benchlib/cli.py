@@ -33,7 +33,7 @@ from benchlib.common import (
     run,
 )
 from benchlib.report import Results, Sample, fmt, render
-from benchlib.systems import DEFAULT_SYSTEMS, SYSTEMS, System
+from benchlib.systems import DEFAULT_SYSTEMS, SYSTEMS, System, make_system
 from benchlib.workloads import FULL, QUICK, ROWS, Bench, Row, Sizes
 
 TREE_ROWS = {"untar", "ls", "readall", "rm"}
@@ -162,7 +162,8 @@ def parser() -> argparse.ArgumentParser:
         default=DEFAULT_SYSTEMS,
         help=f"comma list of {','.join(SYSTEMS)} (default {DEFAULT_SYSTEMS};"
         " floor = an in-memory pyfuse3 filesystem with trivial handlers;"
-        " passthrough = pyfuse3's example, a Python ceiling, not a peer)",
+        " passthrough = pyfuse3's example, a Python ceiling, not a peer; kmsfs@REV = kmsfs"
+        " as of git revision REV, for before/after figures in one run)",
     )
     sizes = p.add_argument_group("sizes (defaults: full sizes, or small ones with --quick)")
     sizes.add_argument(
@@ -228,8 +229,19 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("bench: run as root (mounts, drop_caches)")
     names = [n.strip() for n in args.systems.split(",") if n.strip()]
     for name in names:
-        if name not in SYSTEMS:
-            raise SystemExit(f"bench: unknown system {name!r} (known: {', '.join(SYSTEMS)})")
+        if name.startswith("kmsfs@"):
+            rev = name.partition("@")[2]
+            check = subprocess.run(
+                ["git", "-C", str(ROOT), "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}"],
+                capture_output=True,
+                check=False,
+            )
+            if not rev or check.returncode != 0:
+                raise SystemExit(f"bench: {name}: {rev!r} is not a revision of this checkout")
+        elif name not in SYSTEMS:
+            raise SystemExit(
+                f"bench: unknown system {name!r} (known: {', '.join(SYSTEMS)}, kmsfs@REV)"
+            )
     rows = parse_rows(args.only)
     if args.budget:
         from benchlib import fusetrace
@@ -249,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ensure_tools(names, rows)
     raise_fd_limit()
-    systems = [SYSTEMS[n](work) for n in names]
+    systems = [make_system(n, work) for n in names]
     # A previous run killed hard may have left mounts: clear them before wiping the volumes.
     for s in systems:
         s.force_cleanup()

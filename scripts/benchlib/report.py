@@ -140,7 +140,10 @@ def render(
         f"- versions: {versions(names)}",
         "",
     ]
+    baselines = [n for n in names if n.startswith("kmsfs@")]
     header = ["#", "workload", "unit", *names]
+    if ours:
+        header += [f"kmsfs / {n}" for n in baselines]
     if ours and peers:
         header.append("kmsfs / best peer")
     if ours and floor:
@@ -160,6 +163,11 @@ def render(
         cells += [fmt(results.median(row.key, n), row.unit) for n in names]
         mine = results.median(row.key, "kmsfs")
         peer_ratio = floor_ratio = None
+        if ours:
+            for n in baselines:
+                before = results.median(row.key, n)
+                ratio = mine / before if mine is not None and before else None
+                cells.append("n/a" if ratio is None else f"{ratio:.2f}×")
         if ours and peers:
             theirs = [v for p in peers if (v := results.median(row.key, p)) is not None]
             if mine is not None and theirs:

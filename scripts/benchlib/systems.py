@@ -15,6 +15,7 @@ from pathlib import Path
 from benchlib.common import (
     BENCHLIB,
     KMSFS,
+    ROOT,
     VENV,
     VENV_PYTHON,
     drop_caches,
@@ -118,7 +119,8 @@ class Kmsfs(System):
                 str(self.base / "kmsfs.log"),
                 "--log-level",
                 "warning",
-            ]
+            ],
+            env=self.env(),
         ).stdout
         self.pid = int(out.rsplit("daemon pid", 1)[1].strip(" )\n"))
         self._wait_mounted()
@@ -133,6 +135,10 @@ class Kmsfs(System):
             wait_for(lambda: not pid_alive(pid), f"kmsfs daemon {pid} to exit")
             self.pid = None
 
+    def env(self) -> dict[str, str] | None:
+        """The environment of ``kmsfs mount`` (None: ours)."""
+        return None
+
     def daemon_pid(self) -> int | None:
         return self.pid
 
@@ -144,6 +150,31 @@ class Kmsfs(System):
             except OSError:
                 pass
         self.pid = None
+
+
+class KmsfsAt(Kmsfs):
+    """kmsfs as of a git revision of this checkout (``kmsfs@REV``), for before/after
+    figures in one run: ``git archive REV kmsfs`` is unpacked in the work directory
+    and put first on PYTHONPATH of the same .venv (dependencies as checked out)."""
+
+    def __init__(self, work: Path, rev: str) -> None:
+        self.name = f"kmsfs@{rev}"
+        super().__init__(work)
+        self.rev = rev
+        self.source = self.base / "source"
+
+    def create(self) -> None:
+        super().create()
+        self.source.mkdir()
+        archive = subprocess.run(
+            ["git", "-C", str(ROOT), "archive", self.rev, "kmsfs"],
+            capture_output=True,
+            check=True,
+        ).stdout
+        subprocess.run(["tar", "-x", "-C", str(self.source)], input=archive, check=True)
+
+    def env(self) -> dict[str, str] | None:
+        return {**os.environ, "PYTHONPATH": str(self.source)}
 
 
 class Gocryptfs(System):
@@ -332,4 +363,13 @@ class Floor(ForegroundDaemon):
 SYSTEMS: dict[str, type[System]] = {
     cls.name: cls for cls in (Kmsfs, Gocryptfs, Securefs, Plain, Floor, Passthrough)
 }
+
+
+def make_system(name: str, work: Path) -> System:
+    """The system called *name*: one of SYSTEMS, or ``kmsfs@REV`` (KmsfsAt)."""
+    if name.startswith("kmsfs@"):
+        return KmsfsAt(work, name.partition("@")[2])
+    return SYSTEMS[name](work)
+
+
 DEFAULT_SYSTEMS = "kmsfs,gocryptfs,securefs,plain,floor"
