@@ -300,4 +300,5 @@ def test_backing_cut_inside_a_block_header_gives_eio_naming_the_file(
     os.truncate(Path(ops.backing, "cut"), 4096 + 28 + 10)
     assert fuse_errno(lambda: ops.open(inode, os.O_RDONLY, CTX)) == errno.EIO
     messages = [r.getMessage() for r in caplog.records]
-    assert any("/cut: backing size 4134 ends inside a block header" in m for m in messages), messages
+    wanted = "/cut: backing size 4134 ends inside a block header"
+    assert any(wanted in m for m in messages), messages
