@@ -360,8 +360,19 @@ class Floor(ForegroundDaemon):
         drop_caches()
 
 
+class FloorPyfuse3Loop(Floor):
+    """The floor with pyfuse3's own wait for /dev/fuse (two trio scheduling rounds per
+    request), as every pyfuse3 filesystem and kmsfs before issue 13 (not a default)."""
+
+    name = "floor-pyfuse3loop"
+
+    def command(self) -> list[str]:
+        return [*super().command()[:-1], "--pyfuse3-loop", str(self.mnt)]
+
+
 SYSTEMS: dict[str, type[System]] = {
-    cls.name: cls for cls in (Kmsfs, Gocryptfs, Securefs, Plain, Floor, Passthrough)
+    cls.name: cls
+    for cls in (Kmsfs, Gocryptfs, Securefs, Plain, Floor, FloorPyfuse3Loop, Passthrough)
 }
 
 
