@@ -51,6 +51,8 @@ def fmt(value: float | None, unit: str) -> str:
         return "fail"
     if unit == "s":
         return f"{value:.2f}"
+    if unit == "µs":
+        return f"{value:.1f}"
     return f"{value:,.0f}"
 
 
