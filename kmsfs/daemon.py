@@ -21,6 +21,7 @@ import trio
 from kmsfs.audit import AuditLog
 from kmsfs.errors import MountError
 from kmsfs.format.volume import VolumeConfig
+from kmsfs.fs import fuseloop
 from kmsfs.fs.events import AccessSink
 from kmsfs.fs.inodes import ROOT_INODE
 from kmsfs.fs.operations import DEFAULT_TIMEOUT, KmsfsOperations, serve_volume
@@ -180,7 +181,11 @@ async def _run(
         nursery.start_soon(_announce_ready, mountpoint, on_ready)
         for service in services:
             nursery.start_soon(service, ops)
-        await pyfuse3.main(min_tasks=4, max_tasks=64)
+        fuseloop.install()  # no trip around trio's loop per request while requests queue
+        try:
+            await pyfuse3.main(min_tasks=4, max_tasks=64)
+        finally:
+            fuseloop.uninstall()
         nursery.cancel_scope.cancel()
 
 

@@ -315,6 +315,48 @@ def test_status_figures_move(volume: Volume) -> None:
     volume.umount()
 
 
+@requires_fuse
+@pytest.mark.mount
+def test_status_counts_fuse_requests_per_opcode(volume: Volume) -> None:
+    volume.mount()
+    before = status_json(volume.mountpoint)["requests"]["by_opcode"]
+    assert "CREATE" not in before and "WRITE" not in before
+    files = 25
+    for i in range(files):
+        fd = os.open(volume.mountpoint / f"f{i}", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        os.write(fd, b"x" * 1000)
+        os.close(fd)  # the writeback cache writes the page back before close returns
+
+    def counts() -> dict[str, Any]:
+        by_opcode: dict[str, Any] = status_json(volume.mountpoint)["requests"]["by_opcode"]
+        return by_opcode
+
+    wait_for(lambda: counts()["RELEASE"]["count"] == files, what="RELEASE of every file")
+    with pytest.raises(OSError) as refused:
+        os.setxattr(volume.mountpoint / "f0", "security.kmsfs-test", b"v")
+    assert refused.value.errno == errno.EOPNOTSUPP
+    assert not (volume.mountpoint / "missing").exists()
+    after = counts()
+    assert after["CREATE"]["count"] == files and after["CREATE"]["errors"] == 0
+    assert after["WRITE"]["count"] == files and after["WRITE"]["errors"] == 0
+    assert after["RELEASE"]["count"] == files
+    # one negative lookup before each create, one for "missing"; none is an error
+    assert after["LOOKUP"]["count"] == files + 1 and after["LOOKUP"]["errors"] == 0
+    assert after["SETXATTR"] == {**after["SETXATTR"], "count": 1, "errors": 1}
+    create = after["CREATE"]
+    assert 0 < create["time_max_ms"] <= create["time_total_ms"]
+    assert list(create["buckets"])[-1] == "+Inf"
+    assert list(create["buckets"].values())[-1] == files
+    assert list(create["buckets"].values()) == sorted(create["buckets"].values())
+    info = status_json(volume.mountpoint)["requests"]
+    assert info["count"] == sum(f["count"] for f in info["by_opcode"].values())
+
+    text = run_kmsfs("status", volume.mountpoint).stdout
+    assert re.search(r"FUSE requests:\s+\d+ \(\d+ answered with an error\)", text)
+    assert re.search(rf"\n  CREATE\s+{files}\s+0\s+\d+\.\d+\s+\d+\.\d+", text)
+    volume.umount()
+
+
 def test_status_without_daemon(tmp_path: Path) -> None:
     result = run_kmsfs("status", tmp_path, check=False)
     assert result.returncode == 7
@@ -359,6 +401,14 @@ def test_metrics_endpoint(volume: Volume) -> None:
     assert second[key("kmsfs_provider_calls_total", operation="generate")] >= 1
     assert key("kmsfs_provider_latency_seconds", quantile="0.5") in second
     assert second[key("kmsfs_key_cache_entries")] >= 1
+    creates = second[key("kmsfs_fuse_requests_total", opcode="CREATE")]
+    assert creates >= 1
+    assert second[key("kmsfs_fuse_request_errors_total", opcode="CREATE")] == 0
+    histogram = "kmsfs_fuse_request_duration_seconds"
+    assert second[key(f"{histogram}_count", opcode="CREATE")] == creates
+    assert second[key(f"{histogram}_bucket", opcode="CREATE", le="+Inf")] == creates
+    assert second[key(f"{histogram}_sum", opcode="CREATE")] > 0
+    assert second[key("kmsfs_fuse_request_duration_max_seconds", opcode="CREATE")] > 0
     volume.umount()
 
 

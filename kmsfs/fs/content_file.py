@@ -133,7 +133,10 @@ class ContentFile:
         """
         st = os.fstat(fd)
         layout = cipher.layout
-        layout.check_backing_size(st.st_size, describe())
+        try:
+            layout.check_backing_size(st.st_size, "")
+        except IntegrityError as exc:  # name the file only now: describe() costs a readlink
+            raise IntegrityError(f"{describe()}{exc}") from None
         size = layout.plain_size(st.st_size)
         content = cls(fd, cipher, size, describe, file_id, usage)
         blocks = layout.final_index(size) + 1
@@ -158,6 +161,8 @@ class ContentFile:
         first, last = offset // bs, (end - 1) // bs
         plain = self._read_blocks(first, last)
         start = offset - first * bs
+        if start == 0 and len(plain) == end - offset:
+            return plain  # aligned (every readahead READ): no copy
         return memoryview(plain)[start : start + end - offset].tobytes()
 
     def _read_blocks(self, first: int, last: int) -> bytearray:
@@ -231,16 +236,20 @@ class ContentFile:
                 self._seal_at(old_final, padded, old_final)  # still final, now whole
 
         run_end = min((last + 1) * bs, new_size)
-        run = bytearray(run_end - first * bs)
         head = offset - first * bs
-        partial_first = head or (first == last and end < min(run_end, old_size))
-        if partial_first and first <= old_final and first * bs < old_size:
-            before = self._block(first)
-            run[: len(before)] = before
-        if last != first and end < min(run_end, old_size) and last <= old_final:
-            after = self._block(last)
-            run[(last - first) * bs : (last - first) * bs + len(after)] = after
-        run[head : head + length] = data
+        run: bytes | bytearray | memoryview
+        if head == 0 and end == run_end:
+            run = data  # whole blocks (or up to the end of the file): sealed as they are
+        else:
+            run = bytearray(run_end - first * bs)
+            partial_first = head or (first == last and end < min(run_end, old_size))
+            if partial_first and first <= old_final and first * bs < old_size:
+                before = self._block(first)
+                run[: len(before)] = before
+            if last != first and end < min(run_end, old_size) and last <= old_final:
+                after = self._block(last)
+                run[(last - first) * bs : (last - first) * bs + len(after)] = after
+            run[head : head + length] = data
         self._seal_at(first, run, new_final)
 
         if moved_final:

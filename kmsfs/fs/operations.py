@@ -25,6 +25,7 @@ import resource
 import stat
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
+from time import perf_counter_ns
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import pyfuse3
@@ -40,6 +41,7 @@ from kmsfs.fs.content_file import ContentFile, KeyUsageTable
 from kmsfs.fs.events import AccessEvent, AccessSink, access_mode
 from kmsfs.fs.headerio import read_header
 from kmsfs.fs.inodes import ROOT_INODE, Inode, InodeTable
+from kmsfs.fs.requests import OPCODES, RequestStats
 from kmsfs.fs.shared import SharedContentFile, wait_until_created
 from kmsfs.fs.xattrs import Namespace
 from kmsfs.keys.keyring import Keyring
@@ -91,25 +93,35 @@ def _open_actions(flags: int) -> tuple[str, ...]:
 def _fuse_op(
     func: Callable[Concatenate[KmsfsOperations, P], Coroutine[Any, Any, T]],
 ) -> Callable[Concatenate[KmsfsOperations, P], Coroutine[Any, Any, T]]:
-    """Turn every exception of a handler into a FUSEError (pyfuse3 must never see others)."""
+    """Turn every exception of a handler into a FUSEError (pyfuse3 must never see others),
+    and count the request, its time and its failure under the handler's FUSE opcode."""
+    opcode = OPCODES[func.__name__]
 
     async def wrapper(self: KmsfsOperations, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        counter = self.requests.by_opcode[opcode]
+        start = perf_counter_ns()
         try:
             return await func(self, *args, **kwargs)
         except FUSEError:
+            counter.errors += 1
             raise
         except OSError as exc:
+            counter.errors += 1
             if exc.errno in (errno.EBADF, errno.EMFILE, errno.ENFILE):  # our own descriptors
                 log.warning("%s: %s", func.__name__, exc, exc_info=log.isEnabledFor(logging.DEBUG))
             raise FUSEError(errno_for(exc)) from None
         except KmsfsError as exc:
+            counter.errors += 1
             self.errors += 1
             log.error("%s: %s", func.__name__, exc)
             raise FUSEError(errno_for(exc)) from None
         except Exception:
+            counter.errors += 1
             self.errors += 1
             log.exception("%s: unexpected error", func.__name__)
             raise FUSEError(errno.EIO) from None
+        finally:
+            counter.add(perf_counter_ns() - start)
 
     functools.update_wrapper(wrapper, func)
     return wrapper
@@ -197,7 +209,8 @@ class KmsfsOperations(pyfuse3.Operations):
     """Serves one volume with the parts it is given (``ServedVolume``).
 
     Attributes: backing (path), config, keyring, inodes, key_usage, timeout,
-    offload_bytes, on_access, and the counters errors, bytes_read, bytes_written.
+    offload_bytes, on_access, and the counters errors, bytes_read, bytes_written
+    and requests (per FUSE opcode, ``kmsfs.fs.requests``).
     """
 
     enable_writeback_cache = True
@@ -231,6 +244,8 @@ class KmsfsOperations(pyfuse3.Operations):
         self.errors = 0
         self.bytes_read = 0
         self.bytes_written = 0
+        self.requests = RequestStats()
+        self._forgets = self.requests.counter("forget")
         # Shared mode: no writeback cache (the kernel would write back whole pages over
         # another host's bytes), no page cache kept across opens, sizes from the backing.
         self.shared = parts.shared
@@ -559,11 +574,15 @@ class KmsfsOperations(pyfuse3.Operations):
         return self._attr(st, entry)
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        # Not wrapped in _fuse_op: FORGET has no answer, and pyfuse3 must never see
+        # an exception from it; counted here instead.
+        start = perf_counter_ns()
         for ino, count in inode_list:
             try:
                 self.inodes.forget(ino, count)
             except OSError as exc:  # closing a descriptor cannot really fail; never raise here
                 log.warning("forget inode %d: %s", ino, exc)
+        self._forgets.add(perf_counter_ns() - start)
 
     @_fuse_op
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
@@ -941,6 +960,7 @@ class KmsfsOperations(pyfuse3.Operations):
         self.bytes_written += written
         return written
 
+    @_fuse_op
     async def flush(self, fh: int) -> None:
         # Nothing to do: writes reach the backing file when they arrive, and the
         # kernel writes back its cached pages before it sends FLUSH.  ENOSYS

@@ -87,7 +87,11 @@ class KmsfsCollector:
         return []  # no pre-registration checks: the snapshot needs the running loop
 
     def collect(self) -> Iterator[Any]:
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+        from prometheus_client.core import (
+            CounterMetricFamily,
+            GaugeMetricFamily,
+            HistogramMetricFamily,
+        )
 
         try:
             info = self._snapshot()
@@ -157,3 +161,36 @@ class KmsfsCollector:
             if value is not None:
                 quantiles.add_metric([*ident, str(pct / 100)], value / 1000)
         yield quantiles
+
+        requests = info["requests"]["by_opcode"]
+        by_opcode = labels + ["opcode"]
+        request_family = CounterMetricFamily(
+            "kmsfs_fuse_requests", "FUSE requests answered, per opcode", labels=by_opcode
+        )
+        request_errors = CounterMetricFamily(
+            "kmsfs_fuse_request_errors",
+            "FUSE requests answered with an error (ENOENT of a lookup included), per opcode",
+            labels=by_opcode,
+        )
+        durations = HistogramMetricFamily(
+            "kmsfs_fuse_request_duration_seconds",
+            "Time the daemon took to answer a FUSE request, per opcode",
+            labels=by_opcode,
+        )
+        longest = GaugeMetricFamily(
+            "kmsfs_fuse_request_duration_max_seconds",
+            "Longest time the daemon took to answer one FUSE request, per opcode",
+            labels=by_opcode,
+        )
+        for opcode, figures in requests.items():
+            values = [*ident, opcode]
+            request_family.add_metric(values, figures["count"])
+            request_errors.add_metric(values, figures["errors"])
+            durations.add_metric(
+                values, list(figures["buckets"].items()), figures["time_total_ms"] / 1000
+            )
+            longest.add_metric(values, figures["time_max_ms"] / 1000)
+        yield request_family
+        yield request_errors
+        yield durations
+        yield longest

@@ -132,4 +132,5 @@ def snapshot(
         "bytes_read": ops.bytes_read,
         "bytes_written": ops.bytes_written,
         "errors": ops.errors,
+        "requests": ops.requests.summary(),
     }

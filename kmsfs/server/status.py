@@ -181,7 +181,24 @@ def format_status(info: dict[str, Any]) -> str:
         f"bytes written:  {info['bytes_written']}",
         f"errors:         {info['errors']}",
     ]
+    lines += format_requests(info.get("requests"))
     return "\n".join(lines)
+
+
+def format_requests(requests: dict[str, Any] | None) -> list[str]:
+    """The FUSE request lines of a status answer (none from a daemon that does not count)."""
+    if not requests:
+        return []
+    lines = [f"FUSE requests:  {requests['count']} ({requests['errors']} answered with an error)"]
+    if requests["by_opcode"]:
+        lines.append(f"  {'opcode':13}{'count':>10}{'errors':>9}{'mean ms':>10}{'max ms':>10}")
+    for opcode, figures in requests["by_opcode"].items():
+        mean_ms = figures["time_total_ms"] / figures["count"]
+        lines.append(
+            f"  {opcode:13}{figures['count']:>10}{figures['errors']:>9}"
+            f"{mean_ms:>10.3f}{figures['time_max_ms']:>10.2f}"
+        )
+    return lines
 
 
 def _duration(seconds: float) -> str:

@@ -18,6 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from benchlib.budget import BUDGET_ROWS, RowBudget, render_budget, run_budget
 from benchlib.common import (
     BENCHLIB,
     FAILURES,
@@ -32,7 +33,7 @@ from benchlib.common import (
     run,
 )
 from benchlib.report import Results, Sample, fmt, render
-from benchlib.systems import DEFAULT_SYSTEMS, SYSTEMS, System
+from benchlib.systems import DEFAULT_SYSTEMS, SYSTEMS, System, make_system
 from benchlib.workloads import FULL, QUICK, ROWS, Bench, Row, Sizes
 
 TREE_ROWS = {"untar", "ls", "readall", "rm"}
@@ -161,7 +162,8 @@ def parser() -> argparse.ArgumentParser:
         default=DEFAULT_SYSTEMS,
         help=f"comma list of {','.join(SYSTEMS)} (default {DEFAULT_SYSTEMS};"
         " floor = an in-memory pyfuse3 filesystem with trivial handlers;"
-        " passthrough = pyfuse3's example, a Python ceiling, not a peer)",
+        " passthrough = pyfuse3's example, a Python ceiling, not a peer; kmsfs@REV = kmsfs"
+        " as of git revision REV, for before/after figures in one run)",
     )
     sizes = p.add_argument_group("sizes (defaults: full sizes, or small ones with --quick)")
     sizes.add_argument(
@@ -178,6 +180,19 @@ def parser() -> argparse.ArgumentParser:
     )
     sizes.add_argument("--modules", type=positive, help="C modules in the row 10 project (48; 16)")
     p.add_argument("--markdown", help="also write the table to this file")
+    p.add_argument(
+        "--budget",
+        action="store_true",
+        help="instead of timing: count the FUSE requests of the metadata rows (untar, ls -lR,"
+        " read all, rm -rf, create + stat, git status) per file and opcode with the kernel's"
+        " fuse tracepoints, once per system (needs Linux 6.16+ and tracefs)",
+    )
+    p.add_argument(
+        "--strace",
+        action="store_true",
+        help="with --budget: also run each row under strace -c -f on the kmsfs daemon"
+        " (syscalls per request)",
+    )
     p.add_argument("--keep", action="store_true", help="keep the volumes afterwards")
     p.add_argument(
         "--micro",
@@ -214,9 +229,27 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("bench: run as root (mounts, drop_caches)")
     names = [n.strip() for n in args.systems.split(",") if n.strip()]
     for name in names:
-        if name not in SYSTEMS:
-            raise SystemExit(f"bench: unknown system {name!r} (known: {', '.join(SYSTEMS)})")
+        if name.startswith("kmsfs@"):
+            rev = name.partition("@")[2]
+            check = subprocess.run(
+                ["git", "-C", str(ROOT), "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}"],
+                capture_output=True,
+                check=False,
+            )
+            if not rev or check.returncode != 0:
+                raise SystemExit(f"bench: {name}: {rev!r} is not a revision of this checkout")
+        elif name not in SYSTEMS:
+            raise SystemExit(
+                f"bench: unknown system {name!r} (known: {', '.join(SYSTEMS)}, kmsfs@REV)"
+            )
     rows = parse_rows(args.only)
+    if args.budget:
+        from benchlib import fusetrace
+
+        why = fusetrace.available()
+        if why is not None:
+            raise SystemExit(f"bench: --budget: {why}")
+        rows = [r for r in rows if r.key in BUDGET_ROWS]
     work = Path(args.workdir).resolve()
     sizes = sizes_of(args)
 
@@ -228,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ensure_tools(names, rows)
     raise_fd_limit()
-    systems = [SYSTEMS[n](work) for n in names]
+    systems = [make_system(n, work) for n in names]
     # A previous run killed hard may have left mounts: clear them before wiping the volumes.
     for s in systems:
         s.force_cleanup()
@@ -239,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
 
     bench = Bench(work, sizes)
     results = Results()
+    budgets: dict[tuple[str, str], RowBudget] = {}
     keys = {r.key for r in rows}
     try:
         if keys & TREE_ROWS:
@@ -249,8 +283,11 @@ def main(argv: list[str] | None = None) -> int:
             s.create()
             s.mount()
             log(f"{s.name}: ready at {s.mnt}")
-        for repeat in range(args.repeats):
-            run_repeat(bench, rows, systems, repeat, results)
+        if args.budget:
+            budgets = run_budget(bench, rows, systems, work, args.strace)
+        else:
+            for repeat in range(args.repeats):
+                run_repeat(bench, rows, systems, repeat, results)
     except KeyboardInterrupt:
         log("interrupted: unmounting")
         return 130
@@ -269,7 +306,10 @@ def main(argv: list[str] | None = None) -> int:
         work.mkdir(parents=True, exist_ok=True)
         (work / "results.json").write_text(json.dumps(raw, indent=1))
 
-    table = render(results, rows, systems, sizes, args.repeats, args.quick, work)
+    if args.budget:
+        table = render_budget(budgets, rows, systems)
+    else:
+        table = render(results, rows, systems, sizes, args.repeats, args.quick, work)
     print(table)
     if args.markdown:
         Path(args.markdown).write_text(table)

@@ -1,13 +1,15 @@
 """The ``floor`` system: a minimal in-memory pyfuse3 filesystem (issue 13, item 2).
 
-    .venv/bin/python scripts/benchlib/floorfs.py MOUNTPOINT
+    .venv/bin/python scripts/benchlib/floorfs.py [--pyfuse3-loop] MOUNTPOINT
 
 It measures what pyfuse3 + trio cost before kmsfs does any work of its own: no
 backing I/O, no crypto, handlers that only update dicts, mounted with kmsfs's
 settings (``pyfuse3.default_options`` plus fsname/subtype, the writeback cache,
 60 s entry and attribute timeouts, negative entries cached as long,
-``pyfuse3.main(min_tasks=4, max_tasks=64)``, FLUSH answered ENOSYS, getxattr
-answered without any work).  It serves in the foreground until unmounted
+``pyfuse3.main(min_tasks=4, max_tasks=64)``, pyfuse3's loop waiting for
+/dev/fuse only when no request is queued (``kmsfs.fs.fuseloop``; with
+``--pyfuse3-loop``, pyfuse3's own wait, as kmsfs before issue 13), FLUSH
+answered ENOSYS, getxattr answered without any work).  It serves in the foreground until unmounted
 (``fusermount3 -u``) or sent SIGTERM/SIGINT.
 
 Everything is kept in the daemon's memory: file data in one bytearray per file,
@@ -496,8 +498,10 @@ async def _stop_on_signal() -> None:
 def main(argv: list[str] | None = None) -> int:
     """Mount at argv[0] and serve until unmounted; 1 with a message if mounting fails."""
     args = sys.argv[1:] if argv is None else argv
+    pyfuse3_loop = "--pyfuse3-loop" in args
+    args = [a for a in args if a != "--pyfuse3-loop"]
     if len(args) != 1:
-        print("usage: floorfs.py MOUNTPOINT", file=sys.stderr)
+        print("usage: floorfs.py [--pyfuse3-loop] MOUNTPOINT", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.WARNING, format="floorfs: %(levelname)s %(message)s")
     options = set(pyfuse3.default_options) | {"fsname=floor", "subtype=floor"}
@@ -506,6 +510,10 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as exc:
         print(f"floorfs: cannot mount at {args[0]}: {exc}", file=sys.stderr)
         return 1
+    if not pyfuse3_loop:
+        from kmsfs.fs import fuseloop  # the checkout's, as kmsfs.daemon uses it
+
+        fuseloop.install()
     try:
         trio.run(_serve)
     finally:

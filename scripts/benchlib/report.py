@@ -51,6 +51,8 @@ def fmt(value: float | None, unit: str) -> str:
         return "fail"
     if unit == "s":
         return f"{value:.2f}"
+    if unit == "µs":
+        return f"{value:.1f}"
     return f"{value:,.0f}"
 
 
@@ -140,11 +142,17 @@ def render(
         f"- versions: {versions(names)}",
         "",
     ]
+    baselines = [n for n in names if n.startswith("kmsfs@")]
     header = ["#", "workload", "unit", *names]
+    if ours:
+        header += [f"kmsfs / {n}" for n in baselines]
     if ours and peers:
         header.append("kmsfs / best peer")
     if ours and floor:
         header.append("kmsfs / floor")
+    above_disk = ours and floor and "plain" in names
+    if above_disk:
+        header.append("(kmsfs − plain) / floor")
     if ours and (peers or floor):
         header += ["target", "met"]
     if ours:
@@ -160,6 +168,11 @@ def render(
         cells += [fmt(results.median(row.key, n), row.unit) for n in names]
         mine = results.median(row.key, "kmsfs")
         peer_ratio = floor_ratio = None
+        if ours:
+            for n in baselines:
+                before = results.median(row.key, n)
+                ratio = mine / before if mine is not None and before else None
+                cells.append("n/a" if ratio is None else f"{ratio:.2f}×")
         if ours and peers:
             theirs = [v for p in peers if (v := results.median(row.key, p)) is not None]
             if mine is not None and theirs:
@@ -171,6 +184,13 @@ def render(
             if mine is not None and base:
                 floor_ratio = mine / base
             cells.append("n/a" if floor_ratio is None else f"{floor_ratio:.2f}×")
+        if above_disk:
+            base = results.median(row.key, "floor")
+            plain = results.median(row.key, "plain")
+            above = None
+            if row.unit == "s" and mine is not None and base and plain is not None:
+                above = (mine - plain) / base
+            cells.append("" if above is None else f"{above:.2f}×")
         if ours and (peers or floor):
             cells += _target(row, peer_ratio if peers else None, floor_ratio)
         if ours:
@@ -200,7 +220,9 @@ def render(
         f" C project of {sizes.modules} modules (10)."
         " MB = 10^6 bytes. Ratios: throughput and IOPS kmsfs/best (higher is better),"
         " times kmsfs/best (lower is better); kmsfs / floor likewise against the in-memory"
-        " pyfuse3 floor. CPU s = daemon utime+stime during the timed part (median);"
+        " pyfuse3 floor; (kmsfs − plain) / floor, for times: kmsfs's time above what the"
+        " backing disk costs a plain directory, over the floor's (which has no disk)."
+        " CPU s = daemon utime+stime during the timed part (median);"
         " VmHWM = daemon peak RSS after the workload (max over repeats)."
     )
     failures = [

@@ -15,6 +15,7 @@ from pathlib import Path
 from benchlib.common import (
     BENCHLIB,
     KMSFS,
+    ROOT,
     VENV,
     VENV_PYTHON,
     drop_caches,
@@ -120,7 +121,8 @@ class Kmsfs(System):
                 "--log-level",
                 "warning",
                 *self.options,
-            ]
+            ],
+            env=self.env(),
         ).stdout
         self.pid = int(out.rsplit("daemon pid", 1)[1].strip(" )\n"))
         self._wait_mounted()
@@ -135,6 +137,10 @@ class Kmsfs(System):
             wait_for(lambda: not pid_alive(pid), f"kmsfs daemon {pid} to exit")
             self.pid = None
 
+    def env(self) -> dict[str, str] | None:
+        """The environment of ``kmsfs mount`` (None: ours)."""
+        return None
+
     def daemon_pid(self) -> int | None:
         return self.pid
 
@@ -146,6 +152,31 @@ class Kmsfs(System):
             except OSError:
                 pass
         self.pid = None
+
+
+class KmsfsAt(Kmsfs):
+    """kmsfs as of a git revision of this checkout (``kmsfs@REV``), for before/after
+    figures in one run: ``git archive REV kmsfs`` is unpacked in the work directory
+    and put first on PYTHONPATH of the same .venv (dependencies as checked out)."""
+
+    def __init__(self, work: Path, rev: str) -> None:
+        self.name = f"kmsfs@{rev}"
+        super().__init__(work)
+        self.rev = rev
+        self.source = self.base / "source"
+
+    def create(self) -> None:
+        super().create()
+        self.source.mkdir()
+        archive = subprocess.run(
+            ["git", "-C", str(ROOT), "archive", self.rev, "kmsfs"],
+            capture_output=True,
+            check=True,
+        ).stdout
+        subprocess.run(["tar", "-x", "-C", str(self.source)], input=archive, check=True)
+
+    def env(self) -> dict[str, str] | None:
+        return {**os.environ, "PYTHONPATH": str(self.source)}
 
 
 class Gocryptfs(System):
@@ -339,7 +370,36 @@ class KmsfsShared(Kmsfs):
     options = ("-o", "shared")
 
 
+class FloorPyfuse3Loop(Floor):
+    """The floor with pyfuse3's own wait for /dev/fuse (two trio scheduling rounds per
+    request), as every pyfuse3 filesystem and kmsfs before issue 13 (not a default)."""
+
+    name = "floor-pyfuse3loop"
+
+    def command(self) -> list[str]:
+        return [*super().command()[:-1], "--pyfuse3-loop", str(self.mnt)]
+
+
 SYSTEMS: dict[str, type[System]] = {
-    cls.name: cls for cls in (Kmsfs, KmsfsShared, Gocryptfs, Securefs, Plain, Floor, Passthrough)
+    cls.name: cls
+    for cls in (
+        Kmsfs,
+        KmsfsShared,
+        Gocryptfs,
+        Securefs,
+        Plain,
+        Floor,
+        FloorPyfuse3Loop,
+        Passthrough,
+    )
 }
+
+
+def make_system(name: str, work: Path) -> System:
+    """The system called *name*: one of SYSTEMS, or ``kmsfs@REV`` (KmsfsAt)."""
+    if name.startswith("kmsfs@"):
+        return KmsfsAt(work, name.partition("@")[2])
+    return SYSTEMS[name](work)
+
+
 DEFAULT_SYSTEMS = "kmsfs,gocryptfs,securefs,plain,floor"

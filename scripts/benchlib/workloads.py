@@ -68,6 +68,7 @@ class Row:
 
 # Targets of issue 13: data rows against the best peer, metadata rows against the floor.
 ROWS = [
+    Row("rtt", "0", "request round trip (uncached getxattr)", "µs", False),
     Row("seqwrite", "1", "sequential write (dd bs=128k, fsync)", "MB/s", True, 0.9),
     Row("seqread", "2", "cold sequential read (dd bs=128k)", "MB/s", True, 1.0),
     Row("untar", "3", "untar", "s", False, floor_target=1.25),
@@ -105,6 +106,24 @@ ROWS = [
     Row("gitstatus", "10c", "C project: `git status` ×3", "s", False, floor_target=1.25),
     Row("gitrm", "10d", "C project: `rm -rf` of the clone", "s", False),
 ]
+
+# Row 0: one process asks for an extended attribute the file does not have, which
+# the kernel never caches, so each call is one FUSE round trip; best of 5 rounds.
+ROUND_TRIPS = """
+import os, sys, time
+path, n = sys.argv[1], int(sys.argv[2])
+best = None
+for _ in range(5):
+    start = time.perf_counter()
+    for _ in range(n):
+        try:
+            os.getxattr(path, "user.kmsfs-bench-absent")
+        except OSError:
+            pass
+    seconds = time.perf_counter() - start
+    best = seconds if best is None else min(best, seconds)
+print(best / n * 1e6)
+"""
 
 CREATE_AND_STAT = """
 import os, sys
@@ -178,6 +197,7 @@ class Bench:
     def leftovers(self, s: System) -> list[Path]:
         """Everything a row may leave on a volume."""
         return [
+            self.rtt_file(s),
             self.seq(s),
             self.tree(s),
             self.fio_file(s),
@@ -194,6 +214,21 @@ class Bench:
     def _untar(self, s: System) -> str:
         tree = shlex.quote(str(self.tree(s)))
         return f"mkdir {tree} && tar -C {tree} -xf {shlex.quote(str(self.tar))}"
+
+    # 0
+    @staticmethod
+    def rtt_file(s: System) -> Path:
+        return s.mnt / "rtt"
+
+    def prep_rtt(self, s: System) -> None:
+        self.rtt_file(s).write_bytes(b"")
+
+    def run_rtt(self, s: System) -> float:
+        out = run([sys.executable, "-c", ROUND_TRIPS, str(self.rtt_file(s)), "20000"]).stdout
+        return float(out)
+
+    def post_rtt(self, s: System) -> None:
+        self.rtt_file(s).unlink(missing_ok=True)
 
     # 1
     def prep_seqwrite(self, s: System) -> None:

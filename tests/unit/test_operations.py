@@ -244,3 +244,61 @@ def test_missing_header_gives_eio(ops: KmsfsOperations) -> None:
     inode = run(lambda: create(ops, b"plain", b"data"))
     os.removexattr(Path(ops.backing, "plain"), XATTR_NAME)
     assert fuse_errno(lambda: ops.open(inode, os.O_RDONLY, CTX)) == errno.EIO
+
+
+# -- request counters -----------------------------------------------------------
+
+
+def test_requests_are_counted_per_opcode_with_their_errors(ops: KmsfsOperations) -> None:
+    async def main() -> None:
+        for name in (b"a", b"b", b"c"):
+            await create(ops, name, b"data")
+        await ops.lookup(ROOT, b"nope", CTX)  # a negative entry is an answer, not an error
+        with pytest.raises(pyfuse3.FUSEError):
+            await ops.mkdir(ROOT, b"a", 0o755, CTX)  # EEXIST
+        with pytest.raises(pyfuse3.FUSEError):
+            await ops.flush(1)  # ENOSYS: the kernel stops sending FLUSH
+        await ops.forget([(ROOT, 0)])
+
+    run(main)
+    summary = ops.requests.summary()
+    figures = summary["by_opcode"]
+    assert {op: (f["count"], f["errors"]) for op, f in figures.items()} == {
+        "CREATE": (3, 0),
+        "WRITE": (3, 0),
+        "RELEASE": (3, 0),
+        "LOOKUP": (1, 0),
+        "MKDIR": (1, 1),
+        "FLUSH": (1, 1),
+        "FORGET": (1, 0),
+    }
+    assert summary["count"] == 13 and summary["errors"] == 2
+    create_figures = figures["CREATE"]
+    assert 0 < create_figures["time_max_ms"] <= create_figures["time_total_ms"]
+    cumulative = list(create_figures["buckets"].values())
+    assert cumulative == sorted(cumulative) and cumulative[-1] == 3
+    assert list(create_figures["buckets"])[-1] == "+Inf"
+
+
+def test_forget_drops_the_entry_and_its_descriptor_is_closed(ops: KmsfsOperations) -> None:
+    inode = run(lambda: create(ops, b"gone", b"data"))
+    entry = ops.inodes.get(inode)
+    assert entry is not None
+    fd = entry.fd
+    os.fstat(fd)
+    run(lambda: ops.forget([(inode, 1)]))
+    assert ops.inodes.get(inode) is None and entry.fd == -1
+    ops.inodes.closer.stop()  # waits for the closer thread
+    with pytest.raises(OSError):
+        os.fstat(fd)
+
+
+def test_backing_cut_inside_a_block_header_gives_eio_naming_the_file(
+    ops: KmsfsOperations, caplog: pytest.LogCaptureFixture
+) -> None:
+    inode = run(lambda: create(ops, b"cut", b"x" * 5000))
+    os.truncate(Path(ops.backing, "cut"), 4096 + 28 + 10)
+    assert fuse_errno(lambda: ops.open(inode, os.O_RDONLY, CTX)) == errno.EIO
+    messages = [r.getMessage() for r in caplog.records]
+    wanted = "/cut: backing size 4134 ends inside a block header"
+    assert any(wanted in m for m in messages), messages

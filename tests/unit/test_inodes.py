@@ -1,0 +1,81 @@
+"""The inode table's descriptor closer: forgotten entries' descriptors are closed off
+the request path, all of them, in order, and never more than a bounded number wait."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+
+from kmsfs.fs.inodes import Closer
+
+
+def is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+def test_closer_closes_every_descriptor_it_is_given() -> None:
+    closer = Closer(max_pending=1000)
+    fds = [os.open(os.devnull, os.O_RDONLY) for _ in range(50)]
+    for fd in fds:
+        closer.close(fd)
+    closer.stop()
+    assert not any(is_open(fd) for fd in fds)
+
+
+def test_closer_closes_at_once_when_too_many_wait(monkeypatch: pytest.MonkeyPatch) -> None:
+    closer = Closer(max_pending=2)
+    release = threading.Event()
+    real_close = os.close
+
+    def slow_close(fd: int) -> None:
+        if threading.current_thread().name == "kmsfs-closer":
+            release.wait(10)  # hold the thread: the queue fills up
+        real_close(fd)
+
+    monkeypatch.setattr(os, "close", slow_close)
+    fds = [os.open(os.devnull, os.O_RDONLY) for _ in range(6)]
+    for fd in fds:
+        closer.close(fd)
+    # one in the thread's hands, two waiting: the other three were closed by the caller
+    closed_now = [fd for fd in fds if not is_open(fd)]
+    assert len(closed_now) >= 3
+    release.set()
+    closer.stop()
+    assert not any(is_open(fd) for fd in fds)
+
+
+def test_entry_lock_excludes_a_second_task_until_released() -> None:
+    import trio
+
+    from kmsfs.fs.inodes import EntryLock
+
+    order: list[str] = []
+
+    async def main() -> None:
+        lock = EntryLock()
+
+        async def holder() -> None:
+            async with lock:
+                order.append("holder in")
+                await trio.sleep(0.05)  # as a task waiting for a worker thread
+                order.append("holder out")
+
+        async def second() -> None:
+            await trio.sleep(0.01)
+            assert lock.locked()
+            async with lock:
+                order.append("second in")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(holder)
+            nursery.start_soon(second)
+        assert not lock.locked()
+
+    trio.run(main)
+    assert order == ["holder in", "holder out", "second in"]
