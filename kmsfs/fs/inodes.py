@@ -56,6 +56,9 @@ class Closer:
         self._thread: threading.Thread | None = None
 
     def close(self, fd: int) -> None:
+        if self.max_pending == 0:
+            _close(fd)
+            return
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="kmsfs-closer", daemon=True)
             self._thread.start()
@@ -146,7 +149,9 @@ class InodeTable:
 
     def __init__(self, root_fd: int, high_water: int = 1 << 30) -> None:
         self.high_water = high_water
-        self.closer = Closer(max_pending=min(64, max(high_water // 8, 1)))
+        # Deferred closes hold descriptors a while: only when there are plenty of them
+        # (a daemon under a small RLIMIT_NOFILE closes at once, as it must to keep going).
+        self.closer = Closer(max_pending=0 if high_water < 4096 else min(64, high_water // 8))
         self.evicting = 0  # entries the kernel was asked to forget and has not yet
         st = os.stat(root_fd)
         self.root_st_ino = st.st_ino
