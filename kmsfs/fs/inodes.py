@@ -19,6 +19,12 @@ The descriptor of a forgotten entry is closed by a thread of its own
 backing filesystem frees it (blocks, xattr block, inode), 100-200 µs on the
 machines we measured, which would otherwise stall every request behind it.
 At most ``Closer.max_pending`` wait; beyond that they are closed at once.
+
+A few descriptors are held in reserve (``Reserve``): when the process is out
+of descriptors, a deferred entry (fd -1) that a request needs takes one of
+them.  Without it, a daemon whose table is full of inodes the kernel was asked
+to forget but still holds (dirty ones wait for their SETATTR of times) could
+not answer that very SETATTR, and so could never be given its FORGETs.
 """
 
 from __future__ import annotations
@@ -39,6 +45,38 @@ log = logging.getLogger(__name__)
 
 ROOT_INODE = 1
 O_PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class Reserve:
+    """Spare descriptors (of "/", O_PATH) given up, one at a time, to let an open
+    that failed with EMFILE succeed; ``refill`` takes them back when there are
+    descriptors free again.  Never raises."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._spares: list[int] = []
+        self.refill()
+
+    def __len__(self) -> int:
+        return len(self._spares)
+
+    def give_one(self) -> bool:
+        """Close one spare; False if none is left."""
+        if not self._spares:
+            return False
+        _close(self._spares.pop())
+        return True
+
+    def refill(self) -> None:
+        while len(self._spares) < self.size:
+            try:
+                self._spares.append(os.open("/", O_PATH_FLAGS))
+            except OSError:
+                return
+
+    def close(self) -> None:
+        while self._spares:
+            _close(self._spares.pop())
 
 
 class Closer:
@@ -152,6 +190,7 @@ class InodeTable:
         # Deferred closes hold descriptors a while: only when there are plenty of them
         # (a daemon under a small RLIMIT_NOFILE closes at once, as it must to keep going).
         self.closer = Closer(max_pending=0 if high_water < 4096 else min(64, high_water // 8))
+        self.reserve = Reserve(min(32, max(4, high_water // 16)))
         self.evicting = 0  # entries the kernel was asked to forget and has not yet
         st = os.stat(root_fd)
         self.root_st_ino = st.st_ino
@@ -217,10 +256,15 @@ class InodeTable:
             raise OSError(errno.ESTALE, "parent of a deferred entry was forgotten")
         if parent.fd < 0:
             self.open_deferred(parent)
-        try:
-            fd = os.open(entry.name, O_PATH_FLAGS, dir_fd=parent.fd)
-        except FileNotFoundError:
-            raise OSError(errno.ESTALE, "deferred entry was renamed or removed") from None
+        while True:
+            try:
+                fd = os.open(entry.name, O_PATH_FLAGS, dir_fd=parent.fd)
+                break
+            except FileNotFoundError:
+                raise OSError(errno.ESTALE, "deferred entry was renamed or removed") from None
+            except OSError as exc:
+                if exc.errno != errno.EMFILE or not self.reserve.give_one():
+                    raise
         if self.fuse_ino(os.stat(fd).st_ino) != entry.ino:
             os.close(fd)
             raise OSError(errno.ESTALE, "deferred entry's name now leads to another inode")
@@ -272,9 +316,12 @@ class InodeTable:
         if entry.fd >= 0:
             self.closer.close(entry.fd)
             entry.fd = -1
+            if len(self.reserve) < self.reserve.size:
+                self.reserve.refill()
 
     def close_all(self) -> None:
         self.closer.stop()
+        self.reserve.close()
         for entry in list(self._entries.values()):
             if entry.content is not None:
                 os.close(entry.content.fd)

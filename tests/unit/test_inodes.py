@@ -1,10 +1,14 @@
-"""The inode table's descriptor closer: forgotten entries' descriptors are closed off
-the request path, all of them, in order, and never more than a bounded number wait."""
+"""The inode table's descriptors: forgotten entries' descriptors are closed off the
+request path, all of them, in order, and never more than a bounded number wait; a
+reserve lets a deferred entry open when the process is out of descriptors."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -79,3 +83,52 @@ def test_entry_lock_excludes_a_second_task_until_released() -> None:
 
     trio.run(main)
     assert order == ["holder in", "holder out", "second in"]
+
+
+_OUT_OF_DESCRIPTORS = """
+import errno, os, resource, sys
+from kmsfs.fs.inodes import InodeTable, Reserve
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+root = os.open(sys.argv[1], os.O_PATH)
+table = InodeTable(root, high_water=40)
+if sys.argv[2] == "no-reserve":
+    table.reserve.close()
+    table.reserve = Reserve(0)
+st = os.stat("f", dir_fd=root)
+hog = []
+while True:  # use up every descriptor left
+    try:
+        hog.append(os.open("/", os.O_PATH))
+    except OSError as exc:
+        assert exc.errno == errno.EMFILE
+        break
+entry = table.remember(st, 1, b"f")
+assert entry.fd == -1, "the entry should have been deferred"
+try:
+    table.open_deferred(entry)
+except OSError as exc:
+    print(errno.errorcode[exc.errno])
+else:
+    print("same inode" if os.stat(entry.fd).st_ino == st.st_ino else "other inode")
+"""
+
+
+@pytest.mark.parametrize(
+    ("reserve", "expected"), [("reserve", "same inode"), ("no-reserve", "EMFILE")]
+)
+def test_a_deferred_entry_opens_from_the_reserve_when_out_of_descriptors(
+    tmp_path: Path, reserve: str, expected: str
+) -> None:
+    """A request on a deferred entry (the kernel's SETATTR of a dirty inode's times,
+    which must succeed before the kernel will forget it) gets a descriptor even when
+    the process has none left; without the reserve it fails with EMFILE."""
+    (tmp_path / "f").write_bytes(b"x")
+    result = subprocess.run(
+        [sys.executable, "-c", _OUT_OF_DESCRIPTORS, str(tmp_path), reserve],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == expected
