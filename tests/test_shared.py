@@ -32,7 +32,9 @@ from conftest import (
     run_kmsfs,
 )
 
+from kmsfs.format.content import Layout
 from kmsfs.format.header import XATTR_NAME
+from kmsfs.fs.shared import ofd_lock, ofd_unlock
 
 pytestmark = requires_fuse
 
@@ -308,6 +310,39 @@ def test_three_mounts_writing_appending_truncating_and_reading_one_file(
     check_cells(read_fresh(cluster, name), "after the run")
 
 
+def test_a_size_is_never_read_while_another_daemon_extends_the_file(cluster: Cluster) -> None:
+    """A daemon extending a file holds an exclusive lock from its final block to the end
+    while the backing size grows page by page; a stat on another mount waits for that
+    lock and reports the size after, never one in between (which the kernel would cache
+    and use as the offset of an O_APPEND write: the torn cells this suite once saw)."""
+    first, second = cluster.shared(2)
+    first.path("growing").write_bytes(b"g" * 5000)
+    layout = Layout(BS)
+    backing = cluster.volume.backing / "growing"
+    good_size = os.stat(backing).st_size
+    assert layout.plain_size(good_size) == 5000
+    fd = os.open(backing, os.O_RDWR)
+    try:
+        final_start = layout.final_index(5000) * layout.backing_block
+        ofd_lock(fd, True, final_start, 0)  # as the extending daemon holds it
+        os.pwrite(fd, b"\0" * 700, good_size)  # its write, half done
+        seen: list[int] = []
+        stat_thread = threading.Thread(
+            target=lambda: seen.append(os.stat(second.path("growing")).st_size)
+        )
+        stat_thread.start()
+        stat_thread.join(timeout=0.5)
+        assert stat_thread.is_alive(), f"stat did not wait for the lock: {seen}"
+        os.ftruncate(fd, good_size)  # the "write" ends where it began
+        ofd_unlock(fd, final_start, 0)
+        stat_thread.join(timeout=10)
+    finally:
+        os.close(fd)
+    assert seen == [5000]
+    cluster.umount_all()
+    cluster.fsck_clean()
+
+
 def test_a_write_and_fsync_on_one_mount_is_seen_by_the_other_within_the_timeout(
     cluster: Cluster,
 ) -> None:
@@ -442,16 +477,12 @@ def test_a_file_seen_while_another_daemon_creates_it_is_waited_for(cluster: Clus
     assert result == [b""]
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="known bug (issue 15 left open): about one run in eight under load, a reader on"
-    " one mount reads an empty file while the other mount replaces the name by rename;"
-    " suspected: backing inode numbers reused with a constant FUSE generation",
-)
 def test_renames_over_each_other_and_deletes_while_the_other_reads(cluster: Cluster) -> None:
     """Two mounts replace one name by rename, over and over, while both read it: every
     read is one complete version; a file deleted through one mount stays readable to
-    the reader that has it open on the other."""
+    the reader that has it open on the other.  (This found a daemon that stat'ed a
+    name, then opened it: with the name replaced in between, its entry held another
+    inode than its number's, and a reused number showed a reader a stale size 0.)"""
     mounts = cluster.shared(2)
     versions = {i: bytes([0x30 + i]) * (3 * BS + 100) for i in range(2)}
     mounts[0].path("target").write_bytes(versions[0])

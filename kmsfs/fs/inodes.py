@@ -211,16 +211,31 @@ class InodeTable:
     def get(self, ino: int) -> Inode | None:
         return self._entries.get(ino)
 
-    def remember(self, st: os.stat_result, parent: int, name: bytes) -> Inode:
-        """Count one more lookup of entry *name* of directory *parent*, opening it if new."""
+    def remember(
+        self, st: os.stat_result, parent: int, name: bytes
+    ) -> tuple[Inode, os.stat_result]:
+        """Count one more lookup of entry *name* of directory *parent* (which the caller
+        found to have attributes *st*), opening it if new.
+
+        Returns the entry and its attributes: those of the inode opened, which are not
+        *st* if the name was replaced between the caller's stat and this open (another
+        daemon renaming over it, in shared mode).  Entry and descriptor never disagree:
+        an entry holding another inode than its number's would let that number be
+        reused by a new file while the kernel still caches the old one's attributes.
+        """
         ino = self.fuse_ino(st.st_ino)
         entry = self._entries.get(ino)
         if entry is None:
-            entry = Inode(ino, self._open_or_defer(self._entries[parent].fd, name), st.st_mode)
+            fd = self._open_or_defer(self._entries[parent].fd, name)
+            if fd >= 0:
+                opened = os.fstat(fd)
+                if opened.st_ino != st.st_ino:
+                    return self.adopt(opened, fd, parent, name), opened
+            entry = Inode(ino, fd, st.st_mode)
             self._entries[ino] = entry
         entry.lookups += 1
         self._keep(entry, parent, name)
-        return entry
+        return entry, st
 
     def adopt(self, st: os.stat_result, fd: int, parent: int, name: bytes) -> Inode:
         """Count one lookup for an inode we just created and hold *fd* for."""

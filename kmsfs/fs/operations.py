@@ -42,7 +42,7 @@ from kmsfs.fs.events import AccessEvent, AccessSink, access_mode
 from kmsfs.fs.headerio import read_header
 from kmsfs.fs.inodes import ROOT_INODE, Inode, InodeTable
 from kmsfs.fs.requests import OPCODES, RequestStats
-from kmsfs.fs.shared import SharedContentFile, wait_until_created
+from kmsfs.fs.shared import SharedContentFile, locked_plain_size, wait_until_created
 from kmsfs.fs.xattrs import Namespace
 from kmsfs.keys.keyring import Keyring
 from kmsfs.policy import Policy
@@ -263,7 +263,15 @@ class KmsfsOperations(pyfuse3.Operations):
             self.inodes.open_deferred(entry)
         return entry
 
-    def _attr(self, st: os.stat_result, entry: Inode | None = None) -> pyfuse3.EntryAttributes:
+    def _attr(
+        self, st: os.stat_result, entry: Inode | None = None, size: int | None = None
+    ) -> pyfuse3.EntryAttributes:
+        """Attributes of backing inode *st*; a regular file's size is *size* if given.
+
+        Shared mode: a size the caller did not read under a lock (``_shared_attr``)
+        is not cached by the kernel (attribute timeout 0), as another daemon may have
+        been extending the file when the backing size was read.
+        """
         attr = pyfuse3.EntryAttributes()
         attr.st_ino = entry.ino if entry is not None else self.inodes.fuse_ino(st.st_ino)
         attr.generation = 0
@@ -275,10 +283,14 @@ class KmsfsOperations(pyfuse3.Operations):
         attr.st_gid = st.st_gid
         attr.st_rdev = st.st_rdev
         if stat.S_ISREG(st.st_mode):
-            if entry is not None and entry.content is not None and not self.shared:
+            if size is not None:
+                attr.st_size = size
+            elif entry is not None and entry.content is not None and not self.shared:
                 attr.st_size = entry.content.size
             else:
                 attr.st_size = self.layout.plain_size(st.st_size)
+                if self.shared:
+                    attr.attr_timeout = 0
         else:
             attr.st_size = st.st_size
         attr.st_blksize = self.config.block_size
@@ -287,6 +299,15 @@ class KmsfsOperations(pyfuse3.Operations):
         attr.st_mtime_ns = st.st_mtime_ns
         attr.st_ctime_ns = st.st_ctime_ns
         return attr
+
+    async def _shared_attr(self, st: os.stat_result, entry: Inode) -> pyfuse3.EntryAttributes:
+        """``_attr``, with a regular file's size read under a lock in shared mode."""
+        if not (self.shared and stat.S_ISREG(st.st_mode)):
+            return self._attr(st, entry)
+        size = await trio.to_thread.run_sync(
+            locked_plain_size, entry.proc_path, self.layout, limiter=self._limiter
+        )
+        return self._attr(st, entry, size)
 
     async def _inode_waiting(self, ino: int) -> Inode:
         """``_inode`` for requests that hold no directory lock (getattr, open,
@@ -569,9 +590,11 @@ class KmsfsOperations(pyfuse3.Operations):
             negative.st_ino = 0
             negative.entry_timeout = self.timeout
             return negative
-        entry = self.inodes.remember(st, parent_inode, name)
+        entry, st = self.inodes.remember(st, parent_inode, name)
         self._trim()
-        return self._attr(st, entry)
+        if entry.fd < 0:  # deferred: no descriptor to read a locked size through
+            return self._attr(st, entry)
+        return await self._shared_attr(st, entry)
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         # Not wrapped in _fuse_op: FORGET has no answer, and pyfuse3 must never see
@@ -588,7 +611,7 @@ class KmsfsOperations(pyfuse3.Operations):
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         entry = await self._inode_waiting(inode)
         await self._allow(ctx, "list", self._path_of(entry))
-        return self._attr(os.stat(entry.fd), entry)
+        return await self._shared_attr(os.stat(entry.fd), entry)
 
     @_fuse_op
     async def setattr(
@@ -625,7 +648,7 @@ class KmsfsOperations(pyfuse3.Operations):
                 attr.st_atime_ns if fields.update_atime else None,
                 attr.st_mtime_ns if fields.update_mtime else None,
             )
-        return self._attr(os.stat(entry.fd), entry)
+        return await self._shared_attr(os.stat(entry.fd), entry)
 
     @_fuse_op
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
@@ -728,7 +751,7 @@ class KmsfsOperations(pyfuse3.Operations):
         await self._allow(ctx, "create", self._path_of(parent, new_name))
         os.link(entry.proc_path, new_name, dst_dir_fd=parent.fd, follow_symlinks=True)
         entry.lookups += 1
-        return self._attr(os.stat(entry.fd), entry)
+        return await self._shared_attr(os.stat(entry.fd), entry)
 
     # -- directories -------------------------------------------------------
 
@@ -775,10 +798,18 @@ class KmsfsOperations(pyfuse3.Operations):
             if known is None:  # open it before the kernel counts a reference to it
                 try:
                     new_fd = os.open(name, _O_PATH, dir_fd=fd)
+                except FileNotFoundError:
+                    continue
                 except OSError as exc:
                     if exc.errno != errno.EMFILE:
                         raise
                     new_fd = -1  # opened on first use (InodeTable.open_deferred)
+                else:  # the name may lead elsewhere by now: describe what was opened
+                    st = os.fstat(new_fd)
+                    known = self.inodes.get(self.inodes.fuse_ino(st.st_ino))
+                    if known is not None:
+                        os.close(new_fd)
+                        new_fd = None
             if not pyfuse3.readdir_reply(token, name, self._attr(st, known), index + 3):
                 if new_fd is not None and new_fd >= 0:
                     os.close(new_fd)
@@ -890,7 +921,8 @@ class KmsfsOperations(pyfuse3.Operations):
         content.describe = lambda: self.describe(entry)
         entry.content = content
         entry.opens += 1
-        return pyfuse3.FileInfo(fh=entry.ino, keep_cache=not self.shared), self._attr(st, entry)
+        info = pyfuse3.FileInfo(fh=entry.ino, keep_cache=not self.shared)
+        return info, self._attr(st, entry, content.size)
 
     async def _open_created_elsewhere(
         self, parent_inode: int, name: bytes, flags: int, ctx: pyfuse3.RequestContext

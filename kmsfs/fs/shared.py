@@ -32,6 +32,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from kmsfs.errors import ConfigError
+from kmsfs.format.content import Layout
 from kmsfs.fs.content_file import ContentFile
 
 log = logging.getLogger(__name__)
@@ -130,6 +131,29 @@ class SharedContentFile(ContentFile):
 
     def _backing_plain_size(self) -> int:
         return self.layout.plain_size(os.fstat(self.fd).st_size)
+
+
+def locked_plain_size(path: str, layout: Layout) -> int:
+    """The plaintext size of the backing file at *path*, read under a shared lock of its
+    final block to the end: never mid-way through another daemon's extension, whose
+    backing size grows page by page while it writes (a size read then is a size the
+    file never had).  OSError if the file cannot be opened."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        bbs = layout.backing_block
+        start = layout.final_index(layout.plain_size(os.fstat(fd).st_size)) * bbs
+        while True:
+            ofd_lock(fd, False, start, _TO_END)
+            try:
+                size = layout.plain_size(os.fstat(fd).st_size)
+            finally:
+                ofd_unlock(fd, start, _TO_END)
+            final_start = layout.final_index(size) * bbs
+            if final_start >= start:
+                return size
+            start = final_start  # it shrank below what we locked: lock from there
+    finally:
+        os.close(fd)
 
 
 def wait_until_created(fd: int, has_header: Callable[[], bool], what: str) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from kmsfs.fs.inodes import Closer
+from kmsfs.fs.inodes import ROOT_INODE, Closer, InodeTable
 
 
 def is_open(fd: int) -> bool:
@@ -102,7 +102,7 @@ while True:  # use up every descriptor left
     except OSError as exc:
         assert exc.errno == errno.EMFILE
         break
-entry = table.remember(st, 1, b"f")
+entry, _ = table.remember(st, 1, b"f")
 assert entry.fd == -1, "the entry should have been deferred"
 try:
     table.open_deferred(entry)
@@ -132,3 +132,33 @@ def test_a_deferred_entry_opens_from_the_reserve_when_out_of_descriptors(
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == expected
+
+
+def test_an_entry_holds_the_inode_its_number_names_when_the_name_was_replaced(
+    tmp_path: Path,
+) -> None:
+    """Lookup stats a name, then opens it: if another daemon renamed a new file over the
+    name in between, the entry is the new inode's (number, descriptor and attributes
+    agree).  An entry numbered after the old inode but holding the new one let the old
+    number be reused by a later file while the kernel still cached the old attributes:
+    a reader on the other mount read an empty file (issue 15)."""
+    (tmp_path / "target").write_bytes(b"old")
+    root = os.open(tmp_path, os.O_PATH)
+    table = InodeTable(root)
+    try:
+        stale = os.stat(tmp_path / "target")
+        keep_old_alive = os.open(tmp_path / "target", os.O_RDONLY)  # its number stays taken
+        (tmp_path / "new").write_bytes(b"new file")
+        os.rename(tmp_path / "new", tmp_path / "target")
+        new_ino = os.stat(tmp_path / "target").st_ino
+        assert new_ino != stale.st_ino
+
+        entry, st = table.remember(stale, ROOT_INODE, b"target")
+
+        assert entry.ino == new_ino
+        assert os.fstat(entry.fd).st_ino == new_ino
+        assert st.st_ino == new_ino and st.st_size == len(b"new file")
+        assert table.get(stale.st_ino) is None
+        os.close(keep_old_alive)
+    finally:
+        table.close_all()
