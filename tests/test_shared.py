@@ -526,6 +526,96 @@ def test_renames_over_each_other_and_deletes_while_the_other_reads(cluster: Clus
     cluster.fsck_clean()
 
 
+# -- an fsx-style exerciser against a model -------------------------------------------
+
+
+FSX_OPS = 700
+FSX_MAX_SIZE = 5 * BS + 300
+
+
+def test_fsx_style_operations_through_both_mounts_match_a_model(cluster: Cluster) -> None:
+    """fsx on two mounts: random writes, appends, truncations (by path and by a handle),
+    reads, and stats of one file, each through a mount chosen at random and each on a
+    fresh open (close-to-open; shared_timeout=0, so neither kernel caches attributes).
+    Every read and size equals the model's, and a handle kept open on each mount reads
+    the model too after the other mount changed the file.  The seed is in the message."""
+    seed = random.randrange(1 << 32)
+    rng = random.Random(seed)
+    mounts = cluster.shared(2, "shared_timeout=0")
+    name = "fsx"
+    model = bytearray()
+    mounts[0].path(name).write_bytes(b"")
+    kept = [os.open(mount.path(name), os.O_RDONLY) for mount in mounts]
+    log: list[str] = []
+
+    def where(op: str, mount: int) -> str:
+        return f"seed {seed}, op {len(log)} ({op} through mount {mount}); last ops: {log[-6:]}"
+
+    try:
+        for _ in range(FSX_OPS):
+            m = rng.randrange(2)
+            path = mounts[m].path(name)
+            op = rng.choice(["write", "write", "append", "truncate", "ftruncate", "read", "read"])
+            if op == "write":
+                offset = rng.randrange(0, FSX_MAX_SIZE - 1)
+                data = rng.randbytes(rng.randint(1, min(2 * BS + 50, FSX_MAX_SIZE - offset)))
+                fd = os.open(path, os.O_WRONLY)
+                try:
+                    assert os.pwrite(fd, data, offset) == len(data)
+                finally:
+                    os.close(fd)
+                if offset > len(model):
+                    model.extend(bytes(offset - len(model)))
+                model[offset : offset + len(data)] = data
+                log.append(f"write {offset}+{len(data)}@{m}")
+            elif op == "append":
+                data = rng.randbytes(rng.randint(1, 700))
+                if len(model) + len(data) > FSX_MAX_SIZE:
+                    continue
+                with open(path, "ab") as handle:
+                    handle.write(data)
+                model.extend(data)
+                log.append(f"append {len(data)}@{m}")
+            elif op in ("truncate", "ftruncate"):
+                size = rng.randrange(0, FSX_MAX_SIZE)
+                if op == "truncate":
+                    os.truncate(path, size)
+                else:
+                    fd = os.open(path, os.O_WRONLY)
+                    try:
+                        os.ftruncate(fd, size)
+                    finally:
+                        os.close(fd)
+                if size < len(model):
+                    del model[size:]
+                else:
+                    model.extend(bytes(size - len(model)))
+                log.append(f"{op} {size}@{m}")
+            else:
+                offset = rng.randrange(0, FSX_MAX_SIZE)
+                length = rng.randint(1, 2 * BS)
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    data = os.pread(fd, length, offset)
+                finally:
+                    os.close(fd)
+                assert data == bytes(model[offset : offset + length]), where("read", m)
+                log.append(f"read {offset}+{length}@{m}")
+            assert os.stat(mounts[rng.randrange(2)].path(name)).st_size == len(model), where(
+                "stat", m
+            )
+            if rng.random() < 0.05:  # a handle kept open sees the change too
+                k = rng.randrange(2)
+                data = os.pread(kept[k], FSX_MAX_SIZE, 0)
+                assert data == bytes(model), where("read of the kept handle", k)
+    finally:
+        for fd in kept:
+            os.close(fd)
+    cluster.umount_all()
+    cluster.fsck_clean()
+    assert read_fresh(cluster, name) == bytes(model), f"seed {seed}: after unmounting"
+
+
 # -- a daemon killed -----------------------------------------------------------------
 
 
