@@ -8,11 +8,32 @@ are listed in README.md.
 
 from __future__ import annotations
 
+from typing import Self
+
 
 class KmsfsError(Exception):
-    """Root of every kmsfs error.  ``str(exc)`` is a complete one-line message."""
+    """Root of every kmsfs error.  ``str(exc)`` is a complete one-line message:
+    ``WHERE: REASON`` when the error is about one file or object.
+
+    Attributes:
+        reason: what went wrong, without the place.
+        where: the file or object it went wrong on (a path, ``inode N``), or None.
+    """
 
     exit_code = 1
+
+    def __init__(self, reason: str = "", *, where: str | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.where = where or None
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.reason}" if self.where else self.reason
+
+    def located(self, where: str) -> Self:
+        """This error, naming *where* as its place (replacing the one it named)."""
+        self.where = where or None
+        return self
 
 
 class UsageError(KmsfsError):
@@ -36,8 +57,10 @@ class ConfigTampered(ConfigError):
 
     exit_code = 5
 
-    def __init__(self, message: str, *, changed: list[str] | None = None) -> None:
-        super().__init__(message)
+    def __init__(
+        self, message: str, *, changed: list[str] | None = None, where: str | None = None
+    ) -> None:
+        super().__init__(message, where=where)
         self.changed = changed or []
 
 
@@ -64,8 +87,8 @@ class ProviderError(KmsfsError):
     exit_code = 6
     temporary = False
 
-    def __init__(self, message: str, *, code: str | None = None) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, *, code: str | None = None, where: str | None = None) -> None:
+        super().__init__(message, where=where)
         self.code = code
 
 
@@ -103,3 +126,9 @@ class MountError(KmsfsError):
     """Mounting or unmounting failed."""
 
     exit_code = 7
+
+
+def reason_of(exc: BaseException) -> str:
+    """*exc*'s message without the place it names: a KmsfsError's ``reason``, else
+    ``str(exc)`` (for callers that name the place themselves, as fsck's findings do)."""
+    return exc.reason if isinstance(exc, KmsfsError) else str(exc)

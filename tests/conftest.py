@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 if TYPE_CHECKING:
-    from kms_support import KmsProxy, MotoServer
+    from support.kms_support import KmsProxy, MotoServer
 
 BIN = Path(sys.executable).parent / "kmsfs"
 KEY_FLAGS = {
@@ -227,13 +227,13 @@ def _check_log(vol: Volume) -> None:
         pytest.fail(f"daemon log of {vol.root} has an unexpected error:\n{text[-4000:]}")
 
 
-# -- AWS KMS on moto's server (tests/kms_support.py), shared by the KMS test modules --
+# -- AWS KMS on moto's server (tests/support/kms_support.py), shared by the KMS test modules --
 
 
 @pytest.fixture(scope="module")
 def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
     """moto's KMS server on 127.0.0.1, one per test module."""
-    from kms_support import MotoServer
+    from support.kms_support import MotoServer
 
     server = MotoServer(tmp_path_factory.mktemp("moto") / "moto.log")
     yield server
@@ -243,7 +243,7 @@ def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
 @pytest.fixture
 def proxy(moto: MotoServer) -> Iterator[KmsProxy]:
     """A counting, fault-injecting proxy in front of moto."""
-    from kms_support import KmsProxy
+    from support.kms_support import KmsProxy
 
     kms_proxy = KmsProxy(moto.url)
     yield kms_proxy
@@ -253,7 +253,7 @@ def proxy(moto: MotoServer) -> Iterator[KmsProxy]:
 @pytest.fixture
 def aws_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Dummy credentials for the kmsfs subprocesses, and nothing from this machine's AWS setup."""
-    from kms_support import aws_environment
+    from support.kms_support import aws_environment
 
     for name in ("AWS_PROFILE", "AWS_REGION", "HTTP_PROXY", "HTTPS_PROXY", "https_proxy"):
         monkeypatch.delenv(name, raising=False)

@@ -80,11 +80,13 @@ class Layout:
         """Raise IntegrityError if no well-formed file has *backing_size* bytes."""
         full, rest = divmod(backing_size, self.backing_block)
         if backing_size == 0:
-            raise IntegrityError(f"{what}: backing file is empty (truncated to zero)")
+            raise IntegrityError("backing file is empty (truncated to zero)", where=what)
         if 0 < rest < OVERHEAD:
-            raise IntegrityError(f"{what}: backing size {backing_size} ends inside a block header")
+            raise IntegrityError(
+                f"backing size {backing_size} ends inside a block header", where=what
+            )
         if rest == OVERHEAD and full:
-            raise IntegrityError(f"{what}: unexpected empty block after block {full - 1}")
+            raise IntegrityError(f"unexpected empty block after block {full - 1}", where=what)
 
     def final_index(self, plain_size: int) -> int:
         """Index of the final block of a file of *plain_size* bytes."""
@@ -158,7 +160,7 @@ class BlockCipher:
         count = -(-total // bbs)
         out = bytearray(total - count * OVERHEAD) if total >= count * OVERHEAD else None
         if out is None:
-            raise IntegrityError(f"{what}: block {first_index + count - 1} is cut short")
+            raise IntegrityError(f"block {first_index + count - 1} is cut short", where=what)
         view = memoryview(out)
         aad = _AAD.pack
         file_id = self._file_id
@@ -169,7 +171,7 @@ class BlockCipher:
             index = first_index + n
             block = source[n * bbs : (n + 1) * bbs]
             if len(block) < OVERHEAD:
-                raise IntegrityError(f"{what}: block {index} is cut short")
+                raise IntegrityError(f"block {index} is cut short", where=what)
             plain_len = len(block) - OVERHEAD
             nonce = block[:NONCE_SIZE]
             body = block[NONCE_SIZE:]
@@ -177,7 +179,7 @@ class BlockCipher:
             is_final = index == final_index
             if nonce == _ZERO_NONCE and block == bytes(len(block)):
                 if is_final:
-                    raise IntegrityError(f"{what}: final block {index} is zeroed")
+                    raise IntegrityError(f"final block {index} is zeroed", where=what)
                 target[:] = bytes(plain_len)
             else:
                 try:
@@ -185,14 +187,16 @@ class BlockCipher:
                 except InvalidTag:
                     if is_final:
                         raise IntegrityError(
-                            f"{what}: block {index} (final) failed authentication"
-                            " (modified, moved, or the file was truncated)"
+                            f"block {index} (final) failed authentication"
+                            " (modified, moved, or the file was truncated)",
+                            where=what,
                         ) from None
                     try:
                         decrypt_into(nonce, body, aad(file_id, index, True), target)
                     except InvalidTag:
                         raise IntegrityError(
-                            f"{what}: block {index} failed authentication (modified or moved)"
+                            f"block {index} failed authentication (modified or moved)",
+                            where=what,
                         ) from None
             pos += len(block)
             opos += plain_len

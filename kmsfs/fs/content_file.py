@@ -136,7 +136,7 @@ class ContentFile:
         try:
             layout.check_backing_size(st.st_size, "")
         except IntegrityError as exc:  # name the file only now: describe() costs a readlink
-            raise IntegrityError(f"{describe()}{exc}") from None
+            raise exc.located(describe()) from None
         size = layout.plain_size(st.st_size)
         content = cls(fd, cipher, size, describe, file_id, usage)
         blocks = layout.final_index(size) + 1
@@ -173,12 +173,12 @@ class ContentFile:
         sealed = os.pread(self.fd, want, pos)
         if len(sealed) != want:
             raise IntegrityError(
-                f"{self.what}: backing file is shorter than its size (block {first})"
+                f"backing file is shorter than its size (block {first})", where=self.what
             )
         try:
             return self.cipher.open(first, sealed, self.layout.final_index(self.size), "")
         except IntegrityError as exc:  # name the file only now: describe() costs a readlink
-            raise IntegrityError(f"{self.what}{exc}") from None
+            raise exc.located(self.what) from None
 
     def _block(self, index: int) -> bytes:
         """Current plaintext of one block inside the file (from the cache if it is final)."""

@@ -32,7 +32,7 @@ def parse_header(raw: bytes, what: str) -> FileHeader:
     try:
         return FileHeader.parse(raw)
     except FormatError as exc:
-        raise FormatError(f"{what}: {exc}") from None
+        raise exc.located(what) from None
 
 
 def read_header(fd: int, what: str) -> FileHeader:
@@ -41,7 +41,8 @@ def read_header(fd: int, what: str) -> FileHeader:
     raw = read_raw_header(fd)
     if raw is None:
         raise FormatError(
-            f"{what}: no kmsfs header ({XATTR_NAME} is missing: a file not written through"
-            " kmsfs, or its header xattr was lost)"
+            f"no kmsfs header ({XATTR_NAME} is missing: a file not written through"
+            " kmsfs, or its header xattr was lost)",
+            where=what,
         )
     return parse_header(raw, what)

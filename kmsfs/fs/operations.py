@@ -555,11 +555,7 @@ class KmsfsOperations(pyfuse3.Operations):
         except BaseException as exc:
             os.close(fd)
             if isinstance(exc, KmsfsError):
-                message = str(exc).replace(what, "", 1).lstrip(": ")
-                name = self.describe(entry)
-                if not message.startswith(f"{name}: "):  # ContentFile.open names it already
-                    message = f"{name}: {message}"
-                raise type(exc)(message) from None
+                raise exc.located(self.describe(entry)) from None
             raise
         entry.content = content
         return content

@@ -353,8 +353,8 @@ class Tree:
         except OSError as exc:
             if exc.errno in NOT_FOLLOWED:
                 raise TreeChanged(
-                    f"{rel}: not a directory, or a symlink or a mount point is in its path:"
-                    " not followed"
+                    "not a directory, or a symlink or a mount point is in its path: not followed",
+                    where=rel,
                 ) from None
             raise
 
@@ -377,7 +377,7 @@ class Tree:
         except OSError as exc:
             if exc.errno in NOT_FOLLOWED:
                 raise TreeChanged(
-                    f"{rel}: a symlink or a mount point is in its path: not followed"
+                    "a symlink or a mount point is in its path: not followed", where=rel
                 ) from None
             raise
         return check_file(fd, rel, expect)
@@ -388,10 +388,10 @@ def check_file(fd: int, rel: str, expect: Entry | None = None) -> int:
     st = os.fstat(fd)
     problem = None
     if not stat.S_ISREG(st.st_mode):
-        problem = f"{rel}: not a regular file (any more): not touched"
+        problem = "not a regular file (any more): not touched"
     elif expect is not None and (st.st_dev, st.st_ino) != expect.inode:
-        problem = f"{rel}: replaced by another file while the tool ran: not touched"
+        problem = "replaced by another file while the tool ran: not touched"
     if problem is not None:
         os.close(fd)
-        raise TreeChanged(problem)
+        raise TreeChanged(problem, where=rel)
     return fd

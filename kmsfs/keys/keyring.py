@@ -82,8 +82,9 @@ class Keyring:
         """
         if header.volume_id != self.volume_id:
             raise WrongKeyError(
-                f"{what}: header belongs to volume {header.volume_id.hex()},"
-                f" not this volume {self.volume_id.hex()}"
+                f"header belongs to volume {header.volume_id.hex()},"
+                f" not this volume {self.volume_id.hex()}",
+                where=what,
             )
         context = KeyContext(self.volume_id, header.file_id)
         key, _ = self.keys.unwrap(context, header.entries, what, requester)

@@ -113,10 +113,11 @@ class MasterKeys(FileKeys):
                     continue
                 return key, entry
         if errors:
-            raise type(errors[-1])(f"{what}: {errors[-1]}", code=errors[-1].code)
+            last = errors[-1]
+            raise type(last)(str(last), code=last.code, where=what)
         have = ", ".join(f"{e.provider} {e.key_ref}" for e in entries)
         want = ", ".join(p.describe() for p in self.providers)
-        raise WrongKeyError(f"{what}: file key is wrapped by {have}; this volume has {want}")
+        raise WrongKeyError(f"file key is wrapped by {have}; this volume has {want}", where=what)
 
     def close(self) -> None:
         for provider in self.providers:

@@ -42,7 +42,7 @@ def replace_header(fd: int, expected: bytes | None, header: bytes, what: str) ->
     between the check and the write.
     """
     if read_raw_header(fd) != expected:
-        raise HeaderChanged(f"{what}: its header changed while the tool ran: left as it is")
+        raise HeaderChanged("its header changed while the tool ran: left as it is", where=what)
     flags = os.XATTR_CREATE if expected is None else os.XATTR_REPLACE
     os.setxattr(fd, XATTR_NAME, header, flags)
 

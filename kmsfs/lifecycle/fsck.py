@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kmsfs.errors import FormatError, IntegrityError, KmsfsError, ProviderError
+from kmsfs.errors import FormatError, IntegrityError, KmsfsError, ProviderError, reason_of
 from kmsfs.format.content import BlockCipher
 from kmsfs.format.header import FileHeader
 from kmsfs.format.volume import STATE_DIR_NAME as STATE_DIR
@@ -165,7 +165,7 @@ def _check_file(
     try:
         header = parse_header(raw, rel)
     except FormatError as exc:
-        add(Finding(rel, "bad-header", str(exc).removeprefix(f"{rel}: ")))
+        add(Finding(rel, "bad-header", reason_of(exc)))
         return
     if header.volume_id != config.volume_id:
         add(
@@ -198,7 +198,7 @@ def _check_blocks(fd: int, rel: str, cipher: BlockCipher, report: FsckReport) ->
     try:
         content = ContentFile.open(fd, cipher, lambda: rel)
     except IntegrityError as exc:
-        add(Finding(rel, "size", str(exc).removeprefix(f"{rel}: ")))
+        add(Finding(rel, "size", reason_of(exc)))
         return
     bs = cipher.block_size
     count = max(-(-content.size // bs), 1)
@@ -229,7 +229,7 @@ def _check_blocks(fd: int, rel: str, cipher: BlockCipher, report: FsckReport) ->
 
 
 def _block_message(exc: Exception, rel: str) -> str:
-    return str(exc).removeprefix(f"{rel}: ")
+    return reason_of(exc)
 
 
 def _file_key(
@@ -272,5 +272,5 @@ def _file_key(
     try:  # one entry, or none opened: the keyring's answer and message
         return keyring.unwrap(header, rel)
     except KmsfsError as exc:
-        add(Finding(rel, "unwrap", str(exc).removeprefix(f"{rel}: ")))
+        add(Finding(rel, "unwrap", reason_of(exc)))
         return None

@@ -46,7 +46,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kmsfs.errors import FormatError, KmsfsError, LifecycleError
+from kmsfs.errors import FormatError, KmsfsError, LifecycleError, reason_of
 from kmsfs.format.volume import VolumeConfig
 from kmsfs.fs.content_file import ContentFile
 from kmsfs.fs.headerio import parse_header, read_raw_header
@@ -171,7 +171,7 @@ def _rekey_tree(
 def _describe(exc: BaseException, rel: str) -> str:
     if isinstance(exc, OSError):
         return str(exc.strerror or exc)
-    return str(exc).removeprefix(f"{rel}: ")
+    return reason_of(exc)
 
 
 def _recover(tree: Tree, state: int, journal: dict[str, object]) -> None:
@@ -307,7 +307,7 @@ def _replace(state: int, dir_fd: int, name: str, old: os.stat_result) -> None:
     try:
         renameat2(state, TMP_NAME.encode(), dir_fd, os.fsencode(name), RENAME_EXCHANGE)
     except FileNotFoundError:
-        raise TreeChanged(f"{name}: removed while rekey ran: not re-keyed") from None
+        raise TreeChanged("removed while rekey ran: not re-keyed", where=name) from None
     back = os.stat(TMP_NAME, dir_fd=state, follow_symlinks=False)
     if (back.st_dev, back.st_ino) != (old.st_dev, old.st_ino):
         renameat2(state, TMP_NAME.encode(), dir_fd, os.fsencode(name), RENAME_EXCHANGE)

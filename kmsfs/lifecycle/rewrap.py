@@ -51,7 +51,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kmsfs.errors import FormatError, HeaderChanged, KmsfsError, LifecycleError, UsageError
+from kmsfs.errors import (
+    FormatError,
+    HeaderChanged,
+    KmsfsError,
+    LifecycleError,
+    UsageError,
+    reason_of,
+)
 from kmsfs.format.header import MAX_ENTRIES, FileHeader, WrappedKey
 from kmsfs.format.volume import load_config
 from kmsfs.fs.headerio import parse_header, read_raw_header
@@ -410,7 +417,7 @@ def _cover_pass(
                     moved.append((entry.rel, "removed or renamed while rewrap ran"))
                     continue
                 except (TreeChanged, OSError) as exc:
-                    moved.append((entry.rel, str(exc).removeprefix(f"{entry.rel}: ")))
+                    moved.append((entry.rel, reason_of(exc)))
                     continue
                 try:
                     changed += _cover_file(
@@ -509,7 +516,7 @@ def _switch_and_strip(
                     except FileNotFoundError:
                         continue
                     except (KmsfsError, OSError) as exc:
-                        report.problems.append((entry.rel, str(exc).removeprefix(f"{entry.rel}: ")))
+                        report.problems.append((entry.rel, reason_of(exc)))
             finally:
                 progress.close()
     drop_journal(root, JOURNAL)

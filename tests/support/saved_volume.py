@@ -1,0 +1,65 @@
+"""Saved volumes: a backing directory as JSON (files, their bytes and xattrs, the config).
+
+Volumes made by every released format are kept under tests/data/volumes/ and
+mounted on every run (as gocryptfs keeps tests/example_filesystems), so a
+change that stops an old volume from opening fails the suite.  Xattrs cannot
+live in git, hence this form.  ``python tests/support/saved_volume.py dump BACKING OUT``
+writes one; the secrets (key file, passphrase) are test-only values saved beside.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import stat
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def dump_volume(backing: Path) -> dict[str, Any]:
+    """Every entry under *backing*: dirs, regular files (bytes + user xattrs), symlinks."""
+    entries: list[dict[str, Any]] = []
+    for dirpath, dirnames, filenames in os.walk(backing):
+        dirnames.sort()
+        for name in sorted(dirnames + filenames):
+            path = Path(dirpath) / name
+            rel = str(path.relative_to(backing))
+            st = os.lstat(path)
+            entry: dict[str, Any] = {"path": rel, "mode": stat.S_IMODE(st.st_mode)}
+            if stat.S_ISLNK(st.st_mode):
+                entry.update(kind="symlink", target=os.readlink(path))
+            elif stat.S_ISDIR(st.st_mode):
+                entry.update(kind="dir")
+            else:
+                entry.update(kind="file", data=base64.b64encode(path.read_bytes()).decode())
+                entry["xattrs"] = {
+                    attr: base64.b64encode(os.getxattr(path, attr)).decode()
+                    for attr in sorted(os.listxattr(path))
+                    if attr.startswith("user.")
+                }
+            entries.append(entry)
+    return {"entries": entries}
+
+
+def restore_volume(saved: dict[str, Any], backing: Path) -> None:
+    """Recreate a dumped backing directory at *backing* (which must not exist)."""
+    backing.mkdir(mode=0o700)
+    for entry in saved["entries"]:
+        path = backing / entry["path"]
+        if entry["kind"] == "dir":
+            path.mkdir(mode=entry["mode"])
+        elif entry["kind"] == "symlink":
+            path.symlink_to(entry["target"])
+        else:
+            path.write_bytes(base64.b64decode(entry["data"]))
+            for attr, value in entry["xattrs"].items():
+                os.setxattr(path, attr, base64.b64decode(value))
+            path.chmod(entry["mode"])
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 4 or sys.argv[1] != "dump":
+        sys.exit("usage: saved_volume.py dump BACKING OUT.json")
+    Path(sys.argv[3]).write_text(json.dumps(dump_volume(Path(sys.argv[2])), indent=1) + "\n")

@@ -1,0 +1,59 @@
+"""The request budget's parsers (scripts/benchlib/fusetrace.py, budget.py) read what the
+kernel's fuse tracepoints and ``strace -c`` print: counts, errors, reply sizes, latency."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "scripts"))
+
+from benchlib import fusetrace  # noqa: E402
+from benchlib.budget import parse_strace  # noqa: E402
+
+TRACE = b"""\
+# tracer: nop
+tar-4242 [001] 100.000100: fuse_request_send: connection 57 req 2 opcode 1 (FUSE_LOOKUP) len 52
+tar-4242 [001] 100.000150: fuse_request_end: connection 57 req 2 len 16 error -2
+tar-4242 [001] 100.000200: fuse_request_send: connection 57 req 4 opcode 35 (FUSE_CREATE) len 70
+cat-4243 [000] 100.000250: fuse_request_send: connection 57 req 6 opcode 15 (FUSE_READ) len 80
+cat-4243 [000] 100.000300: fuse_request_end: connection 57 req 6 len 4112 error 0
+tar-4242 [001] 100.000600: fuse_request_end: connection 57 req 4 len 160 error 0
+tar-4242 [001] 100.000700: fuse_request_send: connection 57 req 8 opcode 1 (FUSE_LOOKUP) len 52
+tar-4242 [001] 100.000800: fuse_request_end: connection 57 req 8 len 144 error 0
+"""
+
+
+def test_trace_counts_errors_reply_bytes_and_latency_per_opcode() -> None:
+    trace = fusetrace.parse(TRACE)
+    assert set(trace.ops) == {"LOOKUP", "CREATE", "READ"}
+    assert trace.total == 4
+    lookup = trace.ops["LOOKUP"]
+    assert (lookup.count, lookup.errors) == (2, 1)
+    assert abs(lookup.latency_total - 0.000150) < 1e-9
+    assert abs(lookup.latency_max - 0.000100) < 1e-9
+    assert trace.ops["READ"].reply_bytes == 4096  # reply minus the 16-byte header
+    assert abs(trace.ops["CREATE"].latency_max - 0.000400) < 1e-9
+
+
+def test_a_send_without_its_end_is_counted_without_latency() -> None:
+    trace = fusetrace.parse(TRACE.split(b"\n")[3] + b"\n")
+    assert trace.ops["CREATE"].count == 1 and trace.ops["CREATE"].latency_total == 0
+
+
+STRACE = """\
+% time     seconds  usecs/call     calls    errors syscall
+------ ----------- ----------- --------- --------- ------------------
+ 40.00    0.400000          20     20000           epoll_wait
+ 20.00    0.200000          20     10000           writev
+ 10.00    0.100000          10     10000      2000 newfstatat
+  0.50    0.005000           5      1000      1000 getxattr
+------ ----------- ----------- --------- --------- ------------------
+100.00    1.000000          25     41000      3000 total
+"""
+
+
+def test_strace_summary_gives_calls_and_errors_per_syscall() -> None:
+    calls, errors = parse_strace(STRACE)
+    assert calls == {"epoll_wait": 20000, "writev": 10000, "newfstatat": 10000, "getxattr": 1000}
+    assert errors == {"newfstatat": 2000, "getxattr": 1000}

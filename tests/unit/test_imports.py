@@ -1,0 +1,91 @@
+"""The package's import graph: dependencies point one way, and there is no cycle.
+
+Layers (docs/DESIGN.md): format <- keys, policy <- fs <- daemon/server/lifecycle <- cli.
+The graph is read from the sources (every ``import``/``from`` of a kmsfs module,
+at any depth in a module, including imports inside functions).
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).parents[2] / "kmsfs"
+LAYER = {
+    "format": 0,
+    "durable": 0,
+    "errors": 0,
+    "keys": 1,
+    "policy": 1,
+    "fs": 2,
+    "audit": 2,
+    "volume": 2,
+}
+# the rest (daemon, server, lifecycle, offline) is layer 3, and cli is 4
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def layer(module: str) -> int:
+    top = module.split(".")[1] if "." in module else ""
+    if top in ("cli", "__main__"):
+        return 4
+    return LAYER.get(top, 3)
+
+
+def graph() -> dict[str, set[str]]:
+    edges: dict[str, set[str]] = {}
+    for path in PACKAGE.rglob("*.py"):
+        name = module_name(path)
+        targets: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets |= {a.name for a in node.names if a.name.startswith("kmsfs")}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("kmsfs"):
+                targets.add(str(node.module))
+        edges[name] = {t for t in targets if t != name}
+    return edges
+
+
+def test_no_import_cycle() -> None:
+    edges = graph()
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> None:
+        state[node] = 1
+        stack.append(node)
+        for target in sorted(edges.get(node, ())):
+            if target.startswith(node + "."):
+                continue  # a package importing its own submodules
+            if state.get(target) == 1:
+                cycle = stack[stack.index(target) :] + [target]
+                raise AssertionError("import cycle: " + " -> ".join(cycle))
+            if target in edges and state.get(target) is None:
+                visit(target)
+        stack.pop()
+        state[node] = 2
+
+    for node in sorted(edges):
+        if state.get(node) is None:
+            visit(node)
+
+
+def test_dependencies_point_one_way() -> None:
+    wrong = [
+        f"{source} (layer {layer(source)}) imports {target} (layer {layer(target)})"
+        for source, targets in graph().items()
+        for target in targets
+        if layer(target) > layer(source)
+    ]
+    assert wrong == []
+
+
+def test_format_layer_imports_no_fuse_trio_or_sdk() -> None:
+    for path in (PACKAGE / "format").rglob("*.py"):
+        text = path.read_text()
+        for name in ("pyfuse3", "trio", "boto3", "botocore", "pkcs11"):
+            assert f"import {name}" not in text, f"{path.name} imports {name}"
