@@ -6,76 +6,11 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
-import subprocess
-import sys
-import tempfile
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-from conftest import Volume, _check_log, force_unmount, make_volume, requires_fuse, run_as
+from conftest import Volume, requires_fuse
 
 pytestmark = [requires_fuse, pytest.mark.mount]
-
-NOBODY = 65534
-OTHER = 65533
-
-
-as_user = run_as
-
-
-def py_as_user(uid: int, code: str, *args: str) -> subprocess.CompletedProcess[str]:
-    """Run Python *code* as *uid*; it prints an errno name or OK."""
-    return as_user(uid, sys.executable, "-c", code, *args)
-
-
-TRY = """
-import errno, os, sys
-op, *args = sys.argv[1:]
-try:
-    if op == "read":
-        print(open(args[0], "rb").read().decode(errors="replace"), end="")
-    elif op == "write":
-        open(args[0], "ab").write(b"x")
-    elif op == "create":
-        open(args[0], "xb").write(b"mine")
-    elif op == "unlink":
-        os.unlink(args[0])
-    elif op == "rename":
-        os.rename(args[0], args[1])
-    elif op == "chmod":
-        os.chmod(args[0], 0o777)
-    elif op == "chown":
-        os.chown(args[0], 0, 0)
-    elif op == "listdir":
-        print(",".join(sorted(os.listdir(args[0]))), end="")
-    else:
-        raise SystemExit("unknown op")
-except OSError as exc:
-    print(errno.errorcode[exc.errno], end="")
-"""
-
-
-def attempt(uid: int, op: str, *paths: Path) -> str:
-    result = py_as_user(uid, TRY, op, *map(str, paths))
-    assert result.returncode == 0, result.stderr
-    return result.stdout
-
-
-@pytest.fixture
-def open_volume() -> Iterator[Volume]:
-    """A volume under a 0755 directory in /tmp, so that other uids can reach the mount."""
-    top = Path(tempfile.mkdtemp(prefix="kmsfs-access-", dir="/tmp"))
-    top.chmod(0o755)
-    vol = make_volume(top)
-    try:
-        yield vol
-    finally:
-        force_unmount(vol.mountpoint)
-        _check_log(vol)
-        shutil.rmtree(top, ignore_errors=True)
-
 
 # -- POSIX edge cases -----------------------------------------------------------
 
