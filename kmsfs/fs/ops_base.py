@@ -1,0 +1,358 @@
+"""The base of the FUSE operations: errno mapping, the handler wrapper, and the helpers
+every handler uses (inode lookup, attributes, content, key and I/O threads).
+
+This package's operations modules are the only place an errno is chosen (see
+kmsfs.fs.operations).  Threads: metadata syscalls on the backing filesystem and
+small reads and writes run on the trio loop, because a worker-thread hop costs
+0.1-0.4 ms on the machines we measured (docs/DESIGN.md); requests of
+OFFLOAD_BYTES or more, fsync, and calls to providers that are not ``inline`` go
+to worker threads.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+from collections.abc import Callable, Coroutine
+from time import perf_counter_ns
+from typing import Any, Concatenate, ParamSpec, TypeVar
+
+import pyfuse3
+import trio
+from pyfuse3 import FUSEError
+
+from kmsfs.errors import KeyAccessDenied, KmsfsError
+from kmsfs.format.content import Layout
+from kmsfs.format.header import XATTR_NAME
+from kmsfs.format.volume import RESERVED_PREFIX
+from kmsfs.fs import syscalls, xattrs
+from kmsfs.fs.content_file import ContentFile
+from kmsfs.fs.headerio import read_header
+from kmsfs.fs.inodes import ROOT_INODE, Inode
+from kmsfs.fs.requests import OPCODES, RequestStats
+from kmsfs.fs.served import DirHandle, ServedVolume
+from kmsfs.fs.shared import SharedContentFile, locked_plain_size, wait_until_created
+
+log = logging.getLogger("kmsfs.fs")
+
+RESERVED_NAME = RESERVED_PREFIX.encode()
+
+T = TypeVar("T")
+P = ParamSpec("P")
+S = TypeVar("S", bound="OperationsBase")
+
+
+def errno_for(exc: BaseException) -> int:
+    """The errno a request answers when its handler raised *exc*.
+
+    OSError keeps its own; the key provider's refusal is EACCES; any other
+    kmsfs error (integrity, format, wrong key, provider outage) and anything
+    unexpected is EIO.
+    """
+    if isinstance(exc, FUSEError):
+        return int(exc.errno)
+    if isinstance(exc, OSError):
+        return exc.errno or errno.EIO
+    if isinstance(exc, KeyAccessDenied):
+        return errno.EACCES
+    return errno.EIO
+
+
+_FMODE_EXEC = 0x20  # in an OPEN's flags when the kernel opens a file to execute it
+
+
+def open_actions(flags: int) -> tuple[str, ...]:
+    """The policy actions an open with *flags* needs: read, write, both, or exec."""
+    mode = flags & os.O_ACCMODE
+    actions: list[str] = []
+    if mode in (os.O_RDONLY, os.O_RDWR):
+        actions.append("exec" if flags & _FMODE_EXEC else "read")
+    if mode in (os.O_WRONLY, os.O_RDWR) or flags & os.O_TRUNC:
+        actions.append("write")
+    return tuple(actions)
+
+
+def fuse_op(
+    func: Callable[Concatenate[S, P], Coroutine[Any, Any, T]],
+) -> Callable[Concatenate[S, P], Coroutine[Any, Any, T]]:
+    """Turn every exception of a handler into a FUSEError (pyfuse3 must never see others),
+    and count the request, its time and its failure under the handler's FUSE opcode."""
+    opcode = OPCODES[func.__name__]
+
+    async def wrapper(self: S, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        counter = self.requests.by_opcode[opcode]
+        start = perf_counter_ns()
+        try:
+            return await func(self, *args, **kwargs)
+        except FUSEError:
+            counter.errors += 1
+            raise
+        except OSError as exc:
+            counter.errors += 1
+            if exc.errno in (errno.EBADF, errno.EMFILE, errno.ENFILE):  # our own descriptors
+                log.warning("%s: %s", func.__name__, exc, exc_info=log.isEnabledFor(logging.DEBUG))
+            raise FUSEError(errno_for(exc)) from None
+        except KmsfsError as exc:
+            counter.errors += 1
+            self.errors += 1
+            log.error("%s: %s", func.__name__, exc)
+            raise FUSEError(errno_for(exc)) from None
+        except Exception:
+            counter.errors += 1
+            self.errors += 1
+            log.exception("%s: unexpected error", func.__name__)
+            raise FUSEError(errno.EIO) from None
+        finally:
+            counter.add(perf_counter_ns() - start)
+
+    functools.update_wrapper(wrapper, func)
+    return wrapper
+
+
+class OperationsBase(pyfuse3.Operations):
+    """State and helpers of the operations (``KmsfsOperations``), with the parts given
+    (``ServedVolume``).
+
+    Attributes: backing (path), config, keyring, inodes, key_usage, timeout,
+    offload_bytes, on_access, and the counters errors, bytes_read, bytes_written
+    and requests (per FUSE opcode, ``kmsfs.fs.requests``).
+    """
+
+    enable_writeback_cache = True
+    # FUSE_POSIX_ACL: the kernel caches ACLs and checks them with default_permissions
+    # (and stops asking for them on every ls -l); they are stored on the backing files.
+    enable_acl = True
+
+    def __init__(self, parts: ServedVolume) -> None:
+        super().__init__()
+        self.backing = parts.backing
+        self.config = parts.config
+        self.keyring = parts.keyring
+        self.on_access = parts.on_access
+        self._volume_hex = parts.config.volume_id.hex()
+        self.layout = Layout(parts.config.block_size)
+        self._timeout = parts.timeout  # the configured one; ``timeout`` may be 0 (policy)
+        self.timeout = parts.timeout
+        self.offload_bytes = parts.offload_bytes
+        self.inodes = parts.inodes
+        self._dirs: dict[int, DirHandle] = {}
+        self._next_dir = 1
+        # Block encryptions per file key, kept across opens and closes (FORMAT.md,
+        # "How much one file key may encrypt")
+        self.key_usage = parts.key_usage
+        self._limiter = parts.io_limiter
+        self._key_limiter = parts.key_limiter
+        self._is_root = os.geteuid() == 0
+        self.identities = parts.identities
+        self.on_policy = parts.on_policy
+        self.policy = parts.policy
+        self.errors = 0
+        self.bytes_read = 0
+        self.bytes_written = 0
+        self.requests = RequestStats()
+        self._forgets = self.requests.counter("forget")
+        # Shared mode: no writeback cache (the kernel would write back whole pages over
+        # another host's bytes), no page cache kept across opens, sizes from the backing.
+        self.shared = parts.shared
+        self._content_class = SharedContentFile if parts.shared else ContentFile
+        if parts.shared:
+            self.enable_writeback_cache = False
+
+    def _inode(self, ino: int) -> Inode:
+        entry = self.inodes.get(ino)
+        if entry is None:
+            raise FUSEError(errno.ESTALE)
+        if entry.fd < 0:
+            self.inodes.open_deferred(entry)
+        return entry
+
+    def _attr(
+        self, st: os.stat_result, entry: Inode | None = None, size: int | None = None
+    ) -> pyfuse3.EntryAttributes:
+        """Attributes of backing inode *st*; a regular file's size is *size* if given.
+
+        Shared mode: a size the caller did not read under a lock (``_shared_attr``)
+        is not cached by the kernel (attribute timeout 0), as another daemon may have
+        been extending the file when the backing size was read.
+        """
+        attr = pyfuse3.EntryAttributes()
+        attr.st_ino = entry.ino if entry is not None else self.inodes.fuse_ino(st.st_ino)
+        attr.generation = 0
+        attr.entry_timeout = self.timeout
+        attr.attr_timeout = self.timeout
+        attr.st_mode = st.st_mode
+        attr.st_nlink = st.st_nlink
+        attr.st_uid = st.st_uid
+        attr.st_gid = st.st_gid
+        attr.st_rdev = st.st_rdev
+        if stat.S_ISREG(st.st_mode):
+            if size is not None:
+                attr.st_size = size
+            elif entry is not None and entry.content is not None and not self.shared:
+                attr.st_size = entry.content.size
+            else:
+                attr.st_size = self.layout.plain_size(st.st_size)
+                if self.shared:
+                    attr.attr_timeout = 0
+        else:
+            attr.st_size = st.st_size
+        attr.st_blksize = self.config.block_size
+        attr.st_blocks = st.st_blocks
+        attr.st_atime_ns = st.st_atime_ns
+        attr.st_mtime_ns = st.st_mtime_ns
+        attr.st_ctime_ns = st.st_ctime_ns
+        return attr
+
+    async def _shared_attr(self, st: os.stat_result, entry: Inode) -> pyfuse3.EntryAttributes:
+        """``_attr``, with a regular file's size read under a lock in shared mode."""
+        if not (self.shared and stat.S_ISREG(st.st_mode)):
+            return self._attr(st, entry)
+        size = await trio.to_thread.run_sync(
+            locked_plain_size, entry.proc_path, self.layout, limiter=self._limiter
+        )
+        return self._attr(st, entry, size)
+
+    async def _inode_waiting(self, ino: int) -> Inode:
+        """``_inode`` for requests that hold no directory lock (getattr, open,
+        opendir, setattr): if a deferred entry finds no free descriptor, wait up
+        to 2 s for the kernel to forget older entries instead of failing."""
+        for _ in range(200):
+            try:
+                return self._inode(ino)
+            except OSError as exc:
+                if exc.errno != errno.EMFILE:
+                    raise
+                self._trim(force=True)  # more victims: the pending ones may be in use
+                await trio.sleep(0.01)
+        return self._inode(ino)
+
+    def _trim(self, force: bool = False) -> None:
+        """Past the high-water mark, ask the kernel to forget the oldest unused entries.
+
+        Each entry holds a descriptor, and the kernel keeps entries until memory
+        runs short: without this, a directory of more files than RLIMIT_NOFILE
+        would fail with EMFILE.  Invalidation is queued to pyfuse3's notify
+        thread; the FORGETs that follow close the descriptors.
+        """
+        table = self.inodes
+        if not force and not table.over_high_water():  # O(1): on every lookup and create
+            return
+        for parent, name in table.victims(table.high_water // 4):
+            pyfuse3.invalidate_entry_async(parent, name, ignore_enoent=True)
+
+    def _check_name(self, parent: int, name: bytes) -> None:
+        """EPERM for names reserved for kmsfs's own files at the root."""
+        if parent == ROOT_INODE and name.startswith(RESERVED_NAME):
+            raise FUSEError(errno.EPERM)
+
+    def _path_of(self, entry: Inode, name: bytes | None = None) -> Callable[[], str]:
+        """The volume path of *entry* (or of *name* inside it), computed when asked."""
+
+        def path() -> str:
+            base = self.describe(entry)
+            return base if name is None else os.path.join(base, os.fsdecode(name))
+
+        return path
+
+    def describe(self, entry: Inode) -> str:
+        """The file's path in the volume, for log lines (never raises)."""
+        try:
+            path = os.readlink(entry.proc_path)
+        except OSError:
+            return f"inode {entry.ino}"
+        if path.startswith(self.backing):
+            path = path[len(self.backing) :] or "/"
+        return path
+
+    async def _key_call(self, func: Callable[..., T], *args: Any) -> T:
+        if self.keyring.inline:
+            return func(*args)
+        return await trio.to_thread.run_sync(func, *args, limiter=self._key_limiter)
+
+    async def _io(self, size: int, func: Callable[..., T], *args: Any) -> T:
+        if size < self.offload_bytes:
+            return func(*args)
+        return await trio.to_thread.run_sync(func, *args, limiter=self._limiter)
+
+    def _own(self, fd: int, parent: Inode, ctx: pyfuse3.RequestContext) -> None:
+        """Give a new entry to the caller (group from a setgid parent), as the kernel would."""
+        if not self._is_root:
+            return
+        gid = ctx.gid
+        if parent.mode & stat.S_ISGID:
+            gid = os.stat(parent.fd).st_gid
+        st = os.stat(fd)
+        if (st.st_uid, st.st_gid) == (ctx.uid, gid):
+            return  # nothing to change, and chown would clear a set-user-ID bit
+        syscalls.fchown_path_fd(fd, ctx.uid, gid)
+        # chown clears S_ISUID (and S_ISGID) of a regular file even for root:
+        # give back what the creator asked for (S_ISGID only with its own group).
+        keep = st.st_mode & (stat.S_ISUID | (stat.S_ISGID if gid == ctx.gid else 0))
+        if keep and stat.S_ISREG(st.st_mode):
+            os.chmod(f"/proc/self/fd/{fd}", stat.S_IMODE(st.st_mode))
+
+    async def _content(self, entry: Inode, requester: dict[str, Any]) -> ContentFile:
+        """The entry's open ContentFile, opening the backing file and its key if needed.
+
+        *requester* (``_requester``) goes into the key's audit record.  Call
+        with entry.lock held.
+        """
+        if entry.content is not None:
+            return entry.content
+        try:
+            fd = os.open(entry.proc_path, os.O_RDWR | os.O_CLOEXEC)
+        except PermissionError:
+            fd = os.open(entry.proc_path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            what = f"inode {entry.ino}"  # replaced by the path if an error is reported
+            if self.shared:  # another daemon may be between its O_EXCL open and the header
+                await trio.to_thread.run_sync(
+                    wait_until_created, fd, functools.partial(_has_header, fd), what
+                )
+            header = read_header(fd, what)
+            cipher = await self._key_call(self.keyring.cipher_for, header, what, requester)
+            content = self._content_class.open(
+                fd,
+                cipher,
+                lambda: self.describe(entry),
+                header.file_id,
+                self.key_usage.get(header.file_id),
+            )
+        except BaseException as exc:
+            os.close(fd)
+            if isinstance(exc, KmsfsError):
+                raise exc.located(self.describe(entry)) from None
+            raise
+        entry.content = content
+        return content
+
+    def _drop_content(self, entry: Inode) -> None:
+        if entry.content is not None and entry.opens == 0:
+            os.close(entry.content.fd)
+            entry.content = None
+
+    @staticmethod
+    def _is_admin(ctx: pyfuse3.RequestContext) -> bool:
+        """CAP_SYS_ADMIN in the requester's effective set (what ext4 asks for trusted.*)."""
+        return xattrs.has_capability(ctx.pid, xattrs.CAP_SYS_ADMIN)
+
+    def close(self) -> None:
+        """Close every descriptor (after the FUSE loop has ended)."""
+        for handle in self._dirs.values():
+            os.close(handle.fd)
+        self._dirs.clear()
+        self.inodes.close_all()
+
+
+def _has_header(fd: int) -> bool:
+    """True if the open backing file *fd* has a kmsfs header xattr."""
+    try:
+        os.getxattr(fd, XATTR_NAME)
+    except OSError as exc:
+        if exc.errno != errno.ENODATA:
+            raise
+        return False
+    return True

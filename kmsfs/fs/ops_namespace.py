@@ -1,0 +1,295 @@
+"""The namespace handlers: lookup, attributes, directory entries and directories."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections.abc import Sequence
+from time import perf_counter_ns
+
+import pyfuse3
+import trio
+from pyfuse3 import FUSEError
+
+from kmsfs.fs import syscalls
+from kmsfs.fs.inodes import O_PATH_FLAGS, ROOT_INODE, Inode
+from kmsfs.fs.ops_access import AccessChecks
+from kmsfs.fs.ops_base import RESERVED_NAME, fuse_op, log
+from kmsfs.fs.served import DirHandle
+
+
+class NamespaceOps(AccessChecks):
+    """lookup, forget, getattr, setattr, readlink, mknod, mkdir, symlink, unlink, rmdir,
+    rename, link, opendir, readdir, releasedir, fsyncdir, statfs."""
+
+    @fuse_op
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        parent = self._inode(parent_inode)
+        if parent_inode == ROOT_INODE and (name.startswith(RESERVED_NAME) or name == b".."):
+            if name == b"..":
+                st = os.stat(parent.fd)
+                parent.lookups += 1
+                return self._attr(st, parent)
+            raise FUSEError(errno.ENOENT)
+        await self._allow(ctx, "list", self._path_of(parent, name))
+        try:
+            st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
+        except FileNotFoundError:
+            negative = pyfuse3.EntryAttributes()
+            negative.st_ino = 0
+            negative.entry_timeout = self.timeout
+            return negative
+        entry, st = self.inodes.remember(st, parent_inode, name)
+        self._trim()
+        if entry.fd < 0:  # deferred: no descriptor to read a locked size through
+            return self._attr(st, entry)
+        return await self._shared_attr(st, entry)
+
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        # Not wrapped in _fuse_op: FORGET has no answer, and pyfuse3 must never see
+        # an exception from it; counted here instead.
+        start = perf_counter_ns()
+        for ino, count in inode_list:
+            try:
+                self.inodes.forget(ino, count)
+            except OSError as exc:  # closing a descriptor cannot really fail; never raise here
+                log.warning("forget inode %d: %s", ino, exc)
+        self._forgets.add(perf_counter_ns() - start)
+
+    @fuse_op
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        entry = await self._inode_waiting(inode)
+        await self._allow(ctx, "list", self._path_of(entry))
+        return await self._shared_attr(os.stat(entry.fd), entry)
+
+    @fuse_op
+    async def setattr(
+        self,
+        inode: int,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: int | None,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        entry = await self._inode_waiting(inode)
+        await self._allow(ctx, "write", self._path_of(entry))
+        if fields.update_size:
+            if not entry.is_regular:
+                raise FUSEError(errno.EISDIR if stat.S_ISDIR(entry.mode) else errno.EINVAL)
+            async with entry.lock:
+                content = await self._content(entry, self._requester(ctx, entry))
+                try:
+                    await self._io(0, content.truncate, attr.st_size)
+                finally:
+                    self._drop_content(entry)
+        if fields.update_mode and not stat.S_ISLNK(entry.mode):
+            os.chmod(entry.proc_path, stat.S_IMODE(attr.st_mode))
+            entry.mode = stat.S_IFMT(entry.mode) | stat.S_IMODE(attr.st_mode)
+        if fields.update_uid or fields.update_gid:
+            syscalls.fchown_path_fd(
+                entry.fd,
+                attr.st_uid if fields.update_uid else -1,
+                attr.st_gid if fields.update_gid else -1,
+            )
+        if fields.update_atime or fields.update_mtime:
+            syscalls.utimens_path_fd(
+                entry.fd,
+                attr.st_atime_ns if fields.update_atime else None,
+                attr.st_mtime_ns if fields.update_mtime else None,
+            )
+        return await self._shared_attr(os.stat(entry.fd), entry)
+
+    @fuse_op
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        entry = self._inode(inode)
+        await self._allow(ctx, "list", self._path_of(entry))
+        return os.readlink(b"", dir_fd=entry.fd)
+
+    async def _created(
+        self, parent: Inode, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        """Count the first lookup of an entry just made in *parent*, owned by the caller."""
+        fd = os.open(name, O_PATH_FLAGS, dir_fd=parent.fd)
+        try:
+            self._own(fd, parent, ctx)
+            st = os.stat(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        entry = self.inodes.adopt(st, fd, parent.ino, name)
+        self._trim()
+        return self._attr(st, entry)
+
+    @fuse_op
+    async def mknod(
+        self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        self._check_name(parent_inode, name)
+        parent = self._inode(parent_inode)
+        await self._allow(ctx, "create", self._path_of(parent, name))
+        if stat.S_ISREG(mode):
+            raise FUSEError(errno.EPERM)  # regular files are made by create, with a header
+        os.mknod(name, mode, rdev, dir_fd=parent.fd)
+        return await self._created(parent, name, ctx)
+
+    @fuse_op
+    async def mkdir(
+        self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        self._check_name(parent_inode, name)
+        parent = self._inode(parent_inode)
+        await self._allow(ctx, "create", self._path_of(parent, name))
+        os.mkdir(name, mode, dir_fd=parent.fd)
+        return await self._created(parent, name, ctx)
+
+    @fuse_op
+    async def symlink(
+        self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        self._check_name(parent_inode, name)
+        parent = self._inode(parent_inode)
+        await self._allow(ctx, "create", self._path_of(parent, name))
+        os.symlink(target, name, dir_fd=parent.fd)
+        return await self._created(parent, name, ctx)
+
+    @fuse_op
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._check_name(parent_inode, name)
+        parent = self._inode(parent_inode)
+        await self._allow(ctx, "delete", self._path_of(parent, name))
+        os.unlink(name, dir_fd=parent.fd)
+
+    @fuse_op
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._check_name(parent_inode, name)
+        parent = self._inode(parent_inode)
+        await self._allow(ctx, "delete", self._path_of(parent, name))
+        os.rmdir(name, dir_fd=parent.fd)
+
+    @fuse_op
+    async def rename(
+        self,
+        parent_inode_old: int,
+        name_old: bytes,
+        parent_inode_new: int,
+        name_new: bytes,
+        flags: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> None:
+        self._check_name(parent_inode_old, name_old)
+        self._check_name(parent_inode_new, name_new)
+        old_parent, new_parent = self._inode(parent_inode_old), self._inode(parent_inode_new)
+        await self._allow_rename(ctx, old_parent, name_old, new_parent, name_new)
+        old_fd = old_parent.fd
+        new_fd = new_parent.fd
+        if flags:
+            syscalls.renameat2(old_fd, name_old, new_fd, name_new, flags)
+        else:
+            os.rename(name_old, name_new, src_dir_fd=old_fd, dst_dir_fd=new_fd)
+
+    @fuse_op
+    async def link(
+        self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        self._check_name(new_parent_inode, new_name)
+        entry = self._inode(inode)
+        parent = self._inode(new_parent_inode)
+        await self._allow(ctx, "rename", self._path_of(entry))  # a new name for it
+        await self._allow(ctx, "create", self._path_of(parent, new_name))
+        os.link(entry.proc_path, new_name, dst_dir_fd=parent.fd, follow_symlinks=True)
+        entry.lookups += 1
+        return await self._shared_attr(os.stat(entry.fd), entry)
+
+    @fuse_op
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        entry = await self._inode_waiting(inode)
+        await self._allow(ctx, "list", self._path_of(entry))
+        fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=entry.fd)
+        fh = self._next_dir
+        self._next_dir += 1
+        self._dirs[fh] = DirHandle(fd, inode)
+        return fh
+
+    @fuse_op
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        handle = self._dirs[fh]
+        if handle.names is None or start_id == 0:
+            names = [os.fsencode(n) for n in os.listdir(handle.fd)]
+            if handle.ino == ROOT_INODE:
+                names = [n for n in names if not n.startswith(RESERVED_NAME)]
+            handle.names = names
+        names = handle.names
+        fd = handle.fd
+        # Offsets: 1 is ".", 2 is "..", 3 + i is names[i].  The kernel takes no
+        # lookup reference for the dot entries.
+        if start_id < 1:
+            st = os.stat(fd)
+            if not pyfuse3.readdir_reply(
+                token, b".", self._attr(st, self.inodes.get(handle.ino)), 1
+            ):
+                return
+        if start_id < 2:
+            st = os.stat("..", dir_fd=fd) if handle.ino != ROOT_INODE else os.stat(fd)
+            if not pyfuse3.readdir_reply(token, b"..", self._attr(st), 2):
+                return
+        for index in range(max(start_id - 2, 0), len(names)):
+            name = names[index]
+            try:
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            known = self.inodes.get(self.inodes.fuse_ino(st.st_ino))
+            new_fd = None
+            if known is None:  # open it before the kernel counts a reference to it
+                try:
+                    new_fd = os.open(name, O_PATH_FLAGS, dir_fd=fd)
+                except FileNotFoundError:
+                    continue
+                except OSError as exc:
+                    if exc.errno != errno.EMFILE:
+                        raise
+                    new_fd = -1  # opened on first use (InodeTable.open_deferred)
+                else:  # the name may lead elsewhere by now: describe what was opened
+                    st = os.fstat(new_fd)
+                    known = self.inodes.get(self.inodes.fuse_ino(st.st_ino))
+                    if known is not None:
+                        os.close(new_fd)
+                        new_fd = None
+            if not pyfuse3.readdir_reply(token, name, self._attr(st, known), index + 3):
+                if new_fd is not None and new_fd >= 0:
+                    os.close(new_fd)
+                break
+            if new_fd is None:
+                self.inodes.remember(st, handle.ino, name)
+            else:
+                self.inodes.adopt(st, new_fd, handle.ino, name)
+        self._trim()
+
+    @fuse_op
+    async def releasedir(self, fh: int) -> None:
+        os.close(self._dirs.pop(fh).fd)
+
+    @fuse_op
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        await trio.to_thread.run_sync(os.fsync, self._dirs[fh].fd, limiter=self._limiter)
+
+    @fuse_op
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        vfs = os.statvfs(self.backing)
+        data = pyfuse3.StatvfsData()
+        for name in (
+            "f_bsize",
+            "f_frsize",
+            "f_blocks",
+            "f_bfree",
+            "f_bavail",
+            "f_files",
+            "f_ffree",
+            "f_favail",
+        ):
+            setattr(data, name, getattr(vfs, name))
+        data.f_namemax = vfs.f_namemax
+        return data

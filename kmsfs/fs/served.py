@@ -1,0 +1,100 @@
+"""The parts an operations object serves a volume with, and how a daemon builds them."""
+
+from __future__ import annotations
+
+import os
+import resource
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from kmsfs.format.volume import VolumeConfig
+from kmsfs.fs.content_file import KeyUsageTable
+from kmsfs.fs.events import AccessSink
+from kmsfs.fs.inodes import O_PATH_FLAGS, InodeTable
+from kmsfs.keys.keyring import Keyring
+from kmsfs.policy import Policy
+from kmsfs.policy.identity import IdentityCache
+
+OFFLOAD_BYTES = 128 * 1024 + 1  # reads up to the readahead window run inline (DESIGN.md)
+DEFAULT_TIMEOUT = 60.0
+
+
+class DirHandle:
+    __slots__ = ("fd", "ino", "names")
+
+    def __init__(self, fd: int, ino: int) -> None:
+        self.fd = fd
+        self.ino = ino
+        self.names: list[bytes] | None = None
+
+
+@dataclass
+class ServedVolume:
+    """The parts an operations object serves with, built by ``serve_volume`` (or a test).
+
+    Attributes: backing (absolute path), config, keyring, inodes (the inode
+    table over the backing root's descriptor), key_usage (block encryptions
+    per file key), io_limiter (threads for large I/O and fsync), key_limiter
+    (threads for provider calls: a KMS outage must not stall other files'
+    I/O), timeout (entry and attribute seconds), offload_bytes (reads and
+    writes at least this large run in a thread), on_access (the audit log's
+    sink for every open and create, or None), policy (the access policy;
+    permit-all without one), identities (requester identities for it),
+    on_policy (the audit log's sink for policy decisions marked for audit),
+    shared (other daemons serve the volume too: docs/DESIGN.md "Shared storage").
+    """
+
+    backing: str
+    config: VolumeConfig
+    keyring: Keyring
+    inodes: InodeTable
+    key_usage: KeyUsageTable
+    io_limiter: trio.CapacityLimiter
+    key_limiter: trio.CapacityLimiter
+    timeout: float = DEFAULT_TIMEOUT
+    offload_bytes: int = OFFLOAD_BYTES
+    on_access: AccessSink | None = None
+    policy: Policy = field(default_factory=Policy.permit_all)
+    identities: IdentityCache = field(default_factory=IdentityCache)
+    on_policy: Callable[[dict[str, Any]], None] | None = None
+    shared: bool = False
+
+
+def serve_volume(
+    backing: str,
+    config: VolumeConfig,
+    keyring: Keyring,
+    timeout: float = DEFAULT_TIMEOUT,
+    on_access: AccessSink | None = None,
+    policy: Policy | None = None,
+    on_policy: Callable[[dict[str, Any]], None] | None = None,
+    shared: bool = False,
+) -> ServedVolume:
+    """The parts for *backing*: its root descriptor, an inode table sized to the descriptor
+    limit (a quarter of it, at most 2,048, stays free for open files), fresh limiters.
+    *shared*: every content request runs in a worker thread (it may wait for another
+    daemon's byte-range lock)."""
+    backing = os.path.abspath(backing)
+    fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    inodes = InodeTable(
+        os.open(backing, O_PATH_FLAGS | os.O_DIRECTORY),
+        high_water=fd_limit - min(fd_limit // 4, 2048) if fd_limit > 0 else 1 << 30,
+    )
+    return ServedVolume(
+        backing,
+        config,
+        keyring,
+        inodes,
+        KeyUsageTable(),
+        io_limiter=trio.CapacityLimiter(4),
+        key_limiter=trio.CapacityLimiter(8),
+        timeout=timeout,
+        offload_bytes=0 if shared else OFFLOAD_BYTES,
+        on_access=on_access,
+        policy=policy or Policy.permit_all(),
+        on_policy=on_policy,
+        shared=shared,
+    )
