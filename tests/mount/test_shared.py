@@ -4,8 +4,10 @@ This machine has no NFS (no client, no server, no module to load), so "several
 hosts" are several daemons on one local backing directory, each at its own mount
 point with its own page cache, inode table and state, as separate hosts would
 have; the OFD locks they take on the backing files are the ones NFSv4 carries
-between clients.  The test that would run over NFS 4.2 is below and skips saying
-so.  Every concurrent test runs for a bounded time (a few seconds).
+between clients.  Every test on a ``cluster`` runs twice: on one local directory,
+and over NFS 4.2 (each daemon through its own NFS mount of one export, named by
+$KMSFS_TEST_NFS_MOUNTS), which skips here saying why.  Every concurrent test runs
+for a bounded time (a few seconds).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import errno
 import os
 import random
+import shutil
 import signal
 import subprocess
 import threading
@@ -58,10 +61,16 @@ class Mount:
 
 
 class Cluster:
-    """A volume and the daemons serving it (all unmounted at teardown)."""
+    """A volume and the daemons serving it (all unmounted at teardown).
 
-    def __init__(self, volume: Volume) -> None:
+    *backings*: the paths each daemon serves the volume from, in turn (over NFS, the
+    same directory through two NFS mounts, as two hosts see it); by default the
+    volume's own backing directory for every daemon.
+    """
+
+    def __init__(self, volume: Volume, backings: list[Path] | None = None) -> None:
         self.volume = volume
+        self.backings = backings or [volume.backing]
         self.mounts: list[Mount] = []
 
     def mount(
@@ -73,7 +82,7 @@ class Cluster:
         mount = Mount(mountpoint, self.volume.root / f"daemon{index}.log")
         result = run_kmsfs(
             "mount",
-            self.volume.backing,
+            self.backings[index % len(self.backings)],
             mountpoint,
             "--log-file",
             mount.log_file,
@@ -116,15 +125,61 @@ class Cluster:
         assert "clean" in result.stdout
 
 
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[Cluster]:
-    group = Cluster(make_volume(tmp_path))
+NFS_MOUNTS = "KMSFS_TEST_NFS_MOUNTS"
+
+
+def nfs_mounts() -> tuple[Path, Path]:
+    """Two NFS 4.2 mounts of one export (two "hosts"), named by $KMSFS_TEST_NFS_MOUNTS
+    ("/mnt/a,/mnt/b"); skips, saying why, where there are none."""
+    with open("/proc/filesystems") as handle:
+        kinds = handle.read().split()
+    if "nfs" not in kinds and "nfs4" not in kinds:
+        pytest.skip(
+            "no NFS on this machine (/proc/filesystems lists no nfs, and no module can be"
+            " loaded): the shared-mode suite ran on one local backing directory only"
+        )
+    value = os.environ.get(NFS_MOUNTS, "")
+    if not value:
+        pytest.skip(
+            f"NFS is available but {NFS_MOUNTS} is not set: to run the shared-mode suite"
+            " over NFS 4.2, mount one export twice (vers=4.2, no_root_squash) and give both"
+            " mount points, comma-separated"
+        )
+    first, second = (Path(part) for part in value.split(","))
+    with open("/proc/mounts") as handle:
+        mounts = {fields[1]: fields for fields in (line.split() for line in handle)}
+    for path in (first, second):
+        fields = mounts.get(str(path))
+        assert fields is not None and fields[2] == "nfs4" and "vers=4.2" in fields[3], (
+            f"{NFS_MOUNTS}: {path} is not an NFS 4.2 mount: {fields}"
+        )
+    return first, second
+
+
+@pytest.fixture(params=["local", "nfs-4.2"])
+def cluster(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Cluster]:
+    """The shared-mode suite's volume: on one local directory, then (where NFS 4.2 is
+    set up) on an NFS export that each daemon reaches through its own NFS mount."""
+    shared_dir: Path | None = None
+    if request.param == "local":
+        group = Cluster(make_volume(tmp_path))
+    else:
+        first, second = nfs_mounts()
+        name = f"kmsfs-test-{os.getpid()}-{os.urandom(4).hex()}"
+        shared_dir = first / name
+        volume = make_volume(tmp_path, key=False)
+        volume.backing = shared_dir / "backing"
+        volume.backing.mkdir(parents=True)
+        run_kmsfs("init", volume.backing, "--key-file", volume.key_file)
+        group = Cluster(volume, [volume.backing, second / name / "backing"])
     try:
         yield group
     finally:
         for mount in group.mounts:
             force_unmount(mount.mountpoint)
             _wait_exited(mount.pid)
+        if shared_dir is not None:
+            shutil.rmtree(shared_dir, ignore_errors=True)
 
 
 def read_fresh(cluster: Cluster, name: str) -> bytes:
@@ -756,22 +811,6 @@ def test_a_backing_filesystem_without_user_xattrs_is_refused(tmp_path: Path) -> 
     finally:
         force_unmount(tmp_path / "m")
         subprocess.run(["umount", str(where)], check=False)
-
-
-def test_the_suite_over_nfs_4_2() -> None:
-    """Over NFS 4.2 on loopback (nfs-kernel-server), two daemons on two NFS mounts of one
-    export.  This kernel has neither NFS client nor server: then it skips, saying so."""
-    with open("/proc/filesystems") as handle:
-        kinds = handle.read().split()
-    if "nfs" not in kinds and "nfs4" not in kinds:
-        pytest.skip(
-            "no NFS on this machine (/proc/filesystems lists no nfs, and no module can be"
-            " loaded): the shared-mode suite ran on one local backing directory instead"
-        )
-    pytest.fail(  # pragma: no cover - only where NFS exists; not written yet
-        "NFS is available here: export a directory over loopback with NFS 4.2 and run this"
-        " module's tests with the backing directory on it (not automated yet)"
-    )
 
 
 def test_default_mode_is_unchanged_by_shared_mode(tmp_path: Path) -> None:
