@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from kmsfs.fs import syscalls
 from kmsfs.fs.content_file import ContentFile
 
 log = logging.getLogger(__name__)
@@ -171,6 +172,7 @@ class Inode:
     parent: int = 0  # one (parent, name) this inode was reached by, to evict it
     name: bytes = b""
     evicting: bool = False  # the kernel was asked to forget it
+    born: float | None = None  # a deferred entry's birth time: its number may be reused
 
     @property
     def proc_path(self) -> str:
@@ -180,6 +182,16 @@ class Inode:
     @property
     def is_regular(self) -> bool:
         return stat.S_ISREG(self.mode)
+
+
+def deferred_birth_time(dir_fd: int, name: bytes) -> float | None:
+    """The birth time of *name* in *dir_fd* (of *dir_fd* itself if *name* is empty), or
+    None if unknown: a deferred entry holds no inode, so its number may be given to a
+    new file before its first use, which only the birth time tells apart."""
+    try:
+        return syscalls.birth_time(dir_fd, name)
+    except OSError:
+        return None
 
 
 class InodeTable:
@@ -226,23 +238,29 @@ class InodeTable:
         ino = self.fuse_ino(st.st_ino)
         entry = self._entries.get(ino)
         if entry is None:
-            fd = self._open_or_defer(self._entries[parent].fd, name)
+            dir_fd = self._entries[parent].fd
+            fd = self._open_or_defer(dir_fd, name)
             if fd >= 0:
                 opened = os.fstat(fd)
                 if opened.st_ino != st.st_ino:
                     return self.adopt(opened, fd, parent, name), opened
             entry = Inode(ino, fd, st.st_mode)
+            if fd < 0:
+                entry.born = deferred_birth_time(dir_fd, name)
             self._entries[ino] = entry
         entry.lookups += 1
         self._keep(entry, parent, name)
         return entry, st
 
-    def adopt(self, st: os.stat_result, fd: int, parent: int, name: bytes) -> Inode:
-        """Count one lookup for an inode we just created and hold *fd* for."""
+    def adopt(
+        self, st: os.stat_result, fd: int, parent: int, name: bytes, born: float | None = None
+    ) -> Inode:
+        """Count one lookup for an inode we just created and hold *fd* for (-1: deferred,
+        born at *born*: ``deferred_birth_time``)."""
         ino = self.fuse_ino(st.st_ino)
         entry = self._entries.get(ino)
         if entry is None:
-            entry = Inode(ino, fd, st.st_mode)
+            entry = Inode(ino, fd, st.st_mode, born=born)
             self._entries[ino] = entry
         elif fd >= 0:
             os.close(fd)
@@ -283,6 +301,9 @@ class InodeTable:
         if self.fuse_ino(os.stat(fd).st_ino) != entry.ino:
             os.close(fd)
             raise OSError(errno.ESTALE, "deferred entry's name now leads to another inode")
+        if entry.born is not None and deferred_birth_time(fd, b"") != entry.born:
+            os.close(fd)
+            raise OSError(errno.ESTALE, "deferred entry's number was taken by a new file")
         entry.fd = fd
 
     def _keep(self, entry: Inode, parent: int, name: bytes) -> None:

@@ -13,7 +13,7 @@ import trio
 from pyfuse3 import FUSEError
 
 from kmsfs.fs import syscalls
-from kmsfs.fs.inodes import O_PATH_FLAGS, ROOT_INODE, Inode
+from kmsfs.fs.inodes import O_PATH_FLAGS, ROOT_INODE, Inode, deferred_birth_time
 from kmsfs.fs.ops_access import AccessChecks
 from kmsfs.fs.ops_base import RESERVED_NAME, fuse_op, log
 from kmsfs.fs.served import DirHandle
@@ -243,6 +243,7 @@ class NamespaceOps(AccessChecks):
                 continue
             known = self.inodes.get(self.inodes.fuse_ino(st.st_ino))
             new_fd = None
+            born = None
             if known is None:  # open it before the kernel counts a reference to it
                 try:
                     new_fd = os.open(name, O_PATH_FLAGS, dir_fd=fd)
@@ -252,6 +253,7 @@ class NamespaceOps(AccessChecks):
                     if exc.errno != errno.EMFILE:
                         raise
                     new_fd = -1  # opened on first use (InodeTable.open_deferred)
+                    born = deferred_birth_time(fd, name)
                 else:  # the name may lead elsewhere by now: describe what was opened
                     st = os.fstat(new_fd)
                     known = self.inodes.get(self.inodes.fuse_ino(st.st_ino))
@@ -265,7 +267,7 @@ class NamespaceOps(AccessChecks):
             if new_fd is None:
                 self.inodes.remember(st, handle.ino, name)
             else:
-                self.inodes.adopt(st, new_fd, handle.ino, name)
+                self.inodes.adopt(st, new_fd, handle.ino, name, born)
         self._trim()
 
     @fuse_op

@@ -140,9 +140,10 @@ _AT_SYMLINK_NOFOLLOW = 0x100
 _AT_EMPTY_PATH = 0x1000
 
 
-def birth_time(fd: int) -> float | None:
-    """The birth time (statx btime) of the open file *fd* in seconds, or None if unknown
-    (no statx in this libc, or a filesystem that does not record it); OSError otherwise.
+def birth_time(fd: int, name: bytes = b"") -> float | None:
+    """The birth time (statx btime) of the open file *fd* (or of entry *name* of
+    directory *fd*, not following a symlink) in seconds, or None if unknown (no statx
+    in this libc, or a filesystem that does not record it); OSError otherwise.
 
     A file key is created with its backing inode (by create, rekey and import,
     which all make new inodes), so the birth time is the age of the file key.
@@ -150,7 +151,8 @@ def birth_time(fd: int) -> float | None:
     if not hasattr(_libc, "statx"):
         return None
     buf = ctypes.create_string_buffer(256)
-    _check(_libc.statx(fd, b"", _AT_EMPTY_PATH | _AT_SYMLINK_NOFOLLOW, _STATX_BTIME, buf), "statx")
+    flags = _AT_SYMLINK_NOFOLLOW | (0 if name else _AT_EMPTY_PATH)
+    _check(_libc.statx(fd, name, flags, _STATX_BTIME, buf), "statx")
     mask = int.from_bytes(buf.raw[0:4], "little")
     if not mask & _STATX_BTIME:
         return None

@@ -162,3 +162,59 @@ def test_an_entry_holds_the_inode_its_number_names_when_the_name_was_replaced(
         os.close(keep_old_alive)
     finally:
         table.close_all()
+
+
+_NUMBER_REUSED = """
+import errno, os, resource, sys
+from kmsfs.fs.inodes import InodeTable
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+os.chdir(sys.argv[1])
+root = os.open(".", os.O_PATH)
+table = InodeTable(root, high_water=40)
+with open("f", "wb") as handle:
+    handle.write(b"first file")
+st = os.stat("f")
+hog = []
+while True:
+    try:
+        hog.append(os.open("/", os.O_PATH))
+    except OSError:
+        break
+entry, _ = table.remember(st, 1, b"f")
+assert entry.fd == -1, "the entry should have been deferred"
+for fd in hog:
+    os.close(fd)
+os.unlink("f")
+for n in range(200):  # ext4 hands a freed inode number to the next file it creates
+    with open(f"x{n}", "wb") as handle:
+        handle.write(b"another file")
+    if os.stat(f"x{n}").st_ino == st.st_ino:
+        os.rename(f"x{n}", "f")
+        break
+else:
+    print("not reused")
+    sys.exit(0)
+try:
+    table.open_deferred(entry)
+except OSError as exc:
+    print(errno.errorcode[exc.errno])
+else:
+    print("opened the other file")
+"""
+
+
+def test_a_deferred_entry_never_opens_another_file_that_took_its_number(tmp_path: Path) -> None:
+    """A deferred entry holds no inode, so its number can be reused by a new file under
+    the same name before its first use; that file has another birth time, and the
+    entry answers ESTALE instead of serving it under the old inode's number."""
+    result = subprocess.run(
+        [sys.executable, "-c", _NUMBER_REUSED, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    if result.stdout.strip() == "not reused":
+        pytest.skip("this filesystem did not reuse the inode number in 200 creates")
+    assert result.stdout.strip() == "ESTALE"
