@@ -311,5 +311,5 @@ def _replace(state: int, dir_fd: int, name: str, old: os.stat_result) -> None:
     back = os.stat(TMP_NAME, dir_fd=state, follow_symlinks=False)
     if (back.st_dev, back.st_ino) != (old.st_dev, old.st_ino):
         renameat2(state, TMP_NAME.encode(), dir_fd, os.fsencode(name), RENAME_EXCHANGE)
-        raise TreeChanged(f"{name}: replaced while rekey ran: not re-keyed")
+        raise TreeChanged("replaced while rekey ran: not re-keyed", where=name)
     os.unlink(TMP_NAME, dir_fd=state)

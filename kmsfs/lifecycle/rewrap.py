@@ -368,7 +368,7 @@ def new_entry(
                 except KmsfsError:
                     break  # fall back to unwrap + wrap
     if old_ring is None:
-        raise LifecycleError(f"{what}: no old key is available to unwrap the file key")
+        raise LifecycleError("no old key is available to unwrap the file key", where=what)
     key = old_ring.unwrap(header, what)
     try:
         return new.wrap(key, context), False
@@ -460,10 +460,10 @@ def _cover_file(
                 report.already += 1
             return 0
         if len(header.entries) >= MAX_ENTRIES:
-            raise FormatError(f"{rel}: header already has {MAX_ENTRIES} entries")
+            raise FormatError(f"header already has {MAX_ENTRIES} entries", where=rel)
         if dry_run:
             if old_ring is None:
-                raise LifecycleError(f"{rel}: no old key to unwrap it")
+                raise LifecycleError("no old key to unwrap it", where=rel)
             wipe(old_ring.unwrap(header, rel))
             report.rewrapped += 1
             return 1
@@ -476,7 +476,7 @@ def _cover_file(
         report.rewrapped += 1
         report.reencrypted += reencrypted
         return 1
-    raise HeaderChanged(f"{rel}: its header kept changing while rewrap ran: left as it is")
+    raise HeaderChanged("its header kept changing while rewrap ran: left as it is", where=rel)
 
 
 def _switch_and_strip(
@@ -549,6 +549,6 @@ def _strip_file(
                 continue
             report.stripped += 1
             return
-        raise HeaderChanged(f"{entry.rel}: its header kept changing: left as it is")
+        raise HeaderChanged("its header kept changing: left as it is", where=entry.rel)
     finally:
         os.close(fd)
