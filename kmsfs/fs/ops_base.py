@@ -207,12 +207,17 @@ class OperationsBase(pyfuse3.Operations):
         return attr
 
     async def _shared_attr(self, st: os.stat_result, entry: Inode) -> pyfuse3.EntryAttributes:
-        """``_attr``, with a regular file's size read under a lock in shared mode."""
+        """``_attr``, with a regular file's size read under a lock in shared mode (a
+        daemon not running as root that may not open the file gives the size it has,
+        uncached by the kernel)."""
         if not (self.shared and stat.S_ISREG(st.st_mode)):
             return self._attr(st, entry)
-        size = await trio.to_thread.run_sync(
-            locked_plain_size, entry.proc_path, self.layout, limiter=self._limiter
-        )
+        try:
+            size = await trio.to_thread.run_sync(
+                locked_plain_size, entry.proc_path, self.layout, limiter=self._limiter
+            )
+        except PermissionError:
+            return self._attr(st, entry)
         return self._attr(st, entry, size)
 
     async def _inode_waiting(self, ino: int) -> Inode:

@@ -302,3 +302,50 @@ def test_backing_cut_inside_a_block_header_gives_eio_naming_the_file(
     messages = [r.getMessage() for r in caplog.records]
     wanted = "/cut: backing size 4134 ends inside a block header"
     assert any(wanted in m for m in messages), messages
+
+
+# -- shared mode ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def shared_ops(tmp_path: Path) -> Iterator[KmsfsOperations]:
+    vol = make_volume(tmp_path)
+    config, keyring = open_volume(vol.backing, {"key_file": str(vol.key_file)})
+    parts = serve_volume(str(vol.backing), config, keyring, timeout=1.0, shared=True)
+    operations = KmsfsOperations(parts)
+    try:
+        yield operations
+    finally:
+        operations.close()
+        keyring.close()
+
+
+def test_shared_lookup_gives_the_size_read_under_the_lock_and_caches_it(
+    shared_ops: KmsfsOperations,
+) -> None:
+    async def main() -> None:
+        await create(shared_ops, b"s", b"x" * 5000)
+        attr = await shared_ops.lookup(ROOT, b"s", CTX)
+        assert attr.st_size == 5000 and attr.attr_timeout == 1.0
+
+    run(main)
+
+
+def test_shared_lookup_of_a_file_the_daemon_may_not_open_answers_uncached(
+    shared_ops: KmsfsOperations, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A daemon not running as root may be refused the open that reads a size under the
+    lock: lookup still answers, with the backing size, and the kernel does not cache it.
+    (The refusal is a stand-in: this suite runs as root, which no mode bits refuse.)"""
+    import kmsfs.fs.ops_base
+
+    def refused(path: str, layout: object) -> int:
+        raise PermissionError(errno.EACCES, "Permission denied", path)
+
+    async def main() -> None:
+        await create(shared_ops, b"s", b"x" * 5000)
+        monkeypatch.setattr(kmsfs.fs.ops_base, "locked_plain_size", refused)
+        attr = await shared_ops.lookup(ROOT, b"s", CTX)
+        assert attr.st_size == 5000 and attr.attr_timeout == 0
+
+    run(main)
