@@ -235,19 +235,10 @@ class InodeTable:
         an entry holding another inode than its number's would let that number be
         reused by a new file while the kernel still caches the old one's attributes.
         """
-        ino = self.fuse_ino(st.st_ino)
-        entry = self._entries.get(ino)
+        entry = self._entries.get(self.fuse_ino(st.st_ino))
         if entry is None:
-            dir_fd = self._entries[parent].fd
-            fd = self._open_or_defer(dir_fd, name)
-            if fd >= 0:
-                opened = os.fstat(fd)
-                if opened.st_ino != st.st_ino:
-                    return self.adopt(opened, fd, parent, name), opened
-            entry = Inode(ino, fd, st.st_mode)
-            if fd < 0:
-                entry.born = deferred_birth_time(dir_fd, name)
-            self._entries[ino] = entry
+            fd, st, born = self.open_new(self._entries[parent].fd, name, st)
+            return self.adopt(st, fd, parent, name, born), st
         entry.lookups += 1
         self._keep(entry, parent, name)
         return entry, st
@@ -269,14 +260,23 @@ class InodeTable:
         return entry
 
     @staticmethod
-    def _open_or_defer(dir_fd: int, name: bytes) -> int:
-        """O_PATH descriptor of *name*, or -1 (open it on first use) when out of descriptors."""
+    def open_new(
+        dir_fd: int, name: bytes, st: os.stat_result
+    ) -> tuple[int, os.stat_result, float | None]:
+        """Open entry *name* of *dir_fd* (found with attributes *st*) for a new entry.
+
+        Returns its O_PATH descriptor and the attributes of the inode opened (not
+        *st* if the name was replaced meanwhile), or, out of descriptors, -1, *st*
+        and its birth time (``open_deferred`` opens it on first use).
+        FileNotFoundError if it was removed meanwhile.
+        """
         try:
-            return os.open(name, O_PATH_FLAGS, dir_fd=dir_fd)
+            fd = os.open(name, O_PATH_FLAGS, dir_fd=dir_fd)
         except OSError as exc:
             if exc.errno != errno.EMFILE:
                 raise
-            return -1
+            return -1, st, deferred_birth_time(dir_fd, name)
+        return fd, os.fstat(fd), None
 
     def open_deferred(self, entry: Inode) -> None:
         """Give a deferred entry (fd -1) its descriptor, through its parent and name.
@@ -352,8 +352,7 @@ class InodeTable:
         if entry.fd >= 0:
             self.closer.close(entry.fd)
             entry.fd = -1
-            if len(self.reserve) < self.reserve.size:
-                self.reserve.refill()
+            self.reserve.refill()
 
     def close_all(self) -> None:
         self.closer.stop()

@@ -13,7 +13,7 @@ import trio
 from pyfuse3 import FUSEError
 
 from kmsfs.fs import syscalls
-from kmsfs.fs.inodes import O_PATH_FLAGS, ROOT_INODE, Inode, deferred_birth_time
+from kmsfs.fs.inodes import O_PATH_FLAGS, ROOT_INODE, Inode
 from kmsfs.fs.ops_access import AccessChecks
 from kmsfs.fs.ops_base import RESERVED_NAME, fuse_op, log
 from kmsfs.fs.served import DirHandle
@@ -242,24 +242,17 @@ class NamespaceOps(AccessChecks):
             except FileNotFoundError:
                 continue
             known = self.inodes.get(self.inodes.fuse_ino(st.st_ino))
-            new_fd = None
+            new_fd: int | None = None
             born = None
             if known is None:  # open it before the kernel counts a reference to it
                 try:
-                    new_fd = os.open(name, O_PATH_FLAGS, dir_fd=fd)
+                    new_fd, st, born = self.inodes.open_new(fd, name, st)
                 except FileNotFoundError:
                     continue
-                except OSError as exc:
-                    if exc.errno != errno.EMFILE:
-                        raise
-                    new_fd = -1  # opened on first use (InodeTable.open_deferred)
-                    born = deferred_birth_time(fd, name)
-                else:  # the name may lead elsewhere by now: describe what was opened
-                    st = os.fstat(new_fd)
-                    known = self.inodes.get(self.inodes.fuse_ino(st.st_ino))
-                    if known is not None:
-                        os.close(new_fd)
-                        new_fd = None
+                known = self.inodes.get(self.inodes.fuse_ino(st.st_ino))
+                if known is not None:  # the name was replaced by an inode we know
+                    os.close(new_fd)
+                    new_fd = None
             if not pyfuse3.readdir_reply(token, name, self._attr(st, known), index + 3):
                 if new_fd is not None and new_fd >= 0:
                     os.close(new_fd)
