@@ -112,6 +112,20 @@ def test_walk_yields_symlinks_never_enters_them_and_skips_reserved_names(root: P
         assert ".kmsfs.d/secret" in [node.rel for node in tree.walk()]
 
 
+def test_walk_names_a_directory_whose_subdirectory_hid_behind_a_symlink(root: Path) -> None:
+    # a holds b/, escape, flink and z/.  While the walk is paused at a/escape (b was
+    # already examined), z is renamed and a symlink takes its name: the walk meets one
+    # directory in a, a's link count says two, so "a" is reported as changed
+    (root / "a" / "z").mkdir()
+    with Tree(root) as tree:
+        for node in tree.walk():
+            if node.rel == "a/escape":
+                os.rename(root / "a" / "z", root / "a" / ".z.hidden")
+                os.symlink("/", root / "a" / "z")
+        assert [rel for rel, _ in tree.skipped] == ["a"]
+        assert "2 subdirectories by its link count, 1 listed" in tree.skipped[0][1]
+
+
 def test_open_file_checks_type_and_inode(root: Path, resolver: str) -> None:
     with Tree(root) as tree:
         (entry,) = [e for e in tree.files() if e.rel == "a/b/f"]
