@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from conftest import BIN, Volume, make_volume, requires_fuse, run_kmsfs
-from support.lifecycle_support import entry_refs, populate
+from support.lifecycle_support import entry_refs, file_id_of, populate
 
 from kmsfs.format.volume import load_config
 
@@ -354,10 +354,16 @@ def test_rekey_killed_then_resumed(volume: Volume) -> None:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    deadline = time.monotonic() + 30
-    while not journal.exists() and time.monotonic() < deadline and process.poll() is None:
-        time.sleep(0.005)
-    time.sleep(random.uniform(0.1, 0.8))
+    # Kill it in the middle (files are walked in sorted order, each replaced by a copy
+    # under a new file ID): once a random file between the 100th and the 1300th was
+    # re-keyed, whatever the machine's speed.
+    target = volume.backing / sorted(contents)[random.randrange(100, 1300)]
+    before = file_id_of(target)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and process.poll() is None:
+        if file_id_of(target) != before:
+            break
+        time.sleep(0.001)
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert process.returncode == -signal.SIGKILL, "rekey finished before it could be killed"

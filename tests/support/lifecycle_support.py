@@ -47,6 +47,14 @@ def entry_refs(path: Path) -> list[str]:
     return [entry.key_ref for entry in header.entries]
 
 
+def file_id_of(path: Path) -> bytes:
+    """The file ID in the header of the backing file *path* (b"" while it has none)."""
+    try:
+        return FileHeader.parse(os.getxattr(path, XATTR_NAME)).file_id
+    except OSError:  # between a replacement's steps
+        return b""
+
+
 def read_file(path: Path, keyring: Keyring) -> bytes:
     """The plaintext of the backing file *path* (test side: no hostile tree here)."""
     header = FileHeader.parse(os.getxattr(path, XATTR_NAME))
