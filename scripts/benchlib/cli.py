@@ -33,7 +33,7 @@ from benchlib.common import (
     run,
 )
 from benchlib.report import Results, Sample, fmt, render
-from benchlib.systems import DEFAULT_SYSTEMS, SYSTEMS, System, make_system
+from benchlib.systems import AT_REVISION, DEFAULT_SYSTEMS, SYSTEMS, System, make_system
 from benchlib.workloads import FULL, QUICK, ROWS, Bench, Row, Sizes
 
 TREE_ROWS = {"untar", "ls", "readall", "rm"}
@@ -163,7 +163,8 @@ def parser() -> argparse.ArgumentParser:
         help=f"comma list of {','.join(SYSTEMS)} (default {DEFAULT_SYSTEMS};"
         " floor = an in-memory pyfuse3 filesystem with trivial handlers;"
         " passthrough = pyfuse3's example, a Python ceiling, not a peer; kmsfs@REV = kmsfs"
-        " as of git revision REV, for before/after figures in one run)",
+        " as of git revision REV, for before/after figures in one run; kmsfs-shared@REV"
+        " likewise in shared mode)",
     )
     sizes = p.add_argument_group("sizes (defaults: full sizes, or small ones with --quick)")
     sizes.add_argument(
@@ -229,8 +230,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("bench: run as root (mounts, drop_caches)")
     names = [n.strip() for n in args.systems.split(",") if n.strip()]
     for name in names:
-        if name.startswith("kmsfs@"):
-            rev = name.partition("@")[2]
+        base, at, rev = name.partition("@")
+        if at and base in AT_REVISION:
             check = subprocess.run(
                 ["git", "-C", str(ROOT), "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}"],
                 capture_output=True,
@@ -240,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit(f"bench: {name}: {rev!r} is not a revision of this checkout")
         elif name not in SYSTEMS:
             raise SystemExit(
-                f"bench: unknown system {name!r} (known: {', '.join(SYSTEMS)}, kmsfs@REV)"
+                f"bench: unknown system {name!r} (known: {', '.join(SYSTEMS)}, kmsfs@REV,"
+                " kmsfs-shared@REV)"
             )
     rows = parse_rows(args.only)
     if args.budget:

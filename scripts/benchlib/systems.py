@@ -155,12 +155,14 @@ class Kmsfs(System):
 
 
 class KmsfsAt(Kmsfs):
-    """kmsfs as of a git revision of this checkout (``kmsfs@REV``), for before/after
-    figures in one run: ``git archive REV kmsfs`` is unpacked in the work directory
-    and put first on PYTHONPATH of the same .venv (dependencies as checked out)."""
+    """kmsfs as of a git revision of this checkout (``kmsfs@REV``, or
+    ``kmsfs-shared@REV`` in shared mode), for before/after figures in one run:
+    ``git archive REV kmsfs`` is unpacked in the work directory and put first on
+    PYTHONPATH of the same .venv (dependencies as checked out)."""
 
-    def __init__(self, work: Path, rev: str) -> None:
-        self.name = f"kmsfs@{rev}"
+    def __init__(self, work: Path, rev: str, shared: bool = False) -> None:
+        self.name = f"{'kmsfs-shared' if shared else 'kmsfs'}@{rev}"
+        self.options = KmsfsShared.options if shared else ()
         super().__init__(work)
         self.rev = rev
         self.source = self.base / "source"
@@ -396,10 +398,13 @@ SYSTEMS: dict[str, type[System]] = {
 
 
 def make_system(name: str, work: Path) -> System:
-    """The system called *name*: one of SYSTEMS, or ``kmsfs@REV`` (KmsfsAt)."""
-    if name.startswith("kmsfs@"):
-        return KmsfsAt(work, name.partition("@")[2])
+    """The system called *name*: one of SYSTEMS, or ``kmsfs@REV`` or
+    ``kmsfs-shared@REV`` (KmsfsAt)."""
+    base, _, rev = name.partition("@")
+    if rev and base in AT_REVISION:
+        return KmsfsAt(work, rev, shared=base == "kmsfs-shared")
     return SYSTEMS[name](work)
 
 
+AT_REVISION = ("kmsfs", "kmsfs-shared")  # the systems that can be run as of a revision
 DEFAULT_SYSTEMS = "kmsfs,gocryptfs,securefs,plain,floor"
