@@ -213,9 +213,13 @@ class OperationsBase(pyfuse3.Operations):
         if not (self.shared and stat.S_ISREG(st.st_mode)):
             return self._attr(st, entry)
         try:
-            size = await trio.to_thread.run_sync(
-                locked_plain_size, entry.proc_path, self.layout, limiter=self._limiter
-            )
+            # on the loop when no other daemon is writing the file's end (the lock is
+            # granted or refused at once); else wait for that daemon in a worker thread
+            size = locked_plain_size(entry.proc_path, self.layout, wait=False)
+            if size is None:
+                size = await trio.to_thread.run_sync(
+                    locked_plain_size, entry.proc_path, self.layout, limiter=self._limiter
+                )
         except PermissionError:
             return self._attr(st, entry)
         return self._attr(st, entry, size)

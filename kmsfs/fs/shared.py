@@ -17,7 +17,10 @@ from the backing file under it, never from what this daemon saw before:
 The lock is taken first, then the size re-read; if the size moved so that the
 range locked no longer covers what the operation needs, the lock is dropped and
 taken again.  Locks are held for the syscalls of one request only, in a worker
-thread (shared mode runs every content request off the trio loop).
+thread (shared mode runs every content request off the trio loop).  The size a
+lookup or getattr reports is first tried on the loop without waiting
+(``F_OFD_SETLK``: granted or refused at once), and waited for in a worker thread
+only when another daemon holds the file's end.
 """
 
 from __future__ import annotations
@@ -133,17 +136,20 @@ class SharedContentFile(ContentFile):
         return self.layout.plain_size(os.fstat(self.fd).st_size)
 
 
-def locked_plain_size(path: str, layout: Layout) -> int:
+def locked_plain_size(path: str, layout: Layout, wait: bool = True) -> int | None:
     """The plaintext size of the backing file at *path*, read under a shared lock of its
     final block to the end: never mid-way through another daemon's extension, whose
     backing size grows page by page while it writes (a size read then is a size the
-    file never had).  OSError if the file cannot be opened."""
+    file never had).  Without *wait*, None at once if another daemon holds a
+    conflicting lock (ask again with *wait*, off the event loop).  OSError if the file
+    cannot be opened."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         bbs = layout.backing_block
         start = layout.final_index(layout.plain_size(os.fstat(fd).st_size)) * bbs
         while True:
-            ofd_lock(fd, False, start, _TO_END)
+            if not ofd_lock(fd, False, start, _TO_END, wait=wait):
+                return None
             try:
                 size = layout.plain_size(os.fstat(fd).st_size)
             finally:

@@ -372,6 +372,8 @@ def test_a_size_is_never_read_while_another_daemon_extends_the_file(cluster: Clu
     and use as the offset of an O_APPEND write: the torn cells this suite once saw)."""
     first, second = cluster.shared(2)
     first.path("growing").write_bytes(b"g" * 5000)
+    first.path("elsewhere").mkdir()
+    assert second.path("elsewhere").is_dir()  # its entry is cached by the kernel
     layout = Layout(BS)
     backing = cluster.volume.backing / "growing"
     good_size = os.stat(backing).st_size
@@ -388,6 +390,18 @@ def test_a_size_is_never_read_while_another_daemon_extends_the_file(cluster: Clu
         stat_thread.start()
         stat_thread.join(timeout=0.5)
         assert stat_thread.is_alive(), f"stat did not wait for the lock: {seen}"
+        # the wait is off the daemon's event loop: the same mount answers a lookup in
+        # another directory (one in the same directory waits too, on this kernel)
+        answered: list[bool] = []
+
+        def lookup_absent() -> None:
+            answered.append(not os.path.exists(second.path("elsewhere/absent")))
+
+        other = threading.Thread(target=lookup_absent)
+        other.start()
+        other.join(timeout=10)
+        assert answered == [True], "the mount stopped answering while one stat waited"
+        assert stat_thread.is_alive()
         os.ftruncate(fd, good_size)  # the "write" ends where it began
         ofd_unlock(fd, final_start, 0)
         stat_thread.join(timeout=10)
