@@ -282,7 +282,9 @@ class OperationsBase(pyfuse3.Operations):
         return await trio.to_thread.run_sync(func, *args, limiter=self._key_limiter)
 
     async def _io(self, size: int, func: Callable[..., T], *args: Any) -> T:
-        if size < self.offload_bytes:
+        """*func(*args)* inline if *size* is below the offload size, else in a worker
+        thread; always in one in shared mode (it may wait for another daemon's lock)."""
+        if size < self.offload_bytes and not self.shared:
             return func(*args)
         return await trio.to_thread.run_sync(func, *args, limiter=self._limiter)
 

@@ -20,6 +20,7 @@ from kmsfs.fs.content_file import ContentFile
 from kmsfs.fs.inodes import Inode
 from kmsfs.fs.ops_base import T, fuse_op, open_actions
 from kmsfs.fs.ops_namespace import NamespaceOps
+from kmsfs.fs.shared import LockBusy
 from kmsfs.fs.xattrs import Namespace
 
 
@@ -145,14 +146,19 @@ class FileOps(NamespaceOps):
         large requests (``size`` at least ``offload_bytes``) to a worker thread.
 
         A small request runs inline without awaiting: it cannot interleave with
-        another task, so it only waits for the lock if a worker thread holds it.
+        another task, so it only waits for the lock if a worker thread holds it.  In
+        shared mode it runs inline only if no other daemon holds the byte range it
+        needs (LockBusy: nothing was done), else in a worker thread that waits.
         """
         entry = self._inode(fh)
         content = entry.content
         if content is None:
             raise FUSEError(errno.EBADF)
         if size < self.offload_bytes and not entry.lock.locked():
-            return call(content)
+            try:
+                return content.run_inline(call)
+            except LockBusy:
+                pass
         async with entry.lock:
             return await self._io(size, call, content)
 

@@ -75,8 +75,8 @@ def serve_volume(
 ) -> ServedVolume:
     """The parts for *backing*: its root descriptor, an inode table sized to the descriptor
     limit (a quarter of it, at most 2,048, stays free for open files), fresh limiters.
-    *shared*: every content request runs in a worker thread (it may wait for another
-    daemon's byte-range lock)."""
+    *shared*: other daemons serve the volume too (content requests that would wait for
+    another daemon's byte-range lock run in a worker thread)."""
     backing = os.path.abspath(backing)
     fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     inodes = InodeTable(
@@ -92,7 +92,6 @@ def serve_volume(
         io_limiter=trio.CapacityLimiter(4),
         key_limiter=trio.CapacityLimiter(8),
         timeout=timeout,
-        offload_bytes=0 if shared else OFFLOAD_BYTES,
         on_access=on_access,
         policy=policy or Policy.permit_all(),
         on_policy=on_policy,

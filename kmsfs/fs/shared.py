@@ -16,11 +16,11 @@ from the backing file under it, never from what this daemon saw before:
 
 The lock is taken first, then the size re-read; if the size moved so that the
 range locked no longer covers what the operation needs, the lock is dropped and
-taken again.  Locks are held for the syscalls of one request only, in a worker
-thread (shared mode runs every content request off the trio loop).  The size a
-lookup or getattr reports is first tried on the loop without waiting
-(``F_OFD_SETLK``: granted or refused at once), and waited for in a worker thread
-only when another daemon holds the file's end.
+taken again.  Locks are held for the syscalls of one request only.  A read or
+write below the offload size, and the size a lookup or getattr reports, are first
+tried on the event loop without waiting (``F_OFD_SETLK``: granted or refused at
+once); only when another daemon holds what they need do they wait, in a worker
+thread.  Truncation and large requests always run in a worker thread.
 """
 
 from __future__ import annotations
@@ -69,6 +69,11 @@ def ofd_unlock(fd: int, start: int, length: int) -> None:
     fcntl.fcntl(fd, fcntl.F_OFD_SETLK, arg)
 
 
+class LockBusy(Exception):
+    """Another daemon holds the lock an inline operation needs: nothing was done, run
+    it again where it may wait (a worker thread)."""
+
+
 class SharedContentFile(ContentFile):
     """A ContentFile whose every read, write and truncate holds a byte-range lock on
     the backing file and starts from the size the backing file has under that lock.
@@ -78,6 +83,16 @@ class SharedContentFile(ContentFile):
     """
 
     _holding = False  # a lock covering the whole operation is held (truncate -> write)
+    _wait = True  # False while run_inline: a lock held elsewhere raises LockBusy
+
+    def run_inline(self, call: Callable[[ContentFile], T]) -> T:
+        """``call(self)`` on the event loop without waiting for a lock: LockBusy, before
+        anything is read or written, if another daemon holds what it needs."""
+        self._wait = False
+        try:
+            return call(self)
+        finally:
+            self._wait = True
 
     def read(self, offset: int, length: int) -> bytes | bytearray:
         bs = self.layout.block_size
@@ -112,7 +127,8 @@ class SharedContentFile(ContentFile):
                 start, length = first * bbs, (last - first + 1) * bbs
             else:
                 start, length = min(first, final) * bbs, _TO_END
-            ofd_lock(self.fd, exclusive, start, length)
+            if not ofd_lock(self.fd, exclusive, start, length, wait=self._wait):
+                raise LockBusy(self.what)
             try:
                 st = os.fstat(self.fd)
                 size = layout.plain_size(st.st_size)

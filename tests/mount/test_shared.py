@@ -412,6 +412,51 @@ def test_a_size_is_never_read_while_another_daemon_extends_the_file(cluster: Clu
     cluster.fsck_clean()
 
 
+def test_a_read_waits_for_another_daemons_block_write_off_the_event_loop(
+    cluster: Cluster,
+) -> None:
+    """Reads and writes are tried on the daemon's event loop without waiting; when
+    another daemon holds the blocks a read needs (here: block 1, as while it writes
+    it), the read waits for that lock in a worker thread and then returns whole
+    blocks, and the same mount answers other requests meanwhile."""
+    first, second = cluster.shared(2)
+    first.path("blocks").write_bytes(b"a" * (3 * BS))
+    first.path("elsewhere").mkdir()
+    assert second.path("elsewhere").is_dir()  # its entry is cached by the kernel
+    bbs = Layout(BS).backing_block
+    # opened before the lock is taken: an open waits for a file being written too
+    writing = os.open(first.path("blocks"), os.O_RDWR)
+    reading = os.open(second.path("blocks"), os.O_RDONLY)
+    fd = os.open(cluster.volume.backing / "blocks", os.O_RDWR)
+    seen: list[bytes] = []
+    try:
+        ofd_lock(fd, True, bbs, bbs)  # block 1, as the writing daemon holds it
+        writer = threading.Thread(target=lambda: os.pwrite(writing, b"b" * BS, BS))
+        writer.start()
+        reader = threading.Thread(target=lambda: seen.append(os.pread(reading, 3 * BS, 0)))
+        reader.start()
+        reader.join(timeout=0.5)
+        assert reader.is_alive(), f"the read did not wait for the lock: {seen}"
+        answered: list[bool] = []
+        lookup = threading.Thread(
+            target=lambda: answered.append(not second.path("elsewhere/absent").exists())
+        )
+        lookup.start()
+        lookup.join(timeout=10)
+        assert answered == [True], "the mount stopped answering while a read waited"
+        ofd_unlock(fd, bbs, bbs)
+        writer.join(timeout=10)
+        reader.join(timeout=10)
+    finally:
+        for handle in (fd, writing, reading):
+            os.close(handle)
+    new = b"a" * BS + b"b" * BS + b"a" * BS
+    assert seen in ([b"a" * (3 * BS)], [new])  # one version or the other, never a mix
+    assert second.path("blocks").read_bytes() == new
+    cluster.umount_all()
+    cluster.fsck_clean()
+
+
 def test_a_write_and_fsync_on_one_mount_is_seen_by_the_other_within_the_timeout(
     cluster: Cluster,
 ) -> None:

@@ -6,10 +6,18 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from kmsfs.format.content import BlockCipher
-from kmsfs.fs.shared import SharedContentFile, check_shared_support, ofd_lock, ofd_unlock
+from kmsfs.fs.content_file import ContentFile
+from kmsfs.fs.shared import (
+    LockBusy,
+    SharedContentFile,
+    check_shared_support,
+    ofd_lock,
+    ofd_unlock,
+)
 
 BS = 4096
 KEY = bytes(range(32))
@@ -95,6 +103,50 @@ def test_a_held_write_lock_makes_the_other_description_wait(tmp_path: Path) -> N
     thread.join()
     os.close(fd)
     os.close(reader.fd)
+
+
+def test_run_inline_refuses_at_once_when_another_description_holds_the_range(
+    tmp_path: Path,
+) -> None:
+    """On the event loop a request must not wait: with another description's lock on
+    what it needs, run_inline raises LockBusy before reading or writing anything, and
+    afterwards the same file waits again (as a worker thread's call must)."""
+    path = tmp_path / "f"
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+    SharedContentFile(fd, BlockCipher(KEY, FILE_ID, BS), 0, lambda: "f").write_empty()
+    first, second = opened(path), opened(path)
+    first.write(0, b"a" * (3 * BS))
+    before = path.read_bytes()
+    ofd_lock(fd, True, 0, 0)
+    outcomes: list[BaseException | None] = []
+
+    def inline(call: Callable[[ContentFile], object]) -> None:
+        try:
+            second.run_inline(call)
+            outcomes.append(None)
+        except BaseException as exc:  # checked below
+            outcomes.append(exc)
+
+    for call in (lambda c: c.write(BS, b"b" * 10), lambda c: c.read(0, 10)):
+        thread = threading.Thread(target=inline, args=(call,), daemon=True)
+        thread.start()
+        thread.join(5)  # one that waits for the lock is still running: the test fails
+        assert not thread.is_alive(), "run_inline waited for the lock"
+    assert [type(outcome) for outcome in outcomes] == [LockBusy, LockBusy]
+    assert path.read_bytes() == before
+    done = threading.Event()
+    thread = threading.Thread(target=lambda: (second.read(0, 10), done.set()))
+    thread.start()
+    assert not done.wait(0.3)  # outside run_inline it waits for the lock again
+    ofd_unlock(fd, 0, 0)
+    assert done.wait(10)
+    thread.join()
+    # a lock of other blocks does not stand in its way
+    ofd_lock(fd, True, 2 * (BS + 28), 0)
+    assert second.run_inline(lambda content: content.read(0, 10)) == b"a" * 10
+    ofd_unlock(fd, 2 * (BS + 28), 0)
+    for handle in (fd, first.fd, second.fd):
+        os.close(handle)
 
 
 def test_this_filesystem_passes_the_shared_mode_check(tmp_path: Path) -> None:
