@@ -313,10 +313,7 @@ class OperationsBase(pyfuse3.Operations):
         """
         if entry.content is not None:
             return entry.content
-        try:
-            fd = os.open(entry.proc_path, os.O_RDWR | os.O_CLOEXEC)
-        except PermissionError:
-            fd = os.open(entry.proc_path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = await self._open_content_fd(entry)
         try:
             what = f"inode {entry.ino}"  # replaced by the path if an error is reported
             if self.shared:  # another daemon may be between its O_EXCL open and the header
@@ -339,6 +336,25 @@ class OperationsBase(pyfuse3.Operations):
             raise
         entry.content = content
         return content
+
+    async def _open_content_fd(self, entry: Inode) -> int:
+        """A new descriptor of the entry's backing file, read-write (read-only if that
+        is refused).  Out of descriptors (EMFILE: the kernel has not yet forgotten
+        the entries the daemon asked it to), it takes a spare from the inode table's
+        reserve, then waits up to 2 s for FORGETs to free some; OSError after that."""
+        for attempt in range(201):
+            try:
+                try:
+                    return os.open(entry.proc_path, os.O_RDWR | os.O_CLOEXEC)
+                except PermissionError:
+                    return os.open(entry.proc_path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as exc:
+                if exc.errno != errno.EMFILE or attempt == 200:
+                    raise
+            if not self.inodes.reserve.give_one():
+                self._trim(force=True)  # more victims: the pending ones may be in use
+                await trio.sleep(0.01)
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     def _drop_content(self, entry: Inode) -> None:
         if entry.content is not None and entry.opens == 0:
