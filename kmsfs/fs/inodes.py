@@ -35,6 +35,7 @@ import os
 import queue
 import stat
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
@@ -278,6 +279,16 @@ class InodeTable:
             return -1, st, deferred_birth_time(dir_fd, name)
         return fd, os.fstat(fd), None
 
+    def open_spared(self, opener: Callable[[], int]) -> int:
+        """``opener()``, a descriptor; out of descriptors (EMFILE), again after giving
+        up a spare of the reserve, until none is left (then EMFILE)."""
+        while True:
+            try:
+                return opener()
+            except OSError as exc:
+                if exc.errno != errno.EMFILE or not self.reserve.give_one():
+                    raise
+
     def open_deferred(self, entry: Inode) -> None:
         """Give a deferred entry (fd -1) its descriptor, through its parent and name.
 
@@ -289,15 +300,10 @@ class InodeTable:
             raise OSError(errno.ESTALE, "parent of a deferred entry was forgotten")
         if parent.fd < 0:
             self.open_deferred(parent)
-        while True:
-            try:
-                fd = os.open(entry.name, O_PATH_FLAGS, dir_fd=parent.fd)
-                break
-            except FileNotFoundError:
-                raise OSError(errno.ESTALE, "deferred entry was renamed or removed") from None
-            except OSError as exc:
-                if exc.errno != errno.EMFILE or not self.reserve.give_one():
-                    raise
+        try:
+            fd = self.open_spared(lambda: os.open(entry.name, O_PATH_FLAGS, dir_fd=parent.fd))
+        except FileNotFoundError:
+            raise OSError(errno.ESTALE, "deferred entry was renamed or removed") from None
         if self.fuse_ino(os.stat(fd).st_ino) != entry.ino:
             os.close(fd)
             raise OSError(errno.ESTALE, "deferred entry's name now leads to another inode")

@@ -226,17 +226,23 @@ class OperationsBase(pyfuse3.Operations):
 
     async def _inode_waiting(self, ino: int) -> Inode:
         """``_inode`` for requests that hold no directory lock (getattr, open,
-        opendir, setattr): if a deferred entry finds no free descriptor, wait up
-        to 2 s for the kernel to forget older entries instead of failing."""
+        opendir, setattr): a deferred entry that finds no free descriptor waits
+        for one (``_when_descriptors_free``) instead of failing."""
+        return await self._when_descriptors_free(lambda: self._inode(ino))
+
+    async def _when_descriptors_free(self, opener: Callable[[], T]) -> T:
+        """``opener()``; while it fails with EMFILE (the kernel has not yet forgotten
+        the entries the daemon asked it to), ask it to forget more and wait, up to
+        2 s for its FORGETs to free descriptors.  OSError after that."""
         for _ in range(200):
             try:
-                return self._inode(ino)
+                return opener()
             except OSError as exc:
                 if exc.errno != errno.EMFILE:
                     raise
-                self._trim(force=True)  # more victims: the pending ones may be in use
-                await trio.sleep(0.01)
-        return self._inode(ino)
+            self._trim(force=True)  # more victims: the pending ones may be in use
+            await trio.sleep(0.01)
+        return opener()
 
     def _trim(self, force: bool = False) -> None:
         """Past the high-water mark, ask the kernel to forget the oldest unused entries.
@@ -339,22 +345,15 @@ class OperationsBase(pyfuse3.Operations):
 
     async def _open_content_fd(self, entry: Inode) -> int:
         """A new descriptor of the entry's backing file, read-write (read-only if that
-        is refused).  Out of descriptors (EMFILE: the kernel has not yet forgotten
-        the entries the daemon asked it to), it takes a spare from the inode table's
-        reserve, then waits up to 2 s for FORGETs to free some; OSError after that."""
-        for attempt in range(201):
+        is refused); out of descriptors, from the reserve or once some are free."""
+
+        def opener() -> int:
             try:
-                try:
-                    return os.open(entry.proc_path, os.O_RDWR | os.O_CLOEXEC)
-                except PermissionError:
-                    return os.open(entry.proc_path, os.O_RDONLY | os.O_CLOEXEC)
-            except OSError as exc:
-                if exc.errno != errno.EMFILE or attempt == 200:
-                    raise
-            if not self.inodes.reserve.give_one():
-                self._trim(force=True)  # more victims: the pending ones may be in use
-                await trio.sleep(0.01)
-        raise AssertionError("unreachable: the last attempt returns or raises")
+                return os.open(entry.proc_path, os.O_RDWR | os.O_CLOEXEC)
+            except PermissionError:
+                return os.open(entry.proc_path, os.O_RDONLY | os.O_CLOEXEC)
+
+        return await self._when_descriptors_free(lambda: self.inodes.open_spared(opener))
 
     def _drop_content(self, entry: Inode) -> None:
         if entry.content is not None and entry.opens == 0:
