@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from conftest import BIN, Volume, make_volume, requires_fuse, run_kmsfs
-from support.lifecycle_support import entry_refs, file_id_of, populate
+from support.lifecycle_support import entry_refs, header_of, populate
 
 from kmsfs.format.volume import load_config
 
@@ -358,10 +358,10 @@ def test_rekey_killed_then_resumed(volume: Volume) -> None:
     # under a new file ID): once a random file between the 100th and the 1300th was
     # re-keyed, whatever the machine's speed.
     target = volume.backing / sorted(contents)[random.randrange(100, 1300)]
-    before = file_id_of(target)
+    before = header_of(target).file_id
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and process.poll() is None:
-        if file_id_of(target) != before:
+        if header_of(target).file_id != before:
             break
         time.sleep(0.001)
     process.send_signal(signal.SIGKILL)

@@ -42,22 +42,18 @@ def write_file(path: Path, config: VolumeConfig, keyring: Keyring, data: bytes) 
         os.close(fd)
 
 
+def header_of(path: Path) -> FileHeader:
+    """The parsed header of the backing file *path*."""
+    return FileHeader.parse(os.getxattr(path, XATTR_NAME))
+
+
 def entry_refs(path: Path) -> list[str]:
-    header = FileHeader.parse(os.getxattr(path, XATTR_NAME))
-    return [entry.key_ref for entry in header.entries]
-
-
-def file_id_of(path: Path) -> bytes:
-    """The file ID in the header of the backing file *path* (b"" while it has none)."""
-    try:
-        return FileHeader.parse(os.getxattr(path, XATTR_NAME)).file_id
-    except OSError:  # between a replacement's steps
-        return b""
+    return [entry.key_ref for entry in header_of(path).entries]
 
 
 def read_file(path: Path, keyring: Keyring) -> bytes:
     """The plaintext of the backing file *path* (test side: no hostile tree here)."""
-    header = FileHeader.parse(os.getxattr(path, XATTR_NAME))
+    header = header_of(path)
     return _read(path, keyring.cipher_for(header, str(path)))
 
 
@@ -67,7 +63,7 @@ def read_file_with_any_key(path: Path, key_files: list[Path]) -> bytes:
     from kmsfs.keys import local
     from kmsfs.keys.provider import KeyContext
 
-    header = FileHeader.parse(os.getxattr(path, XATTR_NAME))
+    header = header_of(path)
     context = KeyContext(header.volume_id, header.file_id)
     for key_file in key_files:
         provider = local.open_provider({}, {"key_file": str(key_file)}, None)
