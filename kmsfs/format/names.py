@@ -275,6 +275,7 @@ class NameCipher:
         directory or volume), or bad padding or an invalid name inside.  Raises
         ValueError for a sidecar or one of kmsfs's own names, which are not names.
         """
+        _check_id(dir_id, "directory ID")
         kind = entry_kind(backing_name)
         if kind is EntryKind.NAME:
             if sidecar is not None:
@@ -420,8 +421,8 @@ class _Malformed(Exception):
 
 
 def _show(data: bytes) -> str:
-    """Backing bytes as text for a message: ASCII, anything else escaped."""
-    return repr(data.decode("ascii", "backslashreplace"))
+    """Backing bytes as text for a message, quoted: ASCII, anything else as \\xNN."""
+    return repr(data)[1:]
 
 
 def _b64_size(size: int) -> int:

@@ -213,6 +213,14 @@ def test_malformed_names_are_refused_with_the_cause(
     assert str(caught.value).startswith(f"encrypted name {bad.decode()!r}: ")
 
 
+def test_a_non_ascii_backing_name_is_shown_escaped(cipher: NameCipher) -> None:
+    with pytest.raises(EncryptedNameError) as caught:
+        cipher.decrypt_name(DIR, b"caf\xe9.txt")
+    assert str(caught.value) == (
+        "encrypted name 'caf\\xe9.txt': not base64url (byte 0xe9 at offset 3)"
+    )
+
+
 def test_decrypted_bytes_are_checked_after_authentication(cipher: NameCipher) -> None:
     """A correctly sealed ciphertext of something that is not a name (only a holder of
     the name secret could make one) is refused, never returned."""
