@@ -76,6 +76,18 @@ class IntegrityError(KmsfsError):
     exit_code = 5
 
 
+class EncryptedNameError(IntegrityError):
+    """An encrypted name, long-name sidecar, symlink target or extended attribute read
+    from the backing directory is malformed or fails authentication: edited, moved to
+    another directory or volume, or damaged.  The message names the backing bytes and
+    what failed; the caller names the directory or file (``located``)."""
+
+
+class PlaintextTooLong(FormatError):
+    """A name, symlink target or extended attribute is too long for its encrypted form
+    (a longer symlink target or xattr name than a volume with encrypted names stores)."""
+
+
 class ProviderError(KmsfsError):
     """A key provider could not produce or unwrap a key.
 

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import base64
-import re
 import struct
-from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from support.format_vectors import load_vectors
 
 from kmsfs.errors import ConfigError, FormatError, IntegrityError, WrongKeyError
 from kmsfs.format.content import OVERHEAD, BlockCipher, Layout, derive_content_key
@@ -19,18 +18,9 @@ from kmsfs.format.volume import KeyConfig, VolumeConfig
 from kmsfs.keys.local import LocalProvider, parse_key_file
 from kmsfs.keys.provider import KeyContext
 
-FORMAT_MD = Path(__file__).parents[3] / "docs" / "FORMAT.md"
 PLAINTEXT = (b"kmsfs test vector: the quick brown fox jumps over the lazy dog.\n" * 10)[:600]
 
-
-def load_vectors() -> dict[str, str]:
-    text = FORMAT_MD.read_text()
-    block = re.search(r"<!-- test-vectors:begin -->\n```\n(.*?)```", text, re.S)
-    assert block, "docs/FORMAT.md has no test-vector block"
-    return dict(line.split(": ", 1) for line in block.group(1).strip().splitlines())
-
-
-V = load_vectors()
+V = load_vectors("test-vectors")
 
 
 def h(name: str) -> bytes:
