@@ -119,6 +119,15 @@ class KeyProvider(ABC):
             raise WrongKeyError(f"{self.describe()}: unwrapped a {len(plaintext)}-byte key")
         return bytearray(plaintext)
 
+    def public_wrap(self) -> str | None:
+        """Who besides the holders of this master key can *wrap* under it, or None.
+
+        Such a party can make a volume key of their own pass this key's check:
+        only a host's pin stops that (docs/FORMAT.md, "Host pin"), so the tools
+        warn when such a key joins a volume.
+        """
+        return None
+
     def accepts(self, wrapped: WrappedKey) -> bool:
         """True if *wrapped* names this provider and master key."""
         return wrapped.provider == self.name and wrapped.key_ref == self.key_ref
