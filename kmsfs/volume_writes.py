@@ -50,7 +50,8 @@ def warn_public_wrap(provider: KeyProvider) -> None:
 def migrate_format1(
     backing: str | os.PathLike[str], config: VolumeConfig, providers: dict[int, KeyProvider]
 ) -> bytearray | None:
-    """Rewrite a format-1 config as format 2; None (and a warning) unless every key opened."""
+    """Rewrite a format-1 config as format 3 with a new volume key; None (and a warning)
+    unless every key opened."""
     missing = [config.keys[i].describe() for i in range(len(config.keys)) if i not in providers]
     if missing:
         log.warning(
@@ -97,7 +98,7 @@ def save_volume_config(
     opened to migrate it).
     """
     volume_key = _current_key(keyring)
-    config.generation += 1
+    config.generation = max(config.generation, 1) + 1  # format 2 (0) counts as migrated (1)
     config.seal(volume_key)
     save_config(backing, config)
     record_pin(backing, config, volume_key, "written by this host")
@@ -138,9 +139,11 @@ def rotate_volume_key(
         )
     new = bytearray(os.urandom(VOLUME_KEY_SIZE))
     try:
-        for key in config.keys:
-            key.check = new_key_config(by_ref[key.key_ref], config.volume_id, new).check
-        config.generation += 1
+        wrap = KeyContext.key_check(config.volume_id)
+        checks = [by_ref[key.key_ref].wrap(new, wrap).blob for key in config.keys]
+        for key, check in zip(config.keys, checks, strict=True):
+            key.check = check
+        config.generation = max(config.generation, 1) + 1
         entry = ChainEntry.seal(new, old, config.volume_id, config.generation)
         config.chain = [*config.chain, entry][-MAX_CHAIN:]
         config.seal(new)

@@ -72,7 +72,7 @@ def canonical_json(value: Any) -> bytes:
 
 
 def config_mac_key(volume_key: bytes | bytearray, volume_id: bytes) -> bytes:
-    """The HMAC key of a format-2 config: HKDF-SHA256(volume key, info = label || volume ID)."""
+    """The HMAC key of a format-2 or 3 config: HKDF-SHA256(volume key, info = label || ID)."""
     if len(volume_key) != VOLUME_KEY_SIZE:
         raise ValueError(f"volume key of {len(volume_key)} bytes: want {VOLUME_KEY_SIZE}")
     return HKDF(hashes.SHA256(), 32, salt=None, info=MAC_LABEL + volume_id).derive(
@@ -163,7 +163,7 @@ class VolumeConfig:
     def dumps(self) -> str:
         return json.dumps(self.to_json(), indent=2, sort_keys=True) + "\n"
 
-    # -- authentication (format 2) -------------------------------------------
+    # -- authentication (formats 2 and 3) ------------------------------------
 
     def seal(self, volume_key: bytes | bytearray) -> None:
         """Make this a format-3 config and (re)compute every tag under *volume_key*.
@@ -215,7 +215,7 @@ class VolumeConfig:
     def loads(cls, text: str, where: str = CONFIG_NAME) -> VolumeConfig:
         """Parse config text; raise ConfigError naming the field and the problem.
 
-        Parsing checks form only: a format-2 config must still be verified
+        Parsing checks form only: a format-2 or 3 config must still be verified
         (``verify``) with the volume key before anything in it is trusted.
         """
         try:
