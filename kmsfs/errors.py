@@ -64,6 +64,16 @@ class ConfigTampered(ConfigError):
         self.changed = changed or []
 
 
+class PinMismatch(ConfigError):
+    """The volume config is valid but is not what this host pinned for that backing path:
+    another volume, an older generation or format, or a volume key no recorded
+    rotation leads to (docs/FORMAT.md, "Host pin").  The message names both values
+    and the ``kmsfs pin set`` command that accepts the change on purpose.
+    """
+
+    exit_code = 8
+
+
 class FormatError(KmsfsError):
     """Bytes that should follow the kmsfs format do not (header, block layout)."""
 

@@ -6,9 +6,17 @@ Opening (docs/FORMAT.md, "Threat model"): the keys this host names (its
 options: command line or TOML volume config) are opened first with this
 host's settings only; their key-check values give the volume key, which
 verifies the config's tags.  Only then are the other key entries opened with
-the settings the config records (now authenticated).  A format-1 config has
-no tags: it is migrated to format 2 by the tools that write (mount included)
-once every key opens, and until then only keys named by this host are used.
+the settings the config records (now authenticated).  Between the two, the
+config is compared with this host's pin of the backing path (kmsfs/trust.py):
+the host, not the backing directory, is the trust anchor.  A format-1 config
+has no tags: it is migrated to format 3 by the tools that write (mount
+included) once every key opens, and until then only keys named by this host
+are used; a format-2 config is migrated to format 3 by the same tools.
+
+Every config write raises the generation (``save_volume_config``); when the
+set of keys that can open the volume shrinks or changes, the volume key is
+replaced (``rotate_volume_key``) and the old one sealed under the new in the
+config's chain, so other hosts pinned at the old key can follow.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ import errno
 import hmac
 import logging
 import os
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -25,17 +34,17 @@ from kmsfs.format.header import check_block_size
 from kmsfs.format.volume import (
     CONFIG_NAME,
     DEFAULT_BLOCK_SIZE,
-    VOLUME_KEY_SIZE,
     KeyConfig,
     VolumeConfig,
     config_path,
     load_config,
     save_config,
 )
+from kmsfs.format.volume_key import VOLUME_KEY_SIZE, parse_fingerprint
 from kmsfs.keys.cache import KeyCache
 from kmsfs.keys.events import EventSink
 from kmsfs.keys.keyring import Keyring, unwrap_check
-from kmsfs.keys.provider import KeyContext, KeyProvider, wipe
+from kmsfs.keys.provider import KeyProvider, wipe
 from kmsfs.keys.registry import (
     TRUST_FLAG,
     create_provider,
@@ -45,6 +54,13 @@ from kmsfs.keys.registry import (
     provider_info,
 )
 from kmsfs.keys.secrets import Prompt
+from kmsfs.trust import enforce_pin, record_pin
+from kmsfs.volume_writes import (
+    migrate_format1,
+    new_key_config,
+    upgrade_format2,
+    warn_public_wrap,
+)
 
 log = logging.getLogger(__name__)
 XATTR_PROBE = "user.kmsfs.probe"
@@ -81,14 +97,6 @@ def check_backing_dir(backing: Path) -> None:
         probe.unlink(missing_ok=True)
 
 
-def new_key_config(
-    provider: KeyProvider, volume_id: bytes, volume_key: bytes | bytearray
-) -> KeyConfig:
-    """The config entry of *provider*: its hints and the volume key wrapped as its check."""
-    check = provider.wrap(volume_key, KeyContext.key_check(volume_id))
-    return KeyConfig(provider.name, provider.key_ref, provider.settings(), check.blob)
-
-
 def init_volume(
     backing: str | os.PathLike[str],
     provider_name: str,
@@ -115,6 +123,7 @@ def init_volume(
     check_backing_dir(path)
     os.chmod(path, BACKING_MODE)
     provider = create_provider(provider_name, options, prompt)
+    warn_public_wrap(provider)
     volume_key = bytearray(os.urandom(VOLUME_KEY_SIZE))
     try:
         volume_id = os.urandom(16)
@@ -125,6 +134,7 @@ def init_volume(
         )
         config.seal(volume_key)
         save_config(path, config)
+        record_pin(path, config, volume_key, "init")
     finally:
         wipe(volume_key)
         provider.close()
@@ -201,10 +211,13 @@ def open_volume(
     """Load and authenticate the config; a keyring whose keys passed their key check.
 
     ``options["trust_volume_settings"]`` uses the recorded settings to find
-    keys the host does not name.  With *migrate*, a format-1 config is
-    rewritten as format 2 when every key opens.  Raises ConfigError (no key
-    named, host and recorded settings differ), ConfigTampered (tags do not
-    verify), WrongKeyError and other ProviderErrors.
+    keys the host does not name; ``options["expect_fingerprint"]`` is the
+    volume-key fingerprint an unpinned volume must have to be pinned.  With
+    *migrate*, a format-1 config is rewritten as format 3 when every key opens,
+    and a format-2 one at once.  Raises ConfigError (no key named, host and
+    recorded settings differ), ConfigTampered (tags do not verify), PinMismatch
+    (the config is not what this host pinned: kmsfs/trust.py), WrongKeyError
+    and other ProviderErrors.
     """
     config = load_config(backing)
     trusted = bool(options.get("trust_volume_settings"))
@@ -214,12 +227,14 @@ def open_volume(
     checks: dict[int, bytearray] = {}
     providers = dict(opened)
     try:
-        for index, provider in opened.items():
-            checks[index] = unwrap_check(
-                provider, config.keys[index], config.volume_id, on_event, config.version
-            )
-        if config.authenticated_format:
-            config.verify(checks[min(checks)], str(config_path(backing)))
+        _check_named(backing, config, opened, checks, on_event)
+        enforce_pin(
+            backing,
+            config,
+            checks[min(checks)] if config.authenticated_format else None,
+            _expected(options),
+            _key_flags(options),
+        )
         for index, later_options in deferred.items():
             key = config.keys[index]
             if not config.authenticated_format and not trusted:
@@ -244,7 +259,9 @@ def open_volume(
             log.warning("master key unavailable, using the others: %s", error)
         volume_key = _volume_key(config, checks)
         if volume_key is None and migrate:
-            volume_key = _migrate(backing, config, providers)
+            volume_key = migrate_format1(backing, config, providers)
+        elif volume_key is not None and migrate and config.version < 3:
+            upgrade_format2(backing, config, volume_key)
         ordered = [providers[index] for index in sorted(providers)]
         keyring = Keyring(config.volume_id, ordered, cache, on_event)
         keyring.volume_key = volume_key
@@ -256,6 +273,73 @@ def open_volume(
         for value in checks.values():
             wipe(value)
     return config, keyring
+
+
+def _check_named(
+    backing: str | os.PathLike[str],
+    config: VolumeConfig,
+    opened: dict[int, KeyProvider],
+    checks: dict[int, bytearray],
+    on_event: EventSink | None,
+) -> None:
+    """Unwrap the check values of the keys this host named (into *checks*, which the
+    caller wipes) and verify the config's tags with the first (format 2 and 3)."""
+    for index, provider in opened.items():
+        checks[index] = unwrap_check(
+            provider, config.keys[index], config.volume_id, on_event, config.version
+        )
+    if config.authenticated_format:
+        config.verify(checks[min(checks)], str(config_path(backing)))
+
+
+def _expected(options: dict[str, Any]) -> bytes | None:
+    text = options.get("expect_fingerprint")
+    return parse_fingerprint(text, "--expect-fingerprint") if text else None
+
+
+HOST_ONLY_OPTIONS = ("expect_fingerprint", "accept_changed_hints", "flag_names")
+
+
+def _key_flags(options: dict[str, Any]) -> str:
+    """The command-line flags for the key options this host gave (for ``kmsfs pin set``)."""
+    flags = []
+    for name, value in options.items():
+        if name in HOST_ONLY_OPTIONS or value is None or value is False:
+            continue
+        flag = "--" + name.replace("_", "-")
+        flags.append(flag if value is True else f"{flag} {shlex.quote(str(value))}")
+    return " ".join(flags)
+
+
+def authenticate_volume(
+    backing: str | os.PathLike[str], options: dict[str, Any], prompt: Prompt | None = None
+) -> tuple[VolumeConfig, bytearray]:
+    """The config, authenticated with the keys this host names, and its volume key (the
+    caller wipes it); no other key is opened and the host pin is not consulted.
+
+    For ``kmsfs pin set``.  Raises what ``open_volume`` raises before its pin
+    check, and ConfigError for a format-1 config (it has no volume key).
+    """
+    config = load_config(backing)
+    if not config.authenticated_format:
+        raise ConfigError(
+            f"{backing}: the volume config is format 1 (no volume key to pin): mount it once"
+            " with every key so that it is migrated"
+        )
+    opened, _, errors = _open_named(
+        config, options, prompt, bool(options.get("trust_volume_settings"))
+    )
+    if not opened:
+        raise errors[0] if errors else _nothing_named(config)
+    checks: dict[int, bytearray] = {}
+    try:
+        _check_named(backing, config, opened, checks, None)
+        return config, bytearray(checks[min(checks)])
+    finally:
+        for provider in opened.values():
+            provider.close()
+        for value in checks.values():
+            wipe(value)
 
 
 def _volume_key(config: VolumeConfig, checks: dict[int, bytearray]) -> bytearray | None:
@@ -271,49 +355,6 @@ def _volume_key(config: VolumeConfig, checks: dict[int, bytearray]) -> bytearray
                 changed=[f"keys[{index}]"],
             )
     return bytearray(first)
-
-
-def _migrate(
-    backing: str | os.PathLike[str], config: VolumeConfig, providers: dict[int, KeyProvider]
-) -> bytearray | None:
-    """Rewrite a format-1 config as format 2; None (and a warning) unless every key opened."""
-    missing = [config.keys[i].describe() for i in range(len(config.keys)) if i not in providers]
-    if missing:
-        log.warning(
-            "volume config stays at format 1 (unauthenticated) because %s could not be opened;"
-            " give every key's options once to migrate it",
-            ", ".join(missing),
-        )
-        return None
-    volume_key = bytearray(os.urandom(VOLUME_KEY_SIZE))
-    for index, provider in providers.items():
-        key = config.keys[index]
-        fresh = new_key_config(provider, config.volume_id, volume_key)
-        key.check = fresh.check
-    config.seal(volume_key)
-    save_config(backing, config)
-    log.warning(
-        "migrated the volume config of %s from format 1 to format 2 (authenticated)", backing
-    )
-    return volume_key
-
-
-def save_volume_config(
-    backing: str | os.PathLike[str], config: VolumeConfig, keyring: Keyring
-) -> None:
-    """Seal *config* under the keyring's volume key and write it.
-
-    ConfigError if the volume is still at format 1 (not every key could be
-    opened to migrate it).
-    """
-    if keyring.volume_key is None:
-        raise ConfigError(
-            "this volume's config is still format 1 (unauthenticated): open it once with"
-            " every key available (for example 'kmsfs keys list' then the same command with"
-            " every key's options) so it is migrated, then run this command again"
-        )
-    config.seal(keyring.volume_key)
-    save_config(backing, config)
 
 
 def find_volume_root(path: str | os.PathLike[str]) -> Path:

@@ -33,6 +33,26 @@ KEY_FLAGS = {
 }
 
 
+@pytest.fixture(scope="session", autouse=True)
+def host_state(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """This host's kmsfs state (the volume pins) for the session, in a private temporary
+    directory (``KMSFS_STATE_DIR``), so no test reads or writes /var/lib/kmsfs.  A test
+    that plays a second host gives its commands another one (``other_host``)."""
+    path = tmp_path_factory.mktemp("host-state")
+    path.chmod(0o700)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("KMSFS_STATE_DIR", str(path))
+        yield path
+
+
+def other_host(tmp_path: Path, name: str = "host-b") -> dict[str, str]:
+    """The environment of kmsfs commands run as another host: a state directory (pins)
+    of its own under *tmp_path*."""
+    path = tmp_path / f"{name}-state"
+    path.mkdir(mode=0o700, exist_ok=True)
+    return {"KMSFS_STATE_DIR": str(path)}
+
+
 def fuse_available() -> bool:
     return os.path.exists("/dev/fuse") and shutil.which("fusermount3") is not None
 

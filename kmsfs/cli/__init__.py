@@ -2,14 +2,15 @@
 
 Errors are one line on stderr and a documented exit code: 0 success, 1 other
 failure, 2 usage, 3 config, 4 format, 5 integrity (and fsck problems), 6 key
-provider (wrong key, denied, unavailable), 7 mount.
+provider (wrong key, denied, unavailable), 7 mount, 8 the volume config is not
+what this host pinned.
 """
 
 from __future__ import annotations
 
 import click
 
-from kmsfs.cli import keys, mount, policy, tools, volume
+from kmsfs.cli import keys, mount, pin, policy, tools, volume
 from kmsfs.server.mounthelper import MountHelperGroup
 
 
@@ -34,5 +35,6 @@ for _command in (
     tools.import_,
     tools.headers,
     policy.policy,
+    pin.pin,
 ):
     main.add_command(_command)

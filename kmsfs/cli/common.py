@@ -29,6 +29,13 @@ KEY_OPTION_NAMES = (
     "pkcs11_create_key",
     "pkcs11_mechanism",
     "trust_volume_settings",
+    "expect_fingerprint",
+)
+
+EXPECT_HELP = (
+    "The volume-key fingerprint this volume must have when this host has not pinned it"
+    " yet ('kmsfs pin show' on a host that knows it); refused if it differs. Ignored once"
+    " pinned: the pin decides."
 )
 
 
@@ -84,6 +91,7 @@ def key_options(for_init: bool) -> Callable[[Callable[..., Any]], Callable[..., 
                     " a backing directory nobody else can write.",
                 )
             )
+            opts.append(click.option("--expect-fingerprint", metavar="FP", help=EXPECT_HELP))
         if for_init:
             opts.append(
                 click.option(
@@ -153,6 +161,7 @@ OLD_OPTIONS = {
     "old_pkcs11_key": "pkcs11_key",
     "old_pkcs11_pin_file": "pkcs11_pin_file",
     "trust_volume_settings": "trust_volume_settings",
+    "expect_fingerprint": "expect_fingerprint",
 }
 SHARED_OPTIONS = ("kms_region", "kms_endpoint_url", "kms_profile")
 
@@ -191,6 +200,7 @@ def old_key_options(func: Any) -> Any:
                 help="Find the current keys with the settings recorded in the backing"
                 " directory (only for a backing directory nobody else can write).",
             ),
+            click.option("--expect-fingerprint", metavar="FP", help=EXPECT_HELP),
         ]
     ):
         func = opt(func)

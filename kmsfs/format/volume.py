@@ -2,19 +2,24 @@
 
 JSON, UTF-8, one object (see docs/FORMAT.md, "Volume config")::
 
-    {"kmsfs_volume": 2, "volume_id": "<32 hex>", "suite": "AES-256-GCM/HKDF-SHA256",
-     "block_size": 4096, "created": "<ISO 8601>",
+    {"kmsfs_volume": 3, "volume_id": "<32 hex>", "suite": "AES-256-GCM/HKDF-SHA256",
+     "block_size": 4096, "created": "<ISO 8601>", "generation": 7,
+     "chain": [{"generation": 5, "previous": "<32 hex>", "sealed": "<base64>"}, ...],
      "keys": [{"provider": "local", "key_ref": "...", "settings": {...},
                "check": "<base64>", "tag": "<base64>"}, ...],
      "tags": {"kmsfs_volume": "<base64>", "volume_id": ..., "suite": ..., "block_size": ...,
-              "created": ..., "keys": ...}}
+              "created": ..., "generation": ..., "chain": ..., "keys": ...}}
 
-Format 2 is **authenticated**: every master key's ``check`` wraps the same
-random 32-byte *volume key*, and ``tags`` / ``keys[i].tag`` are HMAC-SHA256
-tags under a key derived from it (``config_mac_key``).  Whoever lacks a master
-key cannot add, remove, reorder or edit a key entry, nor change the block size
-or suite, without ``verify_tags`` naming what changed.  Format 1 (no tags,
-one independent check value per key) is still read; ``kmsfs`` migrates it.
+Formats 2 and 3 are **authenticated**: every master key's ``check`` wraps the
+same random 32-byte *volume key*, and ``tags`` / ``keys[i].tag`` are
+HMAC-SHA256 tags under a key derived from it (``config_mac_key``).  Whoever
+lacks a master key cannot add, remove, reorder or edit a key entry, nor change
+the block size or suite, without ``verify`` naming what changed.  Format 3
+adds the tagged ``generation`` (raised by every config write, so a host that
+remembers it sees a rollback) and ``chain`` (the previous volume keys, each
+sealed under the next: kmsfs/format/volume_key.py).  Format 1 (no tags, one
+independent check value per key) and format 2 are still read; ``kmsfs``
+migrates them.
 
 ``settings`` are *hints* (docs/FORMAT.md): what init used to find each key.
 They are shown by ``keys list`` and compared at mount; code paths, endpoints
@@ -43,20 +48,21 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from kmsfs.durable import write_durably
 from kmsfs.errors import ConfigError, ConfigTampered, FormatError
 from kmsfs.format.header import ID_SIZE, check_block_size
+from kmsfs.format.volume_key import MAX_GENERATION, VOLUME_KEY_SIZE, ChainEntry, parse_chain
 
 CONFIG_NAME = ".kmsfs.json"
 STATE_DIR_NAME = ".kmsfs.d"
 RESERVED_PREFIX = ".kmsfs"
-CONFIG_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+CONFIG_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 SUITE_NAME = "AES-256-GCM/HKDF-SHA256"
 DEFAULT_BLOCK_SIZE = 4096
 MAX_CONFIG_SIZE = 1 << 20
 MAX_KEYS = 64
-VOLUME_KEY_SIZE = 32
 TAG_SIZE = 32
 MAC_LABEL = b"kmsfs/v2/config-mac"
 TOP_FIELDS = ("kmsfs_volume", "volume_id", "suite", "block_size", "created", "keys")
+GENERATION_FIELDS = ("generation", "chain")  # format 3
 KEY_FIELDS = ("provider", "key_ref", "settings", "check")
 
 
@@ -66,7 +72,7 @@ def canonical_json(value: Any) -> bytes:
 
 
 def config_mac_key(volume_key: bytes | bytearray, volume_id: bytes) -> bytes:
-    """The HMAC key of a format-2 config: HKDF-SHA256(volume key, info = label || volume ID)."""
+    """The HMAC key of a format-2 or 3 config: HKDF-SHA256(volume key, info = label || ID)."""
     if len(volume_key) != VOLUME_KEY_SIZE:
         raise ValueError(f"volume key of {len(volume_key)} bytes: want {VOLUME_KEY_SIZE}")
     return HKDF(hashes.SHA256(), 32, salt=None, info=MAC_LABEL + volume_id).derive(
@@ -112,7 +118,12 @@ class KeyConfig:
 
 @dataclass
 class VolumeConfig:
-    """The parsed volume config.  ``tags`` is empty in format 1 (unauthenticated)."""
+    """The parsed volume config.  ``tags`` is empty in format 1 (unauthenticated).
+
+    ``generation`` counts the config's writes (format 3; 0 stands for a format-1
+    or format-2 config, which has none); ``chain`` lists the previous volume
+    keys, oldest first (format 3).
+    """
 
     volume_id: bytes
     block_size: int
@@ -121,21 +132,27 @@ class VolumeConfig:
     suite: str = SUITE_NAME
     version: int = CONFIG_VERSION
     tags: dict[str, bytes] = field(default_factory=dict)
+    generation: int = 1
+    chain: list[ChainEntry] = field(default_factory=list)
 
     @property
     def authenticated_format(self) -> bool:
-        """True for format 2 (tags present); False for a format-1 config."""
+        """True for formats 2 and 3 (tags present); False for a format-1 config."""
         return self.version >= 2
 
     def field_values(self) -> dict[str, Any]:
         """The top-level fields, as JSON, keys excluded."""
-        return {
+        values: dict[str, Any] = {
             "kmsfs_volume": self.version,
             "volume_id": self.volume_id.hex(),
             "suite": self.suite,
             "block_size": self.block_size,
             "created": self.created,
         }
+        if self.version >= 3:
+            values["generation"] = self.generation
+            values["chain"] = [entry.to_json() for entry in self.chain]
+        return values
 
     def to_json(self) -> dict[str, Any]:
         data = {**self.field_values(), "keys": [key.to_json() for key in self.keys]}
@@ -146,10 +163,16 @@ class VolumeConfig:
     def dumps(self) -> str:
         return json.dumps(self.to_json(), indent=2, sort_keys=True) + "\n"
 
-    # -- authentication (format 2) -------------------------------------------
+    # -- authentication (formats 2 and 3) ------------------------------------
 
     def seal(self, volume_key: bytes | bytearray) -> None:
-        """Make this a format-2 config and (re)compute every tag under *volume_key*."""
+        """Make this a format-3 config and (re)compute every tag under *volume_key*.
+
+        The generation is the caller's to raise (``kmsfs.volume``); a config that
+        had none (format 1 or 2) starts at 1.
+        """
+        if self.version < 3:
+            self.generation = max(self.generation, 1)
         self.version = CONFIG_VERSION
         mac_key = config_mac_key(volume_key, self.volume_id)
         for key in self.keys:
@@ -192,7 +215,7 @@ class VolumeConfig:
     def loads(cls, text: str, where: str = CONFIG_NAME) -> VolumeConfig:
         """Parse config text; raise ConfigError naming the field and the problem.
 
-        Parsing checks form only: a format-2 config must still be verified
+        Parsing checks form only: a format-2 or 3 config must still be verified
         (``verify``) with the volume key before anything in it is trusted.
         """
         try:
@@ -207,10 +230,11 @@ class VolumeConfig:
         if isinstance(version, bool) or version not in READABLE_VERSIONS:
             raise ConfigError(
                 f"{where}: kmsfs_volume is {version!r}, this kmsfs reads"
-                f" {' and '.join(map(str, READABLE_VERSIONS))}"
+                f" {', '.join(map(str, READABLE_VERSIONS[:-1]))} and {READABLE_VERSIONS[-1]}"
             )
         if version >= 2:
-            unknown = sorted(set(data) - set(TOP_FIELDS) - {"tags"})
+            known = {*TOP_FIELDS, "tags", *(GENERATION_FIELDS if version >= 3 else ())}
+            unknown = sorted(set(data) - known)
             if unknown:
                 raise ConfigError(f"{where}: unknown fields {', '.join(unknown)}")
         suite = _field(data, "suite", str, where)
@@ -240,10 +264,16 @@ class VolumeConfig:
             raw_tags = data.get("tags") or {}
             if not isinstance(raw_tags, dict):
                 raise ConfigError(f"{where}: tags must be an object, found {raw_tags!r}")
-            for name in TOP_FIELDS:  # a missing tag is reported by verify, naming the field
+            for name in (*TOP_FIELDS, *GENERATION_FIELDS):  # verify names a missing one
                 if raw_tags.get(name) is not None:
                     tags[name] = _b64(raw_tags[name], f"{where}: tags.{name}", TAG_SIZE)
-        return cls(volume_id, block_size, keys, created, suite, version, tags)
+        generation, chain = 0, []
+        if version >= 3:
+            generation = _field(data, "generation", int, where)
+            if not 1 <= generation <= MAX_GENERATION:
+                raise ConfigError(f"{where}: generation {generation} out of range (1..2^63-1)")
+            chain = parse_chain(data.get("chain"), generation, where)
+        return cls(volume_id, block_size, keys, created, suite, version, tags, generation, chain)
 
 
 def _field_tags(mac_key: bytes, config: VolumeConfig) -> dict[str, bytes]:
@@ -337,6 +367,6 @@ def load_config(backing: str | os.PathLike[str]) -> VolumeConfig:
 def save_config(backing: str | os.PathLike[str], config: VolumeConfig) -> None:
     """Write the config atomically (temporary file, fsync, rename, fsync directory).
 
-    The caller seals a format-2 config first (``VolumeConfig.seal``).
+    The caller seals the config first (``VolumeConfig.seal``).
     """
     write_durably(config_path(backing), config.dumps().encode())

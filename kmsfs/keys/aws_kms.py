@@ -173,6 +173,12 @@ class AwsKmsProvider(KeyProvider):
     def key_ref(self) -> str:
         return self.key_arn
 
+    def public_wrap(self) -> str | None:
+        return (
+            f"aws-kms key {self.key_arn}: a principal allowed kms:Encrypt on it (without"
+            " kms:Decrypt) can wrap a key under it"
+        )
+
     def settings(self) -> dict[str, Any]:
         settings: dict[str, Any] = {"key_arn": self.key_arn, "region": self.region}
         if self.endpoint_url:

@@ -229,6 +229,14 @@ class Pkcs11Provider(KeyProvider):
     def describe(self) -> str:
         return f"pkcs11 key {self.key_label!r} on token {self.token_label!r}"
 
+    def public_wrap(self) -> str | None:
+        if self.key_type != "rsa":
+            return None
+        return (
+            f"{self.describe()} is an RSA key: anyone who can read the token's public key"
+            " (no PIN needed) can wrap a key under it"
+        )
+
     # -- session -----------------------------------------------------------
 
     def _connect(self, create_key: bool = False, first: bool = False) -> None:

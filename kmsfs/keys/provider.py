@@ -28,7 +28,7 @@ from kmsfs.format.header import ID_SIZE, WrappedKey
 DATA_KEY_SIZE = 32
 PURPOSE_FILE = "file"
 PURPOSE_KEY_CHECK = "key-check"  # format 1: a random key per master key
-PURPOSE_VOLUME_KEY = "volume-key"  # format 2: the volume key, the same under every master key
+PURPOSE_VOLUME_KEY = "volume-key"  # formats 2, 3: the volume key, the same under every key
 
 
 @dataclass(frozen=True)
@@ -50,8 +50,8 @@ class KeyContext:
 
     @classmethod
     def key_check(cls, volume_id: bytes, version: int = 2) -> KeyContext:
-        """The context of a config's key-check value: format 1's random key, or (format 2)
-        the volume key.  Distinct purposes, so a format-2 config cannot pass as format 1."""
+        """The context of a config's key-check value: format 1's random key, or (formats 2
+        and 3) the volume key.  Distinct purposes, so a later config cannot pass as format 1."""
         purpose = PURPOSE_KEY_CHECK if version < 2 else PURPOSE_VOLUME_KEY
         return cls(volume_id, bytes(ID_SIZE), purpose)
 
@@ -118,6 +118,15 @@ class KeyProvider(ABC):
         if len(plaintext) != DATA_KEY_SIZE:
             raise WrongKeyError(f"{self.describe()}: unwrapped a {len(plaintext)}-byte key")
         return bytearray(plaintext)
+
+    def public_wrap(self) -> str | None:
+        """Who besides the holders of this master key can *wrap* under it, or None.
+
+        Such a party can make a volume key of their own pass this key's check:
+        only a host's pin stops that (docs/FORMAT.md, "Host pin"), so the tools
+        warn when such a key joins a volume.
+        """
+        return None
 
     def accepts(self, wrapped: WrappedKey) -> bool:
         """True if *wrapped* names this provider and master key."""

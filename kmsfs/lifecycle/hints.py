@@ -15,7 +15,8 @@ from typing import Any
 from kmsfs.errors import UsageError
 from kmsfs.keys.cache import NullCache
 from kmsfs.keys.secrets import Prompt
-from kmsfs.volume import open_volume, save_volume_config
+from kmsfs.volume import open_volume
+from kmsfs.volume_writes import save_volume_config
 
 
 def update_hints(

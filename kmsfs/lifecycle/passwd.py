@@ -1,12 +1,14 @@
 """Changing the passphrase of a local passphrase key (the master key stays the same).
 
-Only ``settings.passphrase`` in the volume config changes (new salt, the
-master key wrapped under the new Argon2id key), so no header is touched and
-the change is one atomic config write, re-tagged under the volume key.  The
-master key itself is unchanged: someone who had the old passphrase *and* a
-copy of the old config can still derive it.  To replace the master key, use
-``kmsfs rewrap`` (a new passphrase key or a new key file), which re-wraps
-every file key.
+Only the volume config changes: ``settings.passphrase`` (new salt, the master
+key wrapped under the new Argon2id key) and the volume key, replaced as for
+any change of who can open the volume (``rotate_volume_key``: every key of
+the volume wraps the new one, so all of them must open on this host).  No
+header is touched and the change is one atomic config write.  The master key
+itself is unchanged: someone who had the old passphrase *and* a copy of the
+old config can still derive it, and with it unwrap the new volume key.  To
+replace the master key, use ``kmsfs rewrap`` (a new passphrase key or a new
+key file), which re-wraps every file key.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from kmsfs.errors import UsageError, WrongKeyError
 from kmsfs.format.volume import load_config
 from kmsfs.keys import local
 from kmsfs.keys.secrets import Prompt, get_text_secret
-from kmsfs.volume import open_volume, save_volume_config
+from kmsfs.volume import open_volume
+from kmsfs.volume_writes import rotate_volume_key
 
 
 def change_passphrase(
@@ -26,7 +29,9 @@ def change_passphrase(
     """Re-wrap the local master key under a new passphrase; returns its key_ref.
 
     Raises UsageError for a volume without a passphrase key, WrongKeyError for
-    a wrong passphrase, ConfigTampered if the volume config fails authentication.
+    a wrong passphrase, ConfigTampered if the volume config fails authentication,
+    PinMismatch if it is not what this host pinned, ConfigError if another key of
+    the volume cannot be opened to wrap the new volume key.
     """
     keys = [
         k for k in load_config(backing).keys if k.provider == "local" and "passphrase" in k.settings
@@ -48,7 +53,7 @@ def change_passphrase(
             raise WrongKeyError("the passphrase opens a master key that is not this volume's")
         new = get_text_secret(new_file, "kmsfs-new-passphrase", "new passphrase", prompt, True)
         key.settings["passphrase"] = local.wrap_master(master, new)
-        save_volume_config(backing, config, keyring)
+        rotate_volume_key(backing, config, keyring)
     finally:
         keyring.close()
     return key.key_ref

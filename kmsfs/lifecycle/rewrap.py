@@ -21,7 +21,8 @@ re-wrapped twice):
 2. **cover**: every regular file that lacks an entry for the new key gets one
    (the old entries stay, so a running daemon that knows only the old key
    keeps opening everything).
-3. **switch** (rewrap, remove): the config loses the retired keys.  Done only
+3. **switch** (rewrap, remove): the config loses the retired keys and gets a
+   new volume key that only the kept keys wrap.  Done only
    when every file of the volume is covered *and the volume is not mounted*:
    a daemon keeps the keyring it loaded at mount time, so files it creates
    during or after the cover pass are wrapped under the old key only.
@@ -78,7 +79,13 @@ from kmsfs.lifecycle.common import (
     save_journal,
     volume_locked,
 )
-from kmsfs.volume import new_key_config, open_volume, save_volume_config
+from kmsfs.volume import open_volume
+from kmsfs.volume_writes import (
+    new_key_config,
+    rotate_volume_key,
+    save_volume_config,
+    warn_public_wrap,
+)
 
 JOURNAL = "rewrap"
 MAX_PASSES = 5  # cover passes on a mounted volume, until one finds nothing new
@@ -189,6 +196,7 @@ def rewrap_volume(
                 }
                 save_journal(root, JOURNAL, journal)
             if new_ref not in refs:
+                warn_public_wrap(new)
                 volume_key = _volume_key(old_ring)
                 config.keys.append(new_key_config(new, config.volume_id, volume_key))
                 save_volume_config(root, config, old_ring)
@@ -490,7 +498,9 @@ def _switch_and_strip(
     """Remove the retired keys from the config (idempotent), then from every header.
 
     *options* name a key of the volume on this host: the config is opened
-    (authenticated) with it and re-tagged after the switch.
+    (authenticated) with it; the switch replaces the volume key (every kept key
+    wraps a new one: ``rotate_volume_key``), so a retired key's holder cannot
+    unwrap the key the config is now tagged with.
     """
     retire = set(journal.get("retire", []))
     report.retired = sorted(retire)
@@ -502,7 +512,7 @@ def _switch_and_strip(
                 raise LifecycleError("refusing to remove every key of the volume")
             if len(keep) != len(config.keys):
                 config.keys = keep
-                save_volume_config(root, config, ring)
+                rotate_volume_key(root, config, ring)
         finally:
             ring.close()
         with Tree(root) as tree:

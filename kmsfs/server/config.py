@@ -11,6 +11,8 @@ Schema (every key optional except where the command line does not supply it)::
     metrics_listen = "127.0.0.1:9750" # Prometheus endpoint (needs kmsfs[metrics])
     trust_volume_settings = false     # true: find keys with the settings recorded in the
                                       # backing directory (only if nobody else can write it)
+    expect_fingerprint = "3f2a-91c0-..."  # the volume-key fingerprint to pin at the first
+                                      # mount on this host (ignored once pinned)
 
     [provider]
     type = "local"                    # local, aws-kms, pkcs11
@@ -54,6 +56,7 @@ from typing import Any
 import click
 
 from kmsfs.errors import ConfigError
+from kmsfs.format.volume_key import parse_fingerprint
 from kmsfs.policy import Policy, parse_policy
 
 CONFIG_DIR = Path("/etc/kmsfs")
@@ -113,6 +116,7 @@ TOP_LEVEL = {
     "provider",
     "cache",
     "trust_volume_settings",
+    "expect_fingerprint",
     "policy",
 }
 CACHE_KEYS = {"max_entries", "max_age"}
@@ -125,7 +129,8 @@ class ServerConfig:
     Attributes: path (the file), backing, mountpoint, provider_type,
     provider_options (CLI parameter name -> value), mount_options,
     cache_max_entries, cache_max_age, log_level, log_file, audit_log,
-    metrics_listen, policy (the compiled ``[policy]``).  Unset values are None.
+    metrics_listen, policy (the compiled ``[policy]``), expect_fingerprint (as
+    written; checked to be a fingerprint).  Unset values are None.
     """
 
     path: Path
@@ -141,6 +146,7 @@ class ServerConfig:
     audit_log: str | None = None
     metrics_listen: str | None = None
     trust_volume_settings: bool | None = None
+    expect_fingerprint: str | None = None
     policy: Policy | None = None
 
     def cli_defaults(self) -> dict[str, Any]:
@@ -159,6 +165,7 @@ class ServerConfig:
             "audit_log": self.audit_log,
             "metrics_listen": self.metrics_listen,
             "trust_volume_settings": self.trust_volume_settings,
+            "expect_fingerprint": self.expect_fingerprint,
             **self.provider_options,
         }
         return {name: value for name, value in values.items() if value is not None}
@@ -237,9 +244,13 @@ def parse_server_config(data: dict[str, Any], path: Path) -> ServerConfig:
     trust = data.get("trust_volume_settings")
     if trust is not None and not isinstance(trust, bool):
         raise ConfigError(f"{where}: trust_volume_settings must be true or false, not {trust!r}")
+    expect = _get(data, "expect_fingerprint", str, where)
+    if expect is not None:
+        parse_fingerprint(expect, f"{where}: expect_fingerprint")
     return ServerConfig(
         path=path,
         trust_volume_settings=trust,
+        expect_fingerprint=expect,
         backing=_abs_path(data, "backing", where),
         mountpoint=_abs_path(data, "mountpoint", where),
         provider_type=provider_type,

@@ -16,6 +16,7 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
+from kmsfs.format.volume_key import fingerprint, show_fingerprint
 from kmsfs.keys.events import EventSink, KeyEvent
 
 if TYPE_CHECKING:
@@ -95,6 +96,12 @@ def open_files(ops: KmsfsOperations) -> int | None:
     return sum(getattr(entry, "opens", 0) for entry in list(entries.values()))
 
 
+def _fingerprint(ops: KmsfsOperations) -> str | None:
+    """The served volume key's fingerprint (None for a format-1 volume not migrated)."""
+    key = ops.keyring.volume_key
+    return None if key is None else show_fingerprint(fingerprint(key, ops.config.volume_id))
+
+
 def snapshot(
     ops: KmsfsOperations,
     provider_stats: ProviderStats,
@@ -111,6 +118,9 @@ def snapshot(
         "backing": ops.backing,
         "volume_id": ops.config.volume_id.hex(),
         "block_size": ops.config.block_size,
+        "config_format": ops.config.version,
+        "config_generation": ops.config.generation,
+        "volume_key_fingerprint": _fingerprint(ops),
         "pid": os.getpid(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         "uptime_seconds": round(time.monotonic() - started_monotonic, 3),

@@ -159,6 +159,9 @@ def format_status(info: dict[str, Any]) -> str:
         f"mount point:    {info['mountpoint']}",
         f"backing:        {info['backing']}",
         f"volume:         {info['volume_id']} (block size {info['block_size']})",
+        f"volume key:     fingerprint {info.get('volume_key_fingerprint') or '-'}, config"
+        f" generation {info.get('config_generation', '-')}"
+        f" (format {info.get('config_format', '-')})",
         f"daemon:         pid {info['pid']}, up {_duration(info['uptime_seconds'])}"
         f" (since {info['started']})",
     ]

@@ -21,14 +21,12 @@ from typing import Any
 import pytest
 from conftest import Volume, make_volume, requires_fuse, run_kmsfs
 from support.planted import Listener, build_planted_module
-from support.saved_volume import restore_volume
+from support.saved_volume import restore_saved_volume
 
 from kmsfs.format.header import XATTR_NAME, FileHeader
 from kmsfs.format.volume import load_config
 from kmsfs.keys.local import LocalProvider, write_new_key_file
 from kmsfs.keys.provider import KeyContext
-
-DATA = Path(__file__).parent.parent / "data" / "volumes"
 
 
 def config_of(volume: Volume) -> dict[str, Any]:
@@ -274,25 +272,7 @@ def test_init_makes_the_backing_root_0700(tmp_path: Path) -> None:
     assert existing.stat().st_mode & 0o777 == 0o700
 
 
-# -- format 1: saved volumes of the last release keep mounting, and migrate ----
-
-
-def _restore(name: str, tmp_path: Path) -> tuple[Volume, dict[str, Any], list[str]]:
-    saved = json.loads((DATA / f"format1-{name}.json").read_text())
-    vol = make_volume(tmp_path, key=False)
-    vol.backing.rmdir()
-    restore_volume(saved, vol.backing)
-    if "key_file" in saved["secrets"]:
-        vol.key_file.write_text(saved["secrets"]["key_file"])
-        vol.key_file.chmod(0o600)
-        args = ["--key-file", str(vol.key_file)]
-    else:
-        secret = tmp_path / "pass"
-        secret.write_text(saved["secrets"]["passphrase"])
-        secret.chmod(0o600)
-        args = ["--passphrase-file", str(secret)]
-    vol.key_args = args
-    return vol, saved, args
+# -- formats 1 and 2: saved volumes of earlier versions keep mounting, migrate, get pinned --
 
 
 def _check_plaintext(vol: Volume, saved: dict[str, Any]) -> None:
@@ -302,22 +282,42 @@ def _check_plaintext(vol: Volume, saved: dict[str, Any]) -> None:
         assert os.readlink(vol.path(rel)) == target
 
 
+SAVED = ["format1-local", "format1-passphrase", "format2-local", "format2-passphrase"]
+
+
 @requires_fuse
-@pytest.mark.parametrize("name", ["local", "passphrase"])
-def test_saved_format1_volume_mounts_and_is_migrated(name: str, tmp_path: Path) -> None:
-    vol, saved, args = _restore(name, tmp_path)
-    assert load_config(vol.backing).version == 1
-    # read-only tools open it as it is (no migration)
+@pytest.mark.parametrize("name", SAVED)
+def test_saved_volume_mounts_migrates_and_is_pinned(name: str, tmp_path: Path) -> None:
+    """Volumes written by earlier versions (config formats 1 and 2) open as they are with
+    read-only tools, are migrated to format 3 by mount, pinned, and pass fsck."""
+    from kmsfs.pins import read_pin
+
+    vol, saved, args = restore_saved_volume(name, tmp_path)
+    version = saved["format"]
+    assert load_config(vol.backing).version == version
+    # read-only tools open it as it is (no migration); a format-2 volume is pinned then
     out = tmp_path / "hello.out"
-    run_kmsfs("decrypt", vol.backing / "hello.txt", out, *args)
+    result = run_kmsfs("decrypt", vol.backing / "hello.txt", out, *args)
     assert out.read_bytes() == base64.b64decode(saved["plaintext"]["hello.txt"])
-    assert load_config(vol.backing).version == 1
+    assert load_config(vol.backing).version == version
+    before = read_pin(vol.backing)
+    if version == 1:
+        assert before is None  # no volume key to pin yet
+    else:
+        assert before is not None and (before.format, before.generation) == (2, 0)
+        assert "pinned volume" in result.stderr and "on first use" in result.stderr
     try:
         vol.mount()
         _check_plaintext(vol, saved)
-        assert "migrated the volume config" in vol.log_text()
+        assert f"from format {version} to format 3" in vol.log_text()
         config = load_config(vol.backing)
-        assert config.version == 2 and config.tags
+        assert (config.version, config.generation, config.chain) == (3, 1, [])
+        assert config.tags
+        pin = read_pin(vol.backing)
+        assert pin is not None and (pin.format, pin.generation) == (3, 1)
+        assert pin.volume_id == config.volume_id
+        if before is not None:  # the same volume key: migration keeps the fingerprint
+            assert pin.fingerprint == before.fingerprint
         vol.path("new.txt").write_bytes(b"written after migration")
         vol.remount()
         _check_plaintext(vol, saved)

@@ -57,6 +57,7 @@ def test_unit_settings() -> None:
     settings = [line for line in service.splitlines() if line and not line.startswith("#")]
     assert "Type=notify" in settings
     assert "Restart=on-failure" in settings
+    assert "RestartPreventExitStatus=8" in settings  # a pin refusal stays refused
     assert "After=network-online.target" in settings
     assert "DeviceAllow=/dev/fuse rw" in settings
     # options that would give the service a private mount namespace hide the mount

@@ -59,6 +59,32 @@ def restore_volume(saved: dict[str, Any], backing: Path) -> None:
             path.chmod(entry["mode"])
 
 
+DATA = Path(__file__).resolve().parents[1] / "data" / "volumes"
+
+
+def restore_saved_volume(name: str, tmp_path: Path) -> tuple[Any, dict[str, Any], list[str]]:
+    """The saved volume *name* (``format1-local``...) as a conftest ``Volume`` under
+    *tmp_path*, its secrets written beside it (0600); returns (volume, the saved JSON,
+    the key options naming its key)."""
+    from conftest import make_volume
+
+    saved = json.loads((DATA / f"{name}.json").read_text())
+    vol = make_volume(tmp_path, key=False)
+    vol.backing.rmdir()
+    restore_volume(saved, vol.backing)
+    if "key_file" in saved["secrets"]:
+        vol.key_file.write_text(saved["secrets"]["key_file"])
+        vol.key_file.chmod(0o600)
+        args = ["--key-file", str(vol.key_file)]
+    else:
+        secret = tmp_path / "pass"
+        secret.write_text(saved["secrets"]["passphrase"])
+        secret.chmod(0o600)
+        args = ["--passphrase-file", str(secret)]
+    vol.key_args = args
+    return vol, saved, args
+
+
 if __name__ == "__main__":
     if len(sys.argv) != 4 or sys.argv[1] != "dump":
         sys.exit("usage: saved_volume.py dump BACKING OUT.json")

@@ -11,6 +11,9 @@ itself never has to load the module for another token store:
     python tests/support/softhsm.py delete TOKEN PIN LABEL
     python tests/support/softhsm.py wrap TOKEN PIN LABEL VOLUME_HEX FILE_HEX
         (prints the blob in hex)
+    python tests/support/softhsm.py pubkey TOKEN - LABEL
+        (prints the RSA public key's modulus and exponent in hex, read without logging in:
+        what anyone who can use the token's library can read)
 """
 
 from __future__ import annotations
@@ -101,7 +104,7 @@ def main(argv: list[str]) -> None:
     from pkcs11 import Attribute, KeyType, ObjectClass
 
     parser = argparse.ArgumentParser()
-    parser.add_argument("command", choices=["aes", "rsa", "generic", "delete", "wrap"])
+    parser.add_argument("command", choices=["aes", "rsa", "generic", "delete", "wrap", "pubkey"])
     parser.add_argument("token")
     parser.add_argument("pin")
     parser.add_argument("label")
@@ -121,6 +124,15 @@ def main(argv: list[str]) -> None:
         context = KeyContext(bytes.fromhex(args.rest[0]), bytes.fromhex(args.rest[1]))
         print(provider.wrap(random_key(), context).blob.hex())
         provider.close()
+        return
+
+    if args.command == "pubkey":
+        import pkcs11
+
+        token = pkcs11.lib(MODULE).get_token(token_label=args.token)
+        with token.open() as public:  # no PIN: public objects only
+            key = public.get_key(ObjectClass.PUBLIC_KEY, KeyType.RSA, label=args.label)
+            print(bytes(key[Attribute.MODULUS]).hex(), bytes(key[Attribute.PUBLIC_EXPONENT]).hex())
         return
 
     with _session(args.token, args.pin) as session:

@@ -20,6 +20,9 @@ LAYER = {
     "fs": 2,
     "audit": 2,
     "volume": 2,
+    "volume_writes": 2,
+    "trust": 2,
+    "pins": 1,
 }
 # the rest (daemon, server, lifecycle, offline) is layer 3, and cli is 4
 

@@ -96,7 +96,7 @@ def test_kmsfs_matches_every_vector() -> None:
 
 
 def spec_config_tags(volume_key: bytes, config: dict[str, object]) -> dict[str, bytes]:
-    """Every tag of a format-2 config, computed from docs/FORMAT.md alone."""
+    """Every tag of a format-2 or format-3 config, computed from docs/FORMAT.md alone."""
     import hashlib
     import hmac
     import json
@@ -107,7 +107,10 @@ def spec_config_tags(volume_key: bytes, config: dict[str, object]) -> dict[str, 
     volume_id = bytes.fromhex(str(config["volume_id"]))
     k_mac = hkdf(volume_key, b"kmsfs/v2/config-mac" + volume_id)
     tags = {}
-    for name in ("kmsfs_volume", "volume_id", "suite", "block_size", "created"):
+    names = ["kmsfs_volume", "volume_id", "suite", "block_size", "created"]
+    if config["kmsfs_volume"] == 3:
+        names += ["generation", "chain"]
+    for name in names:
         message = b"field\0" + name.encode() + b"\0" + canon(config[name])
         tags[name] = hmac.new(k_mac, message, hashlib.sha256).digest()
     entry_tags = b""
@@ -120,12 +123,12 @@ def spec_config_tags(volume_key: bytes, config: dict[str, object]) -> dict[str, 
     return tags
 
 
-def test_volume_config_vector() -> None:
+def test_volume_config_v2_vector() -> None:
     import json
 
     from kmsfs.format.volume import config_mac_key
 
-    text = V["volume_config"]
+    text = V["volume_config_v2"]
     data = json.loads(text)
     assert hkdf(h("volume_key"), b"kmsfs/v2/config-mac" + h("volume_id")) == h("config_mac_key")
     assert config_mac_key(h("volume_key"), h("volume_id")) == h("config_mac_key")
@@ -145,6 +148,67 @@ def test_volume_config_vector() -> None:
     config.block_size = 1024
     with pytest.raises(ConfigError, match="block_size"):
         config.verify(h("volume_key"))
+
+
+def spec_fingerprint(volume_key: bytes, volume_id: bytes) -> bytes:
+    return hkdf(volume_key, b"kmsfs/v3/volume-key-fingerprint" + volume_id, 16)
+
+
+def spec_open_chain_entry(later_key: bytes, volume_id: bytes, entry: dict[str, object]) -> bytes:
+    """The previous volume key of one chain entry, from docs/FORMAT.md alone."""
+    label = b"kmsfs/v3/volume-key-chain"
+    previous = bytes.fromhex(str(entry["previous"]))
+    aad = label + volume_id + struct.pack(">Q", entry["generation"]) + previous
+    sealed = base64.b64decode(str(entry["sealed"]))
+    key = AESGCM(hkdf(later_key, label + volume_id)).decrypt(sealed[:12], sealed[12:], aad)
+    assert spec_fingerprint(key, volume_id) == previous
+    return key
+
+
+def test_volume_config_vector() -> None:
+    """Format 3: the generation and chain tags, the fingerprint, the chain entry."""
+    import json
+
+    from kmsfs.format.volume_key import (
+        chain_aad,
+        chain_key,
+        find_in_chain,
+        fingerprint,
+        show_fingerprint,
+    )
+
+    text = V["volume_config"]
+    data = json.loads(text)
+    assert (data["kmsfs_volume"], data["generation"]) == (3, 3)
+    volume_id, volume_key = h("volume_id"), h("volume_key")
+    want = spec_config_tags(volume_key, data)
+    assert set(data["tags"]) == set(want) - {"keys[0]"}
+    for name, tag in data["tags"].items():
+        assert base64.b64decode(tag) == want[name], name
+    assert spec_fingerprint(volume_key, volume_id) == h("volume_key_fingerprint")
+    assert spec_fingerprint(h("previous_volume_key"), volume_id) == h("previous_fingerprint")
+    (entry,) = data["chain"]
+    assert (entry["generation"], entry["previous"]) == (2, V["previous_fingerprint"])
+    sealed = base64.b64decode(entry["sealed"])
+    assert sealed == h("chain_sealed") and sealed[:12] == b"\x73" * 12
+    assert hkdf(volume_key, b"kmsfs/v3/volume-key-chain" + volume_id) == h("chain_key")
+    label_aad = b"kmsfs/v3/volume-key-chain" + volume_id + (2).to_bytes(8, "big")
+    assert label_aad + h("previous_fingerprint") == h("chain_aad")
+    assert spec_open_chain_entry(volume_key, volume_id, entry) == h("previous_volume_key")
+    # kmsfs agrees with every line
+    assert fingerprint(volume_key, volume_id) == h("volume_key_fingerprint")
+    shown = show_fingerprint(h("volume_key_fingerprint"))
+    assert shown == "1270-30ff-35ac-2c20-30f3-8ce6-a7ed-7c45"  # as FORMAT.md writes it
+    assert chain_key(volume_key, volume_id) == h("chain_key")
+    assert chain_aad(volume_id, 2, h("previous_fingerprint")) == h("chain_aad")
+    config = VolumeConfig.loads(text)
+    config.verify(volume_key)
+    found = find_in_chain(volume_key, volume_id, config.chain, h("previous_fingerprint"))
+    assert found is config.chain[0]
+    assert base64.b64decode(data["keys"][0]["check"]) == h("wrapped_volume_key")
+    config.generation = 4
+    with pytest.raises(ConfigError, match="generation"):
+        config.verify(volume_key)
 
 
 def test_seal_round_trip_and_fresh_nonces() -> None:
@@ -287,7 +351,10 @@ def test_volume_config_round_trip_and_errors() -> None:
     for text, message in [
         ("{", "not valid JSON"),
         ("[]", "JSON object"),
-        ('{"kmsfs_volume": 3}', "reads 1 and 2"),
+        ('{"kmsfs_volume": 4}', "reads 1, 2 and 3"),
+        (config.dumps().replace('"generation": 1', '"generation": 0'), "generation 0 out of"),
+        (config.dumps().replace('"generation": 1', '"generation": true'), "must be a int"),
+        (config.dumps().replace('"chain": []', '"chain": {}'), "chain must be a list"),
         (config.dumps().replace('"block_size": 4096', '"block_size": 3'), "block size 3"),
         (config.dumps().replace(bytes(range(16)).hex(), "zz"), "32 hex digits"),
     ]:
