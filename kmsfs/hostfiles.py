@@ -1,0 +1,131 @@
+"""Files and directories the host names to kmsfs (secrets, logs, the runtime directory),
+opened so that no other local user can steer or stall kmsfs through them.
+
+- Never through a symbolic link in the last component (``O_NOFOLLOW``): a link
+  planted under the name would make a root process read or write the file it
+  points to.
+- Never waiting on the other end (``O_NONBLOCK``): opening a FIFO for reading
+  returns at once instead of blocking until a writer comes, and then the type
+  check refuses it.
+- A file must be a regular file, a directory a directory; anything else is
+  refused with a message that names what it is ("is a FIFO", "is a symbolic
+  link", ...).
+- Owner and mode are checked on the descriptor opened (``fstat``), never on a
+  path that may have changed meanwhile.
+
+Depends on nothing but ``kmsfs.errors``: every layer may use it.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+
+from kmsfs.errors import ConfigError
+
+# O_NOCTTY: a terminal named as a file must not become our controlling terminal
+OPEN_FLAGS = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
+_KINDS = (
+    (stat.S_ISLNK, "a symbolic link"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISREG, "a regular file"),
+)
+
+
+def kind_of(mode: int) -> str:
+    """What a file of mode *mode* is, for messages: "a FIFO", "a directory", ..."""
+    for test, name in _KINDS:
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def describe(path: str | os.PathLike[str]) -> str | None:
+    """What *path* itself is ("a symbolic link (to 'x')", "a pipe", "a FIFO"...), without
+    following it; None if it cannot be told.  A symlink's target is read, never entered:
+    ``/dev/fd/N`` of a pipe (``--passphrase-file <(...)``) names "pipe:[inode]"."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    if not stat.S_ISLNK(st.st_mode):
+        return kind_of(st.st_mode)
+    try:
+        target = os.readlink(path)
+    except OSError:
+        return "a symbolic link"
+    if target.startswith(("pipe:[", "socket:[")):
+        return "a pipe" if target.startswith("pipe:") else "a socket"
+    return f"a symbolic link (to {target!r})"
+
+
+def open_regular(
+    path: str | os.PathLike[str],
+    flags: int,
+    what: str,
+    hint: str = "",
+    create_mode: int = 0o600,
+    follow: bool = False,
+) -> tuple[int, os.stat_result]:
+    """Open the regular file *path* with *flags* plus ``OPEN_FLAGS``; its descriptor and
+    ``fstat``.  Nothing is read or written here.
+
+    ConfigError naming *what* and *path*, with *hint* appended when the file is not a
+    regular file: it does not exist (without ``O_CREAT`` in *flags*), it is a symbolic
+    link (unless *follow*: then what it points to is checked) or anything but a regular
+    file (naming its type), or it cannot be opened.  A file created here gets
+    *create_mode* (less the umask).
+    """
+    flags |= OPEN_FLAGS & ~os.O_NOFOLLOW if follow else OPEN_FLAGS
+    try:
+        fd = os.open(path, flags, create_mode)
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {path} does not exist") from None
+    except OSError as exc:
+        # ELOOP: a symlink under O_NOFOLLOW; EISDIR: a directory opened for writing;
+        # ENXIO: a FIFO opened for writing with no reader, or a socket
+        kind = describe(path) if exc.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO) else None
+        if kind is not None and kind != "a regular file":
+            raise ConfigError(_not_regular(what, path, kind, hint)) from None
+        raise ConfigError(f"cannot open {what} {path}: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+    except OSError as exc:
+        os.close(fd)
+        raise ConfigError(f"cannot open {what} {path}: {exc.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise ConfigError(_not_regular(what, path, kind_of(st.st_mode), hint))
+    return fd, st
+
+
+def _not_regular(what: str, path: str | os.PathLike[str], kind: str, hint: str) -> str:
+    why = " (kmsfs does not follow one here)" if kind.startswith("a symbolic link") else ""
+    return f"{what} {path} is {kind}, not a regular file{why}" + (f": {hint}" if hint else "")
+
+
+def check_owner(st: os.stat_result, path: str | os.PathLike[str], what: str) -> None:
+    """ConfigError unless the file *st* describes belongs to root or to the user running
+    kmsfs (any other owner could read it, or replace what it holds); the message gives
+    the ``chown`` that fixes it."""
+    me = os.geteuid()
+    if st.st_uid not in (0, me):
+        raise ConfigError(
+            f"{what} {path} belongs to uid {st.st_uid}, not to root or to you"
+            f" ({user_name(me)}): run 'chown {user_name(me)} {path}'"
+        )
+
+
+def user_name(uid: int) -> str:
+    """The login name of *uid*, else the number."""
+    import pwd
+
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
