@@ -129,3 +129,31 @@ def user_name(uid: int) -> str:
         return pwd.getpwuid(uid).pw_name
     except KeyError:
         return str(uid)
+
+
+def open_private_log(path: str | os.PathLike[str], what: str) -> tuple[int, str | None]:
+    """Open the log file *path* for appending (``O_WRONLY|O_APPEND|O_CREAT`` plus
+    ``OPEN_FLAGS``), creating it 0600; returns its descriptor and a note to log, or None.
+
+    ConfigError if it is a symbolic link (never followed: a link planted there would
+    make a root daemon append to the file it names) or anything but a regular file,
+    naming what it is, or if it belongs to a user other than root or the one running
+    kmsfs (who could read it, or change what it says).  An existing file that group or
+    others may access (0644: what kmsfs made before) is made 0600, and the note says
+    so: logs name paths and key IDs.  A reader that opened it before keeps its
+    descriptor.
+    """
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT
+    fd, st = open_regular(path, flags, what, "name a regular file (kmsfs creates it 0600)")
+    try:
+        check_owner(st, path, what)
+        if not st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            return fd, None
+        os.fchmod(fd, 0o600)
+    except OSError as exc:
+        os.close(fd)
+        raise ConfigError(f"cannot make {what} {path} private (0600): {exc.strerror}") from None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, f"{what} {path} was mode {stat.S_IMODE(st.st_mode):04o}: made it 0600"
