@@ -26,6 +26,7 @@ from kmsfs.errors import ConfigError
 
 # O_NOCTTY: a terminal named as a file must not become our controlling terminal
 OPEN_FLAGS = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
+DIR_OPEN_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _KINDS = (
     (stat.S_ISLNK, "a symbolic link"),
     (stat.S_ISFIFO, "a FIFO"),
@@ -157,3 +158,55 @@ def open_private_log(path: str | os.PathLike[str], what: str) -> tuple[int, str 
         os.close(fd)
         raise
     return fd, f"{what} {path} was mode {stat.S_IMODE(st.st_mode):04o}: made it 0600"
+
+
+def open_private_dir(
+    path: str | os.PathLike[str], what: str, create: bool, hint: str = ""
+) -> int | None:
+    """The directory *path* opened (``O_DIRECTORY|O_NOFOLLOW``), if it belongs to the user
+    running kmsfs and group and others have no access (mode 0700 or stricter); created
+    0700 if it is missing and *create* (else None).
+
+    ConfigError naming what is wrong (a symbolic link, not a directory, another owner,
+    a looser mode) and how to fix it: ``chmod 700`` for a mode; for the rest, removing
+    it, or *hint* (where else kmsfs can be told to look).  Another user who made it
+    first could otherwise read, replace or intercept what kmsfs puts there.
+    """
+    if create:
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            pass  # someone's: checked below, like any existing one
+        except OSError as exc:
+            raise ConfigError(f"cannot create {what} {path}: {exc.strerror}") from None
+    try:
+        fd = os.open(path, DIR_OPEN_FLAGS)
+    except FileNotFoundError:
+        if create:
+            raise ConfigError(f"{what} {path} vanished while kmsfs created it") from None
+        return None
+    except OSError as exc:
+        kind = describe(path) if exc.errno in (errno.ELOOP, errno.ENOTDIR) else None
+        if kind is None:
+            raise ConfigError(f"cannot open {what} {path}: {exc.strerror}") from None
+        raise ConfigError(_unusable_dir(what, path, f"is {kind}, not a directory", hint)) from None
+    st = os.fstat(fd)
+    me = os.geteuid()
+    if st.st_uid != me:
+        os.close(fd)
+        problem = f"belongs to uid {st.st_uid}, not to you ({user_name(me)})"
+        raise ConfigError(_unusable_dir(what, path, problem, hint))
+    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        os.close(fd)
+        raise ConfigError(
+            f"{what} {path} is accessible by group or others (mode"
+            f" {stat.S_IMODE(st.st_mode):04o}): run 'chmod 700 {path}'"
+        )
+    return fd
+
+
+def _unusable_dir(what: str, path: str | os.PathLike[str], problem: str, hint: str) -> str:
+    return (
+        f"{what} {path} {problem}: kmsfs uses only a directory of its own user with mode"
+        f" 0700; remove it ('rm -rf {path}', as root if it is another user's){hint}"
+    )

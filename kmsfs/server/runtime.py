@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from typing import TYPE_CHECKING, Any
 
 import trio
 
+from kmsfs.errors import ConfigError
 from kmsfs.server import notify
 from kmsfs.server.stats import ProviderStats, snapshot
 
@@ -46,6 +48,19 @@ class ServerRuntime:
             from kmsfs.server.metrics import check_metrics_listen
 
             check_metrics_listen(self.metrics_listen)
+
+    def socket_problem(self) -> str | None:
+        """Why the status socket could not be made (an unsafe runtime directory), said
+        before mounting; None if nothing is wrong yet."""
+        from kmsfs.server.rundir import open_runtime_dir
+
+        try:
+            fd = open_runtime_dir(create=False)
+        except ConfigError as exc:
+            return str(exc)
+        if fd is not None:
+            os.close(fd)
+        return None
 
     def on_ready(self) -> None:
         """Tell systemd the mount answers (the daemon calls this once it does)."""
@@ -85,6 +100,9 @@ class ServerRuntime:
             sock, path = bind_control_socket(self.mountpoint)
         except OSError as exc:
             log.warning("no status socket for %s: %s", self.mountpoint, exc)
+            return
+        except ConfigError as exc:  # an unsafe runtime directory: not used, said loudly
+            log.error("no status socket for %s: %s", self.mountpoint, exc)
             return
         log.debug("status socket %s", path)
 
