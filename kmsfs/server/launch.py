@@ -45,6 +45,7 @@ def serve_plan(plan: MountPlan, on_ready: Callable[[], None] | None) -> None:
     if plan.shared:
         check_shared_support(plan.backing)
     claim = claim_volume(plan.backing, plan.mountpoint, plan.shared)
+    plan.runtime.claim = claim  # rechecked while serving: tools must keep finding it
     audit = AuditLog(plan.audit_log) if plan.audit_log else None
     try:
         config, keyring = open_volume(

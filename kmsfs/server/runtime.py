@@ -1,4 +1,5 @@
-"""What a mount runs beside the FUSE loop: status socket, metrics, systemd notifications.
+"""What a mount runs beside the FUSE loop: status socket, metrics, systemd notifications,
+and the recheck of the volume lock.
 
 ``ServerRuntime.run(ops)`` is handed to ``kmsfs.daemon.serve`` as a service:
 it starts with the FUSE loop and is cancelled when the loop ends (unmount or
@@ -20,11 +21,13 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from kmsfs.errors import ConfigError
+from kmsfs.lock import RECHECK_INTERVAL
 from kmsfs.server import notify
 from kmsfs.server.stats import ProviderStats, snapshot
 
 if TYPE_CHECKING:
     from kmsfs.fs.operations import KmsfsOperations
+    from kmsfs.lock import VolumeClaim
     from kmsfs.server.metrics import MetricsServer
 
 log = logging.getLogger("kmsfs.server")
@@ -32,13 +35,16 @@ log = logging.getLogger("kmsfs.server")
 
 class ServerRuntime:
     """Attributes: mountpoint, metrics_listen (``HOST:PORT`` or None),
-    provider_stats, metrics (the running MetricsServer, once started)."""
+    provider_stats, metrics (the running MetricsServer, once started), claim (the
+    volume lock and registration the daemon holds, to recheck; None: not watched)."""
 
     def __init__(self, mountpoint: str, metrics_listen: str | None = None) -> None:
         self.mountpoint = mountpoint
         self.metrics_listen = metrics_listen
         self.provider_stats = ProviderStats()
         self.metrics: MetricsServer | None = None
+        self.claim: VolumeClaim | None = None
+        self._lock_state = "held"
         self.started = time.time()
         self.started_monotonic = time.monotonic()
 
@@ -79,6 +85,8 @@ class ServerRuntime:
                 interval = notify.watchdog_interval()
                 if interval is not None:
                     nursery.start_soon(self._watchdog, interval)
+                if self.claim is not None:
+                    nursery.start_soon(self._watch_claim)
                 await trio.sleep_forever()  # until the FUSE loop ends and cancels us
         finally:
             with trio.CancelScope(shield=True):
@@ -91,7 +99,22 @@ class ServerRuntime:
             ops, self.provider_stats, self.mountpoint, self.started, self.started_monotonic
         )
         info["metrics_url"] = self.metrics.url if self.metrics is not None else None
+        info["volume_lock"] = self._lock_state if self.claim is not None else None
         return info
+
+    def check_claim(self) -> None:
+        """Recheck the volume lock and this daemon's registration (``VolumeClaim.recheck``:
+        one moved aside is made and taken again, so tools see the mount) and log what
+        was wrong as errors, once per change.  A few syscalls on the backing directory,
+        run on the loop like the daemon's other metadata calls."""
+        if self.claim is None:
+            return
+        found = self.claim.recheck()
+        state = "; ".join(found) if found else "held"
+        if found and state != self._lock_state:
+            for line in found:
+                log.error("%s", line)
+        self._lock_state = state
 
     async def _serve_status(self, ops: KmsfsOperations) -> None:
         from kmsfs.server.status import bind_control_socket, serve_control
@@ -108,6 +131,7 @@ class ServerRuntime:
 
         def answer(request: str) -> dict[str, Any]:
             if request == "status":
+                self.check_claim()  # a tool asks: the lock it would look for is back
                 return self.snapshot(ops)
             return {"error": f"unknown request {request[:40]!r}"}
 
@@ -131,6 +155,11 @@ class ServerRuntime:
             )
         except Exception as exc:
             log.error("metrics endpoint %s not started: %s", self.metrics_listen, exc)
+
+    async def _watch_claim(self) -> None:
+        while True:
+            await trio.sleep(RECHECK_INTERVAL)
+            self.check_claim()
 
     async def _watchdog(self, interval: float) -> None:
         while True:

@@ -167,6 +167,8 @@ def format_status(info: dict[str, Any]) -> str:
         f"daemon:         pid {info['pid']}, up {_duration(info['uptime_seconds'])}"
         f" (since {info['started']})",
     ]
+    if info.get("volume_lock"):
+        lines.append(f"volume lock:    {info['volume_lock']}")
     for provider in info["providers"]:
         lines.append(f"master key:     {provider['description']}")
     lines += [
