@@ -91,13 +91,19 @@ def test_cp_a_and_rsync_keep_acls_and_xattrs(shared_volume: Volume, tmp_path: Pa
     assert os.getxattr(back / "f", "user.origin") == b"plain"
 
 
-def test_trusted_xattrs_are_roots(shared_volume: Volume) -> None:
-    f = shared_volume.path("t")
+def _file_labelled_by_root(vol: Volume) -> Path:
+    """A file anyone may open, with a ``trusted.label`` root set and sees."""
+    f = vol.path("t")
     f.write_bytes(b"x")
     f.chmod(0o666)
     os.setxattr(f, "trusted.label", b"root's")
     assert os.getxattr(f, "trusted.label") == b"root's"
     assert "trusted.label" in os.listxattr(f)
+    return f
+
+
+def test_trusted_xattrs_are_roots(shared_volume: Volume) -> None:
+    f = _file_labelled_by_root(shared_volume)
     as_nobody = run_as(NOBODY, "setfattr", "-n", "trusted.other", "-v", "1", f)
     assert as_nobody.returncode != 0 and "Operation not permitted" in as_nobody.stderr
     read = run_as(NOBODY, "getfattr", "-n", "trusted.label", f)
@@ -121,15 +127,11 @@ def test_trusted_xattrs_are_hidden_from_root_of_a_user_namespace(shared_volume: 
     it is root with every capability in its effective set, and lists ``trusted.*``
     names.  ext4 shows them only for CAP_SYS_ADMIN in the initial user namespace, and
     so does the mount now (the kernel itself refuses the values: ENODATA)."""
-    f = shared_volume.path("t")
-    f.write_bytes(b"x")
-    f.chmod(0o666)
-    os.setxattr(f, "trusted.label", b"root's")
+    f = _file_labelled_by_root(shared_volume)
     os.setxattr(f, "user.visible", b"to all")
     result = run_as(NOBODY, "unshare", "-Ur", "/usr/bin/python3", "-c", LIST_XATTRS, f)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split("\n")[:2] == ["user.visible", "ENODATA"]
-    assert "trusted.label" in os.listxattr(f)  # root of the host still sees it
 
 
 UNIT_CAPABILITIES = "-all,+sys_admin,+dac_override,+dac_read_search,+fowner,+fsetid,+chown"
@@ -154,12 +156,7 @@ def test_trusted_xattrs_under_the_units_capabilities(shared_dir: Path) -> None:
     vol.mounted = True
     try:
         vol.mountpoint.chmod(0o755)
-        f = vol.path("t")
-        f.write_bytes(b"x")
-        f.chmod(0o666)
-        os.setxattr(f, "trusted.label", b"root's")
-        assert os.getxattr(f, "trusted.label") == b"root's"
-        assert "trusted.label" in os.listxattr(f)
+        f = _file_labelled_by_root(vol)  # root: told by its uid_map
         result = run_as(NOBODY, "unshare", "-Ur", "/usr/bin/python3", "-c", LIST_XATTRS, f)
         assert result.stdout.split("\n")[:2] == ["", "ENODATA"], result.stderr
     finally:
