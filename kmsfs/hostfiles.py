@@ -90,7 +90,9 @@ def open_regular(
     except OSError as exc:
         # ELOOP: a symlink under O_NOFOLLOW; EISDIR: a directory opened for writing;
         # ENXIO: a FIFO opened for writing with no reader, or a socket
-        kind = describe(path) if exc.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO) else None
+        kind = None
+        if exc.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
+            kind = _kind_followed(path) if follow else describe(path)
         if kind is not None and kind != "a regular file":
             raise ConfigError(_not_regular(what, path, kind, hint)) from None
         raise ConfigError(f"cannot open {what} {path}: {exc.strerror}") from None
@@ -103,6 +105,13 @@ def open_regular(
         os.close(fd)
         raise ConfigError(_not_regular(what, path, kind_of(st.st_mode), hint))
     return fd, st
+
+
+def _kind_followed(path: str | os.PathLike[str]) -> str | None:
+    try:
+        return kind_of(os.stat(path).st_mode)  # stat opens nothing: never waits
+    except OSError:
+        return None
 
 
 def _not_regular(what: str, path: str | os.PathLike[str], kind: str, hint: str) -> str:
