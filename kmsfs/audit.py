@@ -21,9 +21,10 @@ CloudTrail's.  Fields the request did not provide (background prefetch, the
 mount's key check) are null.  Key material never reaches this module:
 neither a KeyEvent nor an AccessEvent holds any.
 
-The file is opened for appending, mode 0600 when created, and every record is
-written whole and flushed under a lock, so lines from worker threads never
-interleave.  A failed write is logged once and does not fail the file
+The file is opened for appending, mode 0600 when created (an existing one is made
+0600; a symbolic link or anything but a regular file is refused: ``open_private_log``),
+and every record is written whole and flushed under a lock, so lines from worker
+threads never interleave.  A failed write is logged once and does not fail the file
 operation that caused it.
 """
 
@@ -36,8 +37,8 @@ import threading
 from datetime import UTC, datetime
 from typing import IO
 
-from kmsfs.errors import ConfigError
 from kmsfs.fs.events import AccessEvent
+from kmsfs.hostfiles import open_private_log
 from kmsfs.keys.events import KeyEvent
 
 log = logging.getLogger("kmsfs.audit")
@@ -71,14 +72,14 @@ class AuditLog:
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
+        """Open *path* for appending; ConfigError if it is refused (``open_private_log``)."""
         self.path = os.path.abspath(path)
         self.records = 0
         self.failed = False
         self._lock = threading.Lock()
-        try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        except OSError as exc:
-            raise ConfigError(f"cannot open audit log {self.path}: {exc.strerror}") from None
+        fd, note = open_private_log(self.path, "audit log")
+        if note is not None:
+            log.warning("%s", note)
         self._file: IO[str] | None = os.fdopen(fd, "a", encoding="utf-8")
 
     def __call__(self, event: KeyEvent | AccessEvent) -> None:

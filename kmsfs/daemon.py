@@ -28,6 +28,7 @@ from kmsfs.fs.operations import DEFAULT_TIMEOUT, KmsfsOperations, serve_volume
 from kmsfs.fs.syscalls import disable_core_dumps, lock_memory
 from kmsfs.keys.keyring import Keyring
 from kmsfs.lock import claim_volume
+from kmsfs.mounttable import read_mountinfo
 from kmsfs.policy import Policy
 from kmsfs.server.policyfile import reload_policy
 
@@ -237,16 +238,10 @@ async def _flush_kernel_cache(mountpoint: str, ops: KmsfsOperations) -> None:
 
 def _fusectl_waiting(mountpoint: str) -> Path | None:
     """``/sys/fs/fuse/connections/<minor>/waiting`` of the mount at *mountpoint*, if any."""
-    try:
-        with open("/proc/self/mountinfo") as handle:
-            for line in handle:
-                fields = line.split()
-                target = fields[4].encode().decode("unicode_escape")  # octal escapes
-                if target == mountpoint and fields[2].startswith("0:"):
-                    path = Path("/sys/fs/fuse/connections", fields[2][2:], "waiting")
-                    return path if path.exists() else None
-    except (OSError, IndexError, UnicodeDecodeError):
-        pass
+    for entry in read_mountinfo():
+        if entry.mountpoint == mountpoint and entry.device.startswith("0:"):
+            path = Path("/sys/fs/fuse/connections", entry.device[2:], "waiting")
+            return path if path.exists() else None
     return None
 
 

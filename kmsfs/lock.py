@@ -25,6 +25,12 @@ tools can name who serves the volume, also from another host.  A registration wh
 lock is free belongs to a daemon that died: it is removed by whoever lists them.  What
 a registration says is only displayed, never trusted (anyone who can write the backing
 directory can write one).
+
+Anyone who can write the backing directory can also move the lock file and the
+registrations aside.  So an exclusive lock (a tool, an exclusive daemon) is also refused
+while the kernel's mount table has a kmsfs mount of the directory (``mountpoints_of``,
+``kmsfs.mounttable``), and a serving daemon rechecks its claim and makes both again
+(``VolumeClaim.recheck``).
 """
 
 from __future__ import annotations
@@ -40,9 +46,10 @@ import stat
 import time
 from dataclasses import dataclass
 
-from kmsfs.errors import ConfigError, MountError
+from kmsfs.errors import ConfigError, KmsfsError, MountError
 from kmsfs.format.volume import STATE_DIR_NAME
 from kmsfs.fs.tree import DIR_FLAGS, FILE_FLAGS, NOT_FOLLOWED, open_root, open_state_dir
+from kmsfs.mounttable import kmsfs_mounts_of
 
 LOCK_NAME = "lock"
 DAEMONS_DIR = "daemons"
@@ -75,18 +82,61 @@ def lock_volume(backing: str | os.PathLike[str], shared: bool = False) -> int:
 
     The lock lasts until that descriptor is closed or the process exits.  MountError
     naming the volume (and the registered daemons) if a process holds it in a
-    conflicting mode; ConfigError if the backing directory, ``.kmsfs.d`` or the lock
-    file cannot be opened or is a symlink.
+    conflicting mode, or, for an exclusive lock, if the kernel's mount table has a
+    kmsfs mount of it (the lock file was moved aside); ConfigError if the backing
+    directory, ``.kmsfs.d`` or the lock file cannot be opened or is a symlink.
     """
+    fd = _take_lock(backing, shared)
+    if not shared:
+        _refuse_if_in_mount_table(backing, fd)
+    return fd
+
+
+class _LockHeld(MountError):
+    """Another process holds the volume lock in a conflicting mode."""
+
+
+def _take_lock(backing: str | os.PathLike[str], shared: bool) -> int:
+    """The lock file's descriptor, locked; _LockHeld, or ConfigError as ``lock_volume``."""
     fd = _open_lock(backing, create=True)
     if fd is None:  # EROFS on a filesystem that does not say it is read-only
         raise ConfigError(f"cannot create the volume lock in {backing}: read-only")
     try:
-        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        fcntl.flock(fd, _mode(shared) | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise MountError(in_use_message(backing, shared)) from None
+        raise _LockHeld(in_use_message(backing, shared)) from None
     return fd
+
+
+def _refuse_if_in_mount_table(backing: str | os.PathLike[str], fd: int) -> None:
+    """MountError naming the mount point (closing *fd*, the lock just taken) if the
+    kernel's mount table has a kmsfs mount of *backing*."""
+    mounted = mountpoints_of(backing)
+    if mounted:
+        os.close(fd)
+        raise MountError(
+            f"volume {backing} is mounted at {mounted[0]} (the kernel's mount table says so,"
+            f" though no process holds its lock: was {STATE_DIR_NAME}/{LOCK_NAME} moved aside?)"
+        )
+
+
+def _mode(shared: bool) -> int:
+    return fcntl.LOCK_SH if shared else fcntl.LOCK_EX
+
+
+def mountpoints_of(backing: str | os.PathLike[str]) -> list[str]:
+    """Mount points of the kmsfs mounts of *backing* in the kernel's mount table (by the
+    directory's identity, however either is spelled: ``kmsfs.mounttable``); [] if the
+    directory cannot be opened."""
+    try:
+        root = open_root(backing)
+    except OSError:
+        return []
+    try:
+        return kmsfs_mounts_of(os.fstat(root))
+    finally:
+        os.close(root)
 
 
 def in_use_message(backing: str | os.PathLike[str], shared: bool = False) -> str:
@@ -109,30 +159,99 @@ def in_use_message(backing: str | os.PathLike[str], shared: bool = False) -> str
 
 
 def volume_in_use(backing: str | os.PathLike[str]) -> bool:
-    """True while a daemon or a tool holds the volume's lock, or a daemon is registered
-    as serving it (shared daemons, on this host or another).  Creates nothing."""
+    """True while a daemon or a tool holds the volume's lock, a daemon is registered as
+    serving it (shared daemons, on this host or another), or the kernel's mount table
+    has a kmsfs mount of it (also when the lock and registrations were moved aside).
+    Creates nothing."""
     fd = _open_lock(backing, create=False)
-    if fd is None:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)  # also releases the probe's shared lock
-    return bool(daemons_serving(backing))
+    if fd is not None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)  # also releases the probe's shared lock
+    return bool(daemons_serving(backing)) or bool(mountpoints_of(backing))
 
 
 class VolumeClaim:
     """What a serving daemon holds: its registration, then the volume lock.
 
-    Attributes: lock_fd (the volume lock's descriptor), registration (None on a
-    read-only backing filesystem).
+    Anyone who can write the backing directory can move ``.kmsfs.d/lock`` and the
+    registrations aside, and a tool would then find the volume free; the kernel's
+    mount table still names the mount (``mountpoints_of``), and ``recheck`` (which the
+    daemon runs every ``RECHECK_INTERVAL`` seconds and before answering ``kmsfs
+    status``) puts both back.
+
+    Attributes: backing, mountpoint, shared, lock_fd (the volume lock's descriptor),
+    registration (None on a read-only backing filesystem).
     """
 
-    def __init__(self, lock_fd: int, registration: Registration | None) -> None:
+    def __init__(
+        self,
+        backing: str | os.PathLike[str],
+        mountpoint: str,
+        shared: bool,
+        lock_fd: int,
+        registration: Registration | None,
+    ) -> None:
+        self.backing = backing
+        self.mountpoint = mountpoint
+        self.shared = shared
         self.lock_fd = lock_fd
         self.registration = registration
+        self._root = open_root(backing)  # the directory served, whatever its path becomes
+
+    def recheck(self) -> list[str]:
+        """Make sure tools still find this daemon: the lock file is still the inode it
+        locked, and the registration still in place.  One moved aside, removed or
+        replaced is created and taken again.  Returns what was found and done, one line
+        each ([] if all was well).  Never raises."""
+        found = []
+        try:
+            if not stat.S_ISDIR(os.fstat(self.lock_fd).st_mode):  # a read-only root: none
+                found += self._recheck_lock()
+            if self.registration is not None:
+                found += self._recheck_registration(self.registration)
+        except OSError as exc:
+            found.append(f"cannot check the volume lock of {self.backing}: {exc.strerror}")
+        return found
+
+    def _recheck_lock(self) -> list[str]:
+        where = f"{self.backing}/{STATE_DIR_NAME}"
+        if _same_file(_stat_in_state(self._root, None, LOCK_NAME), os.fstat(self.lock_fd)):
+            return []
+        what = f"the volume lock {where}/{LOCK_NAME} was moved aside, removed or replaced"
+        try:
+            fd = _open_lock_file(self._root, True, where)
+        except (OSError, KmsfsError) as exc:
+            return [f"{what}, and cannot be made again: {exc}"]
+        assert fd is not None  # created
+        try:
+            fcntl.flock(fd, _mode(self.shared) | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return [
+                f"{what}, and another process holds the new one: a tool may be working on"
+                " this mounted volume (checked again every few seconds)"
+            ]
+        os.close(self.lock_fd)
+        self.lock_fd = fd
+        return [f"{what}: made again and locked, so tools see this mount"]
+
+    def _recheck_registration(self, registration: Registration) -> list[str]:
+        where = f"{self.backing}/{STATE_DIR_NAME}/{DAEMONS_DIR}"
+        current = _stat_in_state(self._root, DAEMONS_DIR, registration.name)
+        if _same_file(current, os.fstat(registration.fd)):
+            return []
+        what = f"this daemon's registration {where}/{registration.name} was moved or removed"
+        try:
+            new = _register_at(self._root, where, self.mountpoint, self.shared)
+        except (OSError, KmsfsError) as exc:
+            return [f"{what}, and cannot be made again: {exc}"]
+        registration.close()
+        self.registration = new
+        return [f"{what}: registered again as {new.name if new else '?'}"]
 
     def close(self) -> None:
         """Unregister and release the lock (never raises)."""
@@ -141,18 +260,62 @@ class VolumeClaim:
         if self.lock_fd >= 0:
             os.close(self.lock_fd)
             self.lock_fd = -1
+        if self._root >= 0:
+            os.close(self._root)
+            self._root = -1
+
+
+RECHECK_INTERVAL = 5.0  # seconds between a serving daemon's ``VolumeClaim.recheck``
+
+
+def _same_file(current: os.stat_result | None, held: os.stat_result) -> bool:
+    return current is not None and (current.st_dev, current.st_ino) == (held.st_dev, held.st_ino)
+
+
+def _stat_in_state(root: int, subdir: str | None, name: str) -> os.stat_result | None:
+    """``lstat`` of ``.kmsfs.d/[subdir/]name`` reached by descriptor from *root*; None if
+    any part is missing or is not what it should be (never followed)."""
+    try:
+        state = open_state_dir(root, create=False)
+    except OSError:
+        return None
+    if state is None:
+        return None
+    try:
+        where = state
+        if subdir is not None:
+            where = os.open(subdir, DIR_FLAGS, dir_fd=state)
+        try:
+            return os.stat(name, dir_fd=where, follow_symlinks=False)
+        finally:
+            if where != state:
+                os.close(where)
+    except OSError:
+        return None
+    finally:
+        os.close(state)
 
 
 def claim_volume(backing: str | os.PathLike[str], mountpoint: str, shared: bool) -> VolumeClaim:
     """Register as serving *backing* at *mountpoint*, then take the volume lock in the
     mode *shared* says.  Registration first, so no tool finds the volume unused while
-    a daemon starts.  MountError (naming the daemons found) or ConfigError as
-    ``lock_volume`` says; nothing is left registered then.
+    a daemon starts.  MountError (naming the daemons found, or for an exclusive claim
+    the mount point the kernel's mount table has) or ConfigError as ``lock_volume``
+    says; nothing is left registered then.
     """
     registration = register_daemon(backing, mountpoint, shared)
     try:
-        return VolumeClaim(lock_volume(backing, shared), registration)
-    except MountError:
+        lock_fd = _take_lock(backing, shared)
+        if not shared:
+            _refuse_if_in_mount_table(backing, lock_fd)
+        try:
+            return VolumeClaim(backing, mountpoint, shared, lock_fd, registration)
+        except OSError as exc:
+            os.close(lock_fd)
+            raise ConfigError(
+                f"cannot open the backing directory {backing}: {exc.strerror}"
+            ) from None
+    except _LockHeld:
         if registration is not None:
             registration.close()
         raise MountError(in_use_message(backing, shared)) from None  # without ourselves
@@ -196,7 +359,19 @@ def register_daemon(
     backing filesystem (nothing can be written there, nor served by others).
     ConfigError if ``.kmsfs.d/daemons`` is a symlink or cannot be made.
     """
-    state = _open_daemons_dir(backing, create=True)
+    try:
+        root = open_root(backing)
+    except OSError as exc:
+        raise ConfigError(f"cannot open the backing directory {backing}: {exc.strerror}") from None
+    try:
+        return _register_at(root, f"{backing}/{STATE_DIR_NAME}/{DAEMONS_DIR}", mountpoint, shared)
+    finally:
+        os.close(root)
+
+
+def _register_at(root: int, where: str, mountpoint: str, shared: bool) -> Registration | None:
+    """``register_daemon`` in the backing directory held open as *root*."""
+    state = _open_daemons_dir_at(root, True, where)
     if state is None:
         return None
     host = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname())[:64] or "host"
@@ -215,9 +390,7 @@ def register_daemon(
         os.close(state)
         if exc.errno == errno.EROFS:
             return None
-        raise ConfigError(
-            f"cannot register in {backing}/{STATE_DIR_NAME}/{DAEMONS_DIR}: {exc.strerror}"
-        ) from None
+        raise ConfigError(f"cannot register in {where}: {exc.strerror}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         os.write(fd, json.dumps(info).encode())
@@ -305,11 +478,18 @@ def _parse_info(name: str, raw: bytes) -> DaemonInfo:
 
 def _open_daemons_dir(backing: str | os.PathLike[str], create: bool) -> int | None:
     """``.kmsfs.d/daemons`` (created 0700 if *create*), or None if absent or read-only."""
-    where = f"{backing}/{STATE_DIR_NAME}/{DAEMONS_DIR}"
     try:
         root = open_root(backing)
     except OSError as exc:
         raise ConfigError(f"cannot open the backing directory {backing}: {exc.strerror}") from None
+    try:
+        return _open_daemons_dir_at(root, create, f"{backing}/{STATE_DIR_NAME}/{DAEMONS_DIR}")
+    finally:
+        os.close(root)
+
+
+def _open_daemons_dir_at(root: int, create: bool, where: str) -> int | None:
+    """``_open_daemons_dir`` in the backing directory held open as *root*."""
     try:
         state = open_state_dir(root, create)
         if state is None:
@@ -329,8 +509,6 @@ def _open_daemons_dir(backing: str | os.PathLike[str], create: bool) -> int | No
         if exc.errno == errno.EROFS:
             return None
         raise ConfigError(_refusal(where, exc)) from None
-    finally:
-        os.close(root)
 
 
 def _open_lock(backing: str | os.PathLike[str], create: bool) -> int | None:

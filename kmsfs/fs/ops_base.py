@@ -362,8 +362,8 @@ class OperationsBase(pyfuse3.Operations):
 
     @staticmethod
     def _is_admin(ctx: pyfuse3.RequestContext) -> bool:
-        """CAP_SYS_ADMIN in the requester's effective set (what ext4 asks for trusted.*)."""
-        return xattrs.has_capability(ctx.pid, xattrs.CAP_SYS_ADMIN)
+        """CAP_SYS_ADMIN of the initial user namespace (what ext4 asks for trusted.*)."""
+        return xattrs.is_host_admin(ctx.pid)
 
     def close(self) -> None:
         """Close every descriptor (after the FUSE loop has ended)."""

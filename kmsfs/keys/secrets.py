@@ -4,7 +4,8 @@ Secrets are read from a file named by an option (``--key-file``,
 ``--passphrase-file``, ``--pkcs11-pin-file``), else from
 ``$CREDENTIALS_DIRECTORY/<credential>`` (systemd ``LoadCredential=``), else from
 an interactive prompt when one is available.  Anything else is a ConfigError.
-A secret file must be private to its owner, as ssh wants of a private key:
+A secret file must be a regular file (not a symlink, FIFO, pipe or device:
+``kmsfs.hostfiles``) private to its owner, as ssh wants of a private key:
 mode 0600 or stricter, owned by root or by the user running kmsfs.
 """
 
@@ -16,29 +17,29 @@ from collections.abc import Callable
 from pathlib import Path
 
 from kmsfs.errors import ConfigError
+from kmsfs.hostfiles import check_owner, open_regular
 
 MAX_SECRET_FILE = 64 * 1024
 Prompt = Callable[[str, bool], str]
+NOT_A_FILE_HINT = (
+    "give a file (mode 0600), a systemd credential ($CREDENTIALS_DIRECTORY), or type it"
+    " at the prompt"
+)
 
 
 def read_secret_file(path: str | os.PathLike[str], what: str, private: bool = True) -> bytes:
     """Read a secret file whole.
 
-    ConfigError if it is missing, unreadable, empty or huge, or (when
-    *private*) if it is a regular file not private to its owner: see
-    ``check_private``.  A pipe (``--passphrase-file <(...)``) holds no stored
-    secret and is read as it is.  systemd credentials are read with *private*
-    False (systemd makes them readable by the service alone).
+    ConfigError if it is missing, unreadable, empty or huge, a symbolic link or
+    anything but a regular file (a FIFO, a pipe such as ``<(...)``, a directory: named
+    in the message; opened without following a link and without waiting for a
+    writer, so a planted FIFO cannot hang a root process), or (when *private*) not
+    private to its owner: see ``check_private``.  systemd credentials are read with
+    *private* False (systemd makes them readable by the service alone).
     """
+    fd, st = open_regular(path, os.O_RDONLY, what, NOT_A_FILE_HINT)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY)
-    except FileNotFoundError:
-        raise ConfigError(f"{what} {path} does not exist") from None
-    except OSError as exc:
-        raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from None
-    try:
-        st = os.fstat(fd)  # the file opened, not a path that may change meanwhile
-        if private and stat.S_ISREG(st.st_mode):
+        if private:
             check_private(st, path, what)
         with open(fd, "rb", closefd=False) as handle:
             data = handle.read(MAX_SECRET_FILE + 1)
@@ -66,21 +67,7 @@ def check_private(st: os.stat_result, path: str | os.PathLike[str], what: str) -
             f"{what} {path} is accessible by group or others"
             f" (mode {stat.S_IMODE(st.st_mode):04o}): run 'chmod 600 {path}'"
         )
-    me = os.geteuid()
-    if st.st_uid not in (0, me):
-        raise ConfigError(
-            f"{what} {path} belongs to uid {st.st_uid}, not to root or to you"
-            f" ({_user_name(me)}): run 'chown {_user_name(me)} {path}'"
-        )
-
-
-def _user_name(uid: int) -> str:
-    import pwd
-
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return str(uid)
+    check_owner(st, path, what)
 
 
 def get_text_secret(

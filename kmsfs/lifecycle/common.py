@@ -23,7 +23,7 @@ from kmsfs.format.header import XATTR_NAME
 from kmsfs.format.volume import STATE_DIR_NAME
 from kmsfs.fs.headerio import read_raw_header
 from kmsfs.fs.tree import FILE_FLAGS, open_root, open_state_dir
-from kmsfs.lock import daemons_serving, lock_volume, volume_in_use
+from kmsfs.lock import daemons_serving, lock_volume, mountpoints_of, volume_in_use
 
 MAX_JOURNAL_SIZE = 1 << 20
 
@@ -123,47 +123,10 @@ def unlink_if_present(dir_fd: int, name: str) -> None:
 # -- the volume lock and mounts -----------------------------------------------
 
 
-def _unescape_mount_field(text: str) -> str:
-    """/proc/mounts escapes space, tab, newline and backslash as octal (\\040...)."""
-    out, i = [], 0
-    while i < len(text):
-        if text[i] == "\\" and i + 4 <= len(text) and text[i + 1 : i + 4].isdigit():
-            out.append(chr(int(text[i + 1 : i + 4], 8)))
-            i += 4
-        else:
-            out.append(text[i])
-            i += 1
-    return "".join(out)
-
-
-def mountpoints_of(backing: Path, mounts_file: str = "/proc/mounts") -> list[str]:
-    """Mount points of FUSE mounts whose source is the directory *backing* (the same
-    inode, however either is spelled).  Only for naming a mount in messages: whether
-    the volume is in use is the volume lock's answer (``kmsfs.lock``)."""
-    try:
-        wanted = os.stat(backing)
-        with open(mounts_file) as handle:
-            lines = handle.readlines()
-    except OSError:
-        return []
-    found = []
-    for line in lines:
-        fields = line.split()
-        if len(fields) < 3 or not fields[2].startswith("fuse"):
-            continue
-        try:
-            st = os.stat(_unescape_mount_field(fields[0]))
-        except (OSError, ValueError):
-            continue
-        if (st.st_dev, st.st_ino) == (wanted.st_dev, wanted.st_ino):
-            found.append(_unescape_mount_field(fields[1]))
-    return found
-
-
 def in_use_by(backing: Path) -> str | None:
-    """None if no daemon or tool holds the volume's lock; else who: the mount point
-    if /proc/mounts names one, else the registered daemons (shared mode, other hosts),
-    else 'another kmsfs process'."""
+    """None if the volume is not in use (``volume_in_use``); else who: the mount point
+    if the kernel's mount table names one, else the registered daemons (shared mode,
+    other hosts), else 'another kmsfs process'."""
     if not volume_in_use(backing):
         return None
     where = mountpoints_of(backing)
@@ -207,7 +170,8 @@ def _in_use_message(backing: Path, tool: str) -> str:
 
 
 def refuse_if_mounted(backing: Path, tool: str) -> None:
-    """VolumeMounted (exit 7) while a daemon (or another tool) holds the volume lock."""
+    """VolumeMounted (exit 7) while a daemon (or another tool) holds the volume lock, or
+    the kernel's mount table has a kmsfs mount of it."""
     if volume_in_use(backing):
         raise VolumeMounted(_in_use_message(backing, tool))
 

@@ -57,6 +57,7 @@ import click
 
 from kmsfs.errors import ConfigError
 from kmsfs.format.volume_key import parse_fingerprint
+from kmsfs.hostfiles import open_regular
 from kmsfs.policy import Policy, parse_policy
 
 CONFIG_DIR = Path("/etc/kmsfs")
@@ -174,12 +175,13 @@ class ServerConfig:
 def load_server_config(path: str | os.PathLike[str]) -> ServerConfig:
     """Read and validate the config file *path*; ConfigError naming the key and the problem."""
     path = Path(path)
+    # a FIFO would hang us; a symlink is followed (/etc may be links into a store) and
+    # what it names is checked
+    fd, _ = open_regular(path, os.O_RDONLY, "config file", follow=True)
     try:
-        with open(path, "rb") as handle:
+        with open(fd, "rb") as handle:
             _check_owner_and_mode(handle.fileno(), path)
             data = tomllib.load(handle)
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist") from None
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:

@@ -12,7 +12,7 @@ import os
 from collections.abc import Callable
 
 from kmsfs.errors import KmsfsError, MountError
-from kmsfs.server.logs import setup_logging
+from kmsfs.server.logs import LogFile, setup_logging
 from kmsfs.server.mountcmd import MountPlan
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,7 @@ def serve_plan(plan: MountPlan, on_ready: Callable[[], None] | None) -> None:
     if plan.shared:
         check_shared_support(plan.backing)
     claim = claim_volume(plan.backing, plan.mountpoint, plan.shared)
+    plan.runtime.claim = claim  # rechecked while serving: tools must keep finding it
     audit = AuditLog(plan.audit_log) if plan.audit_log else None
     try:
         config, keyring = open_volume(
@@ -78,8 +79,9 @@ def serve_plan(plan: MountPlan, on_ready: Callable[[], None] | None) -> None:
 
 
 def run_foreground(plan: MountPlan) -> None:
-    """Serve in this process, logging as the plan says (systemd's Type=notify path)."""
-    setup_logging(plan.log_level, plan.log_file)
+    """Serve in this process, logging as the plan says (systemd's Type=notify path).
+    ConfigError if the log file is refused (``LogFile``)."""
+    setup_logging(plan.log_level, LogFile(plan.log_file) if plan.log_file else None)
     serve_plan(plan, plan.runtime.on_ready)
 
 
@@ -87,11 +89,15 @@ def run_in_background(plan: MountPlan) -> int:
     """Fork a daemon; in the parent, return its pid once the mount answers.
 
     Raises the daemon's error (its message and exit code) if it failed before
-    the mount answered: a KmsfsError subclass chosen by the exit code.
+    the mount answered: a KmsfsError subclass chosen by the exit code; ConfigError
+    before forking if the log file is refused (``LogFile``).
     """
+    log_file = LogFile(plan.log_file) if plan.log_file else None
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid:
+        if log_file is not None:
+            log_file.close()  # the daemon's now
         os.close(write_end)
         with os.fdopen(read_end, "rb") as pipe:
             message = pipe.read().decode(errors="replace")
@@ -104,7 +110,7 @@ def run_in_background(plan: MountPlan) -> int:
         raise _error_for(int(exit_code), text.strip())
 
     os.close(read_end)
-    setup_logging(plan.log_level, plan.log_file, background=True)
+    setup_logging(plan.log_level, log_file, background=True)
 
     def ready() -> None:
         os.write(write_end, b"OK\n")

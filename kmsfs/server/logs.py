@@ -7,7 +7,8 @@ entry's priority (``journalctl -p warning`` works), and no timestamp (the
 journal has its own).  Elsewhere lines carry a timestamp and the level name.
 
 Messages never contain secrets: kmsfs logs paths, key references and key IDs,
-never key material, passphrases or PINs.
+never key material, passphrases or PINs.  Still, a log file is the daemon's
+own: created 0600, never opened through a symlink (``LogFile``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import logging.handlers
 import os
 import sys
 from typing import TextIO
+
+from kmsfs.hostfiles import open_private_log
 
 # sd-daemon(3) priority prefixes
 PRIORITIES = {
@@ -69,11 +72,27 @@ def stderr_formatter(stream: TextIO | None = None) -> logging.Formatter:
     return logging.Formatter(PLAIN_FORMAT)
 
 
-def setup_logging(level: str, log_file: str | None = None, background: bool = False) -> None:
+class LogFile:
+    """A log file opened for appending, 0600, never through a symlink (``open_private_log``).
+
+    Opened before the daemon forks, so a refused file is the command's error (exit 3).
+    Attributes: path, stream, note (a line to log once logging is set up, or None).
+    """
+
+    def __init__(self, path: str) -> None:
+        fd, self.note = open_private_log(path, "log file")
+        self.path = path
+        self.stream: TextIO = os.fdopen(fd, "a", encoding="utf-8")
+
+    def close(self) -> None:
+        self.stream.close()
+
+
+def setup_logging(level: str, log_file: LogFile | None = None, background: bool = False) -> None:
     """Log to *log_file*, else stderr; a background daemon without a file logs to syslog."""
     handlers: list[logging.Handler] = []
     if log_file:
-        handlers.append(logging.FileHandler(log_file))
+        handlers.append(logging.StreamHandler(log_file.stream))
     elif background and os.path.exists("/dev/log"):
         syslog = logging.handlers.SysLogHandler(address="/dev/log")
         syslog.ident = "kmsfs: "
@@ -94,3 +113,5 @@ def setup_logging(level: str, log_file: str | None = None, background: bool = Fa
     root.setLevel(level.upper())
     logging.getLogger("botocore").setLevel(logging.WARNING)
     logging.getLogger("pyfuse3").setLevel(logging.WARNING)
+    if log_file is not None and log_file.note is not None:
+        logging.getLogger("kmsfs.server").warning("%s", log_file.note)

@@ -98,6 +98,9 @@ def prepare_mount(
     extra, shared, shared_timeout = split_shared_options(extra)
     runtime = ServerRuntime(mountpoint, metrics_listen)
     runtime.check()
+    problem = runtime.socket_problem()
+    if problem is not None:
+        click.echo(f"kmsfs: warning: {problem}; this mount has no status socket", err=True)
     if recover_stale_mount(mountpoint):
         click.echo(
             f"kmsfs: detached the stale mount at {mountpoint} (its daemon had died)", err=True

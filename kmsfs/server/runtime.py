@@ -1,4 +1,5 @@
-"""What a mount runs beside the FUSE loop: status socket, metrics, systemd notifications.
+"""What a mount runs beside the FUSE loop: status socket, metrics, systemd notifications,
+and the recheck of the volume lock.
 
 ``ServerRuntime.run(ops)`` is handed to ``kmsfs.daemon.serve`` as a service:
 it starts with the FUSE loop and is cancelled when the loop ends (unmount or
@@ -13,16 +14,20 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from typing import TYPE_CHECKING, Any
 
 import trio
 
+from kmsfs.errors import ConfigError
+from kmsfs.lock import RECHECK_INTERVAL
 from kmsfs.server import notify
 from kmsfs.server.stats import ProviderStats, snapshot
 
 if TYPE_CHECKING:
     from kmsfs.fs.operations import KmsfsOperations
+    from kmsfs.lock import VolumeClaim
     from kmsfs.server.metrics import MetricsServer
 
 log = logging.getLogger("kmsfs.server")
@@ -30,13 +35,16 @@ log = logging.getLogger("kmsfs.server")
 
 class ServerRuntime:
     """Attributes: mountpoint, metrics_listen (``HOST:PORT`` or None),
-    provider_stats, metrics (the running MetricsServer, once started)."""
+    provider_stats, metrics (the running MetricsServer, once started), claim (the
+    volume lock and registration the daemon holds, to recheck; None: not watched)."""
 
     def __init__(self, mountpoint: str, metrics_listen: str | None = None) -> None:
         self.mountpoint = mountpoint
         self.metrics_listen = metrics_listen
         self.provider_stats = ProviderStats()
         self.metrics: MetricsServer | None = None
+        self.claim: VolumeClaim | None = None
+        self._lock_state = "held"
         self.started = time.time()
         self.started_monotonic = time.monotonic()
 
@@ -46,6 +54,19 @@ class ServerRuntime:
             from kmsfs.server.metrics import check_metrics_listen
 
             check_metrics_listen(self.metrics_listen)
+
+    def socket_problem(self) -> str | None:
+        """Why the status socket could not be made (an unsafe runtime directory), said
+        before mounting; None if nothing is wrong yet."""
+        from kmsfs.server.rundir import open_runtime_dir
+
+        try:
+            fd = open_runtime_dir(create=False)
+        except ConfigError as exc:
+            return str(exc)
+        if fd is not None:
+            os.close(fd)
+        return None
 
     def on_ready(self) -> None:
         """Tell systemd the mount answers (the daemon calls this once it does)."""
@@ -64,6 +85,8 @@ class ServerRuntime:
                 interval = notify.watchdog_interval()
                 if interval is not None:
                     nursery.start_soon(self._watchdog, interval)
+                if self.claim is not None:
+                    nursery.start_soon(self._watch_claim)
                 await trio.sleep_forever()  # until the FUSE loop ends and cancels us
         finally:
             with trio.CancelScope(shield=True):
@@ -76,7 +99,22 @@ class ServerRuntime:
             ops, self.provider_stats, self.mountpoint, self.started, self.started_monotonic
         )
         info["metrics_url"] = self.metrics.url if self.metrics is not None else None
+        info["volume_lock"] = self._lock_state if self.claim is not None else None
         return info
+
+    def check_claim(self) -> None:
+        """Recheck the volume lock and this daemon's registration (``VolumeClaim.recheck``:
+        one moved aside is made and taken again, so tools see the mount) and log what
+        was wrong as errors, once per change.  A few syscalls on the backing directory,
+        run on the loop like the daemon's other metadata calls."""
+        if self.claim is None:
+            return
+        found = self.claim.recheck()
+        state = "; ".join(found) if found else "held"
+        if found and state != self._lock_state:
+            for line in found:
+                log.error("%s", line)
+        self._lock_state = state
 
     async def _serve_status(self, ops: KmsfsOperations) -> None:
         from kmsfs.server.status import bind_control_socket, serve_control
@@ -86,10 +124,14 @@ class ServerRuntime:
         except OSError as exc:
             log.warning("no status socket for %s: %s", self.mountpoint, exc)
             return
+        except ConfigError as exc:  # an unsafe runtime directory: not used, said loudly
+            log.error("no status socket for %s: %s", self.mountpoint, exc)
+            return
         log.debug("status socket %s", path)
 
         def answer(request: str) -> dict[str, Any]:
             if request == "status":
+                self.check_claim()  # a tool asks: the lock it would look for is back
                 return self.snapshot(ops)
             return {"error": f"unknown request {request[:40]!r}"}
 
@@ -113,6 +155,11 @@ class ServerRuntime:
             )
         except Exception as exc:
             log.error("metrics endpoint %s not started: %s", self.metrics_listen, exc)
+
+    async def _watch_claim(self) -> None:
+        while True:
+            await trio.sleep(RECHECK_INTERVAL)
+            self.check_claim()
 
     async def _watchdog(self, interval: float) -> None:
         while True:

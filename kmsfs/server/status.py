@@ -3,7 +3,8 @@
 Each daemon listens on an AF_UNIX stream socket named after its mount point:
 ``<runtime dir>/<sha256(mount point)[:32]>.sock``, where the runtime dir is
 ``$KMSFS_RUNTIME_DIR``, else ``/run/kmsfs`` for root, else
-``$XDG_RUNTIME_DIR/kmsfs`` (else ``/tmp/kmsfs-UID``).  A socket outside the
+``$XDG_RUNTIME_DIR/kmsfs`` (else ``/tmp/kmsfs-UID``): ``kmsfs.server.rundir``,
+which uses it only if it is the user's own and 0700.  A socket outside the
 mount keeps the filesystem's namespace untouched; the hash keeps any mount
 point path within the 108-byte socket address limit.  The directory is 0700
 and the socket 0600: only the daemon's user (and root) may ask.
@@ -29,23 +30,12 @@ from typing import Any
 import trio
 
 from kmsfs.errors import MountError
+from kmsfs.server.rundir import in_runtime_dir, open_runtime_dir, runtime_dir
 
 log = logging.getLogger("kmsfs.status")
 
 MAX_REQUEST = 1024
 REQUEST_TIMEOUT = 5.0
-
-
-def runtime_dir() -> Path:
-    configured = os.environ.get("KMSFS_RUNTIME_DIR")
-    if configured:
-        return Path(configured)
-    if os.geteuid() == 0:
-        return Path("/run/kmsfs")
-    xdg = os.environ.get("XDG_RUNTIME_DIR")
-    if xdg:
-        return Path(xdg, "kmsfs")
-    return Path(f"/tmp/kmsfs-{os.geteuid()}")
 
 
 def socket_path(mountpoint: str | os.PathLike[str]) -> Path:
@@ -63,21 +53,30 @@ def socket_path(mountpoint: str | os.PathLike[str]) -> Path:
 
 
 def bind_control_socket(mountpoint: str) -> tuple[trio.socket.SocketType, Path]:
-    """A listening trio socket at ``socket_path(mountpoint)``, replacing a stale one."""
+    """A listening trio socket at ``socket_path(mountpoint)``, replacing a stale one.
+
+    ConfigError if the runtime directory is not this user's and 0700 (``open_runtime_dir``);
+    OSError if the socket cannot be made.
+    """
     path = socket_path(mountpoint)
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()  # left by a daemon that died; a live one would own the mount point
-    plain = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    dir_fd = open_runtime_dir(create=True)
+    assert dir_fd is not None
     try:
-        # the umask is process-wide and the daemon's is 0: chmod instead (the 0700
-        # directory keeps others out meanwhile)
-        plain.bind(str(path))
-        os.chmod(path, 0o600)
-        plain.listen(16)
-    except BaseException:
-        plain.close()
-        raise
+        with contextlib.suppress(FileNotFoundError):
+            # left by a daemon that died; a live one would own the mount point
+            os.unlink(path.name, dir_fd=dir_fd)
+        plain = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            # the umask is process-wide and the daemon's is 0: chmod instead (the 0700
+            # directory keeps others out meanwhile)
+            plain.bind(in_runtime_dir(dir_fd, path.name))
+            os.chmod(path.name, 0o600, dir_fd=dir_fd)
+            plain.listen(16)
+        except BaseException:
+            plain.close()
+            raise
+    finally:
+        os.close(dir_fd)
     sock = trio.socket.from_stdlib_socket(plain)
     return sock, path
 
@@ -110,13 +109,17 @@ async def serve_control(
 
 
 def query(mountpoint: str, request: str = "status", timeout: float = 10.0) -> dict[str, Any]:
-    """Ask the daemon of *mountpoint*; MountError if none answers."""
+    """Ask the daemon of *mountpoint*; MountError if none answers, ConfigError if the
+    runtime directory is not this user's and 0700 (``open_runtime_dir``)."""
     path = socket_path(mountpoint)
+    dir_fd = open_runtime_dir(create=False)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     sock.settimeout(timeout)
     try:
         try:
-            sock.connect(str(path))
+            if dir_fd is None:
+                raise FileNotFoundError(errno.ENOENT, "no runtime directory")
+            sock.connect(in_runtime_dir(dir_fd, path.name))
         except OSError as exc:
             if exc.errno in (errno.ENOENT, errno.ECONNREFUSED):
                 raise MountError(
@@ -137,6 +140,8 @@ def query(mountpoint: str, request: str = "status", timeout: float = 10.0) -> di
         ) from None
     finally:
         sock.close()
+        if dir_fd is not None:
+            os.close(dir_fd)
     try:
         reply: dict[str, Any] = json.loads(b"".join(chunks))
     except ValueError:
@@ -165,6 +170,8 @@ def format_status(info: dict[str, Any]) -> str:
         f"daemon:         pid {info['pid']}, up {_duration(info['uptime_seconds'])}"
         f" (since {info['started']})",
     ]
+    if info.get("volume_lock"):
+        lines.append(f"volume lock:    {info['volume_lock']}")
     for provider in info["providers"]:
         lines.append(f"master key:     {provider['description']}")
     lines += [

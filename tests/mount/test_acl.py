@@ -2,8 +2,8 @@
 
 The kernel enforces ACLs (FUSE_POSIX_ACL with default_permissions); kmsfs stores
 them on the backing files, where the backing filesystem inherits default ACLs.
-``trusted.*`` is root's (CAP_SYS_ADMIN), as on ext4.  Other users are real uids
-(setpriv) on an ``allow_other`` mount.
+``trusted.*`` is root's (CAP_SYS_ADMIN in the initial user namespace), as on ext4.
+Other users are real uids (setpriv) on an ``allow_other`` mount.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Volume, make_volume, requires_fuse, run_as
+from conftest import BIN, Volume, make_volume, requires_fuse, run_as
 
 pytestmark = [requires_fuse, pytest.mark.mount]
 NOBODY = 65534
@@ -91,19 +91,76 @@ def test_cp_a_and_rsync_keep_acls_and_xattrs(shared_volume: Volume, tmp_path: Pa
     assert os.getxattr(back / "f", "user.origin") == b"plain"
 
 
-def test_trusted_xattrs_are_roots(shared_volume: Volume) -> None:
-    f = shared_volume.path("t")
+def _file_labelled_by_root(vol: Volume) -> Path:
+    """A file anyone may open, with a ``trusted.label`` root set and sees."""
+    f = vol.path("t")
     f.write_bytes(b"x")
     f.chmod(0o666)
     os.setxattr(f, "trusted.label", b"root's")
     assert os.getxattr(f, "trusted.label") == b"root's"
     assert "trusted.label" in os.listxattr(f)
+    return f
+
+
+def test_trusted_xattrs_are_roots(shared_volume: Volume) -> None:
+    f = _file_labelled_by_root(shared_volume)
     as_nobody = run_as(NOBODY, "setfattr", "-n", "trusted.other", "-v", "1", f)
     assert as_nobody.returncode != 0 and "Operation not permitted" in as_nobody.stderr
     read = run_as(NOBODY, "getfattr", "-n", "trusted.label", f)
     assert read.returncode != 0  # ext4: a non-admin neither reads nor lists trusted.*
     listed = run_as(NOBODY, "getfattr", "-d", "-m", "-", f)
     assert "trusted.label" not in listed.stdout
+
+
+LIST_XATTRS = """
+import errno, os, sys
+print(" ".join(sorted(os.listxattr(sys.argv[1]))))
+try:
+    os.getxattr(sys.argv[1], "trusted.label")
+except OSError as exc:
+    print(errno.errorcode[exc.errno])
+"""
+
+
+def test_trusted_xattrs_are_hidden_from_root_of_a_user_namespace(shared_volume: Volume) -> None:
+    """The attack: an unprivileged user makes a user namespace (``unshare -Ur``), where
+    it is root with every capability in its effective set, and lists ``trusted.*``
+    names.  ext4 shows them only for CAP_SYS_ADMIN in the initial user namespace, and
+    so does the mount now (the kernel itself refuses the values: ENODATA)."""
+    f = _file_labelled_by_root(shared_volume)
+    os.setxattr(f, "user.visible", b"to all")
+    result = run_as(NOBODY, "unshare", "-Ur", "/usr/bin/python3", "-c", LIST_XATTRS, f)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[:2] == ["user.visible", "ENODATA"]
+
+
+UNIT_CAPABILITIES = "-all,+sys_admin,+dac_override,+dac_read_search,+fowner,+fsetid,+chown"
+UNIT_CAPABILITIES += ",+mknod,+setfcap"  # systemd/kmsfs@.service's CapabilityBoundingSet=
+
+
+def test_trusted_xattrs_under_the_units_capabilities(shared_dir: Path) -> None:
+    """Under the unit's bounding set (no CAP_SYS_PTRACE) the daemon may not read the
+    namespace link of a requester with more capabilities (a root shell): host root
+    still sees ``trusted.*`` (told by its uid_map), root of a user namespace not."""
+    vol = make_volume(shared_dir)
+    vol.mountpoint.rename(shared_dir / "mnt")
+    vol.mountpoint = shared_dir / "mnt"
+    subprocess.run(
+        ["setpriv", f"--bounding-set={UNIT_CAPABILITIES}", str(BIN), "mount", vol.backing]
+        + [vol.mountpoint, "-o", "allow_other", "--key-file", vol.key_file]
+        + ["--log-file", vol.log_file],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    vol.mounted = True
+    try:
+        vol.mountpoint.chmod(0o755)
+        f = _file_labelled_by_root(vol)  # root: told by its uid_map
+        result = run_as(NOBODY, "unshare", "-Ur", "/usr/bin/python3", "-c", LIST_XATTRS, f)
+        assert result.stdout.split("\n")[:2] == ["", "ENODATA"], result.stderr
+    finally:
+        vol.umount()
 
 
 def test_security_xattrs_are_not_stored(shared_volume: Volume) -> None:

@@ -1,15 +1,24 @@
-"""Secret files (key files, passphrase and PIN files) must be private, as ssh wants of a key.
+"""Secret files (key files, passphrase and PIN files) must be private, as ssh wants of a key,
+and regular files.
 
-The attack: a key file or passphrase file that other local users can read (or
-write, to swap in a secret they know) used to mount silently.  Now every
-command that reads one exits 3 with the ``chmod``/``chown`` that fixes it.
-systemd credentials ($CREDENTIALS_DIRECTORY) are exempt: systemd makes them
-private to the service.
+The attacks: a key file or passphrase file that other local users can read (or
+write, to swap in a secret they know) used to mount silently; a FIFO (of an
+unprivileged user) named as a key file used to hang root's mount forever.  Now
+every command that reads one exits 3 with the ``chmod``/``chown`` that fixes it,
+or naming what the file is (a FIFO, a pipe, a symbolic link, a directory...).
+systemd credentials ($CREDENTIALS_DIRECTORY) are exempt from the mode check:
+systemd makes them private to the service.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -107,24 +116,133 @@ def test_systemd_credentials_keep_working(tmp_path: Path, monkeypatch: pytest.Mo
     assert get_text_secret(None, "kmsfs-pin", "PIN", None) == "5678"
 
 
-def test_a_pipe_is_read_as_it_is(tmp_path: Path) -> None:
-    """``--passphrase-file <(pass show x)`` passes a pipe: nothing stored, nothing to check."""
+def test_a_pipe_is_refused_naming_what_to_use_instead(tmp_path: Path) -> None:
+    """``--passphrase-file <(pass show x)`` passes a pipe: refused (a pipe is a FIFO, and a
+    FIFO can hang a root process); a file, a systemd credential or the prompt instead."""
     read_end, write_end = os.pipe()
     os.write(write_end, b"from a pipe\n")
     os.close(write_end)
     try:
-        assert read_secret_file(f"/dev/fd/{read_end}", "passphrase") == b"from a pipe\n"
+        with pytest.raises(ConfigError) as info:
+            read_secret_file(f"/dev/fd/{read_end}", "passphrase")
     finally:
         os.close(read_end)
+    assert str(info.value) == (
+        f"passphrase /dev/fd/{read_end} is a pipe, not a regular file: give a file (mode 0600),"
+        " a systemd credential ($CREDENTIALS_DIRECTORY), or type it at the prompt"
+    )
 
 
-def test_symlink_to_a_private_file_is_accepted_and_its_target_checked(tmp_path: Path) -> None:
+def test_a_symlink_is_refused_and_its_target_never_read(tmp_path: Path) -> None:
     target = tmp_path / "real.key"
     target.write_bytes(b"secret")
     target.chmod(0o600)
     link = tmp_path / "link.key"
-    link.symlink_to(target)  # the link's own mode (0777) says nothing
-    assert read_secret_file(link, "key file") == b"secret"
-    target.chmod(0o644)
-    with pytest.raises(ConfigError, match="accessible by group or others"):
+    link.symlink_to(target)  # the link's own mode (0777) says nothing; O_NOFOLLOW
+    before = os.stat(target).st_atime_ns
+    with pytest.raises(ConfigError) as info:
         read_secret_file(link, "key file")
+    assert str(info.value).startswith(
+        f"key file {link} is a symbolic link (to '{target}'), not a regular file"
+        " (kmsfs does not follow one here): give a file (mode 0600)"
+    )
+    assert os.stat(target).st_atime_ns == before
+    assert read_secret_file(target, "key file") == b"secret"  # the fix: name the file
+
+
+# -- secret files that are not regular files ---------------------------------------------
+
+
+def _fifo_owned_by_nobody(path: Path) -> Path:
+    os.mkfifo(path, 0o600)
+    os.chown(path, NOBODY, NOBODY)  # an unprivileged user's FIFO, named by root
+    return path
+
+
+@contextmanager
+def _unblock_after(fifo: Path, seconds: float) -> Iterator[None]:
+    """Without the protection the reader blocks until a writer comes: be that writer after
+    *seconds*, so the test fails (too slow) instead of hanging."""
+    done = threading.Event()
+
+    def writer() -> None:
+        if not done.wait(seconds):
+            with contextlib.suppress(OSError):
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
+@pytest.mark.parametrize(
+    "make, kind",
+    [
+        (_fifo_owned_by_nobody, "a FIFO"),
+        (lambda path: path.mkdir(mode=0o700) or path, "a directory"),
+        (lambda path: _bound_socket(path), "a socket"),
+        (lambda path: path.symlink_to("/dev/null") or path, "a symbolic link (to '/dev/null')"),
+    ],
+    ids=["fifo", "directory", "socket", "symlink-to-device"],
+)
+def test_a_secret_that_is_not_a_regular_file_is_refused_at_once(
+    tmp_path: Path, make: Callable[[Path], Path], kind: str
+) -> None:
+    secret = make(tmp_path / "secret")
+    started = time.monotonic()
+    with _unblock_after(secret, 10), pytest.raises(ConfigError) as info:
+        get_text_secret(str(secret), "kmsfs-pin", "PIN of token 'hsm'", None)
+    assert time.monotonic() - started < 1.0  # no wait for a writer
+    assert str(info.value).startswith(f"PIN of token 'hsm' {secret} is {kind}, not a regular file")
+
+
+def _bound_socket(path: Path) -> Path:
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(path))
+    sock.close()  # the socket file stays
+    return path
+
+
+def test_a_systemd_credential_must_be_a_regular_file_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    _fifo_owned_by_nobody(creds / "kmsfs-pin")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    with _unblock_after(creds / "kmsfs-pin", 10), pytest.raises(ConfigError, match="is a FIFO"):
+        get_text_secret(None, "kmsfs-pin", "PIN", None)
+
+
+@requires_fuse
+@pytest.mark.mount
+def test_root_mount_and_init_refuse_a_fifo_key_file_of_another_user(
+    volume: Volume, tmp_path: Path
+) -> None:
+    """The attack: an unprivileged user's FIFO where root's mount (or init) reads its key
+    file.  Before, the root process blocked forever opening it (no writer ever comes);
+    now it exits 3 at once, naming the type."""
+    fifo = _fifo_owned_by_nobody(tmp_path / "fifo.key")
+    with _unblock_after(fifo, 20):
+        result = run_kmsfs(
+            "mount", volume.backing, volume.mountpoint, "--key-file", fifo, check=False, timeout=30
+        )
+    assert result.returncode == 3, result.stderr
+    assert result.stderr.strip() == (
+        f"kmsfs: error: key file {fifo} is a FIFO, not a regular file: give a file (mode 0600),"
+        " a systemd credential ($CREDENTIALS_DIRECTORY), or type it at the prompt"
+    )
+    assert not os.path.ismount(volume.mountpoint)
+    other = tmp_path / "other"
+    other.mkdir()
+    with _unblock_after(fifo, 20):
+        started = time.monotonic()
+        init = run_kmsfs("init", other, "--key-file", fifo, check=False, timeout=30)
+        elapsed = time.monotonic() - started
+    assert init.returncode == 3 and "is a FIFO, not a regular file" in init.stderr
+    assert elapsed < 15  # the CLI's start-up under load, far from the 20 s of the unblocker
+    assert not (other / ".kmsfs.json").exists()

@@ -184,6 +184,18 @@ def test_missing_file(tmp_path: Path) -> None:
         load_server_config(tmp_path / "nope.toml")
 
 
+def test_a_config_file_that_is_a_fifo_is_refused_at_once(tmp_path: Path) -> None:
+    """A FIFO named as the config file: refused on opening (O_NONBLOCK), not waited on."""
+    fifo = tmp_path / "data.toml"
+    os.mkfifo(fifo, 0o644)
+    os.chown(fifo, 65534, 65534)
+    result = run_kmsfs("mount", "--config", fifo, check=False, timeout=30)
+    assert result.returncode == 3, result.stderr
+    assert result.stderr.strip() == (
+        f"kmsfs: error: config file {fifo} is a FIFO, not a regular file"
+    )
+
+
 def test_listen_address() -> None:
     assert parse_listen_address("127.0.0.1:9750") == ("127.0.0.1", 9750)
     assert parse_listen_address("[::1]:0") == ("::1", 0)
