@@ -15,6 +15,7 @@ LAYER = {
     "format": 0,
     "durable": 0,
     "errors": 0,
+    "statx": 0,
     "keys": 1,
     "policy": 1,
     "fs": 2,
