@@ -11,10 +11,12 @@ import sys
 import click
 
 from kmsfs.cli.common import handle_errors
-from kmsfs.errors import UsageError
+from kmsfs.errors import ConfigError, UsageError
 from kmsfs.policy import ACTIONS, Requester
+from kmsfs.server.config import config_option
 
 DENIED = 1
+RELOAD_TIMEOUT = 60.0  # the daemon resolves names (NSS, maybe LDAP) and stats programs
 
 
 @click.group()
@@ -160,3 +162,28 @@ def suggest(auditlog: str) -> None:
     denies = sum(1 for r in seen if r.effect == "deny" and r.mode == "learn")
     click.echo(f"kmsfs: {count} rules suggested for {denies} would-be denies", err=True)
 
+
+@policy.command()
+@click.argument("mountpoint", required=False, type=click.Path(file_okay=False))
+@config_option
+@handle_errors
+def reload(mountpoint: str | None) -> None:
+    """Have the daemon of MOUNTPOINT re-read its [policy] and wait for its verdict.
+
+    The daemon re-reads the config file it was mounted with (--config).  This
+    is what ``systemctl reload kmsfs@NAME`` runs.  Exit 0 if the daemon serves
+    the new policy; 3 if it refused the file and keeps the current policy (the
+    reason is printed and logged; also for a file this command cannot load);
+    7 if no daemon answers for MOUNTPOINT or it was mounted without a config file.
+    """
+    from kmsfs.server.status import query
+
+    if mountpoint is None:
+        raise UsageError("MOUNTPOINT missing: give it or --config FILE")
+    reply = query(os.path.abspath(mountpoint), "reload-policy", timeout=RELOAD_TIMEOUT)
+    if not reply.get("reloaded"):
+        raise ConfigError(
+            f"the daemon of {mountpoint} refused the new policy and keeps its current one"
+            f" ({reply.get('policy')}): {reply.get('refused')}"
+        )
+    click.echo(f"policy reloaded for {mountpoint}: {reply.get('policy')}")

@@ -165,8 +165,12 @@ class ServerConfig:
 
 
 def load_server_config(path: str | os.PathLike[str]) -> ServerConfig:
-    """Read and validate the config file *path*; ConfigError naming the key and the problem."""
-    path = Path(path)
+    """Read and validate the config file *path*; ConfigError naming the key and the problem.
+
+    The ServerConfig's path (and its policy's source) is absolute: a daemon
+    re-reads it on reload after leaving the working directory.
+    """
+    path = Path(os.path.abspath(path))
     try:
         with open(path, "rb") as handle:
             _check_owner_and_mode(handle.fileno(), path)

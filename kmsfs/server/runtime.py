@@ -24,19 +24,22 @@ from kmsfs.server.stats import ProviderStats, snapshot
 if TYPE_CHECKING:
     from kmsfs.fs.operations import KmsfsOperations
     from kmsfs.server.metrics import MetricsServer
+    from kmsfs.server.policyfile import PolicyReloader
 
 log = logging.getLogger("kmsfs.server")
 
 
 class ServerRuntime:
     """Attributes: mountpoint, metrics_listen (``HOST:PORT`` or None),
-    provider_stats, metrics (the running MetricsServer, once started)."""
+    provider_stats, metrics (the running MetricsServer, once started),
+    reloader (reloads the access policy from the config file; None without one)."""
 
     def __init__(self, mountpoint: str, metrics_listen: str | None = None) -> None:
         self.mountpoint = mountpoint
         self.metrics_listen = metrics_listen
         self.provider_stats = ProviderStats()
         self.metrics: MetricsServer | None = None
+        self.reloader: PolicyReloader | None = None
         self.started = time.time()
         self.started_monotonic = time.monotonic()
 
@@ -76,7 +79,19 @@ class ServerRuntime:
             ops, self.provider_stats, self.mountpoint, self.started, self.started_monotonic
         )
         info["metrics_url"] = self.metrics.url if self.metrics is not None else None
+        policy = info["policy"]
+        reloader = self.reloader
+        policy["config_file"] = reloader.path if reloader is not None else None
+        policy["reloads"] = reloader.reloads if reloader is not None else 0
+        policy["reloads_refused"] = reloader.refused if reloader is not None else 0
         return info
+
+    async def reload_policy(self, ops: KmsfsOperations) -> dict[str, Any]:
+        """The ``reload-policy`` request: reload, and say whether the new policy is served."""
+        if self.reloader is None:
+            return {"error": "mounted without a config file (--config): no policy to reload"}
+        refused = await self.reloader.reload(ops)
+        return {"reloaded": refused is None, "refused": refused, "policy": ops.policy.summary()}
 
     async def _serve_status(self, ops: KmsfsOperations) -> None:
         from kmsfs.server.status import bind_control_socket, serve_control
@@ -88,9 +103,11 @@ class ServerRuntime:
             return
         log.debug("status socket %s", path)
 
-        def answer(request: str) -> dict[str, Any]:
+        async def answer(request: str) -> dict[str, Any]:
             if request == "status":
                 return self.snapshot(ops)
+            if request == "reload-policy":
+                return await self.reload_policy(ops)
             return {"error": f"unknown request {request[:40]!r}"}
 
         try:

@@ -133,4 +133,5 @@ def snapshot(
         "bytes_written": ops.bytes_written,
         "errors": ops.errors,
         "requests": ops.requests.summary(),
+        "policy": ops.policy.describe(),
     }

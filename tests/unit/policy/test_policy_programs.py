@@ -19,6 +19,7 @@ from conftest import run_kmsfs
 
 from kmsfs.policy import IdentityCache, Pending, Policy, Requester, parse_policy
 from kmsfs.policy.identity import file_key
+from kmsfs.server.policyfile import load_policy, reload_policy
 from kmsfs.statx import Statx
 
 SLEEP = shutil.which("sleep") or "/bin/sleep"
@@ -139,6 +140,29 @@ def test_an_upgraded_program_matches_without_a_reload(
     stranger = cache.lookup(start(processes, other, "60"), 0, 0)
     wait_for_exe(stranger.pid, other)
     assert policy.decide(stranger, "read", "/x").allowed is False
+
+
+def test_a_reload_keeps_the_files_the_policy_before_accepted(
+    tmp_path: Path, processes: list[subprocess.Popen[bytes]]
+) -> None:
+    program = copy_program(SLEEP, tmp_path / "daemon")
+    config = tmp_path / "vol.toml"
+    config.write_text(
+        f'[policy]\ndefault = "deny"\n[[policy.rule]]\nprograms = "{program}"\neffect = "permit"\n'
+    )
+    before = load_policy(config)
+    old_pid = start(processes, program, "60")
+    wait_for_exe(old_pid, program)
+    os.replace(copy_program(SLEEP, tmp_path / "daemon.new"), program)
+    after, refused = reload_policy(config, before)  # e.g. the reload after the upgrade
+    assert refused is None
+    cache = IdentityCache()
+    old = cache.lookup(old_pid, 0, 0)
+    assert old.exe_stat is not None
+    assert allowed(after, old) is (old.exe_stat.birth_ns is not None)
+    new_pid = start(processes, program, "60")
+    wait_for_exe(new_pid, program)
+    assert after.decide(cache.lookup(new_pid, 0, 0), "read", "/x").allowed  # stat'ed at load
 
 
 def test_a_process_in_a_namespace_of_its_own_is_an_unknown_program(
