@@ -13,7 +13,14 @@ from pathlib import Path
 
 import pytest
 from conftest import BIN, requires_fuse, run_as, run_kmsfs
-from support.policy_volume import NOBODY, PolicyVolume, as_root, denied, policy_volume
+from support.policy_volume import (
+    DENY_VAULT,
+    NOBODY,
+    PolicyVolume,
+    as_root,
+    denied,
+    policy_volume,
+)
 
 pytestmark = [requires_fuse, pytest.mark.mount]
 
@@ -116,22 +123,12 @@ effect = "permit"
 
 
 def test_reload_applies_a_good_policy_and_keeps_the_old_one_on_error(pv: PolicyVolume) -> None:
-    deny_vault = """
-[policy]
-mode = "enforce"
-default = "permit"
-
-[[policy.rule]]
-paths = ["/vault/**"]
-actions = ["read"]
-effect = "deny"
-"""
-    pv.write_config(deny_vault)
+    pv.write_config(DENY_VAULT)
     pv.mount()
     mnt = pv.vol.mountpoint
     assert denied(as_root("cat", mnt / "vault/f"))
     bad_rule = '\n[[policy.rule]]\nusers = ["no-such-user-xyz"]\neffect = "deny"\n'
-    pv.write_config(deny_vault + bad_rule)
+    pv.write_config(DENY_VAULT + bad_rule)
     os.kill(pv.pid, signal.SIGHUP)
     deadline = time.monotonic() + 10
     while "policy not reloaded" not in pv.vol.log_text() and time.monotonic() < deadline:
@@ -140,7 +137,7 @@ effect = "deny"
     assert "no-such-user-xyz" in pv.vol.log_text()
     assert os.path.ismount(mnt)  # SIGHUP no longer unmounts
     assert denied(as_root("cat", mnt / "vault/f"))  # the old policy still holds
-    pv.write_config(deny_vault.replace('"/vault/**"', '"/secret/**"'))
+    pv.write_config(DENY_VAULT.replace('"/vault/**"', '"/secret/**"'))
     os.kill(pv.pid, signal.SIGHUP)
     deadline = time.monotonic() + 10
     while "policy reloaded" not in pv.vol.log_text() and time.monotonic() < deadline:

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from conftest import BIN, requires_fuse, run_as, run_kmsfs
 from support.policy_volume import (
+    DENY_VAULT,
     NOBODY,
     PolicyVolume,
     as_root,
@@ -28,17 +29,6 @@ from support.policy_volume import (
 pytestmark = [requires_fuse, pytest.mark.mount]
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="runs processes as another uid")
 REPO = Path(__file__).resolve().parents[2]
-
-DENY_VAULT = """
-[policy]
-mode = "enforce"
-default = "permit"
-
-[[policy.rule]]
-paths = ["/vault/**"]
-actions = ["read"]
-effect = "deny"
-"""
 
 
 @pytest.fixture
@@ -59,11 +49,6 @@ def reload_command(config: Path) -> list[str]:
 @needs_root
 def test_a_listing_leaves_out_what_the_requester_may_not_list(pv: PolicyVolume) -> None:
     mnt = pv.vol.mountpoint
-    pv.write_config("")
-    pv.mount()
-    for name in ("hidden1", "hidden2", "visible"):
-        (mnt / "shared" / name).write_text(name)
-    pv.vol.umount()
     pv.write_config(
         f"""
 [policy]
@@ -77,6 +62,8 @@ effect = "deny"
 """
     )
     pv.mount()
+    for name in ("hidden1", "hidden2", "visible"):
+        (mnt / "shared" / name).write_text(name)  # as root, whom no rule names
     assert run_as(NOBODY, "ls", mnt / "shared").stdout.split() == ["f", "visible"]
     assert as_root("ls", mnt / "shared").stdout.split() == ["f", "hidden1", "hidden2", "visible"]
     assert denied(run_as(NOBODY, "stat", mnt / "shared/hidden1"))
@@ -202,14 +189,6 @@ def test_exec_without_read_needs_the_mode_bits_too(pv: PolicyVolume) -> None:
     # kernel lets a process of the same uid read the program's memory (ptrace,
     # /proc/PID/mem) unless the file's mode refuses that uid read, as docs/POLICY.md says.
     mnt = pv.vol.mountpoint
-    pv.write_config("")
-    pv.mount()
-    (mnt / "tools").mkdir(mode=0o755)
-    tool = mnt / "tools/sleep"
-    tool.write_bytes(Path("/bin/sleep").read_bytes())
-    tool.chmod(0o755)
-    first_page = hashlib.sha256(tool.read_bytes()[:4096]).hexdigest()
-    pv.vol.umount()
     pv.write_config(
         f"""
 [policy]
@@ -223,6 +202,11 @@ effect = "deny"
 """
     )
     pv.mount()
+    (mnt / "tools").mkdir(mode=0o755)  # as root, whom no rule names
+    tool = mnt / "tools/sleep"
+    tool.write_bytes(Path("/bin/sleep").read_bytes())
+    tool.chmod(0o755)
+    first_page = hashlib.sha256(tool.read_bytes()[:4096]).hexdigest()
     assert denied(run_as(NOBODY, "cat", tool))
     assert memory_of(tool) == first_page  # readable mode: the program can be copied
     pv.wait_for_log("lets that uid read it, so the running program can be read from its memory")

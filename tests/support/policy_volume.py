@@ -14,6 +14,17 @@ from pathlib import Path
 from conftest import BIN, Volume, make_volume, run_kmsfs
 
 NOBODY = 65534
+# a policy that refuses everyone reading /vault and permits the rest
+DENY_VAULT = """
+[policy]
+mode = "enforce"
+default = "permit"
+
+[[policy.rule]]
+paths = ["/vault/**"]
+actions = ["read"]
+effect = "deny"
+"""
 
 
 class PolicyVolume:
