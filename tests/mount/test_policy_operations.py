@@ -22,6 +22,7 @@ from support.policy_volume import (
     PolicyVolume,
     as_root,
     denied,
+    deny_policy,
     policy_volume,
     wait_for,
 )
@@ -49,18 +50,7 @@ def reload_command(config: Path) -> list[str]:
 @needs_root
 def test_a_listing_leaves_out_what_the_requester_may_not_list(pv: PolicyVolume) -> None:
     mnt = pv.vol.mountpoint
-    pv.write_config(
-        f"""
-[policy]
-default = "permit"
-
-[[policy.rule]]
-users = [{NOBODY}]
-paths = ["/shared/hidden*"]
-actions = ["list"]
-effect = "deny"
-"""
-    )
+    pv.write_config(deny_policy(NOBODY, '["/shared/hidden*"]', '["list"]'))
     pv.mount()
     for name in ("hidden1", "hidden2", "visible"):
         (mnt / "shared" / name).write_text(name)  # as root, whom no rule names
@@ -189,18 +179,7 @@ def test_exec_without_read_needs_the_mode_bits_too(pv: PolicyVolume) -> None:
     # kernel lets a process of the same uid read the program's memory (ptrace,
     # /proc/PID/mem) unless the file's mode refuses that uid read, as docs/POLICY.md says.
     mnt = pv.vol.mountpoint
-    pv.write_config(
-        f"""
-[policy]
-default = "permit"
-
-[[policy.rule]]
-users = [{NOBODY}]
-paths = ["/tools/**"]
-actions = ["read"]
-effect = "deny"
-"""
-    )
+    pv.write_config(deny_policy(NOBODY, '["/tools/**"]', '["read"]'))
     pv.mount()
     (mnt / "tools").mkdir(mode=0o755)  # as root, whom no rule names
     tool = mnt / "tools/sleep"

@@ -27,6 +27,21 @@ effect = "deny"
 """
 
 
+def deny_policy(uid: int, paths: str, actions: str) -> str:
+    """A default-permit [policy] with one rule denying *uid* the *actions* on *paths*
+    (TOML arrays as text, e.g. '["/tools/**"]')."""
+    return f"""
+[policy]
+default = "permit"
+
+[[policy.rule]]
+users = [{uid}]
+paths = {paths}
+actions = {actions}
+effect = "deny"
+"""
+
+
 class PolicyVolume:
     """A volume mounted through a TOML config whose [policy] the test writes.
 
