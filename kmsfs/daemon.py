@@ -306,6 +306,8 @@ def _readiness_denied(mountpoint: str, policy: Policy) -> MountError:
     uid = os.geteuid()
     requester = IdentityCache().lookup(os.getpid(), uid, os.getegid(), blocking=True)
     decision = policy.decide(requester, "list", "/")
+    if decision.allowed:  # not the policy (or no longer: reloaded meanwhile)
+        return MountError(f"{mountpoint} refused the daemon's own readiness check (EACCES)")
     by = f"rule {decision.rule}" if decision.rule else f"the default ({policy.default})"
     return MountError(
         f"{mountpoint} does not answer the daemon's own readiness check (a stat of the mount"

@@ -4,7 +4,8 @@
 returns reads ``/proc`` only when a rule needs it, at most once per request.
 The program is identified by the file the process runs, never by its name:
 
-- ``exe_stat``: statx of ``/proc/PID/exe`` (about 3 µs; the magic link leads to
+- ``exe_stat``: statx of ``/proc/PID/exe`` (through ctypes, about twice a
+  readlink of it: 6 µs where the readlink takes 3; the magic link leads to
   the very inode the process runs, whatever its path says in the process's own
   mount namespace), with ``AT_STATX_DONT_SYNC`` so that the executable's
   filesystem is never asked (it may be this FUSE mount, whose loop is the
@@ -16,14 +17,14 @@ The program is identified by the file the process runs, never by its name:
   statx notices an exec, and a reused pid shows its own executable.
 - ``unknown_program``: why the program cannot be known, None when it can.  A
   process in another mount or user namespace than the daemon's (two readlinks,
-  about 2 µs each, of ``/proc/PID/ns/mnt`` and ``ns/user``) may run the permitted
+  about 3 µs each, of ``/proc/PID/ns/mnt`` and ``ns/user``) may run the permitted
   inode with other libraries mounted over the real ones, or a binary of its
   choice at the permitted path (``unshare -Urm`` needs no privilege): its
   program is unknown, and only rules without ``programs`` (or with ``sha256``)
-  can match it.  Read only when the executable matches a configured program,
-  and for audit records; never cached (``unshare`` and ``setns`` change it
-  without an exec).  The daemon's own namespaces are read once: it never
-  changes them.
+  can match it.  Read only when the executable matches a configured program (or
+  before a configured path is looked up again), and for audit records; never
+  cached (``unshare`` and ``setns`` change it without an exec).  The daemon's
+  own namespaces are read once: it never changes them.
 - ``exe``: ``readlink /proc/PID/exe`` (about 3 µs), the name for audit records
   and messages, and for noticing a configured program replaced since the policy
   was loaded (programs.py).  readlink prints the kernel's name of the file
@@ -40,6 +41,14 @@ The program is identified by the file the process runs, never by its name:
   therefore raises ``HashPending`` unless the requester may block; the
   operations layer then calls ``pending.resolve()`` in a worker thread and
   decides again.
+
+What is cached, and why it is safe: the daemon's own namespaces (it never
+calls ``setns`` or ``unshare``); a hash per file key (a new inode, or a write
+to this one, changes the key); the identities of configured programs
+(programs.py: looked up again when a requester runs a file now at a configured
+path).  Nothing is cached per pid: a pid keeps its start time across an exec,
+and its namespaces change without one, so any per-pid key would cost a /proc
+read as large as what it saves.
 
 FUSE gives the requesting thread's id as pid (``/proc/TID`` works like a pid)
 and 0 for a process outside the mount's pid namespace or for the kernel's own
@@ -62,6 +71,7 @@ from kmsfs.statx import Statx
 log = logging.getLogger(__name__)
 
 HASH_CHUNK = 1 << 20
+GONE = "process gone, or its /proc entries unreadable"
 _UNSET: object = object()
 # (st_dev, st_ino, True, birth ns) or (st_dev, st_ino, False, ctime ns): see the docstring
 FileKey = tuple[int, int, bool, int]
@@ -204,7 +214,7 @@ class Requester:
             else:
                 self._unknown = self._cache.foreign(self.pid)
                 if self._unknown is None and self.exe_stat is None:
-                    self._unknown = "process gone, or its executable unreadable"
+                    self._unknown = GONE
         return self._unknown  # type: ignore[return-value]
 
     @property
@@ -307,13 +317,13 @@ class IdentityCache:
 
     def foreign(self, pid: int) -> str | None:
         """Why *pid* is not in the daemon's mount and user namespaces ("another mount
-        namespace", "another user namespace", "process gone"), or None if it is."""
+        namespace", "another user namespace", GONE), or None if it is."""
         mount = _read_link(f"/proc/{pid}/ns/mnt")
         if mount is None or mount != self.namespaces[0]:
-            return "another mount namespace" if mount else "process gone"
+            return "another mount namespace" if mount else GONE
         user = _read_link(f"/proc/{pid}/ns/user")
         if user is None or user != self.namespaces[1]:
-            return "another user namespace" if user else "process gone"
+            return "another user namespace" if user else GONE
         return None
 
     def groups(self, pid: int) -> frozenset[int] | None:
