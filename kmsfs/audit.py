@@ -6,20 +6,23 @@ A key operation (see README.md, "Audit log")::
     {"time": "2025-01-01T12:00:00.123456+00:00", "operation": "unwrap",
      "provider": "aws-kms", "key_ref": "arn:aws:kms:...", "volume_id": "<32 hex>",
      "file_id": "<32 hex>", "path": "/dir/file", "uid": 1000, "gid": 1000,
-     "pid": 4242, "process": "cat", "exe": "/usr/bin/cat", "result": "ok",
-     "error": "", "latency_ms": 2.1}
+     "pid": 4242, "process": "cat", "exe": "/usr/bin/cat",
+     "unknown_program": null, "result": "ok", "error": "", "latency_ms": 2.1}
 
 An open or create through the mount, allowed or refused by kmsfs::
 
     {"time": "...", "operation": "open", "volume_id": "<32 hex>",
      "file_id": "<32 hex>", "path": "/dir/file", "uid": 1000, "gid": 1000,
-     "pid": 4242, "process": "cat", "exe": "/usr/bin/cat", "access": "read",
-     "result": "ok", "error": ""}
+     "pid": 4242, "process": "cat", "exe": "/usr/bin/cat",
+     "unknown_program": null, "access": "read", "result": "ok", "error": ""}
 
 ``file_id`` is the one in the KMS encryption context, so records join with
 CloudTrail's.  Fields the request did not provide (background prefetch, the
-mount's key check) are null.  Key material never reaches this module:
-neither a KeyEvent nor an AccessEvent holds any.
+mount's key check) are null; ``exe`` is empty and ``unknown_program`` says
+why when the process's program cannot be known (another mount or user
+namespace than the daemon's, a process gone: kmsfs/policy/identity.py).  Key
+material never reaches this module: neither a KeyEvent nor an AccessEvent holds
+any.
 
 The file is opened for appending, mode 0600 when created (an existing one is made
 0600; a symbolic link or anything but a regular file is refused: ``open_private_log``),
@@ -43,7 +46,7 @@ from kmsfs.keys.events import KeyEvent
 
 log = logging.getLogger("kmsfs.audit")
 
-REQUESTER_FIELDS = ("path", "uid", "gid", "pid", "process", "exe")
+REQUESTER_FIELDS = ("path", "uid", "gid", "pid", "process", "exe", "unknown_program")
 
 
 def record(event: KeyEvent | AccessEvent, now: datetime | None = None) -> dict[str, object]:

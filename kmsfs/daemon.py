@@ -3,7 +3,8 @@
 ``serve`` blocks until the filesystem is unmounted or the process gets
 SIGTERM/SIGINT (then it unmounts); SIGHUP reloads the access policy.
 ``on_ready`` is called once the mount point answers a stat through the new
-filesystem.
+filesystem; if the access policy refuses that stat, the daemon unmounts and
+``serve`` raises MountError saying which rule refused it.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from kmsfs.keys.keyring import Keyring
 from kmsfs.lock import claim_volume
 from kmsfs.mounttable import read_mountinfo
 from kmsfs.policy import Policy
-from kmsfs.server.policyfile import reload_policy
+from kmsfs.server.policyfile import PolicyReloader
 
 log = logging.getLogger("kmsfs.daemon")
 FLUSH_TIMEOUT = 30.0  # seconds to flush the kernel's dirty pages on SIGTERM before unmounting
@@ -103,7 +104,7 @@ def serve(
     audit: AccessSink | None = None,
     lock_fd: int | None = None,
     policy: Policy | None = None,
-    policy_file: str | None = None,
+    reloader: PolicyReloader | None = None,
     shared: bool = False,
 ) -> None:
     """Mount *backing* at *mountpoint* and serve until unmounted; MountError if mounting fails.
@@ -116,8 +117,9 @@ def serve(
     else this registers and takes it (``claim_volume``).  *shared*: other daemons
     may serve the volume at once (docs/DESIGN.md "Shared storage"); *timeout* is
     then the short one the mount options chose.  *policy* is the access policy
-    (permit-all by default); SIGHUP re-reads it from *policy_file* (the TOML
-    volume config), keeping the old one if the new one is refused.
+    (permit-all by default); SIGHUP has *reloader* re-read it from the TOML
+    volume config, keeping the old one if the new one is refused.  MountError
+    also if the policy refuses the daemon's own readiness check (unmounted then).
     """
     disable_core_dumps()
     not_locked = lock_memory()
@@ -155,19 +157,27 @@ def serve(
         config.volume_id.hex(),
         f", shared mode, timeouts {parts.timeout:g} s" if shared else "",
     )
-    unmount = True
+    log.info("access policy: %s%s", ops.policy.summary(), _source(ops.policy))
+    ops.policy.programs.log_notes()
+    failed: list[MountError] = []
     try:
-        trio.run(_run, mountpoint, on_ready, ops, services, policy_file)
+        trio.run(_run, mountpoint, on_ready, ops, services, reloader, failed)
     except BaseException:
         log.exception("FUSE loop failed")
         raise
     finally:
-        pyfuse3.close(unmount=unmount)
+        pyfuse3.close(unmount=True)
         ops.close()
         keyring.close()
         if claim is not None:
             claim.close()
         log.info("unmounted %s", mountpoint)
+    if failed:
+        raise failed[0]
+
+
+def _source(policy: Policy) -> str:
+    return f" (from {policy.source})" if policy.source else ""
 
 
 async def _run(
@@ -175,11 +185,12 @@ async def _run(
     on_ready: Callable[[], None] | None,
     ops: KmsfsOperations,
     services: Sequence[Callable[[KmsfsOperations], Awaitable[None]]],
-    policy_file: str | None = None,
+    reloader: PolicyReloader | None,
+    failed: list[MountError],
 ) -> None:
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_handle_signals, mountpoint, ops, policy_file)
-        nursery.start_soon(_announce_ready, mountpoint, on_ready)
+        nursery.start_soon(_handle_signals, mountpoint, ops, reloader)
+        nursery.start_soon(_announce_ready, mountpoint, on_ready, ops, failed)
         for service in services:
             nursery.start_soon(service, ops)
         fuseloop.install()  # no trip around trio's loop per request while requests queue
@@ -190,14 +201,16 @@ async def _run(
         nursery.cancel_scope.cancel()
 
 
-async def _handle_signals(mountpoint: str, ops: KmsfsOperations, policy_file: str | None) -> None:
+async def _handle_signals(
+    mountpoint: str, ops: KmsfsOperations, reloader: PolicyReloader | None
+) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
-            if signum == signal.SIGHUP:  # systemctl reload: the access policy, nothing else
-                if policy_file is None:
+            if signum == signal.SIGHUP:  # the access policy, nothing else
+                if reloader is None:
                     log.warning("received SIGHUP: no config file (--config) to reload; ignored")
                     continue
-                ops.policy = await trio.to_thread.run_sync(reload_policy, policy_file, ops.policy)
+                await reloader.reload(ops)
                 continue
             log.info("received %s: unmounting", signal.Signals(signum).name)
             await _flush_kernel_cache(mountpoint, ops)
@@ -260,13 +273,44 @@ def _syncfs(path: str) -> None:
         os.close(fd)
 
 
-async def _announce_ready(mountpoint: str, on_ready: Callable[[], None] | None) -> None:
-    st = await trio.to_thread.run_sync(os.stat, mountpoint)
+async def _announce_ready(
+    mountpoint: str,
+    on_ready: Callable[[], None] | None,
+    ops: KmsfsOperations,
+    failed: list[MountError],
+) -> None:
+    try:
+        st = await trio.to_thread.run_sync(os.stat, mountpoint)
+    except PermissionError:  # the only EACCES a daemon's stat of its own root can get
+        failed.append(await trio.to_thread.run_sync(_readiness_denied, mountpoint, ops.policy))
+        log.error("%s", failed[0])
+        pyfuse3.terminate()
+        return
     if st.st_ino != ROOT_INODE:
         log.warning("mount point %s answered with inode %d", mountpoint, st.st_ino)
     log.info("ready: %s answers", mountpoint)
     if on_ready is not None:
         on_ready()
+
+
+def _readiness_denied(mountpoint: str, policy: Policy) -> MountError:
+    """The error for a policy that refuses the daemon the stat that tells it the mount
+    answers, naming the deciding rule (blocking: reads /proc, may hash this program)."""
+    from kmsfs.policy import IdentityCache
+
+    uid = os.geteuid()
+    requester = IdentityCache().lookup(os.getpid(), uid, os.getegid(), blocking=True)
+    decision = policy.decide(requester, "list", "/")
+    if decision.allowed:  # not the policy (or no longer: reloaded meanwhile)
+        return MountError(f"{mountpoint} refused the daemon's own readiness check (EACCES)")
+    by = f"rule {decision.rule}" if decision.rule else f"the default ({policy.default})"
+    return MountError(
+        f"{mountpoint} does not answer the daemon's own readiness check (a stat of the mount"
+        f" point): the access policy{_source(policy)} denies list on / to the daemon"
+        f" (uid {uid}, program {requester.exe}) by {by}; permit it, for example with a first"
+        f' rule: [[policy.rule]] users = [{uid}] paths = ["/"] actions = ["list"]'
+        ' effect = "permit"'
+    )
 
 
 def _raise_fd_limit() -> None:

@@ -11,10 +11,12 @@ import sys
 import click
 
 from kmsfs.cli.common import handle_errors
-from kmsfs.errors import UsageError
+from kmsfs.errors import ConfigError, UsageError
 from kmsfs.policy import ACTIONS, Requester
+from kmsfs.server.config import config_option
 
 DENIED = 1
+RELOAD_TIMEOUT = 60.0  # the daemon resolves names (NSS, maybe LDAP) and stats programs
 
 
 @click.group()
@@ -53,8 +55,14 @@ def _requester(user: str, groups: tuple[str, ...], program: str) -> tuple[Reques
         raise UsageError(f"uid {uid} has no passwd entry: give its groups with --group")
     who = f"{name} (uid {uid})" if name else f"uid {uid}"
     shown = ", ".join(str(g) for g in gids)
+    # the same identity the mount reads from /proc/PID/exe: the file at that path
     requester = Requester(uid, gids[0], exe=program, groups=frozenset(gids), blocking=True)
-    return requester, f"{who}, groups {shown}, running {program}"
+    running = program
+    if requester.exe_text != program:
+        running += f" (a symlink to {requester.exe_text})"
+    if requester.unknown_program is not None:
+        running += f" ({requester.unknown_program}: an unknown program)"
+    return requester, f"{who}, groups {shown}, running {running}"
 
 
 @policy.command()
@@ -76,9 +84,11 @@ def check(
 ) -> None:
     """Show which rule of CONFIG decides a request, and why.
 
-    Exit 0 if the rules permit it, 1 if they deny it (also in learn mode, where
-    the request would be let through and audited), 2 for bad options, 3 if
-    CONFIG is refused.
+    The program is identified as the mount identifies it: by the file at
+    --program (symlinks followed), compared with the files the rules' programs
+    name.  Exit 0 if the rules permit it, 1 if they deny it (also in learn
+    mode, where the request would be let through and audited), 2 for bad
+    options, 3 if CONFIG is refused.
     """
     from kmsfs.policy.globs import GlobError, split_path
     from kmsfs.server.config import load_server_config
@@ -92,8 +102,13 @@ def check(
     requester, who = _requester(user, groups, program)
     loaded = load_server_config(config).policy
     click.echo(f"{action} {path} by {who}")
+    for _, note in loaded.programs.notes if loaded is not None else ():
+        click.echo(f"  note: {note}")
     if loaded is None:
         click.echo(f"permitted: {config} has no [policy], so every request is permitted")
+        return
+    if loaded.mode == "off":
+        click.echo(f"permitted: policy.mode is off in {config}, so every request is permitted")
         return
     if loaded.needs_sha256:
         digest = requester.sha256
@@ -146,3 +161,29 @@ def suggest(auditlog: str) -> None:
     click.echo(text, nl=False)
     denies = sum(1 for r in seen if r.effect == "deny" and r.mode == "learn")
     click.echo(f"kmsfs: {count} rules suggested for {denies} would-be denies", err=True)
+
+
+@policy.command()
+@click.argument("mountpoint", required=False, type=click.Path(file_okay=False))
+@config_option
+@handle_errors
+def reload(mountpoint: str | None) -> None:
+    """Have the daemon of MOUNTPOINT re-read its [policy] and wait for its verdict.
+
+    The daemon re-reads the config file it was mounted with (--config).  This
+    is what ``systemctl reload kmsfs@NAME`` runs.  Exit 0 if the daemon serves
+    the new policy; 3 if it refused the file and keeps the current policy (the
+    reason is printed and logged; also for a file this command cannot load);
+    7 if no daemon answers for MOUNTPOINT or it was mounted without a config file.
+    """
+    from kmsfs.server.status import query
+
+    if mountpoint is None:
+        raise UsageError("MOUNTPOINT missing: give it or --config FILE")
+    reply = query(os.path.abspath(mountpoint), "reload-policy", timeout=RELOAD_TIMEOUT)
+    if not reply.get("reloaded"):
+        raise ConfigError(
+            f"the daemon of {mountpoint} refused the new policy and keeps its current one"
+            f" ({reply.get('policy')}): {reply.get('refused')}"
+        )
+    click.echo(f"policy reloaded for {mountpoint}: {reply.get('policy')}")

@@ -206,6 +206,7 @@ class InodeTable:
         self.reserve = Reserve(min(32, max(4, high_water // 16)))
         self.evicting = 0  # entries the kernel was asked to forget and has not yet
         st = os.stat(root_fd)
+        self.root_fd = root_fd
         self.root_st_ino = st.st_ino
         self._entries: dict[int, Inode] = {
             ROOT_INODE: Inode(ROOT_INODE, root_fd, st.st_mode, lookups=1)

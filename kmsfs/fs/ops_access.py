@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 from collections.abc import Callable
 from typing import Any
 
@@ -14,10 +15,38 @@ from pyfuse3 import FUSEError
 
 from kmsfs.fs.events import AccessEvent, access_mode
 from kmsfs.fs.inodes import Inode
-from kmsfs.fs.ops_base import OperationsBase, errno_for
-from kmsfs.policy import Policy
-from kmsfs.policy.identity import HashPending
+from kmsfs.fs.ops_base import OperationsBase, errno_for, log
+from kmsfs.fs.served import DirHandle
+from kmsfs.policy import Decision, Pending, Policy, Requester
 from kmsfs.policy.records import audit_record
+
+MAX_ROUNDS = 3  # Pending kinds (program look-up, SHA-256) + 1
+
+
+def _once(path: Callable[[], str | None]) -> Callable[[], str | None]:
+    """*path*, computed on the first call only (a readlink each time otherwise)."""
+    found: list[str | None] = []
+
+    def cached() -> str | None:
+        if not found:
+            found.append(path())
+        return found[0]
+
+    return cached
+
+
+def _constant(path: str | None) -> Callable[[], str | None]:
+    return lambda: path
+
+
+def mode_lets_read(st: os.stat_result, uid: int, groups: frozenset[int]) -> bool:
+    """True if the mode bits of *st* let *uid* (in *groups*) read it, as the kernel checks
+    them without ACLs: the owner's bits for the owner, else the group's, else others'."""
+    if st.st_uid == uid:
+        return bool(st.st_mode & stat.S_IRUSR)
+    if st.st_gid in groups:
+        return bool(st.st_mode & stat.S_IRGRP)
+    return bool(st.st_mode & stat.S_IROTH)
 
 
 class AccessChecks(OperationsBase):
@@ -34,21 +63,24 @@ class AccessChecks(OperationsBase):
         and attributes are not cached by the kernel (docs/DESIGN.md "Access policy")."""
         self._policy = policy
         self.timeout = 0.0 if policy.varies_by_requester("list") else self._timeout
+        self._exec_warned.clear()  # warned once per file and policy
 
     async def _allow(
         self,
         ctx: pyfuse3.RequestContext,
         action: str,
-        path: Callable[[], str],
+        path: Callable[[], str | None],
         tree: bool = False,
     ) -> None:
         """EACCES unless the access policy lets the requester do *action* on *path*.
 
         With *tree*, on *path* and everything below it (renaming a directory).
-        Decisions marked for audit go to ``on_policy``.  Permit-all policies cost
-        one dictionary look-up.
+        A path that cannot be established (None) is denied whenever a rule could
+        decide it.  Decisions marked for audit go to ``on_policy``.  Permit-all
+        policies cost one dictionary look-up.
         """
         policy = self._policy
+        path = _once(path)
         if not policy.applies(action):
             decision = policy.default_decision
             if decision.allowed and not decision.audit:
@@ -56,23 +88,88 @@ class AccessChecks(OperationsBase):
             requester = self.identities.lookup(ctx.pid, ctx.uid, ctx.gid)
         else:
             requester = self.identities.lookup(ctx.pid, ctx.uid, ctx.gid)
-            try:
-                decision = self._decide(policy, requester, action, path, tree)
-            except HashPending:  # a rule needs the program's SHA-256: read it off the loop
-                await trio.to_thread.run_sync(requester.compute_sha256, limiter=self._key_limiter)
-                decision = self._decide(policy, requester, action, path, tree)
+            decision = await self._decide(policy, requester, action, path, tree)
         if decision.audit and self.on_policy is not None:
             self.on_policy(audit_record(requester, action, path(), decision))
         if not decision.allowed:
             raise FUSEError(errno.EACCES)  # the access policy denies it
 
-    @staticmethod
-    def _decide(
-        policy: Policy, requester: Any, action: str, path: Callable[[], str], tree: bool
-    ) -> Any:
-        if tree:
-            return policy.decide_tree(requester, action, path())
-        return policy.decide(requester, action, path)
+    async def _decide(
+        self,
+        policy: Policy,
+        requester: Requester,
+        action: str,
+        path: Callable[[], str | None],
+        tree: bool = False,
+    ) -> Decision:
+        """``policy.decide`` (``decide_tree`` with *tree*), reading in a worker thread the
+        facts a rule needs that take blocking I/O (``Pending``: a program's SHA-256, a
+        configured program looked up again).  Each kind is read at most once per
+        requester, so this decides in at most three rounds."""
+        for _ in range(MAX_ROUNDS):
+            try:
+                if tree:
+                    return policy.decide_tree(requester, action, path())
+                return policy.decide(requester, action, path)
+            except Pending as pending:
+                await trio.to_thread.run_sync(pending.resolve, limiter=self._key_limiter)
+        raise RuntimeError(f"policy decision for {action} still pending after {MAX_ROUNDS} rounds")
+
+    async def _listable(self, handle: DirHandle, names: list[bytes]) -> list[bytes]:
+        """The entries of *names* (in the directory *handle*) its opener may ``list``.
+
+        A denied entry is left out, not audited (the opener asked for the
+        directory, not for it).  Costs one decision per entry, only when a rule
+        names ``list`` and the policy enforces; the current policy decides, with
+        the identity of the process that opened the directory.
+        """
+        policy = self._policy
+        requester = handle.requester
+        if requester is None or policy.mode != "enforce" or not policy.applies("list"):
+            return names
+        entry = self.inodes.get(handle.ino)
+        base = None if entry is None else self._path_of(entry)()
+        shown = []
+        for name in names:
+            path = None if base is None else os.path.join(base, os.fsdecode(name))
+            decision = await self._decide(policy, requester, "list", _constant(path))
+            if decision.allowed:
+                shown.append(name)
+        return shown
+
+    async def _warn_exec_only(self, ctx: pyfuse3.RequestContext, entry: Inode) -> None:
+        """Log (once per file and policy) an exec the policy permits to a requester it
+        denies ``read``, of a file whose mode lets that requester read it.
+
+        The kernel marks a process undumpable only when it may not read the file
+        it executes; otherwise a process of the same user can read the program
+        from the new process's memory (ptrace, /proc/PID/mem), whatever the
+        policy says about ``read``.  One extra decision per exec, only when a rule
+        names ``read``; root is skipped (it may read the file regardless).
+        """
+        policy = self._policy
+        if ctx.uid == 0 or policy.mode != "enforce" or not policy.applies("read"):
+            return
+        if entry.ino in self._exec_warned:
+            return
+        requester = self.identities.lookup(ctx.pid, ctx.uid, ctx.gid)
+        path = _once(self._path_of(entry))
+        if (await self._decide(policy, requester, "read", path)).allowed:
+            return
+        st = os.stat(entry.fd)
+        if not mode_lets_read(st, requester.uid, requester.groups):
+            return
+        if len(self._exec_warned) < 1024:
+            self._exec_warned.add(entry.ino)
+        log.warning(
+            "%s: exec is permitted to uid %d and read is denied, but the file's mode %04o"
+            " lets that uid read it, so the running program can be read from its memory"
+            " (ptrace, /proc/PID/mem); for an exec-only program remove read for it"
+            " (chmod go-r, e.g. mode 0711)",
+            path() or f"inode {entry.ino}",
+            requester.uid,
+            stat.S_IMODE(st.st_mode),
+        )
 
     async def _allow_rename(
         self,
@@ -99,12 +196,13 @@ class AccessChecks(OperationsBase):
         entry: Inode | None,
         name: bytes | None = None,
     ) -> dict[str, Any]:
-        """Who asked, for the audit log (built only when there is one: two small
+        """Who asked, for the audit log (built only when there is one: a few small
         /proc reads per request, on the loop).
 
         The path is the entry's, or *name* inside the directory *entry*.  The
-        process may have exited (or be a kernel thread): then "process" and
-        "exe" are empty.
+        process may have exited (or be a kernel thread), or run in another
+        namespace than the daemon's: then "exe" is empty and "unknown_program"
+        says why (identity.py).
         """
         if self.on_access is None or ctx is None:
             return {}
@@ -113,16 +211,14 @@ class AccessChecks(OperationsBase):
                 process = handle.read().strip()
         except OSError:
             process = ""
-        try:
-            exe = os.readlink(f"/proc/{ctx.pid}/exe")
-        except OSError:
-            exe = ""
+        requester = self.identities.lookup(ctx.pid, ctx.uid, ctx.gid)
         info: dict[str, Any] = {
             "uid": ctx.uid,
             "gid": ctx.gid,
             "pid": ctx.pid,
             "process": process,
-            "exe": exe,
+            "exe": requester.exe or "",
+            "unknown_program": requester.unknown_program,
         }
         if entry is not None:
             path = self.describe(entry)

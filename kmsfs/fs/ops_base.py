@@ -32,6 +32,7 @@ from kmsfs.fs import syscalls, xattrs
 from kmsfs.fs.content_file import ContentFile
 from kmsfs.fs.headerio import read_header
 from kmsfs.fs.inodes import ROOT_INODE, Inode
+from kmsfs.fs.paths import VolumePaths
 from kmsfs.fs.requests import OPCODES, RequestStats
 from kmsfs.fs.served import DirHandle, ServedVolume
 from kmsfs.fs.shared import SharedContentFile, locked_plain_size, wait_until_created
@@ -116,9 +117,10 @@ class OperationsBase(pyfuse3.Operations):
     """State and helpers of the operations (``KmsfsOperations``), with the parts given
     (``ServedVolume``).
 
-    Attributes: backing (path), config, keyring, inodes, key_usage, timeout,
-    offload_bytes, on_access, and the counters errors, bytes_read, bytes_written
-    and requests (per FUSE opcode, ``kmsfs.fs.requests``).
+    Attributes: backing (path), config, keyring, inodes, paths (volume paths of
+    descriptors: kmsfs/fs/paths.py), key_usage, timeout, offload_bytes,
+    on_access, and the counters errors, bytes_read, bytes_written and requests
+    (per FUSE opcode, ``kmsfs.fs.requests``).
     """
 
     enable_writeback_cache = True
@@ -138,6 +140,9 @@ class OperationsBase(pyfuse3.Operations):
         self.timeout = parts.timeout
         self.offload_bytes = parts.offload_bytes
         self.inodes = parts.inodes
+        self.paths = VolumePaths(parts.inodes.root_fd)
+        self._unresolved_logged: set[int] = set()
+        self._exec_warned: set[int] = set()  # inodes (ops_access._warn_exec_only)
         self._dirs: dict[int, DirHandle] = {}
         self._next_dir = 1
         # Block encryptions per file key, kept across opens and closes (FORMAT.md,
@@ -263,24 +268,38 @@ class OperationsBase(pyfuse3.Operations):
         if parent == ROOT_INODE and name.startswith(RESERVED_NAME):
             raise FUSEError(errno.EPERM)
 
-    def _path_of(self, entry: Inode, name: bytes | None = None) -> Callable[[], str]:
-        """The volume path of *entry* (or of *name* inside it), computed when asked."""
+    def _path_of(self, entry: Inode, name: bytes | None = None) -> Callable[[], str | None]:
+        """The volume path of *entry* (or of *name* inside it), computed when asked;
+        None if it cannot be established (logged once per inode: kmsfs/fs/paths.py)."""
 
-        def path() -> str:
-            base = self.describe(entry)
+        def path() -> str | None:
+            base = self.paths.of(entry.fd) if entry.fd >= 0 else None
+            if base is None:
+                self._unresolved(entry)
+                return None
             return base if name is None else os.path.join(base, os.fsdecode(name))
 
         return path
 
+    def _unresolved(self, entry: Inode) -> None:
+        if entry.ino in self._unresolved_logged or len(self._unresolved_logged) > 1024:
+            return
+        self._unresolved_logged.add(entry.ino)
+        try:
+            name = os.readlink(entry.proc_path)
+        except OSError as exc:
+            name = f"no name: {exc.strerror}"
+        log.warning(
+            "inode %d is not under the mount root (the kernel names it %s): requests on it"
+            " that a path rule could decide are denied",
+            entry.ino,
+            name,
+        )
+
     def describe(self, entry: Inode) -> str:
         """The file's path in the volume, for log lines (never raises)."""
-        try:
-            path = os.readlink(entry.proc_path)
-        except OSError:
-            return f"inode {entry.ino}"
-        if path.startswith(self.backing):
-            path = path[len(self.backing) :] or "/"
-        return path
+        path = self.paths.of(entry.fd) if entry.fd >= 0 else None
+        return f"inode {entry.ino}" if path is None else path
 
     async def _key_call(self, func: Callable[..., T], *args: Any) -> T:
         if self.keyring.inline:

@@ -128,6 +128,8 @@ class FileOps(NamespaceOps):
             requester = self._requester(ctx, entry)
             for action in open_actions(flags):
                 await self._allow(ctx, action, self._path_of(entry))
+            if "exec" in open_actions(flags):
+                await self._warn_exec_only(ctx, entry)
             if not entry.is_regular:
                 raise FUSEError(errno.EINVAL)
             async with entry.lock:

@@ -210,7 +210,8 @@ class NamespaceOps(AccessChecks):
         fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=entry.fd)
         fh = self._next_dir
         self._next_dir += 1
-        self._dirs[fh] = DirHandle(fd, inode)
+        # READDIR has no requester: the opener's decides what the listing shows
+        self._dirs[fh] = DirHandle(fd, inode, self.identities.lookup(ctx.pid, ctx.uid, ctx.gid))
         return fh
 
     @fuse_op
@@ -220,7 +221,7 @@ class NamespaceOps(AccessChecks):
             names = [os.fsencode(n) for n in os.listdir(handle.fd)]
             if handle.ino == ROOT_INODE:
                 names = [n for n in names if not n.startswith(RESERVED_NAME)]
-            handle.names = names
+            handle.names = await self._listable(handle, names)
         names = handle.names
         fd = handle.fd
         # Offsets: 1 is ".", 2 is "..", 3 + i is names[i].  The kernel takes no

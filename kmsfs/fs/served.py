@@ -16,19 +16,24 @@ from kmsfs.fs.events import AccessSink
 from kmsfs.fs.inodes import O_PATH_FLAGS, InodeTable
 from kmsfs.keys.keyring import Keyring
 from kmsfs.policy import Policy
-from kmsfs.policy.identity import IdentityCache
+from kmsfs.policy.identity import IdentityCache, Requester
 
 OFFLOAD_BYTES = 128 * 1024 + 1  # reads up to the readahead window run inline (DESIGN.md)
 DEFAULT_TIMEOUT = 60.0
 
 
 class DirHandle:
-    __slots__ = ("fd", "ino", "names")
+    """An open directory: fd (its own descriptor), ino, names (the listing, made at the
+    first READDIR and at a rewind), requester (who opened it: whose ``list`` rules
+    decide which entries the listing shows)."""
 
-    def __init__(self, fd: int, ino: int) -> None:
+    __slots__ = ("fd", "ino", "names", "requester")
+
+    def __init__(self, fd: int, ino: int, requester: Requester | None = None) -> None:
         self.fd = fd
         self.ino = ino
         self.names: list[bytes] | None = None
+        self.requester = requester
 
 
 @dataclass

@@ -12,6 +12,8 @@ import ctypes.util
 import errno
 import os
 
+import kmsfs.statx as statx
+
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
 RENAME_NOREPLACE = 1
@@ -135,11 +137,6 @@ def _bytes(limit: int) -> str:
     return f"{limit // 1024} KiB" if limit >= 1024 else f"{limit} bytes"
 
 
-_STATX_BTIME = 0x800
-_AT_SYMLINK_NOFOLLOW = 0x100
-_AT_EMPTY_PATH = 0x1000
-
-
 def birth_time(fd: int, name: bytes = b"") -> float | None:
     """The birth time (statx btime) of the open file *fd* (or of entry *name* of
     directory *fd*, not following a symlink) in seconds, or None if unknown (no statx
@@ -148,14 +145,11 @@ def birth_time(fd: int, name: bytes = b"") -> float | None:
     A file key is created with its backing inode (by create, rekey and import,
     which all make new inodes), so the birth time is the age of the file key.
     """
-    if not hasattr(_libc, "statx"):
+    if not statx.available():
         return None
-    buf = ctypes.create_string_buffer(256)
-    flags = _AT_SYMLINK_NOFOLLOW | (0 if name else _AT_EMPTY_PATH)
-    _check(_libc.statx(fd, name, flags, _STATX_BTIME, buf), "statx")
-    mask = int.from_bytes(buf.raw[0:4], "little")
-    if not mask & _STATX_BTIME:
+    flags = statx.AT_SYMLINK_NOFOLLOW | (0 if name else statx.AT_EMPTY_PATH)
+    born = statx.statx(fd, name, flags).birth_ns
+    if born is None:
         return None
-    seconds = int.from_bytes(buf.raw[80:88], "little", signed=True)
-    nanos = int.from_bytes(buf.raw[88:92], "little")
-    return seconds + nanos / 1e9
+    seconds, nanos = divmod(born, 1_000_000_000)
+    return seconds + nanos / 1e9  # as before statx.py: journals hold such values

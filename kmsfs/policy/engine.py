@@ -9,6 +9,10 @@ component) are listed on first use and kept, with uids and components the
 policy does not name sharing one entry, so this index is bounded by the
 policy, not by the requests.  A rule's paths are a set of exact paths plus
 one regex per glob, each behind a literal prefix/suffix test.
+
+A request whose path the operations layer cannot establish (path None: see
+docs/DESIGN.md "Access policy") is decided by ``unresolved_decision``: denied
+and audited (let through, audited, in learn mode) whenever a rule could apply.
 """
 
 from __future__ import annotations
@@ -18,9 +22,11 @@ from dataclasses import dataclass
 
 from kmsfs.policy.globs import first_component
 from kmsfs.policy.identity import Requester
+from kmsfs.policy.programs import ProgramRegistry
 from kmsfs.policy.rules import ACTIONS, Rule
 
-PathArg = str | Callable[[], str]
+# The request's path in the volume, or a function returning it (None: not resolvable)
+PathArg = str | Callable[[], str | None]
 _Check = tuple[Callable[[str], bool] | None, Callable[[Requester], bool] | None, "Decision"]
 
 
@@ -34,7 +40,9 @@ class Decision:
         rule: the deciding rule's number (1-based), None for the default.
         audit: write an audit record: a deny, a rule with ``audit = true``, or
             in learn mode a would-be deny.
-        mode: "enforce" or "learn".
+        mode: "enforce", "learn" or "off".
+        unresolved: the request's path could not be established (the decision is
+            then a deny that names no rule).
     """
 
     allowed: bool
@@ -42,9 +50,12 @@ class Decision:
     rule: int | None
     audit: bool
     mode: str
+    unresolved: bool = False
 
 
-def _decision(effect: str, rule: int | None, audit: bool, mode: str) -> Decision:
+def _decision(
+    effect: str, rule: int | None, audit: bool, mode: str, unresolved: bool = False
+) -> Decision:
     denied = effect == "deny"
     return Decision(
         allowed=mode == "learn" or not denied,
@@ -52,24 +63,41 @@ def _decision(effect: str, rule: int | None, audit: bool, mode: str) -> Decision
         rule=rule,
         audit=audit or denied,
         mode=mode,
+        unresolved=unresolved,
     )
 
 
 class Policy:
     """A compiled policy.
 
-    Attributes: mode ("enforce"/"learn"), default ("permit"/"deny"), rules
-    (tuple of Rule in file order), source (the file it came from, for
-    messages), needs_sha256 (some rule has ``sha256``).
+    Attributes: mode ("enforce"/"learn"/"off"), default ("permit"/"deny"),
+    rules (tuple of Rule in file order), source (the file it came from, for
+    messages), programs (the programs its rules name), needs_sha256 (some rule
+    has ``sha256``), from_table (it comes from a ``[policy]`` table, not from
+    its absence), ignored (rules of a ``mode = "off"`` table, not applied).
     """
 
-    def __init__(self, rules: tuple[Rule, ...], default: str, mode: str, source: str = ""):
+    def __init__(
+        self,
+        rules: tuple[Rule, ...],
+        default: str,
+        mode: str,
+        source: str = "",
+        programs: ProgramRegistry | None = None,
+        *,
+        from_table: bool = True,
+        ignored: int = 0,
+    ):
         self.rules = rules
         self.default = default
         self.mode = mode
         self.source = source
+        self.programs = programs or ProgramRegistry()
+        self.from_table = from_table
+        self.ignored = ignored
         self.needs_sha256 = any(rule.sha256 is not None for rule in rules)
         self.default_decision = _decision(default, None, False, mode)
+        self.unresolved_decision = _decision("deny", None, True, mode, unresolved=True)
         self._decisions = {
             rule.number: _decision(rule.effect, rule.number, rule.audit, mode) for rule in rules
         }
@@ -98,11 +126,31 @@ class Policy:
     @classmethod
     def permit_all(cls, source: str = "") -> Policy:
         """The policy of a volume without ``[policy]``: no rules, default permit."""
-        return cls((), "permit", "enforce", source)
+        return cls((), "permit", "enforce", source, from_table=False)
+
+    @classmethod
+    def off(cls, source: str, ignored: int = 0) -> Policy:
+        """A ``[policy]`` with ``mode = "off"``: permits everything, on purpose."""
+        return cls((), "permit", "off", source, ignored=ignored)
 
     def summary(self) -> str:
-        """One line for logs: rule count, default and mode."""
+        """One line for logs and status: rule count, default and mode."""
+        if not self.from_table:
+            return "no [policy]: every request permitted"
+        if self.mode == "off":
+            return f"mode off: every request permitted ({self.ignored} rules not applied)"
         return f"{len(self.rules)} rules, default {self.default}, mode {self.mode}"
+
+    def describe(self) -> dict[str, object]:
+        """The policy for ``kmsfs status --json``: mode, default, rules, source."""
+        return {
+            "mode": self.mode if self.from_table else None,
+            "default": self.default,
+            "rules": len(self.rules),
+            "rules_not_applied": self.ignored,
+            "source": self.source or None,
+            "summary": self.summary(),
+        }
 
     def rule(self, number: int) -> Rule:
         """The rule numbered *number* (1-based)."""
@@ -134,9 +182,10 @@ class Policy:
         """The first matching rule's Decision for *action* on *path*, else the default's.
 
         *path* is the file's path in the volume (``/`` or ``/a/b``), or a
-        function returning it, called only if a rule tests paths.  Raises
-        KeyError for an action not in ACTIONS, and HashPending (identity.py) when
-        a rule needs the program's SHA-256 and it is not known yet.
+        function returning it (None if it cannot be established: then
+        ``unresolved_decision``), called only if a rule for *action* could apply
+        to this uid.  Raises KeyError for an action not in ACTIONS, and Pending
+        (identity.py) when a rule needs a fact that takes blocking I/O.
         """
         by_uid = self._by_uid[action].get(requester.uid)
         if by_uid is None:
@@ -144,7 +193,10 @@ class Policy:
         if not by_uid:
             return self.default_decision
         if not isinstance(path, str):
-            path = path()
+            found = path()
+            if found is None:
+                return self.unresolved_decision
+            path = found
         first = first_component(path)
         key = (
             action,
@@ -170,7 +222,7 @@ class Policy:
             return decision
         return self.default_decision
 
-    def decide_tree(self, requester: Requester, action: str, path: str) -> Decision:
+    def decide_tree(self, requester: Requester, action: str, path: str | None) -> Decision:
         """The Decision for *action* on *path* AND on every path below it.
 
         For renaming a directory, which renames everything below it.  Refused
@@ -178,8 +230,10 @@ class Policy:
         below *path* (unless earlier rules that apply decide everything it could
         match), and by a default deny when no rule decides the whole subtree.
         Conservative: it may refuse for a deny rule that no existing file matches.
-        Raises HashPending like ``decide``.
+        Raises Pending like ``decide``; *path* None decides like ``decide``.
         """
+        if path is None:
+            return self.decide(requester, action, lambda: None)
         decision = self.decide(requester, action, path)
         if decision.effect == "deny":
             return decision

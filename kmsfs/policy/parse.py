@@ -3,13 +3,14 @@
 ::
 
     [policy]
-    mode = "enforce"            # or "learn": deny nothing, audit every would-be deny
+    mode = "enforce"            # or "learn": deny nothing, audit every would-be deny;
+                                # or "off": permit everything (rules checked, not applied)
     default = "permit"          # or "deny": the effect for requests no rule matches
 
     [[policy.rule]]             # rules are tried in order; the first match decides
     users = ["postgres", 1001]  # names (resolved now) or numeric uids
     groups = ["dba"]            # names or gids: the request's gid or a supplementary group
-    programs = ["/usr/lib/postgresql/15/bin/postgres"]   # absolute executable paths
+    programs = ["/usr/lib/postgresql/15/bin/postgres"]   # executables (programs.py)
     sha256 = ["<64 hex>"]       # the executable's content (any of these)
     paths = ["/db/**"]          # globs in the volume (globs.py)
     actions = ["read", "write"] # ACTIONS or "all"; missing = all
@@ -25,7 +26,6 @@ from __future__ import annotations
 
 import difflib
 import grp
-import logging
 import os
 import pwd
 import re
@@ -34,9 +34,8 @@ from typing import Any
 from kmsfs.errors import ConfigError
 from kmsfs.policy.engine import Policy
 from kmsfs.policy.globs import GlobError, PathPattern, PathSet
+from kmsfs.policy.programs import ProgramRegistry, ProgramSet
 from kmsfs.policy.rules import ACTIONS, EFFECTS, MODES, RULE_KEYS, Rule
-
-log = logging.getLogger(__name__)
 
 POLICY_KEYS = ("mode", "default", "rule")
 MAX_ID = 2**32 - 2  # (uid_t)-1 is "no id"
@@ -44,7 +43,12 @@ SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 def parse_policy(table: dict[str, Any], where: str) -> Policy:
-    """Validate and compile the ``[policy]`` *table* of the file *where*; ConfigError if wrong."""
+    """Validate and compile the ``[policy]`` *table* of the file *where*; ConfigError if wrong.
+
+    Programs named by rules are resolved and stat'ed now (programs.py).  With
+    ``mode = "off"`` the rules are validated and counted, not applied: the
+    policy permits everything.
+    """
     _refuse_unknown(table, POLICY_KEYS, where, "policy.")
     mode = _choice(table, "mode", MODES, "enforce", f"{where}: policy.mode")
     default = _choice(table, "default", EFFECTS, "permit", f"{where}: policy.default")
@@ -53,11 +57,16 @@ def parse_policy(table: dict[str, Any], where: str) -> Policy:
         raise ConfigError(
             f"{where}: policy.rule must be an array of tables, written [[policy.rule]]"
         )
-    rules = tuple(_parse_rule(raw, number, where) for number, raw in enumerate(raw_rules, 1))
-    return Policy(rules, default, mode, where)
+    programs = ProgramRegistry()
+    rules = tuple(
+        _parse_rule(raw, number, where, programs) for number, raw in enumerate(raw_rules, 1)
+    )
+    if mode == "off":
+        return Policy.off(where, ignored=len(rules))
+    return Policy(rules, default, mode, where, programs)
 
 
-def _parse_rule(raw: dict[str, Any], number: int, where: str) -> Rule:
+def _parse_rule(raw: dict[str, Any], number: int, where: str, registry: ProgramRegistry) -> Rule:
     here = f"{where}: policy rule {number}"
     _refuse_unknown(raw, RULE_KEYS, here, "")
     effect = raw.get("effect")
@@ -81,15 +90,15 @@ def _parse_rule(raw: dict[str, Any], number: int, where: str) -> Rule:
             actions = frozenset(names)
 
     programs = _strings(raw, "programs", here)
+    program_set: ProgramSet | None = None
     if programs is not None:
         for program in programs:
             if not os.path.isabs(program) or os.path.normpath(program) != program:
                 raise ConfigError(
                     f"{here}: programs: {program!r} is not a normalised absolute path"
-                    " (the executable as /proc/PID/exe shows it)"
+                    " (the executable's path, e.g. /usr/bin/rsync)"
                 )
-            if not os.path.exists(program):
-                log.warning("%s: programs: %s does not exist (yet)", here, program)
+        program_set = ProgramSet(registry.get(program, here) for program in programs)
 
     digests = _strings(raw, "sha256", here)
     if digests is not None:
@@ -118,7 +127,7 @@ def _parse_rule(raw: dict[str, Any], number: int, where: str) -> Rule:
         actions=actions,
         uids=_ids(raw, "users", here, pwd.getpwnam, "user"),
         gids=_ids(raw, "groups", here, grp.getgrnam, "group"),
-        programs=frozenset(programs) if programs is not None else None,
+        programs=program_set,
         sha256=frozenset(digests) if digests is not None else None,
         paths=paths,
         table=dict(raw),
@@ -182,8 +191,9 @@ def _choice(
 ) -> str:
     value = table.get(key, default)
     if not isinstance(value, str) or value not in choices:
+        named = [repr(c) for c in choices]
         raise ConfigError(
-            f"{here} must be {' or '.join(repr(c) for c in choices)}, not {value!r}"
+            f"{here} must be {', '.join(named[:-1])} or {named[-1]}, not {value!r}"
             + (_did_you_mean(value, choices) if isinstance(value, str) else "")
         )
     return value

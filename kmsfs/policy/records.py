@@ -7,13 +7,16 @@ told apart by ``"operation": "policy"``.  The format is stable (README
     {"time": "2025-06-01T10:00:00.123456+00:00", "operation": "policy",
      "action": "read", "path": "/db/base/1", "uid": 33, "gid": 33, "pid": 4242,
      "exe": "/usr/bin/cat", "rule": 2, "effect": "deny", "allowed": false,
-     "mode": "enforce"}
+     "mode": "enforce", "unknown_program": null, "unknown_path": null}
 
-``rule`` is the deciding rule's number (1-based) or null for the default;
-``effect`` what it says; ``allowed`` whether the request went through (in
-learn mode a deny is ``"effect": "deny", "allowed": true``); ``exe`` the
-``/proc/PID/exe`` link text (`` (deleted)`` if the file was replaced), null if
-unknown.
+``rule`` is the deciding rule's number (1-based) or null for the default (and
+for a path that could not be established); ``effect`` what it says;
+``allowed`` whether the request went through (in learn mode a deny is
+``"effect": "deny", "allowed": true``); ``exe`` the ``/proc/PID/exe`` link
+text (`` (deleted)`` if the file was replaced), null if the program is
+unknown, and then ``unknown_program`` says why ("another mount namespace",
+...); ``path`` null when the file's path in the volume could not be
+established, and then ``unknown_path`` says why.
 """
 
 from __future__ import annotations
@@ -29,14 +32,17 @@ from kmsfs.policy.rules import ACTIONS
 OPERATION = "policy"
 
 
+UNRESOLVED = "not under the mount root (moved out of the backing directory?)"
+
+
 def audit_record(
     requester: Requester,
     action: str,
-    path: str,
+    path: str | None,
     decision: Decision,
     now: datetime | None = None,
 ) -> dict[str, Any]:
-    """The audit record of one decision, as a JSON-ready dict (pure but for reading exe)."""
+    """The audit record of one decision, as a JSON-ready dict (pure but for reading /proc)."""
     when = now or datetime.now(UTC)
     return {
         "time": when.isoformat(timespec="microseconds"),
@@ -51,6 +57,8 @@ def audit_record(
         "effect": decision.effect,
         "allowed": decision.allowed,
         "mode": decision.mode,
+        "unknown_program": requester.unknown_program,
+        "unknown_path": UNRESOLVED if path is None else None,
     }
 
 
@@ -59,7 +67,7 @@ class SeenRequest:
     """A policy record read back: the fields ``kmsfs policy suggest`` uses."""
 
     action: str
-    path: str
+    path: str | None
     uid: int
     gid: int
     exe: str | None
@@ -95,8 +103,7 @@ def parse_record(data: Any) -> SeenRequest | None:
         raise ValueError(f"policy record without {exc.args[0]!r}") from None
     if (
         seen.action not in ACTIONS
-        or not isinstance(seen.path, str)
-        or not seen.path.startswith("/")
+        or not (seen.path is None or (isinstance(seen.path, str) and seen.path.startswith("/")))
         or not isinstance(seen.uid, int)
         or not isinstance(seen.gid, int)
         or not (seen.exe is None or isinstance(seen.exe, str))

@@ -4,8 +4,8 @@ A rule matches a request when every condition it has matches (a missing
 condition matches anything); a list matches when any of its items does:
 
 - ``users`` / ``groups``: the request's uid; its gid or a supplementary group;
-- ``programs``: the requesting process's executable path; ``sha256``: the
-  executable's content;
+- ``programs``: the file the requesting process runs (programs.py); ``sha256``:
+  the executable's content;
 - ``paths``: the path of the file in the volume (globs.py);
 - ``actions``: one of ACTIONS (``all`` in the file means every one).
 """
@@ -18,10 +18,11 @@ from typing import Any
 
 from kmsfs.policy.globs import PathSet
 from kmsfs.policy.identity import Requester
+from kmsfs.policy.programs import ProgramSet
 
 ACTIONS = ("read", "write", "create", "delete", "rename", "list", "exec")
 EFFECTS = ("permit", "deny")
-MODES = ("enforce", "learn")
+MODES = ("enforce", "learn", "off")
 # the order of keys when a rule is printed
 RULE_KEYS = ("users", "groups", "programs", "sha256", "paths", "actions", "effect", "audit")
 
@@ -31,8 +32,9 @@ class Rule:
     """One ``[[policy.rule]]``, compiled.
 
     Attributes: number (1-based, in file order), effect, audit, actions,
-    uids/gids/programs/sha256 (frozensets; None = any), paths (PathSet or
-    None = any), table (the TOML table as written, for display).
+    uids/gids/sha256 (frozensets; None = any), programs (ProgramSet or None =
+    any), paths (PathSet or None = any), table (the TOML table as written, for
+    display).
     """
 
     number: int
@@ -41,7 +43,7 @@ class Rule:
     actions: frozenset[str]
     uids: frozenset[int] | None = None
     gids: frozenset[int] | None = None
-    programs: frozenset[str] | None = None
+    programs: ProgramSet | None = None
     sha256: frozenset[str] | None = None
     paths: PathSet | None = None
     table: dict[str, Any] = field(default_factory=dict)
@@ -59,7 +61,8 @@ class Rule:
     def matches(self, requester: Requester, path: str) -> bool:
         """True if the requester and *path* satisfy every condition but ``actions``.
 
-        Cheap tests first; the program's SHA-256 last (it may raise HashPending).
+        Cheap tests first; the program's SHA-256 last.  Raises Pending (identity.py)
+        when a fact needs blocking I/O and the requester may not block.
         """
         if self.uids is not None and requester.uid not in self.uids:
             return False
@@ -86,7 +89,7 @@ class Rule:
             and self.gids.isdisjoint(requester.groups)
         ):
             return False
-        if self.programs is not None and requester.program not in self.programs:
+        if self.programs is not None and not self.programs.matches(requester):
             return False
         return self.sha256 is None or requester.sha256 in self.sha256
 
@@ -101,8 +104,10 @@ class Rule:
         if self.gids is not None and self.gids.isdisjoint(requester.groups):
             groups = ", ".join(str(g) for g in sorted(requester.groups))
             return f"none of the groups ({groups}) is in its groups"
-        if self.programs is not None and requester.program not in self.programs:
-            return f"program {requester.program} is not in its programs"
+        if self.programs is not None:
+            reason = self.programs.mismatch(requester)
+            if reason is not None:
+                return reason
         if self.sha256 is not None and requester.sha256 not in self.sha256:
             return f"the program's sha256 {requester.sha256} is not in its sha256"
         return None

@@ -11,7 +11,8 @@ depth), with the union of the actions seen on those entries and below; the
 highest such directory wins.  Every other path is written exactly (as a glob
 that matches only itself).  Requests whose program was unknown (pid 0, a
 process already gone) get no rule: a rule without ``programs`` would permit
-any program; they are listed as comments.
+any program; they are listed as comments, as are requests whose path could
+not be established.
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ def _user(uid: int) -> str | int:
 def suggest(seen: Iterable[SeenRequest]) -> tuple[list[Suggested], list[str], int]:
     """(suggested rules, comments on what got no rule, enforced denies ignored)."""
     groups: dict[tuple[int, str], _Group] = {}
-    unknown: dict[tuple[int, str, str], int] = defaultdict(int)
+    unknown: dict[tuple[str, int, str, str], int] = defaultdict(int)
     enforced = 0
     for request in seen:
         if request.effect != "deny":
@@ -97,8 +98,9 @@ def suggest(seen: Iterable[SeenRequest]) -> tuple[list[Suggested], list[str], in
             enforced += 1
             continue
         program = request.program
-        if program is None:
-            unknown[(request.uid, request.action, request.path)] += 1
+        if program is None or request.path is None:
+            what = "program unknown" if program is None else "path unknown"
+            unknown[(what, request.uid, request.action, request.path or "?")] += 1
             continue
         group = groups.setdefault((request.uid, program), _Group(request.uid, program))
         group.actions_by_path[request.path].add(request.action)
@@ -128,8 +130,8 @@ def suggest(seen: Iterable[SeenRequest]) -> tuple[list[Suggested], list[str], in
             out.append(Suggested(table, comment))
             comment = ""  # said once per user and program
     notes = [
-        f"# no rule (program unknown): uid {uid} {action} {path} ({count}x)"
-        for (uid, action, path), count in sorted(unknown.items())
+        f"# no rule ({what}): uid {uid} {action} {path} ({count}x)"
+        for (what, uid, action, path), count in sorted(unknown.items())
     ]
     return out, notes, enforced
 

@@ -173,8 +173,12 @@ class ServerConfig:
 
 
 def load_server_config(path: str | os.PathLike[str]) -> ServerConfig:
-    """Read and validate the config file *path*; ConfigError naming the key and the problem."""
-    path = Path(path)
+    """Read and validate the config file *path*; ConfigError naming the key and the problem.
+
+    The ServerConfig's path (and its policy's source) is absolute: a daemon
+    re-reads it on reload after leaving the working directory.
+    """
+    path = Path(os.path.abspath(path))
     # a FIFO would hang us; a symlink is followed (/etc may be links into a store) and
     # what it names is checked
     fd, _ = open_regular(path, os.O_RDONLY, "config file", follow=True)

@@ -30,6 +30,7 @@ def serve_plan(plan: MountPlan, on_ready: Callable[[], None] | None) -> None:
     from kmsfs.fs.syscalls import disable_core_dumps, lock_memory
     from kmsfs.keys.cache import DEFAULT_MAX_AGE, DEFAULT_MAX_ENTRIES, KeyCache
     from kmsfs.lock import claim_volume
+    from kmsfs.server.policyfile import PolicyReloader
     from kmsfs.volume import open_volume
 
     cache = KeyCache(
@@ -57,6 +58,8 @@ def serve_plan(plan: MountPlan, on_ready: Callable[[], None] | None) -> None:
             migrate="ro" not in plan.extra,
         )
         services = [plan.runtime.run]
+        reloader = PolicyReloader(plan.config_file) if plan.config_file else None
+        plan.runtime.reloader = reloader
         serve(
             plan.backing,
             plan.mountpoint,
@@ -70,7 +73,7 @@ def serve_plan(plan: MountPlan, on_ready: Callable[[], None] | None) -> None:
             shared=plan.shared,
             timeout=plan.shared_timeout if plan.shared else None,
             policy=plan.policy,
-            policy_file=plan.config_file,
+            reloader=reloader,
         )
     finally:
         claim.close()

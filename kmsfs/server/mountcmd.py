@@ -32,7 +32,8 @@ class MountPlan:
     (asks for a passphrase or PIN, or None), cache_max_entries/cache_max_age
     (None: defaults), audit_log (absolute, or None), log_level, log_file,
     policy (the config file's access policy, or None: permit all),
-    config_file (re-read for the policy on SIGHUP), shared (``-o shared``: other
+    config_file (absolute: re-read for the policy on reload, after the daemon
+    has left the working directory), shared (``-o shared``: other
     daemons may serve the volume at once) and shared_timeout (entry and
     attribute seconds in shared mode).
     """
@@ -111,7 +112,7 @@ def prepare_mount(
         extra,
         runtime,
         policy=config.policy if config is not None else None,
-        config_file=str(config.path) if config is not None else None,
+        config_file=os.path.abspath(config.path) if config is not None else None,
         shared=shared,
         shared_timeout=shared_timeout,
     )

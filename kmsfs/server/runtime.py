@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from kmsfs.fs.operations import KmsfsOperations
     from kmsfs.lock import VolumeClaim
     from kmsfs.server.metrics import MetricsServer
+    from kmsfs.server.policyfile import PolicyReloader
 
 log = logging.getLogger("kmsfs.server")
 
@@ -36,7 +37,8 @@ log = logging.getLogger("kmsfs.server")
 class ServerRuntime:
     """Attributes: mountpoint, metrics_listen (``HOST:PORT`` or None),
     provider_stats, metrics (the running MetricsServer, once started), claim (the
-    volume lock and registration the daemon holds, to recheck; None: not watched)."""
+    volume lock and registration the daemon holds, to recheck; None: not watched),
+    reloader (reloads the access policy from the config file; None without one)."""
 
     def __init__(self, mountpoint: str, metrics_listen: str | None = None) -> None:
         self.mountpoint = mountpoint
@@ -45,6 +47,7 @@ class ServerRuntime:
         self.metrics: MetricsServer | None = None
         self.claim: VolumeClaim | None = None
         self._lock_state = "held"
+        self.reloader: PolicyReloader | None = None
         self.started = time.time()
         self.started_monotonic = time.monotonic()
 
@@ -99,8 +102,20 @@ class ServerRuntime:
             ops, self.provider_stats, self.mountpoint, self.started, self.started_monotonic
         )
         info["metrics_url"] = self.metrics.url if self.metrics is not None else None
+        policy = info["policy"]
+        reloader = self.reloader
+        policy["config_file"] = reloader.path if reloader is not None else None
+        policy["reloads"] = reloader.reloads if reloader is not None else 0
+        policy["reloads_refused"] = reloader.refused if reloader is not None else 0
         info["volume_lock"] = self._lock_state if self.claim is not None else None
         return info
+
+    async def reload_policy(self, ops: KmsfsOperations) -> dict[str, Any]:
+        """The ``reload-policy`` request: reload, and say whether the new policy is served."""
+        if self.reloader is None:
+            return {"error": "mounted without a config file (--config): no policy to reload"}
+        refused = await self.reloader.reload(ops)
+        return {"reloaded": refused is None, "refused": refused, "policy": ops.policy.summary()}
 
     def check_claim(self) -> None:
         """Recheck the volume lock and this daemon's registration (``VolumeClaim.recheck``:
@@ -129,10 +144,12 @@ class ServerRuntime:
             return
         log.debug("status socket %s", path)
 
-        def answer(request: str) -> dict[str, Any]:
+        async def answer(request: str) -> dict[str, Any]:
             if request == "status":
                 self.check_claim()  # a tool asks: the lock it would look for is back
                 return self.snapshot(ops)
+            if request == "reload-policy":
+                return await self.reload_policy(ops)
             return {"error": f"unknown request {request[:40]!r}"}
 
         try:

@@ -143,4 +143,5 @@ def snapshot(
         "bytes_written": ops.bytes_written,
         "errors": ops.errors,
         "requests": ops.requests.summary(),
+        "policy": ops.policy.describe(),
     }

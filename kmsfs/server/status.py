@@ -9,9 +9,10 @@ mount keeps the filesystem's namespace untouched; the hash keeps any mount
 point path within the 108-byte socket address limit.  The directory is 0700
 and the socket 0600: only the daemon's user (and root) may ask.
 
-Protocol: the client sends one line (``status``); the daemon answers one line
-of JSON and closes.  Requests are served by a trio task on the FUSE loop, so
-answering never blocks a file request for longer than building the answer.
+Protocol: the client sends one line (``status``, or ``reload-policy``); the
+daemon answers one line of JSON and closes.  Requests are served by a trio task
+on the FUSE loop, so answering never blocks a file request for longer than
+building the answer (a policy reload reads its file in a worker thread).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import json
 import logging
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +83,7 @@ def bind_control_socket(mountpoint: str) -> tuple[trio.socket.SocketType, Path]:
 
 
 async def serve_control(
-    sock: trio.socket.SocketType, answer: Callable[[str], dict[str, Any]]
+    sock: trio.socket.SocketType, answer: Callable[[str], Awaitable[dict[str, Any]]]
 ) -> None:
     """Answer requests on *sock* until cancelled; *answer* maps a request to a JSON object."""
     listener = trio.SocketListener(sock)
@@ -98,7 +99,7 @@ async def serve_control(
                     request += chunk
             text = request.decode(errors="replace").strip()
             try:
-                reply = answer(text)
+                reply = await answer(text)
             except Exception as exc:  # a status bug must not take the mount down
                 log.exception("status request %r failed", text)
                 reply = {"error": f"{type(exc).__name__}: {exc}"}
@@ -191,6 +192,10 @@ def format_status(info: dict[str, Any]) -> str:
         f"bytes written:  {info['bytes_written']}",
         f"errors:         {info['errors']}",
     ]
+    policy = info.get("policy")
+    if policy:
+        source = f" (from {policy['source']})" if policy["source"] else ""
+        lines.append(f"access policy:  {policy['summary']}{source}")
     lines += format_requests(info.get("requests"))
     return "\n".join(lines)
 

@@ -5,85 +5,31 @@ uids and other programs (a copy of a binary at another path is another program),
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import signal
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import BIN, Volume, make_volume, requires_fuse, run_as, run_kmsfs
+from conftest import BIN, requires_fuse, run_as, run_kmsfs
+from support.policy_volume import (
+    DENY_VAULT,
+    NOBODY,
+    PolicyVolume,
+    as_root,
+    denied,
+    policy_volume,
+)
 
 pytestmark = [requires_fuse, pytest.mark.mount]
-NOBODY = 65534
-
-
-class PolicyVolume:
-    """A volume mounted through a TOML config whose [policy] the test writes."""
-
-    def __init__(self, vol: Volume, root: Path) -> None:
-        self.vol = vol
-        self.toml = root / "vol.toml"
-        self.audit = root / "audit.jsonl"
-        self.programs = root / "programs"
-        self.programs.mkdir(mode=0o755)
-        self.pid = 0
-
-    def write_config(self, policy: str) -> None:
-        self.toml.write_text(
-            f'backing = "{self.vol.backing}"\n'
-            f'mountpoint = "{self.vol.mountpoint}"\n'
-            'options = ["allow_other"]\n'
-            f'audit_log = "{self.audit}"\n'
-            f'[provider]\ntype = "local"\nkey_file = "{self.vol.key_file}"\n' + policy
-        )
-        self.toml.chmod(0o644)
-
-    def mount(self) -> None:
-        result = run_kmsfs("mount", "--config", self.toml, "--log-file", self.vol.log_file)
-        self.pid = int(result.stdout.split("daemon pid ")[1].split(")")[0])
-        self.vol.mounted = True
-
-    def program(self, name: str, source: str = "/bin/cat") -> Path:
-        """A copy of *source* at another path: another program for the policy."""
-        copy = self.programs / name
-        shutil.copy2(source, copy)
-        copy.chmod(0o755)
-        return copy
-
-    def records(self) -> list[dict[str, object]]:
-        if not self.audit.exists():
-            return []
-        lines = self.audit.read_text().splitlines()
-        return [r for r in map(json.loads, lines) if r.get("operation") == "policy"]
 
 
 @pytest.fixture
 def pv(shared_dir: Path) -> Iterator[PolicyVolume]:
-    vol = make_volume(shared_dir)
-    vol.mountpoint.rename(shared_dir / "mnt")
-    vol.mountpoint = shared_dir / "mnt"
-    vol.mount()  # make the tree as root, without a policy
-    vol.mountpoint.chmod(0o755)
-    for d in ("secret", "shared", "vault"):
-        (vol.mountpoint / d).mkdir(mode=0o777)
-        (vol.mountpoint / d / "f").write_bytes(f"{d} data\n".encode())
-        (vol.mountpoint / d / "f").chmod(0o666)
-    vol.umount()
-    volume = PolicyVolume(vol, shared_dir)
+    volume = policy_volume(shared_dir)
     yield volume
-    vol.umount()
-
-
-def as_root(*command: str | os.PathLike[str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*map(str, command)], capture_output=True, text=True, timeout=30)
-
-
-def denied(result: subprocess.CompletedProcess[str]) -> bool:
-    return result.returncode != 0 and "Permission denied" in result.stderr
+    volume.vol.umount()
 
 
 def test_rules_by_program_user_and_root_with_audit(pv: PolicyVolume) -> None:
@@ -177,22 +123,12 @@ effect = "permit"
 
 
 def test_reload_applies_a_good_policy_and_keeps_the_old_one_on_error(pv: PolicyVolume) -> None:
-    deny_vault = """
-[policy]
-mode = "enforce"
-default = "permit"
-
-[[policy.rule]]
-paths = ["/vault/**"]
-actions = ["read"]
-effect = "deny"
-"""
-    pv.write_config(deny_vault)
+    pv.write_config(DENY_VAULT)
     pv.mount()
     mnt = pv.vol.mountpoint
     assert denied(as_root("cat", mnt / "vault/f"))
     bad_rule = '\n[[policy.rule]]\nusers = ["no-such-user-xyz"]\neffect = "deny"\n'
-    pv.write_config(deny_vault + bad_rule)
+    pv.write_config(DENY_VAULT + bad_rule)
     os.kill(pv.pid, signal.SIGHUP)
     deadline = time.monotonic() + 10
     while "policy not reloaded" not in pv.vol.log_text() and time.monotonic() < deadline:
@@ -201,7 +137,7 @@ effect = "deny"
     assert "no-such-user-xyz" in pv.vol.log_text()
     assert os.path.ismount(mnt)  # SIGHUP no longer unmounts
     assert denied(as_root("cat", mnt / "vault/f"))  # the old policy still holds
-    pv.write_config(deny_vault.replace('"/vault/**"', '"/secret/**"'))
+    pv.write_config(DENY_VAULT.replace('"/vault/**"', '"/secret/**"'))
     os.kill(pv.pid, signal.SIGHUP)
     deadline = time.monotonic() + 10
     while "policy reloaded" not in pv.vol.log_text() and time.monotonic() < deadline:

@@ -40,6 +40,8 @@ def test_installer_layout(tmp_path: Path) -> None:
     service = (units / "kmsfs@.service").read_text()
     assert f"ExecStart={BIN} mount --foreground --config /etc/kmsfs/%i.toml" in service
     assert f"ExecStop=-{BIN} umount --config /etc/kmsfs/%i.toml" in service
+    # systemctl reload waits for the daemon's verdict (test_policy_operations.py runs it)
+    assert f"ExecReload={BIN} policy reload --config /etc/kmsfs/%i.toml" in service
     assert "/usr/local/bin/kmsfs" not in service
     assert (units / "kmsfs.target").exists()
     assert os.readlink(tmp_path / "sbin/mount.fuse.kmsfs") == str(HELPER)

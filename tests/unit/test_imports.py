@@ -16,6 +16,7 @@ LAYER = {
     "durable": 0,
     "errors": 0,
     "hostfiles": 0,
+    "statx": 0,
     "keys": 1,
     "policy": 1,
     "fs": 2,

@@ -23,6 +23,7 @@ from kmsfs.server.config import load_server_config
 from kmsfs.server.policyfile import load_policy, reload_policy
 
 DAEMON, BACKUP, NOBODY = 1, 34, 65534
+DELETED = " (deleted)"
 
 DB_CONFIG = """backing = "/srv/enc"
 
@@ -207,10 +208,12 @@ def learn_log(tmp_path: Path) -> Path:
     )
     lines = []
     for uid, exe, action, path in WORKLOAD:
-        requester = Requester(uid, uid, 4242, exe=exe)
+        requester = Requester(uid, uid, 4242, exe=exe.removesuffix(DELETED))
         decision = learning.decide(requester, action, path)
         assert decision.allowed and decision.audit
-        lines.append(json.dumps(audit_record(requester, action, path, decision)))
+        record = audit_record(requester, action, path, decision)
+        record["exe"] = exe  # as the daemon records a process whose file was replaced
+        lines.append(json.dumps(record))
     # what else an audit log holds: a key record, an enforce-mode deny, a broken line
     lines.append(json.dumps({"operation": "unwrap", "path": "/data/a/1", "result": "ok"}))
     enforce = parse_policy({"default": "deny"}, "enforce.toml")
@@ -237,7 +240,8 @@ def suggested_policy(tmp_path: Path) -> tuple[Policy, str, str]:
 def test_suggest_permits_exactly_the_recorded_workload(tmp_path: Path) -> None:
     policy, out, err = suggested_policy(tmp_path)
     for uid, exe, action, path in WORKLOAD:
-        assert policy.decide(Requester(uid, uid, exe=exe), action, path).allowed, (
+        requester = Requester(uid, uid, exe=exe.removesuffix(DELETED))
+        assert policy.decide(requester, action, path).allowed, (
             uid,
             action,
             path,
@@ -303,8 +307,8 @@ def test_reload_returns_the_new_policy(tmp_path: Path) -> None:
     config = write_config(tmp_path, DB_CONFIG)
     current = load_policy(config)
     config.write_text(DB_CONFIG.replace('default = "deny"', 'default = "permit"'))
-    new = reload_policy(config, current)
-    assert new is not current
+    new, refused = reload_policy(config, current)
+    assert refused is None and new is not current
     assert (new.default, len(new.rules)) == ("permit", 3)
 
 
@@ -315,11 +319,13 @@ def test_reload_keeps_the_old_policy_when_the_new_one_is_refused(
     current = load_policy(config)
     config.write_text(DB_CONFIG.replace('paths = "/db/**"', 'paths = "/db/[oops"'))
     with caplog.at_level(logging.ERROR, logger="kmsfs.server.policyfile"):
-        kept = reload_policy(config, current)
+        kept, refused = reload_policy(config, current)
     assert kept is current
+    reason = f"{config}: policy rule 2: paths: bad glob '/db/[oops': [ without its ] in '[oops'"
+    assert refused == reason
     assert caplog.messages == [
-        "policy not reloaded, keeping the current one (3 rules, default deny, mode enforce):"
-        f" {config}: policy rule 2: paths: bad glob '/db/[oops': [ without its ] in '[oops'"
+        f"policy not reloaded, keeping the current one (3 rules, default deny, mode enforce):"
+        f" {reason}"
     ]
 
 
@@ -327,6 +333,37 @@ def test_a_config_without_policy_reloads_as_permit_all(tmp_path: Path) -> None:
     config = write_config(tmp_path, 'backing = "/srv/enc"\n')
     policy = load_policy(config)
     assert (policy.rules, policy.default, policy.mode) == ((), "permit", "enforce")
+    assert policy.summary() == "no [policy]: every request permitted"
+    again, refused = reload_policy(config, policy)  # nothing was enforced: nothing to lose
+    assert refused is None and not again.from_table
+
+
+def test_a_reload_that_drops_the_policy_is_refused_unless_it_says_off(tmp_path: Path) -> None:
+    # the mistake: the table deleted (or lost by a template), which would permit everything
+    config = write_config(tmp_path, DB_CONFIG)
+    current = load_policy(config)
+    config.write_text('backing = "/srv/enc"\n')
+    kept, refused = reload_policy(config, current)
+    assert kept is current
+    assert refused == (
+        f"{config} has no [policy] table: reloading it would permit every request. To switch"
+        ' the access policy off, write [policy] with mode = "off"'
+    )
+    # the explicit form: rules may stay (checked, not applied)
+    config.write_text(DB_CONFIG.replace('default = "deny"', 'mode = "off"'))
+    off, refused = reload_policy(config, current)
+    assert refused is None
+    assert (off.mode, off.rules, off.ignored) == ("off", (), 3)
+    assert off.summary() == "mode off: every request permitted (3 rules not applied)"
+    assert off.decide(Requester(NOBODY, NOBODY, exe="/usr/bin/cat"), "read", "/db/x").allowed
+    # from off, dropping the table changes nothing and is not refused
+    config.write_text('backing = "/srv/enc"\n')
+    assert reload_policy(config, off)[1] is None
+    code, out, _ = check(
+        write_config(tmp_path, DB_CONFIG.replace('default = "deny"', 'mode = "off"'), "o.toml"),
+        *("--user", "root", "--program", "/usr/bin/cat", "--path", "/db/x", "--action", "read"),
+    )
+    assert code == 0 and "policy.mode is off" in out
 
 
 # -- the README's worked example decides as the README says ----------------------------

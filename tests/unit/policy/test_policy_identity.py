@@ -178,10 +178,14 @@ def test_a_deleted_executable_keeps_its_path_and_content(
     mysleep = copy_program(SLEEP, tmp_path / "mysleep")
     process = start(processes, mysleep, "60")
     wait_for_exe(process.pid, str(mysleep))
+    before = IdentityCache().lookup(process.pid, 0, 0).exe_stat
     mysleep.unlink()  # as a package upgrade replaces a running daemon's binary
     requester = IdentityCache().lookup(process.pid, 0, 0, blocking=True)
     assert requester.exe == f"{mysleep} (deleted)"
-    assert requester.program == str(mysleep)
+    assert requester.unknown_program is None
+    after = requester.exe_stat
+    assert before is not None and after is not None
+    assert (after.dev, after.ino, after.birth_ns) == (before.dev, before.ino, before.birth_ns)
     assert requester.sha256 == sha256_of(SLEEP)  # read through /proc/PID/exe
 
 
@@ -233,12 +237,11 @@ def test_unknown_processes_have_no_program(processes: list[subprocess.Popen[byte
 
 
 def test_the_caches_are_bounded(tmp_path: Path, processes: list[subprocess.Popen[bytes]]) -> None:
-    cache = IdentityCache(max_processes=2, max_files=2)
+    cache = IdentityCache(max_files=2)
     programs = [copy_program(SLEEP if n % 2 else CAT, tmp_path / f"p{n}") for n in range(4)]
     for n, program in enumerate(programs):
         (tmp_path / f"p{n}").chmod(0o755)
         process = start(processes, program, "60") if n % 2 else start(processes, program)
         wait_for_exe(process.pid, str(program))
         assert cache.lookup(process.pid, 0, 0).compute_sha256() is not None
-    assert len(cache._by_process) == 2
     assert len(cache._by_file) == 2
