@@ -25,6 +25,8 @@ from kmsfs.fs import fuseloop
 from kmsfs.fs.events import AccessSink
 from kmsfs.fs.inodes import ROOT_INODE
 from kmsfs.fs.operations import DEFAULT_TIMEOUT, KmsfsOperations, serve_volume
+from kmsfs.fs.served import REQUEST_TASKS
+from kmsfs.fs.shared import DEFAULT_LOCK_TIMEOUT
 from kmsfs.fs.syscalls import disable_core_dumps, lock_memory
 from kmsfs.keys.keyring import Keyring
 from kmsfs.lock import claim_volume
@@ -104,6 +106,7 @@ def serve(
     policy: Policy | None = None,
     policy_file: str | None = None,
     shared: bool = False,
+    lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
 ) -> None:
     """Mount *backing* at *mountpoint* and serve until unmounted; MountError if mounting fails.
 
@@ -114,7 +117,8 @@ def serve(
     is the volume lock if the caller took it already (the caller closes it then);
     else this registers and takes it (``claim_volume``).  *shared*: other daemons
     may serve the volume at once (docs/DESIGN.md "Shared storage"); *timeout* is
-    then the short one the mount options chose.  *policy* is the access policy
+    then the short one the mount options chose, and *lock_timeout* how long a
+    request waits for another daemon's lock.  *policy* is the access policy
     (permit-all by default); SIGHUP re-reads it from *policy_file* (the TOML
     volume config), keeping the old one if the new one is refused.
     """
@@ -138,6 +142,7 @@ def serve(
         policy=policy,
         on_policy=audit.write if isinstance(audit, AuditLog) else None,
         shared=shared,
+        lock_timeout=lock_timeout,
     )
     ops = KmsfsOperations(parts)
     try:
@@ -152,7 +157,9 @@ def serve(
         backing,
         mountpoint,
         config.volume_id.hex(),
-        f", shared mode, timeouts {parts.timeout:g} s" if shared else "",
+        f", shared mode, timeouts {parts.timeout:g} s, lock waits {lock_timeout:g} s"
+        if shared
+        else "",
     )
     unmount = True
     try:
@@ -181,9 +188,11 @@ async def _run(
         nursery.start_soon(_announce_ready, mountpoint, on_ready)
         for service in services:
             nursery.start_soon(service, ops)
-        fuseloop.install()  # no trip around trio's loop per request while requests queue
+        # no trip around trio's loop per request while requests queue; once unmounted,
+        # no request waits for another daemon's lock (pyfuse3.main waits for them all)
+        fuseloop.install(on_disconnect=ops.lock_waits.close)
         try:
-            await pyfuse3.main(min_tasks=4, max_tasks=64)
+            await pyfuse3.main(min_tasks=4, max_tasks=REQUEST_TASKS)
         finally:
             fuseloop.uninstall()
         nursery.cancel_scope.cancel()
@@ -199,6 +208,7 @@ async def _handle_signals(mountpoint: str, ops: KmsfsOperations, policy_file: st
                 ops.policy = await trio.to_thread.run_sync(reload_policy, policy_file, ops.policy)
                 continue
             log.info("received %s: unmounting", signal.Signals(signum).name)
+            ops.lock_waits.close()  # requests waiting for other daemons' locks give up
             await _flush_kernel_cache(mountpoint, ops)
             # terminate() stops reading new requests; requests being handled finish
             # before pyfuse3.main returns, then serve() unmounts
