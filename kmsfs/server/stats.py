@@ -133,4 +133,6 @@ def snapshot(
         "bytes_written": ops.bytes_written,
         "errors": ops.errors,
         "requests": ops.requests.summary(),
+        # shared mode: requests waiting for other daemons' locks, and how waits ended
+        **({"lock_waits": ops.lock_waits.summary()} if ops.shared else {}),
     }

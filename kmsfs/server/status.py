@@ -181,6 +181,14 @@ def format_status(info: dict[str, Any]) -> str:
         f"bytes written:  {info['bytes_written']}",
         f"errors:         {info['errors']}",
     ]
+    waits = info.get("lock_waits")
+    if waits:
+        lines.append(
+            f"lock waits:     {waits['waiting']} waiting (at most {waits['limit']},"
+            f" {waits['timeout_seconds']:g} s each); {waits['timed_out']} timed out,"
+            f" {waits['refused']} refused, {waits['interrupted']} interrupted,"
+            f" {waits['abandoned']} abandoned"
+        )
     lines += format_requests(info.get("requests"))
     return "\n".join(lines)
 

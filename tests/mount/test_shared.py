@@ -837,11 +837,15 @@ def test_registrations_name_the_daemons_and_refuse_the_wrong_mode(cluster: Clust
 
 
 def test_shared_options_are_checked(cluster: Cluster) -> None:
-    """shared_timeout without shared, or out of range, is a usage error (exit 2)."""
+    """shared_timeout or shared_lock_timeout without shared, or out of range, is a usage
+    error (exit 2)."""
     for options, message in (
         ("shared_timeout=1", "applies to shared mode only"),
         ("shared,shared_timeout=999", "give seconds from 0 to 60"),
         ("shared,shared_timeout=soon", "give seconds from 0 to 60"),
+        ("shared_lock_timeout=5", "-o shared_lock_timeout applies to shared mode only"),
+        ("shared,shared_lock_timeout=0", "give seconds from 0.1 to 600"),
+        ("shared,shared_lock_timeout=forever", "give seconds from 0.1 to 600"),
     ):
         result = cluster.mount("-o", options, check=False)
         assert result.returncode == 2, result.stderr
@@ -889,9 +893,10 @@ def test_default_mode_is_unchanged_by_shared_mode(tmp_path: Path) -> None:
         group.umount_all()
 
 
-def test_the_config_file_says_shared_and_its_timeout(tmp_path: Path) -> None:
-    """``shared = true`` and ``shared_timeout`` in /etc/kmsfs/NAME.toml become the mount
-    options ``shared`` and ``shared_timeout=S``; a timeout without shared is refused."""
+def test_the_config_file_says_shared_and_its_timeouts(tmp_path: Path) -> None:
+    """``shared = true``, ``shared_timeout`` and ``shared_lock_timeout`` in
+    /etc/kmsfs/NAME.toml become the mount options ``shared``, ``shared_timeout=S`` and
+    ``shared_lock_timeout=S``; a timeout without shared is refused."""
     from kmsfs.errors import ConfigError
     from kmsfs.server.config import parse_server_config
     from kmsfs.server.mountcmd import split_shared_options
@@ -899,10 +904,15 @@ def test_the_config_file_says_shared_and_its_timeout(tmp_path: Path) -> None:
     where = tmp_path / "data.toml"
     config = parse_server_config({"shared": True, "shared_timeout": 0.5}, where)
     assert config.mount_options == ("shared", "shared_timeout=0.5")
-    assert split_shared_options(list(config.mount_options)) == ([], True, 0.5)
+    assert split_shared_options(list(config.mount_options)) == ([], True, 0.5, 10.0)
+    config = parse_server_config({"shared": True, "shared_lock_timeout": 30}, where)
+    assert config.mount_options == ("shared", "shared_lock_timeout=30")
+    assert split_shared_options(list(config.mount_options)) == ([], True, 1.0, 30.0)
     assert parse_server_config({"shared": False}, where).mount_options == ()
     with pytest.raises(ConfigError, match="shared_timeout is set but shared is not true"):
         parse_server_config({"shared_timeout": 2}, where)
+    with pytest.raises(ConfigError, match="shared_lock_timeout is set but shared is not"):
+        parse_server_config({"shared_lock_timeout": 2}, where)
     with pytest.raises(ConfigError, match="shared must be true or false"):
         parse_server_config({"shared": "yes"}, where)
 
