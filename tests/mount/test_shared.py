@@ -13,11 +13,14 @@ for a bounded time (a few seconds).
 from __future__ import annotations
 
 import errno
+import json
 import os
 import random
+import select
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -72,6 +75,42 @@ class Cluster:
         self.volume = volume
         self.backings = backings or [volume.backing]
         self.mounts: list[Mount] = []
+        self.helpers: list[subprocess.Popen[str]] = []  # killed at teardown, first
+
+    def hold_lock(self, name: str, start: int = 0, length: int = 0) -> subprocess.Popen[str]:
+        """A process of another host holding an exclusive OFD lock on bytes [start,
+        start + length) (length 0: to the end) of backing file *name* and never releasing
+        it (as a hostile process or a dead NFS client's lock would), through the last of
+        ``backings``: over a shared filesystem, another client than the first daemon's."""
+        code = (
+            "import os, sys, time\n"
+            "from kmsfs.fs.shared import ofd_lock\n"
+            "fd = os.open(sys.argv[1], os.O_RDWR)\n"
+            "ofd_lock(fd, True, int(sys.argv[2]), int(sys.argv[3]))\n"
+            "print('held', flush=True)\n"
+            "time.sleep(3600)\n"
+        )
+        path = self.backings[-1] / name
+        holder = subprocess.Popen(
+            [sys.executable, "-c", code, str(path), str(start), str(length)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self.helpers.append(holder)
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        return holder
+
+    def waiters(self, path: Path, readers: int, stats: int) -> subprocess.Popen[str]:
+        """tests/support/lock_waiters.py on *path*, once all its threads have started."""
+        script = Path(__file__).parents[1] / "support" / "lock_waiters.py"
+        process = subprocess.Popen(
+            [sys.executable, str(script), str(path), str(readers), str(stats)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self.helpers.append(process)
+        assert process.stdout is not None and process.stdout.readline() == "started\n"
+        return process
 
     def mount(
         self, *options: str, name: str | None = None, check: bool = True
@@ -175,6 +214,9 @@ def cluster(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Cluster]
     try:
         yield group
     finally:
+        for helper in group.helpers:
+            helper.kill()
+            helper.communicate()
         for mount in group.mounts:
             force_unmount(mount.mountpoint)
             _wait_exited(mount.pid)
@@ -940,3 +982,189 @@ def test_a_planted_registration_is_only_displayed_and_a_dead_one_removed(tmp_pat
         found = daemons_serving(volume.backing)
     assert [(d.host, d.pid, d.mountpoint, d.shared) for d in found] == [("h?[2J", 2, "/m?", False)]
     assert sorted(os.listdir(daemons)) == ["dir", "evil-2-00", "link"]
+
+
+# -- a lock another host holds for ever ------------------------------------------------
+
+
+def lock_waits(mount: Mount) -> dict[str, float]:
+    """The daemon's lock-wait figures (``kmsfs status --json``)."""
+    info = json.loads(run_kmsfs("status", mount.mountpoint, "--json").stdout)
+    figures: dict[str, float] = info["lock_waits"]
+    return figures
+
+
+def wait_for(what: str, check: Callable[[], bool], timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
+        time.sleep(0.05)
+
+
+def answered_within(seconds: float, request: Callable[[], object]) -> object:
+    """*request()*'s result, failing the test if it takes longer than *seconds* (it
+    runs in a daemon thread: one that never returns does not hang the test)."""
+    result: list[object] = []
+    thread = threading.Thread(target=lambda: result.append(request()), daemon=True)
+    start = time.monotonic()
+    thread.start()
+    thread.join(seconds)
+    assert result, f"no answer within {seconds} s (after {time.monotonic() - start:.1f} s)"
+    return result[0]
+
+
+def outcomes(process: subprocess.Popen[str], timeout: float) -> list[dict[str, object]]:
+    """The JSON lines tests/support/lock_waiters.py printed, once it ended."""
+    out, _ = process.communicate(timeout=timeout)
+    return [json.loads(line) for line in out.splitlines()]
+
+
+LOCK_TIMEOUT = 8  # the deadline of these tests' waits, seconds
+
+
+def test_a_lock_another_host_holds_for_ever_never_wedges_the_mount(cluster: Cluster) -> None:
+    """Another host holds an exclusive lock on all of one backing file and never lets go;
+    80 threads open and read that file through the mount and 40 stat it.  Meanwhile the
+    mount answers everything else (stat, read of another file, ls) within seconds;
+    every reader and stat gets EIO, none later than the deadline and a bit; the log
+    names the backing file, the lock and the deadline.  (Before: the waits for the lock
+    took every request task of the daemon, and the whole mount hung for as long as the
+    lock was held, its callers unkillable.)"""
+    [mount] = cluster.shared(1, f"shared_lock_timeout={LOCK_TIMEOUT}")
+    mount.path("held").write_bytes(os.urandom(3 * BS))
+    mount.path("other").write_bytes(b"other bytes")
+    mount.path("dir").mkdir()
+    mount.path("dir/inside").write_bytes(b"")
+    cluster.hold_lock("held")
+    start = time.monotonic()
+    waiters = cluster.waiters(mount.path("held"), readers=80, stats=40)
+    wait_for("requests waiting for the lock", lambda: lock_waits(mount)["waiting"] > 0)
+
+    assert answered_within(3, lambda: os.stat(mount.path("other")).st_size) == 11
+    assert answered_within(3, lambda: mount.path("other").read_bytes()) == b"other bytes"
+    assert answered_within(3, lambda: sorted(os.listdir(mount.path("dir")))) == ["inside"]
+    assert answered_within(3, lambda: sorted(os.listdir(mount.mountpoint))) == [
+        "dir",
+        "held",
+        "other",
+    ]
+    figures = lock_waits(mount)
+    assert 0 < figures["waiting"] <= figures["limit"] == 32
+    assert time.monotonic() - start < LOCK_TIMEOUT, "too slow to tell: the deadline passed"
+
+    results = outcomes(waiters, timeout=LOCK_TIMEOUT * 3 + 30)
+    assert len(results) == 120
+    assert {r["outcome"] for r in results} == {"EIO"}, results
+    longest = max(float(str(r["seconds"])) for r in results)
+    assert LOCK_TIMEOUT - 1 <= longest < 2 * LOCK_TIMEOUT + 5, results
+    backing = cluster.backings[0].resolve() / "held"
+    log = mount.log_text()
+    assert (
+        f"{backing}: gave up after {LOCK_TIMEOUT} s waiting for a shared lock of bytes"
+    ) in log
+    assert "another daemon holds a conflicting lock; shared_lock_timeout)" in log
+    figures = lock_waits(mount)
+    assert figures["waiting"] == 0 and figures["timed_out"] > 0
+    assert answered_within(3, lambda: mount.path("other").read_bytes()) == b"other bytes"
+
+
+def next_line(process: subprocess.Popen[str], timeout: float) -> str:
+    """The next line *process* prints, failing the test if none comes within *timeout*."""
+    assert process.stdout is not None
+    ready, _, _ = select.select([process.stdout], [], [], timeout)
+    assert ready, f"nothing printed within {timeout} s"
+    return process.stdout.readline()
+
+
+def exits_within(pid: int, seconds: float) -> bool:
+    """True once process *pid* is gone or a zombie, False if it still runs after *seconds*."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as handle:
+                if handle.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    return True
+        except OSError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_killed_callers_stop_waiting_and_give_their_places_back(cluster: Cluster) -> None:
+    """8 threads stat a file whose end another host keeps locked, and wait (deadline
+    60 s).  SIGKILL of their process ends their waits at once: it is reaped within
+    seconds, the daemon counts no waiting request and 8 interrupted ones.  Then 32
+    waits (the most that may) can start again, and a 33rd stat is refused at once.
+    (Before: a killed caller stayed in D state until the lock was released, and its
+    request kept its place in the daemon.)"""
+    [mount] = cluster.shared(1, "shared_lock_timeout=60", "shared_timeout=0")
+    mount.path("held").write_bytes(os.urandom(3 * BS))
+    cluster.hold_lock("held")
+    waiters = cluster.waiters(mount.path("held"), readers=0, stats=8)
+    wait_for("8 stats waiting", lambda: lock_waits(mount)["waiting"] == 8)
+    start = time.monotonic()
+    waiters.kill()
+    waiters.communicate(timeout=10)  # reaped: every thread's request was answered
+    assert time.monotonic() - start < 5
+    wait_for("no request waiting", lambda: lock_waits(mount)["waiting"] == 0, timeout=3)
+    assert lock_waits(mount)["interrupted"] == 8
+    assert "was interrupted" in mount.log_text()
+
+    more = cluster.waiters(mount.path("held"), readers=0, stats=33)
+    refused = json.loads(next_line(more, timeout=10))
+    assert refused["kind"] == "stat" and refused["outcome"] == "EIO"
+    assert float(refused["seconds"]) < 3
+    figures = lock_waits(mount)
+    assert figures["waiting"] == 32 and figures["refused"] >= 1  # a stat may ask twice
+    assert "32 requests wait for other daemons already, the most that may" in mount.log_text()
+    more.kill()
+    more.communicate(timeout=10)
+    wait_for("no request waiting", lambda: lock_waits(mount)["waiting"] == 0, timeout=3)
+
+
+def test_sigterm_ends_the_daemon_at_once_while_requests_wait(cluster: Cluster) -> None:
+    """SIGTERM while 10 reads and 10 stats wait for a lock another host holds (deadline
+    60 s): the waits give up, the daemon unmounts and exits within seconds, and the
+    waiting threads get an error.  (Before: SIGTERM was never acted on while a wait was
+    under way.)"""
+    [mount] = cluster.shared(1, "shared_lock_timeout=60")
+    mount.path("held").write_bytes(os.urandom(3 * BS))
+    cluster.hold_lock("held")
+    waiters = cluster.waiters(mount.path("held"), readers=10, stats=10)
+    wait_for("requests waiting", lambda: lock_waits(mount)["waiting"] > 0)
+    os.kill(mount.pid, signal.SIGTERM)
+    assert exits_within(mount.pid, 10), "the daemon did not exit after SIGTERM"
+    results = outcomes(waiters, timeout=10)
+    assert len(results) == 20
+    assert {r["outcome"] for r in results} <= {"EIO", "ENOTCONN", "ECONNABORTED"}, results
+    cluster.mounts.remove(mount)
+    force_unmount(mount.mountpoint)
+
+
+def test_unmount_ends_the_daemon_at_once_while_a_killed_readers_read_waits(
+    cluster: Cluster,
+) -> None:
+    """Another host locks block 0 of a file; a reader of it waits in a READ request,
+    which the kernel sends on behalf of the page cache, with no caller the daemon could
+    ask about (pyfuse3 gives read handlers none).  SIGKILL ends the reader at once;
+    ``kmsfs umount`` succeeds, and the daemon, whose READ still waits (deadline 60 s),
+    stops waiting and exits within seconds.  (Before: it waited for the lock for ever
+    after the unmount.)  One reader only: while that READ holds page 0 locked, every
+    other open of the file on this host waits for the page lock in the kernel
+    (shared mode's open drops the page cache), unkillable, until the READ ends: at most
+    the deadline, which is what bounds it."""
+    [mount] = cluster.shared(1, "shared_lock_timeout=60")
+    mount.path("held").write_bytes(os.urandom(3 * BS))
+    cluster.hold_lock("held", 0, Layout(BS).backing_block)
+    reader = cluster.waiters(mount.path("held"), readers=1, stats=0)
+    wait_for("the read waiting", lambda: lock_waits(mount)["waiting"] == 1)
+    start = time.monotonic()
+    reader.kill()
+    reader.communicate(timeout=10)
+    assert time.monotonic() - start < 5
+    assert lock_waits(mount)["waiting"] == 1  # the READ the page cache asked for
+    answered_within(10, lambda: run_kmsfs("umount", mount.mountpoint))
+    assert exits_within(mount.pid, 10), "the daemon did not exit after the unmount"
+    cluster.mounts.remove(mount)
+    assert "gave up waiting for a shared lock of bytes 0" in mount.log_text()
+    assert "the daemon is stopping" in mount.log_text()
