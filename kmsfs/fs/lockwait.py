@@ -10,7 +10,9 @@ file held them all, and every other request of the mount hung.  So
 - every attempt is non-blocking (kmsfs/fs/shared.py raises LockBusy before doing
   anything); a refused request sleeps on the event loop and tries again after
   1 ms, then twice as long each time up to 50 ms.  The sleep is cancellable and
-  has a deadline; no thread and no inode lock is held meanwhile;
+  has a deadline; no thread and no inode lock is held meanwhile.  Requests that
+  wait for the same bytes of a file take turns: one tries, the others wait for
+  its try and try only once it succeeded;
 - at most ``limit`` requests wait at once (half of the daemon's request tasks,
   ``REQUEST_TASKS``); one more is answered at once, so the other tasks keep
   serving other files and metadata;
@@ -35,7 +37,7 @@ from __future__ import annotations
 
 import signal
 from collections.abc import Awaitable, Callable, Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import trio
@@ -84,6 +86,17 @@ class _Stuck:
         )
 
 
+@dataclass
+class _Turn:
+    """One try for the bytes some requests wait for: one of them sleeps and tries, the
+    others wait for its try (``done``) and try themselves only if it got them
+    (``free``), so that a hundred readers of one locked file cost one try per retry,
+    not a hundred (each an open, fstat and fcntl: RPCs on a network filesystem)."""
+
+    done: trio.Event = field(default_factory=trio.Event)
+    free: bool = False
+
+
 class LockWaits:
     """The requests of one mount that wait for other daemons.
 
@@ -106,6 +119,7 @@ class LockWaits:
         self.closed = False
         self._scopes: set[trio.CancelScope] = set()
         self._stuck: dict[Hashable, _Stuck] = {}
+        self._turns: dict[Hashable, _Turn] = {}
 
     async def run(
         self,
@@ -144,18 +158,31 @@ class LockWaits:
         try:
             with scope:
                 while True:
-                    await trio.sleep(delay)
-                    if caller and caller_interrupted(caller):
-                        self.interrupted += 1
-                        raise LockWaitInterrupted(
-                            f"gave up waiting for {busy.needed}: its caller (pid {caller})"
-                            " was interrupted",
-                            where=busy.path,
-                        )
+                    turn_key = (key, busy.path, busy.needed)
+                    turn = self._turns.get(turn_key)
+                    if turn is not None:  # another request tries for these bytes: wait for it
+                        await turn.done.wait()
+                        self._check_caller(caller, busy)
+                        if not turn.free:
+                            continue
+                        try:
+                            return await attempt()
+                        except LockBusy as exc:
+                            busy = exc
+                        continue
+                    turn = self._turns[turn_key] = _Turn()  # this request tries for all
                     try:
-                        return await attempt()
+                        await trio.sleep(delay)
+                        self._check_caller(caller, busy)
+                        result = await attempt()
+                        turn.free = True
+                        return result
                     except LockBusy as exc:
                         busy = exc
+                    finally:
+                        if self._turns.get(turn_key) is turn:
+                            del self._turns[turn_key]
+                        turn.done.set()
                     delay = min(delay * 2, MAX_DELAY)
         finally:
             self.waiting -= 1
@@ -188,6 +215,15 @@ class LockWaits:
             return func(*args)
 
         return await self.run(attempt, caller=caller, key=key, give_up_after=give_up_after)
+
+    def _check_caller(self, caller: int, busy: LockBusy) -> None:
+        """LockWaitInterrupted if *caller* (a pid; 0: unknown) has a signal pending."""
+        if caller and caller_interrupted(caller):
+            self.interrupted += 1
+            raise LockWaitInterrupted(
+                f"gave up waiting for {busy.needed}: its caller (pid {caller}) was interrupted",
+                where=busy.path,
+            )
 
     def _refuse_at_once(self, busy: LockBusy, key: Hashable | None, now: float) -> None:
         """Raise if the request must not wait: the daemon is stopping, a wait for these

@@ -111,6 +111,39 @@ def test_after_a_timeout_overlapping_waits_on_the_same_file_give_up_at_once() ->
     trio.run(main)
 
 
+def test_requests_waiting_for_the_same_bytes_take_turns_trying() -> None:
+    """Thirty requests wait for the same bytes, held for a second: one tries at each
+    retry and the others only once it got them (each try is an open, fstat and fcntl,
+    RPCs on a network filesystem, on the event loop).  Every request succeeds; trying
+    each on its own would have cost 30 times the tries."""
+    waits = LockWaits(timeout=10)
+    tries = [0]
+    released = [False]
+
+    async def attempt() -> str:
+        tries[0] += 1
+        if not released[0]:
+            raise LockBusy("/backing/file", NEEDED)
+        return "done"
+
+    results: list[str] = []
+
+    async def one() -> None:
+        results.append(await waits.run(attempt, key="f"))
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            for _ in range(30):
+                nursery.start_soon(one)
+            await trio.sleep(1)
+            released[0] = True
+
+    trio.run(main)
+    assert results == ["done"] * 30
+    # 30 first tries, one per retry (about 26 in a second: 1, 2, 4 ... 50 ms), 30 last
+    assert tries[0] < 30 + 40 + 30, tries[0]
+
+
 def test_no_more_than_limit_requests_wait_and_one_more_is_refused_at_once() -> None:
     """Waiters must never take every request task: with *limit* waiting, the next
     request is refused at once (EIO), and once they end, waits start again."""
