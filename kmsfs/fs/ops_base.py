@@ -175,7 +175,9 @@ class OperationsBase(pyfuse3.Operations):
         # Shared mode: no writeback cache (the kernel would write back whole pages over
         # another host's bytes), no page cache kept across opens, sizes from the backing.
         self.shared = parts.shared
-        self._content_class = SharedContentFile if parts.shared else ContentFile
+        self._content_class: type[ContentFile] = ContentFile
+        if parts.shared:
+            self._content_class = SharedContentFile.for_backing(parts.backing)
         self.lock_waits = LockWaits(parts.lock_timeout)
         if parts.shared:
             self.enable_writeback_cache = False

@@ -32,6 +32,7 @@ import errno
 import fcntl
 import logging
 import os
+import re
 import struct
 from collections.abc import Callable
 from typing import TypeVar
@@ -44,6 +45,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 _TO_END = 0  # l_len 0: the lock reaches the end of the file, however far it grows
+_PAGE = os.sysconf("SC_PAGE_SIZE")
 _FLOCK = "hhqqi4x"  # struct flock on Linux (x86-64 and arm64): type, whence, start, len, pid
 DEFAULT_SHARED_TIMEOUT = 1.0  # entry and attribute seconds in shared mode
 DEFAULT_LOCK_TIMEOUT = 10.0  # seconds a request waits for another daemon's lock (EIO after)
@@ -124,9 +126,30 @@ class SharedContentFile(ContentFile):
     Never waits: LockBusy, before anything is read or written, when another daemon
     holds what a call needs.  Raises what ContentFile raises, plus IntegrityError
     when the backing size read under the lock cannot belong to a well-formed file.
+
+    ``drop_cached``: after taking a lock, drop the kernel's cached pages of the
+    bytes locked before reading them (``for_backing`` sets it where the lock does
+    not make that cache coherent).
     """
 
     _holding = False  # a lock covering the whole operation is held (truncate -> write)
+    drop_cached = False
+
+    @classmethod
+    def for_backing(cls, backing: str) -> type[SharedContentFile]:
+        """The class for a volume in *backing*: this one, or on a backing filesystem
+        whose page cache a byte-range lock does not make coherent between hosts (a
+        FUSE filesystem: GlusterFS's client keeps pages another client has since
+        rewritten, where NFS's client drops them when a lock is taken), one that
+        drops them under every lock (``drop_cached``)."""
+        if lock_coherent_cache(backing):
+            return cls
+        log.info(
+            "%s is on %s: shared mode drops the cached pages of the bytes it locks",
+            backing,
+            backing_fs_type(backing),
+        )
+        return type("UncachedSharedContentFile", (cls,), {"drop_cached": True})
 
     def read(self, offset: int, length: int) -> bytes | bytearray:
         bs = self.layout.block_size
@@ -164,6 +187,8 @@ class SharedContentFile(ContentFile):
                 start, length = min(first, final) * bbs, _TO_END
             _try_lock(self.fd, exclusive, start, length)
             try:
+                if self.drop_cached:  # what another host wrote since is read anew
+                    _drop_cached(self.fd, start, length)
                 st = os.fstat(self.fd)
                 size = layout.plain_size(st.st_size)
                 final = layout.final_index(size)
@@ -184,6 +209,15 @@ class SharedContentFile(ContentFile):
 
     def _backing_plain_size(self) -> int:
         return self.layout.plain_size(os.fstat(self.fd).st_size)
+
+
+def _drop_cached(fd: int, start: int, length: int) -> None:
+    """Drop the kernel's cached pages of bytes [start, start + length) of *fd* (length 0:
+    to the end), and of the pages those bytes share with others: the kernel drops only
+    whole pages inside the range it is given, and blocks do not start on pages."""
+    first = start - start % _PAGE
+    end = start + length + -(start + length) % _PAGE  # rounded up to a page
+    os.posix_fadvise(fd, first, length and end - first, os.POSIX_FADV_DONTNEED)
 
 
 def locked_plain_size(path: str, layout: Layout) -> int:
@@ -220,6 +254,38 @@ def check_created(path: str, has_header: Callable[[], bool]) -> None:
         return
     where = os.path.realpath(path)  # the backing path, for log lines
     raise LockBusy(where, "its header and first block (another daemon may be creating it)")
+
+
+def backing_fs_type(path: str) -> str:
+    """The type of the filesystem *path* is on (``ext4``, ``nfs4``, ``fuse.glusterfs``),
+    from the kernel's mount table: the mount whose point is the longest prefix of the
+    resolved path.  ``""`` if it cannot be told."""
+    target = os.fsencode(os.path.realpath(path))
+    best, kind = b"", b""
+    try:
+        with open("/proc/self/mountinfo", "rb") as handle:
+            lines = handle.read().splitlines()
+    except OSError:
+        return ""
+    for line in lines:
+        head, separator, tail = line.partition(b" - ")
+        fields = head.split()
+        if not separator or len(fields) < 5 or not tail:
+            continue
+        point = re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), fields[4])
+        inside = target == point or target.startswith(point.rstrip(b"/") + b"/")
+        if inside and len(point) >= len(best):
+            best, kind = point, tail.split()[0]
+    return os.fsdecode(kind)
+
+
+def lock_coherent_cache(backing: str) -> bool:
+    """False if *backing* is on a FUSE filesystem: its kernel page cache is only as
+    coherent as its server makes it, and GlusterFS's client does not drop pages that
+    another client rewrote when a byte-range lock is taken (NFS's client does; a local
+    filesystem has one cache)."""
+    kind = backing_fs_type(backing)
+    return not (kind == "fuse" or kind.startswith(("fuse.", "fuseblk")))
 
 
 def check_shared_support(backing: str) -> None:
