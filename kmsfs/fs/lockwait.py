@@ -205,6 +205,7 @@ class LockWaits:
         self,
         func: Callable[..., T],
         *args: Any,
+        busy: LockBusy | None = None,
         caller: int = 0,
         key: Hashable | None = None,
         give_up_after: float | None = None,
@@ -214,7 +215,9 @@ class LockWaits:
         async def attempt() -> T:
             return func(*args)
 
-        return await self.run(attempt, caller=caller, key=key, give_up_after=give_up_after)
+        return await self.run(
+            attempt, busy=busy, caller=caller, key=key, give_up_after=give_up_after
+        )
 
     def _check_caller(self, caller: int, busy: LockBusy) -> None:
         """LockWaitInterrupted if *caller* (a pid; 0: unknown) has a signal pending."""

@@ -237,11 +237,14 @@ class OperationsBase(pyfuse3.Operations):
         ``lock_waits`` when another daemon holds the file's end too long."""
         if not (self.shared and stat.S_ISREG(st.st_mode)):
             return self._attr(st, entry)
+        path, layout = entry.proc_path, self.layout
         try:
-            # on the loop: granted or refused at once; refused, it waits there too
-            size = await self.lock_waits.call(
-                locked_plain_size, entry.proc_path, self.layout, caller=caller, key=entry.ino
-            )
+            try:  # on the loop: granted or refused at once; refused, it waits there too
+                size = locked_plain_size(path, layout)
+            except LockBusy as busy:
+                size = await self.lock_waits.call(
+                    locked_plain_size, path, layout, busy=busy, caller=caller, key=entry.ino
+                )
         except PermissionError:
             return self._attr(st, entry)
         return self._attr(st, entry, size)
