@@ -97,14 +97,7 @@ class Cluster:
             "time.sleep(3600)\n"
         )
         path = self.backings[-1] / name
-        holder = subprocess.Popen(
-            [sys.executable, "-c", code, str(path), str(start), str(length)],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        self.helpers.append(holder)
-        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
-        return holder
+        return self._helper(["-c", code, str(path), str(start), str(length)], "held")
 
     def waiters(
         self, path: Path, readers: int, stats: int, links: bool = False
@@ -112,13 +105,13 @@ class Cluster:
         """tests/support/lock_waiters.py on *path*, once all its threads have started."""
         script = Path(__file__).parents[1] / "support" / "lock_waiters.py"
         extra = ["links"] if links else []
-        process = subprocess.Popen(
-            [sys.executable, str(script), str(path), str(readers), str(stats), *extra],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
+        return self._helper([str(script), str(path), str(readers), str(stats), *extra], "started")
+
+    def _helper(self, args: list[str], ready: str) -> subprocess.Popen[str]:
+        """A Python process (killed at teardown) that has printed the line *ready*."""
+        process = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, text=True)
         self.helpers.append(process)
-        assert process.stdout is not None and process.stdout.readline() == "started\n"
+        assert process.stdout is not None and process.stdout.readline() == ready + "\n"
         return process
 
     def mount(
@@ -1102,20 +1095,6 @@ def test_a_lock_another_host_holds_for_ever_never_wedges_the_mount(cluster: Clus
     assert answered_within(3, lambda: mount.path("other").read_bytes()) == b"other bytes"
 
 
-def exits_within(pid: int, seconds: float) -> bool:
-    """True once process *pid* is gone or a zombie, False if it still runs after *seconds*."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            with open(f"/proc/{pid}/stat") as handle:
-                if handle.read().rsplit(")", 1)[1].split()[0] == "Z":
-                    return True
-        except OSError:
-            return True
-        time.sleep(0.05)
-    return False
-
-
 def test_killed_callers_stop_waiting_and_give_their_places_back(cluster: Cluster) -> None:
     """8 threads stat a file (by 8 names) whose end another host keeps locked, and wait
     (deadline 60 s).  SIGKILL of their process ends their waits at once: it is reaped within
@@ -1159,7 +1138,7 @@ def test_sigterm_ends_the_daemon_at_once_while_requests_wait(cluster: Cluster) -
     waiters = cluster.waiters(mount.path("held"), readers=10, stats=10)
     wait_for("requests waiting", lambda: lock_waits(mount)["waiting"] > 0)
     os.kill(mount.pid, signal.SIGTERM)
-    assert exits_within(mount.pid, 10), "the daemon did not exit after SIGTERM"
+    assert _wait_exited(mount.pid, 10), "the daemon did not exit after SIGTERM"
     results = outcomes(waiters, timeout=10)
     assert len(results) == 20
     assert {r["outcome"] for r in results} <= {"EIO", "ENOTCONN", "ECONNABORTED"}, results
@@ -1190,7 +1169,7 @@ def test_unmount_ends_the_daemon_at_once_while_a_killed_readers_read_waits(
     assert time.monotonic() - start < 5
     assert lock_waits(mount)["waiting"] == 1  # the READ the page cache asked for
     answered_within(10, lambda: run_kmsfs("umount", mount.mountpoint))
-    assert exits_within(mount.pid, 10), "the daemon did not exit after the unmount"
+    assert _wait_exited(mount.pid, 10), "the daemon did not exit after the unmount"
     cluster.mounts.remove(mount)
     assert "gave up waiting for a shared lock of bytes 0" in mount.log_text()
     assert "the daemon is stopping" in mount.log_text()
