@@ -63,18 +63,20 @@ class _Lowlevel(types.ModuleType):
             ready = poll.poll(0)
             if ready:
                 self._streak += 1
-                self._check_gone(ready)
+                if ready[0][1] & _GONE:
+                    self._gone()
                 return
         self._streak = 0
         await trio.lowlevel.wait_readable(fd)
         if self._on_disconnect is not None:
-            self._check_gone(poll.poll(0))
+            ready = poll.poll(0)
+            if ready and ready[0][1] & _GONE:
+                self._gone()
 
-    def _check_gone(self, ready: list[tuple[int, int]]) -> None:
-        """Call on_disconnect (once) if *ready* (poll's answer) says the kernel ended
-        the connection."""
-        if self._on_disconnect is not None and ready and ready[0][1] & _GONE:
-            on_disconnect, self._on_disconnect = self._on_disconnect, None
+    def _gone(self) -> None:
+        """The kernel ended the connection: call on_disconnect, once."""
+        on_disconnect, self._on_disconnect = self._on_disconnect, None
+        if on_disconnect is not None:
             on_disconnect()
 
 
