@@ -177,7 +177,7 @@ def nfs_mounts() -> tuple[Path, Path]:
     if "nfs" not in kinds and "nfs4" not in kinds:
         pytest.skip(
             "no NFS on this machine (/proc/filesystems lists no nfs, and no module can be"
-            " loaded): the shared-mode suite ran on one local backing directory only"
+            " loaded): the shared-mode suite ran on a local directory and on GlusterFS only"
         )
     value = os.environ.get(NFS_MOUNTS, "")
     if not value:
