@@ -26,6 +26,8 @@ from kmsfs.fs import fuseloop
 from kmsfs.fs.events import AccessSink
 from kmsfs.fs.inodes import ROOT_INODE
 from kmsfs.fs.operations import DEFAULT_TIMEOUT, KmsfsOperations, serve_volume
+from kmsfs.fs.served import REQUEST_TASKS
+from kmsfs.fs.shared import DEFAULT_LOCK_TIMEOUT
 from kmsfs.fs.syscalls import disable_core_dumps, lock_memory
 from kmsfs.keys.keyring import Keyring
 from kmsfs.lock import claim_volume
@@ -106,6 +108,7 @@ def serve(
     policy: Policy | None = None,
     reloader: PolicyReloader | None = None,
     shared: bool = False,
+    lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
 ) -> None:
     """Mount *backing* at *mountpoint* and serve until unmounted; MountError if mounting fails.
 
@@ -116,7 +119,8 @@ def serve(
     is the volume lock if the caller took it already (the caller closes it then);
     else this registers and takes it (``claim_volume``).  *shared*: other daemons
     may serve the volume at once (docs/DESIGN.md "Shared storage"); *timeout* is
-    then the short one the mount options chose.  *policy* is the access policy
+    then the short one the mount options chose, and *lock_timeout* how long a
+    request waits for another daemon's lock.  *policy* is the access policy
     (permit-all by default); SIGHUP has *reloader* re-read it from the TOML
     volume config, keeping the old one if the new one is refused.  MountError
     also if the policy refuses the daemon's own readiness check (unmounted then).
@@ -141,6 +145,7 @@ def serve(
         policy=policy,
         on_policy=audit.write if isinstance(audit, AuditLog) else None,
         shared=shared,
+        lock_timeout=lock_timeout,
     )
     ops = KmsfsOperations(parts)
     try:
@@ -155,7 +160,9 @@ def serve(
         backing,
         mountpoint,
         config.volume_id.hex(),
-        f", shared mode, timeouts {parts.timeout:g} s" if shared else "",
+        f", shared mode, timeouts {parts.timeout:g} s, lock waits {lock_timeout:g} s"
+        if shared
+        else "",
     )
     log.info("access policy: %s%s", ops.policy.summary(), _source(ops.policy))
     ops.policy.programs.log_notes()
@@ -193,9 +200,11 @@ async def _run(
         nursery.start_soon(_announce_ready, mountpoint, on_ready, ops, failed)
         for service in services:
             nursery.start_soon(service, ops)
-        fuseloop.install()  # no trip around trio's loop per request while requests queue
+        # no trip around trio's loop per request while requests queue; once unmounted,
+        # no request waits for another daemon's lock (pyfuse3.main waits for them all)
+        fuseloop.install(on_disconnect=ops.lock_waits.close)
         try:
-            await pyfuse3.main(min_tasks=4, max_tasks=64)
+            await pyfuse3.main(min_tasks=4, max_tasks=REQUEST_TASKS)
         finally:
             fuseloop.uninstall()
         nursery.cancel_scope.cancel()
@@ -213,6 +222,7 @@ async def _handle_signals(
                 await reloader.reload(ops)
                 continue
             log.info("received %s: unmounting", signal.Signals(signum).name)
+            ops.lock_waits.close()  # requests waiting for other daemons' locks give up
             await _flush_kernel_cache(mountpoint, ops)
             # terminate() stops reading new requests; requests being handled finish
             # before pyfuse3.main returns, then serve() unmounts

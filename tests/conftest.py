@@ -167,17 +167,19 @@ def _wait_unmounted(mountpoint: Path, timeout: float = 10) -> None:
         time.sleep(0.05)
 
 
-def _wait_exited(pid: int, timeout: float = 30) -> None:
-    """Wait until process *pid* is gone (or a zombie): the daemon outlives its mount briefly."""
+def _wait_exited(pid: int, timeout: float = 30) -> bool:
+    """Wait until process *pid* is gone (or a zombie): the daemon outlives its mount briefly.
+    False if it still runs after *timeout* seconds."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
             with open(f"/proc/{pid}/stat") as handle:
                 if handle.read().rsplit(")", 1)[1].split()[0] == "Z":
-                    return
+                    return True
         except OSError:
-            return
+            return True
         time.sleep(0.05)
+    return False
 
 
 def run_as(uid: int, *command: str | os.PathLike[str]) -> subprocess.CompletedProcess[str]:

@@ -15,13 +15,10 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from typing import TypeVar
 
 from kmsfs.errors import IntegrityError
 from kmsfs.format.content import MAX_BLOCK_ENCRYPTIONS, OVERHEAD, BlockCipher
 from kmsfs.fs.syscalls import preallocate
-
-T = TypeVar("T")
 
 log = logging.getLogger("kmsfs.fs")
 WARN_BLOCK_ENCRYPTIONS = MAX_BLOCK_ENCRYPTIONS // 2
@@ -154,11 +151,6 @@ class ContentFile:
         self._final = (0, b"")
 
     # -- reading -----------------------------------------------------------
-
-    def run_inline(self, call: Callable[[ContentFile], T]) -> T:
-        """``call(self)`` from the event loop.  Here that is all; a SharedContentFile
-        never waits for another daemon's lock in it (LockBusy instead)."""
-        return call(self)
 
     def read(self, offset: int, length: int) -> bytes | bytearray:
         """Up to *length* plaintext bytes at *offset*; IntegrityError on a bad block."""

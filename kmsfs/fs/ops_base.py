@@ -6,7 +6,9 @@ kmsfs.fs.operations).  Threads: metadata syscalls on the backing filesystem and
 small reads and writes run on the trio loop, because a worker-thread hop costs
 0.1-0.4 ms on the machines we measured (docs/DESIGN.md); requests of
 OFFLOAD_BYTES or more, fsync, and calls to providers that are not ``inline`` go
-to worker threads.
+to worker threads.  In shared mode nothing waits for another daemon in a thread:
+a request that finds another daemon's lock in its way waits through
+``lock_waits`` (kmsfs/fs/lockwait.py), on the loop, with a deadline.
 """
 
 from __future__ import annotations
@@ -32,10 +34,17 @@ from kmsfs.fs import syscalls, xattrs
 from kmsfs.fs.content_file import ContentFile
 from kmsfs.fs.headerio import read_header
 from kmsfs.fs.inodes import ROOT_INODE, Inode
+from kmsfs.fs.lockwait import LockWaitInterrupted, LockWaits, LockWaitTimeout
 from kmsfs.fs.paths import VolumePaths
 from kmsfs.fs.requests import OPCODES, RequestStats
 from kmsfs.fs.served import DirHandle, ServedVolume
-from kmsfs.fs.shared import SharedContentFile, locked_plain_size, wait_until_created
+from kmsfs.fs.shared import (
+    CREATING_WAIT,
+    LockBusy,
+    SharedContentFile,
+    check_created,
+    locked_plain_size,
+)
 
 log = logging.getLogger("kmsfs.fs")
 
@@ -49,8 +58,10 @@ S = TypeVar("S", bound="OperationsBase")
 def errno_for(exc: BaseException) -> int:
     """The errno a request answers when its handler raised *exc*.
 
-    OSError keeps its own; the key provider's refusal is EACCES; any other
-    kmsfs error (integrity, format, wrong key, provider outage) and anything
+    OSError keeps its own; the key provider's refusal is EACCES; a wait for
+    another daemon's lock whose caller was interrupted is EINTR (what the kernel
+    expects for an interrupted request); any other kmsfs error (integrity,
+    format, wrong key, provider outage, a lock wait given up) and anything
     unexpected is EIO.
     """
     if isinstance(exc, FUSEError):
@@ -59,6 +70,8 @@ def errno_for(exc: BaseException) -> int:
         return exc.errno or errno.EIO
     if isinstance(exc, KeyAccessDenied):
         return errno.EACCES
+    if isinstance(exc, LockWaitInterrupted):
+        return errno.EINTR
     return errno.EIO
 
 
@@ -96,6 +109,10 @@ def fuse_op(
             if exc.errno in (errno.EBADF, errno.EMFILE, errno.ENFILE):  # our own descriptors
                 log.warning("%s: %s", func.__name__, exc, exc_info=log.isEnabledFor(logging.DEBUG))
             raise FUSEError(errno_for(exc)) from None
+        except LockWaitInterrupted as exc:  # not the volume's fault: no error line
+            counter.errors += 1
+            log.info("%s: %s", func.__name__, exc)
+            raise FUSEError(errno_for(exc)) from None
         except KmsfsError as exc:
             counter.errors += 1
             self.errors += 1
@@ -119,8 +136,9 @@ class OperationsBase(pyfuse3.Operations):
 
     Attributes: backing (path), config, keyring, inodes, paths (volume paths of
     descriptors: kmsfs/fs/paths.py), key_usage, timeout, offload_bytes,
-    on_access, and the counters errors, bytes_read, bytes_written and requests
-    (per FUSE opcode, ``kmsfs.fs.requests``).
+    on_access, lock_waits (shared mode's waits for other daemons), and the
+    counters errors, bytes_read, bytes_written and requests (per FUSE opcode,
+    ``kmsfs.fs.requests``).
     """
 
     enable_writeback_cache = True
@@ -162,7 +180,10 @@ class OperationsBase(pyfuse3.Operations):
         # Shared mode: no writeback cache (the kernel would write back whole pages over
         # another host's bytes), no page cache kept across opens, sizes from the backing.
         self.shared = parts.shared
-        self._content_class = SharedContentFile if parts.shared else ContentFile
+        self._content_class: type[ContentFile] = ContentFile
+        if parts.shared:
+            self._content_class = SharedContentFile.for_backing(parts.backing)
+        self.lock_waits = LockWaits(parts.lock_timeout)
         if parts.shared:
             self.enable_writeback_cache = False
 
@@ -211,19 +232,23 @@ class OperationsBase(pyfuse3.Operations):
         attr.st_ctime_ns = st.st_ctime_ns
         return attr
 
-    async def _shared_attr(self, st: os.stat_result, entry: Inode) -> pyfuse3.EntryAttributes:
+    async def _shared_attr(
+        self, st: os.stat_result, entry: Inode, caller: int
+    ) -> pyfuse3.EntryAttributes:
         """``_attr``, with a regular file's size read under a lock in shared mode (a
         daemon not running as root that may not open the file gives the size it has,
-        uncached by the kernel)."""
+        uncached by the kernel).  *caller*: the requester's pid (its wait for another
+        daemon's lock ends if it is interrupted).  LockWaitFailed and its kin from
+        ``lock_waits`` when another daemon holds the file's end too long."""
         if not (self.shared and stat.S_ISREG(st.st_mode)):
             return self._attr(st, entry)
+        path, layout = entry.proc_path, self.layout
         try:
-            # on the loop when no other daemon is writing the file's end (the lock is
-            # granted or refused at once); else wait for that daemon in a worker thread
-            size = locked_plain_size(entry.proc_path, self.layout, wait=False)
-            if size is None:
-                size = await trio.to_thread.run_sync(
-                    locked_plain_size, entry.proc_path, self.layout, limiter=self._limiter
+            try:  # on the loop: granted or refused at once; refused, it waits there too
+                size = locked_plain_size(path, layout)
+            except LockBusy as busy:
+                size = await self.lock_waits.call(
+                    locked_plain_size, path, layout, busy=busy, caller=caller, key=entry.ino
                 )
         except PermissionError:
             return self._attr(st, entry)
@@ -308,10 +333,66 @@ class OperationsBase(pyfuse3.Operations):
 
     async def _io(self, size: int, func: Callable[..., T], *args: Any) -> T:
         """*func(*args)* inline if *size* is below the offload size, else in a worker
-        thread; always in one in shared mode (it may wait for another daemon's lock)."""
-        if size < self.offload_bytes and not self.shared:
+        thread."""
+        if size < self.offload_bytes:
             return func(*args)
         return await trio.to_thread.run_sync(func, *args, limiter=self._limiter)
+
+    async def _content_run(
+        self, entry: Inode, size: int, call: Callable[[ContentFile], T], caller: int = 0
+    ) -> T:
+        """``call(content)`` on the entry's open ContentFile (EBADF if none) for a
+        request of *size* bytes.
+
+        A small request that finds the inode's lock free runs inline without
+        awaiting: it cannot interleave with another task.  Otherwise it takes the
+        inode's lock, and a large one (``offload_bytes`` or more) runs in a worker
+        thread.  In shared mode, when another daemon holds the byte range it needs
+        (LockBusy: nothing was done), it waits through ``lock_waits`` (deadline,
+        limit, *caller* interrupted: LockWaitFailed and its kin), holding neither
+        the inode's lock nor a thread meanwhile.
+        """
+        content = entry.content
+        if content is None:
+            raise FUSEError(errno.EBADF)
+        busy = None
+        if size < self.offload_bytes and not entry.lock.locked():
+            try:
+                return call(content)
+            except LockBusy as exc:
+                busy = exc
+
+        async def attempt() -> T:
+            async with entry.lock:
+                return await self._io(size, call, content)
+
+        return await self.lock_waits.run(attempt, busy=busy, caller=caller, key=entry.ino)
+
+    async def _release_content(self, entry: Inode) -> None:
+        """Give up one open of the entry's content, closing it after the last."""
+        async with entry.lock:
+            entry.opens -= 1
+            self._drop_content(entry)
+
+    async def _wait_created(self, entry: Inode, caller: int) -> None:
+        """Shared mode, before the content is first opened: wait (up to CREATING_WAIT
+        seconds, through ``lock_waits``) while the backing file has no header or no
+        first block yet, as while another daemon creates it (O_EXCL open, header,
+        first block).  After that, opening it reports what is missing.  Raises what
+        ``lock_waits`` raises, but not its timeout."""
+        if not self.shared or entry.content is not None:
+            return
+        path = entry.proc_path
+        try:
+            await self.lock_waits.call(
+                check_created,
+                path,
+                functools.partial(_has_header, path),
+                caller=caller,
+                give_up_after=CREATING_WAIT,
+            )
+        except LockWaitTimeout:
+            pass
 
     def _own(self, fd: int, parent: Inode, ctx: pyfuse3.RequestContext) -> None:
         """Give a new entry to the caller (group from a setgid parent), as the kernel would."""
@@ -334,17 +415,13 @@ class OperationsBase(pyfuse3.Operations):
         """The entry's open ContentFile, opening the backing file and its key if needed.
 
         *requester* (``_requester``) goes into the key's audit record.  Call
-        with entry.lock held.
+        with entry.lock held (and, in shared mode, after ``_wait_created``).
         """
         if entry.content is not None:
             return entry.content
         fd = await self._open_content_fd(entry)
         try:
             what = f"inode {entry.ino}"  # replaced by the path if an error is reported
-            if self.shared:  # another daemon may be between its O_EXCL open and the header
-                await trio.to_thread.run_sync(
-                    wait_until_created, fd, functools.partial(_has_header, fd), what
-                )
             header = read_header(fd, what)
             cipher = await self._key_call(self.keyring.cipher_for, header, what, requester)
             content = self._content_class.open(
@@ -392,10 +469,10 @@ class OperationsBase(pyfuse3.Operations):
         self.inodes.close_all()
 
 
-def _has_header(fd: int) -> bool:
-    """True if the open backing file *fd* has a kmsfs header xattr."""
+def _has_header(path: str) -> bool:
+    """True if the backing file at *path* has a kmsfs header xattr."""
     try:
-        os.getxattr(fd, XATTR_NAME)
+        os.getxattr(path, XATTR_NAME)
     except OSError as exc:
         if exc.errno != errno.ENODATA:
             raise

@@ -6,7 +6,6 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from collections.abc import Callable
 from typing import Any
 
 import pyfuse3
@@ -16,11 +15,9 @@ from pyfuse3 import FUSEError
 from kmsfs.format.content import BlockCipher
 from kmsfs.format.header import XATTR_NAME, FileHeader
 from kmsfs.fs import xattrs
-from kmsfs.fs.content_file import ContentFile
 from kmsfs.fs.inodes import Inode
-from kmsfs.fs.ops_base import T, fuse_op, open_actions
+from kmsfs.fs.ops_base import fuse_op, open_actions
 from kmsfs.fs.ops_namespace import NamespaceOps
-from kmsfs.fs.shared import LockBusy
 from kmsfs.fs.xattrs import Namespace
 
 
@@ -132,49 +129,40 @@ class FileOps(NamespaceOps):
                 await self._warn_exec_only(ctx, entry)
             if not entry.is_regular:
                 raise FUSEError(errno.EINVAL)
+            await self._wait_created(entry, ctx.pid)
             async with entry.lock:
                 content = await self._content(entry, requester)
                 entry.opens += 1
-                if flags & os.O_TRUNC and (content.size or self.shared):
-                    await self._io(0, content.truncate, 0)
+            if flags & os.O_TRUNC and (content.size or self.shared):
+                try:
+                    await self._content_run(entry, 0, lambda c: c.truncate(0), ctx.pid)
+                except BaseException:
+                    await self._release_content(entry)  # the kernel sends no RELEASE
+                    raise
         except Exception as exc:
             self._audit_access("open", flags, requester or self._requester(ctx, None), None, exc)
             raise
         self._audit_access("open", flags, requester, content.file_id)
         return pyfuse3.FileInfo(fh=inode, keep_cache=not self.shared)
 
-    async def _content_call(self, fh: int, size: int, call: Callable[[ContentFile], T]) -> T:
-        """Run *call* on the open file's ContentFile under the inode's lock, offloading
-        large requests (``size`` at least ``offload_bytes``) to a worker thread.
-
-        A small request runs inline without awaiting: it cannot interleave with
-        another task, so it only waits for the lock if a worker thread holds it.  In
-        shared mode it runs inline only if no other daemon holds the byte range it
-        needs (LockBusy: nothing was done), else in a worker thread that waits.
-        """
-        entry = self._inode(fh)
-        content = entry.content
-        if content is None:
-            raise FUSEError(errno.EBADF)
-        if size < self.offload_bytes and not entry.lock.locked():
-            try:
-                return content.run_inline(call)
-            except LockBusy:
-                pass
-        async with entry.lock:
-            return await self._io(size, call, content)
+    # read and write get no request context from pyfuse3: their waits for another
+    # daemon's lock end at the deadline, never because the caller was interrupted.
 
     @fuse_op
     async def read(  # type: ignore[override]  # pyfuse3 takes any buffer: no copy
         self, fh: int, off: int, size: int
     ) -> bytes | bytearray:
-        data = await self._content_call(fh, size, lambda content: content.read(off, size))
+        entry = self._inode(fh)
+        data = await self._content_run(entry, size, lambda content: content.read(off, size))
         self.bytes_read += len(data)
         return data
 
     @fuse_op
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        written = await self._content_call(fh, len(buf), lambda content: content.write(off, buf))
+        entry = self._inode(fh)
+        written = await self._content_run(
+            entry, len(buf), lambda content: content.write(off, buf)
+        )
         self.bytes_written += written
         return written
 
@@ -188,9 +176,7 @@ class FileOps(NamespaceOps):
     @fuse_op
     async def release(self, fh: int) -> None:
         entry = self._inode(fh)
-        async with entry.lock:
-            entry.opens -= 1
-            self._drop_content(entry)
+        await self._release_content(entry)
         self.inodes.release_if_unused(entry)
 
     @fuse_op

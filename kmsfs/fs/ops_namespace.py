@@ -46,7 +46,7 @@ class NamespaceOps(AccessChecks):
         self._trim()
         if entry.fd < 0:  # deferred: no descriptor to read a locked size through
             return self._attr(st, entry)
-        return await self._shared_attr(st, entry)
+        return await self._shared_attr(st, entry, ctx.pid)
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         # Not wrapped in _fuse_op: FORGET has no answer, and pyfuse3 must never see
@@ -63,7 +63,7 @@ class NamespaceOps(AccessChecks):
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         entry = await self._inode_waiting(inode)
         await self._allow(ctx, "list", self._path_of(entry))
-        return await self._shared_attr(os.stat(entry.fd), entry)
+        return await self._shared_attr(os.stat(entry.fd), entry, ctx.pid)
 
     @fuse_op
     async def setattr(
@@ -79,12 +79,15 @@ class NamespaceOps(AccessChecks):
         if fields.update_size:
             if not entry.is_regular:
                 raise FUSEError(errno.EISDIR if stat.S_ISDIR(entry.mode) else errno.EINVAL)
+            await self._wait_created(entry, ctx.pid)
             async with entry.lock:
-                content = await self._content(entry, self._requester(ctx, entry))
-                try:
-                    await self._io(0, content.truncate, attr.st_size)
-                finally:
-                    self._drop_content(entry)
+                await self._content(entry, self._requester(ctx, entry))
+                entry.opens += 1  # kept open while the truncation may wait for its lock
+            try:
+                size = attr.st_size
+                await self._content_run(entry, 0, lambda c: c.truncate(size), ctx.pid)
+            finally:
+                await self._release_content(entry)
         if fields.update_mode and not stat.S_ISLNK(entry.mode):
             os.chmod(entry.proc_path, stat.S_IMODE(attr.st_mode))
             entry.mode = stat.S_IFMT(entry.mode) | stat.S_IMODE(attr.st_mode)
@@ -100,7 +103,7 @@ class NamespaceOps(AccessChecks):
                 attr.st_atime_ns if fields.update_atime else None,
                 attr.st_mtime_ns if fields.update_mtime else None,
             )
-        return await self._shared_attr(os.stat(entry.fd), entry)
+        return await self._shared_attr(os.stat(entry.fd), entry, ctx.pid)
 
     @fuse_op
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
@@ -201,7 +204,7 @@ class NamespaceOps(AccessChecks):
         await self._allow(ctx, "create", self._path_of(parent, new_name))
         os.link(entry.proc_path, new_name, dst_dir_fd=parent.fd, follow_symlinks=True)
         entry.lookups += 1
-        return await self._shared_attr(os.stat(entry.fd), entry)
+        return await self._shared_attr(os.stat(entry.fd), entry, ctx.pid)
 
     @fuse_op
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:

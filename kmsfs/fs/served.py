@@ -14,12 +14,14 @@ from kmsfs.format.volume import VolumeConfig
 from kmsfs.fs.content_file import KeyUsageTable
 from kmsfs.fs.events import AccessSink
 from kmsfs.fs.inodes import O_PATH_FLAGS, InodeTable
+from kmsfs.fs.shared import DEFAULT_LOCK_TIMEOUT
 from kmsfs.keys.keyring import Keyring
 from kmsfs.policy import Policy
 from kmsfs.policy.identity import IdentityCache, Requester
 
 OFFLOAD_BYTES = 128 * 1024 + 1  # reads up to the readahead window run inline (DESIGN.md)
 DEFAULT_TIMEOUT = 60.0
+REQUEST_TASKS = 64  # requests the daemon handles at once (pyfuse3's tasks)
 
 
 class DirHandle:
@@ -49,7 +51,8 @@ class ServedVolume:
     sink for every open and create, or None), policy (the access policy;
     permit-all without one), identities (requester identities for it),
     on_policy (the audit log's sink for policy decisions marked for audit),
-    shared (other daemons serve the volume too: docs/DESIGN.md "Shared storage").
+    shared (other daemons serve the volume too: docs/DESIGN.md "Shared storage"),
+    lock_timeout (shared mode: seconds a request waits for another daemon's lock).
     """
 
     backing: str
@@ -66,6 +69,7 @@ class ServedVolume:
     identities: IdentityCache = field(default_factory=IdentityCache)
     on_policy: Callable[[dict[str, Any]], None] | None = None
     shared: bool = False
+    lock_timeout: float = DEFAULT_LOCK_TIMEOUT
 
 
 def serve_volume(
@@ -77,11 +81,12 @@ def serve_volume(
     policy: Policy | None = None,
     on_policy: Callable[[dict[str, Any]], None] | None = None,
     shared: bool = False,
+    lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
 ) -> ServedVolume:
     """The parts for *backing*: its root descriptor, an inode table sized to the descriptor
     limit (a quarter of it, at most 2,048, stays free for open files), fresh limiters.
-    *shared*: other daemons serve the volume too (content requests that would wait for
-    another daemon's byte-range lock run in a worker thread)."""
+    *shared*: other daemons serve the volume too; a request waits at most
+    *lock_timeout* seconds for another daemon's byte-range lock (kmsfs/fs/lockwait.py)."""
     backing = os.path.abspath(backing)
     fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     inodes = InodeTable(
@@ -101,4 +106,5 @@ def serve_volume(
         policy=policy or Policy.permit_all(),
         on_policy=on_policy,
         shared=shared,
+        lock_timeout=lock_timeout,
     )

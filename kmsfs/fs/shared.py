@@ -2,9 +2,9 @@
 
 In shared mode (``-o shared``, docs/DESIGN.md "Shared storage") other daemons, on
 this host or others, write the same backing files.  Every operation on a file's
-content then holds an OFD byte-range lock on the backing file (``F_OFD_SETLKW``;
-NFSv4 and CephFS carry these across clients) and re-derives the plaintext size
-from the backing file under it, never from what this daemon saw before:
+content then holds an OFD byte-range lock on the backing file (NFSv4, CephFS and
+GlusterFS carry these across clients) and re-derives the plaintext size from the
+backing file under it, never from what this daemon saw before:
 
 - a run of middle blocks (all before the final block) is locked on its own
   backing bytes: shared to read, exclusive to write (a read-modify-write of a
@@ -16,11 +16,14 @@ from the backing file under it, never from what this daemon saw before:
 
 The lock is taken first, then the size re-read; if the size moved so that the
 range locked no longer covers what the operation needs, the lock is dropped and
-taken again.  Locks are held for the syscalls of one request only.  A read or
-write below the offload size, and the size a lookup or getattr reports, are first
-tried on the event loop without waiting (``F_OFD_SETLK``: granted or refused at
-once); only when another daemon holds what they need do they wait, in a worker
-thread.  Truncation and large requests always run in a worker thread.
+taken again.  Locks are held for the syscalls of one request only.
+
+Nothing here ever waits for another daemon: every lock is asked for with
+``F_OFD_SETLK`` (granted or refused at once), and a refusal raises LockBusy
+before anything is read or written.  The operations layer decides whether, how
+long and where to wait (kmsfs/fs/lockwait.py): another daemon's lock may be held
+forever (a dead NFS client, a hostile process), and a blocking ``F_OFD_SETLKW``
+can be neither timed out nor cancelled.
 """
 
 from __future__ import annotations
@@ -29,8 +32,8 @@ import errno
 import fcntl
 import logging
 import os
+import re
 import struct
-import time
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -42,8 +45,10 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 _TO_END = 0  # l_len 0: the lock reaches the end of the file, however far it grows
+_PAGE = os.sysconf("SC_PAGE_SIZE")
 _FLOCK = "hhqqi4x"  # struct flock on Linux (x86-64 and arm64): type, whence, start, len, pid
 DEFAULT_SHARED_TIMEOUT = 1.0  # entry and attribute seconds in shared mode
+DEFAULT_LOCK_TIMEOUT = 10.0  # seconds a request waits for another daemon's lock (EIO after)
 CREATING_WAIT = 2.0  # seconds a file without its header yet is waited for (being created)
 
 
@@ -51,7 +56,8 @@ def ofd_lock(fd: int, exclusive: bool, start: int, length: int, wait: bool = Tru
     """Lock [start, start + length) of *fd* (length 0: to the end and beyond) with an
     open-file-description lock; blocks until granted unless not *wait* (then False
     if another description holds a conflicting lock).  OSError otherwise (ENOLCK:
-    the filesystem has no such locks)."""
+    the filesystem has no such locks).  The daemon never passes *wait* (tools and
+    tests standing for another host do)."""
     kind = fcntl.F_WRLCK if exclusive else fcntl.F_RDLCK
     arg = struct.pack(_FLOCK, kind, os.SEEK_SET, start, length, 0)
     try:
@@ -69,30 +75,81 @@ def ofd_unlock(fd: int, start: int, length: int) -> None:
     fcntl.fcntl(fd, fcntl.F_OFD_SETLK, arg)
 
 
+def lock_text(exclusive: bool, start: int, length: int) -> str:
+    """How log lines name a lock: ``an exclusive lock of bytes 0-4123``, ``a shared
+    lock of bytes 8248 to the end``."""
+    kind = "an exclusive" if exclusive else "a shared"
+    span = f"{start} to the end" if length == _TO_END else f"{start}-{start + length - 1}"
+    return f"{kind} lock of bytes {span}"
+
+
 class LockBusy(Exception):
-    """Another daemon holds the lock an inline operation needs: nothing was done, run
-    it again where it may wait (a worker thread)."""
+    """Another daemon holds what an operation needs: nothing was done; try it again
+    later (kmsfs/fs/lockwait.py decides when, and for how long).
+
+    Attributes: path (the backing file, for log lines), needed (what the operation
+    asked for, as words: ``lock_text``), start and end (the backing bytes it needs,
+    end None: to the end of the file; for telling whether two needs overlap).
+    """
+
+    def __init__(self, path: str, needed: str, start: int = 0, end: int | None = None) -> None:
+        super().__init__(f"{path}: {needed}")
+        self.path = path
+        self.needed = needed
+        self.start = start
+        self.end = end
+
+
+def _fd_path(fd: int) -> str:
+    """The path of open file *fd*, for log lines (never raises)."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return f"descriptor {fd}"
+
+
+def _try_lock(fd: int, exclusive: bool, start: int, length: int) -> None:
+    """``ofd_lock`` without waiting: LockBusy (naming *fd*'s path) if refused."""
+    if not ofd_lock(fd, exclusive, start, length, wait=False):
+        raise LockBusy(
+            _fd_path(fd),
+            lock_text(exclusive, start, length),
+            start,
+            start + length if length else None,
+        )
 
 
 class SharedContentFile(ContentFile):
     """A ContentFile whose every read, write and truncate holds a byte-range lock on
     the backing file and starts from the size the backing file has under that lock.
 
-    Raises what ContentFile raises, plus IntegrityError when the backing size
-    read under the lock cannot belong to a well-formed file.
+    Never waits: LockBusy, before anything is read or written, when another daemon
+    holds what a call needs.  Raises what ContentFile raises, plus IntegrityError
+    when the backing size read under the lock cannot belong to a well-formed file.
+
+    ``drop_cached``: after taking a lock, drop the kernel's cached pages of the
+    bytes locked before reading them (``for_backing`` sets it where the lock does
+    not make that cache coherent).
     """
 
     _holding = False  # a lock covering the whole operation is held (truncate -> write)
-    _wait = True  # False while run_inline: a lock held elsewhere raises LockBusy
+    drop_cached = False
 
-    def run_inline(self, call: Callable[[ContentFile], T]) -> T:
-        """``call(self)`` on the event loop without waiting for a lock: LockBusy, before
-        anything is read or written, if another daemon holds what it needs."""
-        self._wait = False
-        try:
-            return call(self)
-        finally:
-            self._wait = True
+    @classmethod
+    def for_backing(cls, backing: str) -> type[SharedContentFile]:
+        """The class for a volume in *backing*: this one, or on a backing filesystem
+        whose page cache a byte-range lock does not make coherent between hosts (a
+        FUSE filesystem: GlusterFS's client keeps pages another client has since
+        rewritten, where NFS's client drops them when a lock is taken), one that
+        drops them under every lock (``drop_cached``)."""
+        if lock_coherent_cache(backing):
+            return cls
+        log.info(
+            "%s is on %s: shared mode drops the cached pages of the bytes it locks",
+            backing,
+            backing_fs_type(backing),
+        )
+        return type("UncachedSharedContentFile", (cls,), {"drop_cached": True})
 
     def read(self, offset: int, length: int) -> bytes | bytearray:
         bs = self.layout.block_size
@@ -112,13 +169,14 @@ class SharedContentFile(ContentFile):
         first = self.layout.final_index(new_size)
         self._locked(first, -1, True, lambda: ContentFile.truncate(self, new_size))
 
-    def write_empty(self) -> None:
-        """As ContentFile's, under an exclusive lock of the whole new file."""
-        self._locked(0, -1, True, lambda: ContentFile.write_empty(self))
+    # write_empty is ContentFile's, without a lock: it seals the first block of a file
+    # this daemon just created (O_EXCL), and no daemon opens a file's content before
+    # that block is there (``check_created``).
 
     def _locked(self, first: int, last: int, exclusive: bool, run: Callable[[], T]) -> T:
         """Run *run* holding the lock that blocks *first*..*last* need (*last* -1: to
-        the end), with ``size`` re-read from the backing file under it."""
+        the end), with ``size`` re-read from the backing file under it; LockBusy if
+        another daemon holds part of it."""
         layout = self.layout
         bbs = layout.backing_block
         while True:
@@ -127,15 +185,16 @@ class SharedContentFile(ContentFile):
                 start, length = first * bbs, (last - first + 1) * bbs
             else:
                 start, length = min(first, final) * bbs, _TO_END
-            if not ofd_lock(self.fd, exclusive, start, length, wait=self._wait):
-                raise LockBusy(self.what)
+            _try_lock(self.fd, exclusive, start, length)
             try:
+                if self.drop_cached:  # what another host wrote since is read anew
+                    _drop_cached(self.fd, start, length)
                 st = os.fstat(self.fd)
                 size = layout.plain_size(st.st_size)
                 final = layout.final_index(size)
                 covered = last < final if length else start <= final * bbs
                 if covered:
-                    if st.st_size:  # zero: the file is being created (write_empty below)
+                    if st.st_size:  # zero: the file is being created (write_empty)
                         layout.check_backing_size(st.st_size, self.what)
                     self.size = size
                     self._final = None  # another daemon may have re-sealed it
@@ -152,20 +211,27 @@ class SharedContentFile(ContentFile):
         return self.layout.plain_size(os.fstat(self.fd).st_size)
 
 
-def locked_plain_size(path: str, layout: Layout, wait: bool = True) -> int | None:
+def _drop_cached(fd: int, start: int, length: int) -> None:
+    """Drop the kernel's cached pages of bytes [start, start + length) of *fd* (length 0:
+    to the end), and of the pages those bytes share with others: the kernel drops only
+    whole pages inside the range it is given, and blocks do not start on pages."""
+    first = start - start % _PAGE
+    end = start + length + -(start + length) % _PAGE  # rounded up to a page
+    os.posix_fadvise(fd, first, length and end - first, os.POSIX_FADV_DONTNEED)
+
+
+def locked_plain_size(path: str, layout: Layout) -> int:
     """The plaintext size of the backing file at *path*, read under a shared lock of its
     final block to the end: never mid-way through another daemon's extension, whose
     backing size grows page by page while it writes (a size read then is a size the
-    file never had).  Without *wait*, None at once if another daemon holds a
-    conflicting lock (ask again with *wait*, off the event loop).  OSError if the file
-    cannot be opened."""
+    file never had).  LockBusy at once if another daemon holds a conflicting lock;
+    OSError if the file cannot be opened."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         bbs = layout.backing_block
         start = layout.final_index(layout.plain_size(os.fstat(fd).st_size)) * bbs
         while True:
-            if not ofd_lock(fd, False, start, _TO_END, wait=wait):
-                return None
+            _try_lock(fd, False, start, _TO_END)
             try:
                 size = layout.plain_size(os.fstat(fd).st_size)
             finally:
@@ -178,24 +244,48 @@ def locked_plain_size(path: str, layout: Layout, wait: bool = True) -> int | Non
         os.close(fd)
 
 
-def wait_until_created(fd: int, has_header: Callable[[], bool], what: str) -> None:
-    """Wait (up to CREATING_WAIT seconds) while *fd* looks like a file another daemon is
-    creating: no header yet, or no content yet.  Holding a shared lock on the whole file
-    waits for a creator that already holds its lock (``write_empty``); the polling
-    covers the moment between its O_EXCL open and that lock.  Returns when the file
-    looks complete or the time is up (the caller then reports what is missing).
-    """
-    deadline = time.monotonic() + CREATING_WAIT
-    while True:
-        ofd_lock(fd, False, 0, _TO_END)
-        try:
-            complete = has_header() and os.fstat(fd).st_size > 0
-        finally:
-            ofd_unlock(fd, 0, _TO_END)
-        if complete or time.monotonic() > deadline:
-            return
-        log.debug("%s: being created by another daemon: waiting", what)
-        time.sleep(0.01)
+def check_created(path: str, has_header: Callable[[], bool]) -> None:
+    """Return if the backing file at *path* (an O_PATH descriptor's ``/proc/self/fd``
+    path will do) has its header and its first block; LockBusy while it has not: it
+    looks like a file another daemon is creating (its O_EXCL open, header and first
+    block are three syscalls).  The caller decides how long to wait (CREATING_WAIT)
+    and then reports what is missing.  OSError if the file cannot be stat'ed."""
+    if os.stat(path).st_size > 0 and has_header():
+        return
+    where = os.path.realpath(path)  # the backing path, for log lines
+    raise LockBusy(where, "its header and first block (another daemon may be creating it)")
+
+
+def backing_fs_type(path: str) -> str:
+    """The type of the filesystem *path* is on (``ext4``, ``nfs4``, ``fuse.glusterfs``),
+    from the kernel's mount table: the mount whose point is the longest prefix of the
+    resolved path.  ``""`` if it cannot be told."""
+    target = os.fsencode(os.path.realpath(path))
+    best, kind = b"", b""
+    try:
+        with open("/proc/self/mountinfo", "rb") as handle:
+            lines = handle.read().splitlines()
+    except OSError:
+        return ""
+    for line in lines:
+        head, separator, tail = line.partition(b" - ")
+        fields = head.split()
+        if not separator or len(fields) < 5 or not tail:
+            continue
+        point = re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), fields[4])
+        inside = target == point or target.startswith(point.rstrip(b"/") + b"/")
+        if inside and len(point) >= len(best):
+            best, kind = point, tail.split()[0]
+    return os.fsdecode(kind)
+
+
+def lock_coherent_cache(backing: str) -> bool:
+    """False if *backing* is on a FUSE filesystem: its kernel page cache is only as
+    coherent as its server makes it, and GlusterFS's client does not drop pages that
+    another client rewrote when a byte-range lock is taken (NFS's client does; a local
+    filesystem has one cache)."""
+    kind = backing_fs_type(backing)
+    return not (kind == "fuse" or kind.startswith(("fuse.", "fuseblk")))
 
 
 def check_shared_support(backing: str) -> None:

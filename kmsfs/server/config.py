@@ -110,6 +110,7 @@ TOP_LEVEL = {
     "options",
     "shared",
     "shared_timeout",
+    "shared_lock_timeout",
     "log_level",
     "log_file",
     "audit_log",
@@ -435,18 +436,22 @@ def _mount_options(data: dict[str, Any], where: str) -> tuple[str, ...]:
 
 
 def _shared_options(data: dict[str, Any], where: str) -> tuple[str, ...]:
-    """``shared = true`` and ``shared_timeout = SECONDS`` as the mount options they mean."""
+    """``shared = true``, ``shared_timeout = SECONDS`` and ``shared_lock_timeout =
+    SECONDS`` as the mount options they mean (their ranges are checked there)."""
     shared = data.get("shared")
     if shared is not None and not isinstance(shared, bool):
         raise ConfigError(f"{where}: shared must be true or false, not {shared!r}")
-    timeout = data.get("shared_timeout")
-    if timeout is None:
-        return ("shared",) if shared else ()
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout < 0:
-        raise ConfigError(f"{where}: shared_timeout must be a number of seconds, not {timeout!r}")
-    if not shared:
-        raise ConfigError(f"{where}: shared_timeout is set but shared is not true")
-    return ("shared", f"shared_timeout={timeout}")
+    options = ["shared"] if shared else []
+    for name in ("shared_timeout", "shared_lock_timeout"):
+        timeout = data.get(name)
+        if timeout is None:
+            continue
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout < 0:
+            raise ConfigError(f"{where}: {name} must be a number of seconds, not {timeout!r}")
+        if not shared:
+            raise ConfigError(f"{where}: {name} is set but shared is not true")
+        options.append(f"{name}={timeout}")
+    return tuple(options)
 
 
 def _parse_provider(provider: dict[str, Any], where: str) -> tuple[str, dict[str, str]]:

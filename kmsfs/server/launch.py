@@ -72,6 +72,7 @@ def serve_plan(plan: MountPlan, on_ready: Callable[[], None] | None) -> None:
             lock_fd=claim.lock_fd,
             shared=plan.shared,
             timeout=plan.shared_timeout if plan.shared else None,
+            lock_timeout=plan.shared_lock_timeout,
             policy=plan.policy,
             reloader=reloader,
         )

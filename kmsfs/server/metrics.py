@@ -125,6 +125,19 @@ class KmsfsCollector:
         yield counter("kmsfs_errors", "Requests answered with an error by kmsfs", info["errors"])
         yield gauge("kmsfs_open_files", "Open file handles", info["open_files"])
         yield gauge("kmsfs_inodes", "Inodes known to the kernel", info["inodes"])
+        waits = info.get("lock_waits")
+        if waits:  # shared mode
+            yield gauge(
+                "kmsfs_lock_waits", "Requests waiting for another daemon's lock", waits["waiting"]
+            )
+            ended = CounterMetricFamily(
+                "kmsfs_lock_waits_given_up",
+                "Waits for another daemon's lock that ended without it, per reason",
+                labels=labels + ["reason"],
+            )
+            for reason in ("timed_out", "refused", "interrupted", "abandoned"):
+                ended.add_metric([*ident, reason], waits[reason])
+            yield ended
 
         cache = info["key_cache"]
         yield gauge("kmsfs_key_cache_entries", "Unwrapped file keys in memory", cache["size"])

@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from kmsfs.errors import UsageError
-from kmsfs.fs.shared import DEFAULT_SHARED_TIMEOUT
+from kmsfs.fs.shared import DEFAULT_LOCK_TIMEOUT, DEFAULT_SHARED_TIMEOUT
 from kmsfs.policy import Policy
 from kmsfs.server.config import check_volume_provider, current_config
 from kmsfs.server.mountpoint import recover_stale_mount
@@ -33,9 +33,10 @@ class MountPlan:
     (None: defaults), audit_log (absolute, or None), log_level, log_file,
     policy (the config file's access policy, or None: permit all),
     config_file (absolute: re-read for the policy on reload, after the daemon
-    has left the working directory), shared (``-o shared``: other
-    daemons may serve the volume at once) and shared_timeout (entry and
-    attribute seconds in shared mode).
+    has left the working directory), shared (``-o shared``: other daemons may
+    serve the volume at once), shared_timeout (entry and attribute seconds in
+    shared mode) and shared_lock_timeout (seconds a request waits for another
+    daemon's byte-range lock before it fails with EIO).
     """
 
     backing: str
@@ -53,6 +54,7 @@ class MountPlan:
     config_file: str | None = None
     shared: bool = False
     shared_timeout: float = DEFAULT_SHARED_TIMEOUT
+    shared_lock_timeout: float = DEFAULT_LOCK_TIMEOUT
 
 
 def mount_server_options(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -96,7 +98,7 @@ def prepare_mount(
     extra += [o for opts in mount_options for o in opts.split(",") if o]
     if config is not None:
         check_volume_provider(config, backing)
-    extra, shared, shared_timeout = split_shared_options(extra)
+    extra, shared, shared_timeout, lock_timeout = split_shared_options(extra)
     runtime = ServerRuntime(mountpoint, metrics_listen)
     runtime.check()
     problem = runtime.socket_problem()
@@ -115,36 +117,50 @@ def prepare_mount(
         config_file=os.path.abspath(config.path) if config is not None else None,
         shared=shared,
         shared_timeout=shared_timeout,
+        shared_lock_timeout=lock_timeout,
     )
 
 
 MAX_SHARED_TIMEOUT = 60.0
+LOCK_TIMEOUT_RANGE = (0.1, 600.0)
 
 
-def split_shared_options(options: list[str]) -> tuple[list[str], bool, float]:
-    """Take ``shared`` and ``shared_timeout=SECONDS`` out of the FUSE options.
+def split_shared_options(options: list[str]) -> tuple[list[str], bool, float, float]:
+    """Take ``shared``, ``shared_timeout=SECONDS`` and ``shared_lock_timeout=SECONDS``
+    out of the FUSE options.
 
-    Returns (the other options, shared, timeout).  UsageError for a timeout that
-    is not a number from 0 to 60, or given without ``shared``.
+    Returns (the other options, shared, timeout, lock timeout).  UsageError for a
+    timeout that is not a number from 0 to 60, a lock timeout that is not one from
+    0.1 to 600, or either given without ``shared``.
     """
     rest: list[str] = []
     shared = False
-    timeout: float | None = None
+    given: dict[str, float] = {}
+    ranges = {
+        "shared_timeout": (0.0, MAX_SHARED_TIMEOUT),
+        "shared_lock_timeout": LOCK_TIMEOUT_RANGE,
+    }
     for option in options:
+        name, equals, text = option.partition("=")
         if option == "shared":
             shared = True
-        elif option.startswith("shared_timeout="):
-            text = option.partition("=")[2]
+        elif name in ranges and equals:
+            low, high = ranges[name]
             try:
-                timeout = float(text)
+                value = float(text)
             except ValueError:
-                timeout = -1.0
-            if not 0 <= timeout <= MAX_SHARED_TIMEOUT:
-                raise UsageError(
-                    f"-o shared_timeout={text}: give seconds from 0 to {MAX_SHARED_TIMEOUT:.0f}"
-                )
+                value = -1.0
+            if not low <= value <= high:
+                raise UsageError(f"-o {option}: give seconds from {low:g} to {high:g}")
+            given[name] = value
         else:
             rest.append(option)
-    if timeout is not None and not shared:
-        raise UsageError("-o shared_timeout applies to shared mode only: add -o shared")
-    return rest, shared, DEFAULT_SHARED_TIMEOUT if timeout is None else timeout
+    if given and not shared:
+        name = next(iter(given))
+        raise UsageError(f"-o {name} applies to shared mode only: add -o shared")
+    return (
+        rest,
+        shared,
+        given.get("shared_timeout", DEFAULT_SHARED_TIMEOUT),
+        given.get("shared_lock_timeout", DEFAULT_LOCK_TIMEOUT),
+    )

@@ -144,4 +144,6 @@ def snapshot(
         "errors": ops.errors,
         "requests": ops.requests.summary(),
         "policy": ops.policy.describe(),
+        # shared mode: requests waiting for other daemons' locks, and how waits ended
+        **({"lock_waits": ops.lock_waits.summary()} if ops.shared else {}),
     }

@@ -196,6 +196,14 @@ def format_status(info: dict[str, Any]) -> str:
     if policy:
         source = f" (from {policy['source']})" if policy["source"] else ""
         lines.append(f"access policy:  {policy['summary']}{source}")
+    waits = info.get("lock_waits")
+    if waits:
+        lines.append(
+            f"lock waits:     {waits['waiting']} waiting (at most {waits['limit']},"
+            f" {waits['timeout_seconds']:g} s each); {waits['timed_out']} timed out,"
+            f" {waits['refused']} refused, {waits['interrupted']} interrupted,"
+            f" {waits['abandoned']} abandoned"
+        )
     lines += format_requests(info.get("requests"))
     return "\n".join(lines)
 

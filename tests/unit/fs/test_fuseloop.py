@@ -86,3 +86,34 @@ def test_empty_fd_waits_until_data_arrives(pipe: tuple[int, int]) -> None:
 
     trio.run(main)
     assert order == ["write", "readable"]
+
+
+@pytest.mark.parametrize("seen", ["at once", "after waiting with trio"])
+def test_a_connection_the_kernel_ended_is_reported_once(seen: str) -> None:
+    """When the file system is unmounted, /dev/fuse polls POLLERR (here: a pipe whose
+    writer is gone polls POLLHUP): the adapter calls on_disconnect, once, whether it
+    saw it at once or after waiting with trio.  Requests waiting for another daemon's
+    lock are told to stop then (pyfuse3's loop ends only once they have)."""
+    calls: list[str] = []
+    r, w = os.pipe()
+    lowlevel = fuseloop._Trio(lambda: calls.append("gone")).lowlevel
+
+    async def hang_up() -> None:
+        await trio.sleep(0.05)
+        os.close(w)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            if seen == "at once":
+                os.close(w)
+            else:
+                nursery.start_soon(hang_up)
+            with trio.fail_after(5):
+                await lowlevel.wait_readable(r)
+                await lowlevel.wait_readable(r)
+
+    try:
+        trio.run(main)
+    finally:
+        os.close(r)
+    assert calls == ["gone"]

@@ -341,7 +341,7 @@ def test_shared_lookup_of_a_file_the_daemon_may_not_open_answers_uncached(
     (The refusal is a stand-in: this suite runs as root, which no mode bits refuse.)"""
     import kmsfs.fs.ops_base
 
-    def refused(path: str, layout: object, wait: bool = True) -> int:
+    def refused(path: str, layout: object) -> int:
         raise PermissionError(errno.EACCES, "Permission denied", path)
 
     async def main() -> None:

@@ -4,16 +4,22 @@ the byte-range locking is exercised without FUSE, in threads."""
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
+
+import pytest
 
 from kmsfs.format.content import BlockCipher
 from kmsfs.fs.content_file import ContentFile
 from kmsfs.fs.shared import (
     LockBusy,
     SharedContentFile,
+    check_created,
     check_shared_support,
     ofd_lock,
     ofd_unlock,
@@ -22,6 +28,17 @@ from kmsfs.fs.shared import (
 BS = 4096
 KEY = bytes(range(32))
 FILE_ID = bytes(16)
+T = TypeVar("T")
+
+
+def retrying(call: Callable[[], T]) -> T:
+    """*call()* again until another description no longer holds what it needs (what
+    the operations layer does on the event loop, kmsfs/fs/lockwait.py)."""
+    while True:
+        try:
+            return call()
+        except LockBusy:
+            time.sleep(0.0002)
 
 
 def opened(path: Path) -> SharedContentFile:
@@ -48,7 +65,8 @@ def test_two_descriptions_writing_disjoint_bytes_of_new_blocks_keep_both(tmp_pat
         try:
             for block in range(200):
                 barrier.wait(timeout=30)
-                files[which].write(block * BS + start, bytes([0x41 + which]) * length)
+                offset, data = block * BS + start, bytes([0x41 + which]) * length
+                retrying(functools.partial(files[which].write, offset, data))
         except BaseException as exc:  # reported below
             errors.append(exc)
             barrier.abort()
@@ -86,31 +104,14 @@ def test_size_is_taken_from_the_backing_file_not_from_memory(tmp_path: Path) -> 
     os.close(second.fd)
 
 
-def test_a_held_write_lock_makes_the_other_description_wait(tmp_path: Path) -> None:
-    """While another description holds an exclusive lock to the end of the file, a
-    read waits for it (the lock is what orders two daemons)."""
-    path = tmp_path / "f"
-    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
-    SharedContentFile(fd, BlockCipher(KEY, FILE_ID, BS), 0, lambda: "f").write_empty()
-    reader = opened(path)
-    ofd_lock(fd, True, 0, 0)
-    done = threading.Event()
-    thread = threading.Thread(target=lambda: (reader.read(0, 10), done.set()))
-    thread.start()
-    assert not done.wait(0.3)
-    ofd_unlock(fd, 0, 0)
-    assert done.wait(10)
-    thread.join()
-    os.close(fd)
-    os.close(reader.fd)
-
-
-def test_run_inline_refuses_at_once_when_another_description_holds_the_range(
+def test_a_held_lock_makes_the_other_description_refuse_at_once_and_do_nothing(
     tmp_path: Path,
 ) -> None:
-    """On the event loop a request must not wait: with another description's lock on
-    what it needs, run_inline raises LockBusy before reading or writing anything, and
-    afterwards the same file waits again (as a worker thread's call must)."""
+    """A SharedContentFile never waits (a lock may be held forever: the operations
+    layer decides how long to wait): with another description's lock on what a read
+    or write needs, it raises LockBusy at once, naming the backing file and the lock
+    it needed, before reading or writing anything; a lock of other blocks does not
+    stand in its way; once the lock is released the same calls succeed."""
     path = tmp_path / "f"
     fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
     SharedContentFile(fd, BlockCipher(KEY, FILE_ID, BS), 0, lambda: "f").write_empty()
@@ -120,33 +121,57 @@ def test_run_inline_refuses_at_once_when_another_description_holds_the_range(
     ofd_lock(fd, True, 0, 0)
     outcomes: list[BaseException | None] = []
 
-    def inline(call: Callable[[ContentFile], object]) -> None:
+    def attempt(call: Callable[[ContentFile], object]) -> None:
         try:
-            second.run_inline(call)
+            call(second)
             outcomes.append(None)
         except BaseException as exc:  # checked below
             outcomes.append(exc)
 
     for call in (lambda c: c.write(BS, b"b" * 10), lambda c: c.read(0, 10)):
-        thread = threading.Thread(target=inline, args=(call,), daemon=True)
+        thread = threading.Thread(target=attempt, args=(call,), daemon=True)
         thread.start()
         thread.join(5)  # one that waits for the lock is still running: the test fails
-        assert not thread.is_alive(), "run_inline waited for the lock"
+        assert not thread.is_alive(), "a SharedContentFile call waited for the lock"
     assert [type(outcome) for outcome in outcomes] == [LockBusy, LockBusy]
+    write_busy, read_busy = outcomes
+    assert isinstance(write_busy, LockBusy) and isinstance(read_busy, LockBusy)
+    assert write_busy.path == read_busy.path == str(path)
+    bbs = BS + 28
+    assert write_busy.needed == f"an exclusive lock of bytes {bbs}-{2 * bbs - 1}"
+    assert read_busy.needed == f"a shared lock of bytes 0-{bbs - 1}"
     assert path.read_bytes() == before
-    done = threading.Event()
-    thread = threading.Thread(target=lambda: (second.read(0, 10), done.set()))
-    thread.start()
-    assert not done.wait(0.3)  # outside run_inline it waits for the lock again
     ofd_unlock(fd, 0, 0)
-    assert done.wait(10)
-    thread.join()
-    # a lock of other blocks does not stand in its way
-    ofd_lock(fd, True, 2 * (BS + 28), 0)
-    assert second.run_inline(lambda content: content.read(0, 10)) == b"a" * 10
-    ofd_unlock(fd, 2 * (BS + 28), 0)
+    ofd_lock(fd, True, 2 * bbs, 0)  # the final block only: blocks 0 and 1 are free
+    assert second.read(0, 10) == b"a" * 10
+    second.write(BS, b"b" * 10)
+    ofd_unlock(fd, 2 * bbs, 0)
+    assert first.read(BS, 12) == b"b" * 10 + b"aa"
     for handle in (fd, first.fd, second.fd):
         os.close(handle)
+
+
+def test_a_file_without_its_first_block_is_being_created_until_it_has_one(
+    tmp_path: Path,
+) -> None:
+    """check_created: a backing file with no content (another daemon between its O_EXCL
+    open and its first block) is LockBusy; with its block, it is done (no lock taken,
+    so a lock another daemon holds on it does not matter)."""
+    path = tmp_path / "f"
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+    with pytest.raises(LockBusy, match="another daemon may be creating it"):
+        check_created(str(path), lambda: True)
+    content = SharedContentFile(fd, BlockCipher(KEY, FILE_ID, BS), 0, lambda: "f")
+    content.write_empty()
+    with pytest.raises(LockBusy):
+        check_created(str(path), lambda: False)  # no header
+    ofd_lock(fd, True, 0, 0)
+    other = os.open(path, os.O_RDONLY)
+    try:
+        check_created(f"/proc/self/fd/{other}", lambda: True)
+    finally:
+        os.close(other)
+        os.close(fd)
 
 
 def test_this_filesystem_passes_the_shared_mode_check(tmp_path: Path) -> None:
