@@ -30,6 +30,7 @@ from kmsfs.keys.keyring import Keyring
 from kmsfs.lock import claim_volume
 from kmsfs.policy import Policy
 from kmsfs.server.policyfile import reload_policy
+from kmsfs.server.status import describe_pyfuse3
 
 log = logging.getLogger("kmsfs.daemon")
 FLUSH_TIMEOUT = 30.0  # seconds to flush the kernel's dirty pages on SIGTERM before unmounting
@@ -181,7 +182,9 @@ async def _run(
         nursery.start_soon(_announce_ready, mountpoint, on_ready)
         for service in services:
             nursery.start_soon(service, ops)
-        fuseloop.install()  # no trip around trio's loop per request while requests queue
+        # no trip around trio's loop per request while requests queue
+        fuseloop.configure(ops)
+        log.info("pyfuse3 %s", describe_pyfuse3(fuseloop.status(ops)))
         try:
             await pyfuse3.main(min_tasks=4, max_tasks=64)
         finally:

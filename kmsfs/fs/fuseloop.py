@@ -19,12 +19,21 @@ is trio except for two things:
 A request that vanishes between the poll and the read (its process was
 interrupted) makes the blocking read wait for the next request, as it can with
 pyfuse3's own loop, where that window is wider.  ``uninstall()`` restores trio.
+
+A pyfuse3 built with kmsfs's patch (scripts/install-pyfuse3, docs/pyfuse3-patch.md)
+does this itself, better: ``Operations.enable_read_before_wait`` makes its loop
+read the non-blocking session fd first and wait only when nothing is queued (no
+read-lock hand-over between its tasks either).  ``configure(ops)`` uses that when
+this process's pyfuse3 has it and the adapter otherwise.  ``PYFUSE3`` says which
+of the patch's hooks this pyfuse3 has, found by probing for them, not by version;
+``status(ops)`` is what ``kmsfs status`` shows of them.
 """
 
 from __future__ import annotations
 
 import select
 import types
+from dataclasses import dataclass
 from typing import Any
 
 import pyfuse3
@@ -78,3 +87,73 @@ def install() -> None:
 
 def uninstall() -> None:
     pyfuse3.trio = trio  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True)
+class Pyfuse3Hooks:
+    """The hooks of kmsfs's pyfuse3 patch that a pyfuse3 has.
+
+    Attributes: version (pyfuse3's own), read_before_wait
+    (``Operations.enable_read_before_wait``), dont_mask (``Operations.enable_dont_mask``:
+    FUSE_DONT_MASK), cache_dir (``FileInfo.cache_readdir``: FOPEN_CACHE_DIR from opendir).
+    """
+
+    version: str
+    read_before_wait: bool
+    dont_mask: bool
+    cache_dir: bool
+
+    @property
+    def patched(self) -> bool:
+        return self.read_before_wait or self.dont_mask or self.cache_dir
+
+
+def probe() -> Pyfuse3Hooks:
+    """The hooks this process's pyfuse3 has (attributes that only the patch adds)."""
+    return Pyfuse3Hooks(
+        version=getattr(pyfuse3, "__version__", "unknown"),
+        read_before_wait=hasattr(pyfuse3.Operations, "enable_read_before_wait"),
+        dont_mask=hasattr(pyfuse3.Operations, "enable_dont_mask"),
+        cache_dir=hasattr(pyfuse3.FileInfo, "cache_readdir"),
+    )
+
+
+PYFUSE3 = probe()
+
+
+def configure(ops: pyfuse3.Operations) -> str:
+    """Before ``pyfuse3.main``: have the loop that serves *ops* take queued requests without
+    a trip around trio's loop.  Returns how: "read_before_wait" (the patched pyfuse3's,
+    set on *ops*) or "adapter" (``install()``)."""
+    if PYFUSE3.read_before_wait:
+        ops.enable_read_before_wait = True
+        return "read_before_wait"
+    install()
+    return "adapter"
+
+
+def status(ops: Any) -> dict[str, Any]:
+    """pyfuse3 as ``kmsfs status`` shows it: version, patched or not, the patch's hooks
+    *ops* uses (``active``), those it has but does not use and why (``off``), and how
+    its loop waits for /dev/fuse (``loop``)."""
+    active: list[str] = []
+    off: dict[str, str] = {}
+    if getattr(ops, "enable_read_before_wait", False):
+        active.append("read_before_wait")
+    if PYFUSE3.dont_mask and getattr(ops, "enable_dont_mask", False):
+        active.append("dont_mask")
+    if getattr(ops, "cache_listings", False):
+        if getattr(ops, "timeout", 0) > 0:
+            active.append("cache_dir")
+        else:
+            off["cache_dir"] = "the kernel's caches are off (access policy)"
+    elif PYFUSE3.cache_dir and getattr(ops, "shared", False):
+        off["cache_dir"] = "shared mode"
+    return {
+        "version": PYFUSE3.version,
+        "patched": PYFUSE3.patched,
+        "active": active,
+        "off": off,
+        "loop": "read_before_wait" if "read_before_wait" in active else "adapter",
+    }
+

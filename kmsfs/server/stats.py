@@ -16,6 +16,7 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
+from kmsfs.fs import fuseloop
 from kmsfs.keys.events import EventSink, KeyEvent
 
 if TYPE_CHECKING:
@@ -133,4 +134,5 @@ def snapshot(
         "bytes_written": ops.bytes_written,
         "errors": ops.errors,
         "requests": ops.requests.summary(),
+        "pyfuse3": fuseloop.status(ops),
     }

@@ -1,10 +1,12 @@
 """The adapter pyfuse3's loop waits with (kmsfs.fs.fuseloop): it returns at once while a
-request is queued, waits with trio otherwise, and lets other tasks run regularly."""
+request is queued, waits with trio otherwise, and lets other tasks run regularly; and
+how kmsfs chooses between it and a patched pyfuse3's own loop, and reports which."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from types import SimpleNamespace
 
 import pyfuse3
 import pytest
@@ -86,3 +88,41 @@ def test_empty_fd_waits_until_data_arrives(pipe: tuple[int, int]) -> None:
 
     trio.run(main)
     assert order == ["write", "readable"]
+
+
+def test_configure_uses_the_patched_loop_where_pyfuse3_has_it() -> None:
+    ops = pyfuse3.Operations()
+    try:
+        how = fuseloop.configure(ops)
+        if fuseloop.PYFUSE3.read_before_wait:
+            assert how == "read_before_wait"
+            assert ops.enable_read_before_wait is True
+            assert pyfuse3.trio is trio  # type: ignore[attr-defined]
+        else:
+            assert how == "adapter"
+            assert pyfuse3.trio is not trio  # type: ignore[attr-defined]
+    finally:
+        fuseloop.uninstall()
+
+
+def test_status_names_the_hooks_in_use_and_why_one_is_off() -> None:
+    patched = fuseloop.PYFUSE3.patched
+    plain = SimpleNamespace(
+        enable_read_before_wait=patched,
+        enable_dont_mask=patched,
+        cache_listings=patched,
+        timeout=60.0,
+        shared=False,
+    )
+    info = fuseloop.status(plain)
+    assert info["version"] == pyfuse3.__version__ and info["patched"] is patched
+    if not patched:
+        assert info == {**info, "active": [], "off": {}, "loop": "adapter"}
+        return
+    assert info["active"] == ["read_before_wait", "dont_mask", "cache_dir"]
+    assert info["loop"] == "read_before_wait"
+    shared = SimpleNamespace(**{**vars(plain), "cache_listings": False, "shared": True})
+    assert fuseloop.status(shared)["off"] == {"cache_dir": "shared mode"}
+    varying = SimpleNamespace(**{**vars(plain), "timeout": 0.0})
+    assert "cache_dir" not in fuseloop.status(varying)["active"]
+    assert "access policy" in fuseloop.status(varying)["off"]["cache_dir"]
