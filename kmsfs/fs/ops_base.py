@@ -30,6 +30,7 @@ from kmsfs.format.header import XATTR_NAME
 from kmsfs.format.volume import RESERVED_PREFIX
 from kmsfs.fs import syscalls, xattrs
 from kmsfs.fs.content_file import ContentFile
+from kmsfs.fs.fuseloop import PYFUSE3
 from kmsfs.fs.headerio import read_header
 from kmsfs.fs.inodes import ROOT_INODE, Inode
 from kmsfs.fs.requests import OPCODES, RequestStats
@@ -125,6 +126,9 @@ class OperationsBase(pyfuse3.Operations):
     # FUSE_POSIX_ACL: the kernel caches ACLs and checks them with default_permissions
     # (and stops asking for them on every ls -l); they are stored on the backing files.
     enable_acl = True
+    # FUSE_DONT_MASK, with a patched pyfuse3 (docs/pyfuse3-patch.md): new entries get the
+    # mode the process asked for, and _new_mode applies its umask unless a default ACL rules
+    enable_dont_mask = PYFUSE3.dont_mask
 
     def __init__(self, parts: ServedVolume) -> None:
         super().__init__()
@@ -293,6 +297,17 @@ class OperationsBase(pyfuse3.Operations):
         if size < self.offload_bytes and not self.shared:
             return func(*args)
         return await trio.to_thread.run_sync(func, *args, limiter=self._limiter)
+
+    def _new_mode(self, parent: Inode, mode: int, ctx: pyfuse3.RequestContext) -> int:
+        """The mode to make a new entry of *parent* with.  With FUSE_DONT_MASK the kernel
+        leaves the requester's umask to us: it applies unless *parent* has a default ACL,
+        which POSIX lets rule alone (the backing filesystem gives the entry that ACL,
+        narrowed only by *mode*; the daemon's own umask is 0).  Without it, the kernel
+        has applied the umask to *mode* already, also under a default ACL (which it
+        thereby narrows).  OSError if *parent*'s ACL cannot be read."""
+        if not self.enable_dont_mask or xattrs.has_default_acl(parent.proc_path):
+            return mode
+        return mode & ~ctx.umask
 
     def _own(self, fd: int, parent: Inode, ctx: pyfuse3.RequestContext) -> None:
         """Give a new entry to the caller (group from a setgid parent), as the kernel would."""

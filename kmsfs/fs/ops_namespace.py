@@ -132,7 +132,7 @@ class NamespaceOps(AccessChecks):
         await self._allow(ctx, "create", self._path_of(parent, name))
         if stat.S_ISREG(mode):
             raise FUSEError(errno.EPERM)  # regular files are made by create, with a header
-        os.mknod(name, mode, rdev, dir_fd=parent.fd)
+        os.mknod(name, self._new_mode(parent, mode, ctx), rdev, dir_fd=parent.fd)
         return await self._created(parent, name, ctx)
 
     @fuse_op
@@ -142,7 +142,7 @@ class NamespaceOps(AccessChecks):
         self._check_name(parent_inode, name)
         parent = self._inode(parent_inode)
         await self._allow(ctx, "create", self._path_of(parent, name))
-        os.mkdir(name, mode, dir_fd=parent.fd)
+        os.mkdir(name, self._new_mode(parent, mode, ctx), dir_fd=parent.fd)
         return await self._created(parent, name, ctx)
 
     @fuse_op

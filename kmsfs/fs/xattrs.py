@@ -16,6 +16,8 @@
 from __future__ import annotations
 
 import enum
+import errno
+import os
 
 from kmsfs.format.header import RESERVED_XATTR_PREFIX
 
@@ -39,6 +41,18 @@ def namespace_of(name: bytes) -> Namespace:
     if name.startswith(b"trusted."):
         return Namespace.PRIVILEGED
     return Namespace.UNSUPPORTED
+
+
+def has_default_acl(path: str) -> bool:
+    """True if directory *path* has a default ACL; False if not, or if its filesystem has
+    no ACLs.  OSError for anything else (the directory is gone, ...)."""
+    try:
+        os.getxattr(path, ACL_NAMES[1])
+    except OSError as exc:
+        if exc.errno in (errno.ENODATA, errno.EOPNOTSUPP):
+            return False
+        raise
+    return True
 
 
 def has_capability(pid: int, capability: int) -> bool:
