@@ -164,6 +164,9 @@ class OperationsBase(pyfuse3.Operations):
         self._content_class = SharedContentFile if parts.shared else ContentFile
         if parts.shared:
             self.enable_writeback_cache = False
+        # FOPEN_CACHE_DIR on opendir (patched pyfuse3): the kernel keeps listings until the
+        # directory changes through the mount; not when other daemons change it too
+        self.cache_listings = PYFUSE3.cache_dir and not parts.shared
 
     def _inode(self, ino: int) -> Inode:
         entry = self.inodes.get(ino)

@@ -204,13 +204,18 @@ class NamespaceOps(AccessChecks):
         return await self._shared_attr(os.stat(entry.fd), entry)
 
     @fuse_op
-    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int | pyfuse3.FileInfo:
         entry = await self._inode_waiting(inode)
         await self._allow(ctx, "list", self._path_of(entry))
         fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=entry.fd)
         fh = self._next_dir
         self._next_dir += 1
         self._dirs[fh] = DirHandle(fd, inode)
+        # The kernel may keep the listing (FOPEN_CACHE_DIR, keep_cache) while it keeps
+        # entries: every change reaches it through the mount, and OPENDIR (the policy's
+        # "list" check) is still sent on every open.
+        if self.cache_listings and self.timeout > 0:
+            return pyfuse3.FileInfo(fh=fh, cache_readdir=True)
         return fh
 
     @fuse_op
