@@ -211,6 +211,20 @@ def render(
             cells.append("" if cpu is None else f"{cpu:.1f}")
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
+    daemons = [n for n in names if any(results.cpu(r.key, n) is not None for r in rows)]
+    if set(daemons) - {"kmsfs", "floor"}:  # the table has only those two CPU columns
+        lines += ["Daemon CPU s (utime+stime during the timed part, median):", ""]
+        lines.append("| # | workload | " + " | ".join(daemons) + " |")
+        lines.append("|" + "|".join("---" for _ in range(len(daemons) + 2)) + "|")
+        for row in rows:
+            cpus = [results.cpu(row.key, n) for n in daemons]
+            cells = ["" if c is None else f"{c:.2f}" for c in cpus]
+            lines.append(
+                f"| {row.number} | {row.label.format(procs=sizes.procs)} | "
+                + " | ".join(cells)
+                + " |"
+            )
+        lines.append("")
     per_request = [
         f"{n} {cpu / RTT_REQUESTS * 1e6:.1f}"
         for n in names
