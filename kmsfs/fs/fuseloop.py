@@ -156,4 +156,3 @@ def status(ops: Any) -> dict[str, Any]:
         "off": off,
         "loop": "read_before_wait" if "read_before_wait" in active else "adapter",
     }
-
