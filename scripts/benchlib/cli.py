@@ -54,11 +54,19 @@ def recreate(s: System) -> None:
 
 
 def measure(bench: Bench, row: Row, system: System) -> Sample:
-    """Prepare, time and clean up one row on one system, with the daemon's CPU and RSS."""
+    """Prepare, time and clean up one row on one system, with the daemon's CPU and RSS.
+
+    RuntimeError if the system is not mounted when the row starts or its daemon is gone
+    when it ends (something else unmounted or killed it): the row would have measured the
+    directory under the mount point."""
+    if system.fuse and not os.path.ismount(system.mnt):
+        raise RuntimeError(f"{system.name} is not mounted at {system.mnt}")
     getattr(bench, f"prep_{row.key}")(system)
     pid = system.daemon_pid()
     cpu0 = proc_cpu(pid) if pid else None
     value = getattr(bench, f"run_{row.key}")(system)
+    if pid and not pid_alive(pid):
+        raise RuntimeError(f"{system.name}: its daemon (pid {pid}) exited during the row")
     sample = Sample(value=value)
     if pid and cpu0 is not None and pid_alive(pid):
         sample.cpu = proc_cpu(pid) - cpu0
