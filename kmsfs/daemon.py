@@ -34,6 +34,7 @@ from kmsfs.lock import claim_volume
 from kmsfs.mounttable import read_mountinfo
 from kmsfs.policy import Policy
 from kmsfs.server.policyfile import PolicyReloader
+from kmsfs.server.status import describe_pyfuse3
 
 log = logging.getLogger("kmsfs.daemon")
 FLUSH_TIMEOUT = 30.0  # seconds to flush the kernel's dirty pages on SIGTERM before unmounting
@@ -202,7 +203,8 @@ async def _run(
             nursery.start_soon(service, ops)
         # no trip around trio's loop per request while requests queue; once unmounted,
         # no request waits for another daemon's lock (pyfuse3.main waits for them all)
-        fuseloop.install(on_disconnect=ops.lock_waits.close)
+        fuseloop.configure(ops, on_disconnect=ops.lock_waits.close)
+        log.info("pyfuse3 %s", describe_pyfuse3(fuseloop.status(ops)))
         try:
             await pyfuse3.main(min_tasks=4, max_tasks=REQUEST_TASKS)
         finally:

@@ -24,6 +24,18 @@ pyfuse3's own loop, where that window is wider.  ``uninstall()`` restores trio.
 connection (the file system was unmounted; ``/dev/fuse`` then polls POLLERR):
 pyfuse3's loop ends only once every request being handled has finished, so
 requests waiting for another daemon's lock must be told to stop waiting.
+
+A pyfuse3 built with kmsfs's patch (scripts/install-pyfuse3, docs/pyfuse3-patch.md)
+does this itself, better: ``Operations.enable_read_before_wait`` makes its loop
+read the non-blocking session fd first and wait only when nothing is queued (no
+read-lock hand-over between its tasks either).  ``configure(ops, on_disconnect)``
+uses that when this process's pyfuse3 has it and the adapter otherwise; with the
+patched loop and *on_disconnect*, the adapter only watches: its ``wait_readable``
+is trio's, followed by the POLLERR check (an idle task of that loop waits there,
+so it sees the connection end; a task that reads it first exits the session
+instead, which leaves the waiting one to see it).  ``PYFUSE3`` says which of the
+patch's hooks this pyfuse3 has, found by probing for them, not by version;
+``status(ops)`` is what ``kmsfs status`` shows of them.
 """
 
 from __future__ import annotations
@@ -31,6 +43,7 @@ from __future__ import annotations
 import select
 import types
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import pyfuse3
@@ -45,11 +58,14 @@ _GONE = select.POLLERR | select.POLLHUP | select.POLLNVAL
 class _Lowlevel(types.ModuleType):
     """trio.lowlevel, but with a ``wait_readable`` that returns at once when it can."""
 
-    def __init__(self, on_disconnect: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self, on_disconnect: Callable[[], None] | None = None, poll_first: bool = True
+    ) -> None:
         super().__init__("kmsfs.fs.fuseloop.lowlevel")
         self._polls: dict[int, select.poll] = {}
         self._streak = 0
         self._on_disconnect = on_disconnect
+        self._poll_first = poll_first
 
     def __getattr__(self, name: str) -> Any:
         return getattr(trio.lowlevel, name)
@@ -59,7 +75,7 @@ class _Lowlevel(types.ModuleType):
         if poll is None:
             poll = self._polls[fd] = select.poll()
             poll.register(fd, select.POLLIN)
-        if self._streak < YIELD_EVERY:
+        if self._poll_first and self._streak < YIELD_EVERY:
             ready = poll.poll(0)
             if ready:
                 self._streak += 1
@@ -81,23 +97,106 @@ class _Lowlevel(types.ModuleType):
 
 
 class _Trio(types.ModuleType):
-    """The trio module as pyfuse3 sees it after ``install()``."""
+    """The trio module as pyfuse3 sees it after ``install()``; with *poll_first* False
+    (the patched loop, which reads first itself) only the disconnect watch is added."""
 
-    Lock = EntryLock
+    Lock: Any = EntryLock
 
-    def __init__(self, on_disconnect: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self, on_disconnect: Callable[[], None] | None = None, poll_first: bool = True
+    ) -> None:
         super().__init__("kmsfs.fs.fuseloop.trio")
-        self.lowlevel = _Lowlevel(on_disconnect)
+        self.lowlevel = _Lowlevel(on_disconnect, poll_first)
+        if not poll_first:
+            self.Lock = trio.Lock
 
     def __getattr__(self, name: str) -> Any:
         return getattr(trio, name)
 
 
-def install(on_disconnect: Callable[[], None] | None = None) -> None:
+def install(
+    on_disconnect: Callable[[], None] | None = None, poll_first: bool = True
+) -> None:
     """Make pyfuse3's loop use the adapter (call before ``pyfuse3.main``); it calls
-    *on_disconnect*, once, when it sees that the kernel ended the connection."""
-    pyfuse3.trio = _Trio(on_disconnect)  # type: ignore[attr-defined]
+    *on_disconnect*, once, when it sees that the kernel ended the connection.  With
+    *poll_first* False it only watches for that (for the patched loop)."""
+    pyfuse3.trio = _Trio(on_disconnect, poll_first)  # type: ignore[attr-defined]
 
 
 def uninstall() -> None:
     pyfuse3.trio = trio  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True)
+class Pyfuse3Hooks:
+    """The hooks of kmsfs's pyfuse3 patch that a pyfuse3 has.
+
+    Attributes: version (pyfuse3's own), read_before_wait
+    (``Operations.enable_read_before_wait``), dont_mask (``Operations.enable_dont_mask``:
+    FUSE_DONT_MASK), cache_dir (``FileInfo.cache_readdir``: FOPEN_CACHE_DIR from opendir).
+    """
+
+    version: str
+    read_before_wait: bool
+    dont_mask: bool
+    cache_dir: bool
+
+    @property
+    def patched(self) -> bool:
+        return self.read_before_wait or self.dont_mask or self.cache_dir
+
+
+def probe() -> Pyfuse3Hooks:
+    """The hooks this process's pyfuse3 has (attributes that only the patch adds)."""
+    return Pyfuse3Hooks(
+        version=getattr(pyfuse3, "__version__", "unknown"),
+        read_before_wait=hasattr(pyfuse3.Operations, "enable_read_before_wait"),
+        dont_mask=hasattr(pyfuse3.Operations, "enable_dont_mask"),
+        cache_dir=hasattr(pyfuse3.FileInfo, "cache_readdir"),
+    )
+
+
+PYFUSE3 = probe()
+
+
+def configure(
+    ops: pyfuse3.Operations, on_disconnect: Callable[[], None] | None = None
+) -> str:
+    """Before ``pyfuse3.main``: have the loop that serves *ops* take queued requests without
+    a trip around trio's loop, and call *on_disconnect*, once, when it sees that the
+    kernel ended the connection (either loop).  Returns how: "read_before_wait" (the
+    patched pyfuse3's, set on *ops*; the adapter then only watches for the disconnect,
+    if *on_disconnect* is given) or "adapter" (``install()``)."""
+    if PYFUSE3.read_before_wait:
+        ops.enable_read_before_wait = True
+        if on_disconnect is not None:
+            install(on_disconnect, poll_first=False)
+        return "read_before_wait"
+    install(on_disconnect)
+    return "adapter"
+
+
+def status(ops: Any) -> dict[str, Any]:
+    """pyfuse3 as ``kmsfs status`` shows it: version, patched or not, the patch's hooks
+    *ops* uses (``active``), those it has but does not use and why (``off``), and how
+    its loop waits for /dev/fuse (``loop``)."""
+    active: list[str] = []
+    off: dict[str, str] = {}
+    if getattr(ops, "enable_read_before_wait", False):
+        active.append("read_before_wait")
+    if PYFUSE3.dont_mask and getattr(ops, "enable_dont_mask", False):
+        active.append("dont_mask")
+    if getattr(ops, "cache_listings", False):
+        if getattr(ops, "timeout", 0) > 0:
+            active.append("cache_dir")
+        else:
+            off["cache_dir"] = "the kernel's caches are off (access policy)"
+    elif PYFUSE3.cache_dir and getattr(ops, "shared", False):
+        off["cache_dir"] = "shared mode"
+    return {
+        "version": PYFUSE3.version,
+        "patched": PYFUSE3.patched,
+        "active": active,
+        "off": off,
+        "loop": "read_before_wait" if "read_before_wait" in active else "adapter",
+    }

@@ -174,6 +174,7 @@ class Inode:
     name: bytes = b""
     evicting: bool = False  # the kernel was asked to forget it
     born: float | None = None  # a deferred entry's birth time: its number may be reused
+    listed_under: int = 0  # a directory: the policy_serial its kept listing was made under
 
     @property
     def proc_path(self) -> str:

@@ -62,6 +62,7 @@ class AccessChecks(OperationsBase):
         different things for one name (``list`` rules that test the requester), entries
         and attributes are not cached by the kernel (docs/DESIGN.md "Access policy")."""
         self._policy = policy
+        self.policy_serial += 1  # listings the kernel kept under the old one are made again
         self.timeout = 0.0 if policy.varies_by_requester("list") else self._timeout
         self._exec_warned.clear()  # warned once per file and policy
 

@@ -32,6 +32,7 @@ from kmsfs.format.header import XATTR_NAME
 from kmsfs.format.volume import RESERVED_PREFIX
 from kmsfs.fs import syscalls, xattrs
 from kmsfs.fs.content_file import ContentFile
+from kmsfs.fs.fuseloop import PYFUSE3
 from kmsfs.fs.headerio import read_header
 from kmsfs.fs.inodes import ROOT_INODE, Inode
 from kmsfs.fs.lockwait import LockWaitInterrupted, LockWaits, LockWaitTimeout
@@ -145,6 +146,9 @@ class OperationsBase(pyfuse3.Operations):
     # FUSE_POSIX_ACL: the kernel caches ACLs and checks them with default_permissions
     # (and stops asking for them on every ls -l); they are stored on the backing files.
     enable_acl = True
+    # FUSE_DONT_MASK, with a patched pyfuse3 (docs/pyfuse3-patch.md): new entries get the
+    # mode the process asked for, and _new_mode applies its umask unless a default ACL rules
+    enable_dont_mask = PYFUSE3.dont_mask
 
     def __init__(self, parts: ServedVolume) -> None:
         super().__init__()
@@ -171,6 +175,7 @@ class OperationsBase(pyfuse3.Operations):
         self._is_root = os.geteuid() == 0
         self.identities = parts.identities
         self.on_policy = parts.on_policy
+        self.policy_serial = 0  # policies set so far (the setter counts them)
         self.policy = parts.policy
         self.errors = 0
         self.bytes_read = 0
@@ -186,6 +191,9 @@ class OperationsBase(pyfuse3.Operations):
         self.lock_waits = LockWaits(parts.lock_timeout)
         if parts.shared:
             self.enable_writeback_cache = False
+        # FOPEN_CACHE_DIR on opendir (patched pyfuse3): the kernel keeps listings until the
+        # directory changes through the mount; not when other daemons change it too
+        self.cache_listings = PYFUSE3.cache_dir and not parts.shared
 
     def _inode(self, ino: int) -> Inode:
         entry = self.inodes.get(ino)
@@ -393,6 +401,17 @@ class OperationsBase(pyfuse3.Operations):
             )
         except LockWaitTimeout:
             pass
+
+    def _new_mode(self, parent: Inode, mode: int, ctx: pyfuse3.RequestContext) -> int:
+        """The mode to make a new entry of *parent* with.  With FUSE_DONT_MASK the kernel
+        leaves the requester's umask to us: it applies unless *parent* has a default ACL,
+        which POSIX lets rule alone (the backing filesystem gives the entry that ACL,
+        narrowed only by *mode*; the daemon's own umask is 0).  Without it, the kernel
+        has applied the umask to *mode* already, also under a default ACL (which it
+        thereby narrows).  OSError if *parent*'s ACL cannot be read."""
+        if not self.enable_dont_mask or xattrs.has_default_acl(parent.proc_path):
+            return mode
+        return mode & ~ctx.umask
 
     def _own(self, fd: int, parent: Inode, ctx: pyfuse3.RequestContext) -> None:
         """Give a new entry to the caller (group from a setgid parent), as the kernel would."""

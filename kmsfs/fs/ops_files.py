@@ -68,7 +68,7 @@ class FileOps(NamespaceOps):
         fd = os.open(
             name,
             os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC,
-            stat.S_IMODE(mode),
+            stat.S_IMODE(self._new_mode(parent, mode, ctx)),
             dir_fd=parent.fd,
         )
         try:

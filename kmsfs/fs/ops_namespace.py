@@ -135,7 +135,7 @@ class NamespaceOps(AccessChecks):
         await self._allow(ctx, "create", self._path_of(parent, name))
         if stat.S_ISREG(mode):
             raise FUSEError(errno.EPERM)  # regular files are made by create, with a header
-        os.mknod(name, mode, rdev, dir_fd=parent.fd)
+        os.mknod(name, self._new_mode(parent, mode, ctx), rdev, dir_fd=parent.fd)
         return await self._created(parent, name, ctx)
 
     @fuse_op
@@ -145,7 +145,7 @@ class NamespaceOps(AccessChecks):
         self._check_name(parent_inode, name)
         parent = self._inode(parent_inode)
         await self._allow(ctx, "create", self._path_of(parent, name))
-        os.mkdir(name, mode, dir_fd=parent.fd)
+        os.mkdir(name, self._new_mode(parent, mode, ctx), dir_fd=parent.fd)
         return await self._created(parent, name, ctx)
 
     @fuse_op
@@ -207,7 +207,7 @@ class NamespaceOps(AccessChecks):
         return await self._shared_attr(os.stat(entry.fd), entry, ctx.pid)
 
     @fuse_op
-    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int | pyfuse3.FileInfo:
         entry = await self._inode_waiting(inode)
         await self._allow(ctx, "list", self._path_of(entry))
         fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=entry.fd)
@@ -215,6 +215,14 @@ class NamespaceOps(AccessChecks):
         self._next_dir += 1
         # READDIR has no requester: the opener's decides what the listing shows
         self._dirs[fh] = DirHandle(fd, inode, self.identities.lookup(ctx.pid, ctx.uid, ctx.gid))
+        # The kernel may keep the listing (FOPEN_CACHE_DIR) while it keeps entries: every
+        # change reaches it through the mount, OPENDIR (the policy's "list" check) is still
+        # sent on every open, and the kernel's caches are off (timeout 0) when listings
+        # differ per requester.  A listing kept under an earlier policy is not kept again.
+        if self.cache_listings and self.timeout > 0:
+            keep = entry.listed_under == self.policy_serial
+            entry.listed_under = self.policy_serial
+            return pyfuse3.FileInfo(fh=fh, cache_readdir=True, keep_cache=keep)
         return fh
 
     @fuse_op

@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import enum
+import errno
 import functools
 import os
 
@@ -77,6 +78,18 @@ def in_initial_user_namespace(pid: int) -> bool:
     if initial is None:  # pid 1's link is not ours to read (as under some VM inits)
         return st.st_ino == PROC_USER_INIT_INO
     return (st.st_dev, st.st_ino) == initial
+
+
+def has_default_acl(path: str) -> bool:
+    """True if directory *path* has a default ACL; False if not, or if its filesystem has
+    no ACLs.  OSError for anything else (the directory is gone, ...)."""
+    try:
+        os.getxattr(path, ACL_NAMES[1])
+    except OSError as exc:
+        if exc.errno in (errno.ENODATA, errno.EOPNOTSUPP):
+            return False
+        raise
+    return True
 
 
 def has_capability(pid: int, capability: int) -> bool:

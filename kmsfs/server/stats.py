@@ -17,6 +17,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from kmsfs.format.volume_key import fingerprint, show_fingerprint
+from kmsfs.fs import fuseloop
 from kmsfs.keys.events import EventSink, KeyEvent
 
 if TYPE_CHECKING:
@@ -146,4 +147,5 @@ def snapshot(
         "policy": ops.policy.describe(),
         # shared mode: requests waiting for other daemons' locks, and how waits ended
         **({"lock_waits": ops.lock_waits.summary()} if ops.shared else {}),
+        "pyfuse3": fuseloop.status(ops),
     }

@@ -173,6 +173,8 @@ def format_status(info: dict[str, Any]) -> str:
     ]
     if info.get("volume_lock"):
         lines.append(f"volume lock:    {info['volume_lock']}")
+    if "pyfuse3" in info:  # absent from daemons older than the pyfuse3 patch
+        lines.append(f"pyfuse3:        {describe_pyfuse3(info['pyfuse3'])}")
     for provider in info["providers"]:
         lines.append(f"master key:     {provider['description']}")
     lines += [
@@ -206,6 +208,17 @@ def format_status(info: dict[str, Any]) -> str:
         )
     lines += format_requests(info.get("requests"))
     return "\n".join(lines)
+
+
+def describe_pyfuse3(info: dict[str, Any]) -> str:
+    """The pyfuse3 line of a status answer: its version and the patch's hooks in use
+    (docs/pyfuse3-patch.md), from ``kmsfs.fs.fuseloop.status``."""
+    if not info["patched"]:
+        return f"stock {info['version']}: none of the patch's hooks (loop: kmsfs's adapter)"
+    text = f"{info['version']}: {', '.join(info['active']) or 'no hooks in use'}"
+    for name, why in info["off"].items():
+        text += f"; {name} off ({why})"
+    return text
 
 
 def format_requests(requests: dict[str, Any] | None) -> list[str]:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchlib import fusetrace
-from benchlib.common import KMSFS, log, run
+from benchlib.common import KMSFS, log, pid_alive, proc_cpu, run
 from benchlib.cproject import git_env
 from benchlib.systems import System
 from benchlib.workloads import Bench, Row
@@ -33,12 +33,13 @@ BUDGET_ROWS = ("untar", "ls", "readall", "rm", "create", "gitstatus")
 
 @dataclass
 class RowBudget:
-    """One row on one system: files it touches, the kernel's view, kmsfs's counters
-    ({opcode: (count, handler ms)}), strace's ({syscall: calls}) and the requests
-    the daemon answered meanwhile."""
+    """One row on one system: files it touches, the kernel's view, the daemon's CPU,
+    kmsfs's counters ({opcode: (count, handler ms)}), strace's ({syscall: calls}) and
+    the requests the daemon answered meanwhile."""
 
     files: int = 0
     trace: fusetrace.Trace | None = None
+    cpu: float | None = None  # the daemon's utime+stime over the traced run, s
     counters: dict[str, tuple[int, float]] = field(default_factory=dict)
     syscalls: dict[str, int] = field(default_factory=dict)
     syscall_errors: dict[str, int] = field(default_factory=dict)
@@ -94,10 +95,14 @@ def measure_row(bench: Bench, row: Row, s: System, work: Path) -> RowBudget:
     budget = RowBudget(files=files_of(bench, row, s) if row.key != "gitstatus" else 0)
     before = kmsfs_counters(s) if s.name == "kmsfs" else {}
     tracer = fusetrace.FuseTracer(s.mnt, work / f"trace-{s.name}-{row.key}.txt")
+    pid = s.daemon_pid()
     tracer.start()
     try:
+        cpu0 = proc_cpu(pid) if pid else None
         getattr(bench, f"run_{row.key}")(s)
         time.sleep(1.0)  # releases and forgets that follow the command
+        if pid and cpu0 is not None and pid_alive(pid):
+            budget.cpu = proc_cpu(pid) - cpu0
         budget.trace = tracer.stop()
     finally:
         tracer.close()
@@ -224,6 +229,17 @@ def render_budget(
                 cells.append(f"{ms * 1000 / count:.0f}" if count else "")
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
+        cpu = [
+            f"{n} {b.cpu / b.trace.total * 1e6:.1f}"
+            for n in present
+            if (b := budgets[row.key, n]).cpu is not None and b.trace and b.trace.total
+        ]
+        if cpu:
+            lines += [
+                "Daemon CPU per request (µs: utime+stime over the traced requests, with the"
+                f" tracepoints on): {', '.join(cpu)}.",
+                "",
+            ]
         if kmsfs is not None and kmsfs.syscalls and kmsfs.strace_requests:
             total = sum(kmsfs.syscalls.values())
             top = sorted(kmsfs.syscalls.items(), key=lambda kv: -kv[1])[:12]

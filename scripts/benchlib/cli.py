@@ -24,6 +24,7 @@ from benchlib.common import (
     FAILURES,
     KMSFS,
     ROOT,
+    STOCK_VENV,
     VENV_PYTHON,
     MiB,
     log,
@@ -53,11 +54,19 @@ def recreate(s: System) -> None:
 
 
 def measure(bench: Bench, row: Row, system: System) -> Sample:
-    """Prepare, time and clean up one row on one system, with the daemon's CPU and RSS."""
+    """Prepare, time and clean up one row on one system, with the daemon's CPU and RSS.
+
+    RuntimeError if the system is not mounted when the row starts or its daemon is gone
+    when it ends (something else unmounted or killed it): the row would have measured the
+    directory under the mount point."""
+    if system.fuse and not os.path.ismount(system.mnt):
+        raise RuntimeError(f"{system.name} is not mounted at {system.mnt}")
     getattr(bench, f"prep_{row.key}")(system)
     pid = system.daemon_pid()
     cpu0 = proc_cpu(pid) if pid else None
     value = getattr(bench, f"run_{row.key}")(system)
+    if pid and not pid_alive(pid):
+        raise RuntimeError(f"{system.name}: its daemon (pid {pid}) exited during the row")
     sample = Sample(value=value)
     if pid and cpu0 is not None and pid_alive(pid):
         sample.cpu = proc_cpu(pid) - cpu0
@@ -85,6 +94,10 @@ def ensure_tools(names: list[str], rows: list[Row]) -> None:
     if {"kmsfs", "passthrough", "floor"} & set(names) and not KMSFS.exists():
         log("no .venv yet: running scripts/setup")
         subprocess.run([str(ROOT / "scripts" / "setup")], check=True)
+    if any(n.endswith("-stock") for n in names) and not (STOCK_VENV / "bin" / "kmsfs").exists():
+        log("no .venv-stock yet: running scripts/setup --stock-pyfuse3 for it")
+        env = dict(os.environ, KMSFS_VENV=str(STOCK_VENV))
+        subprocess.run([str(ROOT / "scripts" / "setup"), "--stock-pyfuse3"], check=True, env=env)
 
 
 def raise_fd_limit() -> None:
@@ -164,7 +177,8 @@ def parser() -> argparse.ArgumentParser:
         " floor = an in-memory pyfuse3 filesystem with trivial handlers;"
         " passthrough = pyfuse3's example, a Python ceiling, not a peer; kmsfs@REV = kmsfs"
         " as of git revision REV, for before/after figures in one run; kmsfs-shared@REV"
-        " likewise in shared mode)",
+        " likewise in shared mode; kmsfs-stock and floor-stock = on stock pyfuse3, in"
+        " .venv-stock, made if missing)",
     )
     sizes = p.add_argument_group("sizes (defaults: full sizes, or small ones with --quick)")
     sizes.add_argument(

@@ -14,6 +14,8 @@ ROOT = Path(__file__).resolve().parent.parent.parent
 VENV = ROOT / ".venv"
 VENV_PYTHON = VENV / "bin" / "python"
 KMSFS = VENV / "bin" / "kmsfs"
+# kmsfs on stock pyfuse3 3.5.0 (scripts/test makes it; the *-stock systems use it)
+STOCK_VENV = ROOT / ".venv-stock"
 BENCHLIB = Path(__file__).resolve().parent
 CMD_TIMEOUT = 1800.0
 CLK_TCK = os.sysconf("SC_CLK_TCK")

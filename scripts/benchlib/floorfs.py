@@ -7,10 +7,13 @@ backing I/O, no crypto, handlers that only update dicts, mounted with kmsfs's
 settings (``pyfuse3.default_options`` plus fsname/subtype, the writeback cache,
 60 s entry and attribute timeouts, negative entries cached as long,
 ``pyfuse3.main(min_tasks=4, max_tasks=64)``, pyfuse3's loop waiting for
-/dev/fuse only when no request is queued (``kmsfs.fs.fuseloop``; with
-``--pyfuse3-loop``, pyfuse3's own wait, as kmsfs before issue 13), FLUSH
-answered ENOSYS, getxattr answered without any work).  It serves in the foreground until unmounted
-(``fusermount3 -u``) or sent SIGTERM/SIGINT.
+/dev/fuse only when no request is queued (``kmsfs.fs.fuseloop.configure``: a
+patched pyfuse3's read-before-wait, else kmsfs's adapter; with
+``--pyfuse3-loop``, pyfuse3's own wait, as kmsfs before issue 13), listings
+cached by the kernel where pyfuse3 can ask for it (``FileInfo.cache_readdir``,
+docs/pyfuse3-patch.md), FLUSH answered ENOSYS, getxattr answered without any
+work).  It serves in the foreground until unmounted (``fusermount3 -u``) or sent
+SIGTERM/SIGINT.
 
 Everything is kept in the daemon's memory: file data in one bytearray per file,
 freed when the file is removed and the kernel forgets it.  Memory is therefore
@@ -37,6 +40,7 @@ from pyfuse3 import FUSEError
 
 log = logging.getLogger(__name__)
 TIMEOUT = 60.0  # entry/attribute timeouts, as kmsfs's DEFAULT_TIMEOUT
+CACHE_DIR = hasattr(pyfuse3.FileInfo, "cache_readdir")  # as kmsfs.fs.fuseloop.PYFUSE3
 BLOCK_SIZE = 4096
 
 
@@ -356,11 +360,13 @@ class FloorOperations(pyfuse3.Operations):
 
     # -- directories ------------------------------------------------------------
 
-    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int | pyfuse3.FileInfo:
         self._dir(inode)
         fh = self._next_dir
         self._next_dir += 1
         self._dirs[fh] = DirHandle(inode)
+        if CACHE_DIR:  # as kmsfs: the kernel may keep listings (patched pyfuse3)
+            return pyfuse3.FileInfo(fh=fh, cache_readdir=True)
         return fh
 
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
@@ -505,15 +511,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.WARNING, format="floorfs: %(levelname)s %(message)s")
     options = set(pyfuse3.default_options) | {"fsname=floor", "subtype=floor"}
+    ops = FloorOperations()
     try:
-        pyfuse3.init(FloorOperations(), args[0], options)
+        pyfuse3.init(ops, args[0], options)
     except RuntimeError as exc:
         print(f"floorfs: cannot mount at {args[0]}: {exc}", file=sys.stderr)
         return 1
     if not pyfuse3_loop:
         from kmsfs.fs import fuseloop  # the checkout's, as kmsfs.daemon uses it
 
-        fuseloop.install()
+        fuseloop.configure(ops)
     try:
         trio.run(_serve)
     finally:

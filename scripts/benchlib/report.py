@@ -9,9 +9,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchlib.common import KMSFS, MiB, run
+from benchlib.common import KMSFS, STOCK_VENV, VENV, MiB, run
 from benchlib.systems import System
-from benchlib.workloads import Row, Sizes
+from benchlib.workloads import RTT_REQUESTS, Row, Sizes
 
 RSS_TARGET_MB = 150
 
@@ -84,6 +84,11 @@ def machine_info(work: Path) -> list[str]:
 
 def versions(names: list[str]) -> str:
     parts = []
+    for venv in (VENV, STOCK_VENV):
+        python = venv / "bin" / "python"
+        if python.exists():
+            out = run([str(python), "-c", "import pyfuse3; print(pyfuse3.__version__)"]).stdout
+            parts.append(f"pyfuse3 {out.strip()} ({venv.name})")
     for name in names:
         try:
             if name == "kmsfs":
@@ -206,6 +211,31 @@ def render(
             cells.append("" if cpu is None else f"{cpu:.1f}")
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
+    daemons = [n for n in names if any(results.cpu(r.key, n) is not None for r in rows)]
+    if set(daemons) - {"kmsfs", "floor"}:  # the table has only those two CPU columns
+        lines += ["Daemon CPU s (utime+stime during the timed part, median):", ""]
+        lines.append("| # | workload | " + " | ".join(daemons) + " |")
+        lines.append("|" + "|".join("---" for _ in range(len(daemons) + 2)) + "|")
+        for row in rows:
+            cpus = [results.cpu(row.key, n) for n in daemons]
+            cells = ["" if c is None else f"{c:.2f}" for c in cpus]
+            lines.append(
+                f"| {row.number} | {row.label.format(procs=sizes.procs)} | "
+                + " | ".join(cells)
+                + " |"
+            )
+        lines.append("")
+    per_request = [
+        f"{n} {cpu / RTT_REQUESTS * 1e6:.1f}"
+        for n in names
+        if any(r.key == "rtt" for r in rows) and (cpu := results.cpu("rtt", n)) is not None
+    ]
+    if per_request:
+        lines += [
+            f"Daemon CPU per request in row 0 (µs: utime+stime over its {RTT_REQUESTS:,}"
+            f" requests, median): {', '.join(per_request)}.",
+            "",
+        ]
     if ours and peak:
         rss_met = "met" if peak / 1024 < RSS_TARGET_MB else "MISSED"
         lines.append(

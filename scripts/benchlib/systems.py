@@ -16,6 +16,7 @@ from benchlib.common import (
     BENCHLIB,
     KMSFS,
     ROOT,
+    STOCK_VENV,
     VENV,
     VENV_PYTHON,
     drop_caches,
@@ -97,6 +98,7 @@ class Kmsfs(System):
 
     name = "kmsfs"
     options: tuple[str, ...] = ()
+    cli = KMSFS  # the kmsfs executable (its venv's pyfuse3 serves the mount)
 
     def __init__(self, work: Path) -> None:
         super().__init__(work)
@@ -105,12 +107,13 @@ class Kmsfs(System):
     def create(self) -> None:
         super().create()
         (self.base / "backing").mkdir()
-        run([str(KMSFS), "init", str(self.base / "backing"), "--key-file", str(self.base / "key")])
+        key = str(self.base / "key")
+        run([str(self.cli), "init", str(self.base / "backing"), "--key-file", key])
 
     def mount(self) -> None:
         out = run(
             [
-                str(KMSFS),
+                str(self.cli),
                 "mount",
                 str(self.base / "backing"),
                 str(self.mnt),
@@ -130,7 +133,7 @@ class Kmsfs(System):
     def umount(self) -> None:
         if not self.mounted:
             return
-        run([str(KMSFS), "umount", str(self.mnt)])
+        run([str(self.cli), "umount", str(self.mnt)])
         self.mounted = False
         if self.pid is not None:
             pid = self.pid
@@ -152,6 +155,14 @@ class Kmsfs(System):
             except OSError:
                 pass
         self.pid = None
+
+
+class KmsfsStock(Kmsfs):
+    """The checkout's kmsfs on stock pyfuse3 3.5.0 (``.venv-stock``, kmsfs's loop adapter,
+    none of the patch's hooks): what the pyfuse3 patch buys kmsfs (docs/pyfuse3-patch.md)."""
+
+    name = "kmsfs-stock"
+    cli = STOCK_VENV / "bin" / "kmsfs"
 
 
 class KmsfsAt(Kmsfs):
@@ -323,6 +334,7 @@ class Passthrough(ForegroundDaemon):
         version = run(
             [str(VENV_PYTHON), "-c", "import pyfuse3; print(pyfuse3.__version__)"]
         ).stdout.strip()
+        version = version.split("+")[0]  # the release a patched build was made from
         fetch = self.base / "sdist"
         run(
             [
@@ -372,9 +384,20 @@ class KmsfsShared(Kmsfs):
     options = ("-o", "shared")
 
 
+class FloorStock(Floor):
+    """The floor on stock pyfuse3 3.5.0 (``.venv-stock``: kmsfs's loop adapter, no kept
+    listings), as before the pyfuse3 patch: the floor's side of what the patch buys."""
+
+    name = "floor-stock"
+
+    def command(self) -> list[str]:
+        return [str(STOCK_VENV / "bin" / "python"), *super().command()[1:]]
+
+
 class FloorPyfuse3Loop(Floor):
     """The floor with pyfuse3's own wait for /dev/fuse (two trio scheduling rounds per
-    request), as every pyfuse3 filesystem and kmsfs before issue 13 (not a default)."""
+    request), as every pyfuse3 filesystem and kmsfs before issue 13 (not a default; on the
+    patched pyfuse3 its read-before-wait is off, listings are still kept)."""
 
     name = "floor-pyfuse3loop"
 
@@ -387,10 +410,12 @@ SYSTEMS: dict[str, type[System]] = {
     for cls in (
         Kmsfs,
         KmsfsShared,
+        KmsfsStock,
         Gocryptfs,
         Securefs,
         Plain,
         Floor,
+        FloorStock,
         FloorPyfuse3Loop,
         Passthrough,
     )

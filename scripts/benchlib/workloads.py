@@ -109,11 +109,13 @@ ROWS = [
 
 # Row 0: one process asks for an extended attribute the file does not have, which
 # the kernel never caches, so each call is one FUSE round trip; best of 5 rounds.
+RTT_CALLS, RTT_ROUNDS = 20_000, 5  # row 0: getxattr calls per round, rounds (best of)
+RTT_REQUESTS = RTT_CALLS * RTT_ROUNDS  # what the daemon answers during row 0
 ROUND_TRIPS = """
 import os, sys, time
-path, n = sys.argv[1], int(sys.argv[2])
+path, n, rounds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 best = None
-for _ in range(5):
+for _ in range(rounds):
     start = time.perf_counter()
     for _ in range(n):
         try:
@@ -224,7 +226,8 @@ class Bench:
         self.rtt_file(s).write_bytes(b"")
 
     def run_rtt(self, s: System) -> float:
-        out = run([sys.executable, "-c", ROUND_TRIPS, str(self.rtt_file(s)), "20000"]).stdout
+        path, calls, rounds = str(self.rtt_file(s)), str(RTT_CALLS), str(RTT_ROUNDS)
+        out = run([sys.executable, "-c", ROUND_TRIPS, path, calls, rounds]).stdout
         return float(out)
 
     def post_rtt(self, s: System) -> None:

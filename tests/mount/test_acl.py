@@ -11,12 +11,15 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import stat
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from conftest import BIN, Volume, make_volume, requires_fuse, run_as
+
+from kmsfs.fs.fuseloop import PYFUSE3
 
 pytestmark = [requires_fuse, pytest.mark.mount]
 NOBODY = 65534
@@ -68,6 +71,41 @@ def test_a_default_acl_is_inherited(shared_volume: Volume) -> None:
     assert f"user:{NOBODY}:rw-" in text
     assert f"default:user:{NOBODY}:rw-" in acl("getfacl", "-n", project / "sub")
     assert run_as(NOBODY, "cat", project / "new.txt").stdout == "inherited\n"
+
+
+@pytest.mark.skipif(
+    not PYFUSE3.dont_mask,
+    reason="stock pyfuse3 cannot ask for FUSE_DONT_MASK, so the kernel applies the umask"
+    " before kmsfs sees the mode (docs/pyfuse3-patch.md): build the patched one with"
+    " scripts/setup",
+)
+def test_a_default_acl_is_not_narrowed_by_the_umask(shared_volume: Volume) -> None:
+    # POSIX: under a default ACL the umask does not apply; the new entry's ACL is the
+    # default one narrowed only by the mode the creator asked for (0666, 0777).
+    project = shared_volume.path("project")
+    project.mkdir(mode=0o755)
+    acl("setfacl", "-m", f"u:{NOBODY}:rwx", project)
+    acl("setfacl", "-d", "-m", f"u:{NOBODY}:rw", project)
+    subprocess.run(["sh", "-c", "umask 022 && echo owner > f && mkdir d"], cwd=project, check=True)
+    text = acl("getfacl", "-n", project / "f")
+    assert f"user:{NOBODY}:rw-\n" in text and "mask::rw-" in text, text
+    assert stat.S_IMODE(os.stat(project / "f").st_mode) == 0o664
+    assert stat.S_IMODE(os.stat(project / "d").st_mode) == 0o775
+    assert stat.S_IMODE(os.stat(shared_volume.backing_path("project/f")).st_mode) == 0o664
+    appended = run_as(NOBODY, "sh", "-c", f"echo nobody >> {project / 'f'}")
+    assert appended.returncode == 0, appended.stderr
+    assert (project / "f").read_text() == "owner\nnobody\n"
+
+
+def test_the_umask_applies_where_no_default_acl_rules(shared_volume: Volume) -> None:
+    plain = shared_volume.path("plain")
+    plain.mkdir()
+    made = "umask 027 && echo x > f && mkdir d && mkfifo p"
+    subprocess.run(["sh", "-c", made], cwd=plain, check=True)
+    modes = {name: stat.S_IMODE(os.stat(plain / name).st_mode) for name in ("f", "d", "p")}
+    assert modes == {"f": 0o640, "d": 0o750, "p": 0o640}
+    backing = shared_volume.backing_path("plain")
+    assert {n: stat.S_IMODE(os.stat(backing / n).st_mode) for n in modes} == modes
 
 
 def test_cp_a_and_rsync_keep_acls_and_xattrs(shared_volume: Volume, tmp_path: Path) -> None:

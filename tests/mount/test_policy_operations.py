@@ -27,6 +27,8 @@ from support.policy_volume import (
     wait_for,
 )
 
+from kmsfs.fs.fuseloop import PYFUSE3
+
 pytestmark = [requires_fuse, pytest.mark.mount]
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="runs processes as another uid")
 REPO = Path(__file__).resolve().parents[2]
@@ -84,6 +86,42 @@ def test_descriptors_opened_before_a_reload_keep_what_they_were_given(
     finally:
         os.close(held)
         os.close(folder)
+
+
+def readdirplus_count(pv: PolicyVolume) -> int:
+    """READDIRPLUS requests the daemon has answered so far."""
+    info = json.loads(run_kmsfs("status", pv.vol.mountpoint, "--json").stdout)
+    return int(info["requests"]["by_opcode"].get("READDIRPLUS", {}).get("count", 0))
+
+
+@pytest.mark.skipif(
+    not PYFUSE3.cache_dir,
+    reason="stock pyfuse3 cannot ask the kernel to keep listings (FOPEN_CACHE_DIR): build"
+    " the patched one with scripts/setup (docs/pyfuse3-patch.md)",
+)
+def test_a_listing_the_kernel_kept_is_made_again_after_a_reload(pv: PolicyVolume) -> None:
+    """A policy whose ``list`` rules ignore the requester leaves kept listings on; one kept
+    under it must not outlive a reload that hides an entry (before: the kernel went on
+    listing the hidden name from its cache until the directory changed)."""
+    mnt = pv.vol.mountpoint
+    pv.write_config('[policy]\ndefault = "permit"\n')
+    pv.mount()
+    for name in ("hidden", "visible"):
+        (mnt / "shared" / name).write_text(name)
+    assert sorted(os.listdir(mnt / "shared")) == ["f", "hidden", "visible"]
+    kept = readdirplus_count(pv)
+    assert sorted(os.listdir(mnt / "shared")) == ["f", "hidden", "visible"]
+    assert readdirplus_count(pv) == kept  # listed from the kernel's cache
+    pv.write_config(
+        '[policy]\ndefault = "permit"\n\n[[policy.rule]]\npaths = ["/shared/hidden"]\n'
+        'actions = ["list"]\neffect = "deny"\n'
+    )
+    assert subprocess.run(reload_command(pv.toml), capture_output=True).returncode == 0
+    assert sorted(os.listdir(mnt / "shared")) == ["f", "visible"]
+    # the new listing is kept in turn, under the policy in force
+    kept = readdirplus_count(pv)
+    assert sorted(os.listdir(mnt / "shared")) == ["f", "visible"]
+    assert readdirplus_count(pv) == kept
 
 
 def test_the_active_policy_is_in_the_log_and_in_status(pv: PolicyVolume) -> None:

@@ -1,5 +1,6 @@
 """The request budget's parsers (scripts/benchlib/fusetrace.py, budget.py) read what the
-kernel's fuse tracepoints and ``strace -c`` print: counts, errors, reply sizes, latency."""
+kernel's fuse tracepoints and ``strace -c`` print: counts, errors, reply sizes, latency;
+and its table gives each daemon's CPU per request."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "scripts"))
 
 from benchlib import fusetrace  # noqa: E402
-from benchlib.budget import parse_strace  # noqa: E402
+from benchlib.budget import RowBudget, parse_strace, render_budget  # noqa: E402
+from benchlib.systems import Floor, FloorStock  # noqa: E402
+from benchlib.workloads import ROWS  # noqa: E402
 
 TRACE = b"""\
 # tracer: nop
@@ -57,3 +60,14 @@ def test_strace_summary_gives_calls_and_errors_per_syscall() -> None:
     calls, errors = parse_strace(STRACE)
     assert calls == {"epoll_wait": 20000, "writev": 10000, "newfstatat": 10000, "getxattr": 1000}
     assert errors == {"newfstatat": 2000, "getxattr": 1000}
+
+
+def test_budget_gives_each_daemons_cpu_per_traced_request(tmp_path: Path) -> None:
+    trace = fusetrace.parse(TRACE)  # 4 requests
+    row = next(r for r in ROWS if r.key == "untar")
+    budgets = {
+        ("untar", "floor"): RowBudget(files=2, trace=trace, cpu=0.000024),
+        ("untar", "floor-stock"): RowBudget(files=2, trace=trace, cpu=None),  # daemon gone
+    }
+    text = render_budget(budgets, [row], [Floor(tmp_path), FloorStock(tmp_path)])
+    assert "over the traced requests, with the tracepoints on): floor 6.0." in text

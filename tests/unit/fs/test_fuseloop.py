@@ -1,10 +1,12 @@
 """The adapter pyfuse3's loop waits with (kmsfs.fs.fuseloop): it returns at once while a
-request is queued, waits with trio otherwise, and lets other tasks run regularly."""
+request is queued, waits with trio otherwise, and lets other tasks run regularly; and
+how kmsfs chooses between it and a patched pyfuse3's own loop, and reports which."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from types import SimpleNamespace
 
 import pyfuse3
 import pytest
@@ -88,15 +90,17 @@ def test_empty_fd_waits_until_data_arrives(pipe: tuple[int, int]) -> None:
     assert order == ["write", "readable"]
 
 
+@pytest.mark.parametrize("poll_first", [True, False], ids=["adapter", "watch only"])
 @pytest.mark.parametrize("seen", ["at once", "after waiting with trio"])
-def test_a_connection_the_kernel_ended_is_reported_once(seen: str) -> None:
+def test_a_connection_the_kernel_ended_is_reported_once(seen: str, poll_first: bool) -> None:
     """When the file system is unmounted, /dev/fuse polls POLLERR (here: a pipe whose
     writer is gone polls POLLHUP): the adapter calls on_disconnect, once, whether it
-    saw it at once or after waiting with trio.  Requests waiting for another daemon's
-    lock are told to stop then (pyfuse3's loop ends only once they have)."""
+    saw it at once or after waiting with trio, and so does the watch-only adapter that
+    the patched loop (which reads before it waits) gets.  Requests waiting for another
+    daemon's lock are told to stop then (pyfuse3's loop ends only once they have)."""
     calls: list[str] = []
     r, w = os.pipe()
-    lowlevel = fuseloop._Trio(lambda: calls.append("gone")).lowlevel
+    lowlevel = fuseloop._Trio(lambda: calls.append("gone"), poll_first).lowlevel
 
     async def hang_up() -> None:
         await trio.sleep(0.05)
@@ -117,3 +121,87 @@ def test_a_connection_the_kernel_ended_is_reported_once(seen: str) -> None:
     finally:
         os.close(r)
     assert calls == ["gone"]
+
+
+def test_configure_uses_the_patched_loop_where_pyfuse3_has_it() -> None:
+    ops = pyfuse3.Operations()
+    try:
+        how = fuseloop.configure(ops)
+        if fuseloop.PYFUSE3.read_before_wait:
+            assert how == "read_before_wait"
+            assert ops.enable_read_before_wait is True
+            assert pyfuse3.trio is trio  # type: ignore[attr-defined]
+        else:
+            assert how == "adapter"
+            assert pyfuse3.trio is not trio  # type: ignore[attr-defined]
+    finally:
+        fuseloop.uninstall()
+
+
+def test_configure_watches_for_the_disconnect_with_either_loop() -> None:
+    """The daemon's on_disconnect (ending lock waits at unmount) reaches whichever loop
+    serves: with the patched one, an adapter that only watches (trio's Lock; its
+    wait_readable yields to trio even when the descriptor is readable)."""
+    ops = pyfuse3.Operations()
+    try:
+        how = fuseloop.configure(ops, on_disconnect=lambda: None)
+        adapter = pyfuse3.trio  # type: ignore[attr-defined]
+        assert adapter is not trio
+        assert adapter.lowlevel._on_disconnect is not None
+        if how == "read_before_wait":
+            assert ops.enable_read_before_wait is True
+            assert adapter.Lock is trio.Lock and not adapter.lowlevel._poll_first
+        else:
+            assert adapter.Lock is not trio.Lock and adapter.lowlevel._poll_first
+    finally:
+        fuseloop.uninstall()
+
+
+def test_the_watch_only_adapter_waits_with_trio_every_time(pipe: tuple[int, int]) -> None:
+    r, w = pipe
+    os.write(w, b"x")  # readable, and stays so
+    lowlevel = fuseloop._Trio(lambda: None, poll_first=False).lowlevel
+    ran_between: list[int] = []
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            calls = 0
+
+            async def other() -> None:
+                while True:
+                    ran_between.append(calls)
+                    await trio.lowlevel.checkpoint()
+
+            nursery.start_soon(other)
+            await trio.lowlevel.checkpoint()
+            ran_between.clear()
+            for calls in range(1, 6):  # noqa: B007
+                await lowlevel.wait_readable(r)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    # at least once per wait (the polling adapter would have run it at none of these)
+    assert len(ran_between) >= 5, ran_between
+
+
+def test_status_names_the_hooks_in_use_and_why_one_is_off() -> None:
+    patched = fuseloop.PYFUSE3.patched
+    plain = SimpleNamespace(
+        enable_read_before_wait=patched,
+        enable_dont_mask=patched,
+        cache_listings=patched,
+        timeout=60.0,
+        shared=False,
+    )
+    info = fuseloop.status(plain)
+    assert info["version"] == pyfuse3.__version__ and info["patched"] is patched
+    if not patched:
+        assert info == {**info, "active": [], "off": {}, "loop": "adapter"}
+        return
+    assert info["active"] == ["read_before_wait", "dont_mask", "cache_dir"]
+    assert info["loop"] == "read_before_wait"
+    shared = SimpleNamespace(**{**vars(plain), "cache_listings": False, "shared": True})
+    assert fuseloop.status(shared)["off"] == {"cache_dir": "shared mode"}
+    varying = SimpleNamespace(**{**vars(plain), "timeout": 0.0})
+    assert "cache_dir" not in fuseloop.status(varying)["active"]
+    assert "access policy" in fuseloop.status(varying)["off"]["cache_dir"]
