@@ -21,14 +21,12 @@ from typing import Any
 import pytest
 from conftest import Volume, make_volume, requires_fuse, run_kmsfs
 from support.planted import Listener, build_planted_module
-from support.saved_volume import restore_volume
+from support.saved_volume import check_saved_plaintext, restore_saved
 
 from kmsfs.format.header import XATTR_NAME, FileHeader
 from kmsfs.format.volume import load_config
 from kmsfs.keys.local import LocalProvider, write_new_key_file
 from kmsfs.keys.provider import KeyContext
-
-DATA = Path(__file__).parent.parent / "data" / "volumes"
 
 
 def config_of(volume: Volume) -> dict[str, Any]:
@@ -277,35 +275,10 @@ def test_init_makes_the_backing_root_0700(tmp_path: Path) -> None:
 # -- format 1: saved volumes of the last release keep mounting, and migrate ----
 
 
-def _restore(name: str, tmp_path: Path) -> tuple[Volume, dict[str, Any], list[str]]:
-    saved = json.loads((DATA / f"format1-{name}.json").read_text())
-    vol = make_volume(tmp_path, key=False)
-    vol.backing.rmdir()
-    restore_volume(saved, vol.backing)
-    if "key_file" in saved["secrets"]:
-        vol.key_file.write_text(saved["secrets"]["key_file"])
-        vol.key_file.chmod(0o600)
-        args = ["--key-file", str(vol.key_file)]
-    else:
-        secret = tmp_path / "pass"
-        secret.write_text(saved["secrets"]["passphrase"])
-        secret.chmod(0o600)
-        args = ["--passphrase-file", str(secret)]
-    vol.key_args = args
-    return vol, saved, args
-
-
-def _check_plaintext(vol: Volume, saved: dict[str, Any]) -> None:
-    for rel, encoded in saved["plaintext"].items():
-        assert vol.path(rel).read_bytes() == base64.b64decode(encoded), rel
-    for rel, target in saved["symlinks"].items():
-        assert os.readlink(vol.path(rel)) == target
-
-
 @requires_fuse
 @pytest.mark.parametrize("name", ["local", "passphrase"])
 def test_saved_format1_volume_mounts_and_is_migrated(name: str, tmp_path: Path) -> None:
-    vol, saved, args = _restore(name, tmp_path)
+    vol, saved, args = restore_saved(name, tmp_path)
     assert load_config(vol.backing).version == 1
     # read-only tools open it as it is (no migration)
     out = tmp_path / "hello.out"
@@ -314,13 +287,13 @@ def test_saved_format1_volume_mounts_and_is_migrated(name: str, tmp_path: Path) 
     assert load_config(vol.backing).version == 1
     try:
         vol.mount()
-        _check_plaintext(vol, saved)
+        check_saved_plaintext(vol, saved)
         assert "migrated the volume config" in vol.log_text()
         config = load_config(vol.backing)
         assert config.version == 2 and config.tags
         vol.path("new.txt").write_bytes(b"written after migration")
         vol.remount()
-        _check_plaintext(vol, saved)
+        check_saved_plaintext(vol, saved)
         assert vol.path("new.txt").read_bytes() == b"written after migration"
     finally:
         vol.umount()

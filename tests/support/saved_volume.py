@@ -15,7 +15,12 @@ import os
 import stat
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from conftest import Volume
+
+DATA = Path(__file__).parent.parent / "data" / "volumes"
 
 
 def dump_volume(backing: Path) -> dict[str, Any]:
@@ -57,6 +62,37 @@ def restore_volume(saved: dict[str, Any], backing: Path) -> None:
             for attr, value in entry["xattrs"].items():
                 os.setxattr(path, attr, base64.b64decode(value))
             path.chmod(entry["mode"])
+
+
+def restore_saved(name: str, tmp_path: Path) -> tuple[Volume, dict[str, Any], list[str]]:
+    """The saved volume ``format1-NAME.json`` restored as a Volume under *tmp_path* (not
+    mounted, its key file or passphrase file written), the saved data, and the
+    options that name its key."""
+    from conftest import make_volume
+
+    saved = json.loads((DATA / f"format1-{name}.json").read_text())
+    vol = make_volume(tmp_path, key=False)
+    vol.backing.rmdir()
+    restore_volume(saved, vol.backing)
+    if "key_file" in saved["secrets"]:
+        vol.key_file.write_text(saved["secrets"]["key_file"])
+        vol.key_file.chmod(0o600)
+        args = ["--key-file", str(vol.key_file)]
+    else:
+        secret = tmp_path / "pass"
+        secret.write_text(saved["secrets"]["passphrase"])
+        secret.chmod(0o600)
+        args = ["--passphrase-file", str(secret)]
+    vol.key_args = args
+    return vol, saved, args
+
+
+def check_saved_plaintext(vol: Volume, saved: dict[str, Any]) -> None:
+    """Every file and symlink of the saved volume reads as saved through *vol*'s mount."""
+    for rel, encoded in saved["plaintext"].items():
+        assert vol.path(rel).read_bytes() == base64.b64decode(encoded), rel
+    for rel, target in saved["symlinks"].items():
+        assert os.readlink(vol.path(rel)) == target
 
 
 if __name__ == "__main__":
