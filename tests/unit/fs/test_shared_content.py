@@ -9,7 +9,8 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from kmsfs.format.content import BlockCipher
+from kmsfs.format.content import OVERHEADS, XaesBlockCipher
+from kmsfs.format.header import FORMAT_2
 from kmsfs.fs.content_file import ContentFile
 from kmsfs.fs.shared import (
     LockBusy,
@@ -26,7 +27,7 @@ FILE_ID = bytes(16)
 
 def opened(path: Path) -> SharedContentFile:
     fd = os.open(path, os.O_RDWR)
-    return SharedContentFile.open(fd, BlockCipher(KEY, FILE_ID, BS), lambda: str(path))
+    return SharedContentFile.open(fd, XaesBlockCipher(KEY, FILE_ID, BS), lambda: str(path))
 
 
 def test_two_descriptions_writing_disjoint_bytes_of_new_blocks_keep_both(tmp_path: Path) -> None:
@@ -35,7 +36,7 @@ def test_two_descriptions_writing_disjoint_bytes_of_new_blocks_keep_both(tmp_pat
     every block authenticates (read back through a third description)."""
     path = tmp_path / "f"
     fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
-    SharedContentFile(fd, BlockCipher(KEY, FILE_ID, BS), 0, lambda: "f").write_empty()
+    SharedContentFile(fd, XaesBlockCipher(KEY, FILE_ID, BS), 0, lambda: "f").write_empty()
     os.close(fd)
     files = [opened(path), opened(path)]
     barrier = threading.Barrier(2)
@@ -73,7 +74,7 @@ def test_size_is_taken_from_the_backing_file_not_from_memory(tmp_path: Path) -> 
     """A description that saw a short file reads and extends what another grew since."""
     path = tmp_path / "f"
     fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
-    SharedContentFile(fd, BlockCipher(KEY, FILE_ID, BS), 0, lambda: "f").write_empty()
+    SharedContentFile(fd, XaesBlockCipher(KEY, FILE_ID, BS), 0, lambda: "f").write_empty()
     os.close(fd)
     first, second = opened(path), opened(path)
     first.write(0, b"a" * 5000)
@@ -91,7 +92,7 @@ def test_a_held_write_lock_makes_the_other_description_wait(tmp_path: Path) -> N
     read waits for it (the lock is what orders two daemons)."""
     path = tmp_path / "f"
     fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
-    SharedContentFile(fd, BlockCipher(KEY, FILE_ID, BS), 0, lambda: "f").write_empty()
+    SharedContentFile(fd, XaesBlockCipher(KEY, FILE_ID, BS), 0, lambda: "f").write_empty()
     reader = opened(path)
     ofd_lock(fd, True, 0, 0)
     done = threading.Event()
@@ -113,7 +114,7 @@ def test_run_inline_refuses_at_once_when_another_description_holds_the_range(
     afterwards the same file waits again (as a worker thread's call must)."""
     path = tmp_path / "f"
     fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
-    SharedContentFile(fd, BlockCipher(KEY, FILE_ID, BS), 0, lambda: "f").write_empty()
+    SharedContentFile(fd, XaesBlockCipher(KEY, FILE_ID, BS), 0, lambda: "f").write_empty()
     first, second = opened(path), opened(path)
     first.write(0, b"a" * (3 * BS))
     before = path.read_bytes()
@@ -142,9 +143,9 @@ def test_run_inline_refuses_at_once_when_another_description_holds_the_range(
     assert done.wait(10)
     thread.join()
     # a lock of other blocks does not stand in its way
-    ofd_lock(fd, True, 2 * (BS + 28), 0)
+    ofd_lock(fd, True, 2 * (BS + OVERHEADS[FORMAT_2]), 0)
     assert second.run_inline(lambda content: content.read(0, 10)) == b"a" * 10
-    ofd_unlock(fd, 2 * (BS + 28), 0)
+    ofd_unlock(fd, 2 * (BS + OVERHEADS[FORMAT_2]), 0)
     for handle in (fd, first.fd, second.fd):
         os.close(handle)
 
