@@ -63,8 +63,9 @@ def set_format_marker(fd: int, version: int) -> int:
 
 
 def write_new_header(fd: int, header: FileHeader) -> None:
-    """Give the new, empty backing file *fd* its header xattr and the format marker of
-    the header's version.  OSError as setxattr or fchmod raise it (EEXIST if *fd*
-    has a header already)."""
-    os.setxattr(fd, XATTR_NAME, header.pack(), os.XATTR_CREATE)
+    """Give the new, empty backing file *fd* the format marker of the header's version,
+    then the header xattr (so that whoever sees the header sees the marker: another
+    daemon of a shared volume looking the file up meanwhile).  OSError as fchmod or
+    setxattr raise it (EEXIST if *fd* has a header already)."""
     set_format_marker(fd, header.version)
+    os.setxattr(fd, XATTR_NAME, header.pack(), os.XATTR_CREATE)

@@ -105,30 +105,21 @@ def test_interrupted_append_still_reads(tmp_path: Path, version: int) -> None:
     os.close(content.fd)
 
 
-def test_key_use_warning(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+@FORMATS
+def test_key_use_warning_in_format_1_only(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch, version: int
 ) -> None:
+    """Format-1 keys wear out (2^32 blocks); XAES-256-GCM keys do not (docs/FORMAT.md)."""
     monkeypatch.setattr(content_file, "WARN_BLOCK_ENCRYPTIONS", 8)
-    content = new_file(tmp_path / "f", FORMAT_1)
-    with caplog.at_level(logging.WARNING, logger="kmsfs.fs"):
-        for _ in range(4):
-            content.write(0, bytes(2 * BS))
-    assert [r.getMessage() for r in caplog.records] == [
-        f"{tmp_path / 'f'}: 9 block encryptions under one file key (NIST limit 2^32):"
-        " re-key this file"
-    ]
-    os.close(content.fd)
-
-
-def test_no_key_use_warning_in_format_2(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """XAES-256-GCM keys do not wear out (docs/FORMAT.md): the count warns format 1 only."""
-    monkeypatch.setattr(content_file, "WARN_BLOCK_ENCRYPTIONS", 8)
-    content = new_file(tmp_path / "f", FORMAT_2)
+    content = new_file(tmp_path / "f", version)
     with caplog.at_level(logging.WARNING, logger="kmsfs.fs"):
         for _ in range(4):
             content.write(0, bytes(2 * BS))
     assert content.sealed_blocks == 9
-    assert not caplog.records
+    warning = (
+        f"{tmp_path / 'f'}: 9 block encryptions under one file key (NIST limit 2^32):"
+        " re-key this file"
+    )
+    want = [warning] if version == FORMAT_1 else []
+    assert [r.getMessage() for r in caplog.records] == want
     os.close(content.fd)
