@@ -4,30 +4,39 @@
     scripts/bench --micro [--quick]             # the same, through the launcher
 
 Times, in this process and one thread, the public functions of
-``kmsfs.format.content`` and ``kmsfs.format.header``:
+``kmsfs.format.content`` and ``kmsfs.format.header``, for file format 1
+(AES-256-GCM blocks) and file format 2 (XAES-256-GCM blocks) side by side:
 
 - ``BlockCipher.seal`` / ``BlockCipher.open`` of one block, for each block size
   (512 B to 1 MiB), and of a 1 MiB run of blocks (the largest write the kernel
-  sends): MB/s of plaintext and µs per call;
-- ``BlockCipher.for_file`` (HKDF-SHA256 subkey + AES-GCM context), once per file;
+  sends): µs per call for both formats, their ratio, and format 2's MB/s of
+  plaintext.  A call seals or opens blocks of one nonce prefix, as a write and a
+  read of what one write sealed do;
+- format 2's random access: ``open`` of one block whose nonce prefix is not among
+  the derived keys the cipher keeps (a random read of a block written alone);
+- ``BlockCipher.for_file`` (HKDF-SHA256 subkey + AES-GCM or XAES context), once
+  per file;
 - ``FileHeader.pack`` / ``FileHeader.parse`` with one and with three wrapped keys.
 
 Each figure is the best of five measurements of about ``--seconds`` each (the
-best is the least disturbed by other work on a shared machine).  No root, no
-mount, no key provider: keys and IDs are random bytes.
+best is the least disturbed by other work on a shared machine); the two formats
+are measured one after the other for each row.  No root, no mount, no key
+provider: keys and IDs are random bytes.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 
 from kmsfs.format.content import BlockCipher
-from kmsfs.format.header import FileHeader, WrappedKey
+from kmsfs.format.header import FORMAT_1, FORMAT_2, FileHeader, WrappedKey
+from kmsfs.format.xaes import CACHE_ENTRIES
 
 BLOCK_SIZES = (512, 4096, 16384, 65536, 131072, 1 << 20)
 RUN_BYTES = 1 << 20
@@ -52,50 +61,89 @@ def best_time(func: Callable[[], object], seconds: float) -> float:
     return best
 
 
-def header(entries: int, block_size: int = 4096) -> FileHeader:
+def header(entries: int, block_size: int = 4096, version: int = FORMAT_1) -> FileHeader:
     """A header of the shape the local provider writes (61-byte wrapped keys)."""
     keys = tuple(
         WrappedKey("local", f"local:{os.urandom(8).hex()}", os.urandom(61)) for _ in range(entries)
     )
-    return FileHeader(os.urandom(16), os.urandom(16), block_size, keys)
+    return FileHeader.new(os.urandom(16), os.urandom(16), block_size, keys, version)
+
+
+def seal_open_times(
+    cipher: BlockCipher, plain: bytes, last: int, seconds: float
+) -> tuple[float, float]:
+    """Seconds per ``seal`` and per ``open`` of *plain* (blocks 0..*last*)."""
+    sealed = cipher.seal(0, plain, last)
+    if bytes(cipher.open(0, sealed, last, "micro")) != plain:
+        raise SystemExit(f"micro: open(seal(x)) != x in format {cipher.version}")
+    t_seal = best_time(partial(cipher.seal, 0, plain, last), seconds)
+    t_open = best_time(partial(cipher.open, 0, sealed, last, "micro"), seconds)
+    return t_seal, t_open
 
 
 def cipher_rows(seconds: float) -> list[list[str]]:
     rows = []
     for block_size in BLOCK_SIZES:
-        cipher = BlockCipher.for_file(os.urandom(32), header(1, block_size))
+        ciphers = [
+            BlockCipher.for_file(os.urandom(32), header(1, block_size, version))
+            for version in (FORMAT_1, FORMAT_2)
+        ]
         for size in sorted({block_size, max(RUN_BYTES, block_size)}):
             plain = os.urandom(size)
             last = (size - 1) // block_size
-            sealed = cipher.seal(0, plain, last)
-            if bytes(cipher.open(0, sealed, last, "micro")) != plain:
-                raise SystemExit(f"micro: open(seal(x)) != x for block size {block_size}")
-            t_seal = best_time(partial(cipher.seal, 0, plain, last), seconds)
-            t_open = best_time(partial(cipher.open, 0, sealed, last, "micro"), seconds)
+            (seal1, open1), (seal2, open2) = (
+                seal_open_times(cipher, plain, last, seconds) for cipher in ciphers
+            )
             what = "1 block" if size == block_size else f"{size // block_size} blocks"
             rows.append(
                 [
                     _size(block_size),
                     f"{_size(size)} ({what})",
-                    f"{size / MB / t_seal:,.0f}",
-                    f"{t_seal * 1e6:,.1f}",
-                    f"{size / MB / t_open:,.0f}",
-                    f"{t_open * 1e6:,.1f}",
+                    f"{seal1 * 1e6:,.1f}",
+                    f"{seal2 * 1e6:,.1f}",
+                    f"{seal2 / seal1:.2f}",
+                    f"{size / MB / seal2:,.0f}",
+                    f"{open1 * 1e6:,.1f}",
+                    f"{open2 * 1e6:,.1f}",
+                    f"{open2 / open1:.2f}",
+                    f"{size / MB / open2:,.0f}",
                 ]
             )
     return rows
 
 
+def random_read_rows(seconds: float, block_size: int = 4096) -> list[list[str]]:
+    """One-block opens of format 1, and of format 2 with the block's nonce prefix
+    cached or not (blocks sealed by as many calls as the cipher keeps keys, and more)."""
+    rows = []
+    for version, blocks, label in (
+        (FORMAT_1, 1, "format 1"),
+        (FORMAT_2, 1, "format 2, nonce prefix cached (read of a block just read or written)"),
+        (FORMAT_2, 4 * CACHE_ENTRIES, "format 2, nonce prefix not cached (random read)"),
+    ):
+        cipher = BlockCipher.for_file(os.urandom(32), header(1, block_size, version))
+        sealed = itertools.cycle([cipher.seal(5, os.urandom(block_size), 9) for _ in range(blocks)])
+        t_open = best_time(partial(_open_next, cipher, sealed), seconds)
+        rows.append([f"`open`, 1 block of {_size(block_size)}, {label}", _us(t_open)])
+    return rows
+
+
+def _open_next(cipher: BlockCipher, sealed: Iterator[bytearray]) -> None:
+    cipher.open(5, next(sealed), 9, "micro")
+
+
 def per_op_rows(seconds: float) -> list[list[str]]:
     rows = []
     key = os.urandom(32)
+    for version, what in ((FORMAT_1, "AES-GCM context"), (FORMAT_2, "XAES context")):
+        one = header(1, version=version)
+        rows.append(
+            [
+                f"`BlockCipher.for_file`, format {version} (HKDF + {what})",
+                _us(best_time(partial(BlockCipher.for_file, key, one), seconds)),
+            ]
+        )
     one = header(1)
-    rows.append(
-        [
-            "`BlockCipher.for_file` (HKDF + AES-GCM context)",
-            _us(best_time(lambda: BlockCipher.for_file(key, one), seconds)),
-        ]
-    )
     for entries in (1, 3):
         h = header(entries)
         packed = h.pack()
@@ -146,11 +194,24 @@ def main(argv: list[str] | None = None) -> int:
         f" best of {ROUNDS} rounds of ~{args.seconds:g} s; CPU: {cpu}",
         "",
         *table(
-            ["block size", "call", "seal MB/s", "seal µs/call", "open MB/s", "open µs/call"],
+            [
+                "block size",
+                "call",
+                "seal µs, format 1",
+                "seal µs, format 2",
+                "seal 2/1",
+                "seal MB/s, format 2",
+                "open µs, format 1",
+                "open µs, format 2",
+                "open 2/1",
+                "open MB/s, format 2",
+            ],
             cipher_rows(args.seconds),
         ),
         "",
-        *table(["operation", "µs/call"], per_op_rows(args.seconds)),
+        *table(
+            ["operation", "µs/call"], random_read_rows(args.seconds) + per_op_rows(args.seconds)
+        ),
         "",
         "MB = 10^6 bytes of plaintext. Headers as the local provider writes them"
         " (key reference `local:` + 16 hex digits, 61-byte wrapped keys).",
