@@ -9,10 +9,11 @@ Backing file body (see docs/FORMAT.md, "Content"), for file format 1 and 2::
     key      = HKDF-SHA256(file key, salt = none, info = "kmsfs/v<format>/content" ||
                suite (1) || block size u32 || file ID, length 32)
 
-In format 2 the blocks sealed by one call share the first 12 nonce bytes (one
-random prefix per call, at most PREFIX_BLOCKS blocks), and each block has 12
-random bytes of its own: one XAES key derivation per call (docs/FORMAT.md,
-"How much one file key may encrypt", for the bound).
+In format 2 a cipher draws a random 12-byte nonce prefix and uses it for the
+next PREFIX_BLOCKS blocks it seals, across calls, and each block has 12 random
+bytes of its own: one XAES key derivation per PREFIX_BLOCKS blocks, not per
+block or per write (docs/FORMAT.md, "Format-2 nonces" and "How much one file
+key may encrypt", for the bound).
 
 Every block but the final one holds exactly ``block_size`` plaintext bytes; the
 final one holds 0..block_size bytes.  An empty file is one final block with no
@@ -35,6 +36,7 @@ from __future__ import annotations
 import os
 import stat
 import struct
+import threading
 from collections.abc import Callable
 
 from cryptography.exceptions import InvalidTag
@@ -147,6 +149,7 @@ class BlockCipher:
 
     version: int
     max_encryptions: int | None = None
+    _last_opened: tuple[bytes, _Sealer] = (b"", _unkeyed)  # format 2: prefix, its opener
 
     def __init__(self, file_id: bytes, block_size: int) -> None:
         self._file_id = file_id
@@ -234,8 +237,8 @@ class BlockCipher:
         nonce_size = self._nonce_size
         lead = nonce_size - 12  # the shared prefix's bytes (format 2), 0 in format 1
         zero_nonce = bytes(nonce_size)
-        prefix = b""  # of the key decrypt_into holds: never a 12-byte prefix at first
-        decrypt_into = _unkeyed if lead else self._opener(prefix)
+        # the prefix whose key decrypt_into holds (b"" before the first: never equal)
+        prefix, decrypt_into = self._last_opened if lead else (b"", self._opener(b""))
         opos = 0
         for n in range(count):
             index = first_index + n
@@ -256,7 +259,7 @@ class BlockCipher:
             if lead and nonce[:lead] != prefix:
                 prefix = bytes(nonce[:lead])
                 decrypt_into = self._opener(prefix)
-            own = nonce[lead:]
+            own = nonce[lead:] if lead else nonce
             try:
                 decrypt_into(own, body, aad(file_id, index, is_final), target)
             except InvalidTag:
@@ -274,6 +277,8 @@ class BlockCipher:
                         where=what,
                     ) from None
             opos += plain_len
+        if lead:
+            self._last_opened = (prefix, decrypt_into)  # the next read is likely alike
         return out
 
 
@@ -297,19 +302,29 @@ class GcmBlockCipher(BlockCipher):
 
 class XaesBlockCipher(BlockCipher):
     """File format 2: XAES-256-GCM under the content key, 192-bit nonces whose first
-    12 bytes are shared by the blocks of one call (one key derivation per call,
-    the derived keys of the last few prefixes kept for reading)."""
+    12 bytes are shared by up to PREFIX_BLOCKS blocks sealed in a row (one key
+    derivation for them, the derived keys of the last few prefixes kept for
+    reading)."""
 
     version = FORMAT_2
 
     def __init__(self, content_key: bytes, file_id: bytes, block_size: int) -> None:
         super().__init__(file_id, block_size)
         self._xaes = Xaes256Gcm(content_key)
+        self._lock = threading.Lock()
+        self._prefix = b""  # the prefix of the blocks sealed now, and how many it sealed
+        self._sealed = PREFIX_BLOCKS
+        self._encrypt: _Sealer = _unkeyed
 
     def _sealing(self, count: int) -> tuple[bytes, bytes, _Sealer]:
-        nonces = os.urandom(PREFIX_SIZE + 12 * count)
-        prefix = nonces[:PREFIX_SIZE]
-        return prefix, nonces[PREFIX_SIZE:], self._xaes.aead_for(prefix).encrypt_into
+        with self._lock:
+            if self._sealed + count > PREFIX_BLOCKS:
+                self._prefix = os.urandom(PREFIX_SIZE)
+                self._sealed = 0
+                self._encrypt = self._xaes.aead_for(self._prefix).encrypt_into
+            self._sealed += count
+            prefix, encrypt_into = self._prefix, self._encrypt
+        return prefix, os.urandom(12 * count), encrypt_into
 
     def _opener(self, prefix: bytes) -> _Sealer:
         return self._xaes.aead_for(prefix).decrypt_into

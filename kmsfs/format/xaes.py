@@ -34,6 +34,7 @@ CACHE_ENTRIES = 8  # derived AES-GCM objects kept per key (about 2.5 KiB each)
 _M1 = b"\x00\x01\x58\x00"  # counter 1, label "X", separator
 _M2 = b"\x00\x02\x58\x00"  # counter 2
 _R128 = 0x87  # the CMAC doubling polynomial's low byte
+_ZEROS = bytes(48)
 
 
 def cmac_subkey(ecb_zero: bytes) -> bytes:
@@ -61,17 +62,22 @@ class Xaes256Gcm:
         self._lock = threading.Lock()
         self._cache: OrderedDict[bytes, AESGCM] = OrderedDict()
         self._cache_entries = cache_entries
-        self._out = bytearray(48)  # update_into needs room for a block more than it is given
 
-    def derive_key(self, prefix: bytes) -> bytearray:
-        """K_X for a nonce beginning with the 12 bytes *prefix* (the caller wipes it)."""
+    def _derive_into(self, prefix: bytes, out: bytearray) -> None:
+        """K_X for *prefix* into the first 32 bytes of *out* (48 bytes: update_into wants
+        room for a block more than it is given).  Call with the lock held."""
         if len(prefix) != PREFIX_SIZE:
             raise ValueError(f"nonce prefix of {len(prefix)} bytes: want {PREFIX_SIZE}")
         blocks = int.from_bytes(_M1 + prefix + _M2 + prefix, "big") ^ self._k1k1
+        self._ecb.update_into(blocks.to_bytes(32, "big"), out)
+
+    def derive_key(self, prefix: bytes) -> bytearray:
+        """K_X for a nonce beginning with the 12 bytes *prefix* (the caller wipes it)."""
+        out = bytearray(48)
         with self._lock:
-            self._ecb.update_into(blocks.to_bytes(32, "big"), self._out)
-            key = self._out[:32]
-            self._out[:] = bytes(48)
+            self._derive_into(prefix, out)
+        key = out[:32]
+        out[:] = _ZEROS
         return key
 
     def aead_for(self, prefix: bytes) -> AESGCM:
@@ -82,16 +88,16 @@ class Xaes256Gcm:
             if aead is not None:
                 self._cache.move_to_end(prefix)
                 return aead
-        key = self.derive_key(prefix)
-        try:
-            aead = AESGCM(key)  # copies the key into OpenSSL
-        finally:
-            key[:] = bytes(len(key))
-        with self._lock:
+            out = bytearray(48)
+            try:
+                self._derive_into(prefix, out)
+                aead = AESGCM(memoryview(out)[:32])  # copies the key into OpenSSL
+            finally:
+                out[:] = _ZEROS
             self._cache[prefix] = aead
             if len(self._cache) > self._cache_entries:
                 self._cache.popitem(last=False)
-        return aead
+            return aead
 
     def encrypt(self, nonce: bytes, plaintext: bytes, aad: bytes | None) -> bytes:
         """ciphertext || tag of *plaintext* under the 24-byte *nonce*."""

@@ -10,10 +10,10 @@ Times, in this process and one thread, the public functions of
 - ``BlockCipher.seal`` / ``BlockCipher.open`` of one block, for each block size
   (512 B to 1 MiB), and of a 1 MiB run of blocks (the largest write the kernel
   sends): µs per call for both formats, their ratio, and format 2's MB/s of
-  plaintext.  A call seals or opens blocks of one nonce prefix, as a write and a
-  read of what one write sealed do;
+  plaintext (the blocks of one open share a nonce prefix, as in the daemon);
 - format 2's random access: ``open`` of one block whose nonce prefix is not among
-  the derived keys the cipher keeps (a random read of a block written alone);
+  the derived keys the cipher keeps (a random read of blocks written by many
+  opens of the file: a cipher uses one prefix for 4,096 blocks in a row);
 - ``BlockCipher.for_file`` (HKDF-SHA256 subkey + AES-GCM or XAES context), once
   per file;
 - ``FileHeader.pack`` / ``FileHeader.parse`` with one and with three wrapped keys.
@@ -113,16 +113,19 @@ def cipher_rows(seconds: float) -> list[list[str]]:
 
 
 def random_read_rows(seconds: float, block_size: int = 4096) -> list[list[str]]:
-    """One-block opens of format 1, and of format 2 with the block's nonce prefix
-    cached or not (blocks sealed by as many calls as the cipher keeps keys, and more)."""
+    """One-block opens of format 1, and of format 2 with the block's nonce prefix known
+    or not (blocks sealed by 4x as many opens as the cipher keeps derived keys)."""
     rows = []
     for version, blocks, label in (
         (FORMAT_1, 1, "format 1"),
-        (FORMAT_2, 1, "format 2, nonce prefix cached (read of a block just read or written)"),
-        (FORMAT_2, 4 * CACHE_ENTRIES, "format 2, nonce prefix not cached (random read)"),
+        (FORMAT_2, 1, "format 2, nonce prefix known (of the block read before)"),
+        (FORMAT_2, 4 * CACHE_ENTRIES, "format 2, nonce prefix not kept (a key derived)"),
     ):
-        cipher = BlockCipher.for_file(os.urandom(32), header(1, block_size, version))
-        sealed = itertools.cycle([cipher.seal(5, os.urandom(block_size), 9) for _ in range(blocks)])
+        key, head = os.urandom(32), header(1, block_size, version)
+        cipher = BlockCipher.for_file(key, head)
+        # written by as many opens (each draws its own nonce prefix), read by this one
+        writers = [BlockCipher.for_file(key, head) for _ in range(blocks)]
+        sealed = itertools.cycle([w.seal(5, os.urandom(block_size), 9) for w in writers])
         t_open = best_time(partial(_open_next, cipher, sealed), seconds)
         rows.append([f"`open`, 1 block of {_size(block_size)}, {label}", _us(t_open)])
     return rows

@@ -171,7 +171,7 @@ def test_kmsfs_matches_every_format_2_vector() -> None:
     assert isinstance(cipher, XaesBlockCipher)
     assert bytes(cipher.open(0, h("v2_ciphertext"), 1, "vector")) == PLAINTEXT
     assert Layout(512, FORMAT_2).plain_size(len(h("v2_ciphertext"))) == len(PLAINTEXT)
-    # the two blocks share the prefix of the call that sealed them, not their own bytes
+    # the two blocks share the prefix they were sealed under, not their own bytes
     body = h("v2_ciphertext")
     assert body[:12] == body[552 : 552 + 12] == prefix
     assert body[12:24] != body[564:576]
@@ -241,44 +241,59 @@ def test_seal_round_trip_and_fresh_nonces(version: int) -> None:
     assert cipher.seal(0, PLAINTEXT, 1) != sealed  # random nonces
 
 
-def test_format_2_blocks_of_one_call_share_a_nonce_prefix() -> None:
-    """One random 12-byte prefix per call (one key derivation), 12 random bytes per block;
-    a new prefix for every call, and every PREFIX_BLOCKS blocks of a long run."""
+def test_format_2_shares_a_nonce_prefix_for_prefix_blocks_blocks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One random 12-byte prefix for PREFIX_BLOCKS blocks sealed in a row, across calls
+    (one key derivation for them), 12 random bytes of each block's own; then another."""
     from kmsfs.format import content
 
+    monkeypatch.setattr(content, "PREFIX_BLOCKS", 4)
     cipher = XaesBlockCipher(bytes(32), bytes(16), 512)
     bbs = 512 + 40
-    run = cipher.seal(0, bytes(512 * 5), 4)
-    nonces = [bytes(run[i * bbs : i * bbs + 24]) for i in range(5)]
-    assert len({n[:12] for n in nonces}) == 1
-    assert len({n[12:] for n in nonces}) == 5
-    again = cipher.seal(0, bytes(512), 0)
-    assert again[:12] != nonces[0][:12]
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(content, "PREFIX_BLOCKS", 2)
-        long_run = cipher.seal(0, bytes(512 * 5), 4)
-    prefixes = [bytes(long_run[i * bbs : i * bbs + 12]) for i in range(5)]
-    assert prefixes[0] == prefixes[1] != prefixes[2] == prefixes[3] != prefixes[4]
-    assert bytes(cipher.open(0, long_run, 4, "x")) == bytes(512 * 5)
+
+    def nonces(sealed: bytearray) -> list[bytes]:
+        return [bytes(sealed[i : i + 24]) for i in range(0, len(sealed), bbs)]
+
+    calls = [
+        cipher.seal(0, bytes(512 * 3), 2),  # blocks 1-3 of prefix A
+        cipher.seal(3, bytes(512), 3),  # the 4th of A
+        cipher.seal(4, bytes(512 * 2), 5),  # 4 + 2 > 4: prefix B
+        cipher.seal(0, bytes(512 * 9), 8),  # 2 + 4 > 4: C for 4 blocks, D for 4, E for 1
+    ]
+    prefixes = [n[:12] for call in calls for n in nonces(call)]
+    assert len(prefixes) == 15
+    runs = [prefixes[:4], prefixes[4:6], prefixes[6:10], prefixes[10:14], prefixes[14:]]
+    assert all(len(set(run)) == 1 for run in runs)
+    assert len({run[0] for run in runs}) == 5
+    own = [n[12:] for call in calls for n in nonces(call)]
+    assert len(set(own)) == 15
+    assert bytes(cipher.open(0, calls[3], 8, "x")) == bytes(512 * 9)
+    other = XaesBlockCipher(bytes(32), bytes(16), 512)  # another open: another prefix
+    assert bytes(other.seal(0, b"", 0)[:12]) not in prefixes
 
 
 def test_format_2_open_derives_one_key_per_prefix(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Reading blocks of two writes derives two keys: consecutive blocks of one prefix
-    reuse the key, and a block read again finds it in the cipher's cache."""
+    """Reading blocks written by two opens (two prefixes) derives two keys: consecutive
+    blocks of one prefix reuse the key, and a block read again finds it kept."""
     from kmsfs.format.xaes import Xaes256Gcm
 
-    cipher = XaesBlockCipher(bytes(range(32)), bytes(16), 512)
-    data = cipher.seal(0, PLAINTEXT[:512] * 3, 3) + cipher.seal(3, PLAINTEXT[512:], 3)
-    reader = XaesBlockCipher(bytes(range(32)), bytes(16), 512)  # a fresh cache
+    key = bytes(range(32))
+    first, second = (XaesBlockCipher(key, bytes(16), 512) for _ in range(2))
+    data = first.seal(0, PLAINTEXT[:512] * 3, 3) + second.seal(3, PLAINTEXT[512:], 3)
+    reader = XaesBlockCipher(key, bytes(16), 512)
     derived: list[bytes] = []
-    original = Xaes256Gcm.derive_key
+    original = Xaes256Gcm._derive_into
     monkeypatch.setattr(
-        Xaes256Gcm, "derive_key", lambda self, p: derived.append(p) or original(self, p)
+        Xaes256Gcm,
+        "_derive_into",
+        lambda self, p, out: derived.append(p) or original(self, p, out),
     )
     assert bytes(reader.open(0, data, 3, "x")) == PLAINTEXT[:512] * 3 + PLAINTEXT[512:]
     assert derived == [bytes(data[:12]), bytes(data[3 * 552 : 3 * 552 + 12])]
     reader.open(1, data[552:1104], 3, "x")
-    assert len(derived) == 2  # cached
+    reader.open(3, data[3 * 552 :], 3, "x")
+    assert len(derived) == 2  # kept
 
 
 # -- tampering at the block level ---------------------------------------------
