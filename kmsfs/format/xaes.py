@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 KEY_SIZE = 32
 NONCE_SIZE = 24
 PREFIX_SIZE = 12  # the nonce bytes the derived key depends on
-CACHE_ENTRIES = 8  # derived AES-GCM objects kept per key (about 2.5 KiB each)
+CACHE_ENTRIES = 16  # derived AES-GCM objects kept per key (about 2.5 KiB each)
 
 _M1 = b"\x00\x01\x58\x00"  # counter 1, label "X", separator
 _M2 = b"\x00\x02\x58\x00"  # counter 2
