@@ -100,16 +100,16 @@ def check_version(version: int, suite: int) -> None:
 class FileHeader:
     """The parsed per-file header (see the module docstring for the bytes).
 
-    ``version`` is the file format (FORMAT_1 or FORMAT_2) and ``suite`` must be
-    its suite (``SUITES``); FormatError otherwise.
+    ``version`` is the file format (FORMAT_1 or FORMAT_2; by default the one new
+    files get) and ``suite`` must be its suite (``SUITES``); FormatError otherwise.
     """
 
     volume_id: bytes
     file_id: bytes
     block_size: int
     entries: tuple[WrappedKey, ...]
-    suite: int = SUITE_AES256GCM_HKDF
-    version: int = FORMAT_1
+    suite: int = SUITES[NEW_FILE_FORMAT]
+    version: int = NEW_FILE_FORMAT
     flags: int = 0
     _packed: bytes = field(default=b"", compare=False, repr=False)
 

@@ -45,6 +45,12 @@ P = ParamSpec("P")
 S = TypeVar("S", bound="OperationsBase")
 
 
+class LookAgain(Exception):
+    """The kernel holds a size computed for the wrong file format (``_check_marker``):
+    answered ESTALE, on which the kernel looks the file up again and retries the
+    request (an open or a truncate by name); not a failure the caller sees."""
+
+
 def errno_for(exc: BaseException) -> int:
     """The errno a request answers when its handler raised *exc*.
 
@@ -90,6 +96,9 @@ def fuse_op(
         except FUSEError:
             counter.errors += 1
             raise
+        except LookAgain:
+            counter.errors += 1
+            raise FUSEError(errno.ESTALE) from None
         except OSError as exc:
             counter.errors += 1
             if exc.errno in (errno.EBADF, errno.EMFILE, errno.ENFILE):  # our own descriptors
@@ -245,10 +254,10 @@ class OperationsBase(pyfuse3.Operations):
 
         If a size reported for the inode before came from the other format's layout,
         the kernel holds it (with the writeback cache it never takes a size from us
-        again while it caches the inode), so this raises ESTALE with the inode's
-        generation raised: the kernel then looks the name up again (an open retries
-        with LOOKUP_REVAL, truncate too), sees the new generation, drops its inode and
-        makes a new one with the size the header gives.
+        again while it caches the inode), so this raises LookAgain (ESTALE) with the
+        inode's generation raised: the kernel then looks the name up again (an open
+        retries with LOOKUP_REVAL, truncate too), sees the new generation, drops its
+        inode and makes a new one with the size the header gives.
         """
         version = header.version
         wrong_claims = entry.claims & ~(1 << version)
@@ -279,8 +288,7 @@ class OperationsBase(pyfuse3.Operations):
                 "%s: its size was shown for the other file format: the kernel looks it up again",
                 self.describe(entry),
             )
-            # ESTALE: what makes the kernel retry the lookup (not a failure seen by the caller)
-            raise FUSEError(errno.ESTALE)
+            raise LookAgain(self.describe(entry))
 
     async def _inode_waiting(self, ino: int) -> Inode:
         """``_inode`` for requests that hold no directory lock (getattr, open,

@@ -19,7 +19,7 @@ from kmsfs.fs import xattrs
 from kmsfs.fs.content_file import ContentFile
 from kmsfs.fs.headerio import write_new_header
 from kmsfs.fs.inodes import Inode
-from kmsfs.fs.ops_base import T, fuse_op, open_actions
+from kmsfs.fs.ops_base import LookAgain, T, fuse_op, open_actions
 from kmsfs.fs.ops_namespace import NamespaceOps
 from kmsfs.fs.shared import LockBusy
 from kmsfs.fs.xattrs import Namespace
@@ -137,6 +137,8 @@ class FileOps(NamespaceOps):
                 entry.opens += 1
                 if flags & os.O_TRUNC and (content.size or self.shared):
                     await self._io(0, content.truncate, 0)
+        except LookAgain:
+            raise  # the kernel retries the open, which is audited
         except Exception as exc:
             self._audit_access("open", flags, requester or self._requester(ctx, None), None, exc)
             raise

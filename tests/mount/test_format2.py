@@ -111,7 +111,8 @@ def test_lost_marker_is_restored_at_open(volume: Volume) -> None:
         os.chmod(volume.backing_path(rel), 0o644)
     shown = Layout(BS, FORMAT_1).plain_size(volume.backing_path("lost").stat().st_size)
     assert shown != len(data)
-    volume.mount()
+    audit = volume.root / "audit.jsonl"
+    volume.mount("--audit-log", str(audit))
     assert sorted(os.listdir(volume.mountpoint)) == ["also-lost", "lost"]  # readdirplus
     assert volume.path("lost").stat().st_size == shown  # only the size shown is wrong
     with open(volume.path("lost"), "rb") as handle:
@@ -119,6 +120,10 @@ def test_lost_marker_is_restored_at_open(volume: Volume) -> None:
     assert volume.path("lost").stat().st_size == len(data)
     assert backing_mode(volume, "lost") == 0o1644
     assert len(marker_lines(volume, "lost")) == 1
+    # the open the kernel retried is one open, recorded once, as it ended
+    opens = [json.loads(line) for line in audit.read_text().splitlines()]
+    opens = [r for r in opens if r.get("operation") == "open" and r.get("path") == "/lost"]
+    assert [r["result"] for r in opens] == ["ok"]
     # appending to the other one lands at the true end, too
     with open(volume.path("also-lost"), "ab") as handle:
         handle.write(b"tail")
