@@ -57,8 +57,10 @@ class Xaes256Gcm:
         if len(key) != KEY_SIZE:
             raise ValueError(f"XAES-256-GCM key of {len(key)} bytes: want {KEY_SIZE}")
         self._ecb = Cipher(algorithms.AES(bytes(key)), modes.ECB()).encryptor()
-        k1 = cmac_subkey(self._ecb.update(bytes(16)))
-        self._k1k1 = int.from_bytes(k1 + k1, "big")
+        k1 = int.from_bytes(cmac_subkey(self._ecb.update(bytes(16))), "big")
+        # M1 xor K1 and M2 xor K1 with a zero prefix: the prefix is xored in per nonce
+        self._m1k1 = int.from_bytes(_M1 + bytes(PREFIX_SIZE), "big") ^ k1
+        self._m2k1 = int.from_bytes(_M2 + bytes(PREFIX_SIZE), "big") ^ k1
         self._lock = threading.Lock()
         self._cache: OrderedDict[bytes, AESGCM] = OrderedDict()
         self._cache_entries = cache_entries
@@ -68,7 +70,8 @@ class Xaes256Gcm:
         room for a block more than it is given).  Call with the lock held."""
         if len(prefix) != PREFIX_SIZE:
             raise ValueError(f"nonce prefix of {len(prefix)} bytes: want {PREFIX_SIZE}")
-        blocks = int.from_bytes(_M1 + prefix + _M2 + prefix, "big") ^ self._k1k1
+        p = int.from_bytes(prefix, "big")
+        blocks = (self._m1k1 ^ p) << 128 | (self._m2k1 ^ p)
         self._ecb.update_into(blocks.to_bytes(32, "big"), out)
 
     def derive_key(self, prefix: bytes) -> bytearray:
