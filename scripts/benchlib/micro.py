@@ -18,9 +18,10 @@ Times, in this process and one thread, the public functions of
   per file;
 - ``FileHeader.pack`` / ``FileHeader.parse`` with one and with three wrapped keys.
 
-Each figure is the best of five measurements of about ``--seconds`` each (the
-best is the least disturbed by other work on a shared machine); the two formats
-are measured one after the other for each row.  No root, no mount, no key
+Each figure is the best of 25 rounds, about ``--seconds`` in all (the best is
+the least disturbed by other work on a shared machine; short rounds catch the
+quiet moments of a busy one); the two formats take turns round by round, so
+their ratio compares them under the same conditions.  No root, no mount, no key
 provider: keys and IDs are random bytes.
 """
 
@@ -41,24 +42,34 @@ from kmsfs.format.xaes import CACHE_ENTRIES
 BLOCK_SIZES = (512, 4096, 16384, 65536, 131072, 1 << 20)
 RUN_BYTES = 1 << 20
 MB = 1_000_000
-ROUNDS = 5
+ROUNDS = 25
+
+
+def best_times(funcs: list[Callable[[], object]], seconds: float) -> list[float]:
+    """Seconds per call of each of *funcs*: the best of ROUNDS rounds, about *seconds*
+    in all per function.  The functions take turns within each round, so that two
+    compared meet the same disturbances of a shared machine."""
+    per_round = []
+    for func in funcs:
+        func()
+        calls, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds / 10:
+            func()
+            calls += 1
+        per_round.append(max(int(calls * 10 / ROUNDS), 1))
+    best = [float("inf")] * len(funcs)
+    for _ in range(ROUNDS):
+        for index, (func, count) in enumerate(zip(funcs, per_round, strict=True)):
+            start = time.perf_counter()
+            for _ in range(count):
+                func()
+            best[index] = min(best[index], (time.perf_counter() - start) / count)
+    return best
 
 
 def best_time(func: Callable[[], object], seconds: float) -> float:
-    """Seconds per call of *func*: the best of ROUNDS rounds of about *seconds* each."""
-    func()
-    calls, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds / 10:
-        func()
-        calls += 1
-    per_round = max(int(calls * 10 / ROUNDS), 1)
-    best = float("inf")
-    for _ in range(ROUNDS):
-        start = time.perf_counter()
-        for _ in range(per_round):
-            func()
-        best = min(best, (time.perf_counter() - start) / per_round)
-    return best
+    """``best_times`` of one function."""
+    return best_times([func], seconds)[0]
 
 
 def header(entries: int, block_size: int = 4096, version: int = FORMAT_1) -> FileHeader:
@@ -70,15 +81,18 @@ def header(entries: int, block_size: int = 4096, version: int = FORMAT_1) -> Fil
 
 
 def seal_open_times(
-    cipher: BlockCipher, plain: bytes, last: int, seconds: float
-) -> tuple[float, float]:
-    """Seconds per ``seal`` and per ``open`` of *plain* (blocks 0..*last*)."""
-    sealed = cipher.seal(0, plain, last)
-    if bytes(cipher.open(0, sealed, last, "micro")) != plain:
-        raise SystemExit(f"micro: open(seal(x)) != x in format {cipher.version}")
-    t_seal = best_time(partial(cipher.seal, 0, plain, last), seconds)
-    t_open = best_time(partial(cipher.open, 0, sealed, last, "micro"), seconds)
-    return t_seal, t_open
+    ciphers: list[BlockCipher], plain: bytes, last: int, seconds: float
+) -> tuple[list[float], list[float]]:
+    """Seconds per ``seal`` and per ``open`` of *plain* (blocks 0..*last*) by each cipher,
+    measured in turns."""
+    seals, opens = [], []
+    for cipher in ciphers:
+        sealed = cipher.seal(0, plain, last)
+        if bytes(cipher.open(0, sealed, last, "micro")) != plain:
+            raise SystemExit(f"micro: open(seal(x)) != x in format {cipher.version}")
+        seals.append(partial(cipher.seal, 0, plain, last))
+        opens.append(partial(cipher.open, 0, sealed, last, "micro"))
+    return best_times(seals, seconds), best_times(opens, seconds)
 
 
 def cipher_rows(seconds: float) -> list[list[str]]:
@@ -91,9 +105,7 @@ def cipher_rows(seconds: float) -> list[list[str]]:
         for size in sorted({block_size, max(RUN_BYTES, block_size)}):
             plain = os.urandom(size)
             last = (size - 1) // block_size
-            (seal1, open1), (seal2, open2) = (
-                seal_open_times(cipher, plain, last, seconds) for cipher in ciphers
-            )
+            (seal1, seal2), (open1, open2) = seal_open_times(ciphers, plain, last, seconds)
             what = "1 block" if size == block_size else f"{size // block_size} blocks"
             rows.append(
                 [
@@ -114,8 +126,9 @@ def cipher_rows(seconds: float) -> list[list[str]]:
 
 def random_read_rows(seconds: float, block_size: int = 4096) -> list[list[str]]:
     """One-block opens of format 1, and of format 2 with the block's nonce prefix known
-    or not (blocks sealed by 4x as many opens as the cipher keeps derived keys)."""
-    rows = []
+    or not (blocks sealed by 4x as many opens as the cipher keeps derived keys),
+    measured in turns."""
+    labels, opens = [], []
     for version, blocks, label in (
         (FORMAT_1, 1, "format 1"),
         (FORMAT_2, 1, "format 2, nonce prefix known (of the block read before)"),
@@ -126,9 +139,9 @@ def random_read_rows(seconds: float, block_size: int = 4096) -> list[list[str]]:
         # written by as many opens (each draws its own nonce prefix), read by this one
         writers = [BlockCipher.for_file(key, head) for _ in range(blocks)]
         sealed = itertools.cycle([w.seal(5, os.urandom(block_size), 9) for w in writers])
-        t_open = best_time(partial(_open_next, cipher, sealed), seconds)
-        rows.append([f"`open`, 1 block of {_size(block_size)}, {label}", _us(t_open)])
-    return rows
+        labels.append(f"`open`, 1 block of {_size(block_size)}, {label}")
+        opens.append(partial(_open_next, cipher, sealed))
+    return [[label, _us(t)] for label, t in zip(labels, best_times(opens, seconds), strict=True)]
 
 
 def _open_next(cipher: BlockCipher, sealed: Iterator[bytearray]) -> None:
@@ -181,7 +194,7 @@ def table(header_cells: list[str], rows: list[list[str]]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench --micro", description=__doc__.split("\n")[0])
-    p.add_argument("--seconds", type=float, default=0.5, help="time per measurement round set")
+    p.add_argument("--seconds", type=float, default=0.5, help="time per figure (all its rounds)")
     p.add_argument("--markdown", help="also write the tables to this file")
     args = p.parse_args(argv)
     cpu = next(
@@ -194,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     lines = [
         f"kmsfs format micro-benchmarks, {time.strftime('%Y-%m-%d %H:%M %Z')}: one thread,"
-        f" best of {ROUNDS} rounds of ~{args.seconds:g} s; CPU: {cpu}",
+        f" best of {ROUNDS} rounds, ~{args.seconds:g} s a figure; CPU: {cpu}",
         "",
         *table(
             [
