@@ -97,7 +97,7 @@ def inspect(path: str | os.PathLike[str]) -> dict[str, Any]:
         "volume_id": header.volume_id.hex(),
         "file_id": header.file_id.hex(),
         "backing_size": backing_size,
-        "plaintext_size": Layout(header.block_size).plain_size(backing_size),
+        "plaintext_size": Layout(header.block_size, header.version).plain_size(backing_size),
         "entries": [
             {"provider": e.provider, "key_ref": e.key_ref, "wrapped_key_bytes": len(e.blob)}
             for e in header.entries

@@ -179,7 +179,7 @@ def headers_import(backing: str, source: str, force: bool) -> None:
     click.echo(
         f"headers import: {report.restored} restored, {report.replaced} replaced,"
         f" {report.unchanged} unchanged, {len(report.conflicts)} conflicts,"
-        f" {len(report.missing)} missing"
+        f" {len(report.missing)} missing, {report.markers} format markers restored"
     )
     if report.conflicts:
         sys.exit(1)

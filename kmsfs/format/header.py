@@ -4,8 +4,9 @@ Byte layout (all integers big-endian; see docs/FORMAT.md, "File header")::
 
     offset  size  field
     0       4     magic b"KMFH"
-    4       1     format version (1)
-    5       1     cipher suite (1 = AES-256-GCM blocks, HKDF-SHA256 subkeys)
+    4       1     file format version (1 or 2)
+    5       1     cipher suite, the version's own: 1 = AES-256-GCM blocks (format 1),
+                  2 = XAES-256-GCM blocks (format 2), both with an HKDF-SHA256 content key
     6       2     flags (0; any set bit is refused)
     8       4     plaintext block size in bytes (power of two, 512..1 MiB)
     12      16    volume ID
@@ -18,8 +19,9 @@ Byte layout (all integers big-endian; see docs/FORMAT.md, "File header")::
 
 Nothing may follow the last entry.  The header is not itself encrypted or
 MACed: every field that matters is bound elsewhere (the file and volume IDs in
-each wrapped key's context, the suite, block size and file ID in the content
-subkey and block AAD), so a modified header makes unwrap or decryption fail.
+each wrapped key's context, the version (in its label), suite, block size and
+file ID in the content subkey and block AAD), so a modified header makes
+unwrap or decryption fail.
 """
 
 from __future__ import annotations
@@ -33,8 +35,12 @@ XATTR_NAME = "user.kmsfs.header"
 RESERVED_XATTR_PREFIX = "user.kmsfs"
 
 MAGIC = b"KMFH"
-VERSION = 1
+FORMAT_1 = 1  # AES-256-GCM blocks, 96-bit random nonces
+FORMAT_2 = 2  # XAES-256-GCM blocks, 192-bit nonces
+NEW_FILE_FORMAT = FORMAT_2  # what new files are written in
 SUITE_AES256GCM_HKDF = 1
+SUITE_XAES256GCM_HKDF = 2
+SUITES = {FORMAT_1: SUITE_AES256GCM_HKDF, FORMAT_2: SUITE_XAES256GCM_HKDF}
 ID_SIZE = 16
 MAX_ENTRIES = 16
 MAX_PROVIDER_LEN = 32
@@ -79,25 +85,53 @@ def check_block_size(block_size: int) -> int:
     return block_size
 
 
+def check_version(version: int, suite: int) -> None:
+    """FormatError unless *version* is a file format this kmsfs reads and *suite* is
+    that format's cipher suite."""
+    want = SUITES.get(version)
+    if want is None:
+        known = " and ".join(map(str, SUITES))
+        raise FormatError(f"header version {version}: this kmsfs reads versions {known}")
+    if suite != want:
+        raise FormatError(f"cipher suite {suite}: file format {version} uses suite {want}")
+
+
 @dataclass(frozen=True)
 class FileHeader:
-    """The parsed per-file header (see the module docstring for the bytes)."""
+    """The parsed per-file header (see the module docstring for the bytes).
+
+    ``version`` is the file format (FORMAT_1 or FORMAT_2; by default the one new
+    files get) and ``suite`` must be its suite (``SUITES``); FormatError otherwise.
+    """
 
     volume_id: bytes
     file_id: bytes
     block_size: int
     entries: tuple[WrappedKey, ...]
-    suite: int = SUITE_AES256GCM_HKDF
-    version: int = VERSION
+    suite: int = SUITES[NEW_FILE_FORMAT]
+    version: int = NEW_FILE_FORMAT
     flags: int = 0
     _packed: bytes = field(default=b"", compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if len(self.volume_id) != ID_SIZE or len(self.file_id) != ID_SIZE:
             raise FormatError("volume and file IDs must be 16 bytes")
+        check_version(self.version, self.suite)
         check_block_size(self.block_size)
         if not 1 <= len(self.entries) <= MAX_ENTRIES:
             raise FormatError(f"{len(self.entries)} wrapped-key entries: want 1..{MAX_ENTRIES}")
+
+    @classmethod
+    def new(
+        cls,
+        volume_id: bytes,
+        file_id: bytes,
+        block_size: int,
+        entries: tuple[WrappedKey, ...],
+        version: int = NEW_FILE_FORMAT,
+    ) -> FileHeader:
+        """The header of a new file in file format *version* (with its suite)."""
+        return cls(volume_id, file_id, block_size, entries, SUITES.get(version, 0), version)
 
     def pack(self) -> bytes:
         """Serialise to the exact bytes stored in the xattr."""
@@ -128,7 +162,9 @@ class FileHeader:
 
     def with_entries(self, entries: tuple[WrappedKey, ...]) -> FileHeader:
         """The same header with another list of wrapped keys (re-wrapping)."""
-        return FileHeader(self.volume_id, self.file_id, self.block_size, entries, self.suite)
+        return FileHeader(
+            self.volume_id, self.file_id, self.block_size, entries, self.suite, self.version
+        )
 
     @classmethod
     def parse(cls, data: bytes) -> FileHeader:
@@ -147,12 +183,11 @@ class FileHeader:
         )
         if magic != MAGIC:
             raise FormatError(f"header magic {magic!r}: want {MAGIC!r}")
-        if version != VERSION:
-            raise FormatError(f"header version {version}: this kmsfs reads version {VERSION}")
-        if suite != SUITE_AES256GCM_HKDF:
-            raise FormatError(f"cipher suite {suite}: want {SUITE_AES256GCM_HKDF}")
+        check_version(version, suite)
         if flags:
-            raise FormatError(f"header flags {flags:#06x}: no flags are defined in version 1")
+            raise FormatError(
+                f"header flags {flags:#06x}: no flags are defined in version {version}"
+            )
         if not 1 <= count <= MAX_ENTRIES:
             raise FormatError(f"{count} wrapped-key entries: want 1..{MAX_ENTRIES}")
         pos = _FIXED.size

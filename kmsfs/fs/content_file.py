@@ -17,18 +17,19 @@ import os
 from collections.abc import Callable
 
 from kmsfs.errors import IntegrityError
-from kmsfs.format.content import MAX_BLOCK_ENCRYPTIONS, OVERHEAD, BlockCipher
+from kmsfs.format.content import MAX_BLOCK_ENCRYPTIONS, BlockCipher
 from kmsfs.fs.syscalls import preallocate
 
 log = logging.getLogger("kmsfs.fs")
-WARN_BLOCK_ENCRYPTIONS = MAX_BLOCK_ENCRYPTIONS // 2
+WARN_BLOCK_ENCRYPTIONS = MAX_BLOCK_ENCRYPTIONS // 2  # for format 1, whose keys wear out
 USAGE_TABLE_ENTRIES = 32_768  # file IDs whose counts a daemon keeps (about 200 bytes each)
 
 
 class KeyUsage:
     """Block encryptions counted under one file key (see docs/FORMAT.md,
     "How much one file key may encrypt").  Shared by every open of the files
-    with that file ID while the daemon runs.
+    with that file ID while the daemon runs (format-1 files; a format-2 file's
+    key has no practical limit, and its open file counts for itself).
 
     Attributes: sealed (the count: a lower bound of the key's real use),
     warned (the warning was logged).
@@ -192,7 +193,11 @@ class ContentFile:
         sealed = self.cipher.seal(index, plaintext, final)
         usage = self.usage
         usage.sealed += max(-(-len(plaintext) // self.layout.block_size), 1)
-        if usage.sealed >= WARN_BLOCK_ENCRYPTIONS and not usage.warned:
+        if (
+            usage.sealed >= WARN_BLOCK_ENCRYPTIONS
+            and not usage.warned
+            and self.cipher.max_encryptions is not None
+        ):
             usage.warned = True
             log.warning(
                 "%s: %d block encryptions under one file key (NIST limit 2^32): re-key this file",
@@ -274,7 +279,7 @@ class ContentFile:
             return
         if new_size == 0:
             self._seal_at(0, b"", 0)
-            os.ftruncate(self.fd, OVERHEAD)
+            os.ftruncate(self.fd, self.layout.overhead)
             self.size = 0
             self._final = (0, b"")
             return

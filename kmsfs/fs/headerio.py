@@ -1,8 +1,10 @@
-"""Reading a backing file's header xattr by descriptor: the one home for it (no FUSE).
+"""A backing file's header xattr and format marker, by descriptor: the one home for
+them (no FUSE).
 
 The daemon, ``decrypt``/``inspect`` and the lifecycle tools all read headers
 through these functions, so "missing" and "malformed" are told apart the same
-way everywhere.
+way everywhere, and every writer of new files gives them header and marker
+with ``write_new_header``.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import errno
 import os
 
 from kmsfs.errors import FormatError
+from kmsfs.format.content import format_of_mode, mode_for_format
 from kmsfs.format.header import XATTR_NAME, FileHeader
 
 
@@ -46,3 +49,23 @@ def read_header(fd: int, what: str) -> FileHeader:
             where=what,
         )
     return parse_header(raw, what)
+
+
+def set_format_marker(fd: int, version: int) -> int:
+    """Make the format marker of the open regular file *fd* say file format *version*
+    (docs/FORMAT.md, "The format marker"); returns the format it said before.  OSError
+    as fchmod raises it (EPERM for a caller that neither owns the file nor is root)."""
+    mode = os.fstat(fd).st_mode
+    claimed = format_of_mode(mode)
+    if claimed != version:
+        os.fchmod(fd, mode_for_format(mode, version))
+    return claimed
+
+
+def write_new_header(fd: int, header: FileHeader) -> None:
+    """Give the new, empty backing file *fd* the format marker of the header's version,
+    then the header xattr (so that whoever sees the header sees the marker: another
+    daemon of a shared volume looking the file up meanwhile).  OSError as fchmod or
+    setxattr raise it (EEXIST if *fd* has a header already)."""
+    set_format_marker(fd, header.version)
+    os.setxattr(fd, XATTR_NAME, header.pack(), os.XATTR_CREATE)

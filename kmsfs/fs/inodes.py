@@ -161,7 +161,12 @@ def _close(fd: int) -> None:
 class Inode:
     """Attributes: ino (FUSE), fd (O_PATH), mode (file type bits), lookups,
     content (the open ContentFile, regular files only), opens (open handles),
-    lock (serialises content changes)."""
+    lock (serialises content changes), format (a regular file's format, from its
+    header once it was opened; 0 before), claims (the formats, as bits 1 << format,
+    whose layouts gave the sizes reported before that), generation (told to the
+    kernel; raised to make it drop what it cached of the inode), listed_under (a
+    directory: the ``policy_serial`` under which the kernel was last let keep its
+    listing)."""
 
     ino: int
     fd: int
@@ -174,7 +179,10 @@ class Inode:
     name: bytes = b""
     evicting: bool = False  # the kernel was asked to forget it
     born: float | None = None  # a deferred entry's birth time: its number may be reused
-    listed_under: int = 0  # a directory: the policy_serial its kept listing was made under
+    format: int = 0
+    claims: int = 0
+    generation: int = 0
+    listed_under: int = 0
 
     @property
     def proc_path(self) -> str:

@@ -27,13 +27,13 @@ import trio
 from pyfuse3 import FUSEError
 
 from kmsfs.errors import KeyAccessDenied, KmsfsError
-from kmsfs.format.content import Layout
-from kmsfs.format.header import XATTR_NAME
+from kmsfs.format.content import FORMAT_MARKER, BlockCipher, Layout, format_of_mode
+from kmsfs.format.header import FORMAT_1, FORMAT_2, XATTR_NAME, FileHeader
 from kmsfs.format.volume import RESERVED_PREFIX
 from kmsfs.fs import syscalls, xattrs
-from kmsfs.fs.content_file import ContentFile
+from kmsfs.fs.content_file import ContentFile, KeyUsage
 from kmsfs.fs.fuseloop import PYFUSE3
-from kmsfs.fs.headerio import read_header
+from kmsfs.fs.headerio import read_header, set_format_marker
 from kmsfs.fs.inodes import ROOT_INODE, Inode
 from kmsfs.fs.lockwait import LockWaitInterrupted, LockWaits, LockWaitTimeout
 from kmsfs.fs.paths import VolumePaths
@@ -54,6 +54,12 @@ RESERVED_NAME = RESERVED_PREFIX.encode()
 T = TypeVar("T")
 P = ParamSpec("P")
 S = TypeVar("S", bound="OperationsBase")
+
+
+class LookAgain(Exception):
+    """The kernel holds a size computed for the wrong file format (``_check_marker``):
+    answered ESTALE, on which the kernel looks the file up again and retries the
+    request (an open or a truncate by name); not a failure the caller sees."""
 
 
 def errno_for(exc: BaseException) -> int:
@@ -105,6 +111,9 @@ def fuse_op(
         except FUSEError:
             counter.errors += 1
             raise
+        except LookAgain:
+            counter.errors += 1
+            raise FUSEError(errno.ESTALE) from None
         except OSError as exc:
             counter.errors += 1
             if exc.errno in (errno.EBADF, errno.EMFILE, errno.ENFILE):  # our own descriptors
@@ -157,7 +166,8 @@ class OperationsBase(pyfuse3.Operations):
         self.keyring = parts.keyring
         self.on_access = parts.on_access
         self._volume_hex = parts.config.volume_id.hex()
-        self.layout = Layout(parts.config.block_size)
+        # Sizes without keys: the layout of the file's format (FORMAT.md "The format marker")
+        self.layouts = {v: Layout(parts.config.block_size, v) for v in (FORMAT_1, FORMAT_2)}
         self._timeout = parts.timeout  # the configured one; ``timeout`` may be 0 (policy)
         self.timeout = parts.timeout
         self.offload_bytes = parts.offload_bytes
@@ -214,24 +224,25 @@ class OperationsBase(pyfuse3.Operations):
         """
         attr = pyfuse3.EntryAttributes()
         attr.st_ino = entry.ino if entry is not None else self.inodes.fuse_ino(st.st_ino)
-        attr.generation = 0
+        attr.generation = entry.generation if entry is not None else 0
         attr.entry_timeout = self.timeout
         attr.attr_timeout = self.timeout
-        attr.st_mode = st.st_mode
         attr.st_nlink = st.st_nlink
         attr.st_uid = st.st_uid
         attr.st_gid = st.st_gid
         attr.st_rdev = st.st_rdev
         if stat.S_ISREG(st.st_mode):
+            attr.st_mode = st.st_mode & ~FORMAT_MARKER  # the plaintext never shows it
             if size is not None:
                 attr.st_size = size
             elif entry is not None and entry.content is not None and not self.shared:
                 attr.st_size = entry.content.size
             else:
-                attr.st_size = self.layout.plain_size(st.st_size)
+                attr.st_size = self._layout_for(st, entry).plain_size(st.st_size)
                 if self.shared:
                     attr.attr_timeout = 0
         else:
+            attr.st_mode = st.st_mode
             attr.st_size = st.st_size
         attr.st_blksize = self.config.block_size
         attr.st_blocks = st.st_blocks
@@ -250,7 +261,8 @@ class OperationsBase(pyfuse3.Operations):
         ``lock_waits`` when another daemon holds the file's end too long."""
         if not (self.shared and stat.S_ISREG(st.st_mode)):
             return self._attr(st, entry)
-        path, layout = entry.proc_path, self.layout
+        # the layout of the file's format: as its header gave it, else as its marker claims
+        path, layout = entry.proc_path, self._layout_for(st, entry)
         try:
             try:  # on the loop: granted or refused at once; refused, it waits there too
                 size = locked_plain_size(path, layout)
@@ -261,6 +273,60 @@ class OperationsBase(pyfuse3.Operations):
         except PermissionError:
             return self._attr(st, entry)
         return self._attr(st, entry, size)
+
+    def _layout_for(self, st: os.stat_result, entry: Inode | None) -> Layout:
+        """The layout a regular file's size is computed with, without reading its header:
+        its format as its header gave it if the file was opened before, else as its
+        format marker claims (recorded in ``entry.claims``, for ``_check_marker``)."""
+        if entry is not None and entry.format:
+            return self.layouts[entry.format]
+        claimed = format_of_mode(st.st_mode)
+        if entry is not None:
+            entry.claims |= 1 << claimed
+        return self.layouts[claimed]
+
+    def _check_marker(self, entry: Inode, fd: int, header: FileHeader) -> None:
+        """Hold the file's format marker to its header, which is authoritative (FORMAT.md
+        "The format marker"): a marker lost by a copy that dropped mode bits, or set
+        by whoever can write the backing directory, is restored, with a log line.
+
+        If a size reported for the inode before came from the other format's layout,
+        the kernel holds it (with the writeback cache it never takes a size from us
+        again while it caches the inode), so this raises LookAgain (ESTALE) with the
+        inode's generation raised: the kernel then looks the name up again (an open
+        retries with LOOKUP_REVAL, truncate too), sees the new generation, drops its
+        inode and makes a new one with the size the header gives.
+        """
+        version = header.version
+        wrong_claims = entry.claims & ~(1 << version)
+        entry.format, entry.claims = version, 0
+        try:
+            claimed = set_format_marker(fd, version)
+            if claimed != version:
+                log.warning(
+                    "%s: the backing file's format marker (mode bit S_ISVTX) said file format"
+                    " %d, its header says %d (mode bits lost by a copy, or the backing"
+                    " directory edited): marker restored",
+                    self.describe(entry),
+                    claimed,
+                    version,
+                )
+        except OSError as exc:
+            log.warning(
+                "%s: the backing file's format marker (mode bit S_ISVTX) disagrees with its"
+                " header (file format %d) and cannot be restored: %s; sizes are taken from"
+                " the header while this daemon knows the file",
+                self.describe(entry),
+                version,
+                exc.strerror,
+            )
+        if wrong_claims:
+            entry.generation += 1
+            log.info(
+                "%s: its size was shown for the other file format: the kernel looks it up again",
+                self.describe(entry),
+            )
+            raise LookAgain(self.describe(entry))
 
     async def _inode_waiting(self, ino: int) -> Inode:
         """``_inode`` for requests that hold no directory lock (getattr, open,
@@ -442,13 +508,14 @@ class OperationsBase(pyfuse3.Operations):
         try:
             what = f"inode {entry.ino}"  # replaced by the path if an error is reported
             header = read_header(fd, what)
+            self._check_marker(entry, fd, header)
             cipher = await self._key_call(self.keyring.cipher_for, header, what, requester)
             content = self._content_class.open(
                 fd,
                 cipher,
                 lambda: self.describe(entry),
                 header.file_id,
-                self.key_usage.get(header.file_id),
+                self._key_usage_of(cipher, header.file_id),
             )
         except BaseException as exc:
             os.close(fd)
@@ -457,6 +524,11 @@ class OperationsBase(pyfuse3.Operations):
             raise
         entry.content = content
         return content
+
+    def _key_usage_of(self, cipher: BlockCipher, file_id: bytes) -> KeyUsage | None:
+        """The daemon's count of block encryptions under *file_id*'s key if the file's
+        format bounds them (format 1), else None (a count of the open file's own)."""
+        return self.key_usage.get(file_id) if cipher.max_encryptions else None
 
     async def _open_content_fd(self, entry: Inode) -> int:
         """A new descriptor of the entry's backing file, read-write (read-only if that

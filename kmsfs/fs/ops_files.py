@@ -13,10 +13,11 @@ import trio
 from pyfuse3 import FUSEError
 
 from kmsfs.format.content import BlockCipher
-from kmsfs.format.header import XATTR_NAME, FileHeader
+from kmsfs.format.header import FileHeader
 from kmsfs.fs import xattrs
+from kmsfs.fs.headerio import write_new_header
 from kmsfs.fs.inodes import Inode
-from kmsfs.fs.ops_base import fuse_op, open_actions
+from kmsfs.fs.ops_base import LookAgain, fuse_op, open_actions
 from kmsfs.fs.ops_namespace import NamespaceOps
 from kmsfs.fs.xattrs import Namespace
 
@@ -72,7 +73,7 @@ class FileOps(NamespaceOps):
             dir_fd=parent.fd,
         )
         try:
-            os.setxattr(fd, XATTR_NAME, header.pack())
+            write_new_header(fd, header)
             self._own(fd, parent, ctx)
             content = self._content_class(
                 fd,
@@ -80,7 +81,7 @@ class FileOps(NamespaceOps):
                 0,
                 lambda: name.decode(errors="replace"),
                 file_id,
-                self.key_usage.get(file_id),
+                self._key_usage_of(cipher, file_id),
             )
             content.write_empty()
             st = os.fstat(fd)
@@ -93,6 +94,7 @@ class FileOps(NamespaceOps):
                 pass
             raise
         entry = self.inodes.adopt(st, path_fd, parent.ino, name)
+        entry.format = header.version
         self._trim()
         content.describe = lambda: self.describe(entry)
         entry.content = content
@@ -139,6 +141,8 @@ class FileOps(NamespaceOps):
                 except BaseException:
                     await self._release_content(entry)  # the kernel sends no RELEASE
                     raise
+        except LookAgain:
+            raise  # the kernel retries the open, which is audited
         except Exception as exc:
             self._audit_access("open", flags, requester or self._requester(ctx, None), None, exc)
             raise

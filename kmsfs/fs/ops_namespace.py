@@ -12,6 +12,7 @@ import pyfuse3
 import trio
 from pyfuse3 import FUSEError
 
+from kmsfs.format.content import format_of_mode, mode_for_format
 from kmsfs.fs import syscalls
 from kmsfs.fs.inodes import O_PATH_FLAGS, ROOT_INODE, Inode
 from kmsfs.fs.ops_access import AccessChecks
@@ -89,8 +90,13 @@ class NamespaceOps(AccessChecks):
             finally:
                 await self._release_content(entry)
         if fields.update_mode and not stat.S_ISLNK(entry.mode):
-            os.chmod(entry.proc_path, stat.S_IMODE(attr.st_mode))
-            entry.mode = stat.S_IFMT(entry.mode) | stat.S_IMODE(attr.st_mode)
+            mode = stat.S_IMODE(attr.st_mode)
+            if entry.is_regular:  # the backing file keeps its format marker, whatever was asked
+                mode = mode_for_format(
+                    mode, entry.format or format_of_mode(os.stat(entry.fd).st_mode)
+                )
+            os.chmod(entry.proc_path, mode)
+            entry.mode = stat.S_IFMT(entry.mode) | mode
         if fields.update_uid or fields.update_gid:
             syscalls.fchown_path_fd(
                 entry.fd,
@@ -270,9 +276,11 @@ class NamespaceOps(AccessChecks):
                     os.close(new_fd)
                 break
             if new_fd is None:
-                self.inodes.remember(st, handle.ino, name)
+                entry, _ = self.inodes.remember(st, handle.ino, name)
             else:
-                self.inodes.adopt(st, new_fd, handle.ino, name, born)
+                entry = self.inodes.adopt(st, new_fd, handle.ino, name, born)
+            if known is None and stat.S_ISREG(st.st_mode):
+                self._layout_for(st, entry)  # the size just reported came from its marker
         self._trim()
 
     @fuse_op

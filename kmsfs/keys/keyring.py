@@ -17,7 +17,7 @@ from typing import Any
 
 from kmsfs.errors import KmsfsError, WrongKeyError
 from kmsfs.format.content import BlockCipher
-from kmsfs.format.header import FileHeader, WrappedKey
+from kmsfs.format.header import NEW_FILE_FORMAT, FileHeader, WrappedKey
 from kmsfs.format.volume import KeyConfig
 from kmsfs.keys.cache import KeyCache
 from kmsfs.keys.events import EventSink, Recorder
@@ -103,13 +103,17 @@ class Keyring:
             wipe(key)
 
     def new_file_cipher(
-        self, block_size: int, requester: dict[str, Any] | None = None
+        self,
+        block_size: int,
+        requester: dict[str, Any] | None = None,
+        version: int = NEW_FILE_FORMAT,
     ) -> tuple[FileHeader, BlockCipher]:
-        """A new file's header (fresh file ID and key, wrapped by every master key) and its
-        block cipher; the file key is wiped (``new_file``'s errors)."""
+        """A new file's header in file format *version* (fresh file ID and key, wrapped by
+        every master key) and its block cipher; the file key is wiped (``new_file``'s
+        errors)."""
         file_id, key, entries = self.new_file(requester)
         try:
-            header = FileHeader(self.volume_id, file_id, block_size, entries)
+            header = FileHeader.new(self.volume_id, file_id, block_size, entries, version)
             return header, BlockCipher.for_file(key, header)
         finally:
             wipe(key)

@@ -8,8 +8,10 @@ import os
 import stat
 from collections.abc import Callable
 
-from kmsfs.format.header import RESERVED_XATTR_PREFIX, XATTR_NAME, FileHeader
+from kmsfs.format.content import format_of_mode, mode_for_format
+from kmsfs.format.header import RESERVED_XATTR_PREFIX, FileHeader
 from kmsfs.fs.content_file import ContentFile
+from kmsfs.fs.headerio import write_new_header
 from kmsfs.fs.syscalls import fchown_path_fd, utimens_path_fd
 from kmsfs.keys.keyring import Keyring
 
@@ -21,10 +23,11 @@ def write_encrypted(
     fd: int, keyring: Keyring, block_size: int, reader: Reader, size: int, what: str
 ) -> FileHeader:
     """Fill the new, empty file *fd* with *size* bytes from *reader*, encrypted under a
-    fresh file key and file ID, and fsync it.  All-zero chunks become holes.
+    fresh file key and file ID in the format new files get (with its format marker),
+    and fsync it.  All-zero chunks become holes.
     """
     header, cipher = keyring.new_file_cipher(block_size)
-    os.setxattr(fd, XATTR_NAME, header.pack(), os.XATTR_CREATE)
+    write_new_header(fd, header)
     content = ContentFile(fd, cipher, 0, lambda: what)
     content.write_empty()
     chunk = CHUNK_BLOCKS * block_size
@@ -64,17 +67,21 @@ def copy_metadata(st: os.stat_result, fd: int, xattrs: dict[str, bytes] | None =
     """Owner, mode, *xattrs* and atime/mtime of *st* onto the inode of *fd*.
 
     *fd* may be an O_PATH descriptor (a symlink, FIFO or device node: no xattrs then).
-    The owner is set first (chown clears set-id bits), the times last.
+    The owner is set first (chown clears set-id bits), the times last.  A regular
+    file keeps the format marker it has (the mode bit S_ISVTX: *st*'s is not copied).
     """
     try:
         fchown_path_fd(fd, st.st_uid, st.st_gid)
     except PermissionError:
         pass  # not root: the files stay owned by the caller
     if not stat.S_ISLNK(st.st_mode):
+        mode = stat.S_IMODE(st.st_mode)
+        if stat.S_ISREG(st.st_mode):
+            mode = mode_for_format(mode, format_of_mode(os.fstat(fd).st_mode))
         if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_PATH:
-            os.chmod(f"/proc/self/fd/{fd}", stat.S_IMODE(st.st_mode))  # the inode of fd
+            os.chmod(f"/proc/self/fd/{fd}", mode)  # the inode of fd
         else:
-            os.fchmod(fd, stat.S_IMODE(st.st_mode))
+            os.fchmod(fd, mode)
     for name, value in (xattrs or {}).items():
         os.setxattr(fd, name, value)
     utimens_path_fd(fd, st.st_atime_ns, st.st_mtime_ns)

@@ -7,6 +7,10 @@ Findings (``Finding.kind``):
   backup tool that drops xattrs: see ``kmsfs headers import``).
 - ``bad-header``: the header does not parse (the message says what was expected).
 - ``foreign``: the header names another volume.
+- ``marker``: the backing file's format marker (mode bit S_ISVTX, docs/FORMAT.md
+  "The format marker") says another file format than its header (a copy that
+  dropped mode bits, or an edit): sizes shown through a mount are wrong until
+  the file is opened there, which restores it; ``headers import`` restores it too.
 - ``missing-entry``: no wrapped-key entry for one of the volume's master keys
   (an unfinished ``rewrap`` / ``keys add``, or a file created by a daemon that
   did not have that key).
@@ -40,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from kmsfs.errors import FormatError, IntegrityError, KmsfsError, ProviderError, reason_of
-from kmsfs.format.content import BlockCipher
+from kmsfs.format.content import BlockCipher, format_of_mode
 from kmsfs.format.header import FileHeader
 from kmsfs.format.volume import STATE_DIR_NAME as STATE_DIR
 from kmsfs.format.volume import VolumeConfig
@@ -177,6 +181,17 @@ def _check_file(
             )
         )
         return
+    claimed = format_of_mode(os.fstat(fd).st_mode)
+    if claimed != header.version:
+        add(
+            Finding(
+                rel,
+                "marker",
+                f"the format marker (mode bit S_ISVTX) says file format {claimed}, the header"
+                f" {header.version}: its size shows wrong through a mount until it is opened"
+                " there (which restores the marker)",
+            )
+        )
     have = {entry.key_ref for entry in header.entries}
     for ref in refs:
         if ref not in have:
@@ -221,7 +236,7 @@ def _check_blocks(fd: int, rel: str, cipher: BlockCipher, report: FsckReport) ->
                     add(Finding(rel, "block", _block_message(exc, rel), index))
     if content.size == 0:
         try:
-            cipher.open(0, os.pread(fd, 28, 0), 0, rel)
+            cipher.open(0, os.pread(fd, cipher.layout.overhead, 0), 0, rel)
         except IntegrityError as exc:
             add(Finding(rel, "block", _block_message(exc, rel), 0))
     if bad > MAX_BLOCKS_REPORTED:

@@ -8,8 +8,11 @@ object per line; the first describes the export, each further one a file::
     {"path": "dir/name", "file_id": "<32 hex>", "header": "<base64 of the xattr>"}
 
 Paths are relative to the backing root (inode-independent).  Hard links
-appear under each name.  Headers hold no secret (wrapped keys only), but the
-export names every file: keep it with the backup, mode 0600.
+appear under each name.  Import also restores the format marker (mode bit
+S_ISVTX, docs/FORMAT.md) of each file whose header is then the export's: a copy
+that dropped xattrs usually dropped mode bits too.  Headers hold no secret
+(wrapped keys only), but the export names every file: keep it with the backup,
+mode 0600.
 
 Both directions work by descriptor (``kmsfs.fs.tree``): a file is opened beneath
 the backing root without following any symlink, and its header is read from, or
@@ -32,7 +35,7 @@ from typing import TextIO
 from kmsfs.errors import FormatError, HeaderChanged, LifecycleError
 from kmsfs.format.header import FileHeader
 from kmsfs.format.volume import RESERVED_PREFIX, VolumeConfig
-from kmsfs.fs.headerio import read_raw_header
+from kmsfs.fs.headerio import read_raw_header, set_format_marker
 from kmsfs.fs.tree import Tree, TreeChanged, split_rel
 from kmsfs.lifecycle.common import (
     replace_header,
@@ -50,6 +53,7 @@ class HeadersReport:
     missing: list[str] = field(default_factory=list)
     conflicts: list[str] = field(default_factory=list)
     no_header: list[str] = field(default_factory=list)
+    markers: int = 0  # format markers restored
 
 
 def export_headers(backing: Path, config: VolumeConfig, output: Path) -> HeadersReport:
@@ -137,7 +141,8 @@ def import_headers(
 
 
 def _import_one(tree: Tree, rel: str, raw: bytes, force: bool, report: HeadersReport) -> None:
-    """Set one header from the export on the file *rel* (by descriptor)."""
+    """Set one header from the export on the file *rel* (by descriptor), and the format
+    marker of the header it then has."""
     try:
         fd = tree.open_file(rel, os.O_RDONLY)
     except (FileNotFoundError, NotADirectoryError, TreeChanged):
@@ -159,5 +164,8 @@ def _import_one(tree: Tree, rel: str, raw: bytes, force: bool, report: HeadersRe
                 report.restored += 1
             else:
                 report.replaced += 1
+        if read_raw_header(fd) == raw:
+            version = FileHeader.parse(raw).version
+            report.markers += set_format_marker(fd, version) != version
     finally:
         os.close(fd)

@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 from conftest import BIN, Volume, make_volume, requires_fuse, run_as
 
+from kmsfs.format.content import mode_for_format
+from kmsfs.format.header import FORMAT_2
 from kmsfs.fs.fuseloop import PYFUSE3
 
 pytestmark = [requires_fuse, pytest.mark.mount]
@@ -91,7 +93,8 @@ def test_a_default_acl_is_not_narrowed_by_the_umask(shared_volume: Volume) -> No
     assert f"user:{NOBODY}:rw-\n" in text and "mask::rw-" in text, text
     assert stat.S_IMODE(os.stat(project / "f").st_mode) == 0o664
     assert stat.S_IMODE(os.stat(project / "d").st_mode) == 0o775
-    assert stat.S_IMODE(os.stat(shared_volume.backing_path("project/f")).st_mode) == 0o664
+    backing_mode = stat.S_IMODE(os.stat(shared_volume.backing_path("project/f")).st_mode)
+    assert backing_mode == mode_for_format(0o664, FORMAT_2)  # and the format marker
     appended = run_as(NOBODY, "sh", "-c", f"echo nobody >> {project / 'f'}")
     assert appended.returncode == 0, appended.stderr
     assert (project / "f").read_text() == "owner\nnobody\n"
@@ -105,7 +108,8 @@ def test_the_umask_applies_where_no_default_acl_rules(shared_volume: Volume) -> 
     modes = {name: stat.S_IMODE(os.stat(plain / name).st_mode) for name in ("f", "d", "p")}
     assert modes == {"f": 0o640, "d": 0o750, "p": 0o640}
     backing = shared_volume.backing_path("plain")
-    assert {n: stat.S_IMODE(os.stat(backing / n).st_mode) for n in modes} == modes
+    on_backing = {**modes, "f": mode_for_format(0o640, FORMAT_2)}  # a file: its format marker
+    assert {n: stat.S_IMODE(os.stat(backing / n).st_mode) for n in modes} == on_backing
 
 
 def test_cp_a_and_rsync_keep_acls_and_xattrs(shared_volume: Volume, tmp_path: Path) -> None:

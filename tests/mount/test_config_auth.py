@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from conftest import Volume, make_volume, requires_fuse, run_kmsfs
 from support.planted import Listener, build_planted_module
-from support.saved_volume import restore_saved_volume
+from support.saved_volume import check_saved_plaintext, restore_saved_volume
 
 from kmsfs.format.header import XATTR_NAME, FileHeader
 from kmsfs.format.volume import load_config
@@ -275,13 +275,6 @@ def test_init_makes_the_backing_root_0700(tmp_path: Path) -> None:
 # -- formats 1 and 2: saved volumes of earlier versions keep mounting, migrate, get pinned --
 
 
-def _check_plaintext(vol: Volume, saved: dict[str, Any]) -> None:
-    for rel, encoded in saved["plaintext"].items():
-        assert vol.path(rel).read_bytes() == base64.b64decode(encoded), rel
-    for rel, target in saved["symlinks"].items():
-        assert os.readlink(vol.path(rel)) == target
-
-
 SAVED = ["format1-local", "format1-passphrase", "format2-local", "format2-passphrase"]
 
 
@@ -308,7 +301,7 @@ def test_saved_volume_mounts_migrates_and_is_pinned(name: str, tmp_path: Path) -
         assert "pinned volume" in result.stderr and "on first use" in result.stderr
     try:
         vol.mount()
-        _check_plaintext(vol, saved)
+        check_saved_plaintext(vol, saved)
         assert f"from format {version} to format 3" in vol.log_text()
         config = load_config(vol.backing)
         assert (config.version, config.generation, config.chain) == (3, 1, [])
@@ -320,7 +313,7 @@ def test_saved_volume_mounts_migrates_and_is_pinned(name: str, tmp_path: Path) -
             assert pin.fingerprint == before.fingerprint
         vol.path("new.txt").write_bytes(b"written after migration")
         vol.remount()
-        _check_plaintext(vol, saved)
+        check_saved_plaintext(vol, saved)
         assert vol.path("new.txt").read_bytes() == b"written after migration"
     finally:
         vol.umount()

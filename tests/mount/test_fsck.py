@@ -9,7 +9,7 @@ from pathlib import Path
 from conftest import Volume, force_unmount, make_volume, requires_fuse, run_kmsfs
 
 BS = 4096
-BBS = BS + 28
+BBS = BS + 40  # files made through the mount are format 2
 
 
 def _write_files(vol: Volume) -> dict[str, bytes]:
@@ -78,7 +78,7 @@ def test_fsck_names_each_planted_fault(volume: Volume, tmp_path: Path) -> None:
     lines = result.stdout.splitlines()
     assert "flip block 1: block: block 1 failed authentication (modified or moved)" in lines
     assert any(line.startswith("cut_boundary block 1: block: block 1 (final)") for line in lines)
-    assert "cut_inside: size: backing size 4134 ends inside a block header" in lines
+    assert "cut_inside: size: backing size 4146 ends inside a block header" in lines
     assert "no_header: no-header: no kmsfs header: plaintext or lost xattr" in lines
     assert "dir/stray.txt: no-header: no kmsfs header: plaintext or lost xattr" in lines
     assert any(line.startswith("small: foreign: header of another volume") for line in lines)
@@ -183,3 +183,22 @@ def test_fsck_reports_entries_that_unwrap_to_different_keys(volume: Volume, tmp_
         ("d1/f00001", "key-mismatch"),
         ("d2/f00002", "unwrap"),
     }
+
+
+@requires_fuse
+def test_fsck_reports_a_wrong_format_marker(volume: Volume) -> None:
+    """The marker steers the sizes a mount shows (docs/FORMAT.md "The format marker"):
+    fsck names a file whose marker disagrees with its header, also with --quick."""
+    _write_files(volume)
+    os.chmod(volume.backing / "three_blocks", 0o644)  # format 2, marker lost
+    result = run_kmsfs("fsck", volume.backing, "--quick", *volume.key_args, check=False)
+    assert result.returncode == 5, result.stdout
+    assert (
+        "three_blocks: marker: the format marker (mode bit S_ISVTX) says file format 1, the"
+        " header 2: its size shows wrong through a mount until it is opened there (which"
+        " restores the marker)"
+    ) in result.stdout.splitlines()
+    volume.mount()
+    assert volume.path("three_blocks").read_bytes()  # opening it restores the marker
+    volume.umount()
+    assert run_kmsfs("fsck", volume.backing, *volume.key_args).returncode == 0

@@ -6,6 +6,7 @@ import json
 import os
 import random
 import signal
+import stat
 import subprocess
 import threading
 import time
@@ -13,8 +14,10 @@ from pathlib import Path
 
 import pytest
 from conftest import BIN, Volume, make_volume, requires_fuse, run_kmsfs
-from support.lifecycle_support import entry_refs, header_of, populate
+from support.lifecycle_support import entry_refs, header_of, populate, write_files
 
+from kmsfs.format.content import Layout
+from kmsfs.format.header import FORMAT_1, FORMAT_2
 from kmsfs.format.volume import load_config
 
 
@@ -442,6 +445,30 @@ def test_import_tree_byte_exact(tmp_path: Path) -> None:
     finally:
         force_unmount(vol.mountpoint)
     assert (vol.backing / "sparse").stat().st_blocks * 512 < 100_000
+    # every file is written in format 2, with its format marker
+    for rel in ("empty", "sparse", "linux/fs.h"):
+        assert header_of(vol.backing / rel).version == FORMAT_2, rel
+        assert (vol.backing / rel).stat().st_mode & stat.S_ISVTX, rel
+
+
+@requires_fuse
+def test_rekey_moves_format_1_files_to_format_2(volume: Volume) -> None:
+    contents = {"one": os.urandom(5 * 4096 + 7), "two": b"", "three": os.urandom(100)}
+    write_files(volume.backing, volume.key_file, contents, FORMAT_1)
+    os.chmod(volume.backing / "one", 0o600)
+    result = run_kmsfs("rekey", volume.backing, *volume.key_args)
+    assert "rekey: 3 files, 3 re-keyed" in result.stdout
+    for rel, data in contents.items():
+        assert header_of(volume.backing / rel).version == FORMAT_2, rel
+        backing = (volume.backing / rel).stat()
+        assert backing.st_size == Layout(4096, FORMAT_2).backing_size(len(data)), rel
+        assert backing.st_mode & stat.S_ISVTX, rel
+    assert stat.S_IMODE((volume.backing / "one").stat().st_mode) == 0o1600
+    assert run_kmsfs("fsck", volume.backing, *volume.key_args).returncode == 0
+    volume.mount()
+    _read_all(volume, contents)
+    assert stat.S_IMODE(volume.path("one").stat().st_mode) == 0o600
+    volume.umount()
 
 
 @requires_fuse
@@ -488,12 +515,15 @@ def test_headers_export_import(volume: Volume, tmp_path: Path) -> None:
     assert "exported 20 headers" in result.stdout
     lines = export.read_text().splitlines()
     assert json.loads(lines[0])["kmsfs_headers"] == 1 and len(lines) == 21
-    for rel in contents:  # a backup tool that drops xattrs
+    for rel in contents:  # a backup tool that drops xattrs and mode bits (cp -r)
         os.removexattr(volume.backing / rel, "user.kmsfs.header")
+        os.chmod(volume.backing / rel, 0o644)
     broken = run_kmsfs("fsck", volume.backing, *volume.key_args, check=False)
     assert broken.returncode == 5 and broken.stdout.count("no-header") == 20
     restored = run_kmsfs("headers", "import", volume.backing, export)
-    assert "20 restored" in restored.stdout
+    assert "20 restored" in restored.stdout and "20 format markers restored" in restored.stdout
+    for rel in contents:
+        assert stat.S_IMODE((volume.backing / rel).stat().st_mode) == 0o1644, rel
     assert run_kmsfs("fsck", volume.backing, *volume.key_args).returncode == 0
     assert "20 unchanged" in run_kmsfs("headers", "import", volume.backing, export).stdout
 

@@ -40,7 +40,7 @@ from conftest import (
 pytestmark = [requires_fuse, pytest.mark.mount]
 
 BS = 4096  # the default block size of the volumes made by the fixtures
-OVERHEAD = 28  # nonce (12) + tag (16) per block
+OVERHEAD = 40  # nonce (24) + tag (16) per block: files made through the mount are format 2
 SIZES = [0, 1, 4095, 4096, 4097, 8191, 8192, 8193, 3 * BS + 17]
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -734,8 +734,11 @@ def test_stat_sizes_and_blocks(mounted: Area) -> None:
         st = mounted.path(f"s{size}").stat()
         assert st.st_size == size
         assert stat.S_ISREG(st.st_mode)
+        assert not st.st_mode & stat.S_ISVTX  # the format marker is the backing file's only
         blocks = max(-(-size // BS), 1)
-        assert mounted.backing_path(f"s{size}").stat().st_size == size + blocks * OVERHEAD
+        backing = mounted.backing_path(f"s{size}").stat()
+        assert backing.st_size == size + blocks * OVERHEAD
+        assert backing.st_mode & stat.S_ISVTX
 
 
 # -- open files, persistence, offline decrypt, known plaintext ----------------

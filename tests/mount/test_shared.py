@@ -44,7 +44,7 @@ from conftest import (
 )
 
 from kmsfs.format.content import Layout
-from kmsfs.format.header import XATTR_NAME
+from kmsfs.format.header import FORMAT_2, XATTR_NAME
 from kmsfs.fs.shared import ofd_lock, ofd_unlock
 
 pytestmark = requires_fuse
@@ -434,7 +434,7 @@ def test_a_size_is_never_read_while_another_daemon_extends_the_file(cluster: Clu
     first.path("growing").write_bytes(b"g" * 5000)
     first.path("elsewhere").mkdir()
     assert second.path("elsewhere").is_dir()  # its entry is cached by the kernel
-    layout = Layout(BS)
+    layout = Layout(BS, FORMAT_2)
     backing = cluster.volume.backing / "growing"
     good_size = os.stat(backing).st_size
     assert layout.plain_size(good_size) == 5000
@@ -483,7 +483,7 @@ def test_a_read_waits_for_another_daemons_block_write_off_the_event_loop(
     first.path("blocks").write_bytes(b"a" * (3 * BS))
     first.path("elsewhere").mkdir()
     assert second.path("elsewhere").is_dir()  # its entry is cached by the kernel
-    bbs = Layout(BS).backing_block
+    bbs = Layout(BS, FORMAT_2).backing_block
     # opened before the lock is taken: an open waits for a file being written too
     writing = os.open(first.path("blocks"), os.O_RDWR)
     reading = os.open(second.path("blocks"), os.O_RDONLY)
@@ -1160,7 +1160,7 @@ def test_unmount_ends_the_daemon_at_once_while_a_killed_readers_read_waits(
     the deadline, which is what bounds it."""
     [mount] = cluster.shared(1, "shared_lock_timeout=60")
     mount.path("held").write_bytes(os.urandom(3 * BS))
-    cluster.hold_lock("held", 0, Layout(BS).backing_block)
+    cluster.hold_lock("held", 0, Layout(BS, FORMAT_2).backing_block)
     reader = cluster.waiters(mount.path("held"), readers=1, stats=0)
     wait_for("the read waiting", lambda: lock_waits(mount)["waiting"] == 1)
     start = time.monotonic()

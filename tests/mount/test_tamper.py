@@ -1,9 +1,11 @@
 """Tampering with the backing directory of a real mount: each case gives EIO, never wrong bytes.
 
-All victims are written through one mount, the volume is unmounted (the
-kernel caches pages, so tampering under a live mount would test the cache),
-every victim is tampered with in its own way, and the volume is mounted
-again.  Each case then checks that reading the victim fails with EIO and
+Every case runs on both file formats (docs/FORMAT.md "Content"): format 2, whose
+victims are written through one mount (new files are format 2), and format 1,
+whose victims are written offline as kmsfs before format 2 wrote them.  The
+volume is unmounted (the kernel caches pages, so tampering under a live mount
+would test the cache), every victim is tampered with in its own way, and the
+volume is mounted again.  Each case then checks that reading the victim fails with EIO and
 that the daemon logged an error line naming the file, while an untouched
 file beside it still reads correctly.
 
@@ -31,13 +33,14 @@ from pathlib import Path
 
 import pytest
 from conftest import Volume, force_unmount, fuse_available, make_volume, requires_fuse
+from support.lifecycle_support import write_files
+
+from kmsfs.format.content import NONCE_SIZES, OVERHEADS
+from kmsfs.format.header import FORMAT_1, FORMAT_2
 
 pytestmark = [requires_fuse, pytest.mark.mount]
 
 BS = 4096
-OVERHEAD = 28
-BBS = BS + OVERHEAD  # one backing block: nonce (12) || ciphertext (BS) || tag (16)
-NONCE = 12
 HEADER = "user.kmsfs.header"
 SIZE = 4 * BS + 1000  # four whole blocks and a partial final block (index 4)
 
@@ -54,15 +57,15 @@ def flip(path: Path, offset: int, mask: int = 0x01) -> None:
         f.write(bytes([byte[0] ^ mask]))
 
 
-def read_block(path: Path, index: int) -> bytes:
+def read_block(path: Path, index: int, bbs: int) -> bytes:
     with open(path, "rb") as f:
-        f.seek(index * BBS)
-        return f.read(BBS)
+        f.seek(index * bbs)
+        return f.read(bbs)
 
 
-def write_block(path: Path, index: int, data: bytes) -> None:
+def write_block(path: Path, index: int, data: bytes, bbs: int) -> None:
     with open(path, "r+b") as f:
-        f.seek(index * BBS)
+        f.seek(index * bbs)
         f.write(data)
 
 
@@ -85,83 +88,108 @@ def inverted(data: bytes, offset: int) -> bytes:
 
 @dataclass
 class Ctx:
-    """What a tampering function may use: the victim's and donors' backing paths."""
+    """What a tampering function may use: the victim's and donors' backing paths, and
+    the sizes of the victim's format: nonce, overhead (nonce + tag), backing block."""
 
     victim: Path
     donor: Path  # another file of the same volume, same size, written the same way
     foreign: Path  # a file of another volume (other master key)
+    version: int
+
+    @property
+    def nonce(self) -> int:
+        return NONCE_SIZES[self.version]
+
+    @property
+    def overhead(self) -> int:
+        return OVERHEADS[self.version]
+
+    @property
+    def bbs(self) -> int:
+        return BS + self.overhead
+
+    def read_block(self, path: Path, index: int) -> bytes:
+        return read_block(path, index, self.bbs)
+
+    def write_block(self, path: Path, index: int, data: bytes) -> None:
+        write_block(path, index, data, self.bbs)
+
+    def other_format(self) -> bytes:
+        """The version and suite bytes of the other file format."""
+        other = FORMAT_1 if self.version == FORMAT_2 else FORMAT_2
+        return bytes([other, other])
 
 
 Tamper = Callable[[Ctx], None]
 
 # Each case: (name, tamper, words one of which the daemon's log line must contain).
 CASES: list[tuple[str, Tamper, tuple[str, ...]]] = [
-    ("flip-ciphertext", lambda c: flip(c.victim, BBS + NONCE + 100), ("authentication",)),
-    ("flip-nonce", lambda c: flip(c.victim, 2 * BBS + 3), ("authentication",)),
-    ("flip-tag", lambda c: flip(c.victim, 2 * BBS - 1, 0x80), ("authentication",)),
-    ("flip-first-block", lambda c: flip(c.victim, NONCE), ("authentication",)),
-    ("flip-final-block", lambda c: flip(c.victim, 4 * BBS + NONCE + 999), ("authentication",)),
+    ("flip-ciphertext", lambda c: flip(c.victim, c.bbs + c.nonce + 100), ("authentication",)),
+    ("flip-nonce", lambda c: flip(c.victim, 2 * c.bbs + 3), ("authentication",)),
+    ("flip-tag", lambda c: flip(c.victim, 2 * c.bbs - 1, 0x80), ("authentication",)),
+    ("flip-first-block", lambda c: flip(c.victim, c.nonce), ("authentication",)),
+    ("flip-final-block", lambda c: flip(c.victim, 4 * c.bbs + c.nonce + 999), ("authentication",)),
     (
         "swap-blocks",
-        lambda c: (lambda b0, b1: (write_block(c.victim, 0, b1), write_block(c.victim, 1, b0)))(
-            read_block(c.victim, 0), read_block(c.victim, 1)
+        lambda c: (lambda b0, b1: (c.write_block(c.victim, 0, b1), c.write_block(c.victim, 1, b0)))(
+            c.read_block(c.victim, 0), c.read_block(c.victim, 1)
         ),
         ("authentication",),
     ),
     (
         "block-moved-within-file",
-        lambda c: write_block(c.victim, 1, read_block(c.victim, 3)),
+        lambda c: c.write_block(c.victim, 1, c.read_block(c.victim, 3)),
         ("authentication",),
     ),
     (
         "block-from-other-file",
-        lambda c: write_block(c.victim, 2, read_block(c.donor, 2)),
+        lambda c: c.write_block(c.victim, 2, c.read_block(c.donor, 2)),
         ("authentication",),
     ),
     (
         "final-block-from-other-file",
-        lambda c: write_block(c.victim, 4, read_block(c.donor, 4)),
+        lambda c: c.write_block(c.victim, 4, c.read_block(c.donor, 4)),
         ("authentication",),
     ),
     (
         "truncated-at-block-boundary",
-        lambda c: os.truncate(c.victim, 2 * BBS),
+        lambda c: os.truncate(c.victim, 2 * c.bbs),
         ("authentication", "truncated"),
     ),
     (
         "truncated-at-last-full-block",
-        lambda c: os.truncate(c.victim, 4 * BBS),
+        lambda c: os.truncate(c.victim, 4 * c.bbs),
         ("authentication", "truncated"),
     ),
     (
         "truncated-mid-block",
-        lambda c: os.truncate(c.victim, 2 * BBS + 500),
+        lambda c: os.truncate(c.victim, 2 * c.bbs + 500),
         ("authentication", "truncated"),
     ),
     (
         "truncated-inside-block-header",
-        lambda c: os.truncate(c.victim, 2 * BBS + 10),
+        lambda c: os.truncate(c.victim, 2 * c.bbs + 10),
         ("header", "cut short", "truncated"),
     ),
     (
         "truncated-to-one-empty-block",
-        lambda c: os.truncate(c.victim, 3 * BBS + OVERHEAD),
+        lambda c: os.truncate(c.victim, 3 * c.bbs + c.overhead),
         ("empty block", "authentication"),
     ),
     ("truncated-to-zero", lambda c: os.truncate(c.victim, 0), ("empty", "truncated")),
     (
         "extended-with-garbage-block",
-        lambda c: write_block(c.victim, 5, os.urandom(BBS)),
+        lambda c: c.write_block(c.victim, 5, os.urandom(c.bbs)),
         ("authentication",),
     ),
     (
         "final-block-zeroed",
-        lambda c: write_block(c.victim, 4, bytes(1000 + OVERHEAD)),
+        lambda c: c.write_block(c.victim, 4, bytes(1000 + c.overhead)),
         ("zeroed", "authentication"),
     ),
     (
         "middle-block-partly-zeroed",
-        lambda c: write_block(c.victim, 1, bytes(BBS - 1)),
+        lambda c: c.write_block(c.victim, 1, bytes(c.bbs - 1)),
         ("authentication",),
     ),
     ("header-removed", lambda c: os.removexattr(c.victim, HEADER), ("no kmsfs header",)),
@@ -234,6 +262,11 @@ CASES: list[tuple[str, Tamper, tuple[str, ...]]] = [
         lambda c: set_header(c.victim, header_of(c.victim)[:44] + b"\x00"),
         ("entr",),
     ),
+    (
+        "header-says-the-other-format",
+        lambda c: set_header(c.victim, patch(header_of(c.victim), 4, c.other_format())),
+        ("authentication", "size", "block"),
+    ),
 ]
 
 
@@ -243,13 +276,15 @@ class Lab:
 
     vol: Volume
     expected: dict[str, bytes]
+    version: int
 
 
-@pytest.fixture(scope="module")
-def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+@pytest.fixture(scope="module", params=[FORMAT_2, FORMAT_1], ids=["format-2", "format-1"])
+def lab(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[Lab]:
     if not fuse_available():
         pytest.skip("needs /dev/fuse")
-    root = tmp_path_factory.mktemp("tamper")
+    version = request.param
+    root = tmp_path_factory.mktemp(f"tamper-format{version}")
     other_root = root / "other-volume"
     other_root.mkdir()
     main_root = root / "volume"
@@ -261,32 +296,37 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         other.path("foreign").write_bytes(content(999))
         other.umount()
 
-        vol.mount()
         expected: dict[str, bytes] = {"untouched": content(0), "zero-hole": content(1)}
         for seed, (name, _, _) in enumerate(CASES, start=10):
             expected[f"victim-{name}"] = content(seed)
             expected[f"donor-{name}"] = content(seed + 1000)
-        for name, data in expected.items():
-            vol.path(name).write_bytes(data)
         # A whole-file replacement, accepted by the threat model: "replaced" becomes
         # a copy of "original" (header and content together).
-        vol.path("original").write_bytes(b"the original" * 500)
-        vol.path("replaced").write_bytes(b"the other one" * 700)
-        vol.umount()
+        files = {**expected, "original": b"the original" * 500, "replaced": b"the other one" * 700}
+        if version == FORMAT_2:
+            vol.mount()
+            for name, data in files.items():
+                vol.path(name).write_bytes(data)
+            vol.umount()
+        else:
+            write_files(vol.backing, vol.key_file, files, FORMAT_1)
 
         for name, tamper, _ in CASES:
             ctx = Ctx(
                 vol.backing_path(f"victim-{name}"),
                 vol.backing_path(f"donor-{name}"),
                 other.backing_path("foreign"),
+                version,
             )
+            assert header_of(ctx.victim)[4] == version
             tamper(ctx)
-        write_block(vol.backing_path("zero-hole"), 2, bytes(BBS))
+        bbs = BS + OVERHEADS[version]
+        write_block(vol.backing_path("zero-hole"), 2, bytes(bbs), bbs)
         shutil.copyfile(vol.backing_path("original"), vol.backing_path("replaced"))
         set_header(vol.backing_path("replaced"), header_of(vol.backing_path("original")))
 
         vol.mount()
-        yield Lab(vol, expected)
+        yield Lab(vol, expected, version)
         vol.umount()
     finally:
         force_unmount(vol.mountpoint)

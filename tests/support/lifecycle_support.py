@@ -6,9 +6,10 @@ import os
 from pathlib import Path
 
 from kmsfs.format.content import BlockCipher
-from kmsfs.format.header import XATTR_NAME, FileHeader
+from kmsfs.format.header import NEW_FILE_FORMAT, XATTR_NAME, FileHeader
 from kmsfs.format.volume import VolumeConfig
 from kmsfs.fs.content_file import ContentFile
+from kmsfs.fs.headerio import write_new_header
 from kmsfs.keys.keyring import Keyring
 from kmsfs.keys.provider import wipe
 from kmsfs.volume import open_volume
@@ -29,17 +30,36 @@ def populate(backing: Path, key_file: Path, count: int, size: int = 100) -> dict
     return contents
 
 
-def write_file(path: Path, config: VolumeConfig, keyring: Keyring, data: bytes) -> None:
-    """Create the backing file *path* holding *data*, encrypted as the daemon writes it."""
-    header, cipher = keyring.new_file_cipher(config.block_size)
+def write_file(
+    path: Path,
+    config: VolumeConfig,
+    keyring: Keyring,
+    data: bytes,
+    version: int = NEW_FILE_FORMAT,
+) -> None:
+    """Create the backing file *path* holding *data*, encrypted as the daemon writes it, in
+    file format *version* (format 1: as kmsfs before format 2 wrote it)."""
+    header, cipher = keyring.new_file_cipher(config.block_size, version=version)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
     try:
-        os.setxattr(fd, XATTR_NAME, header.pack())
+        write_new_header(fd, header)
         content = ContentFile(fd, cipher, 0, lambda: str(path))
         content.write_empty()
         content.write(0, data)
     finally:
         os.close(fd)
+
+
+def write_files(
+    backing: Path, key_file: Path, files: dict[str, bytes], version: int = NEW_FILE_FORMAT
+) -> None:
+    """``write_file`` for each name of *files* (relative to the unmounted *backing*)."""
+    config, keyring = open_volume(backing, {"key_file": str(key_file)})
+    try:
+        for rel, data in files.items():
+            write_file(backing / rel, config, keyring, data, version)
+    finally:
+        keyring.close()
 
 
 def header_of(path: Path) -> FileHeader:

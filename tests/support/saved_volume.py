@@ -15,7 +15,12 @@ import os
 import stat
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from conftest import Volume
+
+DATA = Path(__file__).parent.parent / "data" / "volumes"
 
 
 def dump_volume(backing: Path) -> dict[str, Any]:
@@ -59,13 +64,12 @@ def restore_volume(saved: dict[str, Any], backing: Path) -> None:
             path.chmod(entry["mode"])
 
 
-DATA = Path(__file__).resolve().parents[1] / "data" / "volumes"
-
-
-def restore_saved_volume(name: str, tmp_path: Path) -> tuple[Any, dict[str, Any], list[str]]:
-    """The saved volume *name* (``format1-local``...) as a conftest ``Volume`` under
-    *tmp_path*, its secrets written beside it (0600); returns (volume, the saved JSON,
-    the key options naming its key)."""
+def restore_saved_volume(name: str, tmp_path: Path) -> tuple[Volume, dict[str, Any], list[str]]:
+    """The saved volume *name* (``format1-local``, ``format2-passphrase``...: its config
+    format and key; every saved volume's files are file format 1) restored as a
+    conftest ``Volume`` under *tmp_path*, not mounted, its key file or passphrase file
+    written beside it (0600); returns (volume, the saved JSON, the key options naming
+    its key)."""
     from conftest import make_volume
 
     saved = json.loads((DATA / f"{name}.json").read_text())
@@ -83,6 +87,14 @@ def restore_saved_volume(name: str, tmp_path: Path) -> tuple[Any, dict[str, Any]
         args = ["--passphrase-file", str(secret)]
     vol.key_args = args
     return vol, saved, args
+
+
+def check_saved_plaintext(vol: Volume, saved: dict[str, Any]) -> None:
+    """Every file and symlink of the saved volume reads as saved through *vol*'s mount."""
+    for rel, encoded in saved["plaintext"].items():
+        assert vol.path(rel).read_bytes() == base64.b64decode(encoded), rel
+    for rel, target in saved["symlinks"].items():
+        assert os.readlink(vol.path(rel)) == target
 
 
 if __name__ == "__main__":

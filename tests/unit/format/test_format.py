@@ -1,4 +1,5 @@
-"""The format layer against docs/FORMAT.md: pinned vectors, an independent decoder, bad input."""
+"""The format layer against docs/FORMAT.md: pinned vectors, an independent decoder (both
+file formats, XAES-256-GCM included), the C2SP XAES-256-GCM vectors, bad input."""
 
 from __future__ import annotations
 
@@ -7,13 +8,24 @@ import struct
 
 import pytest
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from support.format_vectors import load_vectors
 
 from kmsfs.errors import ConfigError, FormatError, IntegrityError, WrongKeyError
-from kmsfs.format.content import OVERHEAD, BlockCipher, Layout, derive_content_key
-from kmsfs.format.header import MAX_HEADER_SIZE, FileHeader, WrappedKey
+from kmsfs.format.content import (
+    CIPHERS,
+    OVERHEADS,
+    BlockCipher,
+    GcmBlockCipher,
+    Layout,
+    XaesBlockCipher,
+    derive_content_key,
+    format_of_mode,
+    mode_for_format,
+)
+from kmsfs.format.header import FORMAT_1, FORMAT_2, MAX_HEADER_SIZE, FileHeader, WrappedKey
 from kmsfs.format.volume import KeyConfig, VolumeConfig
 from kmsfs.keys.local import LocalProvider, parse_key_file
 from kmsfs.keys.provider import KeyContext
@@ -34,11 +46,31 @@ def hkdf(key: bytes, info: bytes, length: int = 32) -> bytes:
 # -- an independent decoder written from docs/FORMAT.md alone ------------------
 
 
+def spec_aes(key: bytes, block: bytes) -> bytes:
+    """AES-256 of one 16-byte block (the ECB of one block)."""
+    return Cipher(algorithms.AES(key), modes.ECB()).encryptor().update(block)
+
+
+def spec_xaes_key(key: bytes, nonce: bytes) -> bytes:
+    """K_X of XAES-256-GCM, step by step as docs/FORMAT.md writes it."""
+    top = spec_aes(key, bytes(16))
+    shifted = bytearray(
+        (top[i] << 1 | (top[i + 1] >> 7 if i < 15 else 0)) & 0xFF for i in range(16)
+    )
+    if top[0] & 0x80:
+        shifted[15] ^= 0x87
+    k1 = bytes(shifted)
+    m1 = b"\x00\x01X\x00" + nonce[:12]
+    m2 = b"\x00\x02X\x00" + nonce[:12]
+    xor = lambda a, b: bytes(x ^ y for x, y in zip(a, b, strict=True))  # noqa: E731
+    return spec_aes(key, xor(m1, k1)) + spec_aes(key, xor(m2, k1))
+
+
 def spec_decrypt(master: bytes, header: bytes, body: bytes) -> bytes:
     magic, version, suite, flags, bs, volume_id, file_id, count = struct.unpack_from(
         ">4sBBHI16s16sB", header
     )
-    assert (magic, version, suite, flags, count) == (b"KMFH", 1, 1, 0, 1)
+    assert (magic, suite, flags, count) == (b"KMFH", version, 0, 1)
     pos = 45
     plen = header[pos]
     provider = header[pos + 1 : pos + 1 + plen]
@@ -54,20 +86,31 @@ def spec_decrypt(master: bytes, header: bytes, body: bytes) -> bytes:
         for part in (key.encode(), value.encode()):
             aad += len(part).to_bytes(2, "big") + part
     file_key = AESGCM(hkdf(master, b"kmsfs/v1/local-wrap")).decrypt(blob[1:13], blob[13:], aad)
-    content_key = hkdf(file_key, b"kmsfs/v1/content" + struct.pack(">BI", suite, bs) + file_id)
-    full, rest = divmod(len(body), bs + 28)
+    label = b"kmsfs/v%d/content" % version
+    content_key = hkdf(file_key, label + struct.pack(">BI", suite, bs) + file_id)
+    nonce_size = {1: 12, 2: 24}[version]
+    bbs = bs + nonce_size + 16
+    full, rest = divmod(len(body), bbs)
     nblocks = full + (1 if rest else 0)
     out = b""
     for i in range(nblocks):
-        block = body[i * (bs + 28) : (i + 1) * (bs + 28)]
+        block = body[i * bbs : (i + 1) * bbs]
         last = i == nblocks - 1
         block_aad = file_id + i.to_bytes(8, "big") + bytes([last])
-        out += AESGCM(content_key).decrypt(block[:12], block[12:], block_aad)
+        nonce, sealed = block[:nonce_size], block[nonce_size:]
+        if version == 1:
+            out += AESGCM(content_key).decrypt(nonce, sealed, block_aad)
+        else:
+            out += AESGCM(spec_xaes_key(content_key, nonce)).decrypt(nonce[12:], sealed, block_aad)
     return out
 
 
 def test_spec_decoder_reads_the_vector() -> None:
     assert spec_decrypt(h("master_key"), h("header"), h("ciphertext")) == PLAINTEXT
+
+
+def test_spec_decoder_reads_the_format_2_vector() -> None:
+    assert spec_decrypt(h("master_key"), h("v2_header"), h("v2_ciphertext")) == PLAINTEXT
 
 
 def test_kmsfs_matches_every_vector() -> None:
@@ -89,10 +132,39 @@ def test_kmsfs_matches_every_vector() -> None:
         512,
     )
     assert header.entries == (wrapped,)
+    assert (header.version, header.suite) == (FORMAT_1, 1)
     assert derive_content_key(h("file_key"), header) == h("content_key")
     cipher = BlockCipher.for_file(h("file_key"), header)
+    assert isinstance(cipher, GcmBlockCipher)
     assert bytes(cipher.open(0, h("ciphertext"), 1, "vector")) == PLAINTEXT
-    assert Layout(512).plain_size(len(h("ciphertext"))) == len(PLAINTEXT)
+    assert Layout(512, FORMAT_1).plain_size(len(h("ciphertext"))) == len(PLAINTEXT)
+
+
+def test_kmsfs_matches_every_format_2_vector() -> None:
+    from kmsfs.format.xaes import Xaes256Gcm, cmac_subkey
+
+    provider = LocalProvider(h("master_key"), {})
+    context = KeyContext(h("volume_id"), h("v2_file_id"))
+    assert context.aad() == h("v2_context_aad")
+    wrapped = WrappedKey("local", V["key_ref"], h("v2_wrapped_file_key"))
+    assert bytes(provider.unwrap(wrapped, context)) == h("file_key")
+    header = FileHeader.parse(h("v2_header"))
+    assert header.pack() == h("v2_header")
+    assert (header.version, header.suite, header.file_id) == (FORMAT_2, 2, h("v2_file_id"))
+    assert header == FileHeader.new(h("volume_id"), h("v2_file_id"), 512, (wrapped,))
+    assert derive_content_key(h("file_key"), header) == h("v2_content_key")
+    prefix = bytes([0x74]) * 12
+    assert cmac_subkey(spec_aes(h("v2_content_key"), bytes(16))) == h("v2_xaes_k1")
+    assert spec_xaes_key(h("v2_content_key"), prefix) == h("v2_derived_key")
+    assert bytes(Xaes256Gcm(h("v2_content_key")).derive_key(prefix)) == h("v2_derived_key")
+    cipher = BlockCipher.for_file(h("file_key"), header)
+    assert isinstance(cipher, XaesBlockCipher)
+    assert bytes(cipher.open(0, h("v2_ciphertext"), 1, "vector")) == PLAINTEXT
+    assert Layout(512, FORMAT_2).plain_size(len(h("v2_ciphertext"))) == len(PLAINTEXT)
+    # the two blocks share the prefix they were sealed under, not their own bytes
+    body = h("v2_ciphertext")
+    assert body[:12] == body[552 : 552 + 12] == prefix
+    assert body[12:24] != body[564:576]
 
 
 def spec_config_tags(volume_key: bytes, config: dict[str, object]) -> dict[str, bytes]:
@@ -211,35 +283,101 @@ def test_volume_config_vector() -> None:
         config.verify(volume_key)
 
 
-def test_seal_round_trip_and_fresh_nonces() -> None:
-    cipher = BlockCipher(bytes(32), bytes(16), 512)
+FORMATS = pytest.mark.parametrize("version", [FORMAT_1, FORMAT_2])
+
+
+@FORMATS
+def test_seal_round_trip_and_fresh_nonces(version: int) -> None:
+    cipher = CIPHERS[version](bytes(32), bytes(16), 512)
     sealed = cipher.seal(0, PLAINTEXT, 1)
-    assert len(sealed) == len(PLAINTEXT) + 2 * OVERHEAD
+    assert len(sealed) == len(PLAINTEXT) + 2 * OVERHEADS[version]
     assert bytes(cipher.open(0, sealed, 1, "x")) == PLAINTEXT
     assert cipher.seal(0, PLAINTEXT, 1) != sealed  # random nonces
+
+
+def test_format_2_shares_a_nonce_prefix_for_prefix_blocks_blocks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One random 12-byte prefix for PREFIX_BLOCKS blocks sealed in a row, across calls
+    (one key derivation for them), 12 random bytes of each block's own; then another."""
+    from kmsfs.format import content
+
+    monkeypatch.setattr(content, "PREFIX_BLOCKS", 4)
+    cipher = XaesBlockCipher(bytes(32), bytes(16), 512)
+    bbs = 512 + 40
+
+    def nonces(sealed: bytearray) -> list[bytes]:
+        return [bytes(sealed[i : i + 24]) for i in range(0, len(sealed), bbs)]
+
+    calls = [
+        cipher.seal(0, bytes(512 * 3), 2),  # blocks 1-3 of prefix A
+        cipher.seal(3, bytes(512), 3),  # the 4th of A
+        cipher.seal(4, bytes(512 * 2), 5),  # 4 + 2 > 4: prefix B
+        cipher.seal(0, bytes(512 * 9), 8),  # 2 + 4 > 4: C for 4 blocks, D for 4, E for 1
+    ]
+    prefixes = [n[:12] for call in calls for n in nonces(call)]
+    assert len(prefixes) == 15
+    runs = [prefixes[:4], prefixes[4:6], prefixes[6:10], prefixes[10:14], prefixes[14:]]
+    assert all(len(set(run)) == 1 for run in runs)
+    assert len({run[0] for run in runs}) == 5
+    own = [n[12:] for call in calls for n in nonces(call)]
+    assert len(set(own)) == 15
+    assert bytes(cipher.open(0, calls[3], 8, "x")) == bytes(512 * 9)
+    other = XaesBlockCipher(bytes(32), bytes(16), 512)  # another open: another prefix
+    assert bytes(other.seal(0, b"", 0)[:12]) not in prefixes
+
+
+def test_format_2_open_derives_one_key_per_prefix(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reading blocks written by two opens (two prefixes) derives two keys: consecutive
+    blocks of one prefix reuse the key, and a block read again finds it kept."""
+    from kmsfs.format.xaes import Xaes256Gcm
+
+    key = bytes(range(32))
+    first, second = (XaesBlockCipher(key, bytes(16), 512) for _ in range(2))
+    data = first.seal(0, PLAINTEXT[:512] * 3, 3) + second.seal(3, PLAINTEXT[512:], 3)
+    reader = XaesBlockCipher(key, bytes(16), 512)
+    derived: list[bytes] = []
+    original = Xaes256Gcm._derive_into
+    monkeypatch.setattr(
+        Xaes256Gcm,
+        "_derive_into",
+        lambda self, p, out: derived.append(p) or original(self, p, out),
+    )
+    assert bytes(reader.open(0, data, 3, "x")) == PLAINTEXT[:512] * 3 + PLAINTEXT[512:]
+    assert derived == [bytes(data[:12]), bytes(data[3 * 552 : 3 * 552 + 12])]
+    reader.open(1, data[552:1104], 3, "x")
+    reader.open(3, data[3 * 552 :], 3, "x")
+    assert len(derived) == 2  # kept
 
 
 # -- tampering at the block level ---------------------------------------------
 
 
-@pytest.fixture
-def sealed() -> tuple[BlockCipher, bytes]:
-    cipher = BlockCipher.for_file(h("file_key"), FileHeader.parse(h("header")))
-    return cipher, h("ciphertext")
+@pytest.fixture(params=[FORMAT_1, FORMAT_2], ids=["format-1", "format-2"])
+def sealed(request: pytest.FixtureRequest) -> tuple[BlockCipher, bytes]:
+    prefix = "" if request.param == FORMAT_1 else "v2_"
+    cipher = BlockCipher.for_file(h("file_key"), FileHeader.parse(h(f"{prefix}header")))
+    return cipher, h(f"{prefix}ciphertext")
 
 
-@pytest.mark.parametrize("offset", [0, 11, 12, 300, 539, 540, 600, 655])
-def test_bit_flip_anywhere_fails(sealed: tuple[BlockCipher, bytes], offset: int) -> None:
+def block_offsets(cipher: BlockCipher) -> list[int]:
+    """Bytes to flip: nonce (first, last), ciphertext, tag of both blocks."""
+    bbs, nonce = cipher.layout.backing_block, cipher.layout.overhead - 16
+    return [0, nonce - 1, nonce, 300, bbs - 1, bbs, bbs + nonce + 40, bbs + nonce + 88 + 15]
+
+
+@pytest.mark.parametrize("which", range(8))
+def test_bit_flip_anywhere_fails(sealed: tuple[BlockCipher, bytes], which: int) -> None:
     cipher, data = sealed
     flipped = bytearray(data)
-    flipped[offset] ^= 0x01
+    flipped[block_offsets(cipher)[which]] ^= 0x01
     with pytest.raises(IntegrityError, match=r"f: block [01]"):
         cipher.open(0, flipped, 1, "f")
 
 
 def test_swapped_position_fails(sealed: tuple[BlockCipher, bytes]) -> None:
     cipher, data = sealed
-    first = data[:540]
+    first = data[: cipher.layout.backing_block]
     with pytest.raises(IntegrityError, match="block 1"):
         cipher.open(1, first, 1, "f")
 
@@ -247,27 +385,41 @@ def test_swapped_position_fails(sealed: tuple[BlockCipher, bytes]) -> None:
 def test_truncation_at_block_boundary_fails(sealed: tuple[BlockCipher, bytes]) -> None:
     cipher, data = sealed
     with pytest.raises(IntegrityError, match="final"):
-        cipher.open(0, data[:540], 0, "f")
+        cipher.open(0, data[: cipher.layout.backing_block], 0, "f")
 
 
 def test_other_file_id_fails(sealed: tuple[BlockCipher, bytes]) -> None:
-    _, data = sealed
-    other = FileHeader(h("volume_id"), bytes(16), 512, FileHeader.parse(h("header")).entries)
+    real, data = sealed
+    header = FileHeader.parse(h("v2_header" if real.version == FORMAT_2 else "header"))
+    other = FileHeader.new(h("volume_id"), bytes(16), 512, header.entries, header.version)
     cipher = BlockCipher.for_file(h("file_key"), other)
     with pytest.raises(IntegrityError):
         cipher.open(0, data, 1, "f")
 
 
+def test_other_format_fails(sealed: tuple[BlockCipher, bytes]) -> None:
+    """A header edited to say the other format: another content key, another layout."""
+    real, data = sealed
+    header = FileHeader.parse(h("v2_header" if real.version == FORMAT_2 else "header"))
+    other_version = FORMAT_1 if real.version == FORMAT_2 else FORMAT_2
+    other = FileHeader.new(h("volume_id"), header.file_id, 512, header.entries, other_version)
+    cipher = BlockCipher.for_file(h("file_key"), other)
+    with pytest.raises(IntegrityError):
+        cipher.open(0, data, cipher.layout.final_index(cipher.layout.plain_size(len(data))), "f")
+
+
 def test_zeroed_middle_block_is_a_hole_but_final_is_not(sealed: tuple[BlockCipher, bytes]) -> None:
     cipher, data = sealed
-    holed = bytes(540) + data[540:]
+    bbs = cipher.layout.backing_block
+    holed = bytes(bbs) + data[bbs:]
     assert bytes(cipher.open(0, holed, 1, "f")) == bytes(512) + PLAINTEXT[512:]
     with pytest.raises(IntegrityError, match="zeroed"):
-        cipher.open(0, data[:540] + bytes(len(data) - 540), 1, "f")
+        cipher.open(0, data[:bbs] + bytes(len(data) - bbs), 1, "f")
 
 
-def test_middle_block_sealed_as_final_is_tolerated() -> None:
-    cipher = BlockCipher(bytes(32), bytes(16), 512)
+@FORMATS
+def test_middle_block_sealed_as_final_is_tolerated(version: int) -> None:
+    cipher = CIPHERS[version](bytes(32), bytes(16), 512)
     first = cipher.seal(0, PLAINTEXT[:512], 0)  # sealed when it was the final block
     second = cipher.seal(1, PLAINTEXT[512:], 1)
     assert bytes(cipher.open(0, first + second, 1, "f")) == PLAINTEXT
@@ -276,21 +428,42 @@ def test_middle_block_sealed_as_final_is_tolerated() -> None:
 # -- sizes ----------------------------------------------------------------------
 
 
+@FORMATS
 @pytest.mark.parametrize("size", [0, 1, 511, 512, 513, 1024, 5000])
-def test_layout_round_trip(size: int) -> None:
-    layout = Layout(512)
+def test_layout_round_trip(size: int, version: int) -> None:
+    layout = Layout(512, version)
     backing = layout.backing_size(size)
+    blocks = max(-(-size // 512), 1)
+    assert backing == size + blocks * OVERHEADS[version]
     assert layout.plain_size(backing) == size
     layout.check_backing_size(backing, "f")
 
 
-@pytest.mark.parametrize(
-    ("backing", "message"),
-    [(0, "empty"), (10, "inside a block header"), (540 + 28, "unexpected empty block")],
-)
-def test_layout_rejects_impossible_sizes(backing: int, message: str) -> None:
-    with pytest.raises(IntegrityError, match=message):
-        Layout(512).check_backing_size(backing, "f")
+def test_overheads_are_the_documented_ones() -> None:
+    assert OVERHEADS == {FORMAT_1: 28, FORMAT_2: 40}
+    # 1080 backing bytes: 1000 plaintext bytes in format 2, 1024 in format 1 (a wrong marker
+    # shows the one for the other)
+    assert Layout(512, FORMAT_2).backing_size(1000) == 552 + 488 + 40 == 1080
+    assert Layout(512, FORMAT_1).backing_size(1024) == 2 * 540 == 1080
+    assert Layout(512, FORMAT_1).plain_size(1080) == 1024
+    assert Layout(512, FORMAT_2).plain_size(1080) == 1000
+
+
+@FORMATS
+@pytest.mark.parametrize("what", ["empty", "inside a block header", "unexpected empty block"])
+def test_layout_rejects_impossible_sizes(version: int, what: str) -> None:
+    overhead = OVERHEADS[version]
+    backing = {"empty": 0, "inside a block header": overhead - 1}.get(what, 512 + 2 * overhead)
+    with pytest.raises(IntegrityError, match=what):
+        Layout(512, version).check_backing_size(backing, "f")
+
+
+def test_the_format_marker_is_the_sticky_bit() -> None:
+    assert format_of_mode(0o100644) == FORMAT_1
+    assert format_of_mode(0o101644) == FORMAT_2
+    assert mode_for_format(0o101755, FORMAT_1) == 0o755
+    assert mode_for_format(0o100644, FORMAT_2) == 0o1644
+    assert mode_for_format(0o104600, FORMAT_2) == 0o5600  # set-user-ID kept
 
 
 # -- header parsing ---------------------------------------------------------------
@@ -301,7 +474,9 @@ def test_layout_rejects_impossible_sizes(backing: int, message: str) -> None:
     [
         (lambda b: b[:10], "at least 45"),
         (lambda b: b"XXXX" + b[4:], "magic"),
-        (lambda b: b[:4] + b"\x02" + b[5:], "version 2"),
+        (lambda b: b[:4] + b"\x03" + b[5:], "version 3: this kmsfs reads versions 1 and 2"),
+        (lambda b: b[:4] + b"\x02" + b[5:], "suite 1: file format 2 uses suite 2"),
+        (lambda b: b[:5] + b"\x02" + b[6:], "suite 2: file format 1 uses suite 1"),
         (lambda b: b[:5] + b"\x07" + b[6:], "suite 7"),
         (lambda b: b[:6] + b"\x00\x01" + b[8:], "flags"),
         (lambda b: b[:8] + (1000).to_bytes(4, "big") + b[12:], "block size 1000"),

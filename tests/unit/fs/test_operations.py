@@ -9,7 +9,9 @@ place one is chosen) and the namespace and content operations end to end.
 from __future__ import annotations
 
 import errno
+import logging
 import os
+import stat
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable, Iterator
@@ -21,9 +23,11 @@ import pyfuse3
 import pytest
 import trio
 from conftest import make_volume
+from support.lifecycle_support import header_of, write_file
 
 from kmsfs.errors import IntegrityError, KeyAccessDenied, KeyUnavailable, WrongKeyError
-from kmsfs.format.header import XATTR_NAME
+from kmsfs.format.content import Layout
+from kmsfs.format.header import FORMAT_1, FORMAT_2, XATTR_NAME
 from kmsfs.fs.operations import KmsfsOperations, errno_for, serve_volume
 from kmsfs.volume import open_volume
 
@@ -92,6 +96,116 @@ def test_create_write_read_back_and_backing_is_ciphertext(ops: KmsfsOperations) 
     backing = Path(ops.backing, "f").read_bytes()
     assert data[:4096] not in backing and len(backing) > len(data)
     assert os.getxattr(Path(ops.backing, "f"), XATTR_NAME)
+
+
+# -- file formats and the format marker (docs/FORMAT.md "The format marker") ------------
+
+
+def test_new_files_are_format_2_with_the_marker_never_shown(ops: KmsfsOperations) -> None:
+    path = Path(ops.backing, "f")
+
+    async def main() -> None:
+        inode = await create(ops, b"f", b"x" * 5000)
+        assert header_of(path).version == FORMAT_2
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o1644
+        assert os.stat(path).st_size == 4096 + 40 + 904 + 40
+        attr = await ops.getattr(inode, CTX)
+        assert (attr.st_mode, attr.st_size) == (stat.S_IFREG | 0o644, 5000)
+        await ops.forget([(inode, 1)])  # sizes from the marker now, not the header
+        attr = await ops.lookup(ROOT, b"f", CTX)
+        assert (attr.st_mode, attr.st_size) == (stat.S_IFREG | 0o644, 5000)
+        # chmod keeps the marker whatever is asked, and shows none
+        for asked, backing in ((0o600, 0o1600), (0o1640, 0o1640)):
+            attr.st_mode = stat.S_IFREG | asked
+            attr = await ops.setattr(inode, attr, fields(mode=True), None, CTX)
+            assert stat.S_IMODE(os.stat(path).st_mode) == backing
+            assert attr.st_mode == stat.S_IFREG | (asked & 0o777)
+
+    run(main)
+
+
+def test_a_format_1_file_stays_format_1_and_drops_a_requested_sticky_bit(
+    ops: KmsfsOperations,
+) -> None:
+    path = Path(ops.backing, "old")
+    write_file(path, ops.config, ops.keyring, b"a" * 5000, FORMAT_1)
+
+    async def main() -> None:
+        attr = await ops.lookup(ROOT, b"old", CTX)
+        assert attr.st_size == 5000
+        fh = (await ops.open(attr.st_ino, os.O_RDWR, CTX)).fh
+        await ops.write(fh, 5000, b"b" * 5000)
+        await ops.release(fh)
+        assert await read_all(ops, attr.st_ino) == b"a" * 5000 + b"b" * 5000
+        assert header_of(path).version == FORMAT_1
+        assert os.stat(path).st_size == Layout(4096, FORMAT_1).backing_size(10_000)
+        attr.st_mode = stat.S_IFREG | 0o1600
+        await ops.setattr(attr.st_ino, attr, fields(mode=True), None, CTX)
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600  # +t would say format 2
+
+    run(main)
+
+
+def test_a_lost_marker_is_restored_at_open_and_the_kernel_sent_to_look_again(
+    ops: KmsfsOperations, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The attack: a format-2 file whose marker was removed shows a format-1 size.  At
+    open the header decides: the marker is restored, and, since the kernel holds the
+    wrong size (it keeps sizes itself under the writeback cache), the open answers
+    ESTALE with a new generation, on which the kernel looks the file up again."""
+    data = os.urandom(5000)
+    path = Path(ops.backing, "m")
+
+    async def main() -> None:
+        inode = await create(ops, b"m", data)
+        await ops.forget([(inode, 1)])
+        os.chmod(path, 0o644)  # a copy that dropped mode bits, or an attacker
+        shown = await ops.lookup(ROOT, b"m", CTX)
+        assert shown.st_size == Layout(4096, FORMAT_1).plain_size(os.stat(path).st_size) == 5024
+        with pytest.raises(pyfuse3.FUSEError) as info:
+            await ops.open(inode, os.O_RDONLY, CTX)
+        assert info.value.errno == errno.ESTALE
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o1644
+        again = await ops.lookup(ROOT, b"m", CTX)
+        assert (again.st_size, again.generation) == (5000, shown.generation + 1)
+        assert await read_all(ops, inode) == data
+        os.chmod(path, 0o644)  # while the daemon knows the file, the header decides
+        assert (await ops.lookup(ROOT, b"m", CTX)).st_size == 5000
+
+    with caplog.at_level(logging.INFO, logger="kmsfs.fs"):
+        run(main)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(
+        m.startswith(
+            "/m: the backing file's format marker (mode bit S_ISVTX) said file format 1,"
+            " its header says 2"
+        )
+        and m.endswith("marker restored")
+        for m in messages
+    ), messages
+
+
+def test_a_marker_flipped_back_before_the_open_still_sends_the_kernel_to_look_again(
+    ops: KmsfsOperations,
+) -> None:
+    """The race: the marker is wrong when the kernel gets the size and right again when
+    the file is opened.  The open still answers ESTALE: what counts is the size shown."""
+    path = Path(ops.backing, "r")
+
+    async def main() -> None:
+        inode = await create(ops, b"r", b"r" * 5000)
+        await ops.forget([(inode, 1)])
+        os.chmod(path, 0o644)
+        shown = await ops.lookup(ROOT, b"r", CTX)
+        assert shown.st_size != 5000
+        os.chmod(path, 0o1644)
+        with pytest.raises(pyfuse3.FUSEError) as info:
+            await ops.open(inode, os.O_RDONLY, CTX)
+        assert info.value.errno == errno.ESTALE
+        assert (await ops.lookup(ROOT, b"r", CTX)).st_size == 5000
+        assert await read_all(ops, inode) == b"r" * 5000
+
+    run(main)
 
 
 def test_truncate_extends_with_zeros_and_shrinks(ops: KmsfsOperations) -> None:
@@ -299,10 +413,10 @@ def test_backing_cut_inside_a_block_header_gives_eio_naming_the_file(
     ops: KmsfsOperations, caplog: pytest.LogCaptureFixture
 ) -> None:
     inode = run(lambda: create(ops, b"cut", b"x" * 5000))
-    os.truncate(Path(ops.backing, "cut"), 4096 + 28 + 10)
+    os.truncate(Path(ops.backing, "cut"), 4096 + 40 + 10)  # a format-2 file: 40 bytes a block
     assert fuse_errno(lambda: ops.open(inode, os.O_RDONLY, CTX)) == errno.EIO
     messages = [r.getMessage() for r in caplog.records]
-    wanted = "/cut: backing size 4134 ends inside a block header"
+    wanted = "/cut: backing size 4146 ends inside a block header"
     assert any(wanted in m for m in messages), messages
 
 

@@ -14,7 +14,8 @@ from typing import TypeVar
 
 import pytest
 
-from kmsfs.format.content import BlockCipher
+from kmsfs.format.content import OVERHEADS, XaesBlockCipher
+from kmsfs.format.header import FORMAT_2
 from kmsfs.fs.content_file import ContentFile
 from kmsfs.fs.shared import (
     LockBusy,
@@ -43,7 +44,7 @@ def retrying(call: Callable[[], T]) -> T:
 
 def opened(path: Path) -> SharedContentFile:
     fd = os.open(path, os.O_RDWR)
-    return SharedContentFile.open(fd, BlockCipher(KEY, FILE_ID, BS), lambda: str(path))
+    return SharedContentFile.open(fd, XaesBlockCipher(KEY, FILE_ID, BS), lambda: str(path))
 
 
 def test_two_descriptions_writing_disjoint_bytes_of_new_blocks_keep_both(tmp_path: Path) -> None:
@@ -52,7 +53,7 @@ def test_two_descriptions_writing_disjoint_bytes_of_new_blocks_keep_both(tmp_pat
     every block authenticates (read back through a third description)."""
     path = tmp_path / "f"
     fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
-    SharedContentFile(fd, BlockCipher(KEY, FILE_ID, BS), 0, lambda: "f").write_empty()
+    SharedContentFile(fd, XaesBlockCipher(KEY, FILE_ID, BS), 0, lambda: "f").write_empty()
     os.close(fd)
     files = [opened(path), opened(path)]
     barrier = threading.Barrier(2)
@@ -91,7 +92,7 @@ def test_size_is_taken_from_the_backing_file_not_from_memory(tmp_path: Path) -> 
     """A description that saw a short file reads and extends what another grew since."""
     path = tmp_path / "f"
     fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
-    SharedContentFile(fd, BlockCipher(KEY, FILE_ID, BS), 0, lambda: "f").write_empty()
+    SharedContentFile(fd, XaesBlockCipher(KEY, FILE_ID, BS), 0, lambda: "f").write_empty()
     os.close(fd)
     first, second = opened(path), opened(path)
     first.write(0, b"a" * 5000)
@@ -114,7 +115,7 @@ def test_a_held_lock_makes_the_other_description_refuse_at_once_and_do_nothing(
     stand in its way; once the lock is released the same calls succeed."""
     path = tmp_path / "f"
     fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
-    SharedContentFile(fd, BlockCipher(KEY, FILE_ID, BS), 0, lambda: "f").write_empty()
+    SharedContentFile(fd, XaesBlockCipher(KEY, FILE_ID, BS), 0, lambda: "f").write_empty()
     first, second = opened(path), opened(path)
     first.write(0, b"a" * (3 * BS))
     before = path.read_bytes()
@@ -137,7 +138,7 @@ def test_a_held_lock_makes_the_other_description_refuse_at_once_and_do_nothing(
     write_busy, read_busy = outcomes
     assert isinstance(write_busy, LockBusy) and isinstance(read_busy, LockBusy)
     assert write_busy.path == read_busy.path == str(path)
-    bbs = BS + 28
+    bbs = BS + OVERHEADS[FORMAT_2]
     assert write_busy.needed == f"an exclusive lock of bytes {bbs}-{2 * bbs - 1}"
     assert read_busy.needed == f"a shared lock of bytes 0-{bbs - 1}"
     assert path.read_bytes() == before
@@ -161,7 +162,7 @@ def test_a_file_without_its_first_block_is_being_created_until_it_has_one(
     fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
     with pytest.raises(LockBusy, match="another daemon may be creating it"):
         check_created(str(path), lambda: True)
-    content = SharedContentFile(fd, BlockCipher(KEY, FILE_ID, BS), 0, lambda: "f")
+    content = SharedContentFile(fd, XaesBlockCipher(KEY, FILE_ID, BS), 0, lambda: "f")
     content.write_empty()
     with pytest.raises(LockBusy):
         check_created(str(path), lambda: False)  # no header

@@ -1,7 +1,9 @@
 """The per-key block-encryption count behind the nonce-limit warning survives closes.
 
 AES-GCM with random nonces allows 2^32 encryptions per key (docs/FORMAT.md,
-"How much one file key may encrypt"); the daemon warns at 2^31.  The count
+"How much one file key may encrypt"); the daemon warns at 2^31, for format-1
+files (written here offline, as kmsfs before format 2 wrote them): format-2
+keys do not wear out, and their files take no place in the table.  The count
 used to live in the open file and restart at zero on every open, so a file
 rewritten a little at a time by a program that opens and closes it (a log,
 a database checkpoint, an editor's saves) never reached the warning.
@@ -22,7 +24,9 @@ from types import SimpleNamespace
 import pytest
 import trio
 from conftest import Volume, make_volume
+from support.lifecycle_support import write_files
 
+from kmsfs.format.header import FORMAT_1
 from kmsfs.fs import content_file
 from kmsfs.fs.operations import KmsfsOperations, serve_volume
 from kmsfs.volume import open_volume
@@ -47,14 +51,14 @@ def test_warning_fires_for_a_file_opened_and_closed_many_times(
     bs = 4096
     seen_at: list[int] = []
 
+    write_files(vol.backing, vol.key_file, {"db": os.urandom(4 * bs)}, FORMAT_1)  # 4 blocks
+
     async def main() -> None:
         ops = operations(vol)
         try:
-            info, _ = await ops.create(1, b"db", 0o600, os.O_RDWR, CTX)
-            await ops.write(info.fh, 0, bytes(4 * bs))  # 4 blocks, + 1 empty at create
-            await ops.release(info.fh)
+            ino = (await ops.lookup(1, b"db", CTX)).st_ino
             for cycle in range(30):  # each session rewrites the 4 blocks, then closes
-                fh = (await ops.open(info.fh, os.O_RDWR, CTX)).fh
+                fh = (await ops.open(ino, os.O_RDWR, CTX)).fh
                 await ops.write(fh, 0, os.urandom(4 * bs))
                 await ops.release(fh)
                 if warnings(caplog) and not seen_at:
@@ -65,9 +69,9 @@ def test_warning_fires_for_a_file_opened_and_closed_many_times(
 
     with caplog.at_level(logging.WARNING, logger="kmsfs.fs"):
         trio.run(main)
-    # 5 at creation, then 4 per session: the 12th session (index 11) reaches 53.
+    # 4 allocated blocks at the first open, then 4 per session: the 12th (index 11) reaches 52.
     assert warnings(caplog) == [
-        "/db: 53 block encryptions under one file key (NIST limit 2^32): re-key this file"
+        "/db: 52 block encryptions under one file key (NIST limit 2^32): re-key this file"
     ]
     assert seen_at == [11]
 
@@ -79,13 +83,15 @@ def test_a_new_daemon_starts_from_the_blocks_already_written(
     restarted daemon counts a big file's blocks before its first write."""
     monkeypatch.setattr(content_file, "WARN_BLOCK_ENCRYPTIONS", 100)
     vol = make_volume(tmp_path)
+    write_files(vol.backing, vol.key_file, {"big": bytes(4096)}, FORMAT_1)
 
     async def write_big() -> None:
         ops = operations(vol)
         try:
-            info, _ = await ops.create(1, b"big", 0o600, os.O_RDWR, CTX)
-            await ops.write(info.fh, 0, os.urandom(120 * 4096))
-            await ops.release(info.fh)
+            ino = (await ops.lookup(1, b"big", CTX)).st_ino
+            fh = (await ops.open(ino, os.O_RDWR, CTX)).fh
+            await ops.write(fh, 0, os.urandom(120 * 4096))
+            await ops.release(fh)
         finally:
             ops.close()
             ops.keyring.close()
@@ -104,7 +110,7 @@ def test_a_new_daemon_starts_from_the_blocks_already_written(
 
     with caplog.at_level(logging.WARNING, logger="kmsfs.fs"):
         trio.run(write_big)
-        assert len(warnings(caplog)) == 1  # 121 seals in the first daemon
+        assert len(warnings(caplog)) == 1  # 1 block allocated, then 120 sealed: 121
         caplog.clear()
         trio.run(touch_big)
     assert warnings(caplog) == [
@@ -123,3 +129,30 @@ def test_table_is_bounded_and_keeps_the_most_used_keys() -> None:
     assert table.get(bytes([7]) * 16).sealed == 7000  # still counted
     assert table.get(bytes([4]) * 16).sealed == 4000
     assert table.get(bytes([0]) * 16).sealed == 0  # forgotten: restarts (from its lower bound)
+
+
+def test_format_2_files_are_not_counted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """New files are format 2: however much they are rewritten, no warning, and the
+    table (bounded) keeps its places for the format-1 files it is for."""
+    monkeypatch.setattr(content_file, "WARN_BLOCK_ENCRYPTIONS", 10)
+    vol = make_volume(tmp_path)
+    counted: list[int] = []
+
+    async def main() -> None:
+        ops = operations(vol)
+        try:
+            info, _ = await ops.create(1, b"new", 0o600, os.O_RDWR, CTX)
+            for _ in range(5):
+                await ops.write(info.fh, 0, os.urandom(4 * 4096))
+            await ops.release(info.fh)
+            counted.append(len(ops.key_usage))
+        finally:
+            ops.close()
+            ops.keyring.close()
+
+    with caplog.at_level(logging.WARNING, logger="kmsfs.fs"):
+        trio.run(main)
+    assert warnings(caplog) == []
+    assert counted == [0]
