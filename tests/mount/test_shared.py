@@ -99,6 +99,20 @@ class Cluster:
         path = self.backings[-1] / name
         return self._helper(["-c", code, str(path), str(start), str(length)], "held")
 
+    def map_backing(self, name: str) -> subprocess.Popen[str]:
+        """A process of the first daemon's host keeping backing file *name* mapped (all
+        of it, every page read once, through the first of ``backings``): over a FUSE
+        filesystem its cached pages stay while it lives, whatever another host writes."""
+        code = (
+            "import mmap, os, sys, time\n"
+            "fd = os.open(sys.argv[1], os.O_RDONLY)\n"
+            "view = mmap.mmap(fd, 0, mmap.MAP_SHARED, mmap.PROT_READ)\n"
+            "sum(view[i] for i in range(0, len(view), mmap.PAGESIZE))\n"
+            "print('mapped', flush=True)\n"
+            "time.sleep(3600)\n"
+        )
+        return self._helper(["-c", code, str(self.backings[0] / name)], "mapped")
+
     def waiters(
         self, path: Path, readers: int, stats: int, links: bool = False
     ) -> subprocess.Popen[str]:
@@ -513,6 +527,36 @@ def test_a_read_waits_for_another_daemons_block_write_off_the_event_loop(
     new = b"a" * BS + b"b" * BS + b"a" * BS
     assert seen in ([b"a" * (3 * BS)], [new])  # one version or the other, never a mix
     assert second.path("blocks").read_bytes() == new
+    cluster.umount_all()
+    cluster.fsck_clean()
+
+
+def test_blocks_are_read_from_the_backing_not_from_pages_its_cache_keeps(
+    cluster: Cluster,
+) -> None:
+    """A daemon reads blocks another host has rewritten, never an old copy that its own
+    host's page cache of the backing file still holds.  GlusterFS's FUSE client keeps
+    such pages (a lock does not make them coherent), and dropping them under the lock
+    is not enough: the kernel keeps a page that is mapped (here: another process on the
+    first host maps the backing file), read in flight by readahead or being copied by
+    another reader.  From such pages a read returned the old block (it authenticates)
+    or half of each (EIO, "failed authentication"), and a write's read-modify-write
+    sealed the old bytes back over the other host's write."""
+    first, second = cluster.shared(2)
+    first.path("mapped").write_bytes(b"a" * (3 * BS))
+    cluster.map_backing("mapped")  # through the first daemon's client, until teardown
+    with open(second.path("mapped"), "r+b") as handle:  # the other host rewrites block 1
+        handle.seek(BS)
+        handle.write(b"b" * BS)
+        handle.flush()
+        os.fsync(handle.fileno())
+    assert first.path("mapped").read_bytes() == b"a" * BS + b"b" * BS + b"a" * BS
+    with open(first.path("mapped"), "r+b") as handle:  # a read-modify-write of block 1
+        handle.seek(BS + 10)
+        handle.write(b"c" * 100)
+    new = b"a" * BS + b"b" * 10 + b"c" * 100 + b"b" * (BS - 110) + b"a" * BS
+    assert second.path("mapped").read_bytes() == new
+    assert first.path("mapped").read_bytes() == new
     cluster.umount_all()
     cluster.fsck_clean()
 
