@@ -43,9 +43,9 @@ from conftest import (
     run_kmsfs,
 )
 
+from kmsfs.backing.shared import ofd_lock, ofd_unlock
 from kmsfs.format.content import Layout
 from kmsfs.format.header import FORMAT_2, XATTR_NAME
-from kmsfs.fs.shared import ofd_lock, ofd_unlock
 
 pytestmark = requires_fuse
 
@@ -90,7 +90,7 @@ class Cluster:
         ``backings``: over a shared filesystem, another client than the first daemon's."""
         code = (
             "import os, sys, time\n"
-            "from kmsfs.fs.shared import ofd_lock\n"
+            "from kmsfs.backing.shared import ofd_lock\n"
             "fd = os.open(sys.argv[1], os.O_RDWR)\n"
             "ofd_lock(fd, True, int(sys.argv[2]), int(sys.argv[3]))\n"
             "print('held', flush=True)\n"
@@ -311,7 +311,7 @@ def serving_pids(backing: Path, expected: list[int], timeout: float = 10) -> lis
     """The pids of the registered live daemons, polled until they are *expected* (or
     *timeout*): a killed daemon's lock is released when its last thread has exited, a
     moment after its main thread became a zombie."""
-    from kmsfs.lock import daemons_serving
+    from kmsfs.backing.volume_lock import daemons_serving
 
     deadline = time.monotonic() + timeout
     while True:
@@ -906,7 +906,7 @@ def test_registrations_name_the_daemons_and_refuse_the_wrong_mode(cluster: Clust
     """Shared daemons register one file each; an exclusive mount, rekey and keys remove
     refuse naming every one of them; with an exclusive daemon serving, a shared mount
     refuses naming it; a dead daemon's registration is removed."""
-    from kmsfs.lock import DAEMONS_DIR, daemons_serving, volume_in_use
+    from kmsfs.backing.volume_lock import DAEMONS_DIR, daemons_serving, volume_in_use
 
     backing = cluster.volume.backing
     first, second = cluster.shared(2)
@@ -992,7 +992,7 @@ def test_a_backing_filesystem_without_user_xattrs_is_refused(tmp_path: Path) -> 
 def test_default_mode_is_unchanged_by_shared_mode(tmp_path: Path) -> None:
     """Without -o shared, the daemon registers (so tools can name it) but serves as
     before, exclusively (and says nothing of shared mode)."""
-    from kmsfs.lock import daemons_serving
+    from kmsfs.backing.volume_lock import daemons_serving
 
     volume = make_volume(tmp_path)
     group = Cluster(volume)
@@ -1036,7 +1036,7 @@ def test_a_planted_registration_is_only_displayed_and_a_dead_one_removed(tmp_pat
     and a symlink or directory among them is ignored."""
     import fcntl
 
-    from kmsfs.lock import DAEMONS_DIR, daemons_serving
+    from kmsfs.backing.volume_lock import DAEMONS_DIR, daemons_serving
 
     volume = make_volume(tmp_path)
     daemons = volume.backing / ".kmsfs.d" / DAEMONS_DIR

@@ -14,11 +14,8 @@ from typing import TypeVar
 
 import pytest
 
-from kmsfs.errors import ConfigError
-from kmsfs.format.content import OVERHEADS, XaesBlockCipher
-from kmsfs.format.header import FORMAT_2
-from kmsfs.fs.content_file import ContentFile
-from kmsfs.fs.shared import (
+from kmsfs.backing.content_file import ContentFile
+from kmsfs.backing.shared import (
     LockBusy,
     SharedContentFile,
     backing_fs_type,
@@ -28,6 +25,9 @@ from kmsfs.fs.shared import (
     ofd_lock,
     ofd_unlock,
 )
+from kmsfs.errors import ConfigError
+from kmsfs.format.content import OVERHEADS, XaesBlockCipher
+from kmsfs.format.header import FORMAT_2
 
 BS = 4096
 KEY = bytes(range(32))

@@ -37,9 +37,9 @@ import struct
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from kmsfs.backing.content_file import ContentFile
 from kmsfs.errors import ConfigError
 from kmsfs.format.content import Layout
-from kmsfs.fs.content_file import ContentFile
 
 log = logging.getLogger(__name__)
 
@@ -386,7 +386,7 @@ def check_ofd_locks(backing: str) -> None:
 def _with_scratch_file(backing: str, probe: Callable[[int], None]) -> None:
     """Run *probe* on a new empty file in the backing root (a ``.kmsfs`` name, never
     shown through a mount), removed after.  ConfigError if it cannot be made."""
-    from kmsfs.fs.tree import FILE_FLAGS, open_root
+    from kmsfs.backing.tree import FILE_FLAGS, open_root
 
     name = f".kmsfs-probe-{os.getpid()}-{os.urandom(4).hex()}"
     try:
