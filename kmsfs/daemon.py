@@ -20,6 +20,10 @@ import pyfuse3
 import trio
 
 from kmsfs.audit import AuditLog
+from kmsfs.backing.mounttable import read_mountinfo
+from kmsfs.backing.shared import DEFAULT_LOCK_TIMEOUT
+from kmsfs.backing.syscalls import disable_core_dumps, lock_memory
+from kmsfs.backing.volume_lock import claim_volume
 from kmsfs.errors import MountError
 from kmsfs.format.volume import VolumeConfig
 from kmsfs.fs import fuseloop
@@ -27,11 +31,7 @@ from kmsfs.fs.events import AccessSink
 from kmsfs.fs.inodes import ROOT_INODE
 from kmsfs.fs.operations import DEFAULT_TIMEOUT, KmsfsOperations, serve_volume
 from kmsfs.fs.served import REQUEST_TASKS
-from kmsfs.fs.shared import DEFAULT_LOCK_TIMEOUT
-from kmsfs.fs.syscalls import disable_core_dumps, lock_memory
 from kmsfs.keys.keyring import Keyring
-from kmsfs.lock import claim_volume
-from kmsfs.mounttable import read_mountinfo
 from kmsfs.policy import Policy
 from kmsfs.server.policyfile import PolicyReloader
 from kmsfs.server.status import describe_pyfuse3

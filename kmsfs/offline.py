@@ -5,7 +5,7 @@ directory of it swapped for a symlink while root runs ``kmsfs decrypt``).  So th
 file is opened once, by descriptor, and everything is read from that descriptor:
 if it lies inside a volume (a real directory above it holds ``.kmsfs.json``), it
 is opened beneath that volume's root without following any symlink
-(``kmsfs.fs.tree``); otherwise (a copy outside any volume) with ``O_NOFOLLOW``.
+(``kmsfs.backing.tree``); otherwise (a copy outside any volume) with ``O_NOFOLLOW``.
 """
 
 from __future__ import annotations
@@ -15,13 +15,20 @@ import stat
 from pathlib import Path
 from typing import Any
 
+from kmsfs.backing.content_file import ContentFile
+from kmsfs.backing.header_xattr import read_header
+from kmsfs.backing.syscalls import RENAME_NOREPLACE, renameat2
+from kmsfs.backing.tree import (
+    FILE_FLAGS,
+    NOT_FOLLOWED,
+    TreeChanged,
+    check_file,
+    open_beneath,
+    open_root,
+)
 from kmsfs.errors import KmsfsError
 from kmsfs.format.content import Layout
 from kmsfs.format.volume import CONFIG_NAME
-from kmsfs.fs.content_file import ContentFile
-from kmsfs.fs.headerio import read_header
-from kmsfs.fs.syscalls import RENAME_NOREPLACE, renameat2
-from kmsfs.fs.tree import FILE_FLAGS, NOT_FOLLOWED, TreeChanged, check_file, open_beneath, open_root
 from kmsfs.keys.keyring import Keyring
 
 CHUNK_BLOCKS = 256

@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from kmsfs.durable import replace_durably
+from kmsfs.backing.durable import replace_durably
 from kmsfs.errors import ConfigError
 from kmsfs.format.header import ID_SIZE
 from kmsfs.format.volume_key import FINGERPRINT_SIZE, MAX_GENERATION, show_fingerprint

@@ -38,7 +38,6 @@ from kmsfs.format.volume import (
     VolumeConfig,
     config_path,
     load_config,
-    save_config,
 )
 from kmsfs.format.volume_key import VOLUME_KEY_SIZE, parse_fingerprint
 from kmsfs.keys.cache import KeyCache
@@ -58,6 +57,7 @@ from kmsfs.trust import enforce_pin, record_pin
 from kmsfs.volume_writes import (
     migrate_format1,
     new_key_config,
+    save_config,
     upgrade_format2,
     warn_public_wrap,
 )

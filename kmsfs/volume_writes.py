@@ -17,8 +17,9 @@ from __future__ import annotations
 import logging
 import os
 
+from kmsfs.backing.durable import write_durably
 from kmsfs.errors import ConfigError
-from kmsfs.format.volume import KeyConfig, VolumeConfig, save_config
+from kmsfs.format.volume import KeyConfig, VolumeConfig, config_path
 from kmsfs.format.volume_key import MAX_CHAIN, VOLUME_KEY_SIZE, ChainEntry
 from kmsfs.keys.keyring import Keyring
 from kmsfs.keys.provider import KeyContext, KeyProvider, wipe
@@ -152,3 +153,11 @@ def rotate_volume_key(
         record_pin(backing, config, new, "volume key replaced by this host")
     finally:
         wipe(new)
+
+
+def save_config(backing: str | os.PathLike[str], config: VolumeConfig) -> None:
+    """Write the config atomically (temporary file, fsync, rename, fsync directory).
+
+    The caller seals the config first (``VolumeConfig.seal``).
+    """
+    write_durably(config_path(backing), config.dumps().encode())

@@ -32,9 +32,9 @@ from kmsfs.cli.common import (
 @handle_errors
 def init(backing: str, provider: str, block_size: int, **kwargs: Any) -> None:
     """Create a volume in the empty directory BACKING."""
+    from kmsfs.backing.shared import check_ofd_locks, check_user_xattrs
     from kmsfs.errors import ConfigError
     from kmsfs.format.volume_key import show_fingerprint
-    from kmsfs.fs.shared import check_ofd_locks, check_user_xattrs
     from kmsfs.pins import read_pin
     from kmsfs.volume import host_options_hint, init_volume
 

@@ -45,7 +45,6 @@ from typing import Any
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from kmsfs.durable import write_durably
 from kmsfs.errors import ConfigError, ConfigTampered, FormatError
 from kmsfs.format.header import ID_SIZE, check_block_size
 from kmsfs.format.volume_key import MAX_GENERATION, VOLUME_KEY_SIZE, ChainEntry, parse_chain
@@ -362,11 +361,3 @@ def load_config(backing: str | os.PathLike[str]) -> VolumeConfig:
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text") from None
     return VolumeConfig.loads(text, str(path))
-
-
-def save_config(backing: str | os.PathLike[str], config: VolumeConfig) -> None:
-    """Write the config atomically (temporary file, fsync, rename, fsync directory).
-
-    The caller seals the config first (``VolumeConfig.seal``).
-    """
-    write_durably(config_path(backing), config.dumps().encode())

@@ -40,8 +40,8 @@ from dataclasses import dataclass, field
 
 import trio
 
-from kmsfs.fs import syscalls
-from kmsfs.fs.content_file import ContentFile
+from kmsfs.backing import syscalls
+from kmsfs.backing.content_file import ContentFile
 
 log = logging.getLogger(__name__)
 

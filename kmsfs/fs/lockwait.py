@@ -7,7 +7,7 @@ such wait used to hold one of pyfuse3's request tasks: enough readers of one loc
 file held them all, and every other request of the mount hung.  So
 (docs/DESIGN.md, "Shared storage"):
 
-- every attempt is non-blocking (kmsfs/fs/shared.py raises LockBusy before doing
+- every attempt is non-blocking (kmsfs/backing/shared.py raises LockBusy before doing
   anything); a refused request sleeps on the event loop and tries again after
   1 ms, then twice as long each time up to 50 ms.  The sleep is cancellable and
   has a deadline; no thread and no inode lock is held meanwhile.  Requests that
@@ -42,9 +42,9 @@ from typing import Any, TypeVar
 
 import trio
 
+from kmsfs.backing.shared import DEFAULT_LOCK_TIMEOUT, LockBusy
 from kmsfs.errors import KmsfsError
 from kmsfs.fs.served import REQUEST_TASKS
-from kmsfs.fs.shared import DEFAULT_LOCK_TIMEOUT, LockBusy
 
 T = TypeVar("T")
 

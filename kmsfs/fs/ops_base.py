@@ -26,26 +26,26 @@ import pyfuse3
 import trio
 from pyfuse3 import FUSEError
 
-from kmsfs.errors import KeyAccessDenied, KmsfsError
-from kmsfs.format.content import FORMAT_MARKER, BlockCipher, Layout, format_of_mode
-from kmsfs.format.header import FORMAT_1, FORMAT_2, XATTR_NAME, FileHeader
-from kmsfs.format.volume import RESERVED_PREFIX
-from kmsfs.fs import syscalls, xattrs
-from kmsfs.fs.content_file import ContentFile, KeyUsage
-from kmsfs.fs.fuseloop import PYFUSE3
-from kmsfs.fs.headerio import read_header, set_format_marker
-from kmsfs.fs.inodes import ROOT_INODE, Inode
-from kmsfs.fs.lockwait import LockWaitInterrupted, LockWaits, LockWaitTimeout
-from kmsfs.fs.paths import VolumePaths
-from kmsfs.fs.requests import OPCODES, RequestStats
-from kmsfs.fs.served import DirHandle, ServedVolume
-from kmsfs.fs.shared import (
+from kmsfs.backing import syscalls, xattrs
+from kmsfs.backing.content_file import ContentFile, KeyUsage
+from kmsfs.backing.header_xattr import read_header, set_format_marker
+from kmsfs.backing.paths import VolumePaths
+from kmsfs.backing.shared import (
     CREATING_WAIT,
     LockBusy,
     SharedContentFile,
     check_created,
     locked_plain_size,
 )
+from kmsfs.errors import KeyAccessDenied, KmsfsError
+from kmsfs.format.content import FORMAT_MARKER, BlockCipher, Layout, format_of_mode
+from kmsfs.format.header import FORMAT_1, FORMAT_2, XATTR_NAME, FileHeader
+from kmsfs.format.volume import RESERVED_PREFIX
+from kmsfs.fs.fuseloop import PYFUSE3
+from kmsfs.fs.inodes import ROOT_INODE, Inode
+from kmsfs.fs.lockwait import LockWaitInterrupted, LockWaits, LockWaitTimeout
+from kmsfs.fs.requests import OPCODES, RequestStats
+from kmsfs.fs.served import DirHandle, ServedVolume
 
 log = logging.getLogger("kmsfs.fs")
 
@@ -145,7 +145,7 @@ class OperationsBase(pyfuse3.Operations):
     (``ServedVolume``).
 
     Attributes: backing (path), config, keyring, inodes, paths (volume paths of
-    descriptors: kmsfs/fs/paths.py), key_usage, timeout, offload_bytes,
+    descriptors: kmsfs/backing/paths.py), key_usage, timeout, offload_bytes,
     on_access, lock_waits (shared mode's waits for other daemons), and the
     counters errors, bytes_read, bytes_written and requests (per FUSE opcode,
     ``kmsfs.fs.requests``).
@@ -369,7 +369,7 @@ class OperationsBase(pyfuse3.Operations):
 
     def _path_of(self, entry: Inode, name: bytes | None = None) -> Callable[[], str | None]:
         """The volume path of *entry* (or of *name* inside it), computed when asked;
-        None if it cannot be established (logged once per inode: kmsfs/fs/paths.py)."""
+        None if it cannot be established (logged once per inode: kmsfs/backing/paths.py)."""
 
         def path() -> str | None:
             base = self.paths.of(entry.fd) if entry.fd >= 0 else None

@@ -12,14 +12,14 @@ import pyfuse3
 import trio
 from pyfuse3 import FUSEError
 
+from kmsfs.backing import xattrs
+from kmsfs.backing.header_xattr import write_new_header
+from kmsfs.backing.xattrs import Namespace
 from kmsfs.format.content import BlockCipher
 from kmsfs.format.header import FileHeader
-from kmsfs.fs import xattrs
-from kmsfs.fs.headerio import write_new_header
 from kmsfs.fs.inodes import Inode
 from kmsfs.fs.ops_base import LookAgain, fuse_op, open_actions
 from kmsfs.fs.ops_namespace import NamespaceOps
-from kmsfs.fs.xattrs import Namespace
 
 
 class FileOps(NamespaceOps):
@@ -198,7 +198,7 @@ class FileOps(NamespaceOps):
         if kind is Namespace.RESERVED:
             raise FUSEError(errno.EPERM)
         if kind is Namespace.UNSUPPORTED:
-            raise FUSEError(errno.EOPNOTSUPP)  # see kmsfs/fs/xattrs.py
+            raise FUSEError(errno.EOPNOTSUPP)  # see kmsfs/backing/xattrs.py
         if kind is Namespace.PRIVILEGED and not self._is_admin(ctx):
             raise FUSEError(errno.EPERM)
         entry = self._inode(inode)

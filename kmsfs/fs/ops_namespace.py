@@ -12,8 +12,8 @@ import pyfuse3
 import trio
 from pyfuse3 import FUSEError
 
+from kmsfs.backing import syscalls
 from kmsfs.format.content import format_of_mode, mode_for_format
-from kmsfs.fs import syscalls
 from kmsfs.fs.inodes import O_PATH_FLAGS, ROOT_INODE, Inode
 from kmsfs.fs.ops_access import AccessChecks
 from kmsfs.fs.ops_base import RESERVED_NAME, fuse_op, log

@@ -10,11 +10,11 @@ from typing import Any
 
 import trio
 
+from kmsfs.backing.content_file import KeyUsageTable
+from kmsfs.backing.shared import DEFAULT_LOCK_TIMEOUT
 from kmsfs.format.volume import VolumeConfig
-from kmsfs.fs.content_file import KeyUsageTable
 from kmsfs.fs.events import AccessSink
 from kmsfs.fs.inodes import O_PATH_FLAGS, InodeTable
-from kmsfs.fs.shared import DEFAULT_LOCK_TIMEOUT
 from kmsfs.keys.keyring import Keyring
 from kmsfs.policy import Policy
 from kmsfs.policy.identity import IdentityCache, Requester

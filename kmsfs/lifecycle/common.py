@@ -1,7 +1,7 @@
 """Shared pieces of the lifecycle tools: headers on descriptors, journals, the volume
 lock and mount names, birth times, durations and the progress bar.
 
-Walking the backing tree is ``kmsfs.fs.tree`` (by descriptor, never following a
+Walking the backing tree is ``kmsfs.backing.tree`` (by descriptor, never following a
 symlink); everything here works on the descriptors it hands out.
 """
 
@@ -17,13 +17,13 @@ from typing import Any, TextIO
 
 import click
 
-from kmsfs.durable import replace_durably
+from kmsfs.backing.durable import replace_durably
+from kmsfs.backing.header_xattr import read_raw_header
+from kmsfs.backing.tree import FILE_FLAGS, open_root, open_state_dir
+from kmsfs.backing.volume_lock import daemons_serving, lock_volume, mountpoints_of, volume_in_use
 from kmsfs.errors import HeaderChanged, LifecycleError, MountError, VolumeMounted
 from kmsfs.format.header import XATTR_NAME
 from kmsfs.format.volume import STATE_DIR_NAME
-from kmsfs.fs.headerio import read_raw_header
-from kmsfs.fs.tree import FILE_FLAGS, open_root, open_state_dir
-from kmsfs.lock import daemons_serving, lock_volume, mountpoints_of, volume_in_use
 
 MAX_JOURNAL_SIZE = 1 << 20
 

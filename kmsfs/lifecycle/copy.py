@@ -8,11 +8,11 @@ import os
 import stat
 from collections.abc import Callable
 
+from kmsfs.backing.content_file import ContentFile
+from kmsfs.backing.header_xattr import write_new_header
+from kmsfs.backing.syscalls import fchown_path_fd, utimens_path_fd
 from kmsfs.format.content import format_of_mode, mode_for_format
 from kmsfs.format.header import RESERVED_XATTR_PREFIX, FileHeader
-from kmsfs.fs.content_file import ContentFile
-from kmsfs.fs.headerio import write_new_header
-from kmsfs.fs.syscalls import fchown_path_fd, utimens_path_fd
 from kmsfs.keys.keyring import Keyring
 
 CHUNK_BLOCKS = 256

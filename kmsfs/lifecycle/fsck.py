@@ -29,7 +29,7 @@ Findings (``Finding.kind``):
 Files on a mounted volume that are being written may show transient block
 errors; run fsck on an unmounted volume for a definitive answer.
 
-The tree is walked and each file opened by descriptor (``kmsfs.fs.tree``): a
+The tree is walked and each file opened by descriptor (``kmsfs.backing.tree``): a
 symlink is never followed, and a file renamed or replaced between the walk and
 its check is left out, as a removed one is.
 """
@@ -43,14 +43,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kmsfs.backing.content_file import ContentFile
+from kmsfs.backing.header_xattr import parse_header, read_raw_header
+from kmsfs.backing.tree import Tree, TreeChanged, open_state_dir, walk
 from kmsfs.errors import FormatError, IntegrityError, KmsfsError, ProviderError, reason_of
 from kmsfs.format.content import BlockCipher, format_of_mode
 from kmsfs.format.header import FileHeader
 from kmsfs.format.volume import STATE_DIR_NAME as STATE_DIR
 from kmsfs.format.volume import VolumeConfig
-from kmsfs.fs.content_file import ContentFile
-from kmsfs.fs.headerio import parse_header, read_raw_header
-from kmsfs.fs.tree import Tree, TreeChanged, open_state_dir, walk
 from kmsfs.keys.keyring import Keyring
 from kmsfs.keys.provider import KeyContext, wipe
 from kmsfs.lifecycle.common import Progress

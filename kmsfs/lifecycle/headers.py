@@ -14,7 +14,7 @@ that dropped xattrs usually dropped mode bits too.  Headers hold no secret
 (wrapped keys only), but the export names every file: keep it with the backup,
 mode 0600.
 
-Both directions work by descriptor (``kmsfs.fs.tree``): a file is opened beneath
+Both directions work by descriptor (``kmsfs.backing.tree``): a file is opened beneath
 the backing root without following any symlink, and its header is read from, or
 set on, that descriptor; a path of an export that leads through a symlink is
 reported as missing.  Replacing a header (``--force``) is compare-and-swap on that
@@ -32,11 +32,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
+from kmsfs.backing.header_xattr import read_raw_header, set_format_marker
+from kmsfs.backing.tree import Tree, TreeChanged, split_rel
 from kmsfs.errors import FormatError, HeaderChanged, LifecycleError
 from kmsfs.format.header import FileHeader
 from kmsfs.format.volume import RESERVED_PREFIX, VolumeConfig
-from kmsfs.fs.headerio import read_raw_header, set_format_marker
-from kmsfs.fs.tree import Tree, TreeChanged, split_rel
 from kmsfs.lifecycle.common import (
     replace_header,
 )

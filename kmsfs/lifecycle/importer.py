@@ -9,7 +9,7 @@ metadata (directory times last, bottom-up); sockets are skipped; hard links
 among the source's files are hard links in the volume.  Names at the source
 root that begin with ``.kmsfs`` are reserved and skipped (reported).
 
-Both trees are read and written by descriptor (``kmsfs.fs.tree``), because the
+Both trees are read and written by descriptor (``kmsfs.backing.tree``), because the
 source can belong to other users as much as the backing tree does: the source
 is walked without following any symlink (a symlink is recreated as a symlink,
 whatever it points to), each file is opened relative to its directory's
@@ -27,10 +27,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kmsfs.errors import LifecycleError
-from kmsfs.format.volume import CONFIG_NAME, RESERVED_PREFIX, VolumeConfig
-from kmsfs.fs.syscalls import RENAME_NOREPLACE, renameat2
-from kmsfs.fs.tree import (
+from kmsfs.backing.syscalls import RENAME_NOREPLACE, renameat2
+from kmsfs.backing.tree import (
     FILE_FLAGS,
     NOT_FOLLOWED,
     Node,
@@ -38,6 +36,8 @@ from kmsfs.fs.tree import (
     TreeChanged,
     check_file,
 )
+from kmsfs.errors import LifecycleError
+from kmsfs.format.volume import CONFIG_NAME, RESERVED_PREFIX, VolumeConfig
 from kmsfs.keys.keyring import Keyring
 from kmsfs.lifecycle.common import (
     Progress,

@@ -24,7 +24,7 @@ run started; without it, every file born before the run.  The cutoff is kept
 in the journal, so a resumed run skips the files it already re-keyed (they
 were born after it).  Directory times are restored after each rename.
 
-Everything is done by descriptor (``kmsfs.fs.tree``): the old file is opened
+Everything is done by descriptor (``kmsfs.backing.tree``): the old file is opened
 beneath the backing root without following any symlink and must be the inode
 the walk saw; the new file is written, given its metadata and renamed from
 ``.kmsfs.d`` into the descriptor of the directory the old file was found in;
@@ -46,12 +46,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kmsfs.backing.content_file import ContentFile
+from kmsfs.backing.header_xattr import parse_header, read_raw_header
+from kmsfs.backing.syscalls import RENAME_EXCHANGE, birth_time, renameat2
+from kmsfs.backing.tree import FILE_FLAGS, Entry, Tree, TreeChanged, check_file
 from kmsfs.errors import FormatError, KmsfsError, LifecycleError, reason_of
 from kmsfs.format.volume import VolumeConfig
-from kmsfs.fs.content_file import ContentFile
-from kmsfs.fs.headerio import parse_header, read_raw_header
-from kmsfs.fs.syscalls import RENAME_EXCHANGE, birth_time, renameat2
-from kmsfs.fs.tree import FILE_FLAGS, Entry, Tree, TreeChanged, check_file
 from kmsfs.keys.keyring import Keyring
 from kmsfs.lifecycle.common import (
     Progress,

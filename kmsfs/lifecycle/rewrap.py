@@ -31,7 +31,7 @@ re-wrapped twice):
 4. **strip**: the retired keys' entries are removed from every header.
 
 Each header is replaced by compare-and-swap on one descriptor: the file is opened
-beneath the backing root without following any symlink (``kmsfs.fs.tree``), must
+beneath the backing root without following any symlink (``kmsfs.backing.tree``), must
 be the inode the walk saw, its header is read from that descriptor, and the new
 header is written to the same descriptor only if the header there is still
 byte-identical to what was read (``replace_header``).  A rename on the mounted
@@ -39,7 +39,7 @@ volume between the read and the write can therefore never put one file's header
 on another.  A file renamed or replaced under the walk counts as changed: the cover
 pass runs again (up to ``MAX_PASSES``), and if files still moved in the last pass
 they are listed and the keys are not switched.  Whether the volume is mounted is
-the volume lock's answer (``kmsfs.lock``), and the switch and strip hold that lock.
+the volume lock's answer (``kmsfs.backing.volume_lock``), and the switch and strip hold that lock.
 """
 
 from __future__ import annotations
@@ -52,6 +52,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kmsfs.backing.header_xattr import parse_header, read_raw_header
+from kmsfs.backing.tree import Entry, Tree, TreeChanged
 from kmsfs.errors import (
     FormatError,
     HeaderChanged,
@@ -62,8 +64,6 @@ from kmsfs.errors import (
 )
 from kmsfs.format.header import MAX_ENTRIES, FileHeader, WrappedKey
 from kmsfs.format.volume import load_config
-from kmsfs.fs.headerio import parse_header, read_raw_header
-from kmsfs.fs.tree import Entry, Tree, TreeChanged
 from kmsfs.keys.cache import NullCache
 from kmsfs.keys.keyring import Keyring
 from kmsfs.keys.provider import KeyContext, KeyProvider, wipe

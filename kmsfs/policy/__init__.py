@@ -11,7 +11,7 @@ from the backing directory.  What the operations layer uses:
 - ``audit_record(requester, action, path, decision) -> dict`` when
   ``decision.audit`` (records.py).
 
-This package depends on nothing above ``kmsfs.errors`` and ``kmsfs.statx``
+This package depends on nothing above ``kmsfs.errors`` and ``kmsfs.backing.statx``
 (docs/DESIGN.md layers).
 """
 

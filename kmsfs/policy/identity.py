@@ -65,8 +65,8 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable
 
-import kmsfs.statx as statx
-from kmsfs.statx import Statx
+import kmsfs.backing.statx as statx
+from kmsfs.backing.statx import Statx
 
 log = logging.getLogger(__name__)
 

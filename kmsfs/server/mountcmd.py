@@ -14,8 +14,8 @@ from typing import Any
 
 import click
 
+from kmsfs.backing.shared import DEFAULT_LOCK_TIMEOUT, DEFAULT_SHARED_TIMEOUT
 from kmsfs.errors import UsageError
-from kmsfs.fs.shared import DEFAULT_LOCK_TIMEOUT, DEFAULT_SHARED_TIMEOUT
 from kmsfs.policy import Policy
 from kmsfs.server.config import check_volume_provider, current_config
 from kmsfs.server.mountpoint import recover_stale_mount

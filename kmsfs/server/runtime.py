@@ -20,14 +20,14 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from kmsfs.backing.volume_lock import RECHECK_INTERVAL
 from kmsfs.errors import ConfigError
-from kmsfs.lock import RECHECK_INTERVAL
 from kmsfs.server import notify
 from kmsfs.server.stats import ProviderStats, snapshot
 
 if TYPE_CHECKING:
+    from kmsfs.backing.volume_lock import VolumeClaim
     from kmsfs.fs.operations import KmsfsOperations
-    from kmsfs.lock import VolumeClaim
     from kmsfs.server.metrics import MetricsServer
     from kmsfs.server.policyfile import PolicyReloader
 

@@ -38,9 +38,9 @@ import pytest
 from conftest import Volume, force_unmount, requires_fuse, run_kmsfs
 from support.lifecycle_support import read_file, read_file_with_any_key, write_file
 
+from kmsfs.backing.syscalls import RENAME_EXCHANGE, renameat2
 from kmsfs.format.header import XATTR_NAME, FileHeader
 from kmsfs.format.volume import load_config
-from kmsfs.fs.syscalls import RENAME_EXCHANGE, renameat2
 from kmsfs.volume import open_volume
 
 NOBODY = 65534
@@ -578,8 +578,8 @@ def test_tools_see_the_mount_through_other_spellings_of_the_backing_path(
 
 
 def test_volume_lock_is_exclusive_and_survives_config_replacement(volume: Volume) -> None:
+    from kmsfs.backing.volume_lock import lock_volume, volume_in_use
     from kmsfs.errors import MountError
-    from kmsfs.lock import lock_volume, volume_in_use
 
     assert not volume_in_use(volume.backing)
     fd = lock_volume(volume.backing)
@@ -601,8 +601,8 @@ def test_volume_lock_is_exclusive_and_survives_config_replacement(volume: Volume
 
 
 def test_volume_lock_never_follows_a_planted_symlink(volume: Volume, tmp_path: Path) -> None:
+    from kmsfs.backing.volume_lock import lock_volume
     from kmsfs.errors import KmsfsError
-    from kmsfs.lock import lock_volume
 
     victim = tmp_path / "victim"
     victim.write_bytes(b"root's file\n")
@@ -623,8 +623,8 @@ def test_volume_lock_never_follows_a_planted_symlink(volume: Volume, tmp_path: P
 def test_volume_lock_on_a_read_only_backing_filesystem(volume: Volume, tmp_path: Path) -> None:
     """A snapshot mounted read-only, with no lock file yet: the backing root itself is
     locked (a daemon can still serve it, one at a time)."""
+    from kmsfs.backing.volume_lock import lock_volume, volume_in_use
     from kmsfs.errors import MountError
-    from kmsfs.lock import lock_volume, volume_in_use
 
     readonly = tmp_path / "readonly"
     readonly.mkdir()

@@ -74,7 +74,7 @@ def test_core_dumps_disabled(volume: Volume) -> None:
     # PR_GET_DUMPABLE of a process that ran the daemon's start-up call (root can read any
     # process's memory whatever the flag, so the flag is checked from inside).
     code = (
-        "import ctypes; from kmsfs.fs.syscalls import disable_core_dumps;"
+        "import ctypes; from kmsfs.backing.syscalls import disable_core_dumps;"
         "disable_core_dumps(); print(ctypes.CDLL(None).prctl(3, 0, 0, 0, 0))"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

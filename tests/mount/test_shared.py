@@ -43,9 +43,9 @@ from conftest import (
     run_kmsfs,
 )
 
+from kmsfs.backing.shared import ofd_lock, ofd_unlock
 from kmsfs.format.content import Layout
 from kmsfs.format.header import FORMAT_2, XATTR_NAME
-from kmsfs.fs.shared import ofd_lock, ofd_unlock
 
 pytestmark = requires_fuse
 
@@ -90,7 +90,7 @@ class Cluster:
         ``backings``: over a shared filesystem, another client than the first daemon's."""
         code = (
             "import os, sys, time\n"
-            "from kmsfs.fs.shared import ofd_lock\n"
+            "from kmsfs.backing.shared import ofd_lock\n"
             "fd = os.open(sys.argv[1], os.O_RDWR)\n"
             "ofd_lock(fd, True, int(sys.argv[2]), int(sys.argv[3]))\n"
             "print('held', flush=True)\n"
@@ -98,6 +98,20 @@ class Cluster:
         )
         path = self.backings[-1] / name
         return self._helper(["-c", code, str(path), str(start), str(length)], "held")
+
+    def map_backing(self, name: str) -> subprocess.Popen[str]:
+        """A process of the first daemon's host keeping backing file *name* mapped (all
+        of it, every page read once, through the first of ``backings``): over a FUSE
+        filesystem its cached pages stay while it lives, whatever another host writes."""
+        code = (
+            "import mmap, os, sys, time\n"
+            "fd = os.open(sys.argv[1], os.O_RDONLY)\n"
+            "view = mmap.mmap(fd, 0, mmap.MAP_SHARED, mmap.PROT_READ)\n"
+            "sum(view[i] for i in range(0, len(view), mmap.PAGESIZE))\n"
+            "print('mapped', flush=True)\n"
+            "time.sleep(3600)\n"
+        )
+        return self._helper(["-c", code, str(self.backings[0] / name)], "mapped")
 
     def waiters(
         self, path: Path, readers: int, stats: int, links: bool = False
@@ -297,7 +311,7 @@ def serving_pids(backing: Path, expected: list[int], timeout: float = 10) -> lis
     """The pids of the registered live daemons, polled until they are *expected* (or
     *timeout*): a killed daemon's lock is released when its last thread has exited, a
     moment after its main thread became a zombie."""
-    from kmsfs.lock import daemons_serving
+    from kmsfs.backing.volume_lock import daemons_serving
 
     deadline = time.monotonic() + timeout
     while True:
@@ -513,6 +527,36 @@ def test_a_read_waits_for_another_daemons_block_write_off_the_event_loop(
     new = b"a" * BS + b"b" * BS + b"a" * BS
     assert seen in ([b"a" * (3 * BS)], [new])  # one version or the other, never a mix
     assert second.path("blocks").read_bytes() == new
+    cluster.umount_all()
+    cluster.fsck_clean()
+
+
+def test_blocks_are_read_from_the_backing_not_from_pages_its_cache_keeps(
+    cluster: Cluster,
+) -> None:
+    """A daemon reads blocks another host has rewritten, never an old copy that its own
+    host's page cache of the backing file still holds.  GlusterFS's FUSE client keeps
+    such pages (a lock does not make them coherent), and dropping them under the lock
+    is not enough: the kernel keeps a page that is mapped (here: another process on the
+    first host maps the backing file), read in flight by readahead or being copied by
+    another reader.  From such pages a read returned the old block (it authenticates)
+    or half of each (EIO, "failed authentication"), and a write's read-modify-write
+    sealed the old bytes back over the other host's write."""
+    first, second = cluster.shared(2)
+    first.path("mapped").write_bytes(b"a" * (3 * BS))
+    cluster.map_backing("mapped")  # through the first daemon's client, until teardown
+    with open(second.path("mapped"), "r+b") as handle:  # the other host rewrites block 1
+        handle.seek(BS)
+        handle.write(b"b" * BS)
+        handle.flush()
+        os.fsync(handle.fileno())
+    assert first.path("mapped").read_bytes() == b"a" * BS + b"b" * BS + b"a" * BS
+    with open(first.path("mapped"), "r+b") as handle:  # a read-modify-write of block 1
+        handle.seek(BS + 10)
+        handle.write(b"c" * 100)
+    new = b"a" * BS + b"b" * 10 + b"c" * 100 + b"b" * (BS - 110) + b"a" * BS
+    assert second.path("mapped").read_bytes() == new
+    assert first.path("mapped").read_bytes() == new
     cluster.umount_all()
     cluster.fsck_clean()
 
@@ -862,7 +906,7 @@ def test_registrations_name_the_daemons_and_refuse_the_wrong_mode(cluster: Clust
     """Shared daemons register one file each; an exclusive mount, rekey and keys remove
     refuse naming every one of them; with an exclusive daemon serving, a shared mount
     refuses naming it; a dead daemon's registration is removed."""
-    from kmsfs.lock import DAEMONS_DIR, daemons_serving, volume_in_use
+    from kmsfs.backing.volume_lock import DAEMONS_DIR, daemons_serving, volume_in_use
 
     backing = cluster.volume.backing
     first, second = cluster.shared(2)
@@ -948,7 +992,7 @@ def test_a_backing_filesystem_without_user_xattrs_is_refused(tmp_path: Path) -> 
 def test_default_mode_is_unchanged_by_shared_mode(tmp_path: Path) -> None:
     """Without -o shared, the daemon registers (so tools can name it) but serves as
     before, exclusively (and says nothing of shared mode)."""
-    from kmsfs.lock import daemons_serving
+    from kmsfs.backing.volume_lock import daemons_serving
 
     volume = make_volume(tmp_path)
     group = Cluster(volume)
@@ -992,7 +1036,7 @@ def test_a_planted_registration_is_only_displayed_and_a_dead_one_removed(tmp_pat
     and a symlink or directory among them is ignored."""
     import fcntl
 
-    from kmsfs.lock import DAEMONS_DIR, daemons_serving
+    from kmsfs.backing.volume_lock import DAEMONS_DIR, daemons_serving
 
     volume = make_volume(tmp_path)
     daemons = volume.backing / ".kmsfs.d" / DAEMONS_DIR

@@ -1,4 +1,4 @@
-"""kmsfs.fs.tree: opening beneath a root without symlinks, walking by descriptor.
+"""kmsfs.backing.tree: opening beneath a root without symlinks, walking by descriptor.
 
 Each test runs twice: with openat2 (this kernel has it) and with the component-by-
 component O_NOFOLLOW fallback used on kernels before 5.6 (forced by setting the
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from kmsfs.fs import tree as tree_module
-from kmsfs.fs.tree import Tree, TreeChanged, open_beneath, open_root
+from kmsfs.backing import tree as tree_module
+from kmsfs.backing.tree import Tree, TreeChanged, open_beneath, open_root
 
 
 @pytest.fixture(params=["openat2", "fallback"])

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from conftest import Volume, requires_fuse, run_kmsfs
 
-from kmsfs.lock import RECHECK_INTERVAL, daemons_serving, volume_in_use
+from kmsfs.backing.volume_lock import RECHECK_INTERVAL, daemons_serving, volume_in_use
 
 pytestmark = [requires_fuse, pytest.mark.mount]
 NOBODY = 65534

@@ -27,9 +27,10 @@ from xml.etree import ElementTree
 # client-side cache that a byte-range lock does not make coherent.  The volume's
 # db-workload group turns write-behind, read-ahead, io-cache, quick-read and
 # stat-prefetch off; the client's timeouts 0 keep the kernel from answering a stat or
-# a lookup from its cache; kmsfs drops the kernel's cached pages itself.  With the
-# volume's defaults, or the client's, six tests of the suite fail (blocks fail
-# authentication, sizes are old, a name created on one client is not seen on the other).
+# a lookup from its cache; kmsfs reads blocks with O_DIRECT itself (past the kernel's
+# cache, not GlusterFS's).  With the volume's defaults nine tests of the suite fail, with
+# the client's six (blocks fail authentication, sizes are old, a name created on one
+# client is not seen on the other).
 VOLUME_OPTIONS = (("group", "db-workload"),)
 MOUNT_OPTIONS = "attribute-timeout=0,entry-timeout=0,negative-timeout=0"
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from kmsfs.backing.content_file import ContentFile
+from kmsfs.backing.header_xattr import write_new_header
 from kmsfs.format.content import BlockCipher
 from kmsfs.format.header import NEW_FILE_FORMAT, XATTR_NAME, FileHeader
 from kmsfs.format.volume import VolumeConfig
-from kmsfs.fs.content_file import ContentFile
-from kmsfs.fs.headerio import write_new_header
 from kmsfs.keys.keyring import Keyring
 from kmsfs.keys.provider import wipe
 from kmsfs.volume import open_volume

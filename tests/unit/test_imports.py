@@ -1,6 +1,7 @@
 """The package's import graph: dependencies point one way, and there is no cycle.
 
-Layers (docs/DESIGN.md): format <- keys, policy <- fs <- daemon/server/lifecycle <- cli.
+Layers (docs/DESIGN.md): format <- backing, keys, policy <- fs <- daemon/server/lifecycle
+<- cli; the offline tools (lifecycle, offline) use backing, never the pyfuse3 layer fs.
 The graph is read from the sources (every ``import``/``from`` of a kmsfs module,
 at any depth in a module, including imports inside functions).
 """
@@ -13,10 +14,9 @@ from pathlib import Path
 PACKAGE = Path(__file__).parents[2] / "kmsfs"
 LAYER = {
     "format": 0,
-    "durable": 0,
     "errors": 0,
     "hostfiles": 0,
-    "statx": 0,
+    "backing": 1,
     "keys": 1,
     "policy": 1,
     "fs": 2,
@@ -94,3 +94,23 @@ def test_format_layer_imports_no_fuse_trio_or_sdk() -> None:
         text = path.read_text()
         for name in ("pyfuse3", "trio", "boto3", "botocore", "pkcs11"):
             assert f"import {name}" not in text, f"{path.name} imports {name}"
+
+
+def test_backing_layer_imports_no_fuse_trio_or_sdk() -> None:
+    for path in (PACKAGE / "backing").rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        imported |= {str(n.module) for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        for name in ("pyfuse3", "trio", "boto3", "botocore", "pkcs11"):
+            assert not any(m.split(".")[0] == name for m in imported), f"{path.name} imports {name}"
+
+
+def test_offline_tools_and_backing_never_import_the_pyfuse3_layer() -> None:
+    wrong = [
+        f"{source} imports {target}"
+        for source, targets in graph().items()
+        if source.startswith(("kmsfs.backing", "kmsfs.lifecycle", "kmsfs.offline"))
+        for target in targets
+        if target == "kmsfs.fs" or target.startswith("kmsfs.fs.")
+    ]
+    assert wrong == []

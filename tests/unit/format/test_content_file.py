@@ -11,11 +11,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kmsfs.backing import content_file
+from kmsfs.backing.content_file import ContentFile
 from kmsfs.errors import IntegrityError
 from kmsfs.format.content import CIPHERS, OVERHEADS, Layout
 from kmsfs.format.header import FORMAT_1, FORMAT_2
-from kmsfs.fs import content_file
-from kmsfs.fs.content_file import ContentFile
 
 BS = 512
 FORMATS = pytest.mark.parametrize("version", [FORMAT_1, FORMAT_2])

@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable, Iterator
 import pytest
 import trio
 
+from kmsfs.backing.shared import LockBusy
 from kmsfs.fs.lockwait import (
     LockWaitFailed,
     LockWaitInterrupted,
@@ -21,7 +22,6 @@ from kmsfs.fs.lockwait import (
     LockWaitTimeout,
     caller_interrupted,
 )
-from kmsfs.fs.shared import LockBusy
 
 NEEDED = "an exclusive lock of bytes 0 to the end"
 

@@ -1,4 +1,4 @@
-"""Volume paths from the daemon's own descriptors (kmsfs/fs/paths.py), on real directories:
+"""Volume paths from the daemon's own descriptors (kmsfs/backing/paths.py), on real directories:
 through a symlinked backing path, after renames, for files moved out of the backing
 directory, unlinked files, and a backing directory moved while open."""
 
@@ -7,8 +7,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from kmsfs.backing.paths import VolumePaths
 from kmsfs.fs.inodes import O_PATH_FLAGS
-from kmsfs.fs.paths import VolumePaths
 
 
 def opened(path: Path) -> int:

@@ -14,17 +14,20 @@ from typing import TypeVar
 
 import pytest
 
-from kmsfs.format.content import OVERHEADS, XaesBlockCipher
-from kmsfs.format.header import FORMAT_2
-from kmsfs.fs.content_file import ContentFile
-from kmsfs.fs.shared import (
+from kmsfs.backing.content_file import ContentFile
+from kmsfs.backing.shared import (
     LockBusy,
     SharedContentFile,
+    backing_fs_type,
     check_created,
+    check_direct_io,
     check_shared_support,
     ofd_lock,
     ofd_unlock,
 )
+from kmsfs.errors import ConfigError
+from kmsfs.format.content import OVERHEADS, XaesBlockCipher
+from kmsfs.format.header import FORMAT_2
 
 BS = 4096
 KEY = bytes(range(32))
@@ -177,4 +180,23 @@ def test_a_file_without_its_first_block_is_being_created_until_it_has_one(
 
 def test_this_filesystem_passes_the_shared_mode_check(tmp_path: Path) -> None:
     check_shared_support(str(tmp_path))
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_filesystem_refusing_unaligned_direct_io_is_named(tmp_path: Path) -> None:
+    """The check shared mode makes at mount on a FUSE backing (whose page cache locks do
+    not make coherent: blocks are read with O_DIRECT there), on a filesystem that refuses
+    unaligned O_DIRECT writes (ext4, XFS: EINVAL off a sector boundary): ConfigError
+    naming the backing, its type and the cause; the scratch file is removed."""
+    kind = backing_fs_type(str(tmp_path))
+    if kind not in ("ext4", "xfs"):
+        pytest.skip(f"the temporary directory is on {kind or 'an unknown filesystem'}")
+    with pytest.raises(ConfigError) as refused:
+        check_direct_io(str(tmp_path))
+    assert str(refused.value) == (
+        f"{tmp_path}: the backing filesystem ({kind}) refuses unaligned O_DIRECT reads"
+        " and writes (Invalid argument): shared mode needs them there to read blocks past"
+        " this host's page cache, which byte-range locks do not make coherent (see"
+        " docs/DESIGN.md, 'Shared storage')"
+    )
     assert os.listdir(tmp_path) == []

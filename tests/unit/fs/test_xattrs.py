@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from kmsfs.fs.xattrs import CAP_SYS_ADMIN, has_capability, is_host_admin
+from kmsfs.backing.xattrs import CAP_SYS_ADMIN, has_capability, is_host_admin
 
 
 def _in_own_user_namespace(pid: int) -> bool:

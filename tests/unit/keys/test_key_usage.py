@@ -26,8 +26,8 @@ import trio
 from conftest import Volume, make_volume
 from support.lifecycle_support import write_files
 
+from kmsfs.backing import content_file
 from kmsfs.format.header import FORMAT_1
-from kmsfs.fs import content_file
 from kmsfs.fs.operations import KmsfsOperations, serve_volume
 from kmsfs.volume import open_volume
 
@@ -119,7 +119,7 @@ def test_a_new_daemon_starts_from_the_blocks_already_written(
 
 
 def test_table_is_bounded_and_keeps_the_most_used_keys() -> None:
-    from kmsfs.fs.content_file import KeyUsageTable
+    from kmsfs.backing.content_file import KeyUsageTable
 
     table = KeyUsageTable(max_entries=8)
     for n in range(8):

@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 from conftest import run_kmsfs
 
+from kmsfs.backing.statx import Statx
 from kmsfs.policy import IdentityCache, Pending, Policy, Requester, parse_policy
 from kmsfs.policy.identity import file_key
 from kmsfs.server.policyfile import load_policy, reload_policy
-from kmsfs.statx import Statx
 
 SLEEP = shutil.which("sleep") or "/bin/sleep"
 CAT = shutil.which("cat") or "/bin/cat"

@@ -12,7 +12,7 @@ import ctypes.util
 import errno
 import os
 
-import kmsfs.statx as statx
+import kmsfs.backing.statx as statx
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 

@@ -29,7 +29,7 @@ directory can write one).
 Anyone who can write the backing directory can also move the lock file and the
 registrations aside.  So an exclusive lock (a tool, an exclusive daemon) is also refused
 while the kernel's mount table has a kmsfs mount of the directory (``mountpoints_of``,
-``kmsfs.mounttable``), and a serving daemon rechecks its claim and makes both again
+``kmsfs.backing.mounttable``), and a serving daemon rechecks its claim and makes both again
 (``VolumeClaim.recheck``).
 """
 
@@ -46,10 +46,10 @@ import stat
 import time
 from dataclasses import dataclass
 
+from kmsfs.backing.mounttable import kmsfs_mounts_of
+from kmsfs.backing.tree import DIR_FLAGS, FILE_FLAGS, NOT_FOLLOWED, open_root, open_state_dir
 from kmsfs.errors import ConfigError, KmsfsError, MountError
 from kmsfs.format.volume import STATE_DIR_NAME
-from kmsfs.fs.tree import DIR_FLAGS, FILE_FLAGS, NOT_FOLLOWED, open_root, open_state_dir
-from kmsfs.mounttable import kmsfs_mounts_of
 
 LOCK_NAME = "lock"
 DAEMONS_DIR = "daemons"
@@ -127,7 +127,7 @@ def _mode(shared: bool) -> int:
 
 def mountpoints_of(backing: str | os.PathLike[str]) -> list[str]:
     """Mount points of the kmsfs mounts of *backing* in the kernel's mount table (by the
-    directory's identity, however either is spelled: ``kmsfs.mounttable``); [] if the
+    directory's identity, however either is spelled: ``kmsfs.backing.mounttable``); [] if the
     directory cannot be opened."""
     try:
         root = open_root(backing)

@@ -3,7 +3,7 @@ asks the file's filesystem to revalidate (``AT_STATX_DONT_SYNC``).
 
 Layer 0 (docs/DESIGN.md): the access policy uses it to identify a requester's
 executable by inode without entering the executable's filesystem (which may be
-this very FUSE mount, whose event loop is the caller), and kmsfs.fs.syscalls for
+this very FUSE mount, whose event loop is the caller), and kmsfs.backing.syscalls for
 birth times.  Raises OSError with the C errno, like the os module.
 """
 

@@ -16,9 +16,9 @@ import logging
 import os
 from collections.abc import Callable
 
+from kmsfs.backing.syscalls import preallocate
 from kmsfs.errors import IntegrityError
 from kmsfs.format.content import MAX_BLOCK_ENCRYPTIONS, BlockCipher
-from kmsfs.fs.syscalls import preallocate
 
 log = logging.getLogger("kmsfs.fs")
 WARN_BLOCK_ENCRYPTIONS = MAX_BLOCK_ENCRYPTIONS // 2  # for format 1, whose keys wear out

@@ -35,17 +35,16 @@ import os
 import re
 import struct
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
+from kmsfs.backing.content_file import ContentFile
 from kmsfs.errors import ConfigError
 from kmsfs.format.content import Layout
-from kmsfs.fs.content_file import ContentFile
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 _TO_END = 0  # l_len 0: the lock reaches the end of the file, however far it grows
-_PAGE = os.sysconf("SC_PAGE_SIZE")
 _FLOCK = "hhqqi4x"  # struct flock on Linux (x86-64 and arm64): type, whence, start, len, pid
 DEFAULT_SHARED_TIMEOUT = 1.0  # entry and attribute seconds in shared mode
 DEFAULT_LOCK_TIMEOUT = 10.0  # seconds a request waits for another daemon's lock (EIO after)
@@ -126,30 +125,26 @@ class SharedContentFile(ContentFile):
     Never waits: LockBusy, before anything is read or written, when another daemon
     holds what a call needs.  Raises what ContentFile raises, plus IntegrityError
     when the backing size read under the lock cannot belong to a well-formed file.
-
-    ``drop_cached``: after taking a lock, drop the kernel's cached pages of the
-    bytes locked before reading them (``for_backing`` sets it where the lock does
-    not make that cache coherent).
     """
 
     _holding = False  # a lock covering the whole operation is held (truncate -> write)
-    drop_cached = False
 
     @classmethod
     def for_backing(cls, backing: str) -> type[SharedContentFile]:
         """The class for a volume in *backing*: this one, or on a backing filesystem
         whose page cache a byte-range lock does not make coherent between hosts (a
         FUSE filesystem: GlusterFS's client keeps pages another client has since
-        rewritten, where NFS's client drops them when a lock is taken), one that
-        drops them under every lock (``drop_cached``)."""
+        rewritten, where NFS's client drops them when a lock is taken),
+        ``DirectSharedContentFile``, which reads and writes past that cache."""
         if lock_coherent_cache(backing):
             return cls
         log.info(
-            "%s is on %s: shared mode drops the cached pages of the bytes it locks",
+            "%s is on %s: shared mode reads and writes its blocks with O_DIRECT"
+            " (past this host's page cache, which locks do not make coherent)",
             backing,
             backing_fs_type(backing),
         )
-        return type("UncachedSharedContentFile", (cls,), {"drop_cached": True})
+        return DirectSharedContentFile
 
     def read(self, offset: int, length: int) -> bytes | bytearray:
         bs = self.layout.block_size
@@ -187,8 +182,6 @@ class SharedContentFile(ContentFile):
                 start, length = min(first, final) * bbs, _TO_END
             _try_lock(self.fd, exclusive, start, length)
             try:
-                if self.drop_cached:  # what another host wrote since is read anew
-                    _drop_cached(self.fd, start, length)
                 st = os.fstat(self.fd)
                 size = layout.plain_size(st.st_size)
                 final = layout.final_index(size)
@@ -211,13 +204,34 @@ class SharedContentFile(ContentFile):
         return self.layout.plain_size(os.fstat(self.fd).st_size)
 
 
-def _drop_cached(fd: int, start: int, length: int) -> None:
-    """Drop the kernel's cached pages of bytes [start, start + length) of *fd* (length 0:
-    to the end), and of the pages those bytes share with others: the kernel drops only
-    whole pages inside the range it is given, and blocks do not start on pages."""
-    first = start - start % _PAGE
-    end = start + length + -(start + length) % _PAGE  # rounded up to a page
-    os.posix_fadvise(fd, first, length and end - first, os.POSIX_FADV_DONTNEED)
+class DirectSharedContentFile(SharedContentFile):
+    """A SharedContentFile whose backing descriptor is switched to O_DIRECT when it is
+    wrapped: every block is read from the backing filesystem's server, never from this
+    host's page cache of the backing file (``for_backing`` says where).
+
+    Dropping the cached pages of the bytes locked (posix_fadvise DONTNEED) is not
+    enough there: the kernel keeps a page that is mapped, locked by a read in flight
+    (readahead, another reader's) or being copied by another reader, and a page that
+    holds the end of one block and the start of the next is filled by whoever reads
+    either block, under a lock of that block only.  On GlusterFS such pages gave reads
+    half an old block (failed authentication) or an old block whole (it
+    authenticates: a read-modify-write sealed it back over another host's write).
+
+    Raises OSError if the descriptor refuses O_DIRECT (``check_shared_support`` has
+    checked at mount that this filesystem takes it).
+    """
+
+    def __init__(self, fd: int, *args: Any, **kwargs: Any) -> None:  # ContentFile's
+        set_direct_io(fd)
+        super().__init__(fd, *args, **kwargs)
+
+
+def set_direct_io(fd: int) -> None:
+    """Switch open file *fd* to O_DIRECT (for every descriptor of its open file
+    description); OSError (EINVAL) if its filesystem refuses."""
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    if not flags & os.O_DIRECT:
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT)
 
 
 def locked_plain_size(path: str, layout: Layout) -> int:
@@ -290,10 +304,36 @@ def lock_coherent_cache(backing: str) -> bool:
 
 def check_shared_support(backing: str) -> None:
     """ConfigError naming what the backing filesystem lacks for shared mode: user
-    extended attributes, or OFD byte-range locks that conflict between two open file
-    descriptions.  Tries them on a scratch file (removed after)."""
+    extended attributes, OFD byte-range locks that conflict between two open file
+    descriptions, or (where locks do not make its page cache coherent) unaligned
+    O_DIRECT reads and writes.  Tries them on a scratch file (removed after)."""
     check_user_xattrs(backing)
     check_ofd_locks(backing)
+    if not lock_coherent_cache(backing):
+        check_direct_io(backing)
+
+
+def check_direct_io(backing: str) -> None:
+    """ConfigError if the backing filesystem refuses O_DIRECT, or unaligned reads and
+    writes under it (blocks are not page-aligned): ``DirectSharedContentFile``."""
+
+    def probe(fd: int) -> None:
+        try:
+            set_direct_io(fd)
+            os.pwrite(fd, b"kmsfs", 4097)
+            if os.pread(fd, 5, 4097) == b"kmsfs":
+                return
+            why = "other bytes were read back"
+        except OSError as exc:
+            why = exc.strerror or str(exc)
+        raise ConfigError(
+            f"{backing}: the backing filesystem ({backing_fs_type(backing)}) refuses"
+            f" unaligned O_DIRECT reads and writes ({why}): shared mode needs them there"
+            " to read blocks past this host's page cache, which byte-range locks do not"
+            " make coherent (see docs/DESIGN.md, 'Shared storage')"
+        )
+
+    _with_scratch_file(backing, probe)
 
 
 def check_user_xattrs(backing: str) -> None:
@@ -346,7 +386,7 @@ def check_ofd_locks(backing: str) -> None:
 def _with_scratch_file(backing: str, probe: Callable[[int], None]) -> None:
     """Run *probe* on a new empty file in the backing root (a ``.kmsfs`` name, never
     shown through a mount), removed after.  ConfigError if it cannot be made."""
-    from kmsfs.fs.tree import FILE_FLAGS, open_root
+    from kmsfs.backing.tree import FILE_FLAGS, open_root
 
     name = f".kmsfs-probe-{os.getpid()}-{os.urandom(4).hex()}"
     try:
