@@ -366,12 +366,12 @@ def test_a_reload_that_drops_the_policy_is_refused_unless_it_says_off(tmp_path: 
     assert code == 0 and "policy.mode is off" in out
 
 
-# -- the README's worked example decides as the README says ----------------------------
+# -- POLICY.md's worked example decides as POLICY.md says --------------------------------
 
 
-def readme_example(tmp_path: Path) -> tuple[Path, int, str]:
+def documented_example(tmp_path: Path) -> tuple[Path, int, str]:
     """The example config, its database user's uid and name (daemon if there is no postgres)."""
-    text = (Path(__file__).parents[3] / "README.md").read_text()
+    text = (Path(__file__).parents[3] / "docs" / "POLICY.md").read_text()
     start = text.index("# /etc/kmsfs/pgdata.toml\n")
     example = text[start : text.index("```", start)]
     try:
@@ -382,8 +382,8 @@ def readme_example(tmp_path: Path) -> tuple[Path, int, str]:
     return write_config(tmp_path, example, "pgdata.toml"), uid, user
 
 
-def test_the_readme_example(tmp_path: Path) -> None:
-    config, postgres, user = readme_example(tmp_path)
+def test_the_documented_example(tmp_path: Path) -> None:
+    config, postgres, user = documented_example(tmp_path)
     policy = load_policy(config)
     server = "/usr/lib/postgresql/15/bin/postgres"
 
