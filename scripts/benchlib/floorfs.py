@@ -1,4 +1,4 @@
-"""The ``floor`` system: a minimal in-memory pyfuse3 filesystem (issue 13, item 2).
+"""The ``floor`` system: a minimal in-memory pyfuse3 filesystem.
 
     .venv/bin/python scripts/benchlib/floorfs.py [--pyfuse3-loop] MOUNTPOINT
 
@@ -9,7 +9,7 @@ settings (``pyfuse3.default_options`` plus fsname/subtype, the writeback cache,
 ``pyfuse3.main(min_tasks=4, max_tasks=64)``, pyfuse3's loop waiting for
 /dev/fuse only when no request is queued (``kmsfs.fs.fuseloop.configure``: a
 patched pyfuse3's read-before-wait, else kmsfs's adapter; with
-``--pyfuse3-loop``, pyfuse3's own wait, as kmsfs before issue 13), listings
+``--pyfuse3-loop``, pyfuse3's own wait, as kmsfs before its loop adapter), listings
 cached by the kernel where pyfuse3 can ask for it (``FileInfo.cache_readdir``,
 docs/pyfuse3-patch.md), FLUSH answered ENOSYS, getxattr answered without any
 work).  It serves in the foreground until unmounted (``fusermount3 -u``) or sent

@@ -396,7 +396,7 @@ class FloorStock(Floor):
 
 class FloorPyfuse3Loop(Floor):
     """The floor with pyfuse3's own wait for /dev/fuse (two trio scheduling rounds per
-    request), as every pyfuse3 filesystem and kmsfs before issue 13 (not a default; on the
+    request), as every pyfuse3 filesystem and kmsfs before its loop adapter (not a default; on the
     patched pyfuse3 its read-before-wait is off, listings are still kept)."""
 
     name = "floor-pyfuse3loop"

@@ -66,7 +66,7 @@ class Row:
     floor_target: float | None = None
 
 
-# Targets of issue 13: data rows against the best peer, metadata rows against the floor.
+# Targets: data rows against the best peer, metadata rows against the floor.
 ROWS = [
     Row("rtt", "0", "request round trip (uncached getxattr)", "µs", False),
     Row("seqwrite", "1", "sequential write (dd bs=128k, fsync)", "MB/s", True, 0.9),

@@ -1,4 +1,4 @@
-"""POSIX ACLs and the xattr namespaces through a real mount (issue 14, part 1).
+"""POSIX ACLs and the xattr namespaces through a real mount.
 
 The kernel enforces ACLs (FUSE_POSIX_ACL with default_permissions); kmsfs stores
 them on the backing files, where the backing filesystem inherits default ACLs.

@@ -1,5 +1,5 @@
 """The volume config is authenticated, and nothing in it is loaded, contacted or read as a
-key file before it is (issue 11, docs/FORMAT.md "Threat model").
+key file before it is (docs/FORMAT.md "Threat model").
 
 Each test is an attack by someone who can write the backing directory but holds
 no master key: they edit ``.kmsfs.json`` with values they computed themselves

@@ -1,4 +1,4 @@
-"""The offline tools on a hostile backing tree (issue 11), attacked as the attacker would.
+"""The offline tools on a hostile backing tree, attacked as the attacker would.
 
 The attacker is an unprivileged local user (uid 65534 here) who owns a directory of the
 backing tree: the daemon chowns backing entries to the users who create them, so every

@@ -734,7 +734,7 @@ def test_softhsm_token_script(tmp_path: Path) -> None:
     assert again.returncode != 0 and "already" in again.stderr
 
 
-# -- the volume config names the module: never loaded unless authenticated (issue 11) --
+# -- the volume config names the module: never loaded unless authenticated --
 
 
 @requires_fuse

@@ -1,4 +1,4 @@
-"""The access policy enforced by a real mount (issue 14): real processes under other
+"""The access policy enforced by a real mount: real processes under other
 uids and other programs (a copy of a binary at another path is another program), on an
 ``allow_other`` mount configured by a TOML volume config.
 """

@@ -141,7 +141,7 @@ def test_an_entry_holds_the_inode_its_number_names_when_the_name_was_replaced(
     name in between, the entry is the new inode's (number, descriptor and attributes
     agree).  An entry numbered after the old inode but holding the new one let the old
     number be reused by a later file while the kernel still cached the old attributes:
-    a reader on the other mount read an empty file (issue 15)."""
+    a reader on the other mount read an empty file."""
     (tmp_path / "target").write_bytes(b"old")
     root = os.open(tmp_path, os.O_PATH)
     table = InodeTable(root)
