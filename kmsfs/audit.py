@@ -1,7 +1,7 @@
 """The audit trail: one JSON line per key operation and per file open
 (``kmsfs mount --audit-log PATH``).
 
-A key operation (see README.md, "Audit log")::
+A key operation (see docs/SERVERS.md, "Audit log")::
 
     {"time": "2025-01-01T12:00:00.123456+00:00", "operation": "unwrap",
      "provider": "aws-kms", "key_ref": "arn:aws:kms:...", "volume_id": "<32 hex>",

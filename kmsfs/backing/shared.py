@@ -348,7 +348,7 @@ def check_user_xattrs(backing: str) -> None:
             raise ConfigError(
                 f"{backing}: the backing filesystem has no user extended attributes"
                 f" ({exc.strerror}): kmsfs keeps each file's header in one, so it cannot"
-                " hold a volume (see README, 'Several hosts on one backing directory')"
+                " hold a volume (see docs/SHARED.md, 'What the shared filesystem must offer')"
             ) from None
 
     _with_scratch_file(backing, probe)
@@ -360,7 +360,7 @@ def check_ofd_locks(backing: str) -> None:
     missing = (
         f"{backing}: the backing filesystem has no working OFD byte-range locks"
         " (fcntl F_OFD_SETLK){}: shared mode needs them to keep two daemons from sealing"
-        " one block at once (see README, 'Several hosts on one backing directory')"
+        " one block at once (see docs/SHARED.md, 'What the shared filesystem must offer')"
     )
 
     def probe(first: int) -> None:

@@ -21,7 +21,7 @@ RELOAD_TIMEOUT = 60.0  # the daemon resolves names (NSS, maybe LDAP) and stats p
 
 @click.group()
 def policy() -> None:
-    """Access policy tools (the [policy] of a volume config; README "Access policy")."""
+    """Access policy tools (the [policy] of a volume config; docs/POLICY.md)."""
 
 
 def _resolve_user(user: str) -> tuple[int, str | None, int | None]:

@@ -1,4 +1,4 @@
-"""The access policy: who may see plaintext through the mount (README "Access policy").
+"""The access policy: who may see plaintext through the mount (docs/POLICY.md).
 
 Rules come from ``[policy]`` in the host's volume config (parse.py), never
 from the backing directory.  What the operations layer uses:

@@ -1,6 +1,6 @@
 """Path patterns of policy rules: ``/``-rooted globs compiled to one regex.
 
-Syntax (README "Access policy"):
+Syntax (docs/POLICY.md, "Rules"):
 
 - a pattern starts with ``/`` and names a path inside the volume; components are
   separated by single ``/``; ``.``, ``..``, empty components and a trailing ``/``

@@ -1,8 +1,8 @@
 """Audit records of policy decisions: one JSON object per audited request.
 
 Written to the volume's audit log beside the key-use records (kmsfs/audit.py),
-told apart by ``"operation": "policy"``.  The format is stable (README
-"Access policy"); fields are only ever added::
+told apart by ``"operation": "policy"``.  The format is stable (docs/POLICY.md,
+"Audit records"); fields are only ever added::
 
     {"time": "2025-06-01T10:00:00.123456+00:00", "operation": "policy",
      "action": "read", "path": "/db/base/1", "uid": 33, "gid": 33, "pid": 4242,
