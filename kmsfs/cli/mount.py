@@ -64,7 +64,7 @@ def mount(
     the file; the command line wins.  A stale mount left at MOUNTPOINT by a
     daemon that died is detached first.
     """
-    from kmsfs.daemon import check_mountpoint
+    from kmsfs.server.daemon import check_mountpoint
     from kmsfs.server.launch import run_foreground, run_in_background
     from kmsfs.server.mountcmd import prepare_mount
 

@@ -28,7 +28,7 @@ def serve_plan(plan: MountPlan, on_ready: Callable[[], None] | None) -> None:
     from kmsfs.backing.shared import check_shared_support
     from kmsfs.backing.syscalls import disable_core_dumps, lock_memory
     from kmsfs.backing.volume_lock import claim_volume
-    from kmsfs.daemon import serve
+    from kmsfs.server.daemon import serve
     from kmsfs.keys.cache import DEFAULT_MAX_AGE, DEFAULT_MAX_ENTRIES, KeyCache
     from kmsfs.server.policyfile import PolicyReloader
     from kmsfs.volume import open_volume

@@ -1,7 +1,7 @@
 """What a mount runs beside the FUSE loop: status socket, metrics, systemd notifications,
 and the recheck of the volume lock.
 
-``ServerRuntime.run(ops)`` is handed to ``kmsfs.daemon.serve`` as a service:
+``ServerRuntime.run(ops)`` is handed to ``kmsfs.server.daemon.serve`` as a service:
 it starts with the FUSE loop and is cancelled when the loop ends (unmount or
 signal).  On the way out it sends ``STOPPING=1`` and removes its socket.  A
 failure to start the status socket or the metrics endpoint is logged and the
