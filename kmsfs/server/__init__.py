@@ -5,5 +5,5 @@ into it.  Modules: ``config`` (``/etc/kmsfs/NAME.toml``), ``notify``
 (sd_notify), ``logs`` (journald-aware stderr logging), ``stats`` (figures of a
 running mount), ``status`` (the control socket and its client), ``metrics``
 (Prometheus), ``runtime`` (what the daemon runs beside the FUSE loop),
-``mountpoint`` (stale-mount recovery), ``mounthelper`` (``mount.fuse.kmsfs``).
+``mountpoint`` (stale-mount recovery).
 """

@@ -23,7 +23,7 @@ from kmsfs.server.config import (
     load_server_config,
     parse_listen_address,
 )
-from kmsfs.server.mounthelper import HelperUsage, translate
+from kmsfs.cli.mounthelper import HelperUsage, translate
 
 
 def write(path: Path, text: str) -> Path:
