@@ -11,9 +11,9 @@ import sys
 import click
 
 from kmsfs.cli.common import handle_errors
+from kmsfs.cli.configfile import config_option
 from kmsfs.errors import ConfigError, UsageError
 from kmsfs.policy import ACTIONS, Requester
-from kmsfs.server.config import config_option
 
 DENIED = 1
 RELOAD_TIMEOUT = 60.0  # the daemon resolves names (NSS, maybe LDAP) and stats programs

@@ -40,7 +40,7 @@ class DirHandle:
 
 @dataclass
 class ServedVolume:
-    """The parts an operations object serves with, built by ``serve_volume`` (or a test).
+    """The parts an operations object serves with, built by ``open_served_volume`` (or a test).
 
     Attributes: backing (absolute path), config, keyring, inodes (the inode
     table over the backing root's descriptor), key_usage (block encryptions
@@ -72,7 +72,7 @@ class ServedVolume:
     lock_timeout: float = DEFAULT_LOCK_TIMEOUT
 
 
-def serve_volume(
+def open_served_volume(
     backing: str,
     config: VolumeConfig,
     keyring: Keyring,

@@ -28,7 +28,8 @@ from kmsfs.keys.provider import KeyContext, KeyProvider, wipe
 
 class Keyring:
     """Attributes: volume_id, providers (in order), cache, inline, pool (the prefetch
-    KeyPool or None), recorder, volume_key.
+    KeyPool or None), recorder (reports to the *on_event* sink given at construction:
+    the audit log, the status counters), volume_key.
 
     ``volume_key`` is the volume key every key-check value wraps (None for a
     format-1 volume not migrated): tools need it to re-tag the volume config.
@@ -55,15 +56,6 @@ class Keyring:
             self.pool = prefetching.pool
             source = prefetching
         self.keys = CachingKeys(source, self.cache, self.recorder)
-
-    @property
-    def on_event(self) -> EventSink | None:
-        """Where key-use events go (the audit log, the status counters), or None."""
-        return self.recorder.on_event
-
-    @on_event.setter
-    def on_event(self, sink: EventSink | None) -> None:
-        self.recorder.on_event = sink
 
     def new_file(
         self, requester: dict[str, Any] | None = None

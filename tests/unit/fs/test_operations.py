@@ -28,7 +28,7 @@ from support.lifecycle_support import header_of, write_file
 from kmsfs.errors import IntegrityError, KeyAccessDenied, KeyUnavailable, WrongKeyError
 from kmsfs.format.content import Layout
 from kmsfs.format.header import FORMAT_1, FORMAT_2, XATTR_NAME
-from kmsfs.fs.operations import KmsfsOperations, errno_for, serve_volume
+from kmsfs.fs.operations import KmsfsOperations, errno_for, open_served_volume
 from kmsfs.volume import open_volume
 
 ROOT = pyfuse3.ROOT_INODE
@@ -45,7 +45,7 @@ def fields(**flags: bool) -> Any:
 def ops(tmp_path: Path) -> Iterator[KmsfsOperations]:
     vol = make_volume(tmp_path)
     config, keyring = open_volume(vol.backing, {"key_file": str(vol.key_file)})
-    operations = KmsfsOperations(serve_volume(str(vol.backing), config, keyring))
+    operations = KmsfsOperations(open_served_volume(str(vol.backing), config, keyring))
     try:
         yield operations
     finally:
@@ -427,7 +427,7 @@ def test_backing_cut_inside_a_block_header_gives_eio_naming_the_file(
 def shared_ops(tmp_path: Path) -> Iterator[KmsfsOperations]:
     vol = make_volume(tmp_path)
     config, keyring = open_volume(vol.backing, {"key_file": str(vol.key_file)})
-    parts = serve_volume(str(vol.backing), config, keyring, timeout=1.0, shared=True)
+    parts = open_served_volume(str(vol.backing), config, keyring, timeout=1.0, shared=True)
     operations = KmsfsOperations(parts)
     try:
         yield operations
@@ -471,12 +471,12 @@ _OPEN_OUT_OF_DESCRIPTORS = """
 import errno, os, resource, sys
 from types import SimpleNamespace
 import pyfuse3, trio
-from kmsfs.fs.operations import KmsfsOperations, serve_volume
+from kmsfs.fs.operations import KmsfsOperations, open_served_volume
 from kmsfs.volume import open_volume
 backing, key = sys.argv[1:3]
 resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128))
 config, keyring = open_volume(backing, {"key_file": key})
-ops = KmsfsOperations(serve_volume(backing, config, keyring))
+ops = KmsfsOperations(open_served_volume(backing, config, keyring))
 ctx = SimpleNamespace(uid=os.geteuid(), gid=os.getegid(), pid=os.getpid(), umask=0o022)
 
 async def main():
