@@ -40,7 +40,7 @@ from kmsfs.backing.shared import (
 from kmsfs.errors import KeyAccessDenied, KmsfsError
 from kmsfs.format.content import FORMAT_MARKER, BlockCipher, Layout, format_of_mode
 from kmsfs.format.header import FORMAT_1, FORMAT_2, XATTR_NAME, FileHeader
-from kmsfs.format.volume import RESERVED_PREFIX
+from kmsfs.format.volume_config import RESERVED_PREFIX
 from kmsfs.fs.fuseloop import PYFUSE3
 from kmsfs.fs.inodes import ROOT_INODE, Inode
 from kmsfs.fs.lockwait import LockWaitInterrupted, LockWaits, LockWaitTimeout

@@ -12,8 +12,8 @@ import trio
 
 from kmsfs.backing.content_file import KeyUsageTable
 from kmsfs.backing.shared import DEFAULT_LOCK_TIMEOUT
-from kmsfs.format.volume import VolumeConfig
-from kmsfs.fs.events import AccessSink
+from kmsfs.format.volume_config import VolumeConfig
+from kmsfs.fs.access_events import AccessSink
 from kmsfs.fs.inodes import O_PATH_FLAGS, InodeTable
 from kmsfs.keys.keyring import Keyring
 from kmsfs.policy import Policy

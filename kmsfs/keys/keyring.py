@@ -18,7 +18,7 @@ from typing import Any
 from kmsfs.errors import KmsfsError, WrongKeyError
 from kmsfs.format.content import BlockCipher
 from kmsfs.format.header import NEW_FILE_FORMAT, FileHeader, WrappedKey
-from kmsfs.format.volume import KeyConfig
+from kmsfs.format.volume_config import KeyConfig
 from kmsfs.keys.cache import KeyCache
 from kmsfs.keys.events import EventSink, Recorder
 from kmsfs.keys.layers import CachingKeys, FileKeys, MasterKeys, PrefetchingKeys
@@ -48,7 +48,7 @@ class Keyring:
         self.providers = providers
         self.cache = cache if cache is not None else KeyCache()
         self.inline = all(p.inline for p in providers)
-        self.volume_key: bytearray | None = None  # set by kmsfs.volume.open_volume
+        self.volume_key: bytearray | None = None  # set by kmsfs.volume_open.open_volume
         source: FileKeys = self.master
         self.pool: KeyPool | None = None
         if not providers[0].inline:

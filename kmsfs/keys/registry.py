@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from kmsfs.errors import ConfigError, WrongKeyError
 
 if TYPE_CHECKING:  # the command line reads PROVIDER_NAMES: nothing heavy at import
-    from kmsfs.format.volume import KeyConfig
+    from kmsfs.format.volume_config import KeyConfig
     from kmsfs.keys.provider import KeyProvider
     from kmsfs.keys.secrets import Prompt
 

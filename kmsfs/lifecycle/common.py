@@ -23,7 +23,7 @@ from kmsfs.backing.tree import FILE_FLAGS, open_root, open_state_dir
 from kmsfs.backing.volume_lock import daemons_serving, lock_volume, mountpoints_of, volume_in_use
 from kmsfs.errors import HeaderChanged, LifecycleError, MountError, VolumeMounted
 from kmsfs.format.header import XATTR_NAME
-from kmsfs.format.volume import STATE_DIR_NAME
+from kmsfs.format.volume_config import STATE_DIR_NAME
 
 MAX_JOURNAL_SIZE = 1 << 20
 

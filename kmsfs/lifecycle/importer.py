@@ -37,7 +37,7 @@ from kmsfs.backing.tree import (
     check_file,
 )
 from kmsfs.errors import LifecycleError
-from kmsfs.format.volume import CONFIG_NAME, RESERVED_PREFIX, VolumeConfig
+from kmsfs.format.volume_config import CONFIG_NAME, RESERVED_PREFIX, VolumeConfig
 from kmsfs.keys.keyring import Keyring
 from kmsfs.lifecycle.common import (
     Progress,

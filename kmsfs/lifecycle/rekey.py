@@ -51,7 +51,7 @@ from kmsfs.backing.header_xattr import parse_header, read_raw_header
 from kmsfs.backing.syscalls import RENAME_EXCHANGE, birth_time, renameat2
 from kmsfs.backing.tree import FILE_FLAGS, Entry, Tree, TreeChanged, check_file
 from kmsfs.errors import FormatError, KmsfsError, LifecycleError, reason_of
-from kmsfs.format.volume import VolumeConfig
+from kmsfs.format.volume_config import VolumeConfig
 from kmsfs.keys.keyring import Keyring
 from kmsfs.lifecycle.common import (
     Progress,

@@ -63,7 +63,7 @@ from kmsfs.errors import (
     reason_of,
 )
 from kmsfs.format.header import MAX_ENTRIES, FileHeader, WrappedKey
-from kmsfs.format.volume import load_config
+from kmsfs.format.volume_config import load_config
 from kmsfs.keys.cache import NullCache
 from kmsfs.keys.keyring import Keyring
 from kmsfs.keys.provider import KeyContext, KeyProvider, wipe
@@ -79,7 +79,7 @@ from kmsfs.lifecycle.common import (
     save_journal,
     volume_locked,
 )
-from kmsfs.volume import open_volume
+from kmsfs.volume_open import open_volume
 from kmsfs.volume_writes import (
     new_key_config,
     rotate_volume_key,

@@ -36,7 +36,7 @@ from kmsfs.server.policyfile import PolicyReloader
 from kmsfs.server.runtime import ServerRuntime
 from kmsfs.server.spec import MountSpec
 from kmsfs.server.stats import ProviderStats
-from kmsfs.volume import open_volume
+from kmsfs.volume_open import open_volume
 
 
 def serve_mount(spec: MountSpec, on_ready: Callable[[], None] | None) -> None:

@@ -300,7 +300,7 @@ def check_volume_provider(config: ServerConfig, backing: str) -> None:
     """ConfigError if ``provider.type`` names no master key of the volume in *backing*."""
     if config.provider_type is None:
         return
-    from kmsfs.format.volume import load_config
+    from kmsfs.format.volume_config import load_config
 
     volume = load_config(backing)
     types = [key.provider for key in volume.keys]

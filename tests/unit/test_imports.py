@@ -23,7 +23,7 @@ LAYER = {
     "policy": 1,
     "fs": 2,
     "audit": 2,
-    "volume": 2,
+    "volume_open": 2,
     "volume_writes": 2,
     "trust": 2,
     "pins": 1,

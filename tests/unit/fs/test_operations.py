@@ -29,7 +29,7 @@ from kmsfs.errors import IntegrityError, KeyAccessDenied, KeyUnavailable, WrongK
 from kmsfs.format.content import Layout
 from kmsfs.format.header import FORMAT_1, FORMAT_2, XATTR_NAME
 from kmsfs.fs.operations import KmsfsOperations, errno_for, open_served_volume
-from kmsfs.volume import open_volume
+from kmsfs.volume_open import open_volume
 
 ROOT = pyfuse3.ROOT_INODE
 CTX = SimpleNamespace(uid=os.geteuid(), gid=os.getegid(), pid=os.getpid(), umask=0o022)
@@ -472,7 +472,7 @@ import errno, os, resource, sys
 from types import SimpleNamespace
 import pyfuse3, trio
 from kmsfs.fs.operations import KmsfsOperations, open_served_volume
-from kmsfs.volume import open_volume
+from kmsfs.volume_open import open_volume
 backing, key = sys.argv[1:3]
 resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128))
 config, keyring = open_volume(backing, {"key_file": key})

@@ -29,7 +29,7 @@ from support.lifecycle_support import write_files
 from kmsfs.backing import content_file
 from kmsfs.format.header import FORMAT_1
 from kmsfs.fs.operations import KmsfsOperations, open_served_volume
-from kmsfs.volume import open_volume
+from kmsfs.volume_open import open_volume
 
 CTX = SimpleNamespace(uid=0, gid=0, pid=os.getpid(), umask=0o022)
 
