@@ -72,8 +72,8 @@ def rekey(backing: str, older_than: str | None, quiet: bool, **kwargs: Any) -> N
     Crash-safe and resumable (run it again); keeps hard links, owner, mode,
     times and user xattrs.
     """
+    from kmsfs.backing.tool_lock import refuse_if_mounted
     from kmsfs.keys.cache import NullCache
-    from kmsfs.lifecycle.common import refuse_if_mounted
     from kmsfs.lifecycle.rekey import rekey_volume
     from kmsfs.volume_open import open_volume
 

@@ -53,7 +53,7 @@ from kmsfs.format.volume_config import STATE_DIR_NAME as STATE_DIR
 from kmsfs.format.volume_config import VolumeConfig
 from kmsfs.keys.keyring import Keyring
 from kmsfs.keys.provider import KeyContext, wipe
-from kmsfs.lifecycle.common import Progress
+from kmsfs.lifecycle.progress import Progress
 
 CHUNK_BLOCKS = 256
 MAX_BLOCKS_REPORTED = 20  # per file; the count says how many more
