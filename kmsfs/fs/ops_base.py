@@ -8,7 +8,9 @@ small reads and writes run on the trio loop, because a worker-thread hop costs
 OFFLOAD_BYTES or more, fsync, and calls to providers that are not ``inline`` go
 to worker threads.  In shared mode nothing waits for another daemon in a thread:
 a request that finds another daemon's lock in its way waits through
-``lock_waits`` (kmsfs/fs/lockwait.py), on the loop, with a deadline.
+``lock_waits`` (kmsfs/fs/lockwait.py), on the loop, with a deadline.  What
+differs in shared mode is ``content_access``, chosen once
+(kmsfs/fs/content_access.py).
 """
 
 from __future__ import annotations
@@ -30,20 +32,15 @@ from kmsfs.backing import syscalls, xattrs
 from kmsfs.backing.content_file import ContentFile, KeyUsage
 from kmsfs.backing.header_xattr import read_header, set_format_marker
 from kmsfs.backing.paths import VolumePaths
-from kmsfs.backing.shared import (
-    CREATING_WAIT,
-    LockBusy,
-    SharedContentFile,
-    check_created,
-    locked_plain_size,
-)
+from kmsfs.backing.shared import LockBusy
 from kmsfs.errors import KeyAccessDenied, KmsfsError
 from kmsfs.format.content import FORMAT_MARKER, BlockCipher, Layout, format_of_mode
-from kmsfs.format.header import FORMAT_1, FORMAT_2, XATTR_NAME, FileHeader
+from kmsfs.format.header import FORMAT_1, FORMAT_2, FileHeader
 from kmsfs.format.volume_config import RESERVED_PREFIX
+from kmsfs.fs.content_access import content_access_for
 from kmsfs.fs.fuseloop import PYFUSE3
 from kmsfs.fs.inodes import ROOT_INODE, Inode
-from kmsfs.fs.lockwait import LockWaitInterrupted, LockWaits, LockWaitTimeout
+from kmsfs.fs.lockwait import LockWaitInterrupted, LockWaits
 from kmsfs.fs.requests import OPCODES, RequestStats
 from kmsfs.fs.served import DirHandle, ServedVolume
 
@@ -146,9 +143,9 @@ class OperationsBase(pyfuse3.Operations):
 
     Attributes: backing (path), config, keyring, inodes, paths (volume paths of
     descriptors: kmsfs/backing/paths.py), key_usage, timeout, offload_bytes,
-    on_access, lock_waits (shared mode's waits for other daemons), and the
-    counters errors, bytes_read, bytes_written and requests (per FUSE opcode,
-    ``kmsfs.fs.requests``).
+    on_access, content_access (local or shared: kmsfs/fs/content_access.py),
+    lock_waits (shared mode's waits for other daemons), and the counters errors,
+    bytes_read, bytes_written and requests (per FUSE opcode, ``kmsfs.fs.requests``).
     """
 
     enable_writeback_cache = True
@@ -192,18 +189,9 @@ class OperationsBase(pyfuse3.Operations):
         self.bytes_written = 0
         self.requests = RequestStats()
         self._forgets = self.requests.counter("forget")
-        # Shared mode: no writeback cache (the kernel would write back whole pages over
-        # another host's bytes), no page cache kept across opens, sizes from the backing.
-        self.shared = parts.shared
-        self._content_class: type[ContentFile] = ContentFile
-        if parts.shared:
-            self._content_class = SharedContentFile.for_backing(parts.backing)
         self.lock_waits = LockWaits(parts.lock_timeout)
-        if parts.shared:
-            self.enable_writeback_cache = False
-        # FOPEN_CACHE_DIR on opendir (patched pyfuse3): the kernel keeps listings until the
-        # directory changes through the mount; not when other daemons change it too
-        self.cache_listings = PYFUSE3.cache_dir and not parts.shared
+        self.content_access = content_access_for(parts, self.lock_waits)
+        self.enable_writeback_cache = self.content_access.writeback_cache
 
     def _inode(self, ino: int) -> Inode:
         entry = self.inodes.get(ino)
@@ -218,9 +206,9 @@ class OperationsBase(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         """Attributes of backing inode *st*; a regular file's size is *size* if given.
 
-        Shared mode: a size the caller did not read under a lock (``_shared_attr``)
-        is not cached by the kernel (attribute timeout 0), as another daemon may have
-        been extending the file when the backing size was read.
+        Otherwise the size of its open content, else the one computed from the backing
+        file's, which shared mode's kernel does not cache (``content_access``: another
+        daemon may have been extending the file when the backing size was read).
         """
         attr = pyfuse3.EntryAttributes()
         attr.st_ino = entry.ino if entry is not None else self.inodes.fuse_ino(st.st_ino)
@@ -233,14 +221,15 @@ class OperationsBase(pyfuse3.Operations):
         attr.st_rdev = st.st_rdev
         if stat.S_ISREG(st.st_mode):
             attr.st_mode = st.st_mode & ~FORMAT_MARKER  # the plaintext never shows it
+            if size is None:
+                size = self.content_access.open_size(entry)
             if size is not None:
                 attr.st_size = size
-            elif entry is not None and entry.content is not None and not self.shared:
-                attr.st_size = entry.content.size
             else:
                 attr.st_size = self._layout_for(st, entry).plain_size(st.st_size)
-                if self.shared:
-                    attr.attr_timeout = 0
+                attr.attr_timeout = self.content_access.attr_timeout_of_computed_size(
+                    self.timeout
+                )
         else:
             attr.st_mode = st.st_mode
             attr.st_size = st.st_size
@@ -251,27 +240,15 @@ class OperationsBase(pyfuse3.Operations):
         attr.st_ctime_ns = st.st_ctime_ns
         return attr
 
-    async def _shared_attr(
+    async def _attr_sized(
         self, st: os.stat_result, entry: Inode, caller: int
     ) -> pyfuse3.EntryAttributes:
-        """``_attr``, with a regular file's size read under a lock in shared mode (a
-        daemon not running as root that may not open the file gives the size it has,
-        uncached by the kernel).  *caller*: the requester's pid (its wait for another
-        daemon's lock ends if it is interrupted).  LockWaitFailed and its kin from
-        ``lock_waits`` when another daemon holds the file's end too long."""
-        if not (self.shared and stat.S_ISREG(st.st_mode)):
+        """``_attr``, with a regular file's size read under a lock in shared mode
+        (``content_access.locked_size``: *caller* is the requester's pid, and
+        LockWaitFailed and its kin come from there)."""
+        if not stat.S_ISREG(st.st_mode):
             return self._attr(st, entry)
-        # the layout of the file's format: as its header gave it, else as its marker claims
-        path, layout = entry.proc_path, self._layout_for(st, entry)
-        try:
-            try:  # on the loop: granted or refused at once; refused, it waits there too
-                size = locked_plain_size(path, layout)
-            except LockBusy as busy:
-                size = await self.lock_waits.call(
-                    locked_plain_size, path, layout, busy=busy, caller=caller, key=entry.ino
-                )
-        except PermissionError:
-            return self._attr(st, entry)
+        size = await self.content_access.locked_size(st, entry, self._layout_for, caller)
         return self._attr(st, entry, size)
 
     def _layout_for(self, st: os.stat_result, entry: Inode | None) -> Layout:
@@ -448,26 +425,6 @@ class OperationsBase(pyfuse3.Operations):
             entry.opens -= 1
             self._drop_content(entry)
 
-    async def _wait_created(self, entry: Inode, caller: int) -> None:
-        """Shared mode, before the content is first opened: wait (up to CREATING_WAIT
-        seconds, through ``lock_waits``) while the backing file has no header or no
-        first block yet, as while another daemon creates it (O_EXCL open, header,
-        first block).  After that, opening it reports what is missing.  Raises what
-        ``lock_waits`` raises, but not its timeout."""
-        if not self.shared or entry.content is not None:
-            return
-        path = entry.proc_path
-        try:
-            await self.lock_waits.call(
-                check_created,
-                path,
-                functools.partial(_has_header, path),
-                caller=caller,
-                give_up_after=CREATING_WAIT,
-            )
-        except LockWaitTimeout:
-            pass
-
     def _new_mode(self, parent: Inode, mode: int, ctx: pyfuse3.RequestContext) -> int:
         """The mode to make a new entry of *parent* with.  With FUSE_DONT_MASK the kernel
         leaves the requester's umask to us: it applies unless *parent* has a default ACL,
@@ -500,7 +457,7 @@ class OperationsBase(pyfuse3.Operations):
         """The entry's open ContentFile, opening the backing file and its key if needed.
 
         *requester* (``_requester``) goes into the key's audit record.  Call
-        with entry.lock held (and, in shared mode, after ``_wait_created``).
+        with entry.lock held (and after ``content_access.wait_created``).
         """
         if entry.content is not None:
             return entry.content
@@ -510,7 +467,7 @@ class OperationsBase(pyfuse3.Operations):
             header = read_header(fd, what)
             self._check_marker(entry, fd, header)
             cipher = await self._key_call(self.keyring.cipher_for, header, what, requester)
-            content = self._content_class.open(
+            content = self.content_access.content_class.open(
                 fd,
                 cipher,
                 lambda: self.describe(entry),
@@ -559,13 +516,3 @@ class OperationsBase(pyfuse3.Operations):
         self._dirs.clear()
         self.inodes.close_all()
 
-
-def _has_header(path: str) -> bool:
-    """True if the backing file at *path* has a kmsfs header xattr."""
-    try:
-        os.getxattr(path, XATTR_NAME)
-    except OSError as exc:
-        if exc.errno != errno.ENODATA:
-            raise
-        return False
-    return True

@@ -45,7 +45,7 @@ class FileOps(NamespaceOps):
             file_id = header.file_id
             answer = self._create(parent, name, mode, ctx, header, cipher)
         except Exception as exc:
-            if self.shared and isinstance(exc, FileExistsError) and not flags & os.O_EXCL:
+            if self.content_access.opens_created_elsewhere(exc, flags):
                 # Another daemon created it since our negative lookup: open theirs
                 # (O_CREAT without O_EXCL), as a local filesystem would.
                 return await self._open_created_elsewhere(parent_inode, name, flags, ctx)
@@ -75,7 +75,7 @@ class FileOps(NamespaceOps):
         try:
             write_new_header(fd, header)
             self._own(fd, parent, ctx)
-            content = self._content_class(
+            content = self.content_access.content_class(
                 fd,
                 cipher,
                 0,
@@ -99,7 +99,7 @@ class FileOps(NamespaceOps):
         content.describe = lambda: self.describe(entry)
         entry.content = content
         entry.opens += 1
-        info = pyfuse3.FileInfo(fh=entry.ino, keep_cache=not self.shared)
+        info = pyfuse3.FileInfo(fh=entry.ino, keep_cache=self.content_access.keep_cache)
         return info, self._attr(st, entry, content.size)
 
     async def _open_created_elsewhere(
@@ -131,11 +131,11 @@ class FileOps(NamespaceOps):
                 await self._warn_exec_only(ctx, entry)
             if not entry.is_regular:
                 raise FUSEError(errno.EINVAL)
-            await self._wait_created(entry, ctx.pid)
+            await self.content_access.wait_created(entry, ctx.pid)
             async with entry.lock:
                 content = await self._content(entry, requester)
                 entry.opens += 1
-            if flags & os.O_TRUNC and (content.size or self.shared):
+            if flags & os.O_TRUNC and self.content_access.truncates_on_open(content):
                 try:
                     await self._content_run(entry, 0, lambda c: c.truncate(0), ctx.pid)
                 except BaseException:
@@ -147,7 +147,7 @@ class FileOps(NamespaceOps):
             self._audit_access("open", flags, requester or self._requester(ctx, None), None, exc)
             raise
         self._audit_access("open", flags, requester, content.file_id)
-        return pyfuse3.FileInfo(fh=inode, keep_cache=not self.shared)
+        return pyfuse3.FileInfo(fh=inode, keep_cache=self.content_access.keep_cache)
 
     # read and write get no request context from pyfuse3: their waits for another
     # daemon's lock end at the deadline, never because the caller was interrupted.

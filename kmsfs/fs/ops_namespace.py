@@ -47,7 +47,7 @@ class NamespaceOps(AccessChecks):
         self._trim()
         if entry.fd < 0:  # deferred: no descriptor to read a locked size through
             return self._attr(st, entry)
-        return await self._shared_attr(st, entry, ctx.pid)
+        return await self._attr_sized(st, entry, ctx.pid)
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         # Not wrapped in _fuse_op: FORGET has no answer, and pyfuse3 must never see
@@ -64,7 +64,7 @@ class NamespaceOps(AccessChecks):
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         entry = await self._inode_waiting(inode)
         await self._allow(ctx, "list", self._path_of(entry))
-        return await self._shared_attr(os.stat(entry.fd), entry, ctx.pid)
+        return await self._attr_sized(os.stat(entry.fd), entry, ctx.pid)
 
     @fuse_op
     async def setattr(
@@ -80,7 +80,7 @@ class NamespaceOps(AccessChecks):
         if fields.update_size:
             if not entry.is_regular:
                 raise FUSEError(errno.EISDIR if stat.S_ISDIR(entry.mode) else errno.EINVAL)
-            await self._wait_created(entry, ctx.pid)
+            await self.content_access.wait_created(entry, ctx.pid)
             async with entry.lock:
                 await self._content(entry, self._requester(ctx, entry))
                 entry.opens += 1  # kept open while the truncation may wait for its lock
@@ -109,7 +109,7 @@ class NamespaceOps(AccessChecks):
                 attr.st_atime_ns if fields.update_atime else None,
                 attr.st_mtime_ns if fields.update_mtime else None,
             )
-        return await self._shared_attr(os.stat(entry.fd), entry, ctx.pid)
+        return await self._attr_sized(os.stat(entry.fd), entry, ctx.pid)
 
     @fuse_op
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
@@ -210,7 +210,7 @@ class NamespaceOps(AccessChecks):
         await self._allow(ctx, "create", self._path_of(parent, new_name))
         os.link(entry.proc_path, new_name, dst_dir_fd=parent.fd, follow_symlinks=True)
         entry.lookups += 1
-        return await self._shared_attr(os.stat(entry.fd), entry, ctx.pid)
+        return await self._attr_sized(os.stat(entry.fd), entry, ctx.pid)
 
     @fuse_op
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int | pyfuse3.FileInfo:
@@ -225,7 +225,7 @@ class NamespaceOps(AccessChecks):
         # change reaches it through the mount, OPENDIR (the policy's "list" check) is still
         # sent on every open, and the kernel's caches are off (timeout 0) when listings
         # differ per requester.  A listing kept under an earlier policy is not kept again.
-        if self.cache_listings and self.timeout > 0:
+        if self.content_access.cache_listings and self.timeout > 0:
             keep = entry.listed_under == self.policy_serial
             entry.listed_under = self.policy_serial
             return pyfuse3.FileInfo(fh=fh, cache_readdir=True, keep_cache=keep)

@@ -447,20 +447,37 @@ def test_shared_lookup_gives_the_size_read_under_the_lock_and_caches_it(
     run(main)
 
 
+@pytest.mark.parametrize(("fixture", "cached"), [("ops", True), ("shared_ops", False)])
+def test_shared_mode_is_chosen_once_for_every_handler(
+    fixture: str, cached: bool, request: pytest.FixtureRequest
+) -> None:
+    """Alone, the kernel may keep pages across opens and write back; shared, neither
+    (the strategy chosen when the operations are built answers every handler)."""
+    operations: KmsfsOperations = request.getfixturevalue(fixture)
+
+    async def main() -> tuple[bool, bool]:
+        inode = await create(operations, b"f")
+        info = await operations.open(inode, os.O_RDWR | os.O_TRUNC, CTX)
+        await operations.release(info.fh)
+        return operations.enable_writeback_cache, info.keep_cache
+
+    assert run(main) == (cached, cached)
+
+
 def test_shared_lookup_of_a_file_the_daemon_may_not_open_answers_uncached(
     shared_ops: KmsfsOperations, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A daemon not running as root may be refused the open that reads a size under the
     lock: lookup still answers, with the backing size, and the kernel does not cache it.
     (The refusal is a stand-in: this suite runs as root, which no mode bits refuse.)"""
-    import kmsfs.fs.ops_base
+    import kmsfs.fs.content_access
 
     def refused(path: str, layout: object) -> int:
         raise PermissionError(errno.EACCES, "Permission denied", path)
 
     async def main() -> None:
         await create(shared_ops, b"s", b"x" * 5000)
-        monkeypatch.setattr(kmsfs.fs.ops_base, "locked_plain_size", refused)
+        monkeypatch.setattr(kmsfs.fs.content_access, "locked_plain_size", refused)
         attr = await shared_ops.lookup(ROOT, b"s", CTX)
         assert attr.st_size == 5000 and attr.attr_timeout == 0
 
