@@ -42,7 +42,7 @@ from kmsfs.fs.fuseloop import PYFUSE3
 from kmsfs.fs.inodes import ROOT_INODE, Inode
 from kmsfs.fs.lockwait import LockWaitInterrupted, LockWaits
 from kmsfs.fs.requests import OPCODES, RequestStats
-from kmsfs.fs.served import DirHandle, ServedVolume
+from kmsfs.fs.served import ServedVolume
 
 log = logging.getLogger("kmsfs.fs")
 
@@ -172,8 +172,6 @@ class OperationsBase(pyfuse3.Operations):
         self.paths = VolumePaths(parts.inodes.root_fd)
         self._unresolved_logged: set[int] = set()
         self._exec_warned: set[int] = set()  # inodes (ops_access._warn_exec_only)
-        self._dirs: dict[int, DirHandle] = {}
-        self._next_dir = 1
         # Block encryptions per file key, kept across opens and closes (FORMAT.md,
         # "How much one file key may encrypt")
         self.key_usage = parts.key_usage
@@ -192,14 +190,6 @@ class OperationsBase(pyfuse3.Operations):
         self.lock_waits = LockWaits(parts.lock_timeout)
         self.content_access = content_access_for(parts, self.lock_waits)
         self.enable_writeback_cache = self.content_access.writeback_cache
-
-    def _inode(self, ino: int) -> Inode:
-        entry = self.inodes.get(ino)
-        if entry is None:
-            raise FUSEError(errno.ESTALE)
-        if entry.fd < 0:
-            self.inodes.open_deferred(entry)
-        return entry
 
     def _attr(
         self, st: os.stat_result, entry: Inode | None = None, size: int | None = None
@@ -305,40 +295,6 @@ class OperationsBase(pyfuse3.Operations):
             )
             raise LookAgain(self.describe(entry))
 
-    async def _inode_waiting(self, ino: int) -> Inode:
-        """``_inode`` for requests that hold no directory lock (getattr, open,
-        opendir, setattr): a deferred entry that finds no free descriptor waits
-        for one (``_when_descriptors_free``) instead of failing."""
-        return await self._when_descriptors_free(lambda: self._inode(ino))
-
-    async def _when_descriptors_free(self, opener: Callable[[], T]) -> T:
-        """``opener()``; while it fails with EMFILE (the kernel has not yet forgotten
-        the entries the daemon asked it to), ask it to forget more and wait, up to
-        2 s for its FORGETs to free descriptors.  OSError after that."""
-        for _ in range(200):
-            try:
-                return opener()
-            except OSError as exc:
-                if exc.errno != errno.EMFILE:
-                    raise
-            self._trim(force=True)  # more victims: the pending ones may be in use
-            await trio.sleep(0.01)
-        return opener()
-
-    def _trim(self, force: bool = False) -> None:
-        """Past the high-water mark, ask the kernel to forget the oldest unused entries.
-
-        Each entry holds a descriptor, and the kernel keeps entries until memory
-        runs short: without this, a directory of more files than RLIMIT_NOFILE
-        would fail with EMFILE.  Invalidation is queued to pyfuse3's notify
-        thread; the FORGETs that follow close the descriptors.
-        """
-        table = self.inodes
-        if not force and not table.over_high_water():  # O(1): on every lookup and create
-            return
-        for parent, name in table.victims(table.high_water // 4):
-            pyfuse3.invalidate_entry_async(parent, name, ignore_enoent=True)
-
     def _check_name(self, parent: int, name: bytes) -> None:
         """EPERM for names reserved for kmsfs's own files at the root."""
         if parent == ROOT_INODE and name.startswith(RESERVED_NAME):
@@ -423,7 +379,7 @@ class OperationsBase(pyfuse3.Operations):
         """Give up one open of the entry's content, closing it after the last."""
         async with entry.lock:
             entry.opens -= 1
-            self._drop_content(entry)
+            self.inodes.drop_content(entry)
 
     def _new_mode(self, parent: Inode, mode: int, ctx: pyfuse3.RequestContext) -> int:
         """The mode to make a new entry of *parent* with.  With FUSE_DONT_MASK the kernel
@@ -461,7 +417,7 @@ class OperationsBase(pyfuse3.Operations):
         """
         if entry.content is not None:
             return entry.content
-        fd = await self._open_content_fd(entry)
+        fd = await self.inodes.open_content(entry)
         try:
             what = f"inode {entry.ino}"  # replaced by the path if an error is reported
             header = read_header(fd, what)
@@ -487,23 +443,6 @@ class OperationsBase(pyfuse3.Operations):
         format bounds them (format 1), else None (a count of the open file's own)."""
         return self.key_usage.get(file_id) if cipher.max_encryptions else None
 
-    async def _open_content_fd(self, entry: Inode) -> int:
-        """A new descriptor of the entry's backing file, read-write (read-only if that
-        is refused); out of descriptors, from the reserve or once some are free."""
-
-        def opener() -> int:
-            try:
-                return os.open(entry.proc_path, os.O_RDWR | os.O_CLOEXEC)
-            except PermissionError:
-                return os.open(entry.proc_path, os.O_RDONLY | os.O_CLOEXEC)
-
-        return await self._when_descriptors_free(lambda: self.inodes.open_spared(opener))
-
-    def _drop_content(self, entry: Inode) -> None:
-        if entry.content is not None and entry.opens == 0:
-            os.close(entry.content.fd)
-            entry.content = None
-
     @staticmethod
     def _is_admin(ctx: pyfuse3.RequestContext) -> bool:
         """CAP_SYS_ADMIN of the initial user namespace (what ext4 asks for trusted.*)."""
@@ -511,8 +450,5 @@ class OperationsBase(pyfuse3.Operations):
 
     def close(self) -> None:
         """Close every descriptor (after the FUSE loop has ended)."""
-        for handle in self._dirs.values():
-            os.close(handle.fd)
-        self._dirs.clear()
         self.inodes.close_all()
 

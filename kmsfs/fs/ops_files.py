@@ -33,7 +33,7 @@ class FileOps(NamespaceOps):
         file_id = None
         try:
             self._check_name(parent_inode, name)
-            parent = self._inode(parent_inode)
+            parent = self.inodes.entry(parent_inode)
             requester = self._requester(ctx, parent, name)
             path = self._path_of(parent, name)
             await self._allow(ctx, "create", path)
@@ -95,7 +95,7 @@ class FileOps(NamespaceOps):
             raise
         entry = self.inodes.adopt(st, path_fd, parent.ino, name)
         entry.format = header.version
-        self._trim()
+        self.inodes.trim()
         content.describe = lambda: self.describe(entry)
         entry.content = content
         entry.opens += 1
@@ -123,7 +123,7 @@ class FileOps(NamespaceOps):
         # bits, default_permissions) never get here.
         requester: dict[str, Any] = {}
         try:
-            entry = await self._inode_waiting(inode)
+            entry = await self.inodes.entry_waiting(inode)
             requester = self._requester(ctx, entry)
             for action in open_actions(flags):
                 await self._allow(ctx, action, self._path_of(entry))
@@ -156,14 +156,14 @@ class FileOps(NamespaceOps):
     async def read(  # type: ignore[override]  # pyfuse3 takes any buffer: no copy
         self, fh: int, off: int, size: int
     ) -> bytes | bytearray:
-        entry = self._inode(fh)
+        entry = self.inodes.entry(fh)
         data = await self._content_run(entry, size, lambda content: content.read(off, size))
         self.bytes_read += len(data)
         return data
 
     @fuse_op
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        entry = self._inode(fh)
+        entry = self.inodes.entry(fh)
         written = await self._content_run(
             entry, len(buf), lambda content: content.write(off, buf)
         )
@@ -179,13 +179,13 @@ class FileOps(NamespaceOps):
 
     @fuse_op
     async def release(self, fh: int) -> None:
-        entry = self._inode(fh)
+        entry = self.inodes.entry(fh)
         await self._release_content(entry)
         self.inodes.release_if_unused(entry)
 
     @fuse_op
     async def fsync(self, fh: int, datasync: bool) -> None:
-        entry = self._inode(fh)
+        entry = self.inodes.entry(fh)
         content = entry.content
         if content is not None:
             await trio.to_thread.run_sync(content.fsync, datasync, limiter=self._limiter)
@@ -201,7 +201,7 @@ class FileOps(NamespaceOps):
             raise FUSEError(errno.EOPNOTSUPP)  # see kmsfs/backing/xattrs.py
         if kind is Namespace.PRIVILEGED and not self._is_admin(ctx):
             raise FUSEError(errno.EPERM)
-        entry = self._inode(inode)
+        entry = self.inodes.entry(inode)
         await self._allow(ctx, "write", self._path_of(entry))
         os.setxattr(entry.proc_path, name, value)
 
@@ -211,14 +211,14 @@ class FileOps(NamespaceOps):
         # security.capability on every write: no syscall for those.
         kind = xattrs.namespace_of(name)
         if kind is Namespace.PRIVILEGED and self._is_admin(ctx) or kind is Namespace.STORED:
-            entry = self._inode(inode)
+            entry = self.inodes.entry(inode)
             await self._allow(ctx, "list", self._path_of(entry))
             return os.getxattr(entry.proc_path, name)
         raise FUSEError(errno.ENODATA)
 
     @fuse_op
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
-        entry = self._inode(inode)
+        entry = self.inodes.entry(inode)
         await self._allow(ctx, "list", self._path_of(entry))
         names = [os.fsencode(n) for n in os.listxattr(entry.proc_path)]
         kinds = {name: xattrs.namespace_of(name) for name in names}
@@ -236,6 +236,6 @@ class FileOps(NamespaceOps):
             raise FUSEError(errno.EPERM)
         if kind is Namespace.RESERVED or kind is Namespace.UNSUPPORTED:
             raise FUSEError(errno.ENODATA)
-        entry = self._inode(inode)
+        entry = self.inodes.entry(inode)
         await self._allow(ctx, "write", self._path_of(entry))
         os.removexattr(entry.proc_path, name)

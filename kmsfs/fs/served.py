@@ -17,25 +17,11 @@ from kmsfs.fs.access_events import AccessSink
 from kmsfs.fs.inodes import O_PATH_FLAGS, InodeTable
 from kmsfs.keys.keyring import Keyring
 from kmsfs.policy import Policy
-from kmsfs.policy.identity import IdentityCache, Requester
+from kmsfs.policy.identity import IdentityCache
 
 OFFLOAD_BYTES = 128 * 1024 + 1  # reads up to the readahead window run inline (DESIGN.md)
 DEFAULT_TIMEOUT = 60.0
 REQUEST_TASKS = 64  # requests the daemon handles at once (pyfuse3's tasks)
-
-
-class DirHandle:
-    """An open directory: fd (its own descriptor), ino, names (the listing, made at the
-    first READDIR and at a rewind), requester (who opened it: whose ``list`` rules
-    decide which entries the listing shows)."""
-
-    __slots__ = ("fd", "ino", "names", "requester")
-
-    def __init__(self, fd: int, ino: int, requester: Requester | None = None) -> None:
-        self.fd = fd
-        self.ino = ino
-        self.names: list[bytes] | None = None
-        self.requester = requester
 
 
 @dataclass
