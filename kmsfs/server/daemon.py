@@ -126,7 +126,10 @@ async def _run(
     failed: list[MountError],
 ) -> None:
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_handle_signals, mountpoint, ops, reloader)
+        # SIGTERM handled before the first request is: with the default action, a
+        # SIGTERM right after the mount answers would kill the daemon and leave a
+        # stale mount (pyfuse3.main may answer many requests before a started task runs)
+        await nursery.start(_handle_signals, mountpoint, ops, reloader)
         nursery.start_soon(_announce_ready, mountpoint, on_ready, ops, failed)
         for service in services:
             nursery.start_soon(service, ops)
@@ -142,9 +145,14 @@ async def _run(
 
 
 async def _handle_signals(
-    mountpoint: str, ops: KmsfsOperations, reloader: PolicyReloader | None
+    mountpoint: str,
+    ops: KmsfsOperations,
+    reloader: PolicyReloader | None,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        task_status.started()
         async for signum in signals:
             if signum == signal.SIGHUP:  # the access policy, nothing else
                 if reloader is None:
