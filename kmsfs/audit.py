@@ -40,7 +40,7 @@ import threading
 from datetime import UTC, datetime
 from typing import IO
 
-from kmsfs.fs.events import AccessEvent
+from kmsfs.fs.access_events import AccessEvent
 from kmsfs.hostfiles import open_private_log
 from kmsfs.keys.events import KeyEvent
 

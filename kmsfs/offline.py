@@ -28,7 +28,7 @@ from kmsfs.backing.tree import (
 )
 from kmsfs.errors import KmsfsError
 from kmsfs.format.content import Layout
-from kmsfs.format.volume import CONFIG_NAME
+from kmsfs.format.volume_config import CONFIG_NAME
 from kmsfs.keys.keyring import Keyring
 
 CHUNK_BLOCKS = 256

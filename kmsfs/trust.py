@@ -1,6 +1,6 @@
 """The host pin as the trust anchor: every open of a volume is compared with it.
 
-After a volume config's tags verify (kmsfs/volume.py), ``enforce_pin`` compares
+After a volume config's tags verify (kmsfs/volume_open.py), ``enforce_pin`` compares
 it with this host's pin of the backing path (kmsfs/pins.py) and refuses, with
 PinMismatch naming both values and the ``kmsfs pin set`` command that accepts
 the change on purpose:
@@ -27,7 +27,7 @@ import os
 import shlex
 
 from kmsfs.errors import PinMismatch
-from kmsfs.format.volume import VolumeConfig
+from kmsfs.format.volume_config import VolumeConfig
 from kmsfs.format.volume_key import find_in_chain, fingerprint, show_fingerprint
 from kmsfs.pins import Pin, PinWriter, backing_key, now, pin_store
 

@@ -6,7 +6,7 @@
   passwd), with the old one sealed under it in the config's chain
   (kmsfs/format/volume_key.py) so other hosts pinned at it can follow;
 - ``migrate_format1`` / ``upgrade_format2``: the migrations to format 3 that
-  mount and the writing tools make (kmsfs/volume.py, ``open_volume``).
+  mount and the writing tools make (kmsfs/volume_open.py, ``open_volume``).
 
 The pin is host state (kmsfs/pins.py): a write by this host's tools is
 trusted, as the config was checked against the pin when it was opened.
@@ -19,13 +19,13 @@ import os
 
 from kmsfs.backing.durable import write_durably
 from kmsfs.errors import ConfigError
-from kmsfs.format.volume import KeyConfig, VolumeConfig, config_path
+from kmsfs.format.volume_config import KeyConfig, VolumeConfig, config_path
 from kmsfs.format.volume_key import MAX_CHAIN, VOLUME_KEY_SIZE, ChainEntry
 from kmsfs.keys.keyring import Keyring
 from kmsfs.keys.provider import KeyContext, KeyProvider, wipe
 from kmsfs.trust import record_pin
 
-log = logging.getLogger("kmsfs.volume")
+log = logging.getLogger("kmsfs.volume_open")
 
 
 def new_key_config(

@@ -112,11 +112,6 @@ class ContentFile:
     def what(self) -> str:
         return self.describe()
 
-    @property
-    def sealed_blocks(self) -> int:
-        """Block encryptions counted under this file's key (FORMAT.md)."""
-        return self.usage.sealed
-
     @classmethod
     def open(
         cls,

@@ -4,7 +4,8 @@ them (no FUSE).
 The daemon, ``decrypt``/``inspect`` and the lifecycle tools all read headers
 through these functions, so "missing" and "malformed" are told apart the same
 way everywhere, and every writer of new files gives them header and marker
-with ``write_new_header``.
+with ``write_new_header``; tools that rewrite an existing header do it with
+``replace_header`` (compare-and-swap).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import errno
 import os
 
-from kmsfs.errors import FormatError
+from kmsfs.errors import FormatError, HeaderChanged
 from kmsfs.format.content import format_of_mode, mode_for_format
 from kmsfs.format.header import XATTR_NAME, FileHeader
 
@@ -69,3 +70,19 @@ def write_new_header(fd: int, header: FileHeader) -> None:
     setxattr raise it (EEXIST if *fd* has a header already)."""
     set_format_marker(fd, header.version)
     os.setxattr(fd, XATTR_NAME, header.pack(), os.XATTR_CREATE)
+
+
+def replace_header(fd: int, expected: bytes | None, header: bytes, what: str) -> None:
+    """Compare-and-swap the header of the open file *fd*: set *header* only if the
+    header is still byte-identical to *expected* (None: the file has none).
+
+    One setxattr replaces the value whole, so a crash leaves the old header or the
+    new one.  Working on the descriptor the header was read from, the write can only
+    reach the inode that was read, whatever is renamed meanwhile.  HeaderChanged if
+    the header differs from *expected* (nothing written); ENODATA if it vanished
+    between the check and the write.
+    """
+    if read_raw_header(fd) != expected:
+        raise HeaderChanged("its header changed while the tool ran: left as it is", where=what)
+    flags = os.XATTR_CREATE if expected is None else os.XATTR_REPLACE
+    os.setxattr(fd, XATTR_NAME, header, flags)

@@ -36,7 +36,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from kmsfs.errors import KmsfsError
-from kmsfs.format.volume import RESERVED_PREFIX, STATE_DIR_NAME
+from kmsfs.format.volume_config import RESERVED_PREFIX, STATE_DIR_NAME
 
 log = logging.getLogger(__name__)
 

@@ -49,7 +49,7 @@ from dataclasses import dataclass
 from kmsfs.backing.mounttable import kmsfs_mounts_of
 from kmsfs.backing.tree import DIR_FLAGS, FILE_FLAGS, NOT_FOLLOWED, open_root, open_state_dir
 from kmsfs.errors import ConfigError, KmsfsError, MountError
-from kmsfs.format.volume import STATE_DIR_NAME
+from kmsfs.format.volume_config import STATE_DIR_NAME
 
 LOCK_NAME = "lock"
 DAEMONS_DIR = "daemons"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import click
 
 from kmsfs.cli import keys, mount, pin, policy, tools, volume
-from kmsfs.server.mounthelper import MountHelperGroup
+from kmsfs.cli.mounthelper import MountHelperGroup
 
 
 @click.group(cls=MountHelperGroup, context_settings={"help_option_names": ["-h", "--help"]})

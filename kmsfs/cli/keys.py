@@ -113,8 +113,8 @@ def keys() -> None:
 @handle_errors
 def keys_list(backing: str, as_json: bool) -> None:
     """List the master keys of BACKING in the order they are tried."""
-    from kmsfs.format.volume import load_config
-    from kmsfs.lifecycle.common import load_journal
+    from kmsfs.backing.journals import load_journal
+    from kmsfs.format.volume_config import load_config
 
     config = load_config(backing)
     if as_json:

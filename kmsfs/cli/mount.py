@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import subprocess
@@ -10,9 +9,8 @@ import subprocess
 import click
 
 from kmsfs.cli.common import handle_errors, key_option_values, key_options, prompt_secret
+from kmsfs.cli.configfile import config_option
 from kmsfs.errors import MountError, UsageError
-from kmsfs.server.config import config_option
-from kmsfs.server.mountcmd import mount_server_options
 
 
 @click.command()
@@ -42,7 +40,13 @@ from kmsfs.server.mountcmd import mount_server_options
     help="Append one JSON line per key use and per open or create to this file"
     " (default: no audit log).",
 )
-@mount_server_options
+@config_option
+@click.option(
+    "--metrics-listen",
+    metavar="HOST:PORT",
+    default=None,
+    help="Serve Prometheus metrics here (needs kmsfs[metrics]; port 0 picks one).",
+)
 @key_options(for_init=False)
 @handle_errors
 def mount(
@@ -55,6 +59,7 @@ def mount(
     cache_max_entries: int | None,
     cache_max_age: float | None,
     audit_log: str | None,
+    metrics_listen: str | None,
     **kwargs: object,
 ) -> None:
     """Mount the volume in BACKING at MOUNTPOINT.
@@ -64,27 +69,28 @@ def mount(
     the file; the command line wins.  A stale mount left at MOUNTPOINT by a
     daemon that died is detached first.
     """
-    from kmsfs.daemon import check_mountpoint
-    from kmsfs.server.launch import run_foreground, run_in_background
-    from kmsfs.server.mountcmd import prepare_mount
+    from kmsfs.cli.mountspec import mount_spec
+    from kmsfs.server.launch import preflight, run_foreground, run_in_background
 
-    plan = prepare_mount(backing, mountpoint, mount_options, kwargs)
-    check_mountpoint(plan.mountpoint, allow_nonempty="nonempty" in plan.extra)
-    plan = dataclasses.replace(
-        plan,
+    spec = mount_spec(
+        backing,
+        mountpoint,
+        mount_options,
         key_options=key_option_values(kwargs),
         prompt=prompt_secret,
         cache_max_entries=cache_max_entries,
         cache_max_age=cache_max_age,
-        audit_log=os.path.abspath(audit_log) if audit_log else None,
+        audit_log=audit_log,
+        metrics_listen=metrics_listen,
         log_level=log_level,
         log_file=log_file,
     )
+    preflight(spec, lambda line: click.echo(line, err=True))
     if foreground:
-        run_foreground(plan)
+        run_foreground(spec)
         return
-    pid = run_in_background(plan)
-    click.echo(f"mounted {plan.backing} at {plan.mountpoint} (daemon pid {pid})")
+    pid = run_in_background(spec)
+    click.echo(f"mounted {spec.backing} at {spec.mountpoint} (daemon pid {pid})")
 
 
 @click.command()

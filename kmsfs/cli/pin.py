@@ -40,7 +40,7 @@ def _shown(pin: Pin | None) -> dict[str, Any] | None:
 def pin_show(backing: str, as_json: bool) -> None:
     """Show this host's pin of BACKING beside what its volume config says (no key needed;
     the config's values are not verified here: mount and the tools verify them)."""
-    from kmsfs.format.volume import load_config
+    from kmsfs.format.volume_config import load_config
     from kmsfs.pins import pins_dir, read_pin
 
     current = _shown(read_pin(backing))
@@ -87,7 +87,7 @@ def pin_set(backing: str, yes: bool, **kwargs: Any) -> None:
     from kmsfs.keys.provider import wipe
     from kmsfs.pins import read_pin
     from kmsfs.trust import set_pin
-    from kmsfs.volume import authenticate_volume
+    from kmsfs.volume_open import authenticate_volume
 
     options = key_option_values(kwargs)
     text = options.pop("expect_fingerprint", None)

@@ -7,13 +7,17 @@ import json
 import os
 import pwd
 import sys
+from typing import TYPE_CHECKING
 
 import click
 
 from kmsfs.cli.common import handle_errors
+from kmsfs.cli.configfile import config_option
 from kmsfs.errors import ConfigError, UsageError
-from kmsfs.policy import ACTIONS, Requester
-from kmsfs.server.config import config_option
+from kmsfs.policy import ACTIONS
+
+if TYPE_CHECKING:
+    from kmsfs.policy import Requester
 
 DENIED = 1
 RELOAD_TIMEOUT = 60.0  # the daemon resolves names (NSS, maybe LDAP) and stats programs
@@ -46,6 +50,8 @@ def _resolve_group(group: str) -> int:
 
 def _requester(user: str, groups: tuple[str, ...], program: str) -> tuple[Requester, str]:
     """The requester described by the options, and how to print it."""
+    from kmsfs.policy import Requester
+
     uid, name, primary = _resolve_user(user)
     if groups:
         gids = [_resolve_group(group) for group in groups]

@@ -38,7 +38,7 @@ def fsck(backing: str, as_json: bool, quick: bool, quiet: bool, **kwargs: Any) -
     """
     from kmsfs.keys.cache import NullCache
     from kmsfs.lifecycle.fsck import fsck_volume
-    from kmsfs.volume import open_volume
+    from kmsfs.volume_open import open_volume
 
     config, keyring = open_volume(backing, key_option_values(kwargs), prompt_secret, NullCache())
     try:
@@ -72,10 +72,10 @@ def rekey(backing: str, older_than: str | None, quiet: bool, **kwargs: Any) -> N
     Crash-safe and resumable (run it again); keeps hard links, owner, mode,
     times and user xattrs.
     """
+    from kmsfs.backing.tool_lock import refuse_if_mounted
     from kmsfs.keys.cache import NullCache
-    from kmsfs.lifecycle.common import refuse_if_mounted
     from kmsfs.lifecycle.rekey import rekey_volume
-    from kmsfs.volume import open_volume
+    from kmsfs.volume_open import open_volume
 
     age = parse_duration(older_than) if older_than else None
     refuse_if_mounted(Path(backing).absolute(), "rekey")
@@ -116,7 +116,7 @@ def import_(
     """
     from kmsfs.keys.cache import NullCache
     from kmsfs.lifecycle.importer import check_import_target, import_tree
-    from kmsfs.volume import init_volume, open_volume
+    from kmsfs.volume_open import init_volume, open_volume
 
     options = key_option_values(kwargs)
     target = Path(backing)
@@ -149,8 +149,8 @@ def headers() -> None:
 @handle_errors
 def headers_export(backing: str, output: str) -> None:
     """Write the header of every file of BACKING to OUTPUT (JSON lines)."""
-    from kmsfs.format.volume import load_config
-    from kmsfs.lifecycle.headers import export_headers
+    from kmsfs.format.volume_config import load_config
+    from kmsfs.lifecycle.header_backup import export_headers
 
     report = export_headers(Path(backing), load_config(backing), Path(output))
     for rel in report.no_header:
@@ -168,8 +168,8 @@ def headers_import(backing: str, source: str, force: bool) -> None:
 
     Missing headers are set; differing ones are reported (replaced with --force).
     """
-    from kmsfs.format.volume import load_config
-    from kmsfs.lifecycle.headers import import_headers
+    from kmsfs.format.volume_config import load_config
+    from kmsfs.lifecycle.header_backup import import_headers
 
     report = import_headers(Path(backing), load_config(backing), Path(source), force)
     for rel in report.missing:

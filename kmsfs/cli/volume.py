@@ -36,7 +36,7 @@ def init(backing: str, provider: str, block_size: int, **kwargs: Any) -> None:
     from kmsfs.errors import ConfigError
     from kmsfs.format.volume_key import show_fingerprint
     from kmsfs.pins import read_pin
-    from kmsfs.volume import host_options_hint, init_volume
+    from kmsfs.volume_open import host_options_hint, init_volume
 
     # On the filesystem that will hold it (its parent if init is to create it):
     where = backing if os.path.isdir(backing) else os.path.dirname(os.path.abspath(backing))
@@ -106,7 +106,7 @@ def _volume_state(backing_file: str) -> dict[str, Any]:
     that holds *backing_file* ({} for a file outside any volume).  A config or pin
     that cannot be read is shown as ``{"error": ...}``: inspect still shows the header."""
     from kmsfs.errors import ConfigError
-    from kmsfs.format.volume import load_config
+    from kmsfs.format.volume_config import load_config
     from kmsfs.offline import volume_root_of
     from kmsfs.pins import read_pin
 
@@ -140,7 +140,7 @@ def _volume_state(backing_file: str) -> dict[str, Any]:
 def decrypt(backing_file: str, output: str, volume: str | None, **kwargs: Any) -> None:
     """Decrypt BACKING_FILE to OUTPUT without mounting (offline recovery)."""
     from kmsfs.offline import decrypt_file
-    from kmsfs.volume import find_volume_root, open_volume
+    from kmsfs.volume_open import find_volume_root, open_volume
 
     root = volume or find_volume_root(backing_file)
     _, keyring = open_volume(root, key_option_values(kwargs), prompt_secret)

@@ -186,12 +186,13 @@ def status(ops: Any) -> dict[str, Any]:
         active.append("read_before_wait")
     if PYFUSE3.dont_mask and getattr(ops, "enable_dont_mask", False):
         active.append("dont_mask")
-    if getattr(ops, "cache_listings", False):
+    access = getattr(ops, "content_access", None)  # kmsfs/fs/content_access.py
+    if access is not None and access.cache_listings:
         if getattr(ops, "timeout", 0) > 0:
             active.append("cache_dir")
         else:
             off["cache_dir"] = "the kernel's caches are off (access policy)"
-    elif PYFUSE3.cache_dir and getattr(ops, "shared", False):
+    elif PYFUSE3.cache_dir and access is not None and access.shared:
         off["cache_dir"] = "shared mode"
     return {
         "version": PYFUSE3.version,

@@ -9,9 +9,9 @@ pyfuse3's rules: +1 for every entry returned by lookup, create, mkdir, mknod,
 symlink, link and readdir; -n in forget; the entry is closed at zero.
 
 Descriptors are bounded: each entry remembers one (parent, name) it was
-reached by, and once the table holds ``high_water`` entries the operations
-layer asks the kernel to drop the dentries of the oldest unused ones
-(``victims``), whose inodes it then forgets.  A directory of 100,000 files
+reached by, and once the table holds ``high_water`` entries it asks the kernel
+to drop the dentries of the oldest unused ones (``trim``), whose inodes the
+kernel then forgets.  A directory of 100,000 files
 thus never needs 100,000 descriptors.
 
 The descriptor of a forgotten entry is closed by a thread of its own
@@ -37,11 +37,19 @@ import stat
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, TypeVar
 
+import pyfuse3
 import trio
+from pyfuse3 import FUSEError
 
 from kmsfs.backing import syscalls
 from kmsfs.backing.content_file import ContentFile
+
+if TYPE_CHECKING:
+    from kmsfs.policy.identity import Requester
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -204,8 +212,24 @@ def deferred_birth_time(dir_fd: int, name: bytes) -> float | None:
         return None
 
 
+class DirHandle:
+    """An open directory: fd (its own descriptor), ino, names (the listing, made at the
+    first READDIR and at a rewind), requester (who opened it: whose ``list`` rules
+    decide which entries the listing shows)."""
+
+    __slots__ = ("fd", "ino", "names", "requester")
+
+    def __init__(self, fd: int, ino: int, requester: Requester | None = None) -> None:
+        self.fd = fd
+        self.ino = ino
+        self.names: list[bytes] | None = None
+        self.requester = requester
+
+
 class InodeTable:
-    """Maps FUSE inode numbers to Inode entries."""
+    """Maps FUSE inode numbers to Inode entries; the one owner of the daemon's
+    descriptors: the entries', their open contents', and open directories' (``dirs``:
+    handle -> DirHandle)."""
 
     def __init__(self, root_fd: int, high_water: int = 1 << 30) -> None:
         self.high_water = high_water
@@ -220,6 +244,8 @@ class InodeTable:
         self._entries: dict[int, Inode] = {
             ROOT_INODE: Inode(ROOT_INODE, root_fd, st.st_mode, lookups=1)
         }
+        self.dirs: dict[int, DirHandle] = {}
+        self._next_dir = 1
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -233,6 +259,78 @@ class InodeTable:
 
     def get(self, ino: int) -> Inode | None:
         return self._entries.get(ino)
+
+    def entry(self, ino: int) -> Inode:
+        """The entry the kernel calls *ino*, its descriptor opened if it was deferred.
+        ESTALE (FUSEError) if the table does not know it; OSError as ``open_deferred``."""
+        entry = self._entries.get(ino)
+        if entry is None:
+            raise FUSEError(errno.ESTALE)
+        if entry.fd < 0:
+            self.open_deferred(entry)
+        return entry
+
+    async def entry_waiting(self, ino: int) -> Inode:
+        """``entry`` for requests that hold no directory lock (getattr, open, opendir,
+        setattr): a deferred entry that finds no free descriptor waits for one
+        (``when_free``) instead of failing."""
+        return await self.when_free(lambda: self.entry(ino))
+
+    async def when_free(self, opener: Callable[[], T]) -> T:
+        """``opener()``; while it fails with EMFILE (the kernel has not yet forgotten
+        the entries the daemon asked it to), ask it to forget more and wait, up to
+        2 s for its FORGETs to free descriptors.  OSError after that."""
+        for _ in range(200):
+            try:
+                return opener()
+            except OSError as exc:
+                if exc.errno != errno.EMFILE:
+                    raise
+            self.trim(force=True)  # more victims: the pending ones may be in use
+            await trio.sleep(0.01)
+        return opener()
+
+    def trim(self, force: bool = False) -> None:
+        """Past the high-water mark, ask the kernel to forget the oldest unused entries.
+
+        Each entry holds a descriptor, and the kernel keeps entries until memory
+        runs short: without this, a directory of more files than RLIMIT_NOFILE
+        would fail with EMFILE.  Invalidation is queued to pyfuse3's notify
+        thread; the FORGETs that follow close the descriptors.
+        """
+        if not force and not self.over_high_water():  # O(1): on every lookup and create
+            return
+        for parent, name in self.victims(self.high_water // 4):
+            pyfuse3.invalidate_entry_async(parent, name, ignore_enoent=True)
+
+    async def open_content(self, entry: Inode) -> int:
+        """A new descriptor of the entry's backing file, read-write (read-only if that
+        is refused); out of descriptors, from the reserve or once some are free."""
+
+        def opener() -> int:
+            try:
+                return os.open(entry.proc_path, os.O_RDWR | os.O_CLOEXEC)
+            except PermissionError:
+                return os.open(entry.proc_path, os.O_RDONLY | os.O_CLOEXEC)
+
+        return await self.when_free(lambda: self.open_spared(opener))
+
+    def drop_content(self, entry: Inode) -> None:
+        """Close the entry's content once no open uses it."""
+        if entry.content is not None and entry.opens == 0:
+            os.close(entry.content.fd)
+            entry.content = None
+
+    def open_dir(self, fd: int, ino: int, requester: Requester | None) -> int:
+        """Keep the open directory *fd* of inode *ino*; its handle number."""
+        fh = self._next_dir
+        self._next_dir += 1
+        self.dirs[fh] = DirHandle(fd, ino, requester)
+        return fh
+
+    def close_dir(self, fh: int) -> None:
+        """Close the open directory *fh* (KeyError if unknown)."""
+        os.close(self.dirs.pop(fh).fd)
 
     def remember(
         self, st: os.stat_result, parent: int, name: bytes
@@ -371,6 +469,10 @@ class InodeTable:
             self.reserve.refill()
 
     def close_all(self) -> None:
+        """Close every descriptor (after the FUSE loop has ended)."""
+        for handle in self.dirs.values():
+            os.close(handle.fd)
+        self.dirs.clear()
         self.closer.stop()
         self.reserve.close()
         for entry in list(self._entries.values()):

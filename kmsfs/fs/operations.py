@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from kmsfs.fs.ops_base import errno_for
 from kmsfs.fs.ops_files import FileOps
-from kmsfs.fs.served import DEFAULT_TIMEOUT, OFFLOAD_BYTES, ServedVolume, serve_volume
+from kmsfs.fs.served import DEFAULT_TIMEOUT, OFFLOAD_BYTES, ServedVolume, open_served_volume
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -27,7 +27,7 @@ __all__ = [
     "KmsfsOperations",
     "ServedVolume",
     "errno_for",
-    "serve_volume",
+    "open_served_volume",
 ]
 
 

@@ -13,10 +13,9 @@ import pyfuse3
 import trio
 from pyfuse3 import FUSEError
 
-from kmsfs.fs.events import AccessEvent, access_mode
-from kmsfs.fs.inodes import Inode
+from kmsfs.fs.access_events import AccessEvent, access_mode
+from kmsfs.fs.inodes import DirHandle, Inode
 from kmsfs.fs.ops_base import OperationsBase, errno_for, log
-from kmsfs.fs.served import DirHandle
 from kmsfs.policy import Decision, Pending, Policy, Requester
 from kmsfs.policy.records import audit_record
 

@@ -8,7 +8,9 @@ small reads and writes run on the trio loop, because a worker-thread hop costs
 OFFLOAD_BYTES or more, fsync, and calls to providers that are not ``inline`` go
 to worker threads.  In shared mode nothing waits for another daemon in a thread:
 a request that finds another daemon's lock in its way waits through
-``lock_waits`` (kmsfs/fs/lockwait.py), on the loop, with a deadline.
+``lock_waits`` (kmsfs/fs/lockwait.py), on the loop, with a deadline.  What
+differs in shared mode is ``content_access``, chosen once
+(kmsfs/fs/content_access.py).
 """
 
 from __future__ import annotations
@@ -30,22 +32,17 @@ from kmsfs.backing import syscalls, xattrs
 from kmsfs.backing.content_file import ContentFile, KeyUsage
 from kmsfs.backing.header_xattr import read_header, set_format_marker
 from kmsfs.backing.paths import VolumePaths
-from kmsfs.backing.shared import (
-    CREATING_WAIT,
-    LockBusy,
-    SharedContentFile,
-    check_created,
-    locked_plain_size,
-)
+from kmsfs.backing.shared import LockBusy
 from kmsfs.errors import KeyAccessDenied, KmsfsError
 from kmsfs.format.content import FORMAT_MARKER, BlockCipher, Layout, format_of_mode
-from kmsfs.format.header import FORMAT_1, FORMAT_2, XATTR_NAME, FileHeader
-from kmsfs.format.volume import RESERVED_PREFIX
+from kmsfs.format.header import FORMAT_1, FORMAT_2, FileHeader
+from kmsfs.format.volume_config import RESERVED_PREFIX
+from kmsfs.fs.content_access import content_access_for
 from kmsfs.fs.fuseloop import PYFUSE3
 from kmsfs.fs.inodes import ROOT_INODE, Inode
-from kmsfs.fs.lockwait import LockWaitInterrupted, LockWaits, LockWaitTimeout
+from kmsfs.fs.lockwait import LockWaitInterrupted, LockWaits
 from kmsfs.fs.requests import OPCODES, RequestStats
-from kmsfs.fs.served import DirHandle, ServedVolume
+from kmsfs.fs.served import ServedVolume
 
 log = logging.getLogger("kmsfs.fs")
 
@@ -146,9 +143,9 @@ class OperationsBase(pyfuse3.Operations):
 
     Attributes: backing (path), config, keyring, inodes, paths (volume paths of
     descriptors: kmsfs/backing/paths.py), key_usage, timeout, offload_bytes,
-    on_access, lock_waits (shared mode's waits for other daemons), and the
-    counters errors, bytes_read, bytes_written and requests (per FUSE opcode,
-    ``kmsfs.fs.requests``).
+    on_access, content_access (local or shared: kmsfs/fs/content_access.py),
+    lock_waits (shared mode's waits for other daemons), and the counters errors,
+    bytes_read, bytes_written and requests (per FUSE opcode, ``kmsfs.fs.requests``).
     """
 
     enable_writeback_cache = True
@@ -175,8 +172,6 @@ class OperationsBase(pyfuse3.Operations):
         self.paths = VolumePaths(parts.inodes.root_fd)
         self._unresolved_logged: set[int] = set()
         self._exec_warned: set[int] = set()  # inodes (ops_access._warn_exec_only)
-        self._dirs: dict[int, DirHandle] = {}
-        self._next_dir = 1
         # Block encryptions per file key, kept across opens and closes (FORMAT.md,
         # "How much one file key may encrypt")
         self.key_usage = parts.key_usage
@@ -192,35 +187,18 @@ class OperationsBase(pyfuse3.Operations):
         self.bytes_written = 0
         self.requests = RequestStats()
         self._forgets = self.requests.counter("forget")
-        # Shared mode: no writeback cache (the kernel would write back whole pages over
-        # another host's bytes), no page cache kept across opens, sizes from the backing.
-        self.shared = parts.shared
-        self._content_class: type[ContentFile] = ContentFile
-        if parts.shared:
-            self._content_class = SharedContentFile.for_backing(parts.backing)
         self.lock_waits = LockWaits(parts.lock_timeout)
-        if parts.shared:
-            self.enable_writeback_cache = False
-        # FOPEN_CACHE_DIR on opendir (patched pyfuse3): the kernel keeps listings until the
-        # directory changes through the mount; not when other daemons change it too
-        self.cache_listings = PYFUSE3.cache_dir and not parts.shared
-
-    def _inode(self, ino: int) -> Inode:
-        entry = self.inodes.get(ino)
-        if entry is None:
-            raise FUSEError(errno.ESTALE)
-        if entry.fd < 0:
-            self.inodes.open_deferred(entry)
-        return entry
+        self.content_access = content_access_for(parts, self.lock_waits)
+        self.enable_writeback_cache = self.content_access.writeback_cache
 
     def _attr(
         self, st: os.stat_result, entry: Inode | None = None, size: int | None = None
     ) -> pyfuse3.EntryAttributes:
         """Attributes of backing inode *st*; a regular file's size is *size* if given.
 
-        Shared mode: a size the caller did not read under a lock (``_shared_attr``)
-        is not cached by the kernel (attribute timeout 0), as another daemon may have
-        been extending the file when the backing size was read.
+        Otherwise the size of its open content, else the one computed from the backing
+        file's, which shared mode's kernel does not cache (``content_access``: another
+        daemon may have been extending the file when the backing size was read).
         """
         attr = pyfuse3.EntryAttributes()
         attr.st_ino = entry.ino if entry is not None else self.inodes.fuse_ino(st.st_ino)
@@ -233,14 +211,15 @@ class OperationsBase(pyfuse3.Operations):
         attr.st_rdev = st.st_rdev
         if stat.S_ISREG(st.st_mode):
             attr.st_mode = st.st_mode & ~FORMAT_MARKER  # the plaintext never shows it
+            if size is None:
+                size = self.content_access.open_size(entry)
             if size is not None:
                 attr.st_size = size
-            elif entry is not None and entry.content is not None and not self.shared:
-                attr.st_size = entry.content.size
             else:
                 attr.st_size = self._layout_for(st, entry).plain_size(st.st_size)
-                if self.shared:
-                    attr.attr_timeout = 0
+                attr.attr_timeout = self.content_access.attr_timeout_of_computed_size(
+                    self.timeout
+                )
         else:
             attr.st_mode = st.st_mode
             attr.st_size = st.st_size
@@ -251,27 +230,15 @@ class OperationsBase(pyfuse3.Operations):
         attr.st_ctime_ns = st.st_ctime_ns
         return attr
 
-    async def _shared_attr(
+    async def _attr_sized(
         self, st: os.stat_result, entry: Inode, caller: int
     ) -> pyfuse3.EntryAttributes:
-        """``_attr``, with a regular file's size read under a lock in shared mode (a
-        daemon not running as root that may not open the file gives the size it has,
-        uncached by the kernel).  *caller*: the requester's pid (its wait for another
-        daemon's lock ends if it is interrupted).  LockWaitFailed and its kin from
-        ``lock_waits`` when another daemon holds the file's end too long."""
-        if not (self.shared and stat.S_ISREG(st.st_mode)):
+        """``_attr``, with a regular file's size read under a lock in shared mode
+        (``content_access.locked_size``: *caller* is the requester's pid, and
+        LockWaitFailed and its kin come from there)."""
+        if not stat.S_ISREG(st.st_mode):
             return self._attr(st, entry)
-        # the layout of the file's format: as its header gave it, else as its marker claims
-        path, layout = entry.proc_path, self._layout_for(st, entry)
-        try:
-            try:  # on the loop: granted or refused at once; refused, it waits there too
-                size = locked_plain_size(path, layout)
-            except LockBusy as busy:
-                size = await self.lock_waits.call(
-                    locked_plain_size, path, layout, busy=busy, caller=caller, key=entry.ino
-                )
-        except PermissionError:
-            return self._attr(st, entry)
+        size = await self.content_access.locked_size(st, entry, self._layout_for, caller)
         return self._attr(st, entry, size)
 
     def _layout_for(self, st: os.stat_result, entry: Inode | None) -> Layout:
@@ -327,40 +294,6 @@ class OperationsBase(pyfuse3.Operations):
                 self.describe(entry),
             )
             raise LookAgain(self.describe(entry))
-
-    async def _inode_waiting(self, ino: int) -> Inode:
-        """``_inode`` for requests that hold no directory lock (getattr, open,
-        opendir, setattr): a deferred entry that finds no free descriptor waits
-        for one (``_when_descriptors_free``) instead of failing."""
-        return await self._when_descriptors_free(lambda: self._inode(ino))
-
-    async def _when_descriptors_free(self, opener: Callable[[], T]) -> T:
-        """``opener()``; while it fails with EMFILE (the kernel has not yet forgotten
-        the entries the daemon asked it to), ask it to forget more and wait, up to
-        2 s for its FORGETs to free descriptors.  OSError after that."""
-        for _ in range(200):
-            try:
-                return opener()
-            except OSError as exc:
-                if exc.errno != errno.EMFILE:
-                    raise
-            self._trim(force=True)  # more victims: the pending ones may be in use
-            await trio.sleep(0.01)
-        return opener()
-
-    def _trim(self, force: bool = False) -> None:
-        """Past the high-water mark, ask the kernel to forget the oldest unused entries.
-
-        Each entry holds a descriptor, and the kernel keeps entries until memory
-        runs short: without this, a directory of more files than RLIMIT_NOFILE
-        would fail with EMFILE.  Invalidation is queued to pyfuse3's notify
-        thread; the FORGETs that follow close the descriptors.
-        """
-        table = self.inodes
-        if not force and not table.over_high_water():  # O(1): on every lookup and create
-            return
-        for parent, name in table.victims(table.high_water // 4):
-            pyfuse3.invalidate_entry_async(parent, name, ignore_enoent=True)
 
     def _check_name(self, parent: int, name: bytes) -> None:
         """EPERM for names reserved for kmsfs's own files at the root."""
@@ -446,27 +379,7 @@ class OperationsBase(pyfuse3.Operations):
         """Give up one open of the entry's content, closing it after the last."""
         async with entry.lock:
             entry.opens -= 1
-            self._drop_content(entry)
-
-    async def _wait_created(self, entry: Inode, caller: int) -> None:
-        """Shared mode, before the content is first opened: wait (up to CREATING_WAIT
-        seconds, through ``lock_waits``) while the backing file has no header or no
-        first block yet, as while another daemon creates it (O_EXCL open, header,
-        first block).  After that, opening it reports what is missing.  Raises what
-        ``lock_waits`` raises, but not its timeout."""
-        if not self.shared or entry.content is not None:
-            return
-        path = entry.proc_path
-        try:
-            await self.lock_waits.call(
-                check_created,
-                path,
-                functools.partial(_has_header, path),
-                caller=caller,
-                give_up_after=CREATING_WAIT,
-            )
-        except LockWaitTimeout:
-            pass
+            self.inodes.drop_content(entry)
 
     def _new_mode(self, parent: Inode, mode: int, ctx: pyfuse3.RequestContext) -> int:
         """The mode to make a new entry of *parent* with.  With FUSE_DONT_MASK the kernel
@@ -500,17 +413,17 @@ class OperationsBase(pyfuse3.Operations):
         """The entry's open ContentFile, opening the backing file and its key if needed.
 
         *requester* (``_requester``) goes into the key's audit record.  Call
-        with entry.lock held (and, in shared mode, after ``_wait_created``).
+        with entry.lock held (and after ``content_access.wait_created``).
         """
         if entry.content is not None:
             return entry.content
-        fd = await self._open_content_fd(entry)
+        fd = await self.inodes.open_content(entry)
         try:
             what = f"inode {entry.ino}"  # replaced by the path if an error is reported
             header = read_header(fd, what)
             self._check_marker(entry, fd, header)
             cipher = await self._key_call(self.keyring.cipher_for, header, what, requester)
-            content = self._content_class.open(
+            content = self.content_access.content_class.open(
                 fd,
                 cipher,
                 lambda: self.describe(entry),
@@ -530,23 +443,6 @@ class OperationsBase(pyfuse3.Operations):
         format bounds them (format 1), else None (a count of the open file's own)."""
         return self.key_usage.get(file_id) if cipher.max_encryptions else None
 
-    async def _open_content_fd(self, entry: Inode) -> int:
-        """A new descriptor of the entry's backing file, read-write (read-only if that
-        is refused); out of descriptors, from the reserve or once some are free."""
-
-        def opener() -> int:
-            try:
-                return os.open(entry.proc_path, os.O_RDWR | os.O_CLOEXEC)
-            except PermissionError:
-                return os.open(entry.proc_path, os.O_RDONLY | os.O_CLOEXEC)
-
-        return await self._when_descriptors_free(lambda: self.inodes.open_spared(opener))
-
-    def _drop_content(self, entry: Inode) -> None:
-        if entry.content is not None and entry.opens == 0:
-            os.close(entry.content.fd)
-            entry.content = None
-
     @staticmethod
     def _is_admin(ctx: pyfuse3.RequestContext) -> bool:
         """CAP_SYS_ADMIN of the initial user namespace (what ext4 asks for trusted.*)."""
@@ -554,18 +450,5 @@ class OperationsBase(pyfuse3.Operations):
 
     def close(self) -> None:
         """Close every descriptor (after the FUSE loop has ended)."""
-        for handle in self._dirs.values():
-            os.close(handle.fd)
-        self._dirs.clear()
         self.inodes.close_all()
 
-
-def _has_header(path: str) -> bool:
-    """True if the backing file at *path* has a kmsfs header xattr."""
-    try:
-        os.getxattr(path, XATTR_NAME)
-    except OSError as exc:
-        if exc.errno != errno.ENODATA:
-            raise
-        return False
-    return True

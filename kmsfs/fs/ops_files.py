@@ -33,7 +33,7 @@ class FileOps(NamespaceOps):
         file_id = None
         try:
             self._check_name(parent_inode, name)
-            parent = self._inode(parent_inode)
+            parent = self.inodes.entry(parent_inode)
             requester = self._requester(ctx, parent, name)
             path = self._path_of(parent, name)
             await self._allow(ctx, "create", path)
@@ -45,7 +45,7 @@ class FileOps(NamespaceOps):
             file_id = header.file_id
             answer = self._create(parent, name, mode, ctx, header, cipher)
         except Exception as exc:
-            if self.shared and isinstance(exc, FileExistsError) and not flags & os.O_EXCL:
+            if self.content_access.opens_created_elsewhere(exc, flags):
                 # Another daemon created it since our negative lookup: open theirs
                 # (O_CREAT without O_EXCL), as a local filesystem would.
                 return await self._open_created_elsewhere(parent_inode, name, flags, ctx)
@@ -75,7 +75,7 @@ class FileOps(NamespaceOps):
         try:
             write_new_header(fd, header)
             self._own(fd, parent, ctx)
-            content = self._content_class(
+            content = self.content_access.content_class(
                 fd,
                 cipher,
                 0,
@@ -95,11 +95,11 @@ class FileOps(NamespaceOps):
             raise
         entry = self.inodes.adopt(st, path_fd, parent.ino, name)
         entry.format = header.version
-        self._trim()
+        self.inodes.trim()
         content.describe = lambda: self.describe(entry)
         entry.content = content
         entry.opens += 1
-        info = pyfuse3.FileInfo(fh=entry.ino, keep_cache=not self.shared)
+        info = pyfuse3.FileInfo(fh=entry.ino, keep_cache=self.content_access.keep_cache)
         return info, self._attr(st, entry, content.size)
 
     async def _open_created_elsewhere(
@@ -123,7 +123,7 @@ class FileOps(NamespaceOps):
         # bits, default_permissions) never get here.
         requester: dict[str, Any] = {}
         try:
-            entry = await self._inode_waiting(inode)
+            entry = await self.inodes.entry_waiting(inode)
             requester = self._requester(ctx, entry)
             for action in open_actions(flags):
                 await self._allow(ctx, action, self._path_of(entry))
@@ -131,11 +131,11 @@ class FileOps(NamespaceOps):
                 await self._warn_exec_only(ctx, entry)
             if not entry.is_regular:
                 raise FUSEError(errno.EINVAL)
-            await self._wait_created(entry, ctx.pid)
+            await self.content_access.wait_created(entry, ctx.pid)
             async with entry.lock:
                 content = await self._content(entry, requester)
                 entry.opens += 1
-            if flags & os.O_TRUNC and (content.size or self.shared):
+            if flags & os.O_TRUNC and self.content_access.truncates_on_open(content):
                 try:
                     await self._content_run(entry, 0, lambda c: c.truncate(0), ctx.pid)
                 except BaseException:
@@ -147,7 +147,7 @@ class FileOps(NamespaceOps):
             self._audit_access("open", flags, requester or self._requester(ctx, None), None, exc)
             raise
         self._audit_access("open", flags, requester, content.file_id)
-        return pyfuse3.FileInfo(fh=inode, keep_cache=not self.shared)
+        return pyfuse3.FileInfo(fh=inode, keep_cache=self.content_access.keep_cache)
 
     # read and write get no request context from pyfuse3: their waits for another
     # daemon's lock end at the deadline, never because the caller was interrupted.
@@ -156,14 +156,14 @@ class FileOps(NamespaceOps):
     async def read(  # type: ignore[override]  # pyfuse3 takes any buffer: no copy
         self, fh: int, off: int, size: int
     ) -> bytes | bytearray:
-        entry = self._inode(fh)
+        entry = self.inodes.entry(fh)
         data = await self._content_run(entry, size, lambda content: content.read(off, size))
         self.bytes_read += len(data)
         return data
 
     @fuse_op
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        entry = self._inode(fh)
+        entry = self.inodes.entry(fh)
         written = await self._content_run(
             entry, len(buf), lambda content: content.write(off, buf)
         )
@@ -179,13 +179,13 @@ class FileOps(NamespaceOps):
 
     @fuse_op
     async def release(self, fh: int) -> None:
-        entry = self._inode(fh)
+        entry = self.inodes.entry(fh)
         await self._release_content(entry)
         self.inodes.release_if_unused(entry)
 
     @fuse_op
     async def fsync(self, fh: int, datasync: bool) -> None:
-        entry = self._inode(fh)
+        entry = self.inodes.entry(fh)
         content = entry.content
         if content is not None:
             await trio.to_thread.run_sync(content.fsync, datasync, limiter=self._limiter)
@@ -201,7 +201,7 @@ class FileOps(NamespaceOps):
             raise FUSEError(errno.EOPNOTSUPP)  # see kmsfs/backing/xattrs.py
         if kind is Namespace.PRIVILEGED and not self._is_admin(ctx):
             raise FUSEError(errno.EPERM)
-        entry = self._inode(inode)
+        entry = self.inodes.entry(inode)
         await self._allow(ctx, "write", self._path_of(entry))
         os.setxattr(entry.proc_path, name, value)
 
@@ -211,14 +211,14 @@ class FileOps(NamespaceOps):
         # security.capability on every write: no syscall for those.
         kind = xattrs.namespace_of(name)
         if kind is Namespace.PRIVILEGED and self._is_admin(ctx) or kind is Namespace.STORED:
-            entry = self._inode(inode)
+            entry = self.inodes.entry(inode)
             await self._allow(ctx, "list", self._path_of(entry))
             return os.getxattr(entry.proc_path, name)
         raise FUSEError(errno.ENODATA)
 
     @fuse_op
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
-        entry = self._inode(inode)
+        entry = self.inodes.entry(inode)
         await self._allow(ctx, "list", self._path_of(entry))
         names = [os.fsencode(n) for n in os.listxattr(entry.proc_path)]
         kinds = {name: xattrs.namespace_of(name) for name in names}
@@ -236,6 +236,6 @@ class FileOps(NamespaceOps):
             raise FUSEError(errno.EPERM)
         if kind is Namespace.RESERVED or kind is Namespace.UNSUPPORTED:
             raise FUSEError(errno.ENODATA)
-        entry = self._inode(inode)
+        entry = self.inodes.entry(inode)
         await self._allow(ctx, "write", self._path_of(entry))
         os.removexattr(entry.proc_path, name)

@@ -17,7 +17,6 @@ from kmsfs.format.content import format_of_mode, mode_for_format
 from kmsfs.fs.inodes import O_PATH_FLAGS, ROOT_INODE, Inode
 from kmsfs.fs.ops_access import AccessChecks
 from kmsfs.fs.ops_base import RESERVED_NAME, fuse_op, log
-from kmsfs.fs.served import DirHandle
 
 
 class NamespaceOps(AccessChecks):
@@ -28,7 +27,7 @@ class NamespaceOps(AccessChecks):
     async def lookup(
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        parent = self._inode(parent_inode)
+        parent = self.inodes.entry(parent_inode)
         if parent_inode == ROOT_INODE and (name.startswith(RESERVED_NAME) or name == b".."):
             if name == b"..":
                 st = os.stat(parent.fd)
@@ -44,10 +43,10 @@ class NamespaceOps(AccessChecks):
             negative.entry_timeout = self.timeout
             return negative
         entry, st = self.inodes.remember(st, parent_inode, name)
-        self._trim()
+        self.inodes.trim()
         if entry.fd < 0:  # deferred: no descriptor to read a locked size through
             return self._attr(st, entry)
-        return await self._shared_attr(st, entry, ctx.pid)
+        return await self._attr_sized(st, entry, ctx.pid)
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         # Not wrapped in _fuse_op: FORGET has no answer, and pyfuse3 must never see
@@ -62,9 +61,9 @@ class NamespaceOps(AccessChecks):
 
     @fuse_op
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        entry = await self._inode_waiting(inode)
+        entry = await self.inodes.entry_waiting(inode)
         await self._allow(ctx, "list", self._path_of(entry))
-        return await self._shared_attr(os.stat(entry.fd), entry, ctx.pid)
+        return await self._attr_sized(os.stat(entry.fd), entry, ctx.pid)
 
     @fuse_op
     async def setattr(
@@ -75,12 +74,12 @@ class NamespaceOps(AccessChecks):
         fh: int | None,
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
-        entry = await self._inode_waiting(inode)
+        entry = await self.inodes.entry_waiting(inode)
         await self._allow(ctx, "write", self._path_of(entry))
         if fields.update_size:
             if not entry.is_regular:
                 raise FUSEError(errno.EISDIR if stat.S_ISDIR(entry.mode) else errno.EINVAL)
-            await self._wait_created(entry, ctx.pid)
+            await self.content_access.wait_created(entry, ctx.pid)
             async with entry.lock:
                 await self._content(entry, self._requester(ctx, entry))
                 entry.opens += 1  # kept open while the truncation may wait for its lock
@@ -109,11 +108,11 @@ class NamespaceOps(AccessChecks):
                 attr.st_atime_ns if fields.update_atime else None,
                 attr.st_mtime_ns if fields.update_mtime else None,
             )
-        return await self._shared_attr(os.stat(entry.fd), entry, ctx.pid)
+        return await self._attr_sized(os.stat(entry.fd), entry, ctx.pid)
 
     @fuse_op
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
-        entry = self._inode(inode)
+        entry = self.inodes.entry(inode)
         await self._allow(ctx, "list", self._path_of(entry))
         return os.readlink(b"", dir_fd=entry.fd)
 
@@ -129,7 +128,7 @@ class NamespaceOps(AccessChecks):
             os.close(fd)
             raise
         entry = self.inodes.adopt(st, fd, parent.ino, name)
-        self._trim()
+        self.inodes.trim()
         return self._attr(st, entry)
 
     @fuse_op
@@ -137,7 +136,7 @@ class NamespaceOps(AccessChecks):
         self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         self._check_name(parent_inode, name)
-        parent = self._inode(parent_inode)
+        parent = self.inodes.entry(parent_inode)
         await self._allow(ctx, "create", self._path_of(parent, name))
         if stat.S_ISREG(mode):
             raise FUSEError(errno.EPERM)  # regular files are made by create, with a header
@@ -149,7 +148,7 @@ class NamespaceOps(AccessChecks):
         self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         self._check_name(parent_inode, name)
-        parent = self._inode(parent_inode)
+        parent = self.inodes.entry(parent_inode)
         await self._allow(ctx, "create", self._path_of(parent, name))
         os.mkdir(name, self._new_mode(parent, mode, ctx), dir_fd=parent.fd)
         return await self._created(parent, name, ctx)
@@ -159,7 +158,7 @@ class NamespaceOps(AccessChecks):
         self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         self._check_name(parent_inode, name)
-        parent = self._inode(parent_inode)
+        parent = self.inodes.entry(parent_inode)
         await self._allow(ctx, "create", self._path_of(parent, name))
         os.symlink(target, name, dir_fd=parent.fd)
         return await self._created(parent, name, ctx)
@@ -167,14 +166,14 @@ class NamespaceOps(AccessChecks):
     @fuse_op
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         self._check_name(parent_inode, name)
-        parent = self._inode(parent_inode)
+        parent = self.inodes.entry(parent_inode)
         await self._allow(ctx, "delete", self._path_of(parent, name))
         os.unlink(name, dir_fd=parent.fd)
 
     @fuse_op
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         self._check_name(parent_inode, name)
-        parent = self._inode(parent_inode)
+        parent = self.inodes.entry(parent_inode)
         await self._allow(ctx, "delete", self._path_of(parent, name))
         os.rmdir(name, dir_fd=parent.fd)
 
@@ -190,7 +189,8 @@ class NamespaceOps(AccessChecks):
     ) -> None:
         self._check_name(parent_inode_old, name_old)
         self._check_name(parent_inode_new, name_new)
-        old_parent, new_parent = self._inode(parent_inode_old), self._inode(parent_inode_new)
+        old_parent = self.inodes.entry(parent_inode_old)
+        new_parent = self.inodes.entry(parent_inode_new)
         await self._allow_rename(ctx, old_parent, name_old, new_parent, name_new)
         old_fd = old_parent.fd
         new_fd = new_parent.fd
@@ -204,28 +204,26 @@ class NamespaceOps(AccessChecks):
         self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         self._check_name(new_parent_inode, new_name)
-        entry = self._inode(inode)
-        parent = self._inode(new_parent_inode)
+        entry = self.inodes.entry(inode)
+        parent = self.inodes.entry(new_parent_inode)
         await self._allow(ctx, "rename", self._path_of(entry))  # a new name for it
         await self._allow(ctx, "create", self._path_of(parent, new_name))
         os.link(entry.proc_path, new_name, dst_dir_fd=parent.fd, follow_symlinks=True)
         entry.lookups += 1
-        return await self._shared_attr(os.stat(entry.fd), entry, ctx.pid)
+        return await self._attr_sized(os.stat(entry.fd), entry, ctx.pid)
 
     @fuse_op
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int | pyfuse3.FileInfo:
-        entry = await self._inode_waiting(inode)
+        entry = await self.inodes.entry_waiting(inode)
         await self._allow(ctx, "list", self._path_of(entry))
         fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=entry.fd)
-        fh = self._next_dir
-        self._next_dir += 1
         # READDIR has no requester: the opener's decides what the listing shows
-        self._dirs[fh] = DirHandle(fd, inode, self.identities.lookup(ctx.pid, ctx.uid, ctx.gid))
+        fh = self.inodes.open_dir(fd, inode, self.identities.lookup(ctx.pid, ctx.uid, ctx.gid))
         # The kernel may keep the listing (FOPEN_CACHE_DIR) while it keeps entries: every
         # change reaches it through the mount, OPENDIR (the policy's "list" check) is still
         # sent on every open, and the kernel's caches are off (timeout 0) when listings
         # differ per requester.  A listing kept under an earlier policy is not kept again.
-        if self.cache_listings and self.timeout > 0:
+        if self.content_access.cache_listings and self.timeout > 0:
             keep = entry.listed_under == self.policy_serial
             entry.listed_under = self.policy_serial
             return pyfuse3.FileInfo(fh=fh, cache_readdir=True, keep_cache=keep)
@@ -233,7 +231,7 @@ class NamespaceOps(AccessChecks):
 
     @fuse_op
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        handle = self._dirs[fh]
+        handle = self.inodes.dirs[fh]
         if handle.names is None or start_id == 0:
             names = [os.fsencode(n) for n in os.listdir(handle.fd)]
             if handle.ino == ROOT_INODE:
@@ -281,15 +279,15 @@ class NamespaceOps(AccessChecks):
                 entry = self.inodes.adopt(st, new_fd, handle.ino, name, born)
             if known is None and stat.S_ISREG(st.st_mode):
                 self._layout_for(st, entry)  # the size just reported came from its marker
-        self._trim()
+        self.inodes.trim()
 
     @fuse_op
     async def releasedir(self, fh: int) -> None:
-        os.close(self._dirs.pop(fh).fd)
+        self.inodes.close_dir(fh)
 
     @fuse_op
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
-        await trio.to_thread.run_sync(os.fsync, self._dirs[fh].fd, limiter=self._limiter)
+        await trio.to_thread.run_sync(os.fsync, self.inodes.dirs[fh].fd, limiter=self._limiter)
 
     @fuse_op
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:

@@ -12,35 +12,21 @@ import trio
 
 from kmsfs.backing.content_file import KeyUsageTable
 from kmsfs.backing.shared import DEFAULT_LOCK_TIMEOUT
-from kmsfs.format.volume import VolumeConfig
-from kmsfs.fs.events import AccessSink
+from kmsfs.format.volume_config import VolumeConfig
+from kmsfs.fs.access_events import AccessSink
 from kmsfs.fs.inodes import O_PATH_FLAGS, InodeTable
 from kmsfs.keys.keyring import Keyring
 from kmsfs.policy import Policy
-from kmsfs.policy.identity import IdentityCache, Requester
+from kmsfs.policy.identity import IdentityCache
 
 OFFLOAD_BYTES = 128 * 1024 + 1  # reads up to the readahead window run inline (DESIGN.md)
 DEFAULT_TIMEOUT = 60.0
 REQUEST_TASKS = 64  # requests the daemon handles at once (pyfuse3's tasks)
 
 
-class DirHandle:
-    """An open directory: fd (its own descriptor), ino, names (the listing, made at the
-    first READDIR and at a rewind), requester (who opened it: whose ``list`` rules
-    decide which entries the listing shows)."""
-
-    __slots__ = ("fd", "ino", "names", "requester")
-
-    def __init__(self, fd: int, ino: int, requester: Requester | None = None) -> None:
-        self.fd = fd
-        self.ino = ino
-        self.names: list[bytes] | None = None
-        self.requester = requester
-
-
 @dataclass
 class ServedVolume:
-    """The parts an operations object serves with, built by ``serve_volume`` (or a test).
+    """The parts an operations object serves with, built by ``open_served_volume`` (or a test).
 
     Attributes: backing (absolute path), config, keyring, inodes (the inode
     table over the backing root's descriptor), key_usage (block encryptions
@@ -72,7 +58,7 @@ class ServedVolume:
     lock_timeout: float = DEFAULT_LOCK_TIMEOUT
 
 
-def serve_volume(
+def open_served_volume(
     backing: str,
     config: VolumeConfig,
     keyring: Keyring,

@@ -18,7 +18,7 @@ from typing import Any
 from kmsfs.errors import KmsfsError, WrongKeyError
 from kmsfs.format.content import BlockCipher
 from kmsfs.format.header import NEW_FILE_FORMAT, FileHeader, WrappedKey
-from kmsfs.format.volume import KeyConfig
+from kmsfs.format.volume_config import KeyConfig
 from kmsfs.keys.cache import KeyCache
 from kmsfs.keys.events import EventSink, Recorder
 from kmsfs.keys.layers import CachingKeys, FileKeys, MasterKeys, PrefetchingKeys
@@ -28,7 +28,8 @@ from kmsfs.keys.provider import KeyContext, KeyProvider, wipe
 
 class Keyring:
     """Attributes: volume_id, providers (in order), cache, inline, pool (the prefetch
-    KeyPool or None), recorder, volume_key.
+    KeyPool or None), recorder (reports to the *on_event* sink given at construction:
+    the audit log, the status counters), volume_key.
 
     ``volume_key`` is the volume key every key-check value wraps (None for a
     format-1 volume not migrated): tools need it to re-tag the volume config.
@@ -47,7 +48,7 @@ class Keyring:
         self.providers = providers
         self.cache = cache if cache is not None else KeyCache()
         self.inline = all(p.inline for p in providers)
-        self.volume_key: bytearray | None = None  # set by kmsfs.volume.open_volume
+        self.volume_key: bytearray | None = None  # set by kmsfs.volume_open.open_volume
         source: FileKeys = self.master
         self.pool: KeyPool | None = None
         if not providers[0].inline:
@@ -55,15 +56,6 @@ class Keyring:
             self.pool = prefetching.pool
             source = prefetching
         self.keys = CachingKeys(source, self.cache, self.recorder)
-
-    @property
-    def on_event(self) -> EventSink | None:
-        """Where key-use events go (the audit log, the status counters), or None."""
-        return self.recorder.on_event
-
-    @on_event.setter
-    def on_event(self, sink: EventSink | None) -> None:
-        self.recorder.on_event = sink
 
     def new_file(
         self, requester: dict[str, Any] | None = None

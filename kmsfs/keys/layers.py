@@ -26,7 +26,8 @@ from kmsfs.keys.prefetch import KeyPool
 from kmsfs.keys.provider import KeyContext, KeyProvider, wipe
 
 NewFileKey = tuple[KeyContext, bytearray, tuple[WrappedKey, ...]]
-Requester = dict[str, Any] | None
+# who asked, as audit records name them (path, uid, gid, pid, process, exe); None: nobody
+RequesterFields = dict[str, Any] | None
 
 
 class FileKeys(ABC):
@@ -35,7 +36,7 @@ class FileKeys(ABC):
     volume_id: bytes
 
     @abstractmethod
-    def new_file(self, requester: Requester = None) -> NewFileKey:
+    def new_file(self, requester: RequesterFields = None) -> NewFileKey:
         """(context with a fresh file ID, a fresh file key the caller wipes, its wrapped
         forms: one per master key).  Raises the providers' errors."""
 
@@ -45,7 +46,7 @@ class FileKeys(ABC):
         context: KeyContext,
         entries: Sequence[WrappedKey],
         what: str,
-        requester: Requester = None,
+        requester: RequesterFields = None,
     ) -> tuple[bytearray, WrappedKey]:
         """(the file key the caller wipes, the entry it came from).  Raises WrongKeyError
         if no entry is one of this volume's keys', else the last provider error."""
@@ -66,7 +67,7 @@ class MasterKeys(FileKeys):
         self.providers = providers
         self.recorder = recorder
 
-    def new_file(self, requester: Requester = None) -> NewFileKey:
+    def new_file(self, requester: RequesterFields = None) -> NewFileKey:
         context = KeyContext(self.volume_id, os.urandom(ID_SIZE))
         first = self.providers[0]
         key, wrapped = self.recorder.call(
@@ -75,7 +76,7 @@ class MasterKeys(FileKeys):
         return context, key, self.add_wrapped(context, key, wrapped, requester)
 
     def add_wrapped(
-        self, context: KeyContext, key: bytearray, wrapped: WrappedKey, requester: Requester
+        self, context: KeyContext, key: bytearray, wrapped: WrappedKey, requester: RequesterFields
     ) -> tuple[WrappedKey, ...]:
         """*wrapped* and *key* wrapped by every other master key (the key is wiped on error)."""
         entries = [wrapped]
@@ -96,7 +97,7 @@ class MasterKeys(FileKeys):
         context: KeyContext,
         entries: Sequence[WrappedKey],
         what: str,
-        requester: Requester = None,
+        requester: RequesterFields = None,
     ) -> tuple[bytearray, WrappedKey]:
         errors: list[ProviderError] = []
         for provider in self.providers:
@@ -135,7 +136,7 @@ class CachingKeys(FileKeys):
         self.cache = cache
         self.recorder = recorder
 
-    def new_file(self, requester: Requester = None) -> NewFileKey:
+    def new_file(self, requester: RequesterFields = None) -> NewFileKey:
         context, key, entries = self.inner.new_file(requester)
         self.cache.put(context, entries[0], key)
         return context, key, entries
@@ -145,7 +146,7 @@ class CachingKeys(FileKeys):
         context: KeyContext,
         entries: Sequence[WrappedKey],
         what: str,
-        requester: Requester = None,
+        requester: RequesterFields = None,
     ) -> tuple[bytearray, WrappedKey]:
         for entry in entries:
             cached = self.cache.get(context, entry)
@@ -178,7 +179,7 @@ class PrefetchingKeys(FileKeys):
             on_discard=lambda ctx: recorder.emit("discard", first.name, first.key_ref, ctx),
         )
 
-    def new_file(self, requester: Requester = None) -> NewFileKey:
+    def new_file(self, requester: RequesterFields = None) -> NewFileKey:
         pooled = self.pool.take()
         if pooled is None:
             self.pool.start()
@@ -194,7 +195,7 @@ class PrefetchingKeys(FileKeys):
         context: KeyContext,
         entries: Sequence[WrappedKey],
         what: str,
-        requester: Requester = None,
+        requester: RequesterFields = None,
     ) -> tuple[bytearray, WrappedKey]:
         return self.inner.unwrap(context, entries, what, requester)
 

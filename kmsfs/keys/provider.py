@@ -132,10 +132,6 @@ class KeyProvider(ABC):
         """True if *wrapped* names this provider and master key."""
         return wrapped.provider == self.name and wrapped.key_ref == self.key_ref
 
-    def is_temporary(self, exc: BaseException) -> bool:
-        """True if *exc* may go away on retry."""
-        return isinstance(exc, ProviderError) and exc.temporary
-
     def close(self) -> None:
         """Release sessions and clients; the provider is unusable afterwards."""
         return None

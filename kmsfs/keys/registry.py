@@ -20,12 +20,14 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kmsfs.errors import ConfigError, WrongKeyError
-from kmsfs.format.volume import KeyConfig
-from kmsfs.keys.provider import KeyProvider
-from kmsfs.keys.secrets import Prompt
+
+if TYPE_CHECKING:  # the command line reads PROVIDER_NAMES: nothing heavy at import
+    from kmsfs.format.volume_config import KeyConfig
+    from kmsfs.keys.provider import KeyProvider
+    from kmsfs.keys.secrets import Prompt
 
 TRUST_FLAG = "--trust-volume-settings"
 

@@ -49,11 +49,11 @@ from kmsfs.backing.tree import Tree, TreeChanged, open_state_dir, walk
 from kmsfs.errors import FormatError, IntegrityError, KmsfsError, ProviderError, reason_of
 from kmsfs.format.content import BlockCipher, format_of_mode
 from kmsfs.format.header import FileHeader
-from kmsfs.format.volume import STATE_DIR_NAME as STATE_DIR
-from kmsfs.format.volume import VolumeConfig
+from kmsfs.format.volume_config import STATE_DIR_NAME as STATE_DIR
+from kmsfs.format.volume_config import VolumeConfig
 from kmsfs.keys.keyring import Keyring
 from kmsfs.keys.provider import KeyContext, wipe
-from kmsfs.lifecycle.common import Progress
+from kmsfs.lifecycle.progress import Progress
 
 CHUNK_BLOCKS = 256
 MAX_BLOCKS_REPORTED = 20  # per file; the count says how many more

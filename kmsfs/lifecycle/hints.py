@@ -15,7 +15,7 @@ from typing import Any
 from kmsfs.errors import UsageError
 from kmsfs.keys.cache import NullCache
 from kmsfs.keys.secrets import Prompt
-from kmsfs.volume import open_volume
+from kmsfs.volume_open import open_volume
 from kmsfs.volume_writes import save_volume_config
 
 

@@ -27,7 +27,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kmsfs.backing.journals import drop_journal, load_journal, save_journal, unlink_if_present
 from kmsfs.backing.syscalls import RENAME_NOREPLACE, renameat2
+from kmsfs.backing.tool_lock import volume_locked
 from kmsfs.backing.tree import (
     FILE_FLAGS,
     NOT_FOLLOWED,
@@ -37,17 +39,10 @@ from kmsfs.backing.tree import (
     check_file,
 )
 from kmsfs.errors import LifecycleError
-from kmsfs.format.volume import CONFIG_NAME, RESERVED_PREFIX, VolumeConfig
+from kmsfs.format.volume_config import CONFIG_NAME, RESERVED_PREFIX, VolumeConfig
 from kmsfs.keys.keyring import Keyring
-from kmsfs.lifecycle.common import (
-    Progress,
-    drop_journal,
-    load_journal,
-    save_journal,
-    unlink_if_present,
-    volume_locked,
-)
 from kmsfs.lifecycle.copy import copy_metadata, read_xattrs, write_encrypted
+from kmsfs.lifecycle.progress import Progress
 
 JOURNAL = "import"
 TMP_NAME = "import-tmp"

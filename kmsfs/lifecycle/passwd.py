@@ -16,10 +16,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from kmsfs.errors import UsageError, WrongKeyError
-from kmsfs.format.volume import load_config
+from kmsfs.format.volume_config import load_config
 from kmsfs.keys import local
 from kmsfs.keys.secrets import Prompt, get_text_secret
-from kmsfs.volume import open_volume
+from kmsfs.volume_open import open_volume
 from kmsfs.volume_writes import rotate_volume_key
 
 

@@ -48,20 +48,15 @@ from pathlib import Path
 
 from kmsfs.backing.content_file import ContentFile
 from kmsfs.backing.header_xattr import parse_header, read_raw_header
+from kmsfs.backing.journals import drop_journal, load_journal, save_journal, unlink_if_present
 from kmsfs.backing.syscalls import RENAME_EXCHANGE, birth_time, renameat2
+from kmsfs.backing.tool_lock import volume_locked
 from kmsfs.backing.tree import FILE_FLAGS, Entry, Tree, TreeChanged, check_file
 from kmsfs.errors import FormatError, KmsfsError, LifecycleError, reason_of
-from kmsfs.format.volume import VolumeConfig
+from kmsfs.format.volume_config import VolumeConfig
 from kmsfs.keys.keyring import Keyring
-from kmsfs.lifecycle.common import (
-    Progress,
-    drop_journal,
-    load_journal,
-    save_journal,
-    unlink_if_present,
-    volume_locked,
-)
 from kmsfs.lifecycle.copy import copy_metadata, read_xattrs, write_encrypted
+from kmsfs.lifecycle.progress import Progress
 
 JOURNAL = "rekey"
 TMP_NAME = "rekey-tmp"

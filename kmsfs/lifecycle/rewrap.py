@@ -52,7 +52,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kmsfs.backing.header_xattr import parse_header, read_raw_header
+from kmsfs.backing.header_xattr import parse_header, read_raw_header, replace_header
+from kmsfs.backing.journals import drop_journal, load_journal, save_journal
+from kmsfs.backing.tool_lock import in_use_by, refuse_if_shared, volume_locked
 from kmsfs.backing.tree import Entry, Tree, TreeChanged
 from kmsfs.errors import (
     FormatError,
@@ -63,23 +65,14 @@ from kmsfs.errors import (
     reason_of,
 )
 from kmsfs.format.header import MAX_ENTRIES, FileHeader, WrappedKey
-from kmsfs.format.volume import load_config
+from kmsfs.format.volume_config import load_config
 from kmsfs.keys.cache import NullCache
 from kmsfs.keys.keyring import Keyring
 from kmsfs.keys.provider import KeyContext, KeyProvider, wipe
 from kmsfs.keys.registry import create_provider, open_provider
 from kmsfs.keys.secrets import Prompt
-from kmsfs.lifecycle.common import (
-    Progress,
-    drop_journal,
-    in_use_by,
-    load_journal,
-    refuse_if_shared,
-    replace_header,
-    save_journal,
-    volume_locked,
-)
-from kmsfs.volume import open_volume
+from kmsfs.lifecycle.progress import Progress
+from kmsfs.volume_open import open_volume
 from kmsfs.volume_writes import (
     new_key_config,
     rotate_volume_key,

@@ -20,10 +20,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from kmsfs.policy import ACTIONS
 from kmsfs.policy.globs import first_component
 from kmsfs.policy.identity import Requester
 from kmsfs.policy.programs import ProgramRegistry
-from kmsfs.policy.rules import ACTIONS, Rule
+from kmsfs.policy.rules import Rule
 
 # The request's path in the volume, or a function returning it (None: not resolvable)
 PathArg = str | Callable[[], str | None]

@@ -32,10 +32,11 @@ import re
 from typing import Any
 
 from kmsfs.errors import ConfigError
+from kmsfs.policy import ACTIONS
 from kmsfs.policy.engine import Policy
 from kmsfs.policy.globs import GlobError, PathPattern, PathSet
 from kmsfs.policy.programs import ProgramRegistry, ProgramSet
-from kmsfs.policy.rules import ACTIONS, EFFECTS, MODES, RULE_KEYS, Rule
+from kmsfs.policy.rules import EFFECTS, MODES, RULE_KEYS, Rule
 
 POLICY_KEYS = ("mode", "default", "rule")
 MAX_ID = 2**32 - 2  # (uid_t)-1 is "no id"

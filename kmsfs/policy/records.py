@@ -25,9 +25,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from kmsfs.policy import ACTIONS
 from kmsfs.policy.engine import Decision
 from kmsfs.policy.identity import Requester
-from kmsfs.policy.rules import ACTIONS
 
 OPERATION = "policy"
 

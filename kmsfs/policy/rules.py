@@ -20,7 +20,6 @@ from kmsfs.policy.globs import PathSet
 from kmsfs.policy.identity import Requester
 from kmsfs.policy.programs import ProgramSet
 
-ACTIONS = ("read", "write", "create", "delete", "rename", "list", "exec")
 EFFECTS = ("permit", "deny")
 MODES = ("enforce", "learn", "off")
 # the order of keys when a rule is printed

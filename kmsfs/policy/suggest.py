@@ -23,9 +23,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from kmsfs.policy import ACTIONS
 from kmsfs.policy.globs import escape
 from kmsfs.policy.records import SeenRequest
-from kmsfs.policy.rules import ACTIONS, rule_toml
+from kmsfs.policy.rules import rule_toml
 
 MIN_SIBLINGS = 2
 

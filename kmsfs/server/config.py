@@ -48,17 +48,15 @@ from __future__ import annotations
 import difflib
 import os
 import tomllib
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import click
 
 from kmsfs.errors import ConfigError
 from kmsfs.format.volume_key import parse_fingerprint
 from kmsfs.hostfiles import open_regular
 from kmsfs.policy import Policy, parse_policy
+from kmsfs.server.spec import seconds_range_problem
 
 CONFIG_DIR = Path("/etc/kmsfs")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -129,10 +127,12 @@ class ServerConfig:
     """One volume's config file, validated.
 
     Attributes: path (the file), backing, mountpoint, provider_type,
-    provider_options (CLI parameter name -> value), mount_options,
-    cache_max_entries, cache_max_age, log_level, log_file, audit_log,
-    metrics_listen, policy (the compiled ``[policy]``), expect_fingerprint (as
-    written; checked to be a fingerprint).  Unset values are None.
+    provider_options (CLI parameter name -> value), mount_options (FUSE options),
+    shared, shared_timeout and shared_lock_timeout (shared mode and its timeouts,
+    in their ranges: kmsfs/server/spec.py), cache_max_entries, cache_max_age,
+    log_level, log_file, audit_log, metrics_listen, policy (the compiled
+    ``[policy]``), expect_fingerprint (as written; checked to be a fingerprint).
+    Unset values are None.
     """
 
     path: Path
@@ -141,6 +141,9 @@ class ServerConfig:
     provider_type: str | None = None
     provider_options: dict[str, str] = field(default_factory=dict)
     mount_options: tuple[str, ...] = ()
+    shared: bool | None = None
+    shared_timeout: float | None = None
+    shared_lock_timeout: float | None = None
     cache_max_entries: int | None = None
     cache_max_age: float | None = None
     log_level: str | None = None
@@ -254,6 +257,7 @@ def parse_server_config(data: dict[str, Any], path: Path) -> ServerConfig:
     expect = _get(data, "expect_fingerprint", str, where)
     if expect is not None:
         parse_fingerprint(expect, f"{where}: expect_fingerprint")
+    shared, timeouts = _shared_mode(data, where)
     return ServerConfig(
         path=path,
         trust_volume_settings=trust,
@@ -262,7 +266,10 @@ def parse_server_config(data: dict[str, Any], path: Path) -> ServerConfig:
         mountpoint=_abs_path(data, "mountpoint", where),
         provider_type=provider_type,
         provider_options=provider_options,
-        mount_options=_mount_options(data, where) + _shared_options(data, where),
+        mount_options=_mount_options(data, where),
+        shared=shared,
+        shared_timeout=timeouts.get("shared_timeout"),
+        shared_lock_timeout=timeouts.get("shared_lock_timeout"),
         cache_max_entries=max_entries,
         cache_max_age=max_age,
         log_level=log_level.lower() if log_level else None,
@@ -293,7 +300,7 @@ def check_volume_provider(config: ServerConfig, backing: str) -> None:
     """ConfigError if ``provider.type`` names no master key of the volume in *backing*."""
     if config.provider_type is None:
         return
-    from kmsfs.format.volume import load_config
+    from kmsfs.format.volume_config import load_config
 
     volume = load_config(backing)
     types = [key.provider for key in volume.keys]
@@ -303,46 +310,6 @@ def check_volume_provider(config: ServerConfig, backing: str) -> None:
             f"{config.path}: provider.type is {config.provider_type!r} but the volume in"
             f" {backing} has no such master key (it has {have})"
         )
-
-
-# -- click integration -------------------------------------------------------
-
-CONTEXT_KEY = "kmsfs.server_config"
-
-
-def _load_into_context(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
-    """Eager --config callback: the file's values become the command's defaults."""
-    if value is None or ctx.resilient_parsing:
-        return
-    try:
-        config = load_server_config(value)
-    except ConfigError as exc:
-        click.echo(f"kmsfs: error: {exc}", err=True)
-        ctx.exit(ConfigError.exit_code)
-    ctx.meta[CONTEXT_KEY] = config
-    ctx.default_map = {**(ctx.default_map or {}), **config.cli_defaults()}
-
-
-def config_option(func: Callable[..., Any]) -> Callable[..., Any]:
-    """The ``--config FILE`` option: values from the file fill what the command line omits."""
-    return click.option(
-        "--config",
-        "config_file",
-        type=click.Path(dir_okay=False),
-        is_eager=True,
-        expose_value=False,
-        callback=_load_into_context,
-        help="Volume config file (/etc/kmsfs/NAME.toml); the command line wins over it.",
-    )(func)
-
-
-def current_config() -> ServerConfig | None:
-    """The config file loaded by --config for the running command, if any."""
-    ctx = click.get_current_context(silent=True)
-    if ctx is None:
-        return None
-    config: ServerConfig | None = ctx.meta.get(CONTEXT_KEY)
-    return config
 
 
 # -- validation helpers ------------------------------------------------------
@@ -435,13 +402,14 @@ def _mount_options(data: dict[str, Any], where: str) -> tuple[str, ...]:
     return tuple(items)
 
 
-def _shared_options(data: dict[str, Any], where: str) -> tuple[str, ...]:
+def _shared_mode(data: dict[str, Any], where: str) -> tuple[bool | None, dict[str, float]]:
     """``shared = true``, ``shared_timeout = SECONDS`` and ``shared_lock_timeout =
-    SECONDS`` as the mount options they mean (their ranges are checked there)."""
+    SECONDS``: (shared, the timeouts given).  ConfigError for a timeout that is not a
+    number of seconds in its range, or set while shared is not true."""
     shared = data.get("shared")
     if shared is not None and not isinstance(shared, bool):
         raise ConfigError(f"{where}: shared must be true or false, not {shared!r}")
-    options = ["shared"] if shared else []
+    timeouts: dict[str, float] = {}
     for name in ("shared_timeout", "shared_lock_timeout"):
         timeout = data.get(name)
         if timeout is None:
@@ -450,8 +418,11 @@ def _shared_options(data: dict[str, Any], where: str) -> tuple[str, ...]:
             raise ConfigError(f"{where}: {name} must be a number of seconds, not {timeout!r}")
         if not shared:
             raise ConfigError(f"{where}: {name} is set but shared is not true")
-        options.append(f"{name}={timeout}")
-    return tuple(options)
+        problem = seconds_range_problem(name, float(timeout))
+        if problem is not None:
+            raise ConfigError(f"{where}: {name} = {timeout!r}: {problem}")
+        timeouts[name] = float(timeout)
+    return shared, timeouts
 
 
 def _parse_provider(provider: dict[str, Any], where: str) -> tuple[str, dict[str, str]]:

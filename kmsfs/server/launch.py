@@ -1,102 +1,96 @@
-"""Starting the daemon for ``kmsfs mount``: open the volume, then serve in the foreground,
-or fork a daemon that reports back through a pipe once the mount answers.
+"""Starting the daemon for ``kmsfs mount``: the checks that can fail the command before
+anything starts, the process settings made once, then serving in the foreground, or
+in a forked daemon that reports back through a pipe once the mount answers.
 
-The command line and the config file are merged into one ``MountPlan``
-(kmsfs/server/mountcmd.py) before anything here runs.
+The command line and the config file are merged into one ``MountSpec``
+(kmsfs/cli/mountspec.py) before anything here runs; the mount itself is built
+from it by kmsfs/server/assembly.py.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import resource
 from collections.abc import Callable
 
 from kmsfs.errors import KmsfsError, MountError
 from kmsfs.server.logs import LogFile, setup_logging
-from kmsfs.server.mountcmd import MountPlan
+from kmsfs.server.spec import MountSpec
 
 log = logging.getLogger(__name__)
 
 
-def serve_plan(plan: MountPlan, on_ready: Callable[[], None] | None) -> None:
-    """Open the volume and serve it until unmounted (blocks).
+def preflight(spec: MountSpec, say: Callable[[str], None]) -> None:
+    """What is checked before anything starts, in this order: the metrics address
+    (ConfigError if metrics cannot work), the runtime directory (an unsafe one is
+    said: the mount will have no status socket), a stale mount at the mount point
+    (detached, and said; MountError if it cannot be), the mount point itself
+    (MountError: missing, not a directory, mounted, not empty without ``-o
+    nonempty``).  *say* gets each line meant for the operator."""
+    from kmsfs.server.mountpoint import check_mountpoint, recover_stale_mount
+    from kmsfs.server.rundir import runtime_dir_problem
 
-    Raises the errors of ``open_volume`` (ConfigError, ConfigTampered,
-    ProviderError...) and MountError; nothing is mounted then.
-    """
-    from kmsfs.audit import AuditLog
-    from kmsfs.backing.shared import check_shared_support
+    if spec.metrics_listen is not None:
+        from kmsfs.server.metrics import check_metrics_listen
+
+        check_metrics_listen(spec.metrics_listen)
+    problem = runtime_dir_problem()
+    if problem is not None:
+        say(f"kmsfs: warning: {problem}; this mount has no status socket")
+    if recover_stale_mount(spec.mountpoint):
+        say(f"kmsfs: detached the stale mount at {spec.mountpoint} (its daemon had died)")
+    check_mountpoint(spec.mountpoint, allow_nonempty=spec.allow_nonempty)
+
+
+def prepare_process() -> None:
+    """The daemon's process settings, made once, before any secret is read (passphrase,
+    PIN, keys): no core dumps, memory locked (a warning if it cannot be: keys may
+    then reach swap), and the descriptor limit raised as far as the system lets
+    (one descriptor per inode the kernel remembers)."""
     from kmsfs.backing.syscalls import disable_core_dumps, lock_memory
-    from kmsfs.backing.volume_lock import claim_volume
-    from kmsfs.daemon import serve
-    from kmsfs.keys.cache import DEFAULT_MAX_AGE, DEFAULT_MAX_ENTRIES, KeyCache
-    from kmsfs.server.policyfile import PolicyReloader
-    from kmsfs.volume import open_volume
 
-    cache = KeyCache(
-        DEFAULT_MAX_ENTRIES if plan.cache_max_entries is None else plan.cache_max_entries,
-        DEFAULT_MAX_AGE if plan.cache_max_age is None else plan.cache_max_age,
-    )
-    disable_core_dumps()  # before any secret is read: passphrase, PIN, keys
+    disable_core_dumps()
     not_locked = lock_memory()
     if not_locked is not None:
         log.warning("%s", not_locked)
-    # The lock first: "in use" is said before any passphrase is asked, and a format-1
-    # config is migrated (rewritten) only by the process that will serve the volume.
-    if plan.shared:
-        check_shared_support(plan.backing)
-    claim = claim_volume(plan.backing, plan.mountpoint, plan.shared)
-    plan.runtime.claim = claim  # rechecked while serving: tools must keep finding it
-    audit = AuditLog(plan.audit_log) if plan.audit_log else None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     try:
-        config, keyring = open_volume(
-            plan.backing,
-            plan.key_options,
-            plan.prompt,
-            cache,
-            audit,
-            migrate="ro" not in plan.extra,
-        )
-        services = [plan.runtime.run]
-        reloader = PolicyReloader(plan.config_file) if plan.config_file else None
-        plan.runtime.reloader = reloader
-        serve(
-            plan.backing,
-            plan.mountpoint,
-            config,
-            keyring,
-            plan.extra,
-            on_ready,
-            services=services,
-            audit=audit,
-            lock_fd=claim.lock_fd,
-            shared=plan.shared,
-            timeout=plan.shared_timeout if plan.shared else None,
-            lock_timeout=plan.shared_lock_timeout,
-            policy=plan.policy,
-            reloader=reloader,
-        )
-    finally:
-        claim.close()
-        if audit is not None:
-            audit.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError):
+        log.debug("cannot raise the descriptor limit above %d", soft)
 
 
-def run_foreground(plan: MountPlan) -> None:
-    """Serve in this process, logging as the plan says (systemd's Type=notify path).
-    ConfigError if the log file is refused (``LogFile``)."""
-    setup_logging(plan.log_level, LogFile(plan.log_file) if plan.log_file else None)
-    serve_plan(plan, plan.runtime.on_ready)
+def run_foreground(spec: MountSpec) -> None:
+    """Serve in this process, logging as the spec says (systemd's Type=notify path:
+    systemd hears READY=1 once the mount answers).  ConfigError if the log file is
+    refused (``LogFile``)."""
+    from kmsfs.server import notify
+
+    setup_logging(spec.log_level, LogFile(spec.log_file) if spec.log_file else None)
+
+    def ready() -> None:
+        notify.ready(f"serving {spec.mountpoint}")
+
+    _serve(spec, ready)
 
 
-def run_in_background(plan: MountPlan) -> int:
+def _serve(spec: MountSpec, on_ready: Callable[[], None]) -> None:
+    """The daemon: its process settings, then the mount built and served (blocks)."""
+    from kmsfs.server.assembly import serve_mount
+
+    prepare_process()
+    serve_mount(spec, on_ready)
+
+
+def run_in_background(spec: MountSpec) -> int:
     """Fork a daemon; in the parent, return its pid once the mount answers.
 
     Raises the daemon's error (its message and exit code) if it failed before
     the mount answered: a KmsfsError subclass chosen by the exit code; ConfigError
     before forking if the log file is refused (``LogFile``).
     """
-    log_file = LogFile(plan.log_file) if plan.log_file else None
+    log_file = LogFile(spec.log_file) if spec.log_file else None
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid:
@@ -114,7 +108,7 @@ def run_in_background(plan: MountPlan) -> int:
         raise _error_for(int(exit_code), text.strip())
 
     os.close(read_end)
-    setup_logging(plan.log_level, log_file, background=True)
+    setup_logging(spec.log_level, log_file, background=True)
 
     def ready() -> None:
         os.write(write_end, b"OK\n")
@@ -128,7 +122,7 @@ def run_in_background(plan: MountPlan) -> int:
 
     code = 0
     try:
-        serve_plan(plan, ready)
+        _serve(spec, ready)
     except KmsfsError as exc:
         code = exc.exit_code
         _report(write_end, code, str(exc))

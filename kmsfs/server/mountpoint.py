@@ -1,4 +1,5 @@
-"""Mount points left behind by a daemon that died, and how ``kmsfs mount`` recovers them.
+"""Mount points: whether one can take a mount (``check_mountpoint``), and mount points
+left behind by a daemon that died, and how ``kmsfs mount`` recovers them.
 
 A FUSE daemon killed with SIGKILL (or by the OOM killer) leaves its mount in
 the kernel: every access fails with ENOTCONN ("Transport endpoint is not
@@ -66,3 +67,29 @@ def recover_stale_mount(mountpoint: str) -> bool:
         f" detached{why}: run 'fusermount3 -uz {mountpoint}' (or, as root,"
         f" 'umount -l {mountpoint}') and mount again"
     )
+
+
+def check_mountpoint(mountpoint: str, allow_nonempty: bool = False) -> None:
+    """MountError if *mountpoint* cannot take a mount: missing, stale, or not empty."""
+    try:
+        st = os.stat(mountpoint)
+    except FileNotFoundError:
+        raise MountError(f"mount point {mountpoint} does not exist") from None
+    except OSError as exc:
+        if exc.errno == errno.ENOTCONN:
+            raise MountError(
+                f"{mountpoint} is a stale mount left by a daemon that died:"
+                f" run 'kmsfs umount {mountpoint}' (or 'fusermount3 -uz {mountpoint}') first"
+            ) from None
+        raise MountError(f"mount point {mountpoint}: {exc.strerror}") from None
+    if not os.path.isdir(mountpoint):
+        raise MountError(f"mount point {mountpoint} is not a directory")
+    from kmsfs.fs.inodes import ROOT_INODE
+
+    if os.path.ismount(mountpoint) and st.st_ino == ROOT_INODE:
+        raise MountError(f"{mountpoint} is already a mount point (already mounted?)")
+    if not allow_nonempty and os.listdir(mountpoint):
+        raise MountError(
+            f"mount point {mountpoint} is not empty (its files would be hidden; -o nonempty mounts"
+            " anyway)"
+        )

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from kmsfs.errors import ConfigError
 from kmsfs.hostfiles import open_private_dir
 
 WHAT = "runtime directory"
@@ -50,6 +51,18 @@ def open_runtime_dir(create: bool) -> int | None:
         except OSError:
             pass  # the directory's own creation says why
     return open_private_dir(path, WHAT, create, HINT)
+
+
+def runtime_dir_problem() -> str | None:
+    """Why a control socket could not be made (an unsafe runtime directory), to say
+    before mounting; None if nothing is wrong yet (or the directory does not exist)."""
+    try:
+        fd = open_runtime_dir(create=False)
+    except ConfigError as exc:
+        return str(exc)
+    if fd is not None:
+        os.close(fd)
+    return None
 
 
 def in_runtime_dir(dir_fd: int, name: str) -> str:

@@ -1,20 +1,19 @@
 """What a mount runs beside the FUSE loop: status socket, metrics, systemd notifications,
 and the recheck of the volume lock.
 
-``ServerRuntime.run(ops)`` is handed to ``kmsfs.daemon.serve`` as a service:
-it starts with the FUSE loop and is cancelled when the loop ends (unmount or
-signal).  On the way out it sends ``STOPPING=1`` and removes its socket.  A
-failure to start the status socket or the metrics endpoint is logged and the
-mount keeps serving: observability must never take data offline.  The one
-exception is a metrics address that cannot be used at all, which
-``check`` reports before mounting.
+``ServerRuntime.run(ops)`` is handed to ``kmsfs.server.daemon.serve`` as a service
+(kmsfs/server/assembly.py builds both): it starts with the FUSE loop and is
+cancelled when the loop ends (unmount or signal).  On the way out it sends
+``STOPPING=1`` and removes its socket.  A failure to start the status socket or
+the metrics endpoint is logged and the mount keeps serving: observability must
+never take data offline.  The one exception is a metrics address that cannot be
+used at all, which ``kmsfs.server.launch.preflight`` reports before mounting.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -36,49 +35,31 @@ log = logging.getLogger("kmsfs.server")
 
 class ServerRuntime:
     """Attributes: mountpoint, metrics_listen (``HOST:PORT`` or None),
-    provider_stats, metrics (the running MetricsServer, once started), claim (the
-    volume lock and registration the daemon holds, to recheck; None: not watched),
-    reloader (reloads the access policy from the config file; None without one)."""
+    provider_stats (the key-event counters the keyring reports to), claim (the
+    volume lock and registration the daemon holds, to recheck; None: not
+    watched), reloader (reloads the access policy from the config file; None
+    without one), metrics (the running MetricsServer, once started)."""
 
-    def __init__(self, mountpoint: str, metrics_listen: str | None = None) -> None:
+    def __init__(
+        self,
+        mountpoint: str,
+        provider_stats: ProviderStats,
+        metrics_listen: str | None = None,
+        claim: VolumeClaim | None = None,
+        reloader: PolicyReloader | None = None,
+    ) -> None:
         self.mountpoint = mountpoint
         self.metrics_listen = metrics_listen
-        self.provider_stats = ProviderStats()
+        self.provider_stats = provider_stats
         self.metrics: MetricsServer | None = None
-        self.claim: VolumeClaim | None = None
+        self.claim = claim
         self._lock_state = "held"
-        self.reloader: PolicyReloader | None = None
+        self.reloader = reloader
         self.started = time.time()
         self.started_monotonic = time.monotonic()
 
-    def check(self) -> None:
-        """ConfigError now, before mounting, if metrics were asked for but cannot work."""
-        if self.metrics_listen is not None:
-            from kmsfs.server.metrics import check_metrics_listen
-
-            check_metrics_listen(self.metrics_listen)
-
-    def socket_problem(self) -> str | None:
-        """Why the status socket could not be made (an unsafe runtime directory), said
-        before mounting; None if nothing is wrong yet."""
-        from kmsfs.server.rundir import open_runtime_dir
-
-        try:
-            fd = open_runtime_dir(create=False)
-        except ConfigError as exc:
-            return str(exc)
-        if fd is not None:
-            os.close(fd)
-        return None
-
-    def on_ready(self) -> None:
-        """Tell systemd the mount answers (the daemon calls this once it does)."""
-        notify.ready(f"serving {self.mountpoint}")
-
     async def run(self, ops: KmsfsOperations) -> None:
         """Serve status and metrics for *ops* until cancelled."""
-        keyring = ops.keyring
-        keyring.on_event = self.provider_stats.chain(keyring.on_event)
         token = trio.lowlevel.current_trio_token()
         try:
             async with trio.open_nursery() as nursery:

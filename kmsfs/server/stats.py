@@ -146,6 +146,6 @@ def snapshot(
         "requests": ops.requests.summary(),
         "policy": ops.policy.describe(),
         # shared mode: requests waiting for other daemons' locks, and how waits ended
-        **({"lock_waits": ops.lock_waits.summary()} if ops.shared else {}),
+        **({"lock_waits": ops.lock_waits.summary()} if ops.content_access.shared else {}),
         "pyfuse3": fuseloop.status(ops),
     }

@@ -24,7 +24,7 @@ from conftest import Volume, _check_log, force_unmount, requires_fuse, run_as, r
 from support.kms_support import Fault, KmsProxy, MotoServer
 
 from kmsfs.format.header import XATTR_NAME, FileHeader
-from kmsfs.format.volume import load_config
+from kmsfs.format.volume_config import load_config
 
 pytestmark = [requires_fuse, pytest.mark.mount]
 

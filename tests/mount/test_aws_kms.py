@@ -31,7 +31,7 @@ from support.kms_support import REGION, Fault, KmsProxy, MotoServer
 
 from kmsfs.errors import KeyAccessDenied, KeyUnavailable, ProviderError, WrongKeyError
 from kmsfs.format.header import XATTR_NAME, FileHeader, WrappedKey
-from kmsfs.format.volume import load_config
+from kmsfs.format.volume_config import load_config
 from kmsfs.keys.aws_kms import AwsKmsProvider
 from kmsfs.keys.provider import KeyContext
 

@@ -24,7 +24,7 @@ from support.planted import Listener, build_planted_module
 from support.saved_volume import check_saved_plaintext, restore_saved_volume
 
 from kmsfs.format.header import XATTR_NAME, FileHeader
-from kmsfs.format.volume import load_config
+from kmsfs.format.volume_config import load_config
 from kmsfs.keys.local import LocalProvider, write_new_key_file
 from kmsfs.keys.provider import KeyContext
 
@@ -224,7 +224,7 @@ def test_host_setting_that_differs_from_the_recorded_one_is_refused(
 ) -> None:
     """Compared hints (KMS endpoint, PKCS#11 module): both values named, and keys update
     records the host's after checking that they open the same key."""
-    from kmsfs.format.volume import KeyConfig
+    from kmsfs.format.volume_config import KeyConfig
     from kmsfs.keys.registry import host_settings
 
     key = KeyConfig("aws-kms", "arn:x", {"key_arn": "arn:x", "endpoint_url": "http://a"}, b"")

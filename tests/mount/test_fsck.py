@@ -134,7 +134,7 @@ def test_fsck_reports_entries_that_unwrap_to_different_keys(volume: Volume, tmp_
     from support.lifecycle_support import populate
 
     from kmsfs.format.header import FileHeader, WrappedKey
-    from kmsfs.format.volume import load_config
+    from kmsfs.format.volume_config import load_config
     from kmsfs.keys.provider import KeyContext, random_key, wipe
     from kmsfs.keys.registry import open_provider
 

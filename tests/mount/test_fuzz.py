@@ -26,7 +26,7 @@ from support.reliability_util import env_int, mount_pid, scaled
 
 from kmsfs.errors import ConfigError, FormatError
 from kmsfs.format.header import XATTR_NAME, FileHeader, WrappedKey
-from kmsfs.format.volume import KeyConfig, VolumeConfig
+from kmsfs.format.volume_config import KeyConfig, VolumeConfig
 from kmsfs.keys.local import format_key_file, parse_key_file
 
 EXAMPLES = env_int("KMSFS_FUZZ_EXAMPLES", scaled(400))

@@ -33,7 +33,7 @@ from support import softhsm
 from support.saved_volume import restore_saved_volume
 
 from kmsfs.format.header import XATTR_NAME, FileHeader, WrappedKey
-from kmsfs.format.volume import KeyConfig, VolumeConfig
+from kmsfs.format.volume_config import KeyConfig, VolumeConfig
 from kmsfs.keys.local import LocalProvider, parse_key_file, write_new_key_file
 from kmsfs.keys.provider import KeyContext
 

@@ -40,8 +40,8 @@ from support.lifecycle_support import read_file, read_file_with_any_key, write_f
 
 from kmsfs.backing.syscalls import RENAME_EXCHANGE, renameat2
 from kmsfs.format.header import XATTR_NAME, FileHeader
-from kmsfs.format.volume import load_config
-from kmsfs.volume import open_volume
+from kmsfs.format.volume_config import load_config
+from kmsfs.volume_open import open_volume
 
 NOBODY = 65534
 ATTACK_SECONDS = 3.0

@@ -18,7 +18,7 @@ from support.lifecycle_support import entry_refs, header_of, populate, write_fil
 
 from kmsfs.format.content import Layout
 from kmsfs.format.header import FORMAT_1, FORMAT_2
-from kmsfs.format.volume import load_config
+from kmsfs.format.volume_config import load_config
 
 
 def _key_ref(volume: Volume) -> str:
@@ -562,7 +562,7 @@ def test_rekey_crash_around_the_exchange_is_finished_by_the_next_run(
     finished by the next run: both names of a hard-linked file end on one re-keyed inode."""
     from kmsfs.keys.cache import NullCache
     from kmsfs.lifecycle import rekey
-    from kmsfs.volume import open_volume
+    from kmsfs.volume_open import open_volume
 
     contents = populate(volume.backing, volume.key_file, 3, size=5000)
     os.link(volume.backing / "d0/f00000", volume.backing / "d2/link")

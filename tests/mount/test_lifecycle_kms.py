@@ -12,7 +12,7 @@ from conftest import Volume, force_unmount, make_volume, requires_fuse, run_kmsf
 from support.kms_support import KmsProxy, MotoServer
 from support.lifecycle_support import entry_refs, populate
 
-from kmsfs.format.volume import load_config
+from kmsfs.format.volume_config import load_config
 
 pytestmark = pytest.mark.aws
 

@@ -194,7 +194,7 @@ def test_rsa_oaep_volume(p11vol: Volume, hsm: SoftHSM, label: str) -> None:
 @requires_fuse
 def test_aes_key_wrap_volume(p11vol: Volume, hsm: SoftHSM, label: str) -> None:
     """An HSM with only AES key wrap (RFC 5649): the mechanism chosen at init, then the CLI."""
-    from kmsfs.volume import init_volume
+    from kmsfs.volume_open import init_volume
 
     options = {
         "pkcs11_module": MODULE,

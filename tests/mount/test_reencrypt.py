@@ -18,7 +18,7 @@ from support.lifecycle_support import entry_refs
 
 from kmsfs.errors import KeyAccessDenied, WrongKeyError
 from kmsfs.format.header import WrappedKey
-from kmsfs.format.volume import load_config
+from kmsfs.format.volume_config import load_config
 from kmsfs.keys.aws_kms import AwsKmsProvider, client_config
 from kmsfs.keys.cache import NullCache
 from kmsfs.keys.events import KeyEvent

@@ -16,14 +16,10 @@ import pytest
 from click.testing import CliRunner
 from conftest import Volume, requires_fuse, run_kmsfs
 
+from kmsfs.cli.configfile import config_option, current_config
+from kmsfs.cli.mounthelper import HelperUsage, translate
 from kmsfs.errors import ConfigError
-from kmsfs.server.config import (
-    config_option,
-    current_config,
-    load_server_config,
-    parse_listen_address,
-)
-from kmsfs.server.mounthelper import HelperUsage, translate
+from kmsfs.server.config import load_server_config, parse_listen_address
 
 
 def write(path: Path, text: str) -> Path:

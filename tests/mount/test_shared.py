@@ -1008,24 +1008,28 @@ def test_default_mode_is_unchanged_by_shared_mode(tmp_path: Path) -> None:
 
 def test_the_config_file_says_shared_and_its_timeouts(tmp_path: Path) -> None:
     """``shared = true``, ``shared_timeout`` and ``shared_lock_timeout`` in
-    /etc/kmsfs/NAME.toml become the mount options ``shared``, ``shared_timeout=S`` and
-    ``shared_lock_timeout=S``; a timeout without shared is refused."""
+    /etc/kmsfs/NAME.toml give the shared mode the mount options ``shared``,
+    ``shared_timeout=S`` and ``shared_lock_timeout=S`` give (the command line wins); a
+    timeout without shared, or out of its range, is refused."""
+    from kmsfs.cli.mountspec import shared_mode
     from kmsfs.errors import ConfigError
     from kmsfs.server.config import parse_server_config
-    from kmsfs.server.mountcmd import split_shared_options
+    from kmsfs.server.spec import SharedMode
 
     where = tmp_path / "data.toml"
     config = parse_server_config({"shared": True, "shared_timeout": 0.5}, where)
-    assert config.mount_options == ("shared", "shared_timeout=0.5")
-    assert split_shared_options(list(config.mount_options)) == ([], True, 0.5, 10.0)
+    assert config.mount_options == ()
+    assert shared_mode([], config) == ([], SharedMode(0.5, 10.0))
+    assert shared_mode(["shared_timeout=2"], config) == ([], SharedMode(2.0, 10.0))
     config = parse_server_config({"shared": True, "shared_lock_timeout": 30}, where)
-    assert config.mount_options == ("shared", "shared_lock_timeout=30")
-    assert split_shared_options(list(config.mount_options)) == ([], True, 1.0, 30.0)
-    assert parse_server_config({"shared": False}, where).mount_options == ()
+    assert shared_mode(["ro"], config) == (["ro"], SharedMode(1.0, 30.0))
+    assert shared_mode([], parse_server_config({"shared": False}, where)) == ([], None)
     with pytest.raises(ConfigError, match="shared_timeout is set but shared is not true"):
         parse_server_config({"shared_timeout": 2}, where)
     with pytest.raises(ConfigError, match="shared_lock_timeout is set but shared is not"):
         parse_server_config({"shared_lock_timeout": 2}, where)
+    with pytest.raises(ConfigError, match="shared_timeout = 999: give seconds from 0 to 60"):
+        parse_server_config({"shared": True, "shared_timeout": 999}, where)
     with pytest.raises(ConfigError, match="shared must be true or false"):
         parse_server_config({"shared": "yes"}, where)
 

@@ -9,10 +9,10 @@ from kmsfs.backing.content_file import ContentFile
 from kmsfs.backing.header_xattr import write_new_header
 from kmsfs.format.content import BlockCipher
 from kmsfs.format.header import NEW_FILE_FORMAT, XATTR_NAME, FileHeader
-from kmsfs.format.volume import VolumeConfig
+from kmsfs.format.volume_config import VolumeConfig
 from kmsfs.keys.keyring import Keyring
 from kmsfs.keys.provider import wipe
-from kmsfs.volume import open_volume
+from kmsfs.volume_open import open_volume
 
 
 def populate(backing: Path, key_file: Path, count: int, size: int = 100) -> dict[str, bytes]:

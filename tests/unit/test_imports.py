@@ -9,6 +9,8 @@ at any depth in a module, including imports inside functions).
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).parents[2] / "kmsfs"
@@ -21,7 +23,7 @@ LAYER = {
     "policy": 1,
     "fs": 2,
     "audit": 2,
-    "volume": 2,
+    "volume_open": 2,
     "volume_writes": 2,
     "trust": 2,
     "pins": 1,
@@ -114,3 +116,37 @@ def test_offline_tools_and_backing_never_import_the_pyfuse3_layer() -> None:
         if target == "kmsfs.fs" or target.startswith("kmsfs.fs.")
     ]
     assert wrong == []
+
+
+def imported_by(*args: str) -> set[str]:
+    """The modules ``python -X importtime -m kmsfs ARGS`` imports (its stderr lists them)."""
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "kmsfs", *args],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    return {
+        line.rsplit("|", 1)[1].strip()
+        for line in result.stderr.splitlines()
+        if line.startswith("import time:") and "|" in line
+    }
+
+
+def test_the_command_line_imports_nothing_heavy_to_show_its_help() -> None:
+    """``kmsfs --help`` (and a command's) stays fast: the event loop, FUSE, the SDKs,
+    cryptography and the layers below the command line are imported by the commands
+    that run, not by the parsing of their options."""
+    heavy = ("trio", "pyfuse3", "boto3", "botocore", "pkcs11", "cryptography")
+    layers = ("kmsfs.fs", "kmsfs.server", "kmsfs.format", "kmsfs.backing", "kmsfs.lifecycle")
+    for args in (["--help"], ["mount", "--help"], ["policy", "check", "--help"]):
+        modules = imported_by(*args)
+        assert "kmsfs.cli" in modules
+        wrong = sorted(
+            name
+            for name in modules
+            if name.split(".")[0] in heavy
+            or any(name == layer or name.startswith(layer + ".") for layer in layers)
+        )
+        assert wrong == [], f"kmsfs {' '.join(args)} imports {wrong}"

@@ -15,11 +15,11 @@ import pytest
 from conftest import make_volume
 
 from kmsfs.errors import ConfigError, ConfigTampered, PinMismatch
-from kmsfs.format.volume import load_config
+from kmsfs.format.volume_config import load_config
 from kmsfs.format.volume_key import MAX_CHAIN, fingerprint
 from kmsfs.keys.keyring import Keyring
 from kmsfs.pins import ROOT_STATE_DIR, Pin, pins_dir, read_pin, state_dir
-from kmsfs.volume import open_volume
+from kmsfs.volume_open import open_volume
 from kmsfs.volume_writes import rotate_volume_key, save_volume_config
 
 

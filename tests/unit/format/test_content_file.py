@@ -115,7 +115,7 @@ def test_key_use_warning_in_format_1_only(
     with caplog.at_level(logging.WARNING, logger="kmsfs.fs"):
         for _ in range(4):
             content.write(0, bytes(2 * BS))
-    assert content.sealed_blocks == 9
+    assert content.usage.sealed == 9
     warning = (
         f"{tmp_path / 'f'}: 9 block encryptions under one file key (NIST limit 2^32):"
         " re-key this file"

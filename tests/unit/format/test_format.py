@@ -26,7 +26,7 @@ from kmsfs.format.content import (
     mode_for_format,
 )
 from kmsfs.format.header import FORMAT_1, FORMAT_2, MAX_HEADER_SIZE, FileHeader, WrappedKey
-from kmsfs.format.volume import KeyConfig, VolumeConfig
+from kmsfs.format.volume_config import KeyConfig, VolumeConfig
 from kmsfs.keys.local import LocalProvider, parse_key_file
 from kmsfs.keys.provider import KeyContext
 
@@ -198,7 +198,7 @@ def spec_config_tags(volume_key: bytes, config: dict[str, object]) -> dict[str, 
 def test_volume_config_v2_vector() -> None:
     import json
 
-    from kmsfs.format.volume import config_mac_key
+    from kmsfs.format.volume_config import config_mac_key
 
     text = V["volume_config_v2"]
     data = json.loads(text)

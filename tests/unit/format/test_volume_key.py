@@ -9,7 +9,7 @@ import os
 import pytest
 
 from kmsfs.errors import ConfigError, ConfigTampered
-from kmsfs.format.volume import KeyConfig, VolumeConfig
+from kmsfs.format.volume_config import KeyConfig, VolumeConfig
 from kmsfs.format.volume_key import (
     MAX_CHAIN,
     ChainEntry,

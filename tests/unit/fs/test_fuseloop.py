@@ -190,9 +190,8 @@ def test_status_names_the_hooks_in_use_and_why_one_is_off() -> None:
     plain = SimpleNamespace(
         enable_read_before_wait=patched,
         enable_dont_mask=patched,
-        cache_listings=patched,
+        content_access=SimpleNamespace(cache_listings=patched, shared=False),
         timeout=60.0,
-        shared=False,
     )
     info = fuseloop.status(plain)
     assert info["version"] == pyfuse3.__version__ and info["patched"] is patched
@@ -201,7 +200,8 @@ def test_status_names_the_hooks_in_use_and_why_one_is_off() -> None:
         return
     assert info["active"] == ["read_before_wait", "dont_mask", "cache_dir"]
     assert info["loop"] == "read_before_wait"
-    shared = SimpleNamespace(**{**vars(plain), "cache_listings": False, "shared": True})
+    access = SimpleNamespace(cache_listings=False, shared=True)
+    shared = SimpleNamespace(**{**vars(plain), "content_access": access})
     assert fuseloop.status(shared)["off"] == {"cache_dir": "shared mode"}
     varying = SimpleNamespace(**{**vars(plain), "timeout": 0.0})
     assert "cache_dir" not in fuseloop.status(varying)["active"]

@@ -28,8 +28,8 @@ from support.lifecycle_support import header_of, write_file
 from kmsfs.errors import IntegrityError, KeyAccessDenied, KeyUnavailable, WrongKeyError
 from kmsfs.format.content import Layout
 from kmsfs.format.header import FORMAT_1, FORMAT_2, XATTR_NAME
-from kmsfs.fs.operations import KmsfsOperations, errno_for, serve_volume
-from kmsfs.volume import open_volume
+from kmsfs.fs.operations import KmsfsOperations, errno_for, open_served_volume
+from kmsfs.volume_open import open_volume
 
 ROOT = pyfuse3.ROOT_INODE
 CTX = SimpleNamespace(uid=os.geteuid(), gid=os.getegid(), pid=os.getpid(), umask=0o022)
@@ -45,7 +45,7 @@ def fields(**flags: bool) -> Any:
 def ops(tmp_path: Path) -> Iterator[KmsfsOperations]:
     vol = make_volume(tmp_path)
     config, keyring = open_volume(vol.backing, {"key_file": str(vol.key_file)})
-    operations = KmsfsOperations(serve_volume(str(vol.backing), config, keyring))
+    operations = KmsfsOperations(open_served_volume(str(vol.backing), config, keyring))
     try:
         yield operations
     finally:
@@ -427,7 +427,7 @@ def test_backing_cut_inside_a_block_header_gives_eio_naming_the_file(
 def shared_ops(tmp_path: Path) -> Iterator[KmsfsOperations]:
     vol = make_volume(tmp_path)
     config, keyring = open_volume(vol.backing, {"key_file": str(vol.key_file)})
-    parts = serve_volume(str(vol.backing), config, keyring, timeout=1.0, shared=True)
+    parts = open_served_volume(str(vol.backing), config, keyring, timeout=1.0, shared=True)
     operations = KmsfsOperations(parts)
     try:
         yield operations
@@ -447,20 +447,37 @@ def test_shared_lookup_gives_the_size_read_under_the_lock_and_caches_it(
     run(main)
 
 
+@pytest.mark.parametrize(("fixture", "cached"), [("ops", True), ("shared_ops", False)])
+def test_shared_mode_is_chosen_once_for_every_handler(
+    fixture: str, cached: bool, request: pytest.FixtureRequest
+) -> None:
+    """Alone, the kernel may keep pages across opens and write back; shared, neither
+    (the strategy chosen when the operations are built answers every handler)."""
+    operations: KmsfsOperations = request.getfixturevalue(fixture)
+
+    async def main() -> tuple[bool, bool]:
+        inode = await create(operations, b"f")
+        info = await operations.open(inode, os.O_RDWR | os.O_TRUNC, CTX)
+        await operations.release(info.fh)
+        return operations.enable_writeback_cache, info.keep_cache
+
+    assert run(main) == (cached, cached)
+
+
 def test_shared_lookup_of_a_file_the_daemon_may_not_open_answers_uncached(
     shared_ops: KmsfsOperations, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A daemon not running as root may be refused the open that reads a size under the
     lock: lookup still answers, with the backing size, and the kernel does not cache it.
     (The refusal is a stand-in: this suite runs as root, which no mode bits refuse.)"""
-    import kmsfs.fs.ops_base
+    import kmsfs.fs.content_access
 
     def refused(path: str, layout: object) -> int:
         raise PermissionError(errno.EACCES, "Permission denied", path)
 
     async def main() -> None:
         await create(shared_ops, b"s", b"x" * 5000)
-        monkeypatch.setattr(kmsfs.fs.ops_base, "locked_plain_size", refused)
+        monkeypatch.setattr(kmsfs.fs.content_access, "locked_plain_size", refused)
         attr = await shared_ops.lookup(ROOT, b"s", CTX)
         assert attr.st_size == 5000 and attr.attr_timeout == 0
 
@@ -471,12 +488,12 @@ _OPEN_OUT_OF_DESCRIPTORS = """
 import errno, os, resource, sys
 from types import SimpleNamespace
 import pyfuse3, trio
-from kmsfs.fs.operations import KmsfsOperations, serve_volume
-from kmsfs.volume import open_volume
+from kmsfs.fs.operations import KmsfsOperations, open_served_volume
+from kmsfs.volume_open import open_volume
 backing, key = sys.argv[1:3]
 resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128))
 config, keyring = open_volume(backing, {"key_file": key})
-ops = KmsfsOperations(serve_volume(backing, config, keyring))
+ops = KmsfsOperations(open_served_volume(backing, config, keyring))
 ctx = SimpleNamespace(uid=os.geteuid(), gid=os.getegid(), pid=os.getpid(), umask=0o022)
 
 async def main():

@@ -28,15 +28,15 @@ from support.lifecycle_support import write_files
 
 from kmsfs.backing import content_file
 from kmsfs.format.header import FORMAT_1
-from kmsfs.fs.operations import KmsfsOperations, serve_volume
-from kmsfs.volume import open_volume
+from kmsfs.fs.operations import KmsfsOperations, open_served_volume
+from kmsfs.volume_open import open_volume
 
 CTX = SimpleNamespace(uid=0, gid=0, pid=os.getpid(), umask=0o022)
 
 
 def operations(vol: Volume) -> KmsfsOperations:
     config, keyring = open_volume(vol.backing, {"key_file": str(vol.key_file)})
-    return KmsfsOperations(serve_volume(str(vol.backing), config, keyring))
+    return KmsfsOperations(open_served_volume(str(vol.backing), config, keyring))
 
 
 def warnings(caplog: pytest.LogCaptureFixture) -> list[str]:

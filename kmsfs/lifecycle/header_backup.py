@@ -32,14 +32,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from kmsfs.backing.header_xattr import read_raw_header, set_format_marker
+from kmsfs.backing.header_xattr import read_raw_header, replace_header, set_format_marker
 from kmsfs.backing.tree import Tree, TreeChanged, split_rel
 from kmsfs.errors import FormatError, HeaderChanged, LifecycleError
 from kmsfs.format.header import FileHeader
-from kmsfs.format.volume import RESERVED_PREFIX, VolumeConfig
-from kmsfs.lifecycle.common import (
-    replace_header,
-)
+from kmsfs.format.volume_config import RESERVED_PREFIX, VolumeConfig
 
 EXPORT_VERSION = 1
 

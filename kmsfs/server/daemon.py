@@ -1,15 +1,15 @@
 """Runs a mounted volume: FUSE session, trio loop, readiness, signals, clean unmount.
 
-``serve`` blocks until the filesystem is unmounted or the process gets
-SIGTERM/SIGINT (then it unmounts); SIGHUP reloads the access policy.
-``on_ready`` is called once the mount point answers a stat through the new
-filesystem; if the access policy refuses that stat, the daemon unmounts and
-``serve`` raises MountError saying which rule refused it.
+``serve`` is the last step of the assembly line (kmsfs/server/assembly.py): it
+gets the operations object built, and blocks until the filesystem is unmounted
+or the process gets SIGTERM/SIGINT (then it unmounts); SIGHUP reloads the
+access policy.  ``on_ready`` is called once the mount point answers a stat
+through the new filesystem; if the access policy refuses that stat, the daemon
+unmounts and ``serve`` raises MountError saying which rule refused it.
 """
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import signal
@@ -19,49 +19,19 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from kmsfs.audit import AuditLog
 from kmsfs.backing.mounttable import read_mountinfo
-from kmsfs.backing.shared import DEFAULT_LOCK_TIMEOUT
-from kmsfs.backing.syscalls import disable_core_dumps, lock_memory
-from kmsfs.backing.volume_lock import claim_volume
 from kmsfs.errors import MountError
-from kmsfs.format.volume import VolumeConfig
 from kmsfs.fs import fuseloop
-from kmsfs.fs.events import AccessSink
 from kmsfs.fs.inodes import ROOT_INODE
-from kmsfs.fs.operations import DEFAULT_TIMEOUT, KmsfsOperations, serve_volume
+from kmsfs.fs.operations import KmsfsOperations
 from kmsfs.fs.served import REQUEST_TASKS
-from kmsfs.keys.keyring import Keyring
 from kmsfs.policy import Policy
 from kmsfs.server.policyfile import PolicyReloader
+from kmsfs.server.spec import MountSpec
 from kmsfs.server.status import describe_pyfuse3
 
 log = logging.getLogger("kmsfs.daemon")
 FLUSH_TIMEOUT = 30.0  # seconds to flush the kernel's dirty pages on SIGTERM before unmounting
-
-
-def check_mountpoint(mountpoint: str, allow_nonempty: bool = False) -> None:
-    """MountError if *mountpoint* cannot take a mount: missing, stale, or not empty."""
-    try:
-        st = os.stat(mountpoint)
-    except FileNotFoundError:
-        raise MountError(f"mount point {mountpoint} does not exist") from None
-    except OSError as exc:
-        if exc.errno == errno.ENOTCONN:
-            raise MountError(
-                f"{mountpoint} is a stale mount left by a daemon that died:"
-                f" run 'kmsfs umount {mountpoint}' (or 'fusermount3 -uz {mountpoint}') first"
-            ) from None
-        raise MountError(f"mount point {mountpoint}: {exc.strerror}") from None
-    if not os.path.isdir(mountpoint):
-        raise MountError(f"mount point {mountpoint} is not a directory")
-    if os.path.ismount(mountpoint) and st.st_ino == ROOT_INODE:
-        raise MountError(f"{mountpoint} is already a mount point (already mounted?)")
-    if not allow_nonempty and os.listdir(mountpoint):
-        raise MountError(
-            f"mount point {mountpoint} is not empty (its files would be hidden; -o nonempty mounts"
-            " anyway)"
-        )
 
 
 def escape_option_value(value: str) -> str:
@@ -96,73 +66,36 @@ def fuse_options(backing: str, extra: Iterable[str]) -> set[str]:
 
 
 def serve(
-    backing: str,
-    mountpoint: str,
-    config: VolumeConfig,
-    keyring: Keyring,
-    options: Iterable[str] = (),
+    spec: MountSpec,
+    ops: KmsfsOperations,
     on_ready: Callable[[], None] | None = None,
-    timeout: float | None = None,
     services: Sequence[Callable[[KmsfsOperations], Awaitable[None]]] = (),
-    audit: AccessSink | None = None,
-    lock_fd: int | None = None,
-    policy: Policy | None = None,
     reloader: PolicyReloader | None = None,
-    shared: bool = False,
-    lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
 ) -> None:
-    """Mount *backing* at *mountpoint* and serve until unmounted; MountError if mounting fails.
+    """Mount *ops* at the spec's mount point and serve until unmounted; MountError if
+    mounting fails, or if the access policy refuses the daemon's own readiness check
+    (unmounted then).
 
     Each of *services* (status socket, metrics, ...) runs beside the FUSE loop
-    with the operations object and is cancelled when the loop ends.  *audit*
-    gets a record of every open and create; by default it is the keyring's
-    event sink when that is an AuditLog (``kmsfs mount --audit-log``).  *lock_fd*
-    is the volume lock if the caller took it already (the caller closes it then);
-    else this registers and takes it (``claim_volume``).  *shared*: other daemons
-    may serve the volume at once (docs/DESIGN.md "Shared storage"); *timeout* is
-    then the short one the mount options chose, and *lock_timeout* how long a
-    request waits for another daemon's lock.  *policy* is the access policy
-    (permit-all by default); SIGHUP has *reloader* re-read it from the TOML
-    volume config, keeping the old one if the new one is refused.  MountError
-    also if the policy refuses the daemon's own readiness check (unmounted then).
+    with the operations object and is cancelled when the loop ends.  SIGHUP has
+    *reloader* re-read the access policy from the TOML volume config, keeping the
+    old one if the new one is refused.  The caller closes *ops* and what it was
+    built with once this returns or raises.
     """
-    disable_core_dumps()
-    not_locked = lock_memory()
-    if not_locked is not None:
-        log.warning("%s", not_locked)
-    claim = None
-    if lock_fd is None:  # held until the process exits: one daemon per volume (or shared)
-        claim = claim_volume(backing, os.path.abspath(mountpoint), shared)
-    os.umask(0)
-    _raise_fd_limit()
-    if audit is None and isinstance(keyring.on_event, AuditLog):
-        audit = keyring.on_event
-    parts = serve_volume(
-        backing,
-        config,
-        keyring,
-        DEFAULT_TIMEOUT if timeout is None else timeout,
-        on_access=audit,
-        policy=policy,
-        on_policy=audit.write if isinstance(audit, AuditLog) else None,
-        shared=shared,
-        lock_timeout=lock_timeout,
-    )
-    ops = KmsfsOperations(parts)
+    backing, mountpoint = spec.backing, spec.mountpoint
+    os.umask(0)  # new entries get the modes the requesters ask for (ops_base._new_mode)
     try:
-        pyfuse3.init(ops, mountpoint, fuse_options(backing, options))
+        pyfuse3.init(ops, mountpoint, fuse_options(backing, spec.fuse_options))
     except RuntimeError as exc:
-        ops.close()
-        if claim is not None:
-            claim.close()
         raise MountError(f"cannot mount {backing} at {mountpoint}: {exc}") from None
+    shared = spec.shared
     log.info(
         "mounted %s at %s (volume %s%s)",
         backing,
         mountpoint,
-        config.volume_id.hex(),
-        f", shared mode, timeouts {parts.timeout:g} s, lock waits {lock_timeout:g} s"
-        if shared
+        ops.config.volume_id.hex(),
+        f", shared mode, timeouts {shared.timeout:g} s, lock waits {shared.lock_timeout:g} s"
+        if shared is not None
         else "",
     )
     log.info("access policy: %s%s", ops.policy.summary(), _source(ops.policy))
@@ -175,10 +108,6 @@ def serve(
         raise
     finally:
         pyfuse3.close(unmount=True)
-        ops.close()
-        keyring.close()
-        if claim is not None:
-            claim.close()
         log.info("unmounted %s", mountpoint)
     if failed:
         raise failed[0]
@@ -197,7 +126,10 @@ async def _run(
     failed: list[MountError],
 ) -> None:
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_handle_signals, mountpoint, ops, reloader)
+        # SIGTERM handled before the first request is: with the default action, a
+        # SIGTERM right after the mount answers would kill the daemon and leave a
+        # stale mount (pyfuse3.main may answer many requests before a started task runs)
+        await nursery.start(_handle_signals, mountpoint, ops, reloader)
         nursery.start_soon(_announce_ready, mountpoint, on_ready, ops, failed)
         for service in services:
             nursery.start_soon(service, ops)
@@ -213,9 +145,14 @@ async def _run(
 
 
 async def _handle_signals(
-    mountpoint: str, ops: KmsfsOperations, reloader: PolicyReloader | None
+    mountpoint: str,
+    ops: KmsfsOperations,
+    reloader: PolicyReloader | None,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        task_status.started()
         async for signum in signals:
             if signum == signal.SIGHUP:  # the access policy, nothing else
                 if reloader is None:
@@ -323,14 +260,3 @@ def _readiness_denied(mountpoint: str, policy: Policy) -> MountError:
         f' rule: [[policy.rule]] users = [{uid}] paths = ["/"] actions = ["list"]'
         ' effect = "permit"'
     )
-
-
-def _raise_fd_limit() -> None:
-    """One descriptor per inode the kernel remembers: allow as many as the system lets us."""
-    import resource
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    except (ValueError, OSError):
-        log.debug("cannot raise the descriptor limit above %d", soft)

@@ -167,7 +167,7 @@ class VolumeConfig:
     def seal(self, volume_key: bytes | bytearray) -> None:
         """Make this a format-3 config and (re)compute every tag under *volume_key*.
 
-        The generation is the caller's to raise (``kmsfs.volume``); a config that
+        The generation is the caller's to raise (``kmsfs.volume_open``); a config that
         had none (format 1 or 2) starts at 1.
         """
         if self.version < 3:

@@ -31,7 +31,7 @@ from typing import Any
 
 from kmsfs.errors import ConfigError, ConfigTampered, KmsfsError, ProviderError, WrongKeyError
 from kmsfs.format.header import check_block_size
-from kmsfs.format.volume import (
+from kmsfs.format.volume_config import (
     CONFIG_NAME,
     DEFAULT_BLOCK_SIZE,
     KeyConfig,
