@@ -13,6 +13,8 @@ from kmsfs.cli.common import (
     handle_errors,
     key_option_values,
     key_options,
+    names_mode,
+    names_option,
     prompt_secret,
     provider_option,
 )
@@ -28,9 +30,10 @@ from kmsfs.cli.common import (
     type=int,
     help="Plaintext block size in bytes (power of two, 512..1048576).",
 )
+@names_option
 @key_options(for_init=True)
 @handle_errors
-def init(backing: str, provider: str, block_size: int, **kwargs: Any) -> None:
+def init(backing: str, provider: str, block_size: int, plain_names: bool, **kwargs: Any) -> None:
     """Create a volume in the empty directory BACKING."""
     from kmsfs.backing.shared import check_ofd_locks, check_user_xattrs
     from kmsfs.errors import ConfigError
@@ -45,9 +48,17 @@ def init(backing: str, provider: str, block_size: int, **kwargs: Any) -> None:
         check_ofd_locks(where)
     except ConfigError as exc:
         click.echo(f"kmsfs: warning: {exc} (the volume can still be mounted alone)", err=True)
-    config = init_volume(backing, provider, key_option_values(kwargs), prompt_secret, block_size)
+    config = init_volume(
+        backing,
+        provider,
+        key_option_values(kwargs),
+        prompt_secret,
+        block_size,
+        encrypted_names=not plain_names,
+    )
     key = config.keys[0]
     click.echo(f"created volume {config.volume_id.hex()} in {backing}")
+    click.echo(f"names: {names_mode(config)}")
     pin = read_pin(backing)
     if pin is not None:
         click.echo(
@@ -86,8 +97,8 @@ def inspect(backing_file: str, as_json: bool) -> None:
         click.echo(
             f"volume config: {config['error']}"
             if "error" in config
-            else f"volume config: format {config['format']}, generation {config['generation']}"
-            " (not verified)"
+            else f"volume config: format {config['format']}, generation {config['generation']},"
+            f" {config['names']} names (not verified)"
         )
     if pin is not None:
         click.echo(
@@ -116,7 +127,11 @@ def _volume_state(backing_file: str) -> dict[str, Any]:
     state: dict[str, Any] = {}
     try:
         config = load_config(found[0])
-        state["volume_config"] = {"format": config.version, "generation": config.generation}
+        state["volume_config"] = {
+            "format": config.version,
+            "generation": config.generation,
+            "names": "encrypted" if config.encrypted_names else "plain",
+        }
     except ConfigError as exc:
         state["volume_config"] = {"error": str(exc)}
     try:

@@ -11,6 +11,7 @@ from typing import Any
 import trio
 
 from kmsfs.backing.content_file import KeyUsageTable
+from kmsfs.backing.names import Listed, Names, PlainNames, names_for
 from kmsfs.backing.shared import DEFAULT_LOCK_TIMEOUT
 from kmsfs.format.volume import VolumeConfig
 from kmsfs.fs.events import AccessSink
@@ -26,15 +27,15 @@ REQUEST_TASKS = 64  # requests the daemon handles at once (pyfuse3's tasks)
 
 class DirHandle:
     """An open directory: fd (its own descriptor), ino, names (the listing, made at the
-    first READDIR and at a rewind), requester (who opened it: whose ``list`` rules
-    decide which entries the listing shows)."""
+    first READDIR and at a rewind: each entry's name and backing name), requester (who
+    opened it: whose ``list`` rules decide which entries the listing shows)."""
 
     __slots__ = ("fd", "ino", "names", "requester")
 
     def __init__(self, fd: int, ino: int, requester: Requester | None = None) -> None:
         self.fd = fd
         self.ino = ino
-        self.names: list[bytes] | None = None
+        self.names: list[Listed] | None = None
         self.requester = requester
 
 
@@ -52,7 +53,8 @@ class ServedVolume:
     permit-all without one), identities (requester identities for it),
     on_policy (the audit log's sink for policy decisions marked for audit),
     shared (other daemons serve the volume too: docs/DESIGN.md "Shared storage"),
-    lock_timeout (shared mode: seconds a request waits for another daemon's lock).
+    lock_timeout (shared mode: seconds a request waits for another daemon's lock),
+    names (the volume's names, plain or encrypted: kmsfs/backing/names.py).
     """
 
     backing: str
@@ -70,6 +72,7 @@ class ServedVolume:
     on_policy: Callable[[dict[str, Any]], None] | None = None
     shared: bool = False
     lock_timeout: float = DEFAULT_LOCK_TIMEOUT
+    names: Names = field(default_factory=PlainNames)
 
 
 def serve_volume(
@@ -86,8 +89,11 @@ def serve_volume(
     """The parts for *backing*: its root descriptor, an inode table sized to the descriptor
     limit (a quarter of it, at most 2,048, stays free for open files), fresh limiters.
     *shared*: other daemons serve the volume too; a request waits at most
-    *lock_timeout* seconds for another daemon's byte-range lock (kmsfs/fs/lockwait.py)."""
+    *lock_timeout* seconds for another daemon's byte-range lock (kmsfs/fs/lockwait.py).
+    A volume with encrypted names gets its names from the name secret, which the
+    keyring's volume key unseals (ConfigTampered if it does not)."""
     backing = os.path.abspath(backing)
+    names = names_for(config.names, keyring.volume_key, config.volume_id)
     fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     inodes = InodeTable(
         os.open(backing, O_PATH_FLAGS | os.O_DIRECTORY),
@@ -107,4 +113,5 @@ def serve_volume(
         on_policy=on_policy,
         shared=shared,
         lock_timeout=lock_timeout,
+        names=names,
     )

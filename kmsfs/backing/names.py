@@ -1,0 +1,728 @@
+"""A volume's names in its backing directory, plain or encrypted, behind one interface.
+
+The FUSE handlers, the path of a descriptor (kmsfs/backing/paths.py) and the
+offline tools ask a ``Names`` object where a plaintext name lives and make,
+link, rename and remove entries through it; they never test which kind of
+volume they serve:
+
+- ``PlainNames`` (volumes with plain names, config formats 1 to 3): a name is
+  its own backing name, and at the backing root names starting with ``.kmsfs``
+  are kmsfs's (reserved: hidden, not to be made);
+- ``EncryptedNames`` (format 4, docs/FORMAT.md "Encrypted names"): a name is
+  encrypted under its directory's ID (``user.kmsfs.dirid``; the root's is all
+  zeros); a long name (160..255 bytes) is a fixed-length entry with a sidecar
+  file beside it holding its encrypted name; symlink targets and ``user.*`` /
+  ``trusted.*`` attribute names and values are encrypted too.  Every backing
+  name starting with '.' is kmsfs's own (sidecars, temporary names, the config
+  and state at the root) and is never shown; no plaintext name is reserved.
+
+What is read from the backing directory is trusted only once it decrypts: a
+name, sidecar, target or attribute that does not is refused with
+EncryptedNameError naming its backing bytes, never returned as garbage
+(``listing`` and ``xattr_names`` leave it out and log it).  Nothing here
+follows a symlink in the backing tree.  No FUSE, no trio: errno values are the
+operations layer's to choose (OSError passes through with its own).
+
+How the operations that touch long names stay consistent (docs/DESIGN.md,
+"Encrypted names"): a long name's sidecar is a function of the name alone, so
+it is written (idempotently, by rename) before the entry is made, linked or
+renamed to, and removed after the entry is unlinked or renamed away, and only
+if no entry of that name exists then; ``RENAME_EXCHANGE`` leaves both where they
+are.  A directory is made under a temporary name, given its ID and renamed into
+place with ``RENAME_NOREPLACE``: no directory without an ID is ever visible.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from kmsfs.backing.syscalls import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
+from kmsfs.errors import ConfigError, EncryptedNameError, KmsfsError, PlaintextTooLong
+from kmsfs.format.name_secret import SealedNameSecret
+from kmsfs.format.names import (
+    DIR_ID_XATTR,
+    MAX_SIDECAR_SIZE,
+    NAME_MAX,
+    ROOT_DIR_ID,
+    BackingName,
+    EntryKind,
+    NameCipher,
+    XattrKind,
+    entry_kind,
+    new_dir_id,
+    parse_dir_id,
+    xattr_kind,
+)
+from kmsfs.format.volume import RESERVED_PREFIX
+
+log = logging.getLogger(__name__)
+
+RESERVED = RESERVED_PREFIX.encode()
+TEMP_PREFIX = b".kmsfs-tmp."  # kmsfs's own (a '.' name): a directory or sidecar being made
+NOFOLLOW_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+O_PATH_DIR = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+MAX_LOGGED = 1024  # undecryptable entries logged once each, up to this many
+MAX_CACHED = 8192  # decrypted path components kept for paths.py
+
+
+class XattrNameTooLong(PlaintextTooLong):
+    """An extended attribute name longer than its encrypted form can be (ERANGE)."""
+
+
+@dataclass(frozen=True)
+class Dir:
+    """A backing directory as the name operations need it.
+
+    Attributes: fd (a descriptor of it: O_PATH serves, as a dir_fd), dir_id (its
+    directory ID; b"" in a volume with plain names, which has none), root (it is
+    the backing root).
+    """
+
+    fd: int
+    dir_id: bytes
+    root: bool = False
+
+
+@dataclass(frozen=True)
+class Listed:
+    """One entry of a listing: its plaintext name and the backing entry's name."""
+
+    name: bytes
+    backing: bytes
+
+
+class PlainNames:
+    """Names of a volume with plain names: each is its own backing name.
+
+    Also the interface every ``Names`` has (``EncryptedNames`` overrides it).
+    Methods raise OSError as the system calls do, and KmsfsError subclasses
+    where they say so.
+    """
+
+    encrypted = False
+
+    # -- directories -------------------------------------------------------------
+
+    def dir_id(self, path: str, root: bool) -> bytes:
+        """The directory ID of the backing directory at *path* (a ``/proc/self/fd/N``
+        path serves).  Plain names: none (b""), nothing read."""
+        return b""
+
+    def reserved(self, root: bool, name: bytes) -> bool:
+        """True for a name kmsfs keeps for itself (hidden; not to be made) in a directory
+        (*root*: the backing root): ``.kmsfs*`` at the root of a volume with plain names."""
+        return root and name.startswith(RESERVED)
+
+    def namemax(self, backing_namemax: int) -> int:
+        """The longest name the mount takes, given the backing filesystem's."""
+        return backing_namemax
+
+    # -- names -------------------------------------------------------------------
+
+    def backing_name(self, parent: Dir, name: bytes) -> bytes:
+        """The backing entry that holds *name* in *parent* (no I/O)."""
+        return name
+
+    def listing(self, parent: Dir, where: Callable[[], str]) -> list[Listed]:
+        """The entries of the directory open as *parent* (a readable descriptor),
+        without kmsfs's own; *where* names the directory in log lines."""
+        names = [os.fsencode(n) for n in os.listdir(parent.fd)]
+        return [Listed(n, n) for n in names if not self.reserved(parent.root, n)]
+
+    def name_of(self, parent: Dir, backing: bytes) -> bytes:
+        """The plaintext name of the backing entry *backing* of *parent*.
+
+        EncryptedNameError if it does not decrypt; ValueError for one of kmsfs's own.
+        """
+        return backing
+
+    # -- making and removing entries -------------------------------------------------
+
+    def make_dir(self, parent: Dir, name: bytes, mode: int) -> tuple[bytes, bytes]:
+        """mkdir *name*; returns its backing name and its directory ID (b"" if none)."""
+        os.mkdir(name, mode, dir_fd=parent.fd)
+        return name, b""
+
+    def make_node(self, parent: Dir, name: bytes, mode: int, rdev: int) -> bytes:
+        """mknod *name* (a FIFO, socket or device); returns its backing name."""
+        os.mknod(name, mode, rdev, dir_fd=parent.fd)
+        return name
+
+    def make_symlink(self, parent: Dir, name: bytes, target: bytes) -> bytes:
+        """A symlink *name* to *target*; returns its backing name.  PlaintextTooLong
+        for a target longer than the volume stores."""
+        os.symlink(target, name, dir_fd=parent.fd)
+        return name
+
+    def read_link(self, fd: int) -> bytes:
+        """The target of the symlink open as the O_PATH descriptor *fd*.
+        EncryptedNameError if a stored target does not decrypt."""
+        return os.readlink(b"", dir_fd=fd)
+
+    def target_of(self, stored: bytes) -> bytes:
+        """The plaintext target of a backing symlink whose target is *stored*."""
+        return stored
+
+    def link_size(self, backing_size: int, read: Callable[[], bytes] | None) -> int:
+        """A symlink's size as ``lstat`` shows it (its target's length), given the
+        backing symlink's size and a way to read its stored target.  Plain names: the
+        backing size, nothing read.  EncryptedNameError if the target does not
+        decrypt (or cannot be read: *read* None)."""
+        return backing_size
+
+    def stored_target(self, target: bytes) -> bytes:
+        """What a backing symlink to the plaintext *target* points to."""
+        return target
+
+    def open_new(self, parent: Dir, name: bytes, flags: int, mode: int) -> tuple[int, bytes]:
+        """``open(name, flags | O_CREAT | O_EXCL)`` in *parent*: the descriptor and the
+        backing name (FileExistsError if it exists)."""
+        fd = os.open(name, flags | os.O_CREAT | os.O_EXCL, mode, dir_fd=parent.fd)
+        return fd, name
+
+    def link(self, path: str, parent: Dir, name: bytes) -> bytes:
+        """A new hard link *name* in *parent* to the inode at *path* (``/proc/self/fd/N``
+        of the inode: followed, as it names the inode, not a path in the tree)."""
+        os.link(path, name, dst_dir_fd=parent.fd, follow_symlinks=True)
+        return name
+
+    def unlink(self, parent: Dir, name: bytes) -> None:
+        os.unlink(name, dir_fd=parent.fd)
+
+    def rmdir(self, parent: Dir, name: bytes) -> None:
+        os.rmdir(name, dir_fd=parent.fd)
+
+    def rename(self, old: Dir, old_name: bytes, new: Dir, new_name: bytes, flags: int) -> None:
+        """rename (``renameat2`` with *flags*: RENAME_NOREPLACE, RENAME_EXCHANGE)."""
+        if flags:
+            renameat2(old.fd, old_name, new.fd, new_name, flags)
+        else:
+            os.rename(old_name, new_name, src_dir_fd=old.fd, dst_dir_fd=new.fd)
+
+    # -- extended attributes ---------------------------------------------------------
+
+    def get_xattr(self, path: str, name: bytes, object_id: Callable[[], bytes]) -> bytes:
+        """The value of the attribute *name* of the inode at *path*.
+
+        *object_id* gives the ID its encrypted values are bound to (called only
+        for an encrypted attribute): the file ID of a regular file, the
+        directory ID of a directory, b"" for other objects.
+        """
+        return os.getxattr(path, name)
+
+    def set_xattr(
+        self, path: str, name: bytes, value: bytes, object_id: Callable[[], bytes]
+    ) -> None:
+        """Set the attribute; XattrNameTooLong / PlaintextTooLong (the value) if the
+        volume cannot store it encrypted."""
+        os.setxattr(path, name, value)
+
+    def remove_xattr(self, path: str, name: bytes) -> None:
+        os.removexattr(path, name)
+
+    def xattr_names(self, path: str, where: Callable[[], str]) -> list[bytes]:
+        """The names of the inode's attributes, as the mount shows them (kmsfs's own
+        and unsupported ones still to be filtered by the caller)."""
+        return [os.fsencode(n) for n in os.listxattr(path)]
+
+    # -- paths ---------------------------------------------------------------------
+
+    def plain_path(self, root_fd: int, backing_path: str) -> str | None:
+        """The path in the volume (``/a/b``) of the backing path *backing_path*
+        (``/X/Y``, relative to the root open as *root_fd*); None if a component
+        does not decrypt or cannot be reached (logged)."""
+        return backing_path
+
+    def backing_path(self, root_fd: int, path: bytes) -> bytes:
+        """The backing path (``X/Y``, relative to the root open as *root_fd*) of the
+        path in the volume *path* (``a/b``; '' or '/' for the root).  Every directory
+        on the way must exist (its ID is read); the last component need not.
+        FileNotFoundError / NotADirectoryError naming the first that does not,
+        OSError(ELOOP) for a backing symlink on the way (never followed), ValueError
+        for '.' or '..' components."""
+        parts = [part for part in path.split(b"/") if part]
+        if any(part in (b".", b"..") for part in parts):
+            raise ValueError(f"{os.fsdecode(path)!r}: '.' and '..' are not names in a volume")
+        out: list[bytes] = []
+        dir_fd, dir_id = root_fd, self.dir_id(f"/proc/self/fd/{root_fd}", root=True)
+        try:
+            for index, part in enumerate(parts):
+                if self.reserved(index == 0, part):
+                    raise FileNotFoundError(errno.ENOENT, "a name kmsfs keeps", os.fsdecode(part))
+                backing = self.backing_name(Dir(dir_fd, dir_id, index == 0), part)
+                out.append(backing)
+                if index + 1 < len(parts):
+                    where = os.fsdecode(b"/".join(parts[: index + 1]))
+                    try:
+                        next_fd = os.open(backing, O_PATH_DIR, dir_fd=dir_fd)
+                    except OSError as exc:
+                        raise OSError(exc.errno, exc.strerror, where) from None
+                    if dir_fd != root_fd:
+                        os.close(dir_fd)
+                    dir_fd = next_fd
+                    dir_id = self.dir_id(f"/proc/self/fd/{dir_fd}", root=False)
+        finally:
+            if dir_fd != root_fd:
+                os.close(dir_fd)
+        return b"/".join(out)
+
+
+class EncryptedNames(PlainNames):
+    """Names of a volume with encrypted names, with its ``NameCipher``.
+
+    Holds no key but the cipher's subkeys.  Decrypted path components are kept
+    (a name's encryption never changes) for ``plain_path``.
+    """
+
+    encrypted = True
+
+    def __init__(self, cipher: NameCipher) -> None:
+        self.cipher = cipher
+        self._logged: set[tuple[bytes, bytes]] = set()
+        self._components: dict[tuple[bytes, bytes], bytes] = {}
+
+    # -- directories -------------------------------------------------------------
+
+    def dir_id(self, path: str, root: bool) -> bytes:
+        """The ID in the directory's ``user.kmsfs.dirid`` (all zeros for the root).
+
+        EncryptedNameError if it is missing, FormatError if malformed.
+        """
+        if root:
+            return ROOT_DIR_ID
+        try:
+            value = os.getxattr(path, DIR_ID_XATTR)
+        except OSError as exc:
+            if exc.errno != errno.ENODATA:
+                raise
+            raise EncryptedNameError(
+                f"a directory without a directory ID ({DIR_ID_XATTR} is missing: made in the"
+                " backing directory by hand, or copied without xattrs): its names cannot be"
+                " read or made"
+            ) from None
+        return parse_dir_id(value)
+
+    def reserved(self, root: bool, name: bytes) -> bool:
+        return False  # every plaintext name encrypts to a name that does not start with '.'
+
+    def namemax(self, backing_namemax: int) -> int:
+        return NAME_MAX
+
+    # -- names -------------------------------------------------------------------
+
+    def _encrypted(self, parent: Dir, name: bytes) -> BackingName:
+        """Where *name* lives in *parent*: OSError(ENAMETOOLONG) for a name over 255
+        bytes, as the backing filesystem would answer; '.' and '..' are themselves."""
+        if len(name) > NAME_MAX:
+            raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG))
+        if name in (b".", b".."):
+            return BackingName(name)
+        return self.cipher.encrypt_name(parent.dir_id, name)
+
+    def backing_name(self, parent: Dir, name: bytes) -> bytes:
+        return self._encrypted(parent, name).name
+
+    def listing(self, parent: Dir, where: Callable[[], str]) -> list[Listed]:
+        shown = []
+        for text in os.listdir(parent.fd):
+            backing = os.fsencode(text)
+            if entry_kind(backing) not in (EntryKind.NAME, EntryKind.LONG_NAME):
+                continue  # a sidecar, a temporary name, the config and state at the root
+            try:
+                shown.append(Listed(self.name_of(parent, backing), backing))
+            except FileNotFoundError:
+                continue  # a long name removed meanwhile, with its sidecar
+            except (EncryptedNameError, OSError) as exc:
+                self._log_once((parent.dir_id, backing), _left_out(where, backing), exc)
+        return shown
+
+    def name_of(self, parent: Dir, backing: bytes) -> bytes:
+        sidecar = None
+        if entry_kind(backing) is EntryKind.LONG_NAME:
+            sidecar = _read_sidecar(parent.fd, backing)
+        return self.cipher.decrypt_name(parent.dir_id, backing, sidecar)
+
+    def _log_once(self, key: tuple[bytes, bytes], what: Callable[[], str], exc: Exception) -> None:
+        """Log *exc* (an entry or attribute that does not decrypt) once per *key*."""
+        if key in self._logged:
+            return
+        if len(self._logged) < MAX_LOGGED:
+            self._logged.add(key)
+        reason = exc.strerror if isinstance(exc, OSError) else str(exc)
+        log.error("%s: %s", what(), reason)
+
+    # -- long names --------------------------------------------------------------
+
+    def _put_sidecar(self, parent: Dir, target: BackingName) -> bool:
+        """Make the sidecar of the long name *target* (nothing for a short one); True
+        if this wrote it (it was absent or held other bytes)."""
+        sidecar_name = target.sidecar_name
+        if sidecar_name is None or target.sidecar is None:
+            return False
+        try:
+            if _read_sidecar(parent.fd, target.name) == target.sidecar:
+                return False
+        except (FileNotFoundError, EncryptedNameError):
+            pass
+        temp = TEMP_PREFIX + os.urandom(8).hex().encode()
+        fd = os.open(
+            temp,
+            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+            0o600,
+            dir_fd=parent.fd,
+        )
+        try:
+            os.write(fd, target.sidecar)
+        except BaseException:
+            os.close(fd)
+            _unlink_quietly(parent.fd, temp)
+            raise
+        os.close(fd)
+        try:
+            os.rename(temp, sidecar_name, src_dir_fd=parent.fd, dst_dir_fd=parent.fd)
+        except BaseException:
+            _unlink_quietly(parent.fd, temp)
+            raise
+        return True
+
+    @staticmethod
+    def _drop_sidecar(parent: Dir, target: BackingName) -> None:
+        """Remove the sidecar of the long name *target* unless an entry of that name
+        exists (a hard link left in place, a rename onto itself, another daemon's)."""
+        sidecar_name = target.sidecar_name
+        if sidecar_name is None:
+            return
+        try:
+            os.stat(target.name, dir_fd=parent.fd, follow_symlinks=False)
+            return
+        except FileNotFoundError:
+            pass
+        _unlink_quietly(parent.fd, sidecar_name)
+
+    def _making(self, parent: Dir, name: bytes, make: Callable[[bytes], None]) -> bytes:
+        """``make(backing name)`` with the long name's sidecar written first, and
+        removed again if making fails and no entry of that name exists."""
+        target = self._encrypted(parent, name)
+        wrote = self._put_sidecar(parent, target)
+        try:
+            make(target.name)
+        except BaseException:
+            if wrote:
+                self._drop_sidecar(parent, target)
+            raise
+        return target.name
+
+    # -- making and removing entries -------------------------------------------------
+
+    def make_dir(self, parent: Dir, name: bytes, mode: int) -> tuple[bytes, bytes]:
+        """mkdir under a temporary name, set its new ID, rename it into place with
+        RENAME_NOREPLACE (FileExistsError if the name exists: of two daemons making
+        it at once, one wins and the other leaves nothing behind)."""
+        dir_id = new_dir_id()
+        temp = TEMP_PREFIX + os.urandom(8).hex().encode()
+        os.mkdir(temp, mode, dir_fd=parent.fd)
+        try:
+            _set_dir_id(parent.fd, temp, dir_id)
+            backing = self._making(
+                parent,
+                name,
+                lambda at: renameat2(parent.fd, temp, parent.fd, at, RENAME_NOREPLACE),
+            )
+        except BaseException:
+            try:
+                os.rmdir(temp, dir_fd=parent.fd)
+            except OSError:
+                pass
+            raise
+        return backing, dir_id
+
+    def make_node(self, parent: Dir, name: bytes, mode: int, rdev: int) -> bytes:
+        return self._making(parent, name, lambda at: os.mknod(at, mode, rdev, dir_fd=parent.fd))
+
+    def make_symlink(self, parent: Dir, name: bytes, target: bytes) -> bytes:
+        stored = self.stored_target(target)
+        return self._making(parent, name, lambda at: os.symlink(stored, at, dir_fd=parent.fd))
+
+    def read_link(self, fd: int) -> bytes:
+        return self.target_of(os.readlink(b"", dir_fd=fd))
+
+    def target_of(self, stored: bytes) -> bytes:
+        return self.cipher.decrypt_symlink(stored)
+
+    def link_size(self, backing_size: int, read: Callable[[], bytes] | None) -> int:
+        if read is None:
+            raise EncryptedNameError("a symlink whose target cannot be read (no descriptor)")
+        return len(self.target_of(read()))
+
+    def stored_target(self, target: bytes) -> bytes:
+        return self.cipher.encrypt_symlink(target)
+
+    def open_new(self, parent: Dir, name: bytes, flags: int, mode: int) -> tuple[int, bytes]:
+        opened: list[int] = []
+
+        def make(at: bytes) -> None:
+            opened.append(os.open(at, flags | os.O_CREAT | os.O_EXCL, mode, dir_fd=parent.fd))
+
+        backing = self._making(parent, name, make)
+        return opened[0], backing
+
+    def link(self, path: str, parent: Dir, name: bytes) -> bytes:
+        return self._making(
+            parent,
+            name,
+            lambda at: os.link(path, at, dst_dir_fd=parent.fd, follow_symlinks=True),
+        )
+
+    def unlink(self, parent: Dir, name: bytes) -> None:
+        target = self._encrypted(parent, name)
+        os.unlink(target.name, dir_fd=parent.fd)
+        self._drop_sidecar(parent, target)
+
+    def rmdir(self, parent: Dir, name: bytes) -> None:
+        """rmdir; a directory that holds only kmsfs's leftovers (sidecars without an
+        entry, temporary names of an interrupted mkdir) is emptied of them first."""
+        target = self._encrypted(parent, name)
+        try:
+            os.rmdir(target.name, dir_fd=parent.fd)
+        except OSError as exc:
+            if exc.errno != errno.ENOTEMPTY or not _clear_leftovers(parent.fd, target.name):
+                raise
+            os.rmdir(target.name, dir_fd=parent.fd)
+        self._drop_sidecar(parent, target)
+
+    def rename(self, old: Dir, old_name: bytes, new: Dir, new_name: bytes, flags: int) -> None:
+        """Each name re-encrypted under its own directory.  RENAME_EXCHANGE swaps the
+        two entries and leaves both sidecars (they describe the names, not the
+        inodes); otherwise the new name's sidecar is made first and the old one's
+        removed after (unless the old name still exists: renaming a name onto a
+        hard link of the same inode, or onto itself, leaves both names)."""
+        source = self._encrypted(old, old_name)
+        if flags & RENAME_EXCHANGE:
+            target = self._encrypted(new, new_name)
+            renameat2(old.fd, source.name, new.fd, target.name, flags)
+            return
+        super_rename = super().rename
+        self._making(new, new_name, lambda at: super_rename(old, source.name, new, at, flags))
+        self._drop_sidecar(old, source)
+
+    # -- extended attributes ---------------------------------------------------------
+
+    def _xattr_name(self, name: bytes) -> bytes:
+        if xattr_kind(name) is not XattrKind.ENCRYPTED:
+            return name
+        try:
+            return self.cipher.encrypt_xattr_name(name)
+        except PlaintextTooLong as exc:
+            raise XattrNameTooLong(str(exc)) from None
+
+    def get_xattr(self, path: str, name: bytes, object_id: Callable[[], bytes]) -> bytes:
+        stored = os.getxattr(path, self._xattr_name(name))
+        if xattr_kind(name) is not XattrKind.ENCRYPTED:
+            return stored
+        return self.cipher.decrypt_xattr_value(object_id(), name, stored)
+
+    def set_xattr(
+        self, path: str, name: bytes, value: bytes, object_id: Callable[[], bytes]
+    ) -> None:
+        backing = self._xattr_name(name)
+        if xattr_kind(name) is XattrKind.ENCRYPTED:
+            value = self.cipher.encrypt_xattr_value(object_id(), name, value)
+        os.setxattr(path, backing, value)
+
+    def remove_xattr(self, path: str, name: bytes) -> None:
+        os.removexattr(path, self._xattr_name(name))
+
+    def xattr_names(self, path: str, where: Callable[[], str]) -> list[bytes]:
+        shown = []
+        for text in os.listxattr(path):
+            backing = os.fsencode(text)
+            if xattr_kind(backing) is not XattrKind.ENCRYPTED:
+                shown.append(backing)
+                continue
+            try:
+                shown.append(self.cipher.decrypt_xattr_name(backing))
+            except EncryptedNameError as exc:
+                self._log_once(
+                    (b"xattr", backing), lambda: f"{where()}: extended attribute left out", exc
+                )
+        return shown
+
+    # -- paths ---------------------------------------------------------------------
+
+    def plain_path(self, root_fd: int, backing_path: str) -> str | None:
+        if backing_path == "/":
+            return backing_path
+        parts = os.fsencode(backing_path[1:]).split(b"/")
+        names: list[str] = []
+        dir_fd, dir_id, part = root_fd, ROOT_DIR_ID, b""
+        try:
+            for index, part in enumerate(parts):
+                key = (dir_id, part)
+                name = self._components.get(key)
+                if name is None:
+                    name = self.name_of(Dir(dir_fd, dir_id), part)
+                    if len(self._components) >= MAX_CACHED:
+                        self._components.clear()
+                    self._components[key] = name
+                names.append(os.fsdecode(name))
+                if index + 1 < len(parts):
+                    next_fd = os.open(part, O_PATH_DIR, dir_fd=dir_fd)
+                    if dir_fd != root_fd:
+                        os.close(dir_fd)
+                    dir_fd = next_fd
+                    dir_id = self.dir_id(f"/proc/self/fd/{dir_fd}", root=False)
+        except (KmsfsError, OSError, ValueError) as exc:
+            self._log_once(
+                (dir_id, part),
+                lambda: (
+                    f"backing path {backing_path}: no path in the volume (component {_show(part)})"
+                ),
+                exc,
+            )
+            return None
+        finally:
+            if dir_fd != root_fd:
+                os.close(dir_fd)
+        return "/" + "/".join(names)
+
+
+Names = PlainNames  # the interface: every kind of names is one
+
+
+def names_for(
+    sealed: SealedNameSecret | None, volume_key: bytes | bytearray | None, volume_id: bytes
+) -> PlainNames:
+    """The names of a volume: ``PlainNames`` unless its config has a sealed name
+    secret, which *volume_key* opens (ConfigTampered if it does not)."""
+    if sealed is None:
+        return PlainNames()
+    if volume_key is None:
+        raise ConfigError("a volume with encrypted names needs its volume key (format 4)")
+    secret = sealed.open(volume_key, volume_id)
+    try:
+        return EncryptedNames(NameCipher(secret, volume_id))
+    finally:
+        secret[:] = bytes(len(secret))
+
+
+# -- helpers ---------------------------------------------------------------------------
+
+
+def _read_sidecar(dir_fd: int, long_name: bytes) -> bytes | None:
+    """The bytes of the sidecar of *long_name* in *dir_fd* (never through a symlink);
+    None if it is absent.  EncryptedNameError if it is not a regular file or too long."""
+    sidecar_name = long_name + b".name"
+    try:
+        fd = os.open(sidecar_name, NOFOLLOW_READ, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise EncryptedNameError(
+                f"long name {long_name!r}: its sidecar is a symlink (not followed)"
+            ) from None
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise EncryptedNameError(f"long name {long_name!r}: its sidecar is not a regular file")
+        data = os.read(fd, MAX_SIDECAR_SIZE + 1)
+    finally:
+        os.close(fd)
+    return data
+
+
+def _set_dir_id(parent_fd: int, name: bytes, dir_id: bytes) -> None:
+    """Give the new directory *name* of *parent_fd* its ID (through an O_PATH descriptor:
+    its mode may not let the daemon open it for reading)."""
+    fd = os.open(name, O_PATH_DIR, dir_fd=parent_fd)
+    try:
+        path = f"/proc/self/fd/{fd}"
+        try:
+            os.setxattr(path, DIR_ID_XATTR, dir_id, os.XATTR_CREATE)
+        except PermissionError:  # not root, and a mode without write for its owner
+            mode = stat.S_IMODE(os.stat(fd).st_mode)
+            os.chmod(path, mode | stat.S_IRWXU)
+            try:
+                os.setxattr(path, DIR_ID_XATTR, dir_id, os.XATTR_CREATE)
+            finally:
+                os.chmod(path, mode)
+    finally:
+        os.close(fd)
+
+
+def _left_out(where: Callable[[], str], backing: bytes) -> Callable[[], str]:
+    return lambda: f"{where()}: entry {_show(backing)} left out of the listing"
+
+
+def _show(data: bytes) -> str:
+    """Backing bytes for a log line: ASCII as is, anything else as \\xNN."""
+    return repr(data)[2:-1]
+
+
+def _unlink_quietly(dir_fd: int, name: bytes) -> None:
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        pass
+
+
+def _clear_leftovers(parent_fd: int, name: bytes) -> bool:
+    """Remove kmsfs's leftovers from the directory *name* of *parent_fd* if it holds
+    nothing else: sidecars whose entry is gone, temporary names.  True if it did."""
+    fd = os.open(
+        name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent_fd
+    )
+    try:
+        found = [os.fsencode(n) for n in os.listdir(fd)]
+        present = set(found)
+        leftovers = []
+        for entry in found:
+            kind = entry_kind(entry)
+            orphan = kind is EntryKind.SIDECAR and entry[: -len(b".name")] not in present
+            if orphan or entry.startswith(TEMP_PREFIX):
+                leftovers.append(entry)
+            else:
+                return False
+        for entry in leftovers:
+            st = os.stat(entry, dir_fd=fd, follow_symlinks=False)
+            if stat.S_ISDIR(st.st_mode):
+                os.rmdir(entry, dir_fd=fd)
+            else:
+                os.unlink(entry, dir_fd=fd)
+        return True
+    finally:
+        os.close(fd)
+
+
+def check_case_sensitive(backing: str | os.PathLike[str]) -> None:
+    """ConfigError if the filesystem of the directory *backing* folds case (ext4's
+    casefold, vfat, exFAT, some SMB shares): encrypted names may differ in case only.
+    Probes with a scratch file (a reserved name, removed after)."""
+    name = f".kmsfs-case-probe-{os.urandom(4).hex()}"
+    dir_fd = os.open(backing, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fd = os.open(
+            name,
+            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+            0o600,
+            dir_fd=dir_fd,
+        )
+        os.close(fd)
+        try:
+            os.stat(name.upper(), dir_fd=dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return
+        finally:
+            os.unlink(name, dir_fd=dir_fd)
+        raise ConfigError(
+            f"{backing}: the backing filesystem ignores case in names, and encrypted names"
+            " differ in case only: use a case-sensitive filesystem (ext4 without casefold,"
+            " xfs, btrfs), or --plain-names"
+        )
+    finally:
+        os.close(dir_fd)
