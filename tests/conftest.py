@@ -229,6 +229,7 @@ def make_volume(
     unless *names* is "encrypted" (or *init_args* choose)."""
     backing = tmp_path / "backing"
     mountpoint = tmp_path / "mnt"
+    tmp_path.mkdir(parents=True, exist_ok=True)
     backing.mkdir()
     mountpoint.mkdir()
     volume = Volume(tmp_path, backing, mountpoint, tmp_path / "master.key", tmp_path / "kmsfs.log")

@@ -191,6 +191,13 @@ class PlainNames:
         os.link(path, name, dst_dir_fd=parent.fd, follow_symlinks=True)
         return name
 
+    def place(self, from_fd: int, from_name: bytes, parent: Dir, name: bytes) -> bytes:
+        """Rename the finished entry *from_name* of the directory *from_fd* (a tool's
+        temporary name in ``.kmsfs.d``) to *name* in *parent*, never over an existing
+        entry (FileExistsError); returns its backing name."""
+        renameat2(from_fd, from_name, parent.fd, name, RENAME_NOREPLACE)
+        return name
+
     def unlink(self, parent: Dir, name: bytes) -> None:
         os.unlink(name, dir_fd=parent.fd)
 
@@ -225,6 +232,22 @@ class PlainNames:
     def remove_xattr(self, path: str, name: bytes) -> None:
         os.removexattr(path, name)
 
+    def stored_xattrs(
+        self, values: dict[str, bytes], object_id: bytes
+    ) -> tuple[dict[str, bytes], list[tuple[str, str]]]:
+        """The backing names and values of the plaintext attributes *values* of an object
+        whose ID is *object_id*, and (name, why) of those the volume cannot store
+        (too long once encrypted).  Plain names: *values* as they are."""
+        return dict(values), []
+
+    def rebind_xattrs(
+        self, values: dict[str, bytes], old_id: bytes, new_id: bytes
+    ) -> dict[str, bytes]:
+        """The stored attributes *values* (backing names) of a file re-keyed from the
+        file ID *old_id* to *new_id*: each encrypted value sealed again under the new
+        ID.  EncryptedNameError if one does not decrypt.  Plain names: as they are."""
+        return dict(values)
+
     def xattr_names(self, path: str, where: Callable[[], str]) -> list[bytes]:
         """The names of the inode's attributes, as the mount shows them (kmsfs's own
         and unsupported ones still to be filtered by the caller)."""
@@ -237,6 +260,13 @@ class PlainNames:
         (``/X/Y``, relative to the root open as *root_fd*); None if a component
         does not decrypt or cannot be reached (logged)."""
         return backing_path
+
+    def resolve_plain(self, root_fd: int, backing_path: str) -> str:
+        """``plain_path``, raising instead: EncryptedNameError (or FormatError for a
+        malformed directory ID) naming the component that does not decrypt, OSError
+        for one that cannot be reached (never through a symlink), ValueError for one
+        of kmsfs's own names."""
+        return "/" + "/".join(part for part in backing_path.split("/") if part)
 
     def backing_path(self, root_fd: int, path: bytes) -> bytes:
         """The backing path (``X/Y``, relative to the root open as *root_fd*) of the
@@ -428,11 +458,7 @@ class EncryptedNames(PlainNames):
         os.mkdir(temp, mode, dir_fd=parent.fd)
         try:
             _set_dir_id(parent.fd, temp, dir_id)
-            backing = self._making(
-                parent,
-                name,
-                lambda at: renameat2(parent.fd, temp, parent.fd, at, RENAME_NOREPLACE),
-            )
+            backing = self.place(parent.fd, temp, parent, name)
         except BaseException:
             try:
                 os.rmdir(temp, dir_fd=parent.fd)
@@ -476,6 +502,13 @@ class EncryptedNames(PlainNames):
             parent,
             name,
             lambda at: os.link(path, at, dst_dir_fd=parent.fd, follow_symlinks=True),
+        )
+
+    def place(self, from_fd: int, from_name: bytes, parent: Dir, name: bytes) -> bytes:
+        return self._making(
+            parent,
+            name,
+            lambda at: renameat2(from_fd, from_name, parent.fd, at, RENAME_NOREPLACE),
         )
 
     def unlink(self, parent: Dir, name: bytes) -> None:
@@ -537,6 +570,39 @@ class EncryptedNames(PlainNames):
     def remove_xattr(self, path: str, name: bytes) -> None:
         os.removexattr(path, self._xattr_name(name))
 
+    def stored_xattrs(
+        self, values: dict[str, bytes], object_id: bytes
+    ) -> tuple[dict[str, bytes], list[tuple[str, str]]]:
+        stored: dict[str, bytes] = {}
+        refused: list[tuple[str, str]] = []
+        for text, value in values.items():
+            name = os.fsencode(text)
+            if xattr_kind(name) is not XattrKind.ENCRYPTED:
+                stored[text] = value
+                continue
+            try:
+                backing = self._xattr_name(name)
+                stored[os.fsdecode(backing)] = self.cipher.encrypt_xattr_value(
+                    object_id, name, value
+                )
+            except PlaintextTooLong as exc:
+                refused.append((text, str(exc)))
+        return stored, refused
+
+    def rebind_xattrs(
+        self, values: dict[str, bytes], old_id: bytes, new_id: bytes
+    ) -> dict[str, bytes]:
+        rebound: dict[str, bytes] = {}
+        for text, stored in values.items():
+            backing = os.fsencode(text)
+            if xattr_kind(backing) is not XattrKind.ENCRYPTED:
+                rebound[text] = stored
+                continue
+            name = self.cipher.decrypt_xattr_name(backing)
+            value = self.cipher.decrypt_xattr_value(old_id, name, stored)
+            rebound[text] = self.cipher.encrypt_xattr_value(new_id, name, value)
+        return rebound
+
     def xattr_names(self, path: str, where: Callable[[], str]) -> list[bytes]:
         shown = []
         for text in os.listxattr(path):
@@ -555,17 +621,29 @@ class EncryptedNames(PlainNames):
     # -- paths ---------------------------------------------------------------------
 
     def plain_path(self, root_fd: int, backing_path: str) -> str | None:
-        if backing_path == "/":
-            return backing_path
-        parts = os.fsencode(backing_path[1:]).split(b"/")
+        try:
+            return self.resolve_plain(root_fd, backing_path)
+        except (KmsfsError, OSError, ValueError) as exc:
+            self._log_once(
+                (b"path", os.fsencode(backing_path)),
+                lambda: f"backing path {backing_path}: no path in the volume",
+                exc,
+            )
+            return None
+
+    def resolve_plain(self, root_fd: int, backing_path: str) -> str:
+        parts = [part for part in os.fsencode(backing_path).split(b"/") if part]
         names: list[str] = []
-        dir_fd, dir_id, part = root_fd, ROOT_DIR_ID, b""
+        dir_fd, dir_id = root_fd, ROOT_DIR_ID
         try:
             for index, part in enumerate(parts):
                 key = (dir_id, part)
                 name = self._components.get(key)
                 if name is None:
-                    name = self.name_of(Dir(dir_fd, dir_id), part)
+                    try:
+                        name = self.name_of(Dir(dir_fd, dir_id), part)
+                    except KmsfsError as exc:
+                        raise exc.located(_show(part)) from None
                     if len(self._components) >= MAX_CACHED:
                         self._components.clear()
                     self._components[key] = name
@@ -575,23 +653,27 @@ class EncryptedNames(PlainNames):
                     if dir_fd != root_fd:
                         os.close(dir_fd)
                     dir_fd = next_fd
-                    dir_id = self.dir_id(f"/proc/self/fd/{dir_fd}", root=False)
-        except (KmsfsError, OSError, ValueError) as exc:
-            self._log_once(
-                (dir_id, part),
-                lambda: (
-                    f"backing path {backing_path}: no path in the volume (component {_show(part)})"
-                ),
-                exc,
-            )
-            return None
+                    try:
+                        dir_id = self.dir_id(f"/proc/self/fd/{dir_fd}", root=False)
+                    except KmsfsError as exc:
+                        raise exc.located(_show(part)) from None
         finally:
             if dir_fd != root_fd:
                 os.close(dir_fd)
         return "/" + "/".join(names)
 
 
+
 Names = PlainNames  # the interface: every kind of names is one
+
+
+def own_entry(backing: bytes, at_root: bool, encrypted: bool) -> bool:
+    """True for a backing entry that is kmsfs's own, not a volume's entry: with plain
+    names, ``.kmsfs*`` at the root; with encrypted names, every name starting with '.'
+    but a long name's entry (sidecars, temporary names, the config and state)."""
+    if encrypted:
+        return entry_kind(backing) not in (EntryKind.NAME, EntryKind.LONG_NAME)
+    return at_root and backing.startswith(RESERVED)
 
 
 def names_for(
@@ -660,8 +742,8 @@ def _left_out(where: Callable[[], str], backing: bytes) -> Callable[[], str]:
 
 
 def _show(data: bytes) -> str:
-    """Backing bytes for a log line: ASCII as is, anything else as \\xNN."""
-    return repr(data)[2:-1]
+    """Backing bytes for a log line, quoted: ASCII as is, anything else as \\xNN."""
+    return repr(data)[1:]
 
 
 def _unlink_quietly(dir_fd: int, name: bytes) -> None:

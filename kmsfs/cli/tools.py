@@ -53,6 +53,8 @@ def fsck(backing: str, as_json: bool, quick: bool, quiet: bool, **kwargs: Any) -
     else:
         for finding in report.findings:
             where = f" block {finding.block}" if finding.block is not None else ""
+            if finding.backing and finding.backing != finding.path:
+                where += f" (backing {finding.backing})"
             click.echo(f"{finding.path}{where}: {finding.kind}: {finding.message}")
         what = "headers" if quick else f"headers and {report.blocks} blocks"
         verdict = "clean" if report.clean else f"{len(report.findings)} problems"
