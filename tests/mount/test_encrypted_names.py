@@ -473,3 +473,37 @@ def test_policy_rules_and_audit_records_use_plaintext_paths(shared_dir: Path) ->
         assert paths == {"/vault/f", f"/vault/{LONG}/f"}, paths
     finally:
         pv.vol.umount()
+
+
+@pytest.mark.parametrize("name", ["format3-plain-names", "format4-encrypted-names"])
+def test_saved_volume_of_either_kind_of_names_mounts(name: str, tmp_path: Path) -> None:
+    """Volumes of this release, saved in tests/data/volumes/: one with plain names
+    (config format 3) and one with encrypted names (format 4, a long name, a non-ASCII
+    name, symlinks and xattrs on a file and a directory) keep mounting as they are."""
+    from support.saved_volume import check_saved_plaintext, restore_saved_volume
+
+    vol, saved, args = restore_saved_volume(name, tmp_path)
+    encrypted = saved["names"] == "encrypted"
+    vol.encrypted_names = encrypted
+    config = load_config(vol.backing)
+    assert (config.version, config.encrypted_names) == (saved["format"], encrypted)
+    out = tmp_path / "hello.out"
+    run_kmsfs("decrypt", "--volume", vol.backing, "--in-volume", "hello.txt", out, *args)
+    assert out.read_bytes().startswith(b"hello from format")
+    long = next(rel for rel in saved["plaintext"] if "long-" in rel)
+    mapped = Path(run_kmsfs("path", vol.backing, "--to-backing", long, *args).stdout.strip())
+    assert mapped.is_file() and mapped.name.startswith(".kmsfs-ln.") == encrypted
+    try:
+        vol.mount()
+        check_saved_plaintext(vol, saved)
+        listed = sorted(os.listdir(vol.path("dir")))
+        assert listed == sorted(["nested.txt", long.split("/")[1], "résumé.txt", "uplink"])
+        vol.path("dir/new.txt").write_bytes(b"written by this version")
+        vol.remount()
+        check_saved_plaintext(vol, saved)
+        assert vol.path("dir/new.txt").read_bytes() == b"written by this version"
+    finally:
+        vol.umount()
+    again = load_config(vol.backing)
+    assert (again.version, again.generation) == (config.version, config.generation)
+    assert "clean" in run_kmsfs("fsck", vol.backing, *args).stdout

@@ -23,8 +23,9 @@ import trio
 from conftest import make_volume
 from test_operations import CTX, ROOT, create, read_all, run
 
+from kmsfs.backing.names import Dir
 from kmsfs.backing.syscalls import RENAME_EXCHANGE, RENAME_NOREPLACE
-from kmsfs.format.names import DIR_ID_XATTR, LONG_NAME_PREFIX, MAX_SHORT_NAME
+from kmsfs.format.names import DIR_ID_XATTR, LONG_NAME_PREFIX, MAX_SHORT_NAME, ROOT_DIR_ID
 from kmsfs.fs.operations import KmsfsOperations, serve_volume
 from kmsfs.volume import open_volume
 
@@ -314,6 +315,36 @@ def test_a_malformed_backing_name_is_left_out_and_named(
     assert "'QUJD'" in messages and "ciphertext of 3 bytes" in messages
 
 
+def test_a_new_directory_is_not_visible_before_it_has_its_id(
+    ops: KmsfsOperations, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another daemon listing the parent (shared mode) never meets a directory whose
+    names it cannot read: when the ID is set, only kmsfs's own temporary name exists."""
+    from kmsfs.backing import names as backing_names
+
+    visible: list[list[str]] = []
+    real = backing_names._set_dir_id
+
+    def spy(parent_fd: int, name: bytes, dir_id: bytes) -> None:
+        visible.append(os.listdir(f"/proc/self/fd/{parent_fd}"))
+        real(parent_fd, name, dir_id)
+
+    monkeypatch.setattr(backing_names, "_set_dir_id", spy)
+
+    async def main() -> None:
+        await ops.mkdir(ROOT, b"d", 0o755, CTX)
+        await ops.mkdir(ROOT, b"D" * 200, 0o755, CTX)
+
+    run(main)
+    root = Dir(ops.inodes.root_fd, ROOT_DIR_ID, True)
+    made = [ops.names.backing_name(root, name).decode() for name in (b"d", b"D" * 200)]
+    assert len(visible) == 2
+    for names, backing in zip(visible, made, strict=True):
+        assert backing not in names and backing + ".name" not in names
+        assert len([n for n in names if n.startswith(".kmsfs-tmp.")]) == 1
+    assert set(made) <= set(os.listdir(ops.backing))
+
+
 # -- symbolic links -----------------------------------------------------------------
 
 
@@ -338,11 +369,13 @@ def test_symlink_targets_are_encrypted_and_read_back(
     os.unlink(path)
     os.symlink(stored[:-2] + ("A" if stored[-2] != "A" else "B") + stored[-1], path)
 
-    async def again() -> int:
-        return await errno_of(ops.lookup(ROOT, b"link", CTX))
+    async def again() -> tuple[int, list[bytes]]:
+        return await errno_of(ops.lookup(ROOT, b"link", CTX)), await listdir(ops)
 
     with caplog.at_level(logging.ERROR, logger="kmsfs.fs"):
-        assert run(again) == errno.EIO  # lstat needs the target's length, readlink the target
+        failed, listed = run(again)
+    assert failed == errno.EIO  # lstat needs the target's length, readlink the target
+    assert listed == [b"max"]  # left out of the listing (READDIRPLUS gives sizes too)
     messages = [r.getMessage() for r in caplog.records]
     assert any(m.startswith("lookup: /link: symlink target") for m in messages), messages
     assert any("failed authentication" in m for m in messages)
