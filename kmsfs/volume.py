@@ -107,7 +107,7 @@ def init_volume(
     prompt: Prompt | None = None,
     block_size: int = DEFAULT_BLOCK_SIZE,
     *,
-    encrypted_names: bool = False,
+    encrypted_names: bool = True,
 ) -> VolumeConfig:
     """Create a volume in the empty (or absent) directory *backing*; returns its config.
 

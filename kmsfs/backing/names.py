@@ -35,9 +35,11 @@ place with ``RENAME_NOREPLACE``: no directory without an ID is ever visible.
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
 import stat
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -194,8 +196,10 @@ class PlainNames:
     def place(self, from_fd: int, from_name: bytes, parent: Dir, name: bytes) -> bytes:
         """Rename the finished entry *from_name* of the directory *from_fd* (a tool's
         temporary name in ``.kmsfs.d``) to *name* in *parent*, never over an existing
-        entry (FileExistsError); returns its backing name."""
-        renameat2(from_fd, from_name, parent.fd, name, RENAME_NOREPLACE)
+        entry (FileExistsError); returns its backing name.  Where RENAME_NOREPLACE
+        is not supported, a file is linked to its name, then unlinked
+        (``rename_noreplace``)."""
+        rename_noreplace(from_fd, from_name, parent.fd, name)
         return name
 
     def unlink(self, parent: Dir, name: bytes) -> None:
@@ -452,20 +456,41 @@ class EncryptedNames(PlainNames):
     def make_dir(self, parent: Dir, name: bytes, mode: int) -> tuple[bytes, bytes]:
         """mkdir under a temporary name, set its new ID, rename it into place with
         RENAME_NOREPLACE (FileExistsError if the name exists: of two daemons making
-        it at once, one wins and the other leaves nothing behind)."""
+        it at once, one wins and the other leaves nothing behind).
+
+        A backing filesystem without RENAME_NOREPLACE (NFS, GlusterFS's client:
+        EINVAL) gets the directory made in place and its ID set right after: another
+        daemon may meet it without an ID for that moment (EIO for that request), and
+        a crash in between leaves an empty directory without one (fsck: ``dir-id``;
+        rmdir through the mount removes it)."""
         dir_id = new_dir_id()
         temp = TEMP_PREFIX + os.urandom(8).hex().encode()
         os.mkdir(temp, mode, dir_fd=parent.fd)
         try:
             _set_dir_id(parent.fd, temp, dir_id)
             backing = self.place(parent.fd, temp, parent, name)
-        except BaseException:
+        except BaseException as exc:
             try:
                 os.rmdir(temp, dir_fd=parent.fd)
             except OSError:
                 pass
+            if isinstance(exc, OSError) and exc.errno in NO_RENAME_FLAGS:
+                return self._make_dir_in_place(parent, name, mode, dir_id), dir_id
             raise
         return backing, dir_id
+
+    def _make_dir_in_place(self, parent: Dir, name: bytes, mode: int, dir_id: bytes) -> bytes:
+        backing = self._making(parent, name, lambda at: os.mkdir(at, mode, dir_fd=parent.fd))
+        try:
+            _set_dir_id(parent.fd, backing, dir_id)
+        except BaseException:
+            try:
+                os.rmdir(backing, dir_fd=parent.fd)
+            except OSError:
+                pass
+            self._drop_sidecar(parent, self._encrypted(parent, name))
+            raise
+        return backing
 
     def make_node(self, parent: Dir, name: bytes, mode: int, rdev: int) -> bytes:
         return self._making(parent, name, lambda at: os.mknod(at, mode, rdev, dir_fd=parent.fd))
@@ -506,9 +531,7 @@ class EncryptedNames(PlainNames):
 
     def place(self, from_fd: int, from_name: bytes, parent: Dir, name: bytes) -> bytes:
         return self._making(
-            parent,
-            name,
-            lambda at: renameat2(from_fd, from_name, parent.fd, at, RENAME_NOREPLACE),
+            parent, name, lambda at: rename_noreplace(from_fd, from_name, parent.fd, at)
         )
 
     def unlink(self, parent: Dir, name: bytes) -> None:
@@ -718,6 +741,27 @@ def _read_sidecar(dir_fd: int, long_name: bytes) -> bytes | None:
     return data
 
 
+NO_RENAME_FLAGS = (errno.EINVAL, errno.ENOSYS)  # renameat2's flags unsupported (NFS, FUSE)
+
+
+def rename_noreplace(from_fd: int, from_name: bytes, to_fd: int, to_name: bytes) -> None:
+    """Rename *from_name* of *from_fd* to *to_name* of *to_fd*, FileExistsError if that
+    exists.  Where RENAME_NOREPLACE is unsupported (EINVAL: NFS, GlusterFS's client),
+    a regular file or symlink is hard-linked to the new name (atomic: EEXIST if
+    taken) and its old name unlinked; a directory raises the EINVAL (it cannot be
+    linked: the caller decides)."""
+    try:
+        renameat2(from_fd, from_name, to_fd, to_name, RENAME_NOREPLACE)
+        return
+    except OSError as exc:
+        if exc.errno not in NO_RENAME_FLAGS:
+            raise
+        if stat.S_ISDIR(os.stat(from_name, dir_fd=from_fd, follow_symlinks=False).st_mode):
+            raise
+    os.link(from_name, to_name, src_dir_fd=from_fd, dst_dir_fd=to_fd, follow_symlinks=False)
+    os.unlink(from_name, dir_fd=from_fd)
+
+
 def _set_dir_id(parent_fd: int, name: bytes, dir_id: bytes) -> None:
     """Give the new directory *name* of *parent_fd* its ID (through an O_PATH descriptor:
     its mode may not let the daemon open it for reading)."""
@@ -779,6 +823,29 @@ def _clear_leftovers(parent_fd: int, name: bytes) -> bool:
         return True
     finally:
         os.close(fd)
+
+
+FS_IOC_GETFLAGS = 0x80086601
+FS_CASEFOLD_FL = 0x40000000
+
+
+def check_not_casefolded(backing: str | os.PathLike[str]) -> None:
+    """ConfigError if the directory *backing* has ext4's casefold flag (``chattr +F``):
+    its names would be looked up ignoring case, and encrypted names may differ in case
+    only.  A filesystem without the flag's ioctl passes (init probes case itself)."""
+    fd = os.open(backing, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        flags = fcntl.ioctl(fd, FS_IOC_GETFLAGS, bytes(8))
+    except OSError:
+        return
+    finally:
+        os.close(fd)
+    if int.from_bytes(flags[:4], sys.byteorder) & FS_CASEFOLD_FL:
+        raise ConfigError(
+            f"{backing} has the casefold attribute (chattr +F): names there are looked up"
+            " ignoring case, and encrypted names differ in case only; move the volume to a"
+            " directory without it"
+        )
 
 
 def check_case_sensitive(backing: str | os.PathLike[str]) -> None:

@@ -130,7 +130,7 @@ def provider_option(help_text: str) -> Callable[[Callable[..., Any]], Callable[.
     )
 
 
-ENCRYPTED_NAMES_BY_DEFAULT = False
+ENCRYPTED_NAMES_BY_DEFAULT = True
 
 
 def names_option(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -140,11 +140,13 @@ def names_option(func: Callable[..., Any]) -> Callable[..., Any]:
         "plain_names",
         default=not ENCRYPTED_NAMES_BY_DEFAULT,
         show_default=True,
-        help="Store names, symlink targets and user/trusted xattrs in the clear"
-        " (--plain-names): whoever reads the backing directory, its backups or its disk"
-        " then reads every file and directory name, every symlink target and every"
-        " user.* xattr, as they are. --encrypted-names encrypts them; both keep the tree's"
-        " shape, sizes and times visible (docs/FORMAT.md, 'What encrypted names hide').",
+        help="Encrypt file and directory names, symlink targets and user/trusted xattrs"
+        " (--encrypted-names), or store them in the clear (--plain-names): then whoever"
+        " reads the backing directory, its backups or its disk reads every name, every"
+        " symlink target and every user.* xattr as it is. Either way the tree's shape,"
+        " entry counts, sizes, times and owners stay visible (docs/FORMAT.md, 'What"
+        " encrypted names hide'); --plain-names only for a backing directory nobody but"
+        " this host reads.",
     )(func)
 
 

@@ -25,6 +25,7 @@ def serve_plan(plan: MountPlan, on_ready: Callable[[], None] | None) -> None:
     ProviderError...) and MountError; nothing is mounted then.
     """
     from kmsfs.audit import AuditLog
+    from kmsfs.backing.names import check_not_casefolded
     from kmsfs.backing.shared import check_shared_support
     from kmsfs.backing.syscalls import disable_core_dumps, lock_memory
     from kmsfs.backing.volume_lock import claim_volume
@@ -57,6 +58,12 @@ def serve_plan(plan: MountPlan, on_ready: Callable[[], None] | None) -> None:
             audit,
             migrate="ro" not in plan.extra,
         )
+        if config.encrypted_names:
+            try:
+                check_not_casefolded(plan.backing)
+            except BaseException:
+                keyring.close()
+                raise
         services = [plan.runtime.run]
         reloader = PolicyReloader(plan.config_file) if plan.config_file else None
         plan.runtime.reloader = reloader

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 from conftest import Volume, force_unmount, make_volume, requires_fuse, run_kmsfs
+from test_shared import Cluster, gluster_mounts  # noqa: F401  (a fixture used by name)
 
 from kmsfs.format.names import DIR_ID_XATTR, LONG_NAME_PREFIX
 from kmsfs.format.volume import load_config
@@ -388,71 +389,98 @@ def test_a_plain_name_volume_converts_through_import_of_its_mount(tmp_path: Path
     assert (old.backing / "customers" / "ACME-Corp" / "salaries-2026.xlsx").exists()
 
 
-def test_two_daemons_making_one_name_at_once(tmp_path: Path) -> None:
-    """Shared mode: two daemons make the same directory (short and long names) and the
-    same file at once: one wins, the other gets EEXIST, and neither shows anything
-    half-made (a directory without its ID, a long name without its sidecar)."""
-    from test_shared import Cluster
-
-    vol = make_volume(tmp_path, names="encrypted")
-    cluster = Cluster(vol)
+@pytest.fixture(params=["local", "glusterfs"])
+def enc_cluster(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Cluster]:
+    """A volume with encrypted names for several daemons: on one local directory, and
+    on a GlusterFS volume each daemon reaches through its own client (whose FUSE
+    client has no RENAME_NOREPLACE: directories are made in place there)."""
+    if request.param == "local":
+        cluster = Cluster(make_volume(tmp_path, names="encrypted"))
+        shared_dir = None
+    else:
+        first, second = request.getfixturevalue("gluster_mounts")
+        name = f"kmsfs-test-{os.getpid()}-{os.urandom(4).hex()}"
+        shared_dir = first / name
+        vol = make_volume(tmp_path, key=False)
+        vol.backing = shared_dir / "backing"
+        vol.backing.mkdir(parents=True)
+        run_kmsfs("init", vol.backing, "--encrypted-names", "--key-file", vol.key_file)
+        vol.encrypted_names = True
+        cluster = Cluster(vol, [vol.backing, second / name / "backing"])
     try:
-        mounts = cluster.shared(2)
-        barrier = threading.Barrier(3)
-        outcome: dict[tuple[int, str], object] = {}
-        rounds = [f"d{n}" for n in range(15)] + [f"{n:03d}" + "D" * 190 for n in range(15)]
-        seen: list[str] = []
-        stop = threading.Event()
-
-        def make(index: int) -> None:
-            for name in rounds:
-                barrier.wait(timeout=30)
-                for kind in ("dir", "file"):
-                    path = mounts[index].path(f"{name}.{kind}")
-                    try:
-                        if kind == "dir":
-                            os.mkdir(path)
-                        else:
-                            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-                        outcome[index, path.name] = "won"
-                    except OSError as exc:
-                        outcome[index, path.name] = exc.errno
-
-        def watch() -> None:
-            while not stop.is_set():
-                for name in os.listdir(mounts[1].mountpoint):  # every entry shown is whole
-                    if name.endswith(".dir"):
-                        os.listdir(mounts[1].path(name))  # has its ID: readable
-                    seen.append(name)
-
-        threads = [threading.Thread(target=make, args=(i,)) for i in (0, 1)]
-        watcher = threading.Thread(target=watch)
-        watcher.start()
-        for thread in threads:
-            thread.start()
-        for _ in rounds:
-            barrier.wait(timeout=30)
-        for thread in threads:
-            thread.join(timeout=120)
-        stop.set()
-        watcher.join(timeout=30)
-        for name in rounds:
-            for kind in ("dir", "file"):
-                key = f"{name}.{kind}"
-                results = sorted(map(str, (outcome[0, key], outcome[1, key])))
-                assert results == sorted([str(errno.EEXIST), "won"]), (key, results)
-        for mount in mounts:
-            names = sorted(os.listdir(mount.mountpoint))
-            assert names == sorted(f"{n}.{k}" for n in rounds for k in ("dir", "file"))
-        for mount in mounts:
-            os.mkdir(mount.path(f"d0.dir/from-{mount.mountpoint.name}"))
-        assert sorted(os.listdir(mounts[0].path("d0.dir"))) == ["from-mnt0", "from-mnt1"]
-        cluster.umount_all()
-        assert not [p for p in vol.backing.rglob(".kmsfs-tmp.*")]
-        cluster.fsck_clean()
+        yield cluster
     finally:
         for mount in cluster.mounts:
             force_unmount(mount.mountpoint)
+        if shared_dir is not None:
+            shutil.rmtree(shared_dir, ignore_errors=True)
+
+
+def test_two_daemons_making_one_name_at_once(enc_cluster: Cluster) -> None:
+    """Shared mode: two daemons make the same directory (short and long names) and the
+    same file at once: one wins, the other gets EEXIST, and neither shows anything
+    half-made (a directory without its ID, a long name without its sidecar)."""
+    cluster = enc_cluster
+    vol = cluster.volume
+    mounts = cluster.shared(2)
+    barrier = threading.Barrier(3)
+    outcome: dict[tuple[int, str], object] = {}
+    rounds = [f"d{n}" for n in range(15)] + [f"{n:03d}" + "D" * 190 for n in range(15)]
+    failures: list[tuple[str, int]] = []
+    stop = threading.Event()
+
+    def make(index: int) -> None:
+        for name in rounds:
+            barrier.wait(timeout=30)
+            for kind in ("dir", "file"):
+                path = mounts[index].path(f"{name}.{kind}")
+                try:
+                    if kind == "dir":
+                        os.mkdir(path)
+                    else:
+                        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+                    outcome[index, path.name] = "won"
+                except OSError as exc:
+                    outcome[index, path.name] = exc.errno
+
+    def watch() -> None:
+        while not stop.is_set():
+            for name in os.listdir(mounts[1].mountpoint):  # every entry shown is whole
+                if name.endswith(".dir"):
+                    try:
+                        os.listdir(mounts[1].path(name))  # has its ID: readable
+                    except OSError as exc:
+                        failures.append((name, exc.errno or 0))
+
+    threads = [threading.Thread(target=make, args=(i,)) for i in (0, 1)]
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    for thread in threads:
+        thread.start()
+    for _ in rounds:
+        barrier.wait(timeout=30)
+    for thread in threads:
+        thread.join(timeout=120)
+    stop.set()
+    watcher.join(timeout=30)
+    for name in rounds:
+        for kind in ("dir", "file"):
+            key = f"{name}.{kind}"
+            results = sorted(map(str, (outcome[0, key], outcome[1, key])))
+            assert results == sorted([str(errno.EEXIST), "won"]), (key, results)
+    if not cluster.distributed:
+        assert failures == []  # no directory was ever seen without its ID
+    else:  # made in place: the moment before its ID is set may answer EIO, no more
+        assert {code for _, code in failures} <= {errno.EIO}, failures
+    for mount in mounts:
+        names = sorted(os.listdir(mount.mountpoint))
+        assert names == sorted(f"{n}.{k}" for n in rounds for k in ("dir", "file"))
+    for mount in mounts:
+        os.mkdir(mount.path(f"d0.dir/from-{mount.mountpoint.name}"))
+    assert sorted(os.listdir(mounts[0].path("d0.dir"))) == ["from-mnt0", "from-mnt1"]
+    cluster.umount_all()
+    assert not [p for p in vol.backing.rglob(".kmsfs-tmp.*")]
+    cluster.fsck_clean()
 
 
 def test_policy_rules_and_audit_records_use_plaintext_paths(shared_dir: Path) -> None:

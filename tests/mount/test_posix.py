@@ -915,7 +915,7 @@ def test_passphrase_volume(tmp_path: Path) -> None:
     wrong.write_text("incorrect horse\n")
     right.chmod(0o600)  # secret files must be private (kmsfs.keys.secrets)
     wrong.chmod(0o600)
-    run_kmsfs("init", vol.backing, "--passphrase-file", right)
+    run_kmsfs("init", vol.backing, "--passphrase-file", right)  # encrypted names: the default
     assert "correct horse" not in vol.backing_path(".kmsfs.json").read_text()
     try:
         result = vol.mount("--passphrase-file", str(wrong), check=False)
@@ -929,11 +929,12 @@ def test_passphrase_volume(tmp_path: Path) -> None:
         assert vol.path("secret").read_bytes() == b"behind a passphrase"
         vol.umount()
         out = tmp_path / "out"
-        run_kmsfs("decrypt", vol.backing_path("secret"), out, "--passphrase-file", right)
+        in_volume = ("--volume", vol.backing, "--in-volume", "secret")
+        run_kmsfs("decrypt", *in_volume, out, "--passphrase-file", right)
         assert out.read_bytes() == b"behind a passphrase"
         refused = run_kmsfs(
             "decrypt",
-            vol.backing_path("secret"),
+            *in_volume,
             tmp_path / "o2",
             "--passphrase-file",
             wrong,

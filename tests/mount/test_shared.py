@@ -241,7 +241,9 @@ def cluster(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Cluster]
         volume = make_volume(tmp_path, key=False)
         volume.backing = shared_dir / "backing"
         volume.backing.mkdir(parents=True)
-        run_kmsfs("init", volume.backing, "--key-file", volume.key_file)
+        # plain names: the suite reaches backing files by name (encrypted names in
+        # shared mode: test_encrypted_names.py)
+        run_kmsfs("init", volume.backing, "--plain-names", "--key-file", volume.key_file)
         group = Cluster(volume, [volume.backing, second / name / "backing"])
     try:
         yield group

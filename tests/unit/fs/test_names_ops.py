@@ -345,6 +345,49 @@ def test_a_new_directory_is_not_visible_before_it_has_its_id(
     assert set(made) <= set(os.listdir(ops.backing))
 
 
+def test_a_backing_filesystem_without_rename_noreplace_still_makes_every_entry(
+    ops: KmsfsOperations, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """NFS and GlusterFS's client answer renameat2 with flags EINVAL (a stand-in makes
+    this filesystem answer so): directories are then made in place and given their ID
+    at once, files placed by a tool are linked to their name and unlinked."""
+    from kmsfs.backing import names as backing_names
+
+    real = backing_names.renameat2
+
+    def no_flags(old_fd: int, old: bytes, new_fd: int, new: bytes, flags: int) -> None:
+        if flags:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        real(old_fd, old, new_fd, new, flags)
+
+    monkeypatch.setattr(backing_names, "renameat2", no_flags)
+
+    async def main() -> None:
+        for name in (b"short", b"L" * 200):
+            d = await ops.mkdir(ROOT, name, 0o755, CTX)
+            await create(ops, b"inside", b"x", parent=d.st_ino)
+            assert await listdir(ops, d.st_ino) == [b"inside"]
+            assert await errno_of(ops.mkdir(ROOT, name, 0o755, CTX)) == errno.EEXIST
+        assert await listdir(ops) == sorted([b"short", b"L" * 200])
+
+    run(main)
+    assert not [n for n in os.listdir(ops.backing) if n.startswith(".kmsfs-tmp.")]
+    temp = tmp_path / "made"
+    temp.write_bytes(b"a tool's file")
+    source = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        root = Dir(ops.inodes.root_fd, ROOT_DIR_ID, True)
+        backing = ops.names.place(source, b"made", root, b"P" * 200)
+        with pytest.raises(FileExistsError):
+            (tmp_path / "again").write_bytes(b"other")
+            ops.names.place(source, b"again", root, b"P" * 200)
+    finally:
+        os.close(source)
+    assert not temp.exists() and Path(ops.backing, os.fsdecode(backing)).read_bytes() == (
+        b"a tool's file"
+    )
+
+
 # -- symbolic links -----------------------------------------------------------------
 
 
