@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 from conftest import Volume, force_unmount, make_volume, requires_fuse, run_kmsfs
-from test_shared import Cluster, gluster_mounts  # noqa: F401  (a fixture used by name)
+from test_shared import Cluster, cluster_on, gluster_mounts  # noqa: F401  (a fixture)
 
 from kmsfs.format.names import DIR_ID_XATTR, LONG_NAME_PREFIX
 from kmsfs.format.volume import load_config
@@ -394,26 +394,8 @@ def enc_cluster(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Clus
     """A volume with encrypted names for several daemons: on one local directory, and
     on a GlusterFS volume each daemon reaches through its own client (whose FUSE
     client has no RENAME_NOREPLACE: directories are made in place there)."""
-    if request.param == "local":
-        cluster = Cluster(make_volume(tmp_path, names="encrypted"))
-        shared_dir = None
-    else:
-        first, second = request.getfixturevalue("gluster_mounts")
-        name = f"kmsfs-test-{os.getpid()}-{os.urandom(4).hex()}"
-        shared_dir = first / name
-        vol = make_volume(tmp_path, key=False)
-        vol.backing = shared_dir / "backing"
-        vol.backing.mkdir(parents=True)
-        run_kmsfs("init", vol.backing, "--encrypted-names", "--key-file", vol.key_file)
-        vol.encrypted_names = True
-        cluster = Cluster(vol, [vol.backing, second / name / "backing"])
-    try:
+    with cluster_on(request, request.param, tmp_path, "encrypted") as cluster:
         yield cluster
-    finally:
-        for mount in cluster.mounts:
-            force_unmount(mount.mountpoint)
-        if shared_dir is not None:
-            shutil.rmtree(shared_dir, ignore_errors=True)
 
 
 def test_two_daemons_making_one_name_at_once(enc_cluster: Cluster) -> None:

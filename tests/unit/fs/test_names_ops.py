@@ -20,29 +20,21 @@ from typing import Any
 import pyfuse3
 import pytest
 import trio
-from conftest import make_volume
-from test_operations import CTX, ROOT, create, read_all, run
+from test_operations import CTX, ROOT, create, read_all, run, serving
 
 from kmsfs.backing.names import Dir
 from kmsfs.backing.syscalls import RENAME_EXCHANGE, RENAME_NOREPLACE
 from kmsfs.format.names import DIR_ID_XATTR, LONG_NAME_PREFIX, MAX_SHORT_NAME, ROOT_DIR_ID
-from kmsfs.fs.operations import KmsfsOperations, serve_volume
-from kmsfs.volume import open_volume
+from kmsfs.fs.operations import KmsfsOperations
 
 ALLOWED = [b for b in range(1, 256) if b != ord("/")]
 
 
 @pytest.fixture
 def ops(tmp_path: Path) -> Iterator[KmsfsOperations]:
-    vol = make_volume(tmp_path, names="encrypted")
-    config, keyring = open_volume(vol.backing, {"key_file": str(vol.key_file)})
-    assert config.encrypted_names
-    operations = KmsfsOperations(serve_volume(str(vol.backing), config, keyring))
-    try:
+    with serving(tmp_path, names="encrypted") as operations:
+        assert operations.config.encrypted_names
         yield operations
-    finally:
-        operations.close()
-        keyring.close()
 
 
 @pytest.fixture(autouse=True)
