@@ -11,7 +11,7 @@ the operator wrote it (which may lead through a symlink, ``/srv`` ->
 prefixes a path (the backing directory was renamed or moved while mounted),
 the root's name is read again once.  In a volume with encrypted names the
 kernel's name is a backing path: each component is then decrypted under its
-directory's ID (kmsfs/backing/names.py, ``plain_path``), opening each directory
+directory's ID (kmsfs/backing/encrypted_names.py, ``plain_path``), opening each directory
 on the way with O_NOFOLLOW from the root's descriptor.
 
 None means "not resolvable": the file is no longer under the backing root

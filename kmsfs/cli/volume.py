@@ -183,7 +183,7 @@ def decrypt(
 ) -> None:
     """Decrypt BACKING_FILE to OUTPUT without mounting (offline recovery).  With
     --in-volume, BACKING_FILE is a path in the volume --volume (plaintext names)."""
-    from kmsfs.backing.names import names_for
+    from kmsfs.backing.encrypted_names import names_for
     from kmsfs.offline import backing_of, decrypt_file
     from kmsfs.volume import find_volume_root, open_volume
 
@@ -225,7 +225,8 @@ def _names_of(volume: str, kwargs: dict[str, Any]) -> Names:
     """The names of the volume *volume*: plain ones need no key; encrypted ones are
     opened with the key options in *kwargs* (the config authenticated, the host pin
     checked)."""
-    from kmsfs.backing.names import PlainNames, names_for
+    from kmsfs.backing.encrypted_names import names_for
+    from kmsfs.backing.names import PlainNames
     from kmsfs.format.volume import load_config
     from kmsfs.volume import open_volume
 

@@ -168,7 +168,7 @@ class Inode:
     directory: the ``policy_serial`` under which the kernel was last let keep its
     listing), parent and name (one directory and name the kernel reached it by, to
     ask it to forget the entry) and backing_name (that name's backing entry, to
-    open it again), dir_id (a directory's ID once read: kmsfs/backing/names.py;
+    open it again), dir_id (a directory's ID once read: kmsfs/backing/encrypted_names.py;
     it never changes, and the descriptor keeps the inode from being reused))."""
 
     ino: int

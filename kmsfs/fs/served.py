@@ -11,7 +11,8 @@ from typing import Any
 import trio
 
 from kmsfs.backing.content_file import KeyUsageTable
-from kmsfs.backing.names import Listed, Names, PlainNames, names_for
+from kmsfs.backing.encrypted_names import names_for
+from kmsfs.backing.names import Listed, Names, PlainNames
 from kmsfs.backing.shared import DEFAULT_LOCK_TIMEOUT
 from kmsfs.format.volume import VolumeConfig
 from kmsfs.fs.events import AccessSink

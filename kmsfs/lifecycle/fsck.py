@@ -49,8 +49,8 @@ from pathlib import Path
 from typing import Any
 
 from kmsfs.backing.content_file import ContentFile
+from kmsfs.backing.encrypted_names import EncryptedNames, names_for
 from kmsfs.backing.header_xattr import parse_header, read_raw_header
-from kmsfs.backing.names import EncryptedNames, names_for
 from kmsfs.backing.tree import Tree, TreeChanged, open_state_dir, walk
 from kmsfs.errors import FormatError, IntegrityError, KmsfsError, ProviderError, reason_of
 from kmsfs.format.content import BlockCipher, format_of_mode

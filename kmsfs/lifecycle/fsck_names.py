@@ -27,8 +27,9 @@ import os
 import stat
 from collections.abc import Callable
 
+from kmsfs.backing.encrypted_names import EncryptedNames
 from kmsfs.backing.header_xattr import read_header
-from kmsfs.backing.names import TEMP_PREFIX, Dir, EncryptedNames
+from kmsfs.backing.names import TEMP_PREFIX, Dir
 from kmsfs.backing.tree import Node, walk
 from kmsfs.errors import KmsfsError, reason_of
 from kmsfs.format.names import (

@@ -36,7 +36,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kmsfs.backing.names import Dir, Names, names_for
+from kmsfs.backing.encrypted_names import names_for
+from kmsfs.backing.names import Dir, Names
 from kmsfs.backing.tree import (
     FILE_FLAGS,
     NOT_FOLLOWED,

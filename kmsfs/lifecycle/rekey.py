@@ -47,8 +47,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kmsfs.backing.content_file import ContentFile
+from kmsfs.backing.encrypted_names import names_for
 from kmsfs.backing.header_xattr import parse_header, read_raw_header
-from kmsfs.backing.names import Names, names_for
+from kmsfs.backing.names import Names
 from kmsfs.backing.syscalls import RENAME_EXCHANGE, birth_time, renameat2
 from kmsfs.backing.tree import FILE_FLAGS, Entry, Tree, TreeChanged, check_file
 from kmsfs.errors import FormatError, KmsfsError, LifecycleError, reason_of

@@ -275,7 +275,7 @@ def test_rekey_rewrap_headers_and_keys_remove_keep_names_readable(
 def test_a_former_volume_key_holder_still_reads_every_name(enc: Volume, tmp_path: Path) -> None:
     """What FORMAT.md says a former holder keeps ("Who can read names"): the config of
     their time opens the same name secret, so names made after the rotation read too."""
-    from kmsfs.backing.names import names_for
+    from kmsfs.backing.encrypted_names import names_for
     from kmsfs.backing.tree import open_root
     from kmsfs.format.volume import VolumeConfig
     from kmsfs.volume import open_volume

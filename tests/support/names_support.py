@@ -12,7 +12,8 @@ from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kmsfs.backing.names import PlainNames, names_for
+from kmsfs.backing.encrypted_names import names_for
+from kmsfs.backing.names import PlainNames
 from kmsfs.backing.tree import open_root
 from kmsfs.volume import open_volume
 

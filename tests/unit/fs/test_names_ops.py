@@ -312,16 +312,16 @@ def test_a_new_directory_is_not_visible_before_it_has_its_id(
 ) -> None:
     """Another daemon listing the parent (shared mode) never meets a directory whose
     names it cannot read: when the ID is set, only kmsfs's own temporary name exists."""
-    from kmsfs.backing import names as backing_names
+    from kmsfs.backing import encrypted_names
 
     visible: list[list[str]] = []
-    real = backing_names._set_dir_id
+    real = encrypted_names._set_dir_id
 
     def spy(parent_fd: int, name: bytes, dir_id: bytes) -> None:
         visible.append(os.listdir(f"/proc/self/fd/{parent_fd}"))
         real(parent_fd, name, dir_id)
 
-    monkeypatch.setattr(backing_names, "_set_dir_id", spy)
+    monkeypatch.setattr(encrypted_names, "_set_dir_id", spy)
 
     async def main() -> None:
         await ops.mkdir(ROOT, b"d", 0o755, CTX)
@@ -343,16 +343,17 @@ def test_a_backing_filesystem_without_rename_noreplace_still_makes_every_entry(
     """NFS and GlusterFS's client answer renameat2 with flags EINVAL (a stand-in makes
     this filesystem answer so): directories are then made in place and given their ID
     at once, files placed by a tool are linked to their name and unlinked."""
-    from kmsfs.backing import names as backing_names
+    from kmsfs.backing import encrypted_names, names
 
-    real = backing_names.renameat2
+    real = names.renameat2
 
     def no_flags(old_fd: int, old: bytes, new_fd: int, new: bytes, flags: int) -> None:
         if flags:
             raise OSError(errno.EINVAL, "Invalid argument")
         real(old_fd, old, new_fd, new, flags)
 
-    monkeypatch.setattr(backing_names, "renameat2", no_flags)
+    monkeypatch.setattr(names, "renameat2", no_flags)
+    monkeypatch.setattr(encrypted_names, "renameat2", no_flags)
 
     async def main() -> None:
         for name in (b"short", b"L" * 200):
