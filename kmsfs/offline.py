@@ -1,4 +1,4 @@
-"""Offline tools on backing files: inspect a header, decrypt a file.  No FUSE.
+"""Offline tools on backing files: inspect a header, decrypt a file, map paths.  No FUSE.
 
 A backing file named on the command line may lie in a tree its users control (a
 directory of it swapped for a symlink while root runs ``kmsfs decrypt``).  So the
@@ -6,6 +6,10 @@ file is opened once, by descriptor, and everything is read from that descriptor:
 if it lies inside a volume (a real directory above it holds ``.kmsfs.json``), it
 is opened beneath that volume's root without following any symlink
 (``kmsfs.backing.tree``); otherwise (a copy outside any volume) with ``O_NOFOLLOW``.
+
+A file may also be named by its path in the volume (``backing_of``): in a volume
+with encrypted names each component is encrypted under its directory's ID, read
+from the backing tree by descriptor; ``path_in_volume`` is the reverse.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from typing import Any
 
 from kmsfs.backing.content_file import ContentFile
 from kmsfs.backing.header_xattr import read_header
+from kmsfs.backing.names import Names
 from kmsfs.backing.syscalls import RENAME_NOREPLACE, renameat2
 from kmsfs.backing.tree import (
     FILE_FLAGS,
@@ -86,6 +91,43 @@ def open_backing_file(path: str | os.PathLike[str]) -> int:
         return check_file(fd, str(path))
     except TreeChanged:
         raise KmsfsError(f"{path} is not a regular file") from None
+
+
+def backing_of(root: str | os.PathLike[str], names: Names, path: str) -> Path:
+    """The backing entry of *path* (a path in the volume whose backing root is *root*).
+
+    KmsfsError naming the first component that is missing, not a directory, a
+    symlink in the backing tree (never followed), or without a readable ID.
+    """
+    root_fd = open_root(root)
+    try:
+        rel = names.backing_path(root_fd, os.fsencode(path))
+    except (OSError, ValueError, KmsfsError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) else str(exc)
+        where = exc.filename if isinstance(exc, OSError) and exc.filename else path
+        raise KmsfsError(f"{path}: no such path in the volume ({where}: {why})") from None
+    finally:
+        os.close(root_fd)
+    return Path(os.path.abspath(root)) / os.fsdecode(rel)
+
+
+def path_in_volume(root: str | os.PathLike[str], names: Names, backing: str) -> str:
+    """The path in the volume (``/a/b``) of the backing entry *backing* (an absolute
+    path under *root*, or a path relative to *root*).  KmsfsError naming the component
+    that does not decrypt or cannot be reached."""
+    absolute = Path(os.path.abspath(os.path.join(root, backing)))  # join keeps an absolute
+    try:
+        rel = absolute.relative_to(os.path.abspath(root)).as_posix()
+    except ValueError:
+        raise KmsfsError(f"{backing} is not inside the volume {root}") from None
+    root_fd = open_root(root)
+    try:
+        return names.resolve_plain(root_fd, "" if rel == "." else rel)
+    except (OSError, ValueError, KmsfsError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) else str(exc)
+        raise KmsfsError(f"{backing}: no path in the volume ({why})") from None
+    finally:
+        os.close(root_fd)
 
 
 def inspect(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -41,6 +41,7 @@ from typing import Any
 from kmsfs.backing.durable import replace_durably
 from kmsfs.errors import ConfigError
 from kmsfs.format.header import ID_SIZE
+from kmsfs.format.volume_config import NAMES_VERSION
 from kmsfs.format.volume_key import FINGERPRINT_SIZE, MAX_GENERATION, show_fingerprint
 
 ROOT_STATE_DIR = Path("/var/lib/kmsfs")
@@ -129,7 +130,7 @@ class Pin:
         for name in texts:
             if not isinstance(data[name], str):
                 raise ConfigError(f"{where}: {name} must be a string")
-        numbers = (("format", 2, 3), ("generation", 0, MAX_GENERATION))
+        numbers = (("format", 2, NAMES_VERSION), ("generation", 0, MAX_GENERATION))
         for name, low, high in numbers:
             value = data[name]
             if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:

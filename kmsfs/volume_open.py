@@ -29,8 +29,11 @@ import shlex
 from pathlib import Path
 from typing import Any
 
+from kmsfs.backing.names import check_case_sensitive
 from kmsfs.errors import ConfigError, ConfigTampered, KmsfsError, ProviderError, WrongKeyError
 from kmsfs.format.header import check_block_size
+from kmsfs.format.name_secret import SealedNameSecret
+from kmsfs.format.names import new_name_secret
 from kmsfs.format.volume_config import (
     CONFIG_NAME,
     DEFAULT_BLOCK_SIZE,
@@ -103,12 +106,17 @@ def init_volume(
     options: dict[str, Any],
     prompt: Prompt | None = None,
     block_size: int = DEFAULT_BLOCK_SIZE,
+    *,
+    encrypted_names: bool = True,
 ) -> VolumeConfig:
     """Create a volume in the empty (or absent) directory *backing*; returns its config.
 
     The backing root is made 0700: its subdirectories are owned by the users
     who create them through the mount, and only root may reach them, so no
-    local user can swap a symlink into the tree the root tools walk.
+    local user can swap a symlink into the tree the root tools walk.  With
+    *encrypted_names* (format 4) a new name secret is sealed under the volume
+    key; ConfigError if the backing filesystem folds case there (encrypted names
+    differ in case only: ``check_case_sensitive``).
     """
     path = Path(backing)
     try:
@@ -121,10 +129,13 @@ def init_volume(
         except OSError as exc:
             raise ConfigError(f"cannot create {path}: {exc.strerror}") from None
     check_backing_dir(path)
+    if encrypted_names:
+        check_case_sensitive(path)
     os.chmod(path, BACKING_MODE)
     provider = create_provider(provider_name, options, prompt)
     warn_public_wrap(provider)
     volume_key = bytearray(os.urandom(VOLUME_KEY_SIZE))
+    name_secret = new_name_secret()
     try:
         volume_id = os.urandom(16)
         config = VolumeConfig(
@@ -132,11 +143,14 @@ def init_volume(
             block_size=block_size,
             keys=[new_key_config(provider, volume_id, volume_key)],
         )
+        if encrypted_names:
+            config.names = SealedNameSecret.seal(name_secret, volume_key, volume_id)
         config.seal(volume_key)
         save_config(path, config)
         record_pin(path, config, volume_key, "init")
     finally:
         wipe(volume_key)
+        wipe(name_secret)
         provider.close()
     return config
 

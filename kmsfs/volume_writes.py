@@ -125,9 +125,12 @@ def rotate_volume_key(
 
     For a change of the set of keys that can open the volume (keys remove, the
     key switch of rewrap, passwd): a removed key's holder, who could unwrap the
-    old key, cannot unwrap the new one.  ConfigError naming the keys this host
-    could not open (each must wrap the new key) or if the volume is at format 1;
-    the provider's errors for a wrap that fails.  Nothing is written then.
+    old key, cannot unwrap the new one.  A volume with encrypted names keeps its
+    name secret, sealed again under the new key (names never change; what a
+    former holder still reads: docs/FORMAT.md, "Who can read names").
+    ConfigError naming the keys this host could not open (each must wrap the new
+    key) or if the volume is at format 1; the provider's errors for a wrap that
+    fails.  Nothing is written then.
     """
     old = _current_key(keyring)
     by_ref = {provider.key_ref: provider for provider in keyring.providers}
@@ -147,6 +150,8 @@ def rotate_volume_key(
         config.generation = max(config.generation, 1) + 1
         entry = ChainEntry.seal(new, old, config.volume_id, config.generation)
         config.chain = [*config.chain, entry][-MAX_CHAIN:]
+        if config.names is not None:  # the same name secret, under the new key
+            config.names = config.names.resealed(old, new, config.volume_id)
         config.seal(new)
         save_config(backing, config)
         old[:] = new

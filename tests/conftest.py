@@ -101,7 +101,8 @@ def _is_stale(path: Path) -> bool:
 @dataclass
 class Volume:
     """A volume under a temporary directory.  Attributes: root, backing, mountpoint,
-    key_file, log_file, init_args (extra init options), mount_args (extra mount options)."""
+    key_file, log_file, init_args (extra init options), mount_args (extra mount options),
+    encrypted_names (made with encrypted names: ``backing_path`` maps names then)."""
 
     root: Path
     backing: Path
@@ -115,6 +116,7 @@ class Volume:
     # The options naming the volume's key on this host (mount and tools need them: the
     # settings recorded in the backing directory are not trusted to find keys).
     key_args: list[str] = field(default_factory=list)
+    encrypted_names: bool = False
 
     def mount(self, *extra: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         named = any(arg in KEY_FLAGS for arg in (*self.mount_args, *extra))
@@ -158,7 +160,14 @@ class Volume:
         return self.mountpoint / name
 
     def backing_path(self, name: str) -> Path:
-        return self.backing / name
+        """The backing entry of *name* (a path in the volume): the same path with plain
+        names; with encrypted names, each component encrypted under its directory's
+        ID (the directories on the way must exist)."""
+        if not self.encrypted_names:
+            return self.backing / name
+        from support.names_support import backing_path
+
+        return backing_path(self, name)
 
 
 def _wait_unmounted(mountpoint: Path, timeout: float = 10) -> None:
@@ -208,23 +217,38 @@ def shared_dir() -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def make_volume(tmp_path: Path, *init_args: str, key: bool = True) -> Volume:
-    """Create (not mount) a local-provider volume under *tmp_path*."""
+NAMES = ("plain", "encrypted")  # the names of a volume: parametrize fixtures with these
+# a module mark: every test of the module (each takes volume or mounted) runs on both
+BOTH_NAMES = pytest.mark.parametrize("volume", NAMES, indirect=True)
+
+
+def make_volume(
+    tmp_path: Path, *init_args: str, key: bool = True, names: str = "plain"
+) -> Volume:
+    """Create (not mount) a local-provider volume under *tmp_path*, with plain names
+    unless *names* is "encrypted" (or *init_args* choose)."""
     backing = tmp_path / "backing"
     mountpoint = tmp_path / "mnt"
+    tmp_path.mkdir(parents=True, exist_ok=True)
     backing.mkdir()
     mountpoint.mkdir()
     volume = Volume(tmp_path, backing, mountpoint, tmp_path / "master.key", tmp_path / "kmsfs.log")
     volume.key_args = ["--key-file", str(volume.key_file)]
+    chosen = {"--plain-names", "--encrypted-names"} & set(init_args)
+    volume.encrypted_names = "--encrypted-names" in chosen or (
+        not chosen and names == "encrypted"
+    )
     if key:
-        run_kmsfs("init", backing, "--key-file", volume.key_file, *init_args)
+        mode = [] if chosen else [f"--{names}-names"]
+        run_kmsfs("init", backing, "--key-file", volume.key_file, *mode, *init_args)
     return volume
 
 
 @pytest.fixture
-def volume(tmp_path: Path) -> Iterator[Volume]:
-    """A local-provider volume (key file), created but not mounted."""
-    vol = make_volume(tmp_path)
+def volume(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Volume]:
+    """A local-provider volume (key file), created but not mounted; with plain names,
+    or the names a module asks for with ``BOTH_NAMES`` (``request.param``)."""
+    vol = make_volume(tmp_path, names=getattr(request, "param", "plain"))
     try:
         yield vol
     finally:

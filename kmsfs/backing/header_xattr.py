@@ -18,8 +18,9 @@ from kmsfs.format.content import format_of_mode, mode_for_format
 from kmsfs.format.header import XATTR_NAME, FileHeader
 
 
-def read_raw_header(fd: int) -> bytes | None:
-    """The header xattr's bytes of the open file *fd*, or None if it has none.
+def read_raw_header(fd: int | str) -> bytes | None:
+    """The header xattr's bytes of the open file *fd* (or of the inode at the path
+    *fd*: ``/proc/self/fd/N`` of an O_PATH descriptor), or None if it has none.
 
     Other OSErrors (EIO, a filesystem without xattrs) propagate.
     """
@@ -39,8 +40,9 @@ def parse_header(raw: bytes, what: str) -> FileHeader:
         raise exc.located(what) from None
 
 
-def read_header(fd: int, what: str) -> FileHeader:
-    """The parsed header of the open file *fd*; FormatError naming *what* if it is
+def read_header(fd: int | str, what: str) -> FileHeader:
+    """The parsed header of the open file *fd* (or path, as ``read_raw_header``);
+    FormatError naming *what* if it is
     missing (a file not written through kmsfs, or an xattr a copy lost) or malformed."""
     raw = read_raw_header(fd)
     if raw is None:

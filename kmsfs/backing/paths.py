@@ -9,11 +9,15 @@ mount namespace, with every symlink already resolved: the backing path as
 the operator wrote it (which may lead through a symlink, ``/srv`` ->
 ``/data``) is never compared with them.  When the root's name no longer
 prefixes a path (the backing directory was renamed or moved while mounted),
-the root's name is read again once.
+the root's name is read again once.  In a volume with encrypted names the
+kernel's name is a backing path: each component is then decrypted under its
+directory's ID (kmsfs/backing/encrypted_names.py, ``plain_path``), opening each directory
+on the way with O_NOFOLLOW from the root's descriptor.
 
 None means "not resolvable": the file is no longer under the backing root
 (moved out by someone who can write the backing directory), the name is too
-long for the kernel to print, or the descriptor is not open.  The operations
+long for the kernel to print, the descriptor is not open, or a component does
+not decrypt.  The operations
 layer then denies whatever a path rule could decide (docs/DESIGN.md "Access
 policy").  A file unlinked while open keeps its last path: the kernel's
 `` (deleted)`` suffix is dropped when the inode has no link left.
@@ -23,6 +27,8 @@ from __future__ import annotations
 
 import os
 
+from kmsfs.backing.names import Names, PlainNames
+
 DELETED = " (deleted)"
 
 
@@ -30,16 +36,24 @@ class VolumePaths:
     """Paths in the volume of descriptors under the backing root.
 
     Attributes: root_fd (the backing root's descriptor, not owned), root (its
-    kernel name, re-read when a path no longer falls under it).
+    kernel name, re-read when a path no longer falls under it), names (the
+    volume's names: plain, or encrypted under directory IDs).
     """
 
-    def __init__(self, root_fd: int) -> None:
+    def __init__(self, root_fd: int, names: Names | None = None) -> None:
         """OSError if the root descriptor has no name (it is not open)."""
         self.root_fd = root_fd
         self.root = os.readlink(f"/proc/self/fd/{root_fd}")
+        self.names = names if names is not None else PlainNames()
 
     def of(self, fd: int) -> str | None:
         """``/`` or ``/a/b`` for the file open on *fd*, None if not resolvable (above)."""
+        backing = self.backing_of(fd)
+        return None if backing is None else self.names.plain_path(self.root_fd, backing)
+
+    def backing_of(self, fd: int) -> str | None:
+        """The backing path (relative to the root, ``/X/Y``) of the file open on *fd*,
+        None if it is not under the root or not open."""
         try:
             name = os.readlink(f"/proc/self/fd/{fd}")
         except OSError:

@@ -35,8 +35,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from kmsfs.backing.names import own_entry
 from kmsfs.errors import KmsfsError
-from kmsfs.format.volume_config import RESERVED_PREFIX, STATE_DIR_NAME
+from kmsfs.format.volume_config import STATE_DIR_NAME
 
 log = logging.getLogger(__name__)
 
@@ -289,15 +290,24 @@ class Tree:
     """A directory tree opened once by descriptor; everything in it is reached from there.
 
     Attributes: path (the operator's spelling, for messages), fd (the root's descriptor),
-    skipped ((rel, reason) of directories the walks could not enter), reserved (names
-    at the root beginning with ``.kmsfs`` are left out of walks: a backing tree).
-    Use as a context manager, or call ``close``.
+    skipped ((rel, reason) of directories the walks could not enter), reserved (a
+    backing tree: kmsfs's own entries are left out of walks, ``own_entry``: with plain
+    names the root's ``.kmsfs*``, with *encrypted_names* every name starting with '.'
+    but long names' entries, in every directory).  Use as a context manager, or call
+    ``close``.
     """
 
-    def __init__(self, path: str | os.PathLike[str], reserved: bool = True) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        reserved: bool = True,
+        *,
+        encrypted_names: bool = False,
+    ) -> None:
         self.path = Path(path)
         self.fd = open_root(path)
         self.reserved = reserved
+        self.encrypted_names = encrypted_names
         self.skipped: list[tuple[str, str]] = []
 
     def __enter__(self) -> Tree:
@@ -328,7 +338,8 @@ class Tree:
         """``walk`` from the root (without the reserved names if ``reserved``)."""
 
         def pruned(node: Node) -> bool:
-            if self.reserved and "/" not in node.rel and node.name.startswith(RESERVED_PREFIX):
+            at_root = "/" not in node.rel
+            if self.reserved and own_entry(os.fsencode(node.name), at_root, self.encrypted_names):
                 return True
             return prune is not None and prune(node)
 

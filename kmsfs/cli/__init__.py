@@ -26,6 +26,7 @@ for _command in (
     mount.umount,
     volume.inspect,
     volume.decrypt,
+    volume.path,
     mount.status,
     keys.rewrap,
     keys.keys,

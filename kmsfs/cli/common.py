@@ -9,11 +9,14 @@ from __future__ import annotations
 import functools
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from kmsfs.errors import KmsfsError, UsageError
+
+if TYPE_CHECKING:
+    from kmsfs.format.volume_config import VolumeConfig
 
 KEY_OPTION_NAMES = (
     "key_file",
@@ -125,6 +128,33 @@ def provider_option(help_text: str) -> Callable[[Callable[..., Any]], Callable[.
         type=click.Choice(PROVIDER_NAMES),
         help=help_text,
     )
+
+
+ENCRYPTED_NAMES_BY_DEFAULT = True
+
+
+def names_option(func: Callable[..., Any]) -> Callable[..., Any]:
+    """``--plain-names/--encrypted-names``: the names of a new volume."""
+    return click.option(
+        "--plain-names/--encrypted-names",
+        "plain_names",
+        default=not ENCRYPTED_NAMES_BY_DEFAULT,
+        show_default=True,
+        help="Encrypt file and directory names, symlink targets and user/trusted xattrs"
+        " (--encrypted-names), or store them in the clear (--plain-names): then whoever"
+        " reads the backing directory, its backups or its disk reads every name, every"
+        " symlink target and every user.* xattr as it is. Either way the tree's shape,"
+        " entry counts, sizes, times and owners stay visible (docs/FORMAT.md, 'What"
+        " encrypted names hide'); --plain-names only for a backing directory nobody but"
+        " this host reads.",
+    )(func)
+
+
+def names_mode(config: VolumeConfig) -> str:
+    """How a volume stores names, in one phrase (init, inspect, status)."""
+    if config.encrypted_names:
+        return "encrypted (names, symlink targets and user/trusted xattrs)"
+    return "plain (names, symlink targets and user/trusted xattrs stored as they are)"
 
 
 def key_option_values(kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from kmsfs.cli.common import (
     handle_errors,
     key_option_values,
     key_options,
+    names_option,
     parse_duration,
     progress_flag,
     prompt_secret,
@@ -52,6 +53,8 @@ def fsck(backing: str, as_json: bool, quick: bool, quiet: bool, **kwargs: Any) -
     else:
         for finding in report.findings:
             where = f" block {finding.block}" if finding.block is not None else ""
+            if finding.backing and finding.backing != finding.path:
+                where += f" (backing {finding.backing})"
             click.echo(f"{finding.path}{where}: {finding.kind}: {finding.message}")
         what = "headers" if quick else f"headers and {report.blocks} blocks"
         verdict = "clean" if report.clean else f"{len(report.findings)} problems"
@@ -104,11 +107,18 @@ def rekey(backing: str, older_than: str | None, quiet: bool, **kwargs: Any) -> N
 @click.argument("backing", type=click.Path(file_okay=False))
 @provider_option("Master key provider of the new volume.")
 @click.option("--block-size", default=4096, show_default=True, type=int)
+@names_option
 @key_options(for_init=True)
 @quiet_option
 @handle_errors
 def import_(
-    plaindir: str, backing: str, provider: str, block_size: int, quiet: bool, **kwargs: Any
+    plaindir: str,
+    backing: str,
+    provider: str,
+    block_size: int,
+    plain_names: bool,
+    quiet: bool,
+    **kwargs: Any,
 ) -> None:
     """Copy the plaintext tree PLAINDIR into a new volume BACKING, encrypting every file.
 
@@ -122,7 +132,14 @@ def import_(
     target = Path(backing)
     target.mkdir(exist_ok=True)
     if check_import_target(Path(plaindir), target) is None:
-        init_volume(target, provider, options, prompt_secret, block_size)
+        init_volume(
+            target,
+            provider,
+            options,
+            prompt_secret,
+            block_size,
+            encrypted_names=not plain_names,
+        )
     config, keyring = open_volume(target, options, prompt_secret, NullCache(), migrate=True)
     try:
         report = import_tree(plaindir, target, config, keyring, progress_flag(quiet))

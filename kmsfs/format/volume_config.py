@@ -5,10 +5,11 @@ JSON, UTF-8, one object (see docs/FORMAT.md, "Volume config")::
     {"kmsfs_volume": 3, "volume_id": "<32 hex>", "suite": "AES-256-GCM/HKDF-SHA256",
      "block_size": 4096, "created": "<ISO 8601>", "generation": 7,
      "chain": [{"generation": 5, "previous": "<32 hex>", "sealed": "<base64>"}, ...],
+     "names": {"mode": "encrypted", "sealed": "<base64>"},    (format 4 only)
      "keys": [{"provider": "local", "key_ref": "...", "settings": {...},
                "check": "<base64>", "tag": "<base64>"}, ...],
      "tags": {"kmsfs_volume": "<base64>", "volume_id": ..., "suite": ..., "block_size": ...,
-              "created": ..., "generation": ..., "chain": ..., "keys": ...}}
+              "created": ..., "generation": ..., "chain": ..., "keys": ..., "names": ...}}
 
 Formats 2 and 3 are **authenticated**: every master key's ``check`` wraps the
 same random 32-byte *volume key*, and ``tags`` / ``keys[i].tag`` are
@@ -17,9 +18,13 @@ lacks a master key cannot add, remove, reorder or edit a key entry, nor change
 the block size or suite, without ``verify`` naming what changed.  Format 3
 adds the tagged ``generation`` (raised by every config write, so a host that
 remembers it sees a rollback) and ``chain`` (the previous volume keys, each
-sealed under the next: kmsfs/format/volume_key.py).  Format 1 (no tags, one
-independent check value per key) and format 2 are still read; ``kmsfs``
-migrates them.
+sealed under the next: kmsfs/format/volume_key.py).  Format 4 is format 3 of a
+volume with encrypted names: the tagged ``names`` field holds the name secret
+sealed under the volume key (kmsfs/format/name_secret.py); the format number,
+tagged too, is what stops anyone without the volume key from removing that
+field (and its tag) to pass the volume off as one with plain names.  Format 1
+(no tags, one independent check value per key) and format 2 are still read;
+``kmsfs`` migrates them.
 
 ``settings`` are *hints* (docs/FORMAT.md): what init used to find each key.
 They are shown by ``keys list`` and compared at mount; code paths, endpoints
@@ -47,13 +52,15 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from kmsfs.errors import ConfigError, ConfigTampered, FormatError
 from kmsfs.format.header import ID_SIZE, check_block_size
+from kmsfs.format.name_secret import SealedNameSecret
 from kmsfs.format.volume_key import MAX_GENERATION, VOLUME_KEY_SIZE, ChainEntry, parse_chain
 
 CONFIG_NAME = ".kmsfs.json"
 STATE_DIR_NAME = ".kmsfs.d"
 RESERVED_PREFIX = ".kmsfs"
-CONFIG_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
+CONFIG_VERSION = 3  # plain names
+NAMES_VERSION = 4  # format 3 with the tagged names field: encrypted names
+READABLE_VERSIONS = (1, 2, 3, 4)
 SUITE_NAME = "AES-256-GCM/HKDF-SHA256"
 DEFAULT_BLOCK_SIZE = 4096
 MAX_CONFIG_SIZE = 1 << 20
@@ -62,6 +69,7 @@ TAG_SIZE = 32
 MAC_LABEL = b"kmsfs/v2/config-mac"
 TOP_FIELDS = ("kmsfs_volume", "volume_id", "suite", "block_size", "created", "keys")
 GENERATION_FIELDS = ("generation", "chain")  # format 3
+NAMES_FIELDS = ("names",)  # format 4
 KEY_FIELDS = ("provider", "key_ref", "settings", "check")
 
 
@@ -121,7 +129,8 @@ class VolumeConfig:
 
     ``generation`` counts the config's writes (format 3; 0 stands for a format-1
     or format-2 config, which has none); ``chain`` lists the previous volume
-    keys, oldest first (format 3).
+    keys, oldest first (format 3).  ``names`` is the name secret sealed under the
+    volume key for a volume with encrypted names (format 4), None for plain names.
     """
 
     volume_id: bytes
@@ -133,6 +142,12 @@ class VolumeConfig:
     tags: dict[str, bytes] = field(default_factory=dict)
     generation: int = 1
     chain: list[ChainEntry] = field(default_factory=list)
+    names: SealedNameSecret | None = None
+
+    @property
+    def encrypted_names(self) -> bool:
+        """True for a volume with encrypted names (format 4, with its ``names`` field)."""
+        return self.names is not None
 
     @property
     def authenticated_format(self) -> bool:
@@ -151,6 +166,8 @@ class VolumeConfig:
         if self.version >= 3:
             values["generation"] = self.generation
             values["chain"] = [entry.to_json() for entry in self.chain]
+        if self.version >= NAMES_VERSION and self.names is not None:
+            values["names"] = self.names.to_json()
         return values
 
     def to_json(self) -> dict[str, Any]:
@@ -165,14 +182,16 @@ class VolumeConfig:
     # -- authentication (formats 2 and 3) ------------------------------------
 
     def seal(self, volume_key: bytes | bytearray) -> None:
-        """Make this a format-3 config and (re)compute every tag under *volume_key*.
+        """Make this a format-3 config (format 4 with encrypted names) and (re)compute
+        every tag under *volume_key*.
 
         The generation is the caller's to raise (``kmsfs.volume_open``); a config that
-        had none (format 1 or 2) starts at 1.
+        had none (format 1 or 2) starts at 1.  The ``names`` field must be sealed
+        under *volume_key* already (``SealedNameSecret.resealed`` on a rotation).
         """
         if self.version < 3:
             self.generation = max(self.generation, 1)
-        self.version = CONFIG_VERSION
+        self.version = NAMES_VERSION if self.names is not None else CONFIG_VERSION
         mac_key = config_mac_key(volume_key, self.volume_id)
         for key in self.keys:
             key.tag = _mac(mac_key, b"key", canonical_json(key.body()))
@@ -233,6 +252,7 @@ class VolumeConfig:
             )
         if version >= 2:
             known = {*TOP_FIELDS, "tags", *(GENERATION_FIELDS if version >= 3 else ())}
+            known |= set(NAMES_FIELDS if version >= NAMES_VERSION else ())
             unknown = sorted(set(data) - known)
             if unknown:
                 raise ConfigError(f"{where}: unknown fields {', '.join(unknown)}")
@@ -263,7 +283,8 @@ class VolumeConfig:
             raw_tags = data.get("tags") or {}
             if not isinstance(raw_tags, dict):
                 raise ConfigError(f"{where}: tags must be an object, found {raw_tags!r}")
-            for name in (*TOP_FIELDS, *GENERATION_FIELDS):  # verify names a missing one
+            # verify names a missing one
+            for name in (*TOP_FIELDS, *GENERATION_FIELDS, *NAMES_FIELDS):
                 if raw_tags.get(name) is not None:
                     tags[name] = _b64(raw_tags[name], f"{where}: tags.{name}", TAG_SIZE)
         generation, chain = 0, []
@@ -272,7 +293,12 @@ class VolumeConfig:
             if not 1 <= generation <= MAX_GENERATION:
                 raise ConfigError(f"{where}: generation {generation} out of range (1..2^63-1)")
             chain = parse_chain(data.get("chain"), generation, where)
-        return cls(volume_id, block_size, keys, created, suite, version, tags, generation, chain)
+        names = None
+        if version >= NAMES_VERSION:  # required: format 4 is format 3 with this field
+            names = SealedNameSecret.parse(data.get("names"), where)
+        return cls(
+            volume_id, block_size, keys, created, suite, version, tags, generation, chain, names
+        )
 
 
 def _field_tags(mac_key: bytes, config: VolumeConfig) -> dict[str, bytes]:

@@ -47,6 +47,7 @@ from kmsfs.backing import syscalls
 from kmsfs.backing.content_file import ContentFile
 
 if TYPE_CHECKING:
+    from kmsfs.backing.names import Listed
     from kmsfs.policy.identity import Requester
 
 T = TypeVar("T")
@@ -174,7 +175,10 @@ class Inode:
     whose layouts gave the sizes reported before that), generation (told to the
     kernel; raised to make it drop what it cached of the inode), listed_under (a
     directory: the ``policy_serial`` under which the kernel was last let keep its
-    listing)."""
+    listing), parent and name (one directory and name the kernel reached it by, to
+    ask it to forget the entry) and backing_name (that name's backing entry, to
+    open it again), dir_id (a directory's ID once read: kmsfs/backing/encrypted_names.py;
+    it never changes, and the descriptor keeps the inode from being reused))."""
 
     ino: int
     fd: int
@@ -185,12 +189,14 @@ class Inode:
     lock: EntryLock = field(default_factory=EntryLock)
     parent: int = 0  # one (parent, name) this inode was reached by, to evict it
     name: bytes = b""
+    backing_name: bytes = b""
     evicting: bool = False  # the kernel was asked to forget it
     born: float | None = None  # a deferred entry's birth time: its number may be reused
     format: int = 0
     claims: int = 0
     generation: int = 0
     listed_under: int = 0
+    dir_id: bytes | None = None
 
     @property
     def proc_path(self) -> str:
@@ -214,15 +220,15 @@ def deferred_birth_time(dir_fd: int, name: bytes) -> float | None:
 
 class DirHandle:
     """An open directory: fd (its own descriptor), ino, names (the listing, made at the
-    first READDIR and at a rewind), requester (who opened it: whose ``list`` rules
-    decide which entries the listing shows)."""
+    first READDIR and at a rewind: each entry's name and backing name), requester (who
+    opened it: whose ``list`` rules decide which entries the listing shows)."""
 
     __slots__ = ("fd", "ino", "names", "requester")
 
     def __init__(self, fd: int, ino: int, requester: Requester | None = None) -> None:
         self.fd = fd
         self.ino = ino
-        self.names: list[bytes] | None = None
+        self.names: list[Listed] | None = None
         self.requester = requester
 
 
@@ -333,10 +339,11 @@ class InodeTable:
         os.close(self.dirs.pop(fh).fd)
 
     def remember(
-        self, st: os.stat_result, parent: int, name: bytes
+        self, st: os.stat_result, parent: int, name: bytes, backing: bytes | None = None
     ) -> tuple[Inode, os.stat_result]:
-        """Count one more lookup of entry *name* of directory *parent* (which the caller
-        found to have attributes *st*), opening it if new.
+        """Count one more lookup of entry *name* of directory *parent*, stored as the
+        backing entry *backing* (*name* itself if None), which the caller found to
+        have attributes *st*; open it if new.
 
         Returns the entry and its attributes: those of the inode opened, which are not
         *st* if the name was replaced between the caller's stat and this open (another
@@ -344,19 +351,27 @@ class InodeTable:
         an entry holding another inode than its number's would let that number be
         reused by a new file while the kernel still caches the old one's attributes.
         """
+        backing = name if backing is None else backing
         entry = self._entries.get(self.fuse_ino(st.st_ino))
         if entry is None:
-            fd, st, born = self.open_new(self._entries[parent].fd, name, st)
-            return self.adopt(st, fd, parent, name, born), st
+            fd, st, born = self.open_new(self._entries[parent].fd, backing, st)
+            return self.adopt(st, fd, parent, name, born, backing), st
         entry.lookups += 1
-        self._keep(entry, parent, name)
+        self._keep(entry, parent, name, backing)
         return entry, st
 
     def adopt(
-        self, st: os.stat_result, fd: int, parent: int, name: bytes, born: float | None = None
+        self,
+        st: os.stat_result,
+        fd: int,
+        parent: int,
+        name: bytes,
+        born: float | None = None,
+        backing: bytes | None = None,
     ) -> Inode:
         """Count one lookup for an inode we just created and hold *fd* for (-1: deferred,
-        born at *born*: ``deferred_birth_time``)."""
+        born at *born*: ``deferred_birth_time``), reached as *name* of *parent*, stored
+        as the backing entry *backing* (*name* itself if None)."""
         ino = self.fuse_ino(st.st_ino)
         entry = self._entries.get(ino)
         if entry is None:
@@ -365,7 +380,7 @@ class InodeTable:
         elif fd >= 0:
             os.close(fd)
         entry.lookups += 1
-        self._keep(entry, parent, name)
+        self._keep(entry, parent, name, name if backing is None else backing)
         return entry
 
     @staticmethod
@@ -409,7 +424,9 @@ class InodeTable:
         if parent.fd < 0:
             self.open_deferred(parent)
         try:
-            fd = self.open_spared(lambda: os.open(entry.name, O_PATH_FLAGS, dir_fd=parent.fd))
+            fd = self.open_spared(
+                lambda: os.open(entry.backing_name, O_PATH_FLAGS, dir_fd=parent.fd)
+            )
         except FileNotFoundError:
             raise OSError(errno.ESTALE, "deferred entry was renamed or removed") from None
         if self.fuse_ino(os.stat(fd).st_ino) != entry.ino:
@@ -420,9 +437,9 @@ class InodeTable:
             raise OSError(errno.ESTALE, "deferred entry's number was taken by a new file")
         entry.fd = fd
 
-    def _keep(self, entry: Inode, parent: int, name: bytes) -> None:
+    def _keep(self, entry: Inode, parent: int, name: bytes, backing: bytes) -> None:
         """Record the entry's latest name; it is in use again, so no longer evicting."""
-        entry.parent, entry.name = parent, name
+        entry.parent, entry.name, entry.backing_name = parent, name, backing
         if entry.evicting:
             entry.evicting = False
             self.evicting -= 1

@@ -5,9 +5,11 @@ through with its errno) or kmsfs domain errors, which are logged with the file
 and cause and answered with EIO (integrity, format, wrong key, provider
 outage) or EACCES (the key provider refused access).
 
-Names are not encrypted (see docs/FORMAT.md, "Threat model"); at the root,
-names starting with ``.kmsfs`` (the volume config and state) are invisible
-and cannot be created, and ``user.kmsfs*`` xattrs are hidden and refused.
+Names reach the backing directory through the volume's ``Names``
+(kmsfs/backing/names.py): encrypted (names, symlink targets, user/trusted
+xattrs) or plain, where names at the root starting with ``.kmsfs`` (the volume
+config and state) are invisible and cannot be created.  ``user.kmsfs*`` xattrs
+are hidden and refused in both.
 
 The handlers are split by concern, each module a layer over the one before:
 ops_base (errno mapping, the handler wrapper, helpers), ops_access (policy and

@@ -13,6 +13,7 @@ import pyfuse3
 import trio
 from pyfuse3 import FUSEError
 
+from kmsfs.backing.names import Listed
 from kmsfs.fs.access_events import AccessEvent, access_mode
 from kmsfs.fs.inodes import DirHandle, Inode
 from kmsfs.fs.ops_base import OperationsBase, errno_for, log
@@ -115,7 +116,7 @@ class AccessChecks(OperationsBase):
                 await trio.to_thread.run_sync(pending.resolve, limiter=self._key_limiter)
         raise RuntimeError(f"policy decision for {action} still pending after {MAX_ROUNDS} rounds")
 
-    async def _listable(self, handle: DirHandle, names: list[bytes]) -> list[bytes]:
+    async def _listable(self, handle: DirHandle, names: list[Listed]) -> list[Listed]:
         """The entries of *names* (in the directory *handle*) its opener may ``list``.
 
         A denied entry is left out, not audited (the opener asked for the
@@ -131,7 +132,7 @@ class AccessChecks(OperationsBase):
         base = None if entry is None else self._path_of(entry)()
         shown = []
         for name in names:
-            path = None if base is None else os.path.join(base, os.fsdecode(name))
+            path = None if base is None else os.path.join(base, os.fsdecode(name.name))
             decision = await self._decide(policy, requester, "list", _constant(path))
             if decision.allowed:
                 shown.append(name)
@@ -184,8 +185,9 @@ class AccessChecks(OperationsBase):
         await self._allow(ctx, "rename", self._path_of(old_parent, old_name), tree=True)
         await self._allow(ctx, "create", self._path_of(new_parent, new_name))
         if self._policy.applies("delete") or not self._policy.default_decision.allowed:
+            backing = self.names.backing_name(self._dir(new_parent), new_name)
             try:
-                os.stat(new_name, dir_fd=new_parent.fd, follow_symlinks=False)
+                os.stat(backing, dir_fd=new_parent.fd, follow_symlinks=False)
             except FileNotFoundError:
                 return
             await self._allow(ctx, "delete", self._path_of(new_parent, new_name), tree=True)

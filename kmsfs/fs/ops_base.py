@@ -31,12 +31,12 @@ from pyfuse3 import FUSEError
 from kmsfs.backing import syscalls, xattrs
 from kmsfs.backing.content_file import ContentFile, KeyUsage
 from kmsfs.backing.header_xattr import read_header, set_format_marker
+from kmsfs.backing.names import Dir
 from kmsfs.backing.paths import VolumePaths
 from kmsfs.backing.shared import LockBusy
 from kmsfs.errors import KeyAccessDenied, KmsfsError
 from kmsfs.format.content import FORMAT_MARKER, BlockCipher, Layout, format_of_mode
 from kmsfs.format.header import FORMAT_1, FORMAT_2, FileHeader
-from kmsfs.format.volume_config import RESERVED_PREFIX
 from kmsfs.fs.content_access import content_access_for
 from kmsfs.fs.fuseloop import PYFUSE3
 from kmsfs.fs.inodes import ROOT_INODE, Inode
@@ -45,8 +45,6 @@ from kmsfs.fs.requests import OPCODES, RequestStats
 from kmsfs.fs.served import ServedVolume
 
 log = logging.getLogger("kmsfs.fs")
-
-RESERVED_NAME = RESERVED_PREFIX.encode()
 
 T = TypeVar("T")
 P = ParamSpec("P")
@@ -141,11 +139,13 @@ class OperationsBase(pyfuse3.Operations):
     """State and helpers of the operations (``KmsfsOperations``), with the parts given
     (``ServedVolume``).
 
-    Attributes: backing (path), config, keyring, inodes, paths (volume paths of
-    descriptors: kmsfs/backing/paths.py), key_usage, timeout, offload_bytes,
-    on_access, content_access (local or shared: kmsfs/fs/content_access.py),
-    lock_waits (shared mode's waits for other daemons), and the counters errors,
-    bytes_read, bytes_written and requests (per FUSE opcode, ``kmsfs.fs.requests``).
+    Attributes: backing (path), config, keyring, inodes, names (where a name lives
+    in the backing directory, plain or encrypted: kmsfs/backing/names.py), paths
+    (volume paths of descriptors: kmsfs/backing/paths.py), key_usage, timeout,
+    offload_bytes, on_access, content_access (local or shared:
+    kmsfs/fs/content_access.py), lock_waits (shared mode's waits for other daemons),
+    and the counters errors, bytes_read, bytes_written and requests (per FUSE opcode,
+    ``kmsfs.fs.requests``).
     """
 
     enable_writeback_cache = True
@@ -169,7 +169,8 @@ class OperationsBase(pyfuse3.Operations):
         self.timeout = parts.timeout
         self.offload_bytes = parts.offload_bytes
         self.inodes = parts.inodes
-        self.paths = VolumePaths(parts.inodes.root_fd)
+        self.names = parts.names
+        self.paths = VolumePaths(parts.inodes.root_fd, parts.names)
         self._unresolved_logged: set[int] = set()
         self._exec_warned: set[int] = set()  # inodes (ops_access._warn_exec_only)
         # Block encryptions per file key, kept across opens and closes (FORMAT.md,
@@ -194,7 +195,9 @@ class OperationsBase(pyfuse3.Operations):
     def _attr(
         self, st: os.stat_result, entry: Inode | None = None, size: int | None = None
     ) -> pyfuse3.EntryAttributes:
-        """Attributes of backing inode *st*; a regular file's size is *size* if given.
+        """Attributes of backing inode *st*; a regular file's or symlink's size is *size*
+        if given (a symlink's is its target's length, else read through *entry*:
+        ``_link_size``; EncryptedNameError if its target does not decrypt).
 
         Otherwise the size of its open content, else the one computed from the backing
         file's, which shared mode's kernel does not cache (``content_access``: another
@@ -220,6 +223,13 @@ class OperationsBase(pyfuse3.Operations):
                 attr.attr_timeout = self.content_access.attr_timeout_of_computed_size(
                     self.timeout
                 )
+        elif stat.S_ISLNK(st.st_mode):
+            attr.st_mode = st.st_mode
+            if size is None:
+                fd = -1 if entry is None else entry.fd
+                read = None if fd < 0 else (lambda: os.readlink(b"", dir_fd=fd))
+                size = self._link_size(st, read)
+            attr.st_size = size
         else:
             attr.st_mode = st.st_mode
             attr.st_size = st.st_size
@@ -229,6 +239,18 @@ class OperationsBase(pyfuse3.Operations):
         attr.st_mtime_ns = st.st_mtime_ns
         attr.st_ctime_ns = st.st_ctime_ns
         return attr
+
+    def _link_size(self, st: os.stat_result, read: Callable[[], bytes] | None) -> int:
+        """The size ``lstat`` shows for the backing symlink *st* (its target's length),
+        reading the stored target with *read* if the names need it."""
+        return self.names.link_size(st.st_size, read)
+
+    def _entry_size(self, st: os.stat_result, dir_fd: int, backing: bytes) -> int | None:
+        """For the entry *backing* of *dir_fd* with attributes *st*: a symlink's size (read
+        by name: its inode may have no descriptor yet), None for anything else."""
+        if not stat.S_ISLNK(st.st_mode):
+            return None
+        return self._link_size(st, lambda: os.readlink(backing, dir_fd=dir_fd))
 
     async def _attr_sized(
         self, st: os.stat_result, entry: Inode, caller: int
@@ -296,9 +318,31 @@ class OperationsBase(pyfuse3.Operations):
             raise LookAgain(self.describe(entry))
 
     def _check_name(self, parent: int, name: bytes) -> None:
-        """EPERM for names reserved for kmsfs's own files at the root."""
-        if parent == ROOT_INODE and name.startswith(RESERVED_NAME):
+        """EPERM for names reserved for kmsfs's own files (``.kmsfs*`` at the root of a
+        volume with plain names; none with encrypted names)."""
+        if self.names.reserved(parent == ROOT_INODE, name):
             raise FUSEError(errno.EPERM)
+
+    def _dir(self, entry: Inode, fd: int | None = None) -> Dir:
+        """The directory *entry* for the name operations (``self.names``), through its
+        descriptor (or *fd*, another of it).  Its directory ID is read once and kept
+        with the entry: EncryptedNameError or FormatError if it is missing or
+        malformed (logged by the handler, EIO)."""
+        root = entry.ino == ROOT_INODE
+        if entry.dir_id is None:
+            entry.dir_id = self.names.dir_id(entry.proc_path, root)
+        return Dir(entry.fd if fd is None else fd, entry.dir_id, root)
+
+    def _object_id(self, entry: Inode) -> bytes:
+        """What the encrypted values of *entry*'s xattrs are bound to: a regular file's
+        file ID (from its header), a directory's ID, b"" for other objects."""
+        if stat.S_ISDIR(entry.mode):
+            return self._dir(entry).dir_id
+        if not entry.is_regular:
+            return b""
+        if entry.content is not None:
+            return entry.content.file_id
+        return read_header(entry.proc_path, self.describe(entry)).file_id
 
     def _path_of(self, entry: Inode, name: bytes | None = None) -> Callable[[], str | None]:
         """The volume path of *entry* (or of *name* inside it), computed when asked;
@@ -329,9 +373,15 @@ class OperationsBase(pyfuse3.Operations):
         )
 
     def describe(self, entry: Inode) -> str:
-        """The file's path in the volume, for log lines (never raises)."""
-        path = self.paths.of(entry.fd) if entry.fd >= 0 else None
-        return f"inode {entry.ino}" if path is None else path
+        """The file's path in the volume, for log lines (never raises): else its
+        backing path, else its inode number."""
+        if entry.fd < 0:
+            return f"inode {entry.ino}"
+        path = self.paths.of(entry.fd)
+        if path is not None:
+            return path
+        backing = self.paths.backing_of(entry.fd)
+        return f"inode {entry.ino}" if backing is None else f"inode {entry.ino} (backing {backing})"
 
     async def _key_call(self, func: Callable[..., T], *args: Any) -> T:
         if self.keyring.inline:

@@ -14,7 +14,9 @@ from pyfuse3 import FUSEError
 
 from kmsfs.backing import xattrs
 from kmsfs.backing.header_xattr import write_new_header
+from kmsfs.backing.names import XattrNameTooLong
 from kmsfs.backing.xattrs import Namespace
+from kmsfs.errors import KmsfsError, PlaintextTooLong
 from kmsfs.format.content import BlockCipher
 from kmsfs.format.header import FileHeader
 from kmsfs.fs.inodes import Inode
@@ -66,11 +68,12 @@ class FileOps(NamespaceOps):
         """Create *name* in *parent* with the new file's *header*, its blocks sealed by
         *cipher*; nothing is left behind if a step fails."""
         file_id = header.file_id
-        fd = os.open(
+        directory = self._dir(parent)
+        fd, backing = self.names.open_new(
+            directory,
             name,
-            os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC,
+            os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC,
             stat.S_IMODE(self._new_mode(parent, mode, ctx)),
-            dir_fd=parent.fd,
         )
         try:
             write_new_header(fd, header)
@@ -89,11 +92,11 @@ class FileOps(NamespaceOps):
         except BaseException:
             os.close(fd)
             try:
-                os.unlink(name, dir_fd=parent.fd)
+                self.names.unlink(directory, name)
             except OSError:
                 pass
             raise
-        entry = self.inodes.adopt(st, path_fd, parent.ino, name)
+        entry = self.inodes.adopt(st, path_fd, parent.ino, name, backing=backing)
         entry.format = header.version
         self.inodes.trim()
         content.describe = lambda: self.describe(entry)
@@ -203,7 +206,12 @@ class FileOps(NamespaceOps):
             raise FUSEError(errno.EPERM)
         entry = self.inodes.entry(inode)
         await self._allow(ctx, "write", self._path_of(entry))
-        os.setxattr(entry.proc_path, name, value)
+        try:
+            self.names.set_xattr(entry.proc_path, name, value, lambda: self._object_id(entry))
+        except XattrNameTooLong:
+            raise FUSEError(errno.ERANGE) from None  # a name longer than the volume stores
+        except PlaintextTooLong:
+            raise FUSEError(errno.E2BIG) from None  # a value longer than the volume stores
 
     @fuse_op
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
@@ -213,14 +221,19 @@ class FileOps(NamespaceOps):
         if kind is Namespace.PRIVILEGED and self._is_admin(ctx) or kind is Namespace.STORED:
             entry = self.inodes.entry(inode)
             await self._allow(ctx, "list", self._path_of(entry))
-            return os.getxattr(entry.proc_path, name)
+            try:
+                return self.names.get_xattr(entry.proc_path, name, lambda: self._object_id(entry))
+            except XattrNameTooLong:
+                raise FUSEError(errno.ENODATA) from None  # no such name can be stored
+            except KmsfsError as exc:
+                raise exc.located(self.describe(entry)) from None
         raise FUSEError(errno.ENODATA)
 
     @fuse_op
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
         entry = self.inodes.entry(inode)
         await self._allow(ctx, "list", self._path_of(entry))
-        names = [os.fsencode(n) for n in os.listxattr(entry.proc_path)]
+        names = self.names.xattr_names(entry.proc_path, lambda: self.describe(entry))
         kinds = {name: xattrs.namespace_of(name) for name in names}
         admin = Namespace.PRIVILEGED in kinds.values() and self._is_admin(ctx)
         return [
@@ -238,4 +251,7 @@ class FileOps(NamespaceOps):
             raise FUSEError(errno.ENODATA)
         entry = self.inodes.entry(inode)
         await self._allow(ctx, "write", self._path_of(entry))
-        os.removexattr(entry.proc_path, name)
+        try:
+            self.names.remove_xattr(entry.proc_path, name)
+        except XattrNameTooLong:
+            raise FUSEError(errno.ENODATA) from None  # no such name can be stored

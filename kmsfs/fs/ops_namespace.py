@@ -13,10 +13,11 @@ import trio
 from pyfuse3 import FUSEError
 
 from kmsfs.backing import syscalls
+from kmsfs.errors import KmsfsError, PlaintextTooLong
 from kmsfs.format.content import format_of_mode, mode_for_format
-from kmsfs.fs.inodes import O_PATH_FLAGS, ROOT_INODE, Inode
+from kmsfs.fs.inodes import O_PATH_FLAGS, ROOT_INODE, DirHandle, Inode
 from kmsfs.fs.ops_access import AccessChecks
-from kmsfs.fs.ops_base import RESERVED_NAME, fuse_op, log
+from kmsfs.fs.ops_base import fuse_op, log
 
 
 class NamespaceOps(AccessChecks):
@@ -28,24 +29,29 @@ class NamespaceOps(AccessChecks):
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         parent = self.inodes.entry(parent_inode)
-        if parent_inode == ROOT_INODE and (name.startswith(RESERVED_NAME) or name == b".."):
-            if name == b"..":
-                st = os.stat(parent.fd)
-                parent.lookups += 1
-                return self._attr(st, parent)
+        if parent_inode == ROOT_INODE and name == b"..":
+            st = os.stat(parent.fd)
+            parent.lookups += 1
+            return self._attr(st, parent)
+        if self.names.reserved(parent_inode == ROOT_INODE, name):
             raise FUSEError(errno.ENOENT)
         await self._allow(ctx, "list", self._path_of(parent, name))
+        backing = self.names.backing_name(self._dir(parent), name)
         try:
-            st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
+            st = os.stat(backing, dir_fd=parent.fd, follow_symlinks=False)
         except FileNotFoundError:
             negative = pyfuse3.EntryAttributes()
             negative.st_ino = 0
             negative.entry_timeout = self.timeout
             return negative
-        entry, st = self.inodes.remember(st, parent_inode, name)
+        try:
+            link_size = self._entry_size(st, parent.fd, backing)
+        except KmsfsError as exc:  # a symlink whose target does not decrypt
+            raise exc.located(os.path.join(self.describe(parent), os.fsdecode(name))) from None
+        entry, st = self.inodes.remember(st, parent_inode, name, backing)
         self.inodes.trim()
-        if entry.fd < 0:  # deferred: no descriptor to read a locked size through
-            return self._attr(st, entry)
+        if entry.fd < 0 or link_size is not None:  # deferred: no descriptor to lock through
+            return self._attr(st, entry, link_size)
         return await self._attr_sized(st, entry, ctx.pid)
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
@@ -114,20 +120,31 @@ class NamespaceOps(AccessChecks):
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
         entry = self.inodes.entry(inode)
         await self._allow(ctx, "list", self._path_of(entry))
-        return os.readlink(b"", dir_fd=entry.fd)
+        try:
+            return self.names.read_link(entry.fd)
+        except KmsfsError as exc:
+            raise exc.located(self.describe(entry)) from None
 
     async def _created(
-        self, parent: Inode, name: bytes, ctx: pyfuse3.RequestContext
+        self,
+        parent: Inode,
+        name: bytes,
+        backing: bytes,
+        ctx: pyfuse3.RequestContext,
+        dir_id: bytes = b"",
     ) -> pyfuse3.EntryAttributes:
-        """Count the first lookup of an entry just made in *parent*, owned by the caller."""
-        fd = os.open(name, O_PATH_FLAGS, dir_fd=parent.fd)
+        """Count the first lookup of the entry *name* (stored as *backing*) just made in
+        *parent*, owned by the caller; *dir_id*: a new directory's ID, kept with it."""
+        fd = os.open(backing, O_PATH_FLAGS, dir_fd=parent.fd)
         try:
             self._own(fd, parent, ctx)
             st = os.stat(fd)
         except BaseException:
             os.close(fd)
             raise
-        entry = self.inodes.adopt(st, fd, parent.ino, name)
+        entry = self.inodes.adopt(st, fd, parent.ino, name, backing=backing)
+        if dir_id and entry.dir_id is None:
+            entry.dir_id = dir_id
         self.inodes.trim()
         return self._attr(st, entry)
 
@@ -140,8 +157,9 @@ class NamespaceOps(AccessChecks):
         await self._allow(ctx, "create", self._path_of(parent, name))
         if stat.S_ISREG(mode):
             raise FUSEError(errno.EPERM)  # regular files are made by create, with a header
-        os.mknod(name, self._new_mode(parent, mode, ctx), rdev, dir_fd=parent.fd)
-        return await self._created(parent, name, ctx)
+        new_mode = self._new_mode(parent, mode, ctx)
+        backing = self.names.make_node(self._dir(parent), name, new_mode, rdev)
+        return await self._created(parent, name, backing, ctx)
 
     @fuse_op
     async def mkdir(
@@ -150,8 +168,9 @@ class NamespaceOps(AccessChecks):
         self._check_name(parent_inode, name)
         parent = self.inodes.entry(parent_inode)
         await self._allow(ctx, "create", self._path_of(parent, name))
-        os.mkdir(name, self._new_mode(parent, mode, ctx), dir_fd=parent.fd)
-        return await self._created(parent, name, ctx)
+        new_mode = self._new_mode(parent, mode, ctx)
+        backing, dir_id = self.names.make_dir(self._dir(parent), name, new_mode)
+        return await self._created(parent, name, backing, ctx, dir_id)
 
     @fuse_op
     async def symlink(
@@ -160,22 +179,25 @@ class NamespaceOps(AccessChecks):
         self._check_name(parent_inode, name)
         parent = self.inodes.entry(parent_inode)
         await self._allow(ctx, "create", self._path_of(parent, name))
-        os.symlink(target, name, dir_fd=parent.fd)
-        return await self._created(parent, name, ctx)
+        try:
+            backing = self.names.make_symlink(self._dir(parent), name, target)
+        except PlaintextTooLong:
+            raise FUSEError(errno.ENAMETOOLONG) from None  # a target the volume cannot store
+        return await self._created(parent, name, backing, ctx)
 
     @fuse_op
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         self._check_name(parent_inode, name)
         parent = self.inodes.entry(parent_inode)
         await self._allow(ctx, "delete", self._path_of(parent, name))
-        os.unlink(name, dir_fd=parent.fd)
+        self.names.unlink(self._dir(parent), name)
 
     @fuse_op
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         self._check_name(parent_inode, name)
         parent = self.inodes.entry(parent_inode)
         await self._allow(ctx, "delete", self._path_of(parent, name))
-        os.rmdir(name, dir_fd=parent.fd)
+        self.names.rmdir(self._dir(parent), name)
 
     @fuse_op
     async def rename(
@@ -192,12 +214,7 @@ class NamespaceOps(AccessChecks):
         old_parent = self.inodes.entry(parent_inode_old)
         new_parent = self.inodes.entry(parent_inode_new)
         await self._allow_rename(ctx, old_parent, name_old, new_parent, name_new)
-        old_fd = old_parent.fd
-        new_fd = new_parent.fd
-        if flags:
-            syscalls.renameat2(old_fd, name_old, new_fd, name_new, flags)
-        else:
-            os.rename(name_old, name_new, src_dir_fd=old_fd, dst_dir_fd=new_fd)
+        self.names.rename(self._dir(old_parent), name_old, self._dir(new_parent), name_new, flags)
 
     @fuse_op
     async def link(
@@ -208,7 +225,7 @@ class NamespaceOps(AccessChecks):
         parent = self.inodes.entry(new_parent_inode)
         await self._allow(ctx, "rename", self._path_of(entry))  # a new name for it
         await self._allow(ctx, "create", self._path_of(parent, new_name))
-        os.link(entry.proc_path, new_name, dst_dir_fd=parent.fd, follow_symlinks=True)
+        self.names.link(entry.proc_path, self._dir(parent), new_name)
         entry.lookups += 1
         return await self._attr_sized(os.stat(entry.fd), entry, ctx.pid)
 
@@ -233,10 +250,13 @@ class NamespaceOps(AccessChecks):
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         handle = self.inodes.dirs[fh]
         if handle.names is None or start_id == 0:
-            names = [os.fsencode(n) for n in os.listdir(handle.fd)]
-            if handle.ino == ROOT_INODE:
-                names = [n for n in names if not n.startswith(RESERVED_NAME)]
-            handle.names = await self._listable(handle, names)
+            directory = self.inodes.get(handle.ino)
+            if directory is None:
+                raise FUSEError(errno.ESTALE)
+            listed = self.names.listing(
+                self._dir(directory, handle.fd), lambda: self.describe(directory)
+            )
+            handle.names = await self._listable(handle, listed)
         names = handle.names
         fd = handle.fd
         # Offsets: 1 is ".", 2 is "..", 3 + i is names[i].  The kernel takes no
@@ -252,9 +272,9 @@ class NamespaceOps(AccessChecks):
             if not pyfuse3.readdir_reply(token, b"..", self._attr(st), 2):
                 return
         for index in range(max(start_id - 2, 0), len(names)):
-            name = names[index]
+            name, backing = names[index].name, names[index].backing
             try:
-                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                st = os.stat(backing, dir_fd=fd, follow_symlinks=False)
             except FileNotFoundError:
                 continue
             known = self.inodes.get(self.inodes.fuse_ino(st.st_ino))
@@ -262,24 +282,36 @@ class NamespaceOps(AccessChecks):
             born = None
             if known is None:  # open it before the kernel counts a reference to it
                 try:
-                    new_fd, st, born = self.inodes.open_new(fd, name, st)
+                    new_fd, st, born = self.inodes.open_new(fd, backing, st)
                 except FileNotFoundError:
                     continue
                 known = self.inodes.get(self.inodes.fuse_ino(st.st_ino))
                 if known is not None:  # the name was replaced by an inode we know
                     os.close(new_fd)
                     new_fd = None
-            if not pyfuse3.readdir_reply(token, name, self._attr(st, known), index + 3):
+            try:
+                size = self._entry_size(st, fd, backing)
+            except KmsfsError as exc:  # a symlink whose target does not decrypt
+                log.error("%s: left out of the listing: %s", self._listed_path(handle, name), exc)
+                if new_fd is not None and new_fd >= 0:
+                    os.close(new_fd)
+                continue
+            if not pyfuse3.readdir_reply(token, name, self._attr(st, known, size), index + 3):
                 if new_fd is not None and new_fd >= 0:
                     os.close(new_fd)
                 break
             if new_fd is None:
-                entry, _ = self.inodes.remember(st, handle.ino, name)
+                entry, _ = self.inodes.remember(st, handle.ino, name, backing)
             else:
-                entry = self.inodes.adopt(st, new_fd, handle.ino, name, born)
+                entry = self.inodes.adopt(st, new_fd, handle.ino, name, born, backing)
             if known is None and stat.S_ISREG(st.st_mode):
                 self._layout_for(st, entry)  # the size just reported came from its marker
         self.inodes.trim()
+
+    def _listed_path(self, handle: DirHandle, name: bytes) -> str:
+        directory = self.inodes.get(handle.ino)
+        base = f"inode {handle.ino}" if directory is None else self.describe(directory)
+        return os.path.join(base, os.fsdecode(name))
 
     @fuse_op
     async def releasedir(self, fh: int) -> None:
@@ -304,5 +336,5 @@ class NamespaceOps(AccessChecks):
             "f_favail",
         ):
             setattr(data, name, getattr(vfs, name))
-        data.f_namemax = vfs.f_namemax
+        data.f_namemax = self.names.namemax(vfs.f_namemax)
         return data

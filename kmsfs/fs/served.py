@@ -11,6 +11,8 @@ from typing import Any
 import trio
 
 from kmsfs.backing.content_file import KeyUsageTable
+from kmsfs.backing.encrypted_names import names_for
+from kmsfs.backing.names import Names, PlainNames
 from kmsfs.backing.shared import DEFAULT_LOCK_TIMEOUT
 from kmsfs.format.volume_config import VolumeConfig
 from kmsfs.fs.access_events import AccessSink
@@ -38,7 +40,8 @@ class ServedVolume:
     permit-all without one), identities (requester identities for it),
     on_policy (the audit log's sink for policy decisions marked for audit),
     shared (other daemons serve the volume too: docs/DESIGN.md "Shared storage"),
-    lock_timeout (shared mode: seconds a request waits for another daemon's lock).
+    lock_timeout (shared mode: seconds a request waits for another daemon's lock),
+    names (the volume's names, plain or encrypted: kmsfs/backing/names.py).
     """
 
     backing: str
@@ -56,6 +59,7 @@ class ServedVolume:
     on_policy: Callable[[dict[str, Any]], None] | None = None
     shared: bool = False
     lock_timeout: float = DEFAULT_LOCK_TIMEOUT
+    names: Names = field(default_factory=PlainNames)
 
 
 def open_served_volume(
@@ -72,8 +76,11 @@ def open_served_volume(
     """The parts for *backing*: its root descriptor, an inode table sized to the descriptor
     limit (a quarter of it, at most 2,048, stays free for open files), fresh limiters.
     *shared*: other daemons serve the volume too; a request waits at most
-    *lock_timeout* seconds for another daemon's byte-range lock (kmsfs/fs/lockwait.py)."""
+    *lock_timeout* seconds for another daemon's byte-range lock (kmsfs/fs/lockwait.py).
+    A volume with encrypted names gets its names from the name secret, which the
+    keyring's volume key unseals (ConfigTampered if it does not)."""
     backing = os.path.abspath(backing)
+    names = names_for(config.names, keyring.volume_key, config.volume_id)
     fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     inodes = InodeTable(
         os.open(backing, O_PATH_FLAGS | os.O_DIRECTORY),
@@ -93,4 +100,5 @@ def open_served_volume(
         on_policy=on_policy,
         shared=shared,
         lock_timeout=lock_timeout,
+        names=names,
     )

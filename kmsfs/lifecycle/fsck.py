@@ -25,6 +25,11 @@ Findings (``Finding.kind``):
 - ``block``: a block fails authentication (bit flip, truncation at a block
   boundary, blocks moved or swapped); ``block`` names its index.
 - ``leftover``: a temporary file of an interrupted tool in ``.kmsfs.d``.
+- in a volume with encrypted names, every name, sidecar, symlink target, directory
+  ID and encrypted xattr is checked too (kmsfs/lifecycle/fsck_names.py: ``name``,
+  ``dir-id``, ``symlink``, ``xattr``, ``leftover``, ``stray``), and each finding
+  names the path in the volume (``path``, as far as its names decrypt) and the
+  backing path (``backing``).
 
 Files on a mounted volume that are being written may show transient block
 errors; run fsck on an unmounted volume for a definitive answer.
@@ -44,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from kmsfs.backing.content_file import ContentFile
+from kmsfs.backing.encrypted_names import EncryptedNames, names_for
 from kmsfs.backing.header_xattr import parse_header, read_raw_header
 from kmsfs.backing.tree import Tree, TreeChanged, open_state_dir, walk
 from kmsfs.errors import FormatError, IntegrityError, KmsfsError, ProviderError, reason_of
@@ -53,6 +59,7 @@ from kmsfs.format.volume_config import STATE_DIR_NAME as STATE_DIR
 from kmsfs.format.volume_config import VolumeConfig
 from kmsfs.keys.keyring import Keyring
 from kmsfs.keys.provider import KeyContext, wipe
+from kmsfs.lifecycle.fsck_names import check_names
 from kmsfs.lifecycle.progress import Progress
 
 CHUNK_BLOCKS = 256
@@ -61,10 +68,14 @@ MAX_BLOCKS_REPORTED = 20  # per file; the count says how many more
 
 @dataclass
 class Finding:
+    """One problem: ``path`` in the volume (the backing path where it has no plaintext
+    one), ``backing`` (the backing path, in a volume with encrypted names; else "")."""
+
     path: str
     kind: str
     message: str
     block: int | None = None
+    backing: str = ""
 
 
 @dataclass
@@ -97,7 +108,15 @@ def fsck_volume(
     root = Path(backing).absolute()
     report = FsckReport(config.volume_id.hex(), quick=quick)
     refs = [key.key_ref for key in config.keys]
-    with Tree(root) as tree:
+    names = names_for(config.names, keyring.volume_key, config.volume_id)
+    plain: dict[str, str] | None = None
+    with Tree(root, encrypted_names=config.encrypted_names) as tree:
+        if isinstance(names, EncryptedNames):
+            plain = check_names(
+                tree.fd,
+                names,
+                lambda rel, kind, text: report.findings.append(Finding(rel, kind, text)),
+            )
         entries = list(tree.files())
         progress = Progress("fsck", len(entries), enabled=show_progress)
         try:
@@ -124,6 +143,10 @@ def fsck_volume(
         finally:
             progress.close()
         _find_leftovers(tree, report)
+    if plain is not None:  # name each finding by its path in the volume, and its backing one
+        for finding in report.findings:
+            finding.backing = finding.path
+            finding.path = plain.get(finding.path) or finding.path
     return report
 
 

@@ -33,10 +33,11 @@ from pathlib import Path
 from typing import TextIO
 
 from kmsfs.backing.header_xattr import read_raw_header, replace_header, set_format_marker
+from kmsfs.backing.names import own_entry
 from kmsfs.backing.tree import Tree, TreeChanged, split_rel
 from kmsfs.errors import FormatError, HeaderChanged, LifecycleError
 from kmsfs.format.header import FileHeader
-from kmsfs.format.volume_config import RESERVED_PREFIX, VolumeConfig
+from kmsfs.format.volume_config import VolumeConfig
 
 EXPORT_VERSION = 1
 
@@ -64,7 +65,7 @@ def export_headers(backing: Path, config: VolumeConfig, output: Path) -> Headers
             "created": dt.datetime.now(dt.UTC).isoformat(),
         }
         handle.write(json.dumps(meta) + "\n")
-        with Tree(backing) as tree:
+        with Tree(backing, encrypted_names=config.encrypted_names) as tree:
             for entry in tree.files():
                 try:
                     fd = tree.open_file(entry.rel, expect=entry)
@@ -115,7 +116,7 @@ def import_headers(
             f"{source} holds headers of volume {meta.get('volume_id')},"
             f" not this volume {config.volume_id.hex()}"
         )
-    with Tree(backing) as tree:
+    with Tree(backing, encrypted_names=config.encrypted_names) as tree:
         for number, line in enumerate(lines[1:], start=2):
             try:
                 record = json.loads(line)
@@ -130,8 +131,12 @@ def import_headers(
                 raise LifecycleError(
                     f"{source} line {number}: path {rel!r} leaves the volume"
                 ) from None
-            if "/" not in rel and rel.startswith(RESERVED_PREFIX):
-                report.missing.append(rel)
+            parts = os.fsencode(rel).split(b"/")
+            if any(
+                own_entry(part, index == 0, config.encrypted_names)
+                for index, part in enumerate(parts)
+            ):
+                report.missing.append(rel)  # kmsfs's own (a config, a sidecar): no header
                 continue
             _import_one(tree, rel, raw, force, report)
     return report

@@ -16,6 +16,15 @@ whatever it points to), each file is opened relative to its directory's
 descriptor with ``O_NOFOLLOW`` and must be a regular file, and its content,
 xattrs and metadata are read from that descriptor.  An entry that changes type
 under the walk is skipped and reported.  The volume lock is held for the run.
+
+Into a volume with encrypted names, every name is made through the volume's
+``Names`` (kmsfs/backing/names.py), as the daemon makes it: encrypted under its
+directory's ID (a directory gets its ID before it is visible), long names with
+their sidecars, symlink targets and user xattrs encrypted; a symlink target or
+xattr longer than encrypted names store is skipped and reported.  This is also
+how a volume with plain names becomes one with encrypted names: import a
+read-only mount of it into a new volume (docs/FORMAT.md, "Converting a volume
+with plain names").
 """
 
 from __future__ import annotations
@@ -27,8 +36,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kmsfs.backing.encrypted_names import names_for
 from kmsfs.backing.journals import drop_journal, load_journal, save_journal, unlink_if_present
-from kmsfs.backing.syscalls import RENAME_NOREPLACE, renameat2
+from kmsfs.backing.names import Dir, Names
 from kmsfs.backing.tool_lock import volume_locked
 from kmsfs.backing.tree import (
     FILE_FLAGS,
@@ -38,7 +48,7 @@ from kmsfs.backing.tree import (
     TreeChanged,
     check_file,
 )
-from kmsfs.errors import LifecycleError
+from kmsfs.errors import LifecycleError, PlaintextTooLong
 from kmsfs.format.volume_config import CONFIG_NAME, RESERVED_PREFIX, VolumeConfig
 from kmsfs.keys.keyring import Keyring
 from kmsfs.lifecycle.copy import copy_metadata, read_xattrs, write_encrypted
@@ -100,7 +110,12 @@ def import_tree(
     src_root = Path(source).absolute()
     root = Path(backing).absolute()
     started = time.monotonic()
-    with volume_locked(root, "import"), Tree(src_root, reserved=False) as src, Tree(root) as dst:
+    names = names_for(config.names, keyring.volume_key, config.volume_id)
+    with (
+        volume_locked(root, "import"),
+        Tree(src_root, reserved=False) as src,
+        Tree(root, encrypted_names=config.encrypted_names) as dst,
+    ):
         journal = load_journal(root, JOURNAL)
         if journal is None:
             journal = {
@@ -109,10 +124,38 @@ def import_tree(
             }
             save_journal(root, JOURNAL, journal)
         with dst.state_dir() as state:
-            report = _import(src, dst, state, config, keyring, show_progress)
+            target = Target(dst, names, state)
+            report = _import(src, target, config, keyring, show_progress)
         drop_journal(root, JOURNAL)
     report.seconds = time.monotonic() - started
     return report
+
+
+@dataclass
+class Target:
+    """The volume imported into: its backing tree, its names (plain or encrypted) and
+    the descriptor of its state directory (where files are written before they get
+    their names)."""
+
+    tree: Tree
+    names: Names
+    state: int
+
+    def open_dir(self, rel: str) -> Dir:
+        """The directory at the path *rel* of the volume ('' is the root), with a new
+        descriptor (the caller closes ``fd``) and its ID."""
+        backing = self.names.backing_path(self.tree.fd, os.fsencode(rel))
+        fd = self.tree.open_dir(os.fsdecode(backing))
+        try:
+            return Dir(fd, self.names.dir_id(f"/proc/self/fd/{fd}", root=not rel), not rel)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def parent(self, rel: str) -> tuple[Dir, bytes]:
+        """The directory holding the path *rel* (as ``open_dir``) and *rel*'s last name."""
+        head, _, name = rel.rpartition("/")
+        return self.open_dir(head), os.fsencode(name)
 
 
 def _reserved(node: Node) -> bool:
@@ -121,14 +164,13 @@ def _reserved(node: Node) -> bool:
 
 def _import(
     src: Tree,
-    dst: Tree,
-    state: int,
+    dst: Target,
     config: VolumeConfig,
     keyring: Keyring,
     show_progress: bool | None,
 ) -> ImportReport:
     report = ImportReport()
-    unlink_if_present(state, TMP_NAME)
+    unlink_if_present(dst.state, TMP_NAME)
 
     def skip_reserved(node: Node) -> bool:
         if _reserved(node):
@@ -145,42 +187,52 @@ def _import(
         for node in src.walk(prune=skip_reserved):
             if stat.S_ISDIR(node.st.st_mode):
                 assert node.fd is not None
-                dir_fd, name = dst.parent(node.rel)
+                parent, name = dst.parent(node.rel)
                 try:
-                    os.mkdir(name, 0o700, dir_fd=dir_fd)
+                    dst.names.make_dir(parent, name, 0o700)
                 except FileExistsError:
                     pass
                 finally:
-                    os.close(dir_fd)
+                    os.close(parent.fd)
                 dirs.append((node.rel, node.st, read_xattrs(node.fd)))
                 report.dirs += 1
                 continue
             progress.advance()
-            if _import_one(node, dst, state, keyring, config, linked, report):
+            if _import_one(node, dst, keyring, config, linked, report):
                 touched.add(node.rel.rpartition("/")[0])
     finally:
         progress.close()
     src.skipped.sort()
     report.skipped.extend((rel, f"{reason} (not imported)") for rel, reason in src.skipped)
     for rel in sorted(touched):
-        fd = dst.open_dir(rel)
+        directory = dst.open_dir(rel)
         try:
-            os.fsync(fd)
+            os.fsync(directory.fd)
         finally:
-            os.close(fd)
+            os.close(directory.fd)
     for rel, st, xattrs in reversed(dirs):  # children first: directory times last
-        fd = dst.open_dir(rel)
+        directory = dst.open_dir(rel)
         try:
-            copy_metadata(st, fd, xattrs)
+            copy_metadata(
+                st, directory.fd, _stored_xattrs(dst, rel, xattrs, directory.dir_id, report)
+            )
         finally:
-            os.close(fd)
+            os.close(directory.fd)
     return report
+
+
+def _stored_xattrs(
+    dst: Target, rel: str, values: dict[str, bytes], object_id: bytes, report: ImportReport
+) -> dict[str, bytes]:
+    """*values* as the volume stores them; those it cannot store are reported."""
+    stored, refused = dst.names.stored_xattrs(values, object_id)
+    report.skipped.extend((rel, f"xattr {name}: {why} (not imported)") for name, why in refused)
+    return stored
 
 
 def _import_one(
     node: Node,
-    dst: Tree,
-    state: int,
+    dst: Target,
     keyring: Keyring,
     config: VolumeConfig,
     linked: dict[tuple[int, int], str],
@@ -190,10 +242,11 @@ def _import_one(
     mode = node.st.st_mode
     if stat.S_ISREG(mode):
         report.files += 1
-    dir_fd, name = dst.parent(node.rel)
+    parent, name = dst.parent(node.rel)
+    names = dst.names
     try:
         try:
-            os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            os.stat(names.backing_name(parent, name), dir_fd=parent.fd, follow_symlinks=False)
         except FileNotFoundError:
             pass
         else:  # done by an earlier run
@@ -202,20 +255,24 @@ def _import_one(
                 linked.setdefault(node.inode, node.rel)
             return False
         if stat.S_ISREG(mode):
-            return _import_file(node, dst, dir_fd, name, state, keyring, config, linked, report)
+            return _import_file(node, dst, parent, name, keyring, config, linked, report)
         if stat.S_ISLNK(mode):
             try:
-                target = os.readlink(node.name, dir_fd=node.parent_fd)
+                target = os.readlink(os.fsencode(node.name), dir_fd=node.parent_fd)
             except OSError as exc:  # EINVAL: no longer a symlink; ENOENT: gone
                 report.skipped.append((node.rel, f"changed during import ({exc.strerror})"))
                 return False
-            os.symlink(target, name, dir_fd=dir_fd)
+            try:
+                backing = names.make_symlink(parent, name, target)
+            except PlaintextTooLong as exc:
+                report.skipped.append((node.rel, f"{exc} (not imported)"))
+                return False
         elif stat.S_ISFIFO(mode) or stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-            os.mknod(name, mode, node.st.st_rdev, dir_fd=dir_fd)
+            backing = names.make_node(parent, name, mode, node.st.st_rdev)
         else:
             report.skipped.append((node.rel, "socket or unknown file type"))
             return False
-        fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+        fd = os.open(backing, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent.fd)
         try:
             copy_metadata(node.st, fd)
         finally:
@@ -223,27 +280,35 @@ def _import_one(
         report.other += 1
         return True
     finally:
-        os.close(dir_fd)
+        os.close(parent.fd)
 
 
 def _import_file(
     node: Node,
-    dst: Tree,
-    dir_fd: int,
-    name: str,
-    state: int,
+    dst: Target,
+    parent: Dir,
+    name: bytes,
     keyring: Keyring,
     config: VolumeConfig,
     linked: dict[tuple[int, int], str],
     report: ImportReport,
 ) -> bool:
-    """Encrypt the regular source file *node* into *name* of *dir_fd* (or link it)."""
+    """Encrypt the regular source file *node* into *name* of *parent* (or link it)."""
+    names = dst.names
     if node.st.st_nlink > 1 and node.inode in linked:
-        other_dir, other = dst.parent(linked[node.inode])
+        other_parent, other = dst.parent(linked[node.inode])
         try:
-            os.link(other, name, src_dir_fd=other_dir, dst_dir_fd=dir_fd, follow_symlinks=False)
+            other_fd = os.open(
+                names.backing_name(other_parent, other),
+                os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC,
+                dir_fd=other_parent.fd,
+            )
         finally:
-            os.close(other_dir)
+            os.close(other_parent.fd)
+        try:
+            names.link(f"/proc/self/fd/{other_fd}", parent, name)
+        finally:
+            os.close(other_fd)
         report.links += 1
         return True
     try:
@@ -261,10 +326,10 @@ def _import_file(
     try:
         st = os.fstat(fd)  # the file read, whatever the walk saw
         new = os.open(
-            TMP_NAME, os.O_RDWR | os.O_CREAT | os.O_EXCL | FILE_FLAGS, 0o600, dir_fd=state
+            TMP_NAME, os.O_RDWR | os.O_CREAT | os.O_EXCL | FILE_FLAGS, 0o600, dir_fd=dst.state
         )
         try:
-            write_encrypted(
+            header = write_encrypted(
                 new,
                 keyring,
                 config.block_size,
@@ -272,12 +337,13 @@ def _import_file(
                 st.st_size,
                 node.rel,
             )
-            copy_metadata(st, new, read_xattrs(fd))
+            values = _stored_xattrs(dst, node.rel, read_xattrs(fd), header.file_id, report)
+            copy_metadata(st, new, values)
         finally:
             os.close(new)
     finally:
         os.close(fd)
-    renameat2(state, TMP_NAME.encode(), dir_fd, os.fsencode(name), RENAME_NOREPLACE)
+    names.place(dst.state, TMP_NAME.encode(), parent, name)
     linked[(st.st_dev, st.st_ino)] = node.rel
     report.imported += 1
     report.bytes += st.st_size

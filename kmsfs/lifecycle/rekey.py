@@ -47,8 +47,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kmsfs.backing.content_file import ContentFile
+from kmsfs.backing.encrypted_names import names_for
 from kmsfs.backing.header_xattr import parse_header, read_raw_header
 from kmsfs.backing.journals import drop_journal, load_journal, save_journal, unlink_if_present
+from kmsfs.backing.names import Names
 from kmsfs.backing.syscalls import RENAME_EXCHANGE, birth_time, renameat2
 from kmsfs.backing.tool_lock import volume_locked
 from kmsfs.backing.tree import FILE_FLAGS, Entry, Tree, TreeChanged, check_file
@@ -88,8 +90,13 @@ def rekey_volume(
     """
     root = Path(backing).absolute()
     started = time.monotonic()
-    with volume_locked(root, "rekey"), Tree(root) as tree, tree.state_dir() as state:
-        report = _rekey_tree(tree, state, config, keyring, older_than, show_progress)
+    names = names_for(config.names, keyring.volume_key, config.volume_id)
+    with (
+        volume_locked(root, "rekey"),
+        Tree(root, encrypted_names=config.encrypted_names) as tree,
+        tree.state_dir() as state,
+    ):
+        report = _rekey_tree(tree, state, names, keyring, older_than, show_progress)
     report.seconds = time.monotonic() - started
     return report
 
@@ -97,7 +104,7 @@ def rekey_volume(
 def _rekey_tree(
     tree: Tree,
     state: int,
-    config: VolumeConfig,
+    names: Names,
     keyring: Keyring,
     older_than: float | None,
     show_progress: bool | None,
@@ -145,7 +152,8 @@ def _rekey_tree(
                         if born is not None and born >= cutoff:
                             report.not_due += 1
                             continue
-                        _rekey_one(tree, state, dir_fd, name, fd, entries, keyring, journal, report)
+                        found = (dir_fd, name, fd)
+                        _rekey_one(tree, state, names, found, entries, keyring, journal, report)
                     finally:
                         os.close(fd)
                 finally:
@@ -247,15 +255,17 @@ def _relink(tree: Tree, state: int, fd: int, names: list[str]) -> None:
 def _rekey_one(
     tree: Tree,
     state: int,
-    dir_fd: int,
-    name: str,
-    fd: int,
+    names: Names,
+    found: tuple[int, str, int],
     entries: list[Entry],
     keyring: Keyring,
     journal: dict[str, object],
     report: RekeyReport,
 ) -> None:
-    """Re-key the file open as *fd*, found as *name* in *dir_fd* (the first of *entries*)."""
+    """Re-key the file open as *fd*, found as *name* in *dir_fd* (``found``: the first
+    of *entries*).  Its encrypted xattr values are sealed again under the new file ID
+    (*names*: they are bound to it)."""
+    dir_fd, name, fd = found
     rel = entries[0].rel
     raw = read_raw_header(fd)
     if raw is None:
@@ -272,17 +282,18 @@ def _rekey_one(
     try:
         old = ContentFile.open(fd, cipher, lambda: rel)
         new_header = write_encrypted(new_fd, keyring, header.block_size, old.read, old.size, rel)
-        copy_metadata(st, new_fd, read_xattrs(fd))
+        values = names.rebind_xattrs(read_xattrs(fd), header.file_id, new_header.file_id)
+        copy_metadata(st, new_fd, values)
         os.fsync(new_fd)
-        names = [entry.rel for entry in entries]
-        journal["current"] = names
+        rels = [entry.rel for entry in entries]
+        journal["current"] = rels
         journal["file_id"] = new_header.file_id.hex()
         save_journal(tree.path, JOURNAL, journal)
         times = os.fstat(dir_fd)
         _replace(state, dir_fd, name, st)
         os.utime(dir_fd, ns=(times.st_atime_ns, times.st_mtime_ns))
         os.fsync(dir_fd)
-        _relink(tree, state, new_fd, names)
+        _relink(tree, state, new_fd, rels)
     finally:
         os.close(new_fd)
     journal["current"] = None

@@ -294,7 +294,7 @@ def _remove_key(
             raise UsageError(f"{key_ref} is the volume's only key: refusing to remove it")
         remaining = set(refs) - {key_ref}
         orphans = []
-        with Tree(root) as tree:
+        with backing_tree(root) as tree:
             for entry in tree.files():
                 header = _header_or_none(tree, entry)
                 if header is not None and not any(e.key_ref in remaining for e in header.entries):
@@ -315,6 +315,12 @@ def _remove_key(
         save_journal(root, JOURNAL, journal)
     _switch_and_strip(root, journal, report, show_progress, options, prompt)
     return report
+
+
+def backing_tree(root: Path) -> Tree:
+    """The volume's backing tree, walked as its names require (the config's mode: it was
+    authenticated when the run opened the volume)."""
+    return Tree(root, encrypted_names=load_config(root).encrypted_names)
 
 
 def _command(journal: dict[str, Any]) -> str:
@@ -390,7 +396,7 @@ def _cover_pass(
     """Give every file an entry for *new*; returns how many headers changed, and the
     files and directories that were renamed or replaced under the pass, with why (a
     file there may not be covered: another pass sees it at its new name)."""
-    with Tree(root) as tree:
+    with backing_tree(root) as tree:
         entries = list(tree.files())
         label = "checking" if dry_run else "re-wrapping"
         progress = Progress(
@@ -508,7 +514,7 @@ def _switch_and_strip(
                 rotate_volume_key(root, config, ring)
         finally:
             ring.close()
-        with Tree(root) as tree:
+        with backing_tree(root) as tree:
             entries = list(tree.files())
             progress = Progress("removing old entries", len(entries), enabled=show_progress)
             try:

@@ -13,6 +13,7 @@ in this order, and nothing is rewired afterwards:
    both fed by one key-event sink;
 4. the volume (``open_volume``): keys checked, config authenticated, pinned,
    migrated unless mounted read-only; the keyring reports to that sink;
+   a volume with encrypted names refused on a case-folding directory;
 5. the operations (kmsfs/fs/), given the audit log for opens, creates and
    policy decisions; the runtime (status socket, metrics, lock recheck,
    systemd) with the claim, the statistics and the policy reloader;
@@ -27,6 +28,7 @@ from collections.abc import Callable
 from contextlib import ExitStack
 
 from kmsfs.audit import AuditLog
+from kmsfs.backing.names import check_not_casefolded
 from kmsfs.backing.shared import DEFAULT_LOCK_TIMEOUT, check_shared_support
 from kmsfs.backing.volume_lock import claim_volume
 from kmsfs.fs.operations import DEFAULT_TIMEOUT, KmsfsOperations, open_served_volume
@@ -68,6 +70,8 @@ def serve_mount(spec: MountSpec, on_ready: Callable[[], None] | None) -> None:
             migrate=not spec.read_only,
         )
         built.callback(keyring.close)
+        if config.encrypted_names:
+            check_not_casefolded(spec.backing)
         parts = open_served_volume(
             spec.backing,
             config,

@@ -120,6 +120,7 @@ def snapshot(
         "volume_id": ops.config.volume_id.hex(),
         "block_size": ops.config.block_size,
         "config_format": ops.config.version,
+        "names": "encrypted" if ops.config.encrypted_names else "plain",
         "config_generation": ops.config.generation,
         "volume_key_fingerprint": _fingerprint(ops),
         "pid": os.getpid(),

@@ -164,7 +164,8 @@ def format_status(info: dict[str, Any]) -> str:
     lines = [
         f"mount point:    {info['mountpoint']}",
         f"backing:        {info['backing']}",
-        f"volume:         {info['volume_id']} (block size {info['block_size']})",
+        f"volume:         {info['volume_id']} (block size {info['block_size']}"
+        f"{', ' + info['names'] + ' names' if 'names' in info else ''})",
         f"volume key:     fingerprint {info.get('volume_key_fingerprint') or '-'}, config"
         f" generation {info.get('config_generation', '-')}"
         f" (format {info.get('config_format', '-')})",

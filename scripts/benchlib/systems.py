@@ -94,10 +94,12 @@ class Plain(System):
 
 
 class Kmsfs(System):
-    """kmsfs from the checkout's .venv, local key file provider, started by ``kmsfs mount``."""
+    """kmsfs from the checkout's .venv, local key file provider, started by ``kmsfs mount``
+    (encrypted names: init's default)."""
 
     name = "kmsfs"
     options: tuple[str, ...] = ()
+    init_options: tuple[str, ...] = ()
     cli = KMSFS  # the kmsfs executable (its venv's pyfuse3 serves the mount)
 
     def __init__(self, work: Path) -> None:
@@ -108,7 +110,16 @@ class Kmsfs(System):
         super().create()
         (self.base / "backing").mkdir()
         key = str(self.base / "key")
-        run([str(self.cli), "init", str(self.base / "backing"), "--key-file", key])
+        run(
+            [
+                str(self.cli),
+                "init",
+                str(self.base / "backing"),
+                "--key-file",
+                key,
+                *self.init_options,
+            ]
+        )
 
     def mount(self) -> None:
         out = run(
@@ -155,6 +166,14 @@ class Kmsfs(System):
             except OSError:
                 pass
         self.pid = None
+
+
+class KmsfsPlainNames(Kmsfs):
+    """The checkout's kmsfs on a volume with plain names (``init --plain-names``): the
+    row to compare the cost of encrypted names with."""
+
+    name = "kmsfs-plain-names"
+    init_options = ("--plain-names",)
 
 
 class KmsfsStock(Kmsfs):
@@ -409,6 +428,7 @@ SYSTEMS: dict[str, type[System]] = {
     cls.name: cls
     for cls in (
         Kmsfs,
+        KmsfsPlainNames,
         KmsfsShared,
         KmsfsStock,
         Gocryptfs,

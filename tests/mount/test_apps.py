@@ -17,9 +17,9 @@ from contextlib import closing
 from pathlib import Path
 
 import pytest
-from conftest import Volume, requires_fuse
+from conftest import BOTH_NAMES, Volume, requires_fuse
 
-pytestmark = [requires_fuse, pytest.mark.mount]
+pytestmark = [requires_fuse, pytest.mark.mount, BOTH_NAMES]
 
 BS = 4096
 

@@ -59,7 +59,7 @@ def new_volume(top: Path, *init_args: str, key_args: tuple[str, ...] = ()) -> Vo
     mnt.mkdir()
     vol = Volume(top, backing, mnt, top / "master.key", top / "kmsfs.log")
     key_args = key_args or ("--key-file", str(vol.key_file))
-    run_kmsfs("init", backing, *(init_args or key_args))
+    run_kmsfs("init", backing, "--plain-names", *(init_args or key_args))  # backing by name
     backing.chmod(0o755)
     audit = ["--audit-log", str(top / "audit.jsonl")]
     vol.mount_args = ["-o", "allow_other", *audit, *key_args]

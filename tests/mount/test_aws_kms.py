@@ -68,6 +68,7 @@ def _init(vol: Volume, key_id: str, proxy: KmsProxy, *extra: str) -> None:
     run_kmsfs(
         "init",
         vol.backing,
+        "--plain-names",  # the tests find backing files by name
         "--provider",
         "aws-kms",
         "--kms-key-id",
@@ -170,7 +171,8 @@ def test_missing_credentials_at_init_and_mount(
     (tmp_path / "other").mkdir()
     other = make_volume(tmp_path / "other", key=False)
     result = run_kmsfs(
-        "init", other.backing, "--provider", "aws-kms", "--kms-key-id", kms_volume.arn,
+        "init", other.backing, "--plain-names", "--provider", "aws-kms", "--kms-key-id",
+        kms_volume.arn,
         "--kms-endpoint-url", kms_volume.proxy.url, check=False,
     )  # fmt: skip
     assert result.returncode == 3 and "no AWS credentials" in result.stderr

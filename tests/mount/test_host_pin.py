@@ -412,7 +412,7 @@ def test_repin_after_a_deliberate_restore(volume: Volume, tmp_path: Path) -> Non
     assert (status["volume_key_fingerprint"], status["config_generation"]) == (fingerprint, 1)
     volume.path("f").write_bytes(b"x")
     inspect = run_kmsfs("inspect", volume.backing / "f").stdout
-    assert "volume config: format 3, generation 1 (not verified)" in inspect
+    assert "volume config: format 3, generation 1, plain names (not verified)" in inspect
     assert f"host pin: volume-key fingerprint {fingerprint}, generation 1" in inspect
 
 

@@ -458,7 +458,10 @@ def test_import_never_follows_a_swapped_source_directory(tmp_path: Path) -> None
     volumes.mkdir()
 
     def import_(n: int) -> None:
-        run_kmsfs("import", plain, volumes / str(n), "--key-file", key, "-q", check=False)
+        run_kmsfs(
+            "import", plain, volumes / str(n), "--plain-names", "--key-file", key, "-q",
+            check=False,
+        )  # fmt: skip
 
     attacker.race(import_)
     rootonly.assert_untouched()
@@ -467,7 +470,7 @@ def test_import_never_follows_a_swapped_source_directory(tmp_path: Path) -> None
             assert "canary" not in names
     # without the attacker the same import is complete and byte-exact
     final = tmp_path / "final"
-    run_kmsfs("import", plain, final, "--key-file", key, "-q")
+    run_kmsfs("import", plain, final, "--plain-names", "--key-file", key, "-q")
     config, keyring = open_volume(final, {"key_file": str(key)})
     try:
         for name, data in files.items():

@@ -35,7 +35,7 @@ def _read_all(vol: Volume, contents: dict[str, bytes]) -> None:
 def test_rewrap_local_to_aws_kms_and_back(
     vol: Volume, tmp_path: Path, moto: MotoServer, proxy: KmsProxy, aws_env: None
 ) -> None:
-    run_kmsfs("init", vol.backing, "--key-file", vol.key_file)
+    run_kmsfs("init", vol.backing, "--plain-names", "--key-file", vol.key_file)
     local_ref = load_config(vol.backing).keys[0].key_ref
     contents = populate(vol.backing, vol.key_file, 30, size=5000)
     arn = moto.create_key()
@@ -102,6 +102,7 @@ def test_files_survive_kms_key_rotation(
     run_kmsfs(
         "init",
         vol.backing,
+        "--plain-names",  # the test finds backing files by name
         "--provider",
         "aws-kms",
         "--kms-key-id",

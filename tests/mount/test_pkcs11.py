@@ -64,8 +64,8 @@ def p11_args(hsm: SoftHSM, key: str, pin_file: Path | None = None) -> list[str]:
 def init(vol: Volume, hsm: SoftHSM, key: str, *extra: str, check: bool = True):  # type: ignore[no-untyped-def]
     vol.key_args = p11_args(hsm, key)  # what this host gives to find the key at mount
     return run_kmsfs(
-        "init", vol.backing, "--provider", "pkcs11", *p11_args(hsm, key), *extra,
-        env=hsm.env, check=check,
+        "init", vol.backing, "--plain-names", "--provider", "pkcs11", *p11_args(hsm, key),
+        *extra, env=hsm.env, check=check,
     )  # fmt: skip
 
 
@@ -204,7 +204,7 @@ def test_aes_key_wrap_volume(p11vol: Volume, hsm: SoftHSM, label: str) -> None:
         "pkcs11_create_key": True,
         "pkcs11_mechanism": "aes-kwp",
     }
-    config = init_volume(p11vol.backing, "pkcs11", options)
+    config = init_volume(p11vol.backing, "pkcs11", options, encrypted_names=False)
     p11vol.key_args = p11_args(hsm, label)
     assert config.keys[0].settings["mechanism"] == "aes-kwp"
     mount(p11vol, hsm)

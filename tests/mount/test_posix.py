@@ -1,9 +1,10 @@
 """POSIX semantics on a real mount, compared with what a plain directory does.
 
-The tests share one mounted volume (mounting costs two CLI start-ups); each
-works in its own directory of it (fixture ``mounted``, an ``Area``), and
-tests that need a volume of their own (other mount options, the volume
-root) take ``volume`` or ``root``.  They assert bytes, errno values and
+The tests share one mounted volume per kind of names (mounting costs two CLI
+start-ups): every test that takes ``mounted`` or ``root`` runs on a volume with
+plain names and on one with encrypted names.  Each works in its own directory
+of it (fixture ``mounted``, an ``Area``), and tests that need a volume of their
+own (other mount options) take ``volume``.  They assert bytes, errno values and
 attributes; many unmount and mount again, so what is checked is what reached
 the backing files, not what the kernel page cache still holds.
 """
@@ -29,6 +30,7 @@ from pathlib import Path
 
 import pytest
 from conftest import (
+    NAMES,
     Volume,
     force_unmount,
     fuse_available,
@@ -49,12 +51,15 @@ RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 
 
-@pytest.fixture(scope="module")
-def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Volume]:
-    """One volume for the module, mounted; its log must hold no traceback at the end."""
+@pytest.fixture(scope="module", params=NAMES)
+def shared(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[Volume]:
+    """One volume for the module per kind of names, mounted; its log must hold no
+    traceback at the end."""
     if not fuse_available():
         pytest.skip("needs /dev/fuse")
-    vol = make_volume(tmp_path_factory.mktemp("posix"))
+    vol = make_volume(tmp_path_factory.mktemp("posix"), names=request.param)
     try:
         vol.mount()
         yield vol
@@ -93,7 +98,11 @@ class Area:
         return self.mountpoint / name
 
     def backing_path(self, name: str) -> Path:
-        return self.backing / name
+        return self.vol.backing_path(f"{self.name}/{name}")
+
+    @property
+    def encrypted_names(self) -> bool:
+        return self.vol.encrypted_names
 
     def remount(self) -> None:
         self.vol.remount()
@@ -491,8 +500,11 @@ def test_symlinks(mounted: Area) -> None:
     mounted.remount()
     assert os.readlink(mounted.path("dangling")) == "/nonexistent/elsewhere"
     assert mounted.path("rel").read_bytes() == b"through the link"
-    # The link target is stored as given (names are not encrypted).
-    assert os.readlink(mounted.backing_path("rel")) == "dir/target"
+    stored = os.readlink(mounted.backing_path("rel"))
+    if mounted.encrypted_names:  # encrypted, and randomized: not the target's length
+        assert "target" not in stored and "/" not in stored and len(stored) > 43
+    else:  # stored as given
+        assert stored == "dir/target"
 
 
 def test_mkdir_rmdir(mounted: Area) -> None:
@@ -693,7 +705,23 @@ def test_user_xattrs_and_hidden_header(mounted: Area) -> None:
 
 def test_volume_config_is_invisible(root: Volume) -> None:
     mounted = root
-    assert mounted.backing_path(".kmsfs.json").exists()
+    config = mounted.backing / ".kmsfs.json"
+    assert config.exists()
+    if mounted.encrypted_names:
+        # Nothing is reserved: every name is encrypted, and no encrypted name starts
+        # with '.', so the config, the state and the sidecars never meet a user's names.
+        assert not any(n.startswith(".kmsfs") for n in os.listdir(mounted.mountpoint))
+        mounted.path(".kmsfs.json").write_bytes(b"mine")
+        mounted.path(".kmsfs.d").mkdir()
+        mounted.remount()
+        assert mounted.path(".kmsfs.json").read_bytes() == b"mine"
+        assert {".kmsfs.json", ".kmsfs.d"} <= set(os.listdir(mounted.mountpoint))
+        assert config.read_bytes().startswith(b"{")
+        mounted.path(".kmsfs.json").unlink()
+        mounted.path(".kmsfs.d").rmdir()
+        assert config.read_bytes().startswith(b"{")
+        assert (mounted.backing / ".kmsfs.d").is_dir()
+        return
     assert ".kmsfs.json" not in os.listdir(mounted.mountpoint)
     assert errno_of(os.stat, mounted.path(".kmsfs.json")) == errno.ENOENT
     assert errno_of(open, mounted.path(".kmsfs.json"), "rb") == errno.ENOENT
@@ -711,7 +739,7 @@ def test_volume_config_is_invisible(root: Volume) -> None:
     mounted.remount()
     names = set(os.listdir(mounted.mountpoint))
     assert {"f", "sub"} <= names and not any(n.startswith(".kmsfs") for n in names)
-    assert mounted.backing_path(".kmsfs.json").read_bytes().startswith(b"{")
+    assert config.read_bytes().startswith(b"{")
 
 
 def test_statfs(mounted: Area) -> None:
@@ -838,13 +866,14 @@ def test_backing_holds_no_known_plaintext(mounted: Area) -> None:
             f.write(marker + b"\n")
             f.flush()
     mounted.umount()
+    plain = mounted.backing_path("d/plain.txt")
     seen_blocks: set[bytes] = set()
     for root, _, names in os.walk(mounted.backing):
         for name in names:
             raw = Path(root, name).read_bytes()
             for needle in (marker, marker[:12], marker[-12:]):
                 assert needle not in raw, f"{name} holds plaintext"
-            if name == "plain.txt":
+            if Path(root, name) == plain:
                 for start in range(0, len(raw), BS + OVERHEAD):
                     block = raw[start : start + BS + OVERHEAD]
                     assert block not in seen_blocks
@@ -886,7 +915,7 @@ def test_passphrase_volume(tmp_path: Path) -> None:
     wrong.write_text("incorrect horse\n")
     right.chmod(0o600)  # secret files must be private (kmsfs.keys.secrets)
     wrong.chmod(0o600)
-    run_kmsfs("init", vol.backing, "--passphrase-file", right)
+    run_kmsfs("init", vol.backing, "--passphrase-file", right)  # encrypted names: the default
     assert "correct horse" not in vol.backing_path(".kmsfs.json").read_text()
     try:
         result = vol.mount("--passphrase-file", str(wrong), check=False)
@@ -900,11 +929,12 @@ def test_passphrase_volume(tmp_path: Path) -> None:
         assert vol.path("secret").read_bytes() == b"behind a passphrase"
         vol.umount()
         out = tmp_path / "out"
-        run_kmsfs("decrypt", vol.backing_path("secret"), out, "--passphrase-file", right)
+        in_volume = ("--volume", vol.backing, "--in-volume", "secret")
+        run_kmsfs("decrypt", *in_volume, out, "--passphrase-file", right)
         assert out.read_bytes() == b"behind a passphrase"
         refused = run_kmsfs(
             "decrypt",
-            vol.backing_path("secret"),
+            *in_volume,
             tmp_path / "o2",
             "--passphrase-file",
             wrong,

@@ -8,9 +8,9 @@ import errno
 import os
 
 import pytest
-from conftest import Volume, requires_fuse
+from conftest import BOTH_NAMES, Volume, requires_fuse
 
-pytestmark = [requires_fuse, pytest.mark.mount]
+pytestmark = [requires_fuse, pytest.mark.mount, BOTH_NAMES]
 
 # -- POSIX edge cases -----------------------------------------------------------
 
@@ -78,6 +78,12 @@ def test_nanosecond_timestamps(mounted: Volume) -> None:
     mounted.remount()
     for target in ("t", "d", "l"):
         st = os.stat(mounted.path(target), follow_symlinks=False)
+        if target == "l" and mounted.encrypted_names:
+            # lstat reads the stored target to give its plaintext length, and the backing
+            # filesystem's relatime then moves an atime older than the mtime (as any
+            # readlink does): only the mtime is the one set
+            assert st.st_mtime_ns == times[1]
+            continue
         assert (st.st_atime_ns, st.st_mtime_ns) == times, target
     st = os.stat(mounted.backing_path("t"))
     assert (st.st_atime_ns, st.st_mtime_ns) == times
@@ -113,7 +119,8 @@ def test_rename_over_an_open_file(mounted: Volume) -> None:
         assert handle.read() == b"old content " * 1000  # the open file keeps its inode
         assert os.fstat(handle.fileno()).st_nlink == 0
         assert old.read_bytes() == b"new content " * 500
-    assert sorted(os.listdir(mounted.backing)) == [".kmsfs.d", ".kmsfs.json", "target"]
+    target = mounted.backing_path("target").name
+    assert sorted(os.listdir(mounted.backing)) == [".kmsfs.d", ".kmsfs.json", target]
     # the daemon's volume lock and its registration (kmsfs/backing/volume_lock.py)
     assert sorted(os.listdir(mounted.backing / ".kmsfs.d")) == ["daemons", "lock"]
     mounted.remount()

@@ -103,7 +103,9 @@ def test_rewrap_between_kms_keys_uses_reencrypt_and_no_decrypt(
 def rewrap_and_read(vol: Volume, moto: MotoServer, proxy: KmsProxy) -> None:
     old_arn, new_arn = moto.create_key(), moto.create_key()
     kms = ("--kms-endpoint-url", proxy.url)
-    run_kmsfs("init", vol.backing, "--provider", "aws-kms", "--kms-key-id", old_arn, *kms)
+    run_kmsfs(
+        "init", vol.backing, "--plain-names", "--provider", "aws-kms", "--kms-key-id", old_arn, *kms
+    )
     vol.mount("--kms-key-id", old_arn, *kms)
     contents = {f"d/f{n}": os.urandom(3000 + n) for n in range(12)}
     vol.path("d").mkdir()

@@ -29,6 +29,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -227,12 +228,25 @@ def gluster_mounts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[P
 def cluster(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Cluster]:
     """The shared-mode suite's volume: on one local directory; on a GlusterFS volume
     that each daemon reaches through its own GlusterFS client; and (where NFS 4.2 is
-    set up) on an NFS export that each daemon reaches through its own NFS mount."""
+    set up) on an NFS export that each daemon reaches through its own NFS mount.  With
+    plain names: the suite reaches backing files by name (encrypted names in shared
+    mode: test_encrypted_names.py)."""
+    with cluster_on(request, request.param, tmp_path) as group:
+        yield group
+
+
+@contextmanager
+def cluster_on(
+    request: pytest.FixtureRequest, kind: str, tmp_path: Path, names: str = "plain"
+) -> Iterator[Cluster]:
+    """A new volume (with *names*) for several daemons on *kind* ("local", "glusterfs",
+    "nfs-4.2": see ``cluster``); its daemons, helpers and shared directory are gone
+    after."""
     shared_dir: Path | None = None
-    if request.param == "local":
-        group = Cluster(make_volume(tmp_path))
+    if kind == "local":
+        group = Cluster(make_volume(tmp_path, names=names))
     else:
-        if request.param == "glusterfs":
+        if kind == "glusterfs":
             first, second = request.getfixturevalue("gluster_mounts")
         else:
             first, second = nfs_mounts()
@@ -241,7 +255,8 @@ def cluster(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Cluster]
         volume = make_volume(tmp_path, key=False)
         volume.backing = shared_dir / "backing"
         volume.backing.mkdir(parents=True)
-        run_kmsfs("init", volume.backing, "--key-file", volume.key_file)
+        run_kmsfs("init", volume.backing, f"--{names}-names", "--key-file", volume.key_file)
+        volume.encrypted_names = names == "encrypted"
         group = Cluster(volume, [volume.backing, second / name / "backing"])
     try:
         yield group

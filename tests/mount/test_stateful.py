@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import Volume, requires_fuse
+from conftest import BOTH_NAMES, Volume, requires_fuse
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -29,7 +29,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-pytestmark = [requires_fuse, pytest.mark.mount]
+pytestmark = [requires_fuse, pytest.mark.mount, BOTH_NAMES]
 
 BS = 4096
 NAMES = ["a", "b", "c", "d/e"]  # "d" is a directory made by each example

@@ -117,11 +117,11 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
 
 
 def policy_volume(
-    shared_dir: Path, dirs: tuple[str, ...] = ("secret", "shared", "vault")
+    shared_dir: Path, dirs: tuple[str, ...] = ("secret", "shared", "vault"), names: str = "plain"
 ) -> PolicyVolume:
-    """A volume under *shared_dir* with ``DIR/f`` (mode 0666, "DIR data") in each of *dirs*,
-    made as root without a policy and left unmounted."""
-    vol = make_volume(shared_dir)
+    """A volume under *shared_dir* (with *names*: plain or encrypted) with ``DIR/f`` (mode
+    0666, "DIR data") in each of *dirs*, made as root without a policy and left unmounted."""
+    vol = make_volume(shared_dir, names=names)
     vol.mount()
     vol.mountpoint.chmod(0o755)
     for d in dirs:

@@ -23,8 +23,17 @@ if TYPE_CHECKING:
 DATA = Path(__file__).parent.parent / "data" / "volumes"
 
 
+def _user_xattrs(path: Path) -> dict[str, str]:
+    return {
+        attr: base64.b64encode(os.getxattr(path, attr)).decode()
+        for attr in sorted(os.listxattr(path))
+        if attr.startswith("user.")
+    }
+
+
 def dump_volume(backing: Path) -> dict[str, Any]:
-    """Every entry under *backing*: dirs, regular files (bytes + user xattrs), symlinks."""
+    """Every entry under *backing*: dirs and regular files (with their user xattrs: the
+    file headers, a directory's ID and encrypted xattrs with encrypted names), symlinks."""
     entries: list[dict[str, Any]] = []
     for dirpath, dirnames, filenames in os.walk(backing):
         dirnames.sort()
@@ -36,14 +45,10 @@ def dump_volume(backing: Path) -> dict[str, Any]:
             if stat.S_ISLNK(st.st_mode):
                 entry.update(kind="symlink", target=os.readlink(path))
             elif stat.S_ISDIR(st.st_mode):
-                entry.update(kind="dir")
+                entry.update(kind="dir", xattrs=_user_xattrs(path))
             else:
                 entry.update(kind="file", data=base64.b64encode(path.read_bytes()).decode())
-                entry["xattrs"] = {
-                    attr: base64.b64encode(os.getxattr(path, attr)).decode()
-                    for attr in sorted(os.listxattr(path))
-                    if attr.startswith("user.")
-                }
+                entry["xattrs"] = _user_xattrs(path)
             entries.append(entry)
     return {"entries": entries}
 
@@ -55,6 +60,8 @@ def restore_volume(saved: dict[str, Any], backing: Path) -> None:
         path = backing / entry["path"]
         if entry["kind"] == "dir":
             path.mkdir(mode=entry["mode"])
+            for attr, value in entry.get("xattrs", {}).items():  # none before format 4
+                os.setxattr(path, attr, base64.b64decode(value))
         elif entry["kind"] == "symlink":
             path.symlink_to(entry["target"])
         else:
@@ -90,11 +97,15 @@ def restore_saved_volume(name: str, tmp_path: Path) -> tuple[Volume, dict[str, A
 
 
 def check_saved_plaintext(vol: Volume, saved: dict[str, Any]) -> None:
-    """Every file and symlink of the saved volume reads as saved through *vol*'s mount."""
+    """Every file, symlink and user xattr of the saved volume reads as saved through
+    *vol*'s mount."""
     for rel, encoded in saved["plaintext"].items():
         assert vol.path(rel).read_bytes() == base64.b64decode(encoded), rel
     for rel, target in saved["symlinks"].items():
         assert os.readlink(vol.path(rel)) == target
+    for rel, values in saved.get("xattrs", {}).items():
+        for name, encoded in values.items():
+            assert os.getxattr(vol.path(rel), name) == base64.b64decode(encoded), (rel, name)
 
 
 if __name__ == "__main__":

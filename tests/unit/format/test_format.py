@@ -168,7 +168,7 @@ def test_kmsfs_matches_every_format_2_vector() -> None:
 
 
 def spec_config_tags(volume_key: bytes, config: dict[str, object]) -> dict[str, bytes]:
-    """Every tag of a format-2 or format-3 config, computed from docs/FORMAT.md alone."""
+    """Every tag of a format-2, 3 or 4 config, computed from docs/FORMAT.md alone."""
     import hashlib
     import hmac
     import json
@@ -180,8 +180,10 @@ def spec_config_tags(volume_key: bytes, config: dict[str, object]) -> dict[str, 
     k_mac = hkdf(volume_key, b"kmsfs/v2/config-mac" + volume_id)
     tags = {}
     names = ["kmsfs_volume", "volume_id", "suite", "block_size", "created"]
-    if config["kmsfs_volume"] == 3:
+    if config["kmsfs_volume"] in (3, 4):
         names += ["generation", "chain"]
+    if config["kmsfs_volume"] == 4:
+        names += ["names"]
     for name in names:
         message = b"field\0" + name.encode() + b"\0" + canon(config[name])
         tags[name] = hmac.new(k_mac, message, hashlib.sha256).digest()
@@ -281,6 +283,82 @@ def test_volume_config_vector() -> None:
     config.generation = 4
     with pytest.raises(ConfigError, match="generation"):
         config.verify(volume_key)
+
+
+def test_volume_config_v4_vector() -> None:
+    """Format 4: the names field, its tag, and the name secret sealed under the volume key."""
+    import json
+
+    from kmsfs.format.name_secret import SealedNameSecret, name_secret_aad, name_secret_key
+    from kmsfs.format.volume_config import canonical_json
+
+    text = V["volume_config_v4"]
+    data = json.loads(text)
+    assert (data["kmsfs_volume"], data["generation"]) == (4, 3)
+    volume_id, volume_key = h("volume_id"), h("volume_key")
+    want = spec_config_tags(volume_key, data)
+    assert set(data["tags"]) == set(want) - {"keys[0]"}
+    for name, tag in data["tags"].items():
+        assert base64.b64decode(tag) == want[name], name
+    # every other field is the format-3 config's, with the same tags
+    v3 = json.loads(V["volume_config"])
+    assert {k: v for k, v in data.items() if k not in ("names", "kmsfs_volume", "tags")} == {
+        k: v for k, v in v3.items() if k not in ("kmsfs_volume", "tags")
+    }
+    assert data["names"]["mode"] == "encrypted" and set(data["names"]) == {"mode", "sealed"}
+    sealed = base64.b64decode(data["names"]["sealed"])
+    assert sealed == h("sealed_name_secret") and len(sealed) == 60
+    assert sealed[:12] == b"\x77" * 12
+    key = hkdf(volume_key, b"kmsfs/v4/name-secret" + volume_id)
+    assert key == h("name_secret_key")
+    assert b"kmsfs/v4/name-secret" + volume_id == h("name_secret_aad")
+    spec_secret = AESGCM(key).decrypt(sealed[:12], sealed[12:], h("name_secret_aad"))
+    assert spec_secret == h("name_secret")
+    # kmsfs agrees with every line
+    assert name_secret_key(volume_key, volume_id) == h("name_secret_key")
+    assert name_secret_aad(volume_id) == h("name_secret_aad")
+    again = SealedNameSecret.seal(h("name_secret"), volume_key, volume_id, b"\x77" * 12)
+    assert again.sealed == sealed
+    config = VolumeConfig.loads(text)
+    config.verify(volume_key)
+    assert config.version == 4 and config.encrypted_names
+    assert config.names is not None
+    assert bytes(config.names.open(volume_key, volume_id)) == h("name_secret")
+    assert canonical_json(config.to_json()) == text.encode()
+
+
+def test_a_format_4_config_without_its_names_field_is_refused() -> None:
+    """The downgrade to plain names by whoever writes the backing directory, without the
+    volume key: removing the names field and its tag, and relabelling the format."""
+    import json
+
+    data = json.loads(V["volume_config_v4"])
+    stripped = dict(data, tags={k: v for k, v in data["tags"].items() if k != "names"})
+    del stripped["names"]
+    with pytest.raises(ConfigError, match="names must be an object"):
+        VolumeConfig.loads(json.dumps(stripped))
+    relabelled = dict(stripped, kmsfs_volume=3)
+    config = VolumeConfig.loads(json.dumps(relabelled))  # parses as format 3 ...
+    with pytest.raises(ConfigError, match=r"kmsfs_volume \(now 3\)"):
+        config.verify(h("volume_key"))  # ... but its format's tag is format 4's
+    moved = dict(json.loads(V["volume_config"]), names=data["names"])
+    with pytest.raises(ConfigError, match="unknown fields names"):
+        VolumeConfig.loads(json.dumps(moved))  # a names field is not format 3's
+
+
+def test_name_secret_resealed_under_a_new_volume_key() -> None:
+    from kmsfs.format.name_secret import SealedNameSecret
+
+    volume_id = h("volume_id")
+    sealed = SealedNameSecret(h("sealed_name_secret"))
+    new_key = bytes(range(32))
+    moved = sealed.resealed(h("volume_key"), new_key, volume_id)
+    assert moved.sealed != sealed.sealed
+    assert bytes(moved.open(new_key, volume_id)) == h("name_secret")
+    with pytest.raises(ConfigError, match="does not open"):
+        moved.open(h("volume_key"), volume_id)  # the old key does not open the new seal
+    with pytest.raises(ConfigError, match="does not open"):
+        sealed.open(h("volume_key"), bytes(16))  # another volume's ID
 
 
 FORMATS = pytest.mark.parametrize("version", [FORMAT_1, FORMAT_2])
@@ -526,7 +604,7 @@ def test_volume_config_round_trip_and_errors() -> None:
     for text, message in [
         ("{", "not valid JSON"),
         ("[]", "JSON object"),
-        ('{"kmsfs_volume": 4}', "reads 1, 2 and 3"),
+        ('{"kmsfs_volume": 5}', "reads 1, 2, 3 and 4"),
         (config.dumps().replace('"generation": 1', '"generation": 0'), "generation 0 out of"),
         (config.dumps().replace('"generation": 1', '"generation": true'), "must be a int"),
         (config.dumps().replace('"chain": []', '"chain": {}'), "chain must be a list"),

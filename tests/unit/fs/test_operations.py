@@ -15,6 +15,7 @@ import stat
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -41,9 +42,10 @@ def fields(**flags: bool) -> Any:
     return SimpleNamespace(**{f"update_{n}": flags.get(n, False) for n in names})
 
 
-@pytest.fixture
-def ops(tmp_path: Path) -> Iterator[KmsfsOperations]:
-    vol = make_volume(tmp_path)
+@contextmanager
+def serving(tmp_path: Path, names: str = "plain") -> Iterator[KmsfsOperations]:
+    """The operations of a new volume under *tmp_path* (with *names*), closed after."""
+    vol = make_volume(tmp_path, names=names)
     config, keyring = open_volume(vol.backing, {"key_file": str(vol.key_file)})
     operations = KmsfsOperations(open_served_volume(str(vol.backing), config, keyring))
     try:
@@ -51,6 +53,12 @@ def ops(tmp_path: Path) -> Iterator[KmsfsOperations]:
     finally:
         operations.close()
         keyring.close()
+
+
+@pytest.fixture
+def ops(tmp_path: Path) -> Iterator[KmsfsOperations]:
+    with serving(tmp_path) as operations:
+        yield operations
 
 
 def run(func: Callable[[], Awaitable[Any]]) -> Any:
