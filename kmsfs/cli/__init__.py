@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import click
 
-from kmsfs.cli import keys, mount, pin, policy, tools, volume
+from kmsfs.cli import keys, mount, pin, policy, rekey, tools, volume
 from kmsfs.server.mounthelper import MountHelperGroup
 
 
@@ -31,7 +31,7 @@ for _command in (
     keys.keys,
     keys.passwd,
     tools.fsck,
-    tools.rekey,
+    rekey.rekey,
     tools.import_,
     tools.headers,
     policy.policy,

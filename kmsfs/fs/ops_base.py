@@ -146,7 +146,8 @@ class OperationsBase(pyfuse3.Operations):
 
     Attributes: backing (path), config, keyring, inodes, paths (volume paths of
     descriptors: kmsfs/backing/paths.py), key_usage, timeout, offload_bytes,
-    on_access, lock_waits (shared mode's waits for other daemons), and the
+    on_access, on_worn (``-o auto_rekey``'s queue, or None), lock_waits (shared
+    mode's waits for other daemons), and the
     counters errors, bytes_read, bytes_written and requests (per FUSE opcode,
     ``kmsfs.fs.requests``).
     """
@@ -204,6 +205,9 @@ class OperationsBase(pyfuse3.Operations):
         # FOPEN_CACHE_DIR on opendir (patched pyfuse3): the kernel keeps listings until the
         # directory changes through the mount; not when other daemons change it too
         self.cache_listings = PYFUSE3.cache_dir and not parts.shared
+        # -o auto_rekey: called with the inode of a file whose format-1 key reached the
+        # usage warning (kmsfs/server/rekey_job.py queues it for an online rekey)
+        self.on_worn: Callable[[int], None] | None = None
 
     def _inode(self, ino: int) -> Inode:
         entry = self.inodes.get(ino)
@@ -424,7 +428,9 @@ class OperationsBase(pyfuse3.Operations):
         thread.  In shared mode, when another daemon holds the byte range it needs
         (LockBusy: nothing was done), it waits through ``lock_waits`` (deadline,
         limit, *caller* interrupted: LockWaitFailed and its kin), holding neither
-        the inode's lock nor a thread meanwhile.
+        the inode's lock nor a thread meanwhile.  A request that waited for the lock
+        uses the entry's content as it is once it has the lock: the online rekey may
+        have switched the file to a new backing inode meanwhile (rekey_online.py).
         """
         content = entry.content
         if content is None:
@@ -438,7 +444,10 @@ class OperationsBase(pyfuse3.Operations):
 
         async def attempt() -> T:
             async with entry.lock:
-                return await self._io(size, call, content)
+                current = entry.content
+                if current is None:
+                    raise FUSEError(errno.EBADF)
+                return await self._io(size, call, current)
 
         return await self.lock_waits.run(attempt, busy=busy, caller=caller, key=entry.ino)
 
@@ -522,6 +531,9 @@ class OperationsBase(pyfuse3.Operations):
             if isinstance(exc, KmsfsError):
                 raise exc.located(self.describe(entry)) from None
             raise
+        if self.on_worn is not None and cipher.max_encryptions:
+            on_worn = self.on_worn
+            content.on_worn = lambda: on_worn(entry.ino)
         entry.content = content
         return content
 

@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kmsfs.backing.copy import copy_metadata, read_xattrs, write_encrypted
 from kmsfs.backing.syscalls import RENAME_NOREPLACE, renameat2
 from kmsfs.backing.tree import (
     FILE_FLAGS,
@@ -47,7 +48,6 @@ from kmsfs.lifecycle.common import (
     unlink_if_present,
     volume_locked,
 )
-from kmsfs.lifecycle.copy import copy_metadata, read_xattrs, write_encrypted
 
 JOURNAL = "import"
 TMP_NAME = "import-tmp"
@@ -269,10 +269,11 @@ def _import_file(
             TMP_NAME, os.O_RDWR | os.O_CREAT | os.O_EXCL | FILE_FLAGS, 0o600, dir_fd=state
         )
         try:
+            header, cipher = keyring.new_file_cipher(config.block_size)
             write_encrypted(
                 new,
-                keyring,
-                config.block_size,
+                header,
+                cipher,
                 lambda off, n: os.pread(fd, n, off),
                 st.st_size,
                 node.rel,

@@ -17,12 +17,12 @@ between the renames of two hard links leaves two inodes holding the same
 plaintext, each readable; the next run re-links them (step 3 is replayed from
 the journal).
 
-Which files are due: a file key is created with its backing inode (by
-create, import and rekey alike), so the inode's birth time (statx btime) is
-the key's age.  ``--older-than D`` re-keys files born more than D before the
-run started; without it, every file born before the run.  The cutoff is kept
-in the journal, so a resumed run skips the files it already re-keyed (they
-were born after it).  Directory times are restored after each rename.
+Which files are due: ``kmsfs.lifecycle.selection`` (the inode's birth time is the
+key's age: ``--older-than D`` re-keys files born more than D before the run started,
+without it every file born before the run; ``--master-key``, ``--path``).  The
+selection and the cutoff are kept in the journal, so a resumed run selects as it
+was started and skips the files it already re-keyed (they were born after the
+cutoff).  Directory times are restored after each rename.
 
 Everything is done by descriptor (``kmsfs.backing.tree``): the old file is opened
 beneath the backing root without following any symlink and must be the inode
@@ -33,10 +33,8 @@ swapped for a symlink while rekey runs is never followed: its files are listed
 as failed (run rekey again).  The volume lock is held for the whole run, so no
 daemon mounts the volume meanwhile.
 
-Online re-keying would need the daemon's cooperation: it holds open files'
-keys and file descriptors on the old inode, so the swap has to happen under
-the inode lock inside the daemon (re-encrypt to a temp file, then rename and
-re-point the open handles), which is work for the FUSE layer.
+A mounted volume is re-keyed by its daemon instead (docs/DESIGN.md "Online
+rekey"), which holds open files' keys and descriptors on the old inode.
 """
 
 from __future__ import annotations
@@ -47,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kmsfs.backing.content_file import ContentFile
+from kmsfs.backing.copy import copy_metadata, read_xattrs, write_encrypted
 from kmsfs.backing.header_xattr import parse_header, read_raw_header
 from kmsfs.backing.syscalls import RENAME_EXCHANGE, birth_time, renameat2
 from kmsfs.backing.tree import FILE_FLAGS, Entry, Tree, TreeChanged, check_file
@@ -61,7 +60,7 @@ from kmsfs.lifecycle.common import (
     unlink_if_present,
     volume_locked,
 )
-from kmsfs.lifecycle.copy import copy_metadata, read_xattrs, write_encrypted
+from kmsfs.lifecycle.selection import Selection, journal_cutoff
 
 JOURNAL = "rekey"
 TMP_NAME = "rekey-tmp"
@@ -83,10 +82,12 @@ def rekey_volume(
     backing: str | os.PathLike[str],
     config: VolumeConfig,
     keyring: Keyring,
-    older_than: float | None = None,
+    selection: Selection | None = None,
     show_progress: bool | None = None,
 ) -> RekeyReport:
-    """Re-encrypt every due file of the (unmounted) volume under a fresh key.
+    """Re-encrypt every due file of the (unmounted) volume under a fresh key (every
+    file born before the run if *selection* is None; a resumed run keeps the selection
+    it was started with).
 
     VolumeMounted (exit 7) if a daemon holds the volume; per-file failures
     (including files that changed under the run) are listed in the report.
@@ -94,7 +95,7 @@ def rekey_volume(
     root = Path(backing).absolute()
     started = time.monotonic()
     with volume_locked(root, "rekey"), Tree(root) as tree, tree.state_dir() as state:
-        report = _rekey_tree(tree, state, config, keyring, older_than, show_progress)
+        report = _rekey_tree(tree, state, config, keyring, selection, show_progress)
     report.seconds = time.monotonic() - started
     return report
 
@@ -104,27 +105,30 @@ def _rekey_tree(
     state: int,
     config: VolumeConfig,
     keyring: Keyring,
-    older_than: float | None,
+    selection: Selection | None,
     show_progress: bool | None,
 ) -> RekeyReport:
     root = tree.path
     report = RekeyReport()
     journal = load_journal(root, JOURNAL)
     if journal is None:
-        journal = {"older_than": older_than, "cutoff": None, "current": None}
+        selection = selection or Selection()
+        journal = {
+            "older_than": selection.older_than,
+            "selection": selection.to_json(),
+            "cutoff": None,
+            "current": None,
+        }
         save_journal(root, JOURNAL, journal)
-        fd = os.open(f"{JOURNAL}.json", os.O_RDONLY | FILE_FLAGS, dir_fd=state)
         try:
-            born = birth_time(fd)
-        finally:
-            os.close(fd)
-        if born is None:
+            journal["cutoff"] = journal_cutoff(root, JOURNAL, selection.older_than)
+        except LifecycleError:
             drop_journal(root, JOURNAL)
-            raise LifecycleError(
-                "rekey needs inode birth times (statx btime), which this filesystem does not keep"
-            )
-        journal["cutoff"] = born - (older_than or 0.0)
+            raise
         save_journal(root, JOURNAL, journal)
+    elif "selection" in journal:  # journals of earlier versions select by age only
+        selection = Selection.from_json(journal["selection"], f"{root}/.kmsfs.d/{JOURNAL}.json")
+    selection = selection or Selection()
     cutoff = float(journal["cutoff"])
     _recover(tree, state, journal)
 
@@ -139,6 +143,9 @@ def _rekey_tree(
             progress.advance()
             report.files += 1
             first = entries[0]
+            if not any(selection.path_selected(entry.rel) for entry in entries):
+                report.not_due += 1
+                continue
             try:
                 dir_fd, name = tree.parent(first.rel)
                 try:
@@ -150,7 +157,10 @@ def _rekey_tree(
                         if born is not None and born >= cutoff:
                             report.not_due += 1
                             continue
-                        _rekey_one(tree, state, dir_fd, name, fd, entries, keyring, journal, report)
+                        _rekey_one(
+                            tree, state, dir_fd, name, fd, entries, keyring, journal, report,
+                            selection,
+                        )  # fmt: skip
                     finally:
                         os.close(fd)
                 finally:
@@ -259,8 +269,10 @@ def _rekey_one(
     keyring: Keyring,
     journal: dict[str, object],
     report: RekeyReport,
+    selection: Selection,
 ) -> None:
-    """Re-key the file open as *fd*, found as *name* in *dir_fd* (the first of *entries*)."""
+    """Re-key the file open as *fd*, found as *name* in *dir_fd* (the first of *entries*),
+    if *selection* wants its header."""
     rel = entries[0].rel
     raw = read_raw_header(fd)
     if raw is None:
@@ -270,13 +282,17 @@ def _rekey_one(
     if header.volume_id != keyring.volume_id:
         report.skipped.append((rel, "header of another volume"))
         return
+    if not selection.header_selected(header):
+        report.not_due += 1
+        return
     cipher = keyring.cipher_for(header, rel)
     st = os.fstat(fd)
     unlink_if_present(state, TMP_NAME)
     new_fd = os.open(TMP_NAME, os.O_RDWR | os.O_CREAT | os.O_EXCL | FILE_FLAGS, 0o600, dir_fd=state)
     try:
         old = ContentFile.open(fd, cipher, lambda: rel)
-        new_header = write_encrypted(new_fd, keyring, header.block_size, old.read, old.size, rel)
+        new_header, new_cipher = keyring.new_file_cipher(header.block_size)
+        write_encrypted(new_fd, new_header, new_cipher, old.read, old.size, rel)
         copy_metadata(st, new_fd, read_xattrs(fd))
         os.fsync(new_fd)
         names = [entry.rel for entry in entries]

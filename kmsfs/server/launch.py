@@ -47,6 +47,8 @@ def serve_plan(plan: MountPlan, on_ready: Callable[[], None] | None) -> None:
         check_shared_support(plan.backing)
     claim = claim_volume(plan.backing, plan.mountpoint, plan.shared)
     plan.runtime.claim = claim  # rechecked while serving: tools must keep finding it
+    plan.runtime.rekey.read_only = "ro" in plan.extra
+    plan.runtime.rekey.auto = plan.auto_rekey
     audit = AuditLog(plan.audit_log) if plan.audit_log else None
     try:
         config, keyring = open_volume(

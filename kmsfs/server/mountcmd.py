@@ -36,7 +36,8 @@ class MountPlan:
     has left the working directory), shared (``-o shared``: other daemons may
     serve the volume at once), shared_timeout (entry and attribute seconds in
     shared mode) and shared_lock_timeout (seconds a request waits for another
-    daemon's byte-range lock before it fails with EIO).
+    daemon's byte-range lock before it fails with EIO), auto_rekey (``-o auto_rekey``:
+    a format-1 file whose key reaches the usage warning is re-keyed online).
     """
 
     backing: str
@@ -55,6 +56,7 @@ class MountPlan:
     shared: bool = False
     shared_timeout: float = DEFAULT_SHARED_TIMEOUT
     shared_lock_timeout: float = DEFAULT_LOCK_TIMEOUT
+    auto_rekey: bool = False
 
 
 def mount_server_options(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -99,6 +101,8 @@ def prepare_mount(
     if config is not None:
         check_volume_provider(config, backing)
     extra, shared, shared_timeout, lock_timeout = split_shared_options(extra)
+    auto_rekey = "auto_rekey" in extra
+    extra = [option for option in extra if option != "auto_rekey"]
     runtime = ServerRuntime(mountpoint, metrics_listen)
     runtime.check()
     problem = runtime.socket_problem()
@@ -118,6 +122,7 @@ def prepare_mount(
         shared=shared,
         shared_timeout=shared_timeout,
         shared_lock_timeout=lock_timeout,
+        auto_rekey=auto_rekey,
     )
 
 

@@ -23,6 +23,7 @@ import trio
 from kmsfs.backing.volume_lock import RECHECK_INTERVAL
 from kmsfs.errors import ConfigError
 from kmsfs.server import notify
+from kmsfs.server.rekey_job import RekeyService
 from kmsfs.server.stats import ProviderStats, snapshot
 
 if TYPE_CHECKING:
@@ -38,7 +39,8 @@ class ServerRuntime:
     """Attributes: mountpoint, metrics_listen (``HOST:PORT`` or None),
     provider_stats, metrics (the running MetricsServer, once started), claim (the
     volume lock and registration the daemon holds, to recheck; None: not watched),
-    reloader (reloads the access policy from the config file; None without one)."""
+    reloader (reloads the access policy from the config file; None without one),
+    rekey (the online rekey: kmsfs/server/rekey_job.py)."""
 
     def __init__(self, mountpoint: str, metrics_listen: str | None = None) -> None:
         self.mountpoint = mountpoint
@@ -48,6 +50,7 @@ class ServerRuntime:
         self.claim: VolumeClaim | None = None
         self._lock_state = "held"
         self.reloader: PolicyReloader | None = None
+        self.rekey = RekeyService()
         self.started = time.time()
         self.started_monotonic = time.monotonic()
 
@@ -83,6 +86,7 @@ class ServerRuntime:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._serve_status, ops)
+                nursery.start_soon(self.rekey.run, ops)
                 if self.metrics_listen is not None:
                     await self._start_metrics(ops, token)
                 interval = notify.watchdog_interval()
@@ -108,6 +112,7 @@ class ServerRuntime:
         policy["reloads"] = reloader.reloads if reloader is not None else 0
         policy["reloads_refused"] = reloader.refused if reloader is not None else 0
         info["volume_lock"] = self._lock_state if self.claim is not None else None
+        info["rekey"] = self.rekey.status()
         return info
 
     async def reload_policy(self, ops: KmsfsOperations) -> dict[str, Any]:
@@ -150,6 +155,8 @@ class ServerRuntime:
                 return self.snapshot(ops)
             if request == "reload-policy":
                 return await self.reload_policy(ops)
+            if request.startswith("rekey-"):
+                return await self.rekey.request(request)
             return {"error": f"unknown request {request[:40]!r}"}
 
         try:
