@@ -53,9 +53,18 @@ Wanted = Callable[[FileHeader, ContentFile], str | None]
 
 
 class Skipped(KmsfsError):
-    """The file is not re-keyed, for the reason given (not an error of the volume)."""
+    """The file is not re-keyed, for the reason given (not an error of the volume).
+    ``retry``: it changed under the rekey (moved, replaced, unlinked), and a later walk
+    that meets it again may do it."""
 
     exit_code = 1
+    retry = False
+
+
+class Moved(Skipped):
+    """The file was renamed, replaced or removed while the rekey had it in hand."""
+
+    retry = True
 
 
 class NotDue(Skipped):
@@ -116,13 +125,14 @@ class OnlineRekey:
         attributes *st*; returns the plaintext bytes copied.
 
         *wanted* decides, once the file is open, whether it is still to be done;
-        *before_chunk(n)* is awaited before each chunk of n bytes (rate limits, pause).
+        *before_chunk(n)* is awaited before each chunk, with the bytes it will copy as far as
+        the file's size then says (rate limits, pause).
         Raises as the module docstring says.
         """
         try:
             fd = self.tree.open_file(rel, os.O_RDONLY, Entry(rel, st))
         except (FileNotFoundError, TreeChanged) as exc:
-            raise Skipped("removed, replaced or moved since the walk met it", where=rel) from exc
+            raise Moved("removed, replaced or moved since the walk met it", where=rel) from exc
         links = os.fstat(fd).st_nlink
         if links != 1:
             os.close(fd)
@@ -130,7 +140,7 @@ class OnlineRekey:
         try:
             entry = self.ops.inodes.hold(os.fstat(fd), fd)
         except OSError as exc:  # a deferred entry whose name moved on (ESTALE)
-            raise Skipped(f"changed since the walk met it ({exc.strerror})", where=rel) from None
+            raise Moved(f"changed since the walk met it ({exc.strerror})", where=rel) from None
         self.current = Progress("/" + rel)
         try:
             return await self._rekey_entry(entry, rel, wanted, before_chunk)
@@ -174,11 +184,13 @@ class OnlineRekey:
                 old.mirror, old.mirror_error = new, None
             copied = await self._copy(entry, new, before_chunk)
             await trio.to_thread.run_sync(os.fsync, new_fd, limiter=ops._limiter)
+            synced = (new.sealed_blocks, new.size)
             async with entry.lock:
                 old = self._mirrored(entry, new)
                 if new.size != old.size:
                     new.truncate(old.size)  # a trailing hole the copy left unwritten
-                await trio.to_thread.run_sync(os.fsync, new_fd, limiter=ops._limiter)
+                if (new.sealed_blocks, new.size) != synced:  # changed since: sync again
+                    await trio.to_thread.run_sync(os.fsync, new_fd, limiter=ops._limiter)
                 with trio.CancelScope(shield=True):
                     await self._switch(entry, old, new, new_header)
             await trio.to_thread.run_sync(_free, old.fd, limiter=ops._limiter)
@@ -220,12 +232,14 @@ class OnlineRekey:
         ops = self.ops
         pos = copied = 0
         progress = self.current
+        size = entry.content.size if entry.content is not None else 0
         while True:
-            await before_chunk(self.chunk)
+            await before_chunk(min(self.chunk, max(size - pos, 0)))  # as it looks now
             async with entry.lock:
                 old = self._mirrored(entry, new)
+                size = old.size
                 if progress is not None:
-                    progress.size = old.size
+                    progress.size = size
                 if pos >= old.size:
                     return copied
                 copied += await trio.to_thread.run_sync(
@@ -239,12 +253,12 @@ class OnlineRekey:
         self, entry: Inode, old: ContentFile, new: ContentFile, header: FileHeader
     ) -> None:
         """Put *new* under the file's name and make every handle use it (inode lock held,
-        not cancellable).  Up to the exchange nothing has changed (Skipped or TreeChanged
-        then); after it the switch completes."""
+        not cancellable).  Up to the exchange nothing has changed (Moved then); after it
+        the switch completes."""
         ops = self.ops
         dir_fd = self._exchange(entry, old, new)
         try:
-            await trio.to_thread.run_sync(_fsync_both, dir_fd, self.state_fd, limiter=ops._limiter)
+            await trio.to_thread.run_sync(os.fsync, dir_fd, limiter=ops._limiter)
         finally:
             os.close(dir_fd)
             # from here on every request uses the new file (also if the fsync failed:
@@ -264,11 +278,14 @@ class OnlineRekey:
         st_old = os.fstat(old.fd)
         path = ops.paths.of(entry.fd)
         if path is None or path == "/" or st_old.st_nlink != 1:
-            raise Skipped(
+            raise Moved(
                 "unlinked, hard-linked or moved out of the volume while it was copied",
                 where=ops.describe(entry),
             )
-        dir_fd, name = self.tree.parent(path[1:])
+        try:
+            dir_fd, name = self.tree.parent(path[1:])
+        except (FileNotFoundError, TreeChanged) as exc:
+            raise Moved(f"its directory changed while it was copied ({exc})", where=path) from None
         entry_fd = -1
         try:
             copy_metadata(st_old, new.fd, read_xattrs(old.fd))
@@ -278,12 +295,12 @@ class OnlineRekey:
                 renameat2(self.state_fd, TMP_NAME.encode(), dir_fd, os.fsencode(name),
                           RENAME_EXCHANGE)  # fmt: skip
             except FileNotFoundError:
-                raise TreeChanged("removed while it was re-keyed", where=path) from None
+                raise Moved("removed while it was re-keyed", where=path) from None
             back = os.stat(TMP_NAME, dir_fd=self.state_fd, follow_symlinks=False)
             if (back.st_dev, back.st_ino) != (st_old.st_dev, st_old.st_ino):
                 renameat2(self.state_fd, TMP_NAME.encode(), dir_fd, os.fsencode(name),
                           RENAME_EXCHANGE)  # fmt: skip
-                raise TreeChanged("replaced in the backing directory while re-keyed", where=path)
+                raise Moved("replaced in the backing directory while re-keyed", where=path)
             ops.inodes.rebind(entry, entry_fd, os.fstat(new.fd), retire=old.fd)
         except BaseException:
             os.close(dir_fd)
@@ -295,11 +312,6 @@ class OnlineRekey:
         except OSError as exc:
             log.warning("%s: directory times not restored: %s", path, exc.strerror)
         return dir_fd
-
-
-def _fsync_both(dir_fd: int, state_fd: int) -> None:
-    os.fsync(dir_fd)
-    os.fsync(state_fd)
 
 
 def _free(fd: int) -> None:

@@ -34,7 +34,7 @@ from kmsfs.backing.volume_lock import daemons_serving
 from kmsfs.errors import FormatError, KmsfsError, LifecycleError
 from kmsfs.format.content import Layout, format_of_mode
 from kmsfs.format.header import XATTR_NAME, FileHeader
-from kmsfs.fs.rekey_online import NotDue, OnlineRekey, Skipped
+from kmsfs.fs.rekey_online import Moved, NotDue, OnlineRekey, Skipped
 from kmsfs.lifecycle.common import drop_journal, load_journal, save_journal
 from kmsfs.lifecycle.selection import Selection, journal_cutoff
 from kmsfs.server.rekey_progress import Counters, JobSettings, Pace, RateLimit
@@ -48,6 +48,8 @@ JOURNAL = "rekey-online"
 OFFLINE_JOURNAL = "rekey"  # kmsfs.lifecycle.rekey's
 SAVE_INTERVAL = 2.0  # seconds between journal writes of the counters
 FINISHED = ("done", "cancelled", "failed")
+MAX_WALKS = 4  # a file renamed across a walk is met by the next one, up to this many
+MAX_HANDLED = 100_000  # files skipped or failed that later walks leave alone
 
 
 class Refused(KmsfsError):
@@ -78,6 +80,14 @@ class Job:
         self.scope = trio.CancelScope()
         self.cancelled = False
         self.saved_at = 0.0
+        self.handled: set[tuple[int, int]] = set()  # skipped, failed, not due: no retry
+        self.retry = False  # a file moved under the rekey: walk again
+
+    def remember(self, st: os.stat_result) -> None:
+        """Do not take the file of *st* again in this job's later walks (bounded: past
+        MAX_HANDLED files, later walks may meet some of them again)."""
+        if len(self.handled) < MAX_HANDLED:
+            self.handled.add((st.st_dev, st.st_ino))
 
     def to_journal(self) -> dict[str, Any]:
         c = self.counters
@@ -411,14 +421,21 @@ class RekeyService:
             total_bytes,
         )
         await self._save(job)
-        send, receive = trio.open_memory_channel[tuple[str, os.stat_result]](64)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._produce, job, send)
-            async with receive:
-                async for rel, st in receive:
-                    await self._one(job, rel, st)
-        job.state = "done"
+        for walk in range(MAX_WALKS):
+            send, receive = trio.open_memory_channel[tuple[str, os.stat_result]](64)
+            met = job.counters.files_met
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._produce, job, send)
+                async with receive:
+                    async for rel, st in receive:
+                        if walk:  # missed by the first walk: renamed across it
+                            job.files_total = max(job.files_total or 0, job.counters.files_met + 1)
+                        await self._one(job, rel, st)
+            if job.counters.files_met == met and not job.retry:
+                break
+            job.retry = False
         c = job.counters
+        job.state, job.files_total = "done", c.files_met
         log.info(
             "rekey done: %d files re-keyed (%d bytes), %d skipped, %d failed, %d not due",
             c.files_done,
@@ -439,14 +456,17 @@ class RekeyService:
             await trio.to_thread.run_sync(self._walk, job, emit)
 
     def _walk(self, job: Job, emit: Any) -> tuple[int, int]:
-        """Every file due by birth time, path and master key (a worker thread): counted,
-        and handed to *emit(rel, st)* if given.  Returns (files, plaintext bytes)."""
+        """Every file due by birth time, path and master key (a worker thread), but those
+        this job skipped or failed already: counted, and handed to *emit(rel, st)* if
+        given.  Returns (files, plaintext bytes)."""
         assert self._tree is not None and self.ops is not None
         selection, cutoff = job.settings.selection, job.settings.cutoff
         block_size = self.ops.config.block_size
         files = size = 0
         for node in self._tree.walk():
             if not stat.S_ISREG(node.st.st_mode) or not selection.path_selected(node.rel):
+                continue
+            if (node.st.st_dev, node.st.st_ino) in job.handled:
                 continue
             try:
                 born = birth_time(node.parent_fd, os.fsencode(node.name))
@@ -473,7 +493,7 @@ class RekeyService:
         await job.files_limit.take(1)
         await job.resumed.wait()
 
-        async def on_chunk(copied: int) -> None:
+        async def before_chunk(copied: int) -> None:
             await job.bytes_limit.take(copied)
             await job.resumed.wait()
             current = self.engine.current if self.engine is not None else None
@@ -484,21 +504,22 @@ class RekeyService:
 
         c = job.counters
         try:
-            copied = await self._rekey(rel, st, self._wanted, on_chunk)
-        except NotDue:
-            c.files_not_due += 1
-        except Skipped as exc:
-            c.files_skipped += 1
-            c.skipped.append(str(exc))
-            log.warning("rekey skipped %s", exc)
-        except FormatError as exc:
-            c.files_skipped += 1
-            c.skipped.append(str(exc))
-            log.warning("rekey skipped %s", exc)
-        except (KmsfsError, OSError) as exc:
-            c.files_failed += 1
-            c.failed.append(f"/{rel}: {exc}")
-            log.error("rekey of /%s failed: %s", rel, exc)
+            copied = await self._rekey(rel, st, self._wanted, before_chunk)
+        except Moved as exc:  # met again by the next walk, if it still exists
+            job.retry = True
+            log.info("rekey: %s; tried again later", exc)
+        except (NotDue, Skipped, FormatError, KmsfsError, OSError) as exc:
+            job.remember(st)
+            if isinstance(exc, NotDue):
+                c.files_not_due += 1
+            elif isinstance(exc, Skipped | FormatError):
+                c.files_skipped += 1
+                c.skipped.append(str(exc))
+                log.warning("rekey skipped %s", exc)
+            else:
+                c.files_failed += 1
+                c.failed.append(f"/{rel}: {exc}")
+                log.error("rekey of /%s failed: %s", rel, exc)
         else:
             c.files_done += 1
             c.bytes_done += copied
@@ -506,10 +527,10 @@ class RekeyService:
         if trio.current_time() - job.saved_at >= SAVE_INTERVAL:
             await self._save(job)
 
-    async def _rekey(self, rel: str, st: os.stat_result, wanted: Any, on_chunk: Any) -> int:
+    async def _rekey(self, rel: str, st: os.stat_result, wanted: Any, before_chunk: Any) -> int:
         engine = await self._engine()
         async with self._engine_lock:  # one file at a time: one temporary name
-            return await engine.rekey(rel, st, wanted, on_chunk)
+            return await engine.rekey(rel, st, wanted, before_chunk)
 
     async def _save(self, job: Job) -> None:
         job.saved_at = trio.current_time()

@@ -19,27 +19,32 @@ MAX_LISTED = 20  # files named in the status per kind (skipped, failed)
 
 
 class RateLimit:
-    """At most *rate* units a second over the long run (None: no limit).
+    """At most *rate* units a second over the long run (None: no limit): a token bucket
+    holding at most *burst* seconds' worth.
 
     ``take(n)`` returns at once or sleeps until the units taken so far fit the rate:
-    each call is scheduled *n / rate* seconds after the previous one, and time spent
-    idle (a pause, a slow step) is not saved up for a burst afterwards.
+    each call is scheduled *n / rate* seconds after the previous one.  Time spent on
+    other work (fsyncs, the switch, small files) is saved up for at most *burst*
+    seconds, so the rate over a job stays close to the limit; a long pause is not
+    saved up beyond that.  The bucket starts empty, so
+    no interval of a job takes more than *rate* units a second on average.
     """
 
-    def __init__(self, rate: float | None) -> None:
+    def __init__(self, rate: float | None, burst: float = 1.0) -> None:
         if rate is not None and rate <= 0:
             raise ValueError("a rate limit must be positive")
         self.rate = rate
-        self._next = 0.0
+        self.burst = burst
+        self._next: float | None = None  # when what was taken is paid for; None: empty
 
     async def take(self, amount: float) -> None:
         if self.rate is None:
             return
         now = trio.current_time()
-        start = max(self._next, now)
+        start = now if self._next is None else max(self._next, now - self.burst)
         self._next = start + amount / self.rate
-        if start > now:
-            await trio.sleep(start - now)
+        if self._next > now:
+            await trio.sleep(self._next - now)
 
 
 @dataclass
