@@ -171,6 +171,7 @@ class RekeyService:
         self.auto_done = 0
         self.auto_failed = 0
         self._engine_lock = trio.Lock()
+        self._journal_lock = trio.Lock()  # one journal write at a time (one temporary name)
         self._nursery: trio.Nursery | None = None
         self._tree: Tree | None = None
         self._state_fd = -1
@@ -184,6 +185,9 @@ class RekeyService:
         """Serve rekeys for *ops* until cancelled: recover what a killed daemon left,
         resume a journalled job, re-key what ``auto_rekey`` queues."""
         self.ops = ops
+        if self.auto and self.read_only:
+            log.warning("-o auto_rekey is off on a read-only mount")
+            self.auto = False
         if self.auto:
             ops.on_worn = self._queue_worn
         try:
@@ -206,7 +210,7 @@ class RekeyService:
             if verb == "rekey-start":
                 await self._start(argument)
             elif verb == "rekey-pause":
-                self._set_paused(True)
+                await self._set_paused(True)
             elif verb == "rekey-resume":
                 await self._resume_request()
             elif verb == "rekey-cancel":
@@ -290,7 +294,8 @@ class RekeyService:
             error.exit_code = 7
             raise error
 
-    def _set_paused(self, paused: bool) -> None:
+    async def _set_paused(self, paused: bool) -> None:
+        """Pause or resume the job, and journal it at once (a pause outlives a restart)."""
         job = self._running_job("pause" if paused else "resume")
         if job.paused == paused:
             return
@@ -305,7 +310,7 @@ class RekeyService:
             if job.state == "paused":
                 job.state = "running"
             log.info("rekey resumed")
-        job.saved_at = 0.0  # save at the next step
+        await self._save(job)
 
     async def _resume_request(self) -> None:
         """``kmsfs rekey --resume``: resume a paused job, or start again a journalled job
@@ -314,7 +319,7 @@ class RekeyService:
             if not await self._resume_journalled(force=True):
                 raise Refused("no rekey job to resume")
             return
-        self._set_paused(False)
+        await self._set_paused(False)
 
     def _cancel(self) -> None:
         job = self._running_job("cancel")
@@ -407,7 +412,8 @@ class RekeyService:
                 if stopping:  # the daemon stops: resume at the next mount
                     await self._save(job)
                 else:
-                    await trio.to_thread.run_sync(drop_journal, self.backing, JOURNAL)
+                    async with self._journal_lock:
+                        await trio.to_thread.run_sync(drop_journal, self.backing, JOURNAL)
 
     async def _work(self, job: Job) -> None:
         total_files, total_bytes = await trio.to_thread.run_sync(self._walk, job, None)
@@ -533,11 +539,16 @@ class RekeyService:
             return await engine.rekey(rel, st, wanted, before_chunk)
 
     async def _save(self, job: Job) -> None:
+        """Journal *job* (not once it has ended: its journal is gone then)."""
         job.saved_at = trio.current_time()
-        try:
-            await trio.to_thread.run_sync(save_journal, self.backing, JOURNAL, job.to_journal())
-        except (KmsfsError, OSError) as exc:
-            log.error("rekey journal not written: %s", exc)
+        async with self._journal_lock:
+            if job.state in FINISHED:
+                return
+            try:
+                data = job.to_journal()
+                await trio.to_thread.run_sync(save_journal, self.backing, JOURNAL, data)
+            except (KmsfsError, OSError) as exc:
+                log.error("rekey journal not written: %s", exc)
 
     # -- auto_rekey ---------------------------------------------------------------
 

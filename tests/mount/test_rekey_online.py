@@ -18,33 +18,14 @@ from typing import Any
 import pytest
 from conftest import Volume, requires_fuse, run_kmsfs
 from support.lifecycle_support import entry_refs, header_of, write_files
-from support.rekey_workload import Workload
+from support.rekey_support import FINISHED, Workload, rekey_status, wait_job
 
 from kmsfs.format.header import FORMAT_1, FORMAT_2
-from kmsfs.server.status import query
 
 pytestmark = [requires_fuse, pytest.mark.mount]
 
 BS = 4096
 MB = 1_000_000
-FINISHED = ("done", "cancelled", "failed")
-
-
-def rekey_status(volume: Volume) -> dict[str, Any]:
-    """The job of the daemon of *volume*, as ``kmsfs rekey --status --json`` shows it."""
-    info = query(str(volume.mountpoint), "rekey-status")["rekey"] or {}
-    return dict(info.get("job") or {})
-
-
-def wait_job(volume: Volume, timeout: float, until: tuple[str, ...] = FINISHED) -> dict[str, Any]:
-    """Poll the job until its state is one of *until*; fail after *timeout* seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = rekey_status(volume)
-        if job.get("state") in until:
-            return job
-        time.sleep(0.05)
-    pytest.fail(f"rekey job not {until} after {timeout} s: {rekey_status(volume)}")
 
 
 def file_ids(volume: Volume, names: list[str]) -> dict[str, bytes]:

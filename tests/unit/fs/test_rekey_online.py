@@ -325,3 +325,40 @@ def test_not_wanted_after_all(ops: KmsfsOperations, engine: OnlineRekey) -> None
 
     trio.run(main)
     assert leftovers(ops) == []
+
+
+def test_auto_rekey_moves_a_worn_format_1_file_to_format_2(
+    ops: KmsfsOperations, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With ``-o auto_rekey`` the usage warning of a format-1 key (lowered here from 2^31
+    block encryptions to 8) queues the file, which is re-keyed while it stays open."""
+    from kmsfs.backing import content_file
+    from kmsfs.server.rekey_job import RekeyService
+
+    monkeypatch.setattr(content_file, "WARN_BLOCK_ENCRYPTIONS", 8)
+    path = Path(ops.backing, "worn")
+    write_file(path, ops.config, ops.keyring, b"a" * BS, FORMAT_1)
+    service = RekeyService(auto=True)
+    model = bytearray(b"a" * BS)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(service.run, ops)
+            await trio.testing.wait_all_tasks_blocked()
+            attr = await ops.lookup(ROOT, b"worn", CTX)
+            fh = (await ops.open(attr.st_ino, os.O_RDWR, CTX)).fh
+            for n in range(10):
+                data = os.urandom(BS)
+                await ops.write(fh, n * BS, data)
+                patch(model, n * BS, data)
+            assert header_of(path).version == FORMAT_1
+            with trio.fail_after(20):
+                for _ in iter(lambda: service.auto_done, 1):  # the service polls each second
+                    await trio.sleep(0.05)
+            assert header_of(path).version == FORMAT_2
+            assert bytes(await ops.read(fh, 0, len(model))) == bytes(model)
+            assert service.status() == {"auto_rekey": {"queued": 0, "done": 1, "failed": 0}}
+            await ops.release(fh)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)

@@ -1,6 +1,7 @@
-"""A concurrent workload on a mount, each worker with an in-memory model of its file, for
-the online rekey tests: writers, appenders, truncators, readers holding a handle open,
-an mmap writer and a renamer, all until told to stop.
+"""For the online rekey tests: the job's state as the daemon reports it (``rekey_status``,
+``wait_job``), and a concurrent workload on a mount, each worker with an in-memory model
+of its file: writers, appenders, truncators, readers holding a handle open, an mmap
+writer and a renamer, all until told to stop.
 
 Each worker owns one file (no two workers share one), so its model is exact: after
 ``stop()`` every file must read back as its model, through the mount and after a
@@ -14,11 +15,36 @@ import mmap
 import os
 import random
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import Volume
+
+from kmsfs.server.status import query
 
 BS = 4096
+FINISHED = ("done", "cancelled", "failed")
+
+
+def rekey_status(volume: Volume) -> dict[str, Any]:
+    """The job of the daemon of *volume*, as ``kmsfs rekey --status --json`` shows it."""
+    info = query(str(volume.mountpoint), "rekey-status")["rekey"] or {}
+    return dict(info.get("job") or {})
+
+
+def wait_job(volume: Volume, timeout: float, until: tuple[str, ...] = FINISHED) -> dict[str, Any]:
+    """Poll the job until its state is one of *until*; fail after *timeout* seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = rekey_status(volume)
+        if job.get("state") in until:
+            return job
+        time.sleep(0.05)
+    pytest.fail(f"rekey job not {until} after {timeout} s: {rekey_status(volume)}")
 
 
 @dataclass
