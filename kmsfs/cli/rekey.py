@@ -29,6 +29,7 @@ from kmsfs.cli.common import (
 )
 from kmsfs.errors import KmsfsError, UsageError
 from kmsfs.lifecycle.selection import Selection
+from kmsfs.server.config import config_option, current_config
 
 WAIT_POLL = 1.0  # seconds between two looks at a job --wait follows
 WAIT_REPORT = 10.0  # seconds between two progress lines --wait prints
@@ -36,7 +37,7 @@ FAILED = 1
 
 
 @click.command()
-@click.argument("target", type=click.Path(file_okay=False, exists=True))
+@click.argument("target", required=False, type=click.Path(file_okay=False, exists=True))
 @key_options(for_init=False)
 @click.option("--older-than", help="Only files whose key is older (90d, 12h, 2w, 1y...).")
 @click.option(
@@ -65,16 +66,19 @@ FAILED = 1
               help="Mounted volume: re-encrypt at most this many MB a second.")  # fmt: skip
 @click.option("--max-files-per-second", type=click.FloatRange(min=0, min_open=True),
               metavar="N", help="Mounted volume: re-key at most N files a second.")  # fmt: skip
-@click.option("--wait", is_flag=True, help="Mounted volume: follow the job until it ends.")
+@click.option(
+    "--wait", is_flag=True, help="Mounted volume: follow the job until it ends (offline: always)."
+)
 @click.option("--pause", "action", flag_value="pause", help="Pause the job of a mounted volume.")
 @click.option("--resume", "action", flag_value="resume", help="Resume a paused or stopped job.")
 @click.option("--cancel", "action", flag_value="cancel", help="Cancel the job (files done stay).")
 @click.option("--status", "action", flag_value="status", help="Show the job of a mounted volume.")
 @click.option("--json", "as_json", is_flag=True, help="Mounted volume: print the job as JSON.")
 @quiet_option
+@config_option
 @handle_errors
 def rekey(
-    target: str,
+    target: str | None,
     older_than: str | None,
     master_keys: tuple[str, ...],
     paths: tuple[str, ...],
@@ -89,7 +93,10 @@ def rekey(
 ) -> None:
     """Re-encrypt file contents of TARGET under fresh file keys (file format 2).
 
-    TARGET is a backing directory or a mount point.  Mounted, the daemon re-keys
+    TARGET is a backing directory or a mount point (with --config FILE: the
+    file's mount point if it is mounted, else its backing directory, for a
+    timer that rotates keys whether or not the volume is in use).  Mounted, the
+    daemon re-keys
     the files while they stay in use: this command starts the job and returns
     (--wait follows it; exit 1 if files failed); --pause, --resume, --cancel and
     --status control it, and the job resumes at the next mount if the daemon
@@ -100,12 +107,17 @@ def rekey(
     selection = Selection.of(
         parse_duration(older_than) if older_than else None, master_keys, paths, sealed_more_than
     )
-    mountpoint = _live_mount(target)
+    target, mountpoint = _target(target)
     if mountpoint is None:
-        if action is not None or wait or max_mbps or max_files_per_second:
+        if action is not None:
             raise UsageError(
-                f"{target} is not mounted: --pause, --resume, --cancel, --status, --wait and"
-                " the rate limits apply to the daemon of a mounted volume"
+                f"{target} is not mounted: --pause, --resume, --cancel and --status apply to"
+                " the job of a mounted volume's daemon"
+            )
+        if max_mbps or max_files_per_second:  # so one command line serves both (the timer)
+            click.echo(
+                f"kmsfs: {target} is not mounted: re-keying offline, without rate limits",
+                err=True,
             )
         if sealed_more_than is not None:
             raise UsageError("--sealed-more-than needs the daemon's counts: give a mounted volume")
@@ -128,6 +140,21 @@ def rekey(
     job = (reply.get("rekey") or {}).get("job") or {}
     if wait and (job.get("files_failed") or job.get("state") in ("failed", "cancelled")):
         sys.exit(FAILED)
+
+
+def _target(target: str | None) -> tuple[str, str | None]:
+    """(TARGET, the mount point serving it or None), TARGET from --config if not given;
+    UsageError if there is none."""
+    if target is not None:
+        return target, _live_mount(target)
+    config = current_config()
+    if config is not None and config.mountpoint and os.path.isdir(config.mountpoint):
+        mountpoint = _live_mount(config.mountpoint)
+        if mountpoint is not None:
+            return config.mountpoint, mountpoint
+    if config is not None and config.backing:
+        return config.backing, _live_mount(config.backing)
+    raise UsageError("TARGET missing: give a backing directory or mount point, or --config FILE")
 
 
 def _live_mount(target: str) -> str | None:

@@ -240,3 +240,32 @@ def test_shared_mount_refuses_naming_the_daemons(volume: Volume, tmp_path: Path)
         assert header_of(volume.backing_path("f")).version == FORMAT_2
     finally:
         run_kmsfs("umount", second)
+
+
+def test_the_rotation_unit_runs_online_and_offline(volume: Volume) -> None:
+    """The ExecStart of systemd/kmsfs-rekey@.service, with %i's config: through the daemon
+    while the volume is mounted, offline (with the file's key settings) when it is not;
+    --older-than skips what the previous run did."""
+    unit = (Path(__file__).parents[2] / "systemd/kmsfs-rekey@.service").read_text()
+    (line,) = [x for x in unit.splitlines() if x.startswith("ExecStart=")]
+    config = volume.root / "volume.toml"
+    config.write_text(
+        f'backing = "{volume.backing}"\nmountpoint = "{volume.mountpoint}"\n'
+        f'[provider]\ntype = "local"\nkey_file = "{volume.key_file}"\n'
+    )
+    args = line.split()[2:]  # after "ExecStart=/usr/local/bin/kmsfs rekey"
+    args = [str(config) if a == "/etc/kmsfs/%i.toml" else a for a in args]
+    args[args.index("360d")] = "0"  # every key is old enough for this test
+    volume.mount()
+    volume.path("f").write_bytes(b"rotated yearly")
+    first = header_of(volume.backing_path("f")).file_id
+    result = run_kmsfs("rekey", *args)
+    assert f"rekey started by the daemon of {volume.mountpoint}" in result.stdout
+    second = header_of(volume.backing_path("f")).file_id
+    assert second != first
+    volume.umount()
+    result = run_kmsfs("rekey", *args)
+    assert "rekey: 1 files, 1 re-keyed" in result.stdout
+    assert header_of(volume.backing_path("f")).file_id != second
+    args[args.index("0")] = "1d"
+    assert " 0 re-keyed" in run_kmsfs("rekey", *args).stdout
