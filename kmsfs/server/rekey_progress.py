@@ -167,4 +167,5 @@ def format_rekey(info: dict[str, Any] | None) -> list[str]:
 
 
 def _mb(value: float) -> str:
-    return f"{value / 1e6:.1f} MB"
+    """Bytes as MB, or GB from 1 GB on (decimal units, as the rate limit's)."""
+    return f"{value / 1e9:.1f} GB" if value >= 1e9 else f"{value / 1e6:.1f} MB"
