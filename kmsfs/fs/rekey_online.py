@@ -296,12 +296,17 @@ class OnlineRekey:
                           RENAME_EXCHANGE)  # fmt: skip
             except FileNotFoundError:
                 raise Moved("removed while it was re-keyed", where=path) from None
+            # what came out must be the old inode, and what went in the new one: whoever
+            # can write the backing directory may have swapped either name meanwhile
             back = os.stat(TMP_NAME, dir_fd=self.state_fd, follow_symlinks=False)
-            if (back.st_dev, back.st_ino) != (st_old.st_dev, st_old.st_ino):
+            put = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            st_new = os.fstat(new.fd)
+            if (back.st_dev, back.st_ino, put.st_ino) != (st_old.st_dev, st_old.st_ino,
+                                                          st_new.st_ino):  # fmt: skip
                 renameat2(self.state_fd, TMP_NAME.encode(), dir_fd, os.fsencode(name),
                           RENAME_EXCHANGE)  # fmt: skip
                 raise Moved("replaced in the backing directory while re-keyed", where=path)
-            ops.inodes.rebind(entry, entry_fd, os.fstat(new.fd), retire=old.fd)
+            ops.inodes.rebind(entry, entry_fd, st_new, retire=old.fd)
         except BaseException:
             os.close(dir_fd)
             if entry_fd >= 0:

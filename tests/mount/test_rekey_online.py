@@ -269,3 +269,27 @@ def test_the_rotation_unit_runs_online_and_offline(volume: Volume) -> None:
     assert header_of(volume.backing_path("f")).file_id != second
     args[args.index("0")] = "1d"
     assert " 0 re-keyed" in run_kmsfs("rekey", *args).stdout
+
+
+@pytest.mark.parametrize(
+    "journal",
+    [b"not json", b'{"version": 1, "selection": {"paths": [5]}, "cutoff": 1}', b"[1, 2]"],
+    ids=["garbage", "wrong-type", "not-an-object"],
+)
+def test_a_malformed_journal_is_reported_not_resumed(volume: Volume, journal: bytes) -> None:
+    """The journal is in the backing directory: whoever can write there can change it.
+    A malformed one is named in the log and left alone; the volume mounts and serves,
+    and a new job replaces it."""
+    state = volume.backing / ".kmsfs.d"
+    state.mkdir(exist_ok=True)
+    (state / "rekey-online.json").write_bytes(journal)
+    volume.mount()
+    volume.path("f").write_bytes(b"served")
+    log = volume.log_text()
+    assert "rekey not resumed:" in log and "rekey-online.json" in log, log[-2000:]
+    refused = run_kmsfs("rekey", volume.mountpoint, "--resume", check=False)
+    assert refused.returncode == 1 and "no rekey job to resume" in refused.stderr
+    run_kmsfs("rekey", volume.mountpoint, "--wait")
+    assert header_of(volume.backing_path("f")).version == FORMAT_2
+    assert not (state / "rekey-online.json").exists()
+    assert volume.path("f").read_bytes() == b"served"
