@@ -172,6 +172,7 @@ class RekeyService:
         self.auto_failed = 0
         self._engine_lock = trio.Lock()
         self._journal_lock = trio.Lock()  # one journal write at a time (one temporary name)
+        self._control_lock = trio.Lock()  # one start, pause, resume or cancel at a time
         self._nursery: trio.Nursery | None = None
         self._tree: Tree | None = None
         self._state_fd = -1
@@ -193,7 +194,8 @@ class RekeyService:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                await self._resume_journalled()
+                async with self._control_lock:
+                    await self._resume_journalled()
                 if self.auto:
                     nursery.start_soon(self._serve_auto)
                 await trio.sleep_forever()
@@ -206,6 +208,12 @@ class RekeyService:
     async def request(self, text: str) -> dict[str, Any]:
         """Answer one control-socket request (``rekey-...``)."""
         verb, _, argument = text.partition(" ")
+        if verb == "rekey-status":
+            return {"rekey": self.status()}
+        async with self._control_lock:  # two starts at once would both find no job
+            return await self._control(verb, argument, text)
+
+    async def _control(self, verb: str, argument: str, text: str) -> dict[str, Any]:
         try:
             if verb == "rekey-start":
                 await self._start(argument)
@@ -215,7 +223,7 @@ class RekeyService:
                 await self._resume_request()
             elif verb == "rekey-cancel":
                 self._cancel()
-            elif verb != "rekey-status":
+            else:
                 return {"error": f"unknown request {text[:40]!r}"}
         except Refused as exc:
             return {"refused": str(exc), "exit_code": exc.exit_code, "rekey": self.status()}
@@ -341,6 +349,8 @@ class RekeyService:
         assert ops is not None
         try:
             engine = await self._engine()
+            async with self._engine_lock:  # never under a file being re-keyed
+                await trio.to_thread.run_sync(engine.recover)  # also an auto_rekey's leftover
             data = await trio.to_thread.run_sync(load_journal, self.backing, JOURNAL)
             if data is None:
                 return False
@@ -352,7 +362,6 @@ class RekeyService:
                 if force:
                     raise
                 return False
-            await trio.to_thread.run_sync(engine.recover)
             job = Job.from_journal(data, where)
         except (KmsfsError, OSError) as exc:
             if isinstance(exc, Refused):
