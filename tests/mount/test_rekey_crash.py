@@ -13,16 +13,13 @@ from __future__ import annotations
 import json
 import os
 import random
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import Volume, requires_fuse, run_kmsfs
-from support.crash_harness import check
+from support.crash_harness import check, start_writer
 from support.lifecycle_support import header_of
 from support.rekey_support import rekey_status, wait_job
 from support.reliability_util import env_int, kill_daemon, mount_pid, scaled
@@ -32,7 +29,6 @@ from kmsfs.server.status import query
 
 pytestmark = [requires_fuse, pytest.mark.mount]
 
-HARNESS = Path(__file__).parent.parent / "support" / "crash_harness.py"
 MB = 1_000_000
 TMP = ".kmsfs.d/rekey-online-tmp"
 JOURNAL = ".kmsfs.d/rekey-online.json"
@@ -123,12 +119,7 @@ def test_sigkill_at_random_points_of_rekeys_under_a_writer(volume: Volume) -> No
         directory = volume.path(f"it{i}")
         directory.mkdir()
         journal = volume.root / f"journal-{seed}"
-        writer = subprocess.Popen(
-            [sys.executable, str(HARNESS), str(directory), str(journal), str(seed)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        writer = start_writer(directory, journal, seed)
         stop = threading.Event()
         starter = threading.Thread(target=_keep_rekeying, args=(volume, stop))
         starter.start()

@@ -102,18 +102,21 @@ class Workload:
         if got != want:
             raise AssertionError(f"read {length} at {off}: {len(got)} bytes differ from model")
 
+    def _write(self, worker: Worker, fd: int, rng: random.Random, off: int, most: int) -> None:
+        """Write 1 to *most* random bytes at *off* through *fd*, then read a range back."""
+        data = rng.randbytes(rng.randrange(1, most))
+        os.pwrite(fd, data, off)
+        _patch(worker.model, off, data)
+        self._check(worker, fd, rng)
+        worker.ops += 1
+
     def _writer(self, worker: Worker, rng: random.Random) -> None:
         fd = os.open(self.root / worker.name, os.O_RDWR)
         try:
             while not self.stopping.is_set():
-                off = rng.randrange(0, len(worker.model) + BS)
-                data = rng.randbytes(rng.randrange(1, 3 * BS))
-                os.pwrite(fd, data, off)
-                _patch(worker.model, off, data)
+                self._write(worker, fd, rng, rng.randrange(0, len(worker.model) + BS), 3 * BS)
                 if rng.random() < 0.1:
                     os.fsync(fd)
-                self._check(worker, fd, rng)
-                worker.ops += 1
         finally:
             os.close(fd)
 
@@ -142,12 +145,7 @@ class Workload:
                 os.ftruncate(fd, size)
                 del worker.model[size:]
                 worker.model.extend(bytes(size - len(worker.model)))
-                data = rng.randbytes(rng.randrange(1, BS))
-                off = rng.randrange(0, size + 1)
-                os.pwrite(fd, data, off)
-                _patch(worker.model, off, data)
-                self._check(worker, fd, rng)
-                worker.ops += 1
+                self._write(worker, fd, rng, rng.randrange(0, size + 1), BS)
         finally:
             os.close(fd)
 
@@ -187,12 +185,7 @@ class Workload:
                 target = rng.choice([n for n in names if n != worker.name])
                 os.rename(self.root / worker.name, self.root / target)
                 worker.name = target
-                off = rng.randrange(0, len(worker.model) + 1)
-                data = rng.randbytes(rng.randrange(1, BS))
-                os.pwrite(fd, data, off)
-                _patch(worker.model, off, data)
-                self._check(worker, fd, rng)
-                worker.ops += 1
+                self._write(worker, fd, rng, rng.randrange(0, len(worker.model) + 1), BS)
         finally:
             os.close(fd)
 
