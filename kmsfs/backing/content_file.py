@@ -86,6 +86,13 @@ class ContentFile:
         file_id: the header's file ID (b"" if not given), for audit records.
         usage: the count of block encryptions under the file's key, shared by
             the daemon's opens of this file ID (a private one if not given).
+        mirror: another ContentFile that every write and truncate is applied to
+            as well, once applied here (the daemon's online rekey copies the file
+            into it meanwhile: docs/DESIGN.md "Online rekey"), or None.
+        mirror_error: why mirroring stopped (the first failure here or there, after
+            which ``mirror`` is None and the copy is worthless), or None.
+        on_worn: called (from the thread that sealed) once the key's count reaches
+            the usage warning, after it is logged (``-o auto_rekey``), or None.
     """
 
     def __init__(
@@ -107,6 +114,9 @@ class ContentFile:
         # (index, plaintext) of the final block as last sealed, to re-seal it
         # as a middle block on the next extending write without reading it back.
         self._final: tuple[int, bytes] | None = None
+        self.mirror: ContentFile | None = None
+        self.mirror_error: BaseException | None = None
+        self.on_worn: Callable[[], None] | None = None
 
     @property
     def what(self) -> str:
@@ -199,12 +209,44 @@ class ContentFile:
                 self.what,
                 usage.sealed,
             )
+            if self.on_worn is not None:
+                self.on_worn()
         written = os.pwrite(self.fd, sealed, index * self.layout.backing_block)
         if written != len(sealed):
             raise OSError(28, "short write to backing file")  # ENOSPC is the usual cause
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> int:
         """Write *data* at *offset*, growing the file if needed; returns len(data)."""
+        if self.mirror is None:
+            return self._write(offset, data)
+        self._mirrored(lambda content: content._write(offset, data))
+        return len(data)
+
+    def truncate(self, new_size: int) -> None:
+        """Set the plaintext size, re-sealing the block that becomes final."""
+        if self.mirror is None:
+            self._truncate(new_size)
+        else:
+            self._mirrored(lambda content: content._truncate(new_size))
+
+    def _mirrored(self, change: Callable[[ContentFile], object]) -> None:
+        """Apply *change* here, then to the mirror; a failure of either ends mirroring
+        (``mirror_error``), and one here is raised (the request fails as it would
+        have); one of the mirror's is not: the request succeeded."""
+        try:
+            change(self)
+        except BaseException as exc:
+            self.mirror, self.mirror_error = None, exc
+            raise
+        mirror = self.mirror
+        if mirror is None:
+            return
+        try:
+            change(mirror)
+        except Exception as exc:
+            self.mirror, self.mirror_error = None, exc
+
+    def _write(self, offset: int, data: bytes | bytearray | memoryview) -> int:
         length = len(data)
         if length == 0:
             return 0
@@ -261,8 +303,7 @@ class ContentFile:
             self._final = None
         return length
 
-    def truncate(self, new_size: int) -> None:
-        """Set the plaintext size, re-sealing the block that becomes final."""
+    def _truncate(self, new_size: int) -> None:
         old_size = self.size
         if new_size == old_size:
             return
@@ -270,7 +311,7 @@ class ContentFile:
         if new_size > old_size:
             new_final = self.layout.final_index(new_size)
             start = max(old_size, new_final * bs)
-            self.write(start, bytes(new_size - start))
+            self._write(start, bytes(new_size - start))
             return
         if new_size == 0:
             self._seal_at(0, b"", 0)

@@ -310,6 +310,26 @@ class Tree:
         self.encrypted_names = encrypted_names
         self.skipped: list[tuple[str, str]] = []
 
+    @classmethod
+    def at(
+        cls,
+        dir_fd: int,
+        path: str | os.PathLike[str],
+        reserved: bool = True,
+        *,
+        encrypted_names: bool = False,
+    ) -> Tree:
+        """The tree of the directory *dir_fd* (may be O_PATH; a descriptor of its own is
+        opened), named *path* in messages: for the daemon, whose backing root is open.
+        OSError as os.open raises it."""
+        tree = cls.__new__(cls)
+        tree.path = Path(path)
+        tree.fd = os.open(".", DIR_FLAGS, dir_fd=dir_fd)
+        tree.reserved = reserved
+        tree.encrypted_names = encrypted_names
+        tree.skipped = []
+        return tree
+
     def __enter__(self) -> Tree:
         return self
 

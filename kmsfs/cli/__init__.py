@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import click
 
-from kmsfs.cli import keys, mount, pin, policy, tools, volume
+from kmsfs.cli import keys, mount, pin, policy, rekey, tools, volume
 from kmsfs.cli.mounthelper import MountHelperGroup
 
 
@@ -32,7 +32,7 @@ for _command in (
     keys.keys,
     keys.passwd,
     tools.fsck,
-    tools.rekey,
+    rekey.rekey,
     tools.import_,
     tools.headers,
     policy.policy,

@@ -64,6 +64,8 @@ def mount_spec(
 
         check_volume_provider(config, backing)
     fuse_options, shared = shared_mode(options, config)
+    auto_rekey = "auto_rekey" in fuse_options
+    fuse_options = [option for option in fuse_options if option != "auto_rekey"]
     return MountSpec(
         backing,
         os.path.abspath(mountpoint),
@@ -79,6 +81,7 @@ def mount_spec(
         log_file=log_file,
         policy=config.policy if config is not None else None,
         config_file=os.path.abspath(config.path) if config is not None else None,
+        auto_rekey=auto_rekey,
     )
 
 

@@ -1,4 +1,5 @@
-"""``kmsfs fsck``, ``rekey``, ``import`` and ``headers``: tools that walk the backing tree."""
+"""``kmsfs fsck``, ``import`` and ``headers``: tools that walk the backing tree (``rekey`` is
+kmsfs/cli/rekey.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ from kmsfs.cli.common import (
     key_option_values,
     key_options,
     names_option,
-    parse_duration,
     progress_flag,
     prompt_secret,
     provider_option,
@@ -61,45 +61,6 @@ def fsck(backing: str, as_json: bool, quick: bool, quiet: bool, **kwargs: Any) -
         click.echo(f"fsck: {report.files} files, {report.ok} ok ({what} checked): {verdict}")
     if not report.clean:
         sys.exit(FSCK_PROBLEMS)
-
-
-@click.command()
-@click.argument("backing", type=click.Path(file_okay=False, exists=True))
-@key_options(for_init=False)
-@click.option("--older-than", help="Only files whose key is older (90d, 12h, 2w, 1y...).")
-@quiet_option
-@handle_errors
-def rekey(backing: str, older_than: str | None, quiet: bool, **kwargs: Any) -> None:
-    """Re-encrypt file contents of BACKING under fresh file keys (volume unmounted).
-
-    Crash-safe and resumable (run it again); keeps hard links, owner, mode,
-    times and user xattrs.
-    """
-    from kmsfs.backing.tool_lock import refuse_if_mounted
-    from kmsfs.keys.cache import NullCache
-    from kmsfs.lifecycle.rekey import rekey_volume
-    from kmsfs.volume_open import open_volume
-
-    age = parse_duration(older_than) if older_than else None
-    refuse_if_mounted(Path(backing).absolute(), "rekey")
-    config, keyring = open_volume(
-        backing, key_option_values(kwargs), prompt_secret, NullCache(), migrate=True
-    )
-    try:
-        report = rekey_volume(backing, config, keyring, age, progress_flag(quiet))
-    finally:
-        keyring.close()
-    for rel, message in report.skipped:
-        click.echo(f"skipped {rel}: {message}", err=True)
-    for rel, message in report.problems:
-        click.echo(f"FAILED {rel}: {message}", err=True)
-    click.echo(
-        f"rekey: {report.files} files, {report.rekeyed} re-keyed ({report.bytes:,} bytes),"
-        f" {report.not_due} not due, {len(report.skipped)} skipped,"
-        f" {len(report.problems)} failed, in {report.seconds:.1f} s"
-    )
-    if report.problems:
-        sys.exit(1)
 
 
 @click.command("import")

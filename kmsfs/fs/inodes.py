@@ -20,6 +20,11 @@ backing filesystem frees it (blocks, xattr block, inode), 100-200 µs on the
 machines we measured, which would otherwise stall every request behind it.
 At most ``Closer.max_pending`` wait; beyond that they are closed at once.
 
+An entry whose file the online rekey replaced by a new backing inode
+(docs/DESIGN.md "Online rekey") keeps its number: the new inode's number is an
+*alias* of it (``rebind``), and a descriptor of the old inode is kept until the
+entry is closed, so that its number is not given to a new file meanwhile.
+
 A few descriptors are held in reserve (``Reserve``): when the process is out
 of descriptors, a deferred entry (fd -1) that a request needs takes one of
 them.  Without it, a daemon whose table is full of inodes the kernel was asked
@@ -178,7 +183,11 @@ class Inode:
     listing), parent and name (one directory and name the kernel reached it by, to
     ask it to forget the entry) and backing_name (that name's backing entry, to
     open it again), dir_id (a directory's ID once read: kmsfs/backing/encrypted_names.py;
-    it never changes, and the descriptor keeps the inode from being reused))."""
+    it never changes, and the descriptor keeps the inode from being reused), alias
+    (the backing inode number that stands for this entry since an online rekey
+    replaced its backing file, else 0), retired (descriptors of backing inodes it
+    stood for before: the first keeps its number from being reused; all are closed
+    with the entry)."""
 
     ino: int
     fd: int
@@ -197,6 +206,8 @@ class Inode:
     generation: int = 0
     listed_under: int = 0
     dir_id: bytes | None = None
+    alias: int = 0
+    retired: list[int] = field(default_factory=list)
 
     @property
     def proc_path(self) -> str:
@@ -244,6 +255,8 @@ class InodeTable:
         self.closer = Closer(max_pending=0 if high_water < 4096 else min(64, high_water // 8))
         self.reserve = Reserve(min(32, max(4, high_water // 16)))
         self.evicting = 0  # entries the kernel was asked to forget and has not yet
+        self.retired = 0  # descriptors held in entries' ``retired`` lists
+        self._aliases: dict[int, int] = {}  # backing st_ino -> FUSE number (``rebind``)
         st = os.stat(root_fd)
         self.root_fd = root_fd
         self.root_st_ino = st.st_ino
@@ -257,6 +270,10 @@ class InodeTable:
         return len(self._entries)
 
     def fuse_ino(self, st_ino: int) -> int:
+        if self._aliases:
+            alias = self._aliases.get(st_ino)
+            if alias is not None:
+                return alias
         if st_ino == self.root_st_ino:
             return ROOT_INODE
         if st_ino == ROOT_INODE:
@@ -437,6 +454,43 @@ class InodeTable:
             raise OSError(errno.ESTALE, "deferred entry's number was taken by a new file")
         entry.fd = fd
 
+    def hold(self, st: os.stat_result, fd: int) -> Inode:
+        """The entry of the regular file open as *fd* (attributes *st*), with one more
+        open counted, for a holder that is not the kernel (the online rekey).
+
+        The entry the kernel knows is used if there is one (*fd* is closed then; a
+        deferred entry gets its descriptor: ``open_deferred``'s errors), else a new
+        one takes *fd*, counted by no lookup: it is closed when the last open goes
+        (``release_if_unused``), unless the kernel looked it up meanwhile.
+        """
+        entry = self._entries.get(self.fuse_ino(st.st_ino))
+        if entry is None:
+            entry = Inode(self.fuse_ino(st.st_ino), fd, st.st_mode)
+            self._entries[entry.ino] = entry
+        else:
+            os.close(fd)
+            if entry.fd < 0:
+                self.open_deferred(entry)
+        entry.opens += 1
+        return entry
+
+    def rebind(self, entry: Inode, fd: int, st: os.stat_result, retire: int) -> None:
+        """Make *entry* stand for the backing inode of *fd* (attributes *st*) from now on,
+        under its own number, which the kernel caches (the online rekey put that inode
+        under the file's name).  *retire*, a descriptor of the inode it stood for, is
+        kept until the entry is closed: the first one keeps the original inode, and so
+        the entry's number, from being given to a new file meanwhile; later ones may
+        still be used by a request in a worker thread (fsync).  The entry's former
+        descriptor is closed."""
+        if entry.alias:
+            del self._aliases[entry.alias]
+        self.closer.close(entry.fd)
+        entry.fd = fd
+        entry.retired.append(retire)
+        self.retired += 1
+        entry.alias = st.st_ino
+        self._aliases[st.st_ino] = entry.ino
+
     def _keep(self, entry: Inode, parent: int, name: bytes, backing: bytes) -> None:
         """Record the entry's latest name; it is in use again, so no longer evicting."""
         entry.parent, entry.name, entry.backing_name = parent, name, backing
@@ -446,7 +500,7 @@ class InodeTable:
 
     def over_high_water(self) -> bool:
         """True if the entries not already being evicted reach the high-water mark."""
-        return len(self._entries) - self.evicting >= self.high_water
+        return len(self._entries) + self.retired - self.evicting >= self.high_water
 
     def victims(self, count: int) -> list[tuple[int, bytes]]:
         """(parent, name) of up to *count* of the oldest entries not open or being evicted."""
@@ -480,6 +534,13 @@ class InodeTable:
         if entry.evicting:
             entry.evicting = False
             self.evicting -= 1
+        if entry.alias:
+            self._aliases.pop(entry.alias, None)
+            entry.alias = 0
+        for fd in entry.retired:
+            self.closer.close(fd)
+        self.retired -= len(entry.retired)
+        entry.retired.clear()
         if entry.fd >= 0:
             self.closer.close(entry.fd)
             entry.fd = -1
@@ -496,6 +557,8 @@ class InodeTable:
             if entry.content is not None:
                 os.close(entry.content.fd)
                 entry.content = None
-            if entry.fd >= 0:
-                os.close(entry.fd)
+            for fd in (entry.fd, *entry.retired):
+                if fd >= 0:
+                    os.close(fd)
         self._entries.clear()
+        self._aliases.clear()

@@ -142,9 +142,10 @@ class OperationsBase(pyfuse3.Operations):
     Attributes: backing (path), config, keyring, inodes, names (where a name lives
     in the backing directory, plain or encrypted: kmsfs/backing/names.py), paths
     (volume paths of descriptors: kmsfs/backing/paths.py), key_usage, timeout,
-    offload_bytes, on_access, content_access (local or shared:
-    kmsfs/fs/content_access.py), lock_waits (shared mode's waits for other daemons),
-    and the counters errors, bytes_read, bytes_written and requests (per FUSE opcode,
+    offload_bytes, on_access, on_worn (``-o auto_rekey``'s queue, or None),
+    content_access (local or shared: kmsfs/fs/content_access.py), lock_waits (shared
+    mode's waits for other daemons), and the counters errors, bytes_read,
+    bytes_written and requests (per FUSE opcode,
     ``kmsfs.fs.requests``).
     """
 
@@ -191,6 +192,9 @@ class OperationsBase(pyfuse3.Operations):
         self.lock_waits = LockWaits(parts.lock_timeout)
         self.content_access = content_access_for(parts, self.lock_waits)
         self.enable_writeback_cache = self.content_access.writeback_cache
+        # -o auto_rekey: called with the inode of a file whose format-1 key reached the
+        # usage warning (kmsfs/server/rekey_job.py queues it for an online rekey)
+        self.on_worn: Callable[[int], None] | None = None
 
     def _attr(
         self, st: os.stat_result, entry: Inode | None = None, size: int | None = None
@@ -407,7 +411,9 @@ class OperationsBase(pyfuse3.Operations):
         thread.  In shared mode, when another daemon holds the byte range it needs
         (LockBusy: nothing was done), it waits through ``lock_waits`` (deadline,
         limit, *caller* interrupted: LockWaitFailed and its kin), holding neither
-        the inode's lock nor a thread meanwhile.
+        the inode's lock nor a thread meanwhile.  A request that waited for the lock
+        uses the entry's content as it is once it has the lock: the online rekey may
+        have switched the file to a new backing inode meanwhile (rekey_online.py).
         """
         content = entry.content
         if content is None:
@@ -421,7 +427,10 @@ class OperationsBase(pyfuse3.Operations):
 
         async def attempt() -> T:
             async with entry.lock:
-                return await self._io(size, call, content)
+                current = entry.content
+                if current is None:
+                    raise FUSEError(errno.EBADF)
+                return await self._io(size, call, current)
 
         return await self.lock_waits.run(attempt, busy=busy, caller=caller, key=entry.ino)
 
@@ -485,6 +494,9 @@ class OperationsBase(pyfuse3.Operations):
             if isinstance(exc, KmsfsError):
                 raise exc.located(self.describe(entry)) from None
             raise
+        if self.on_worn is not None and cipher.max_encryptions:
+            on_worn = self.on_worn
+            content.on_worn = lambda: on_worn(entry.ino)
         entry.content = content
         return content
 

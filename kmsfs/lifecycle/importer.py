@@ -36,6 +36,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kmsfs.backing.copy import copy_metadata, read_xattrs, write_encrypted
 from kmsfs.backing.encrypted_names import names_for
 from kmsfs.backing.journals import drop_journal, load_journal, save_journal, unlink_if_present
 from kmsfs.backing.names import Dir, Names
@@ -51,7 +52,6 @@ from kmsfs.backing.tree import (
 from kmsfs.errors import LifecycleError, PlaintextTooLong
 from kmsfs.format.volume_config import CONFIG_NAME, RESERVED_PREFIX, VolumeConfig
 from kmsfs.keys.keyring import Keyring
-from kmsfs.lifecycle.copy import copy_metadata, read_xattrs, write_encrypted
 from kmsfs.lifecycle.progress import Progress
 
 JOURNAL = "import"
@@ -329,10 +329,11 @@ def _import_file(
             TMP_NAME, os.O_RDWR | os.O_CREAT | os.O_EXCL | FILE_FLAGS, 0o600, dir_fd=dst.state
         )
         try:
-            header = write_encrypted(
+            header, cipher = keyring.new_file_cipher(config.block_size)
+            write_encrypted(
                 new,
-                keyring,
-                config.block_size,
+                header,
+                cipher,
                 lambda off, n: os.pread(fd, n, off),
                 st.st_size,
                 node.rel,

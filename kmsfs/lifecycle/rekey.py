@@ -17,12 +17,12 @@ between the renames of two hard links leaves two inodes holding the same
 plaintext, each readable; the next run re-links them (step 3 is replayed from
 the journal).
 
-Which files are due: a file key is created with its backing inode (by
-create, import and rekey alike), so the inode's birth time (statx btime) is
-the key's age.  ``--older-than D`` re-keys files born more than D before the
-run started; without it, every file born before the run.  The cutoff is kept
-in the journal, so a resumed run skips the files it already re-keyed (they
-were born after it).  Directory times are restored after each rename.
+Which files are due: ``kmsfs.lifecycle.selection`` (the inode's birth time is the
+key's age: ``--older-than D`` re-keys files born more than D before the run started,
+without it every file born before the run; ``--master-key``, ``--path``).  The
+selection and the cutoff are kept in the journal, so a resumed run selects as it
+was started and skips the files it already re-keyed (they were born after the
+cutoff).  Directory times are restored after each rename.
 
 Everything is done by descriptor (``kmsfs.backing.tree``): the old file is opened
 beneath the backing root without following any symlink and must be the inode
@@ -33,10 +33,8 @@ swapped for a symlink while rekey runs is never followed: its files are listed
 as failed (run rekey again).  The volume lock is held for the whole run, so no
 daemon mounts the volume meanwhile.
 
-Online re-keying would need the daemon's cooperation: it holds open files'
-keys and file descriptors on the old inode, so the swap has to happen under
-the inode lock inside the daemon (re-encrypt to a temp file, then rename and
-re-point the open handles), which is work for the FUSE layer.
+A mounted volume is re-keyed by its daemon instead (docs/DESIGN.md "Online
+rekey"), which holds open files' keys and descriptors on the old inode.
 """
 
 from __future__ import annotations
@@ -47,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kmsfs.backing.content_file import ContentFile
+from kmsfs.backing.copy import copy_metadata, read_xattrs, write_encrypted
 from kmsfs.backing.encrypted_names import names_for
 from kmsfs.backing.header_xattr import parse_header, read_raw_header
 from kmsfs.backing.journals import drop_journal, load_journal, save_journal, unlink_if_present
@@ -57,8 +56,8 @@ from kmsfs.backing.tree import FILE_FLAGS, Entry, Tree, TreeChanged, check_file
 from kmsfs.errors import FormatError, KmsfsError, LifecycleError, reason_of
 from kmsfs.format.volume_config import VolumeConfig
 from kmsfs.keys.keyring import Keyring
-from kmsfs.lifecycle.copy import copy_metadata, read_xattrs, write_encrypted
 from kmsfs.lifecycle.progress import Progress
+from kmsfs.lifecycle.selection import Selection, backing_paths, journal_cutoff
 
 JOURNAL = "rekey"
 TMP_NAME = "rekey-tmp"
@@ -80,10 +79,12 @@ def rekey_volume(
     backing: str | os.PathLike[str],
     config: VolumeConfig,
     keyring: Keyring,
-    older_than: float | None = None,
+    selection: Selection | None = None,
     show_progress: bool | None = None,
 ) -> RekeyReport:
-    """Re-encrypt every due file of the (unmounted) volume under a fresh key.
+    """Re-encrypt every due file of the (unmounted) volume under a fresh key (every
+    file born before the run if *selection* is None; a resumed run keeps the selection
+    it was started with).
 
     VolumeMounted (exit 7) if a daemon holds the volume; per-file failures
     (including files that changed under the run) are listed in the report.
@@ -96,7 +97,7 @@ def rekey_volume(
         Tree(root, encrypted_names=config.encrypted_names) as tree,
         tree.state_dir() as state,
     ):
-        report = _rekey_tree(tree, state, names, keyring, older_than, show_progress)
+        report = _rekey_tree(tree, state, names, keyring, selection, show_progress)
     report.seconds = time.monotonic() - started
     return report
 
@@ -106,27 +107,31 @@ def _rekey_tree(
     state: int,
     names: Names,
     keyring: Keyring,
-    older_than: float | None,
+    selection: Selection | None,
     show_progress: bool | None,
 ) -> RekeyReport:
     root = tree.path
     report = RekeyReport()
     journal = load_journal(root, JOURNAL)
     if journal is None:
-        journal = {"older_than": older_than, "cutoff": None, "current": None}
+        selection = selection or Selection()
+        journal = {
+            "older_than": selection.older_than,
+            "selection": selection.to_json(),
+            "cutoff": None,
+            "current": None,
+        }
         save_journal(root, JOURNAL, journal)
-        fd = os.open(f"{JOURNAL}.json", os.O_RDONLY | FILE_FLAGS, dir_fd=state)
         try:
-            born = birth_time(fd)
-        finally:
-            os.close(fd)
-        if born is None:
+            journal["cutoff"] = journal_cutoff(root, JOURNAL, selection.older_than)
+        except LifecycleError:
             drop_journal(root, JOURNAL)
-            raise LifecycleError(
-                "rekey needs inode birth times (statx btime), which this filesystem does not keep"
-            )
-        journal["cutoff"] = born - (older_than or 0.0)
+            raise
         save_journal(root, JOURNAL, journal)
+    elif "selection" in journal:  # journals of earlier versions select by age only
+        selection = Selection.from_json(journal["selection"], f"{root}/.kmsfs.d/{JOURNAL}.json")
+    selection = selection or Selection()
+    wanted_paths = selection.in_backing(backing_paths(names, tree.fd))
     cutoff = float(journal["cutoff"])
     _recover(tree, state, journal)
 
@@ -141,6 +146,9 @@ def _rekey_tree(
             progress.advance()
             report.files += 1
             first = entries[0]
+            if not any(wanted_paths.path_selected(entry.rel) for entry in entries):
+                report.not_due += 1
+                continue
             try:
                 dir_fd, name = tree.parent(first.rel)
                 try:
@@ -153,7 +161,10 @@ def _rekey_tree(
                             report.not_due += 1
                             continue
                         found = (dir_fd, name, fd)
-                        _rekey_one(tree, state, names, found, entries, keyring, journal, report)
+                        _rekey_one(
+                            tree, state, names, found, entries, keyring, journal, report,
+                            selection,
+                        )  # fmt: skip
                     finally:
                         os.close(fd)
                 finally:
@@ -261,10 +272,11 @@ def _rekey_one(
     keyring: Keyring,
     journal: dict[str, object],
     report: RekeyReport,
+    selection: Selection,
 ) -> None:
     """Re-key the file open as *fd*, found as *name* in *dir_fd* (``found``: the first
-    of *entries*).  Its encrypted xattr values are sealed again under the new file ID
-    (*names*: they are bound to it)."""
+    of *entries*), if *selection* wants its header.  Its encrypted xattr values are
+    sealed again under the new file ID (*names*: they are bound to it)."""
     dir_fd, name, fd = found
     rel = entries[0].rel
     raw = read_raw_header(fd)
@@ -275,13 +287,17 @@ def _rekey_one(
     if header.volume_id != keyring.volume_id:
         report.skipped.append((rel, "header of another volume"))
         return
+    if not selection.header_selected(header):
+        report.not_due += 1
+        return
     cipher = keyring.cipher_for(header, rel)
     st = os.fstat(fd)
     unlink_if_present(state, TMP_NAME)
     new_fd = os.open(TMP_NAME, os.O_RDWR | os.O_CREAT | os.O_EXCL | FILE_FLAGS, 0o600, dir_fd=state)
     try:
         old = ContentFile.open(fd, cipher, lambda: rel)
-        new_header = write_encrypted(new_fd, keyring, header.block_size, old.read, old.size, rel)
+        new_header, new_cipher = keyring.new_file_cipher(header.block_size)
+        write_encrypted(new_fd, new_header, new_cipher, old.read, old.size, rel)
         values = names.rebind_xattrs(read_xattrs(fd), header.file_id, new_header.file_id)
         copy_metadata(st, new_fd, values)
         os.fsync(new_fd)

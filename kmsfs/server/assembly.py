@@ -35,6 +35,7 @@ from kmsfs.fs.operations import DEFAULT_TIMEOUT, KmsfsOperations, open_served_vo
 from kmsfs.keys.cache import KeyCache
 from kmsfs.server import daemon
 from kmsfs.server.policyfile import PolicyReloader
+from kmsfs.server.rekey_job import RekeyService
 from kmsfs.server.runtime import ServerRuntime
 from kmsfs.server.spec import MountSpec
 from kmsfs.server.stats import ProviderStats
@@ -86,5 +87,8 @@ def serve_mount(spec: MountSpec, on_ready: Callable[[], None] | None) -> None:
         ops = KmsfsOperations(parts)
         built.callback(ops.close)
         reloader = PolicyReloader(spec.config_file) if spec.config_file else None
-        runtime = ServerRuntime(spec.mountpoint, stats, spec.metrics_listen, claim, reloader)
+        rekey = RekeyService(read_only=spec.read_only, auto=spec.auto_rekey)
+        runtime = ServerRuntime(
+            spec.mountpoint, stats, spec.metrics_listen, claim, reloader, rekey
+        )
         daemon.serve(spec, ops, on_ready, services=[runtime.run], reloader=reloader)

@@ -139,6 +139,8 @@ class KmsfsCollector:
                 ended.add_metric([*ident, reason], waits[reason])
             yield ended
 
+        yield from _rekey_metrics(info.get("rekey"), labels, ident)
+
         cache = info["key_cache"]
         yield gauge("kmsfs_key_cache_entries", "Unwrapped file keys in memory", cache["size"])
         yield gauge("kmsfs_key_cache_max_entries", "Key cache capacity", cache["max_entries"])
@@ -207,3 +209,47 @@ class KmsfsCollector:
         yield request_errors
         yield durations
         yield longest
+
+
+REKEY_STATES = ("scanning", "running", "paused", "done", "cancelled", "failed")
+
+
+def _rekey_metrics(rekey: dict[str, Any] | None, labels: list[str], ident: list[str]) -> Any:
+    """The online rekey's figures (``kmsfs status``'s ``rekey``): none before a job."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    job = (rekey or {}).get("job")
+    if job:
+        state = GaugeMetricFamily(
+            "kmsfs_rekey_state",
+            "1 for the state the online rekey job is in",
+            labels=labels + ["state"],
+        )
+        for name in REKEY_STATES:
+            state.add_metric([*ident, name], 1 if job["state"] == name else 0)
+        yield state
+        gauges = (
+            ("files_total", "Files the rekey job found due (with those done before a resume)"),
+            ("bytes_total", "Plaintext bytes of the files the rekey job found due"),
+            ("files_done", "Files re-keyed by the job"),
+            ("bytes_done", "Plaintext bytes re-keyed by the job"),
+            ("files_skipped", "Files the job skipped (hard-linked, changed meanwhile)"),
+            ("files_failed", "Files the job failed to re-key"),
+            ("rate_bytes_per_second", "Plaintext bytes a second the job re-keys (last 10 s)"),
+            ("rate_files_per_second", "Files a second the job re-keys (last 10 s)"),
+            ("eta_seconds", "Estimated seconds until the rekey job is done"),
+        )
+        for key, doc in gauges:
+            family = GaugeMetricFamily(f"kmsfs_rekey_{key}", doc, labels=labels)
+            if job[key] is not None:
+                family.add_metric(ident, job[key])
+            yield family
+    auto = (rekey or {}).get("auto_rekey")
+    if auto:
+        done = CounterMetricFamily(
+            "kmsfs_auto_rekey_files",
+            "Files re-keyed because their key reached the usage warning",
+            labels=labels,
+        )
+        done.add_metric(ident, auto["done"])
+        yield done

@@ -22,6 +22,7 @@ import trio
 from kmsfs.backing.volume_lock import RECHECK_INTERVAL
 from kmsfs.errors import ConfigError
 from kmsfs.server import notify
+from kmsfs.server.rekey_job import RekeyService
 from kmsfs.server.stats import ProviderStats, snapshot
 
 if TYPE_CHECKING:
@@ -38,7 +39,8 @@ class ServerRuntime:
     provider_stats (the key-event counters the keyring reports to), claim (the
     volume lock and registration the daemon holds, to recheck; None: not
     watched), reloader (reloads the access policy from the config file; None
-    without one), metrics (the running MetricsServer, once started)."""
+    without one), metrics (the running MetricsServer, once started), rekey (the
+    online rekey: kmsfs/server/rekey_job.py)."""
 
     def __init__(
         self,
@@ -47,6 +49,7 @@ class ServerRuntime:
         metrics_listen: str | None = None,
         claim: VolumeClaim | None = None,
         reloader: PolicyReloader | None = None,
+        rekey: RekeyService | None = None,
     ) -> None:
         self.mountpoint = mountpoint
         self.metrics_listen = metrics_listen
@@ -55,6 +58,7 @@ class ServerRuntime:
         self.claim = claim
         self._lock_state = "held"
         self.reloader = reloader
+        self.rekey = rekey if rekey is not None else RekeyService()
         self.started = time.time()
         self.started_monotonic = time.monotonic()
 
@@ -64,6 +68,7 @@ class ServerRuntime:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._serve_status, ops)
+                nursery.start_soon(self.rekey.run, ops)
                 if self.metrics_listen is not None:
                     await self._start_metrics(ops, token)
                 interval = notify.watchdog_interval()
@@ -89,6 +94,7 @@ class ServerRuntime:
         policy["reloads"] = reloader.reloads if reloader is not None else 0
         policy["reloads_refused"] = reloader.refused if reloader is not None else 0
         info["volume_lock"] = self._lock_state if self.claim is not None else None
+        info["rekey"] = self.rekey.status()
         return info
 
     async def reload_policy(self, ops: KmsfsOperations) -> dict[str, Any]:
@@ -131,6 +137,8 @@ class ServerRuntime:
                 return self.snapshot(ops)
             if request == "reload-policy":
                 return await self.reload_policy(ops)
+            if request.startswith("rekey-"):
+                return await self.rekey.request(request)
             return {"error": f"unknown request {request[:40]!r}"}
 
         try:

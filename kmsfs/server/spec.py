@@ -59,7 +59,8 @@ class MountSpec:
     metrics_listen (``HOST:PORT`` or None), log_level, log_file (None: stderr),
     policy (the config file's access policy, or None: permit all), config_file
     (absolute: re-read for the policy on reload, after the daemon has left the
-    working directory; None without one).
+    working directory; None without one), auto_rekey (``-o auto_rekey``: a format-1
+    file whose key reaches the usage warning is re-keyed online).
     """
 
     backing: str
@@ -76,6 +77,7 @@ class MountSpec:
     log_file: str | None = None
     policy: Policy | None = None
     config_file: str | None = None
+    auto_rekey: bool = False
 
     @property
     def read_only(self) -> bool:

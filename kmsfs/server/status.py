@@ -9,10 +9,12 @@ mount keeps the filesystem's namespace untouched; the hash keeps any mount
 point path within the 108-byte socket address limit.  The directory is 0700
 and the socket 0600: only the daemon's user (and root) may ask.
 
-Protocol: the client sends one line (``status``, or ``reload-policy``); the
-daemon answers one line of JSON and closes.  Requests are served by a trio task
-on the FUSE loop, so answering never blocks a file request for longer than
-building the answer (a policy reload reads its file in a worker thread).
+Protocol: the client sends one line (``status``, ``reload-policy``, or one of the
+online rekey's ``rekey-start <json>``, ``rekey-pause``, ``rekey-resume``,
+``rekey-cancel``, ``rekey-status``); the daemon answers one line of JSON and closes.
+Requests are served by a trio task on the FUSE loop, so answering never blocks a
+file request for longer than building the answer (a policy reload reads its file
+in a worker thread).
 """
 
 from __future__ import annotations
@@ -31,11 +33,12 @@ from typing import Any
 import trio
 
 from kmsfs.errors import MountError
+from kmsfs.server.rekey_progress import format_rekey
 from kmsfs.server.rundir import in_runtime_dir, open_runtime_dir, runtime_dir
 
 log = logging.getLogger("kmsfs.status")
 
-MAX_REQUEST = 1024
+MAX_REQUEST = 65536  # a rekey-start names its paths and master keys
 REQUEST_TIMEOUT = 5.0
 
 
@@ -207,6 +210,7 @@ def format_status(info: dict[str, Any]) -> str:
             f" {waits['refused']} refused, {waits['interrupted']} interrupted,"
             f" {waits['abandoned']} abandoned"
         )
+    lines += format_rekey(info.get("rekey"))
     lines += format_requests(info.get("requests"))
     return "\n".join(lines)
 

@@ -14,18 +14,16 @@ import errno
 import os
 import random
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 from conftest import Volume, force_unmount, make_volume, requires_fuse, run_kmsfs
-from support.crash_harness import check
+from support.crash_harness import check, start_writer
 from support.reliability_util import drop_file_cache, env_int, kill_daemon, mount_pid, scaled
 
 pytestmark = [requires_fuse, pytest.mark.mount]
 
-HARNESS = Path(__file__).parent.parent / "support" / "crash_harness.py"
 BS = 4096
 BBS = BS + 40  # files made through the mount are format 2
 
@@ -42,12 +40,7 @@ def test_sigkill_during_writes(volume: Volume) -> None:
         directory = volume.path(f"it{i}")
         directory.mkdir()
         journal = volume.root / f"journal-{seed}"
-        writer = subprocess.Popen(
-            [sys.executable, str(HARNESS), str(directory), str(journal), str(seed)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        writer = start_writer(directory, journal, seed)
         time.sleep(random.Random(seed).uniform(0.1, 1.5))
         kill_daemon(volume, pid)
         out, err = writer.communicate(timeout=60)

@@ -320,8 +320,6 @@ def test_rekey_preserves_content_links_and_metadata(volume: Volume) -> None:
     os.chown(volume.path("dir/b"), 1234, 5678)
     os.utime(volume.path("a"), ns=(1_000_000_000, 1_500_000_000_123))
     os.symlink("dir/b", volume.path("sym"))
-    refused = run_kmsfs("rekey", volume.backing, *volume.key_args, check=False)
-    assert refused.returncode == 7 and "is mounted at" in refused.stderr
     volume.umount()
     before = _snapshot(volume.backing)
     ids = {rel: os.getxattr(volume.backing / rel, "user.kmsfs.header")[28:44] for rel in before}
@@ -599,3 +597,19 @@ def test_rekey_crash_around_the_exchange_is_finished_by_the_next_run(
         run_kmsfs("decrypt", volume.backing / rel, out, *volume.key_args)
         assert out.read_bytes() == contents["d0/f00000"]
         out.unlink()
+
+
+def test_offline_rekey_selects_by_path_and_master_key(volume: Volume) -> None:
+    contents = populate(volume.backing, volume.key_file, 20, size=300)  # d0..d9
+    ids = {rel: header_of(volume.backing / rel).file_id for rel in contents}
+    result = run_kmsfs("rekey", volume.backing, "--path", "/d3", "--path", "d5/", *volume.key_args)
+    assert "rekey: 20 files, 4 re-keyed" in result.stdout and "16 not due" in result.stdout
+    changed = {rel for rel in contents if header_of(volume.backing / rel).file_id != ids[rel]}
+    assert changed == {rel for rel in contents if rel.startswith(("d3/", "d5/"))}
+    other = run_kmsfs("rekey", volume.backing, "--master-key", "local:none", *volume.key_args)
+    assert " 0 re-keyed" in other.stdout
+    (ref,) = entry_refs(volume.backing / "d0/f00000")
+    run_kmsfs("rekey", volume.backing, "--master-key", ref, "--older-than", "0", *volume.key_args)
+    assert all(header_of(volume.backing / rel).file_id != ids[rel] for rel in contents)
+    bad = run_kmsfs("rekey", volume.backing, "--path", "../etc", *volume.key_args, check=False)
+    assert bad.returncode == 2 and "give a path in the volume" in bad.stderr

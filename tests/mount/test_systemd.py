@@ -44,12 +44,17 @@ def test_installer_layout(tmp_path: Path) -> None:
     assert f"ExecReload={BIN} policy reload --config /etc/kmsfs/%i.toml" in service
     assert "/usr/local/bin/kmsfs" not in service
     assert (units / "kmsfs.target").exists()
+    rekey = (units / "kmsfs-rekey@.service").read_text()
+    assert f"ExecStart={BIN} rekey --config /etc/kmsfs/%i.toml --wait" in rekey
+    assert "OnCalendar=yearly" in (units / "kmsfs-rekey@.timer").read_text()
+    assert (tmp_path / "usr/local/share/doc/kmsfs/docs/KEYS.md").exists()
     assert os.readlink(tmp_path / "sbin/mount.fuse.kmsfs") == str(HELPER)
     assert oct((tmp_path / "etc/kmsfs").stat().st_mode & 0o777) == "0o750"
     assert "systemctl enable --now kmsfs@NAME" in result.stdout
 
     subprocess.run([str(INSTALLER), "--root", str(tmp_path), "--uninstall"], check=True)
     assert not (units / "kmsfs@.service").exists()
+    assert not (units / "kmsfs-rekey@.timer").exists()
     assert not (tmp_path / "sbin/mount.fuse.kmsfs").is_symlink()
     assert (tmp_path / "etc/kmsfs").is_dir()  # configs are never removed
 
@@ -86,6 +91,8 @@ def test_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
             "--man=no",
             str(units / "kmsfs@.service"),
             str(units / "kmsfs.target"),
+            str(units / "kmsfs-rekey@.service"),
+            str(units / "kmsfs-rekey@.timer"),
         ],
         capture_output=True,
         text=True,

@@ -43,6 +43,7 @@ import errno
 import json
 import os
 import random
+import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -177,6 +178,17 @@ def writer(root: Path, journal: Path, seed: int, limit: int = 1_000_000) -> int:
                 _apply_names(names, op)
                 n += 1
     return n
+
+
+def start_writer(root: Path, journal: Path, seed: int) -> subprocess.Popen[str]:
+    """Run ``writer`` in a process of its own on the directory *root* of a mount (so
+    that a SIGKILL of the daemon stops it at an operation, which it journals)."""
+    return subprocess.Popen(
+        [sys.executable, __file__, str(root), str(journal), str(seed)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 # -- the checker -----------------------------------------------------------------
