@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -51,6 +52,23 @@ def timed(cmd: list[str] | str, env: Mapping[str, str] | None = None) -> float:
     start = time.perf_counter()
     run(cmd, env=env)
     return time.perf_counter() - start
+
+
+def mount_points(table: str) -> set[str]:
+    """The mount points listed in *table* (the text of /proc/self/mounts: the second
+    field of each line, with the kernel's octal escapes such as ``\\040`` undone)."""
+    points = set()
+    for line in table.splitlines():
+        fields = line.split()
+        if len(fields) >= 2:
+            points.add(re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[1]))
+    return points
+
+
+def listed_mount(path: Path) -> bool:
+    """Whether *path* is a mount point in the kernel's mount table: also a FUSE mount
+    whose daemon died (``os.path.ismount`` says False there: stat fails with ENOTCONN)."""
+    return str(path) in mount_points(Path("/proc/self/mounts").read_text())
 
 
 def drop_caches() -> None:

@@ -20,6 +20,7 @@ from benchlib.common import (
     VENV,
     VENV_PYTHON,
     drop_caches,
+    listed_mount,
     pid_alive,
     run,
     wait_for,
@@ -61,8 +62,8 @@ class System:
         return None
 
     def force_cleanup(self) -> None:
-        """Last-resort teardown (never raises)."""
-        if os.path.ismount(self.mnt):
+        """Last-resort teardown (never raises); also clears a mount whose daemon died."""
+        if listed_mount(self.mnt):
             for cmd in (["umount", str(self.mnt)], ["umount", "-l", str(self.mnt)]):
                 if subprocess.run(cmd, capture_output=True, check=False).returncode == 0:
                     break
