@@ -26,18 +26,30 @@ MiB = 1 << 20
 FAILURES = (RuntimeError, OSError, subprocess.TimeoutExpired)
 
 
+class Skipped(Exception):
+    """A row that cannot run on a system (a tool missing, a feature the filesystem lacks).
+
+    The message is the reason the report gives; unlike a failure, the volume is
+    not replaced afterwards."""
+
+
 def log(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 def run(
-    cmd: list[str] | str, *, env: Mapping[str, str] | None = None, timeout: float = CMD_TIMEOUT
+    cmd: list[str] | str,
+    *,
+    env: Mapping[str, str] | None = None,
+    timeout: float = CMD_TIMEOUT,
+    cwd: Path | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """Run a command (a string runs through bash); raise with its stderr if it fails."""
+    """Run a command (a string runs through bash), in *cwd* if given; RuntimeError with
+    its stderr if it fails, subprocess.TimeoutExpired after *timeout* s."""
     shell = isinstance(cmd, str)
     args: list[str] | str = ["bash", "-c", f"set -o pipefail; {cmd}"] if shell else cmd
     result = subprocess.run(
-        args, capture_output=True, text=True, timeout=timeout, check=False, env=env
+        args, capture_output=True, text=True, timeout=timeout, check=False, env=env, cwd=cwd
     )
     if result.returncode != 0:
         shown = cmd if shell else shlex.join(cmd)
@@ -52,6 +64,14 @@ def timed(cmd: list[str] | str, env: Mapping[str, str] | None = None) -> float:
     start = time.perf_counter()
     run(cmd, env=env)
     return time.perf_counter() - start
+
+
+def apt_install(packages: list[str]) -> None:
+    """Install Debian *packages* with apt-get (RuntimeError with apt's message if it fails)."""
+    log(f"installing {' '.join(packages)} with apt-get")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    run(["apt-get", "update", "-qq"], env=env)
+    run(["apt-get", "install", "-y", "-qq", *packages], env=env)
 
 
 def mount_points(table: str) -> set[str]:

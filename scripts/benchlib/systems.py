@@ -1,7 +1,10 @@
 """The filesystems under test: how each is created, mounted, unmounted and cleaned up.
 
 Every system keeps its volume under ``WORKDIR/<name>/`` and is reachable at
-``self.mnt`` once mounted, so all systems share one disk.
+``self.mnt`` once mounted, so all systems share one disk.  Every FUSE system is
+mounted with ``allow_other`` (the pgbench rows run PostgreSQL as the ``postgres``
+user; without it only root could enter the mount) and its root is open to other
+users (mode 0755 or 0711).
 """
 
 from __future__ import annotations
@@ -110,6 +113,9 @@ class Kmsfs(System):
         (self.base / "backing").mkdir()
         key = str(self.base / "key")
         run([str(self.cli), "init", str(self.base / "backing"), "--key-file", key])
+        # init makes the backing root 0700, and the mount's root has its mode: let other
+        # users (PostgreSQL's) pass through it, as the peers' roots (0755) do.
+        os.chmod(self.base / "backing", 0o711)
 
     def mount(self) -> None:
         out = run(
@@ -124,6 +130,8 @@ class Kmsfs(System):
                 str(self.base / "kmsfs.log"),
                 "--log-level",
                 "warning",
+                "-o",
+                "allow_other",
                 *self.options,
             ],
             env=self.env(),
@@ -219,6 +227,7 @@ class Gocryptfs(System):
             [
                 "gocryptfs",
                 "-q",
+                "-allow_other",
                 "-passfile",
                 str(self.base / "pass"),
                 str(self.base / "cipher"),
@@ -254,6 +263,8 @@ class Securefs(System):
                 "securefs",
                 "mount",
                 "-b",
+                "-o",
+                "allow_other",
                 "--log",
                 str(self.base / "securefs.log"),
                 "--keyfile",
@@ -319,7 +330,10 @@ class ForegroundDaemon(System):
 
 
 class Passthrough(ForegroundDaemon):
-    """pyfuse3's examples/passthroughfs.py: no encryption, a ceiling for Python (not a peer)."""
+    """pyfuse3's examples/passthroughfs.py: no encryption, a ceiling for Python (not a peer).
+
+    The example takes no mount options, so it is mounted without allow_other: the
+    pgbench rows skip it (the ``postgres`` user cannot enter the mount)."""
 
     name = "passthrough"
 
@@ -371,7 +385,7 @@ class Floor(ForegroundDaemon):
     name = "floor"
 
     def command(self) -> list[str]:
-        return [str(VENV_PYTHON), str(BENCHLIB / "floorfs.py"), str(self.mnt)]
+        return [str(VENV_PYTHON), str(BENCHLIB / "floorfs.py"), "--allow-other", str(self.mnt)]
 
     def remount_cold(self) -> None:
         drop_caches()
