@@ -109,8 +109,8 @@ def ensure_tools(names: list[str], rows: list[Row]) -> None:
 
 
 def ensure_databases(bench: Bench, rows: list[Row]) -> None:
-    """Find (or install) PostgreSQL for the pgbench rows; record in bench.unavailable why
-    a row cannot run."""
+    """Find (or install) PostgreSQL for the pgbench rows and check that this python has
+    sqlite3 for the SQLite rows; record in bench.unavailable why a row cannot run."""
     keys = {r.key for r in rows}
     if "pgbench" in keys:
         try:
@@ -118,6 +118,16 @@ def ensure_databases(bench: Bench, rows: list[Row]) -> None:
         except Skipped as exc:
             bench.unavailable["pgbench"] = str(exc)
             log(f"pgbench rows skipped: {exc}")
+    sqlite_rows = keys & {"sqlite", "sqlitewal"}
+    if sqlite_rows:
+        check = subprocess.run(
+            [sys.executable, "-c", "import sqlite3"], capture_output=True, text=True, check=False
+        )
+        if check.returncode != 0:
+            why = f"{sys.executable} has no sqlite3 module: {check.stderr.strip()[-300:]}"
+            for key in sqlite_rows:
+                bench.unavailable[key] = why
+            log(f"SQLite rows skipped: {why}")
 
 
 def raise_fd_limit() -> None:
@@ -171,6 +181,7 @@ def sizes_of(args: argparse.Namespace) -> Sizes:
         ("modules", "modules", 1),
         ("pgbench_seconds", "pgbench_seconds", 1),
         ("pgbench_scale", "pgbench_scale", 1),
+        ("sqlite_txns", "sqlite_txns", 1),
     ):
         value = getattr(args, option)
         if value is not None:
@@ -226,6 +237,9 @@ def parser() -> argparse.ArgumentParser:
     )
     sizes.add_argument(
         "--pgbench-scale", type=positive, help="pgbench -i scale factor, row 11 (10; 10)"
+    )
+    sizes.add_argument(
+        "--sqlite-txns", type=positive, help="SQLite transactions in rows 12a, 12b (2,000; 200)"
     )
     p.add_argument("--markdown", help="also write the table to this file")
     p.add_argument(

@@ -31,7 +31,8 @@ class Sizes:
     """How big each workload is.  Attributes (rows): seq_bytes (1, 2), tree_source (3-6),
     fio_bytes and fio_seconds (7), creates (8), procs (9a, 9b), par_bytes (9a, per
     process), par_creates (9b, per process), modules (10, C modules in the project),
-    pgbench_seconds and pgbench_scale (11: the timed run, ``pgbench -i -s``)."""
+    pgbench_seconds and pgbench_scale (11: the timed run, ``pgbench -i -s``),
+    sqlite_txns (12a, 12b: transactions)."""
 
     seq_bytes: int
     tree_source: str
@@ -44,6 +45,7 @@ class Sizes:
     modules: int = 48
     pgbench_seconds: int = 60
     pgbench_scale: int = 10
+    sqlite_txns: int = 2_000
 
 
 FULL = Sizes(256 * MiB, "/usr/include", 256 * MiB, 5, 20_000)
@@ -57,6 +59,7 @@ QUICK = Sizes(
     par_creates=250,
     modules=16,
     pgbench_seconds=10,
+    sqlite_txns=200,
 )
 
 
@@ -117,7 +120,7 @@ ROWS = [
     Row("gitmake", "10b", "C project: `make -j2`", "s", False),
     Row("gitstatus", "10c", "C project: `git status` ×3", "s", False, floor_target=1.25),
     Row("gitrm", "10d", "C project: `rm -rf` of the clone", "s", False),
-    # Issue 22's target: pgbench TPS at least gocryptfs's.
+    # Real workloads: pgbench TPS at least gocryptfs's, SQLite at least the best peer's.
     Row(
         "pgbench",
         "11a",
@@ -134,6 +137,22 @@ ROWS = [
         "ms",
         False,
         part_of="pgbench",
+    ),
+    Row(
+        "sqlite",
+        "12a",
+        "SQLite: one insert per transaction, synchronous FULL, rollback journal (DELETE)",
+        "tx/s",
+        True,
+        1.0,
+    ),
+    Row(
+        "sqlitewal",
+        "12b",
+        "SQLite: one insert per transaction, synchronous FULL, write-ahead log (WAL)",
+        "tx/s",
+        True,
+        1.0,
     ),
 ]
 
@@ -180,6 +199,42 @@ for p in names:
     os.close(os.open(p, flags, 0o644))
 print(time.monotonic(), flush=True)
 """
+
+# Rows 12a, 12b: SQLite with synchronous FULL, so each COMMIT returns once durable.
+# DELETE (SQLite's default journal): the journal file is created, written and synced
+# (with its directory), the database page written and synced, the journal deleted.
+# WAL: the commit appends to the -wal file and syncs it; the -shm index is a shared
+# mmap.  The journal mode is set when the database is made (WAL stays set in the file)
+# and checked again by the timed script.  Exit status 3: the mode could not be set.
+SQLITE_SCHEMA = """
+import sqlite3, sys
+path, journal = sys.argv[1], sys.argv[2]
+db = sqlite3.connect(path, isolation_level=None)
+mode = db.execute(f"PRAGMA journal_mode={journal}").fetchone()[0]
+if mode != journal.lower():
+    print(f"PRAGMA journal_mode={journal} left it {mode}", file=sys.stderr)
+    sys.exit(3)
+db.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, payload BLOB NOT NULL)")
+db.close()
+"""
+
+SQLITE_TRANSACTIONS = """
+import os, sqlite3, sys
+path, journal, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+db = sqlite3.connect(path, isolation_level=None)
+mode = db.execute(f"PRAGMA journal_mode={journal}").fetchone()[0]
+if mode != journal.lower():
+    sys.exit(f"journal_mode is {mode}, not {journal}")
+db.execute("PRAGMA synchronous=FULL")
+payload = os.urandom(100)
+for _ in range(n):
+    db.execute("BEGIN IMMEDIATE")
+    db.execute("INSERT INTO t (payload) VALUES (?)", (payload,))
+    db.execute("COMMIT")
+db.close()
+"""
+SQLITE_JOURNALS = {"sqlite": "DELETE", "sqlitewal": "WAL"}
+
 
 class Bench:
     """The workloads; each run_* method returns one figure for one system, or a figure
@@ -237,6 +292,10 @@ class Bench:
     def pgdata(s: System) -> Path:
         return s.mnt / "pgdata"
 
+    @staticmethod
+    def sqlite_db(s: System) -> Path:
+        return s.mnt / "sqlite" / "bench.db"
+
     def leftovers(self, s: System) -> list[Path]:
         """Everything a row may leave on a volume."""
         return [
@@ -248,6 +307,7 @@ class Bench:
             self.par(s),
             self.clone(s),
             self.pgdata(s),
+            self.sqlite_db(s).parent,
         ]
 
     def cleanup(self, s: System) -> None:
@@ -549,3 +609,51 @@ class Bench:
     def post_pgbench(self, s: System) -> None:
         self.cleanup(s)
         run(["rm", "-rf", str(self.pgdata(s))])
+
+    # 12a, 12b
+    def _sqlite_prep(self, s: System, journal: str) -> None:
+        """A new database in its own directory, its journal mode set.
+
+        Skipped if SQLite cannot set that journal mode on the filesystem (the reason
+        is SQLite's); RuntimeError if making the database fails otherwise."""
+        folder = self.sqlite_db(s).parent
+        if folder.exists():
+            run(["rm", "-rf", str(folder)])
+        folder.mkdir()
+        made = subprocess.run(
+            [sys.executable, "-c", SQLITE_SCHEMA, str(self.sqlite_db(s)), journal],
+            capture_output=True,
+            text=True,
+            timeout=CMD_TIMEOUT,
+            check=False,
+        )
+        why = made.stderr.strip().splitlines()[-1:] or [f"exit status {made.returncode}"]
+        if made.returncode == 3:
+            raise Skipped(f"SQLite cannot use journal mode {journal} here: {why[0]}")
+        if made.returncode != 0:
+            raise RuntimeError(f"making the SQLite database ({journal}) failed: {why[0]}")
+
+    def _sqlite_run(self, s: System, journal: str) -> float:
+        """Transactions per second of one process (start-up included) doing them all."""
+        n = self.sizes.sqlite_txns
+        return n / timed(
+            [sys.executable, "-c", SQLITE_TRANSACTIONS, str(self.sqlite_db(s)), journal, str(n)]
+        )
+
+    def prep_sqlite(self, s: System) -> None:
+        self._sqlite_prep(s, SQLITE_JOURNALS["sqlite"])
+
+    def run_sqlite(self, s: System) -> float:
+        return self._sqlite_run(s, SQLITE_JOURNALS["sqlite"])
+
+    def post_sqlite(self, s: System) -> None:
+        run(["rm", "-rf", str(self.sqlite_db(s).parent)])
+
+    def prep_sqlitewal(self, s: System) -> None:
+        self._sqlite_prep(s, SQLITE_JOURNALS["sqlitewal"])
+
+    def run_sqlitewal(self, s: System) -> float:
+        return self._sqlite_run(s, SQLITE_JOURNALS["sqlitewal"])
+
+    def post_sqlitewal(self, s: System) -> None:
+        self.post_sqlite(s)
