@@ -93,7 +93,10 @@ def machine_info(work: Path) -> list[str]:
     ]
 
 
-def versions(names: list[str]) -> str:
+def versions(names: list[str], keys: set[str] | None = None) -> str:
+    """The versions of the systems *names*, pyfuse3 and fio, and of PostgreSQL and SQLite
+    when the row *keys* include theirs; a version that cannot be read is left out."""
+    keys = keys or set()
     parts = []
     for venv in (VENV, STOCK_VENV):
         python = venv / "bin" / "python"
@@ -115,6 +118,19 @@ def versions(names: list[str]) -> str:
                 continue
             parts.append(out)
         except (RuntimeError, OSError):
+            pass
+    if "pgbench" in keys and (bindir := postgres.bindir()) is not None:
+        try:
+            out = run([str(bindir / "postgres"), "--version"]).stdout.strip()
+            parts.append(f"PostgreSQL {out.removeprefix('postgres (PostgreSQL) ')}")
+        except (RuntimeError, OSError):
+            pass
+    if keys & {"sqlite", "sqlitewal"}:
+        try:
+            import sqlite3
+
+            parts.append(f"SQLite {sqlite3.sqlite_version} (python {platform.python_version()})")
+        except ImportError:
             pass
     fio = run(["fio", "--version"]).stdout.strip()
     return ", ".join(parts + [fio])
@@ -158,7 +174,7 @@ def render(
         f" repeat(s){' (quick sizes)' if quick else ''}",
         "",
         *machine_info(work),
-        f"- versions: {versions(names)}",
+        f"- versions: {versions(names, {r.key for r in rows})}",
         "",
     ]
     baselines = [n for n in names if n.startswith("kmsfs@")]
