@@ -2,8 +2,8 @@
 
 Workloads run interleaved: for each repeat, each row runs on every system (in
 an order rotated per repeat) before the next row starts.  Figures are medians
-over the repeats.  Whatever happens (failure, Ctrl-C, SIGTERM), every mount
-this script made is unmounted.
+over the repeats.  Whatever happens (failure, Ctrl-C, SIGTERM), every server a
+row started is stopped and every mount this script made is unmounted.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from benchlib import postgres
 from benchlib.budget import BUDGET_ROWS, RowBudget, render_budget, run_budget
 from benchlib.common import (
     BENCHLIB,
@@ -27,6 +28,8 @@ from benchlib.common import (
     STOCK_VENV,
     VENV_PYTHON,
     MiB,
+    Skipped,
+    apt_install,
     log,
     pid_alive,
     proc_cpu,
@@ -53,28 +56,36 @@ def recreate(s: System) -> None:
     s.mount()
 
 
-def measure(bench: Bench, row: Row, system: System) -> Sample:
-    """Prepare, time and clean up one row on one system, with the daemon's CPU and RSS.
+def measure(bench: Bench, row: Row, system: System) -> dict[str, Sample]:
+    """Prepare, time and clean up one row on one system, with the daemon's CPU and RSS:
+    the sample of the row and of each row ``part_of`` it, by row key (the daemon's CPU
+    and RSS go with the row's own sample).
 
+    Skipped if the row cannot run here (bench.unavailable, or its prep says why).
     RuntimeError if the system is not mounted when the row starts or its daemon is gone
     when it ends (something else unmounted or killed it): the row would have measured the
     directory under the mount point."""
+    if row.key in bench.unavailable:
+        raise Skipped(bench.unavailable[row.key])
     if system.fuse and not os.path.ismount(system.mnt):
         raise RuntimeError(f"{system.name} is not mounted at {system.mnt}")
     getattr(bench, f"prep_{row.key}")(system)
     pid = system.daemon_pid()
     cpu0 = proc_cpu(pid) if pid else None
-    value = getattr(bench, f"run_{row.key}")(system)
+    figures = getattr(bench, f"run_{row.key}")(system)
     if pid and not pid_alive(pid):
         raise RuntimeError(f"{system.name}: its daemon (pid {pid}) exited during the row")
-    sample = Sample(value=value)
+    if not isinstance(figures, dict):
+        figures = {row.key: figures}
+    samples = {key: Sample(value=value) for key, value in figures.items()}
+    sample = samples[row.key]
     if pid and cpu0 is not None and pid_alive(pid):
         sample.cpu = proc_cpu(pid) - cpu0
         sample.hwm_kb = proc_hwm_kb(pid)
     post = getattr(bench, f"post_{row.key}", None)
     if post is not None:
         post(system)
-    return sample
+    return samples
 
 
 def ensure_tools(names: list[str], rows: list[Row]) -> None:
@@ -87,10 +98,7 @@ def ensure_tools(names: list[str], rows: list[Row]) -> None:
         wanted |= {"git": "git", "make": "make", "cc": "gcc"}
     missing = sorted({pkg for tool, pkg in wanted.items() if shutil.which(tool) is None})
     if missing:
-        log(f"installing {' '.join(missing)} with apt-get")
-        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-        run(["apt-get", "update", "-qq"], env=env)
-        run(["apt-get", "install", "-y", "-qq", *missing], env=env)
+        apt_install(missing)
     if {"kmsfs", "passthrough", "floor"} & set(names) and not KMSFS.exists():
         log("no .venv yet: running scripts/setup")
         subprocess.run([str(ROOT / "scripts" / "setup")], check=True)
@@ -98,6 +106,28 @@ def ensure_tools(names: list[str], rows: list[Row]) -> None:
         log("no .venv-stock yet: running scripts/setup --stock-pyfuse3 for it")
         env = dict(os.environ, KMSFS_VENV=str(STOCK_VENV))
         subprocess.run([str(ROOT / "scripts" / "setup"), "--stock-pyfuse3"], check=True, env=env)
+
+
+def ensure_databases(bench: Bench, rows: list[Row]) -> None:
+    """Find (or install) PostgreSQL for the pgbench rows and check that this python has
+    sqlite3 for the SQLite rows; record in bench.unavailable why a row cannot run."""
+    keys = {r.key for r in rows}
+    if "pgbench" in keys:
+        try:
+            bench.pg_bindir = postgres.ensure()
+        except Skipped as exc:
+            bench.unavailable["pgbench"] = str(exc)
+            log(f"pgbench rows skipped: {exc}")
+    sqlite_rows = keys & {"sqlite", "sqlitewal"}
+    if sqlite_rows:
+        check = subprocess.run(
+            [sys.executable, "-c", "import sqlite3"], capture_output=True, text=True, check=False
+        )
+        if check.returncode != 0:
+            why = f"{sys.executable} has no sqlite3 module: {check.stderr.strip()[-300:]}"
+            for key in sqlite_rows:
+                bench.unavailable[key] = why
+            log(f"SQLite rows skipped: {why}")
 
 
 def raise_fd_limit() -> None:
@@ -120,7 +150,9 @@ def raise_fd_limit() -> None:
 
 
 def parse_rows(spec: str | None) -> list[Row]:
-    """The rows named in *spec* by key ("untar"), number ("7a") or group ("7", "10")."""
+    """The rows named in *spec* by key ("untar"), number ("7a") or group ("7", "10").
+
+    A row and the rows ``part_of`` it come together (one run gives all their figures)."""
     if not spec:
         return list(ROWS)
     chosen = []
@@ -130,7 +162,8 @@ def parse_rows(spec: str | None) -> list[Row]:
             keys = ", ".join(f"{r.number}={r.key}" for r in ROWS)
             raise SystemExit(f"bench: unknown row {item!r} (rows: {keys})")
         chosen += [m for m in matches if m not in chosen]
-    return [r for r in ROWS if r in chosen]
+    groups = {r.part_of or r.key for r in chosen}
+    return [r for r in ROWS if (r.part_of or r.key) in groups]
 
 
 def sizes_of(args: argparse.Namespace) -> Sizes:
@@ -146,6 +179,9 @@ def sizes_of(args: argparse.Namespace) -> Sizes:
         ("par_mib", "par_bytes", MiB),
         ("par_creates", "par_creates", 1),
         ("modules", "modules", 1),
+        ("pgbench_seconds", "pgbench_seconds", 1),
+        ("pgbench_scale", "pgbench_scale", 1),
+        ("sqlite_txns", "sqlite_txns", 1),
     ):
         value = getattr(args, option)
         if value is not None:
@@ -194,6 +230,17 @@ def parser() -> argparse.ArgumentParser:
         "--par-creates", type=positive, help="files per process in row 9b (2,000; 250)"
     )
     sizes.add_argument("--modules", type=positive, help="C modules in the row 10 project (48; 16)")
+    sizes.add_argument(
+        "--pgbench-seconds",
+        type=positive,
+        help="duration of the timed pgbench run, row 11 (60; 10)",
+    )
+    sizes.add_argument(
+        "--pgbench-scale", type=positive, help="pgbench -i scale factor, row 11 (10; 10)"
+    )
+    sizes.add_argument(
+        "--sqlite-txns", type=positive, help="SQLite transactions in rows 12a, 12b (2,000; 200)"
+    )
     p.add_argument("--markdown", help="also write the table to this file")
     p.add_argument(
         "--budget",
@@ -277,6 +324,8 @@ def main(argv: list[str] | None = None) -> int:
 
     ensure_tools(names, rows)
     raise_fd_limit()
+    bench = Bench(work, sizes)
+    ensure_databases(bench, rows)
     systems = [make_system(n, work) for n in names]
     # A previous run killed hard may have left mounts: clear them before wiping the volumes.
     for s in systems:
@@ -286,7 +335,6 @@ def main(argv: list[str] | None = None) -> int:
             run(["rm", "-rf", str(s.base)])
     work.mkdir(parents=True, exist_ok=True)
 
-    bench = Bench(work, sizes)
     results = Results()
     budgets: dict[tuple[str, str], RowBudget] = {}
     keys = {r.key for r in rows}
@@ -308,6 +356,8 @@ def main(argv: list[str] | None = None) -> int:
         log("interrupted: unmounting")
         return 130
     finally:
+        for s in systems:
+            bench.cleanup(s)
         for s in systems:
             try:
                 s.umount()
@@ -338,27 +388,40 @@ def run_repeat(
     """One repeat: every row on every system, systems in an order rotated per repeat."""
     shift = repeat % len(systems)
     order = systems[shift:] + systems[:shift]
+    by_key = {r.key: r for r in rows}
     for row in rows:
+        if row.part_of is not None:  # measured by the run of the row it is part of
+            continue
+        keys = [row.key, *(r.key for r in rows if r.part_of == row.key)]
         for s in order:
             try:
-                sample = measure(bench, row, s)
+                samples = measure(bench, row, s)
+            except Skipped as exc:
+                samples = {key: Sample(skipped=str(exc)) for key in keys}
+                log(f"repeat {repeat + 1} {row.key} {s.name}: skipped: {exc}")
+                bench.cleanup(s)
             except FAILURES as exc:
-                sample = Sample(error=str(exc))
+                samples = {key: Sample(error=str(exc)) for key in keys}
                 log(f"repeat {repeat + 1} {row.key} {s.name}: FAILED {exc}")
+                bench.cleanup(s)
                 try:
                     recreate(s)
                 except FAILURES as again:
                     log(f"{s.name}: cannot recreate the volume: {again}")
             else:
-                extra = ""
-                if sample.cpu is not None:
-                    extra = f" (daemon cpu {sample.cpu:.1f} s, hwm {sample.hwm_kb} kB)"
-                log(
-                    f"repeat {repeat + 1} {row.key:9} {s.name:11}"
-                    f" {fmt(sample.value, row.unit)} {row.unit}{extra}"
-                )
-            results.add(row.key, s.name, sample)
+                for key, sample in samples.items():
+                    extra = ""
+                    if sample.cpu is not None:
+                        extra = f" (daemon cpu {sample.cpu:.1f} s, hwm {sample.hwm_kb} kB)"
+                    unit = by_key[key].unit
+                    log(
+                        f"repeat {repeat + 1} {key:9} {s.name:11}"
+                        f" {fmt(sample.value, unit)} {unit}{extra}"
+                    )
+            for key, sample in samples.items():
+                results.add(key, s.name, sample)
     for s in systems:  # leftovers of failed rows or rows not selected
+        bench.cleanup(s)
         try:
             for path in bench.leftovers(s):
                 if s.mounted and path.exists():

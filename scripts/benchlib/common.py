@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -25,18 +26,30 @@ MiB = 1 << 20
 FAILURES = (RuntimeError, OSError, subprocess.TimeoutExpired)
 
 
+class Skipped(Exception):
+    """A row that cannot run on a system (a tool missing, a feature the filesystem lacks).
+
+    The message is the reason the report gives; unlike a failure, the volume is
+    not replaced afterwards."""
+
+
 def log(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 def run(
-    cmd: list[str] | str, *, env: Mapping[str, str] | None = None, timeout: float = CMD_TIMEOUT
+    cmd: list[str] | str,
+    *,
+    env: Mapping[str, str] | None = None,
+    timeout: float = CMD_TIMEOUT,
+    cwd: Path | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """Run a command (a string runs through bash); raise with its stderr if it fails."""
+    """Run a command (a string runs through bash), in *cwd* if given; RuntimeError with
+    its stderr if it fails, subprocess.TimeoutExpired after *timeout* s."""
     shell = isinstance(cmd, str)
     args: list[str] | str = ["bash", "-c", f"set -o pipefail; {cmd}"] if shell else cmd
     result = subprocess.run(
-        args, capture_output=True, text=True, timeout=timeout, check=False, env=env
+        args, capture_output=True, text=True, timeout=timeout, check=False, env=env, cwd=cwd
     )
     if result.returncode != 0:
         shown = cmd if shell else shlex.join(cmd)
@@ -51,6 +64,31 @@ def timed(cmd: list[str] | str, env: Mapping[str, str] | None = None) -> float:
     start = time.perf_counter()
     run(cmd, env=env)
     return time.perf_counter() - start
+
+
+def apt_install(packages: list[str]) -> None:
+    """Install Debian *packages* with apt-get (RuntimeError with apt's message if it fails)."""
+    log(f"installing {' '.join(packages)} with apt-get")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    run(["apt-get", "update", "-qq"], env=env)
+    run(["apt-get", "install", "-y", "-qq", *packages], env=env)
+
+
+def mount_points(table: str) -> set[str]:
+    """The mount points listed in *table* (the text of /proc/self/mounts: the second
+    field of each line, with the kernel's octal escapes such as ``\\040`` undone)."""
+    points = set()
+    for line in table.splitlines():
+        fields = line.split()
+        if len(fields) >= 2:
+            points.add(re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[1]))
+    return points
+
+
+def listed_mount(path: Path) -> bool:
+    """Whether *path* is a mount point in the kernel's mount table: also a FUSE mount
+    whose daemon died (``os.path.ismount`` says False there: stat fails with ENOTCONN)."""
+    return str(path) in mount_points(Path("/proc/self/mounts").read_text())
 
 
 def drop_caches() -> None:

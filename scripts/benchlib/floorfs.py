@@ -1,6 +1,6 @@
 """The ``floor`` system: a minimal in-memory pyfuse3 filesystem.
 
-    .venv/bin/python scripts/benchlib/floorfs.py [--pyfuse3-loop] MOUNTPOINT
+    .venv/bin/python scripts/benchlib/floorfs.py [--pyfuse3-loop] [--allow-other] MOUNTPOINT
 
 It measures what pyfuse3 + trio cost before kmsfs does any work of its own: no
 backing I/O, no crypto, handlers that only update dicts, mounted with kmsfs's
@@ -505,12 +505,15 @@ def main(argv: list[str] | None = None) -> int:
     """Mount at argv[0] and serve until unmounted; 1 with a message if mounting fails."""
     args = sys.argv[1:] if argv is None else argv
     pyfuse3_loop = "--pyfuse3-loop" in args
-    args = [a for a in args if a != "--pyfuse3-loop"]
+    allow_other = "--allow-other" in args
+    args = [a for a in args if a not in ("--pyfuse3-loop", "--allow-other")]
     if len(args) != 1:
-        print("usage: floorfs.py [--pyfuse3-loop] MOUNTPOINT", file=sys.stderr)
+        print("usage: floorfs.py [--pyfuse3-loop] [--allow-other] MOUNTPOINT", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.WARNING, format="floorfs: %(levelname)s %(message)s")
     options = set(pyfuse3.default_options) | {"fsname=floor", "subtype=floor"}
+    if allow_other:  # other users reach the mount, as the benchmark mounts every system
+        options.add("allow_other")
     ops = FloorOperations()
     try:
         pyfuse3.init(ops, args[0], options)

@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from benchlib import postgres
 from benchlib.common import KMSFS, STOCK_VENV, VENV, MiB, run
 from benchlib.systems import System
 from benchlib.workloads import RTT_REQUESTS, Row, Sizes
@@ -18,10 +19,12 @@ RSS_TARGET_MB = 150
 
 @dataclass
 class Sample:
-    """One measurement: the figure or the error, and the daemon's CPU s and peak RSS."""
+    """One measurement: the figure, the error or why the row was skipped, and the
+    daemon's CPU s and peak RSS."""
 
     value: float | None = None
     error: str | None = None
+    skipped: str | None = None
     cpu: float | None = None
     hwm_kb: int | None = None
 
@@ -41,6 +44,14 @@ class Results:
         values = [s.cpu for s in self.samples.get((row, system), []) if s.cpu is not None]
         return statistics.median(values) if values else None
 
+    def cell(self, row: str, system: str, unit: str) -> str:
+        """The median as the table shows it; "skip" if every sample was skipped."""
+        samples = self.samples.get((row, system), [])
+        value = self.median(row, system)
+        if value is None and samples and all(s.skipped for s in samples):
+            return "skip"
+        return fmt(value, unit)
+
     def hwm(self, row: str, system: str) -> int | None:
         values = [s.hwm_kb for s in self.samples.get((row, system), []) if s.hwm_kb is not None]
         return max(values) if values else None
@@ -51,7 +62,7 @@ def fmt(value: float | None, unit: str) -> str:
         return "fail"
     if unit == "s":
         return f"{value:.2f}"
-    if unit == "µs":
+    if unit in ("µs", "ms"):
         return f"{value:.1f}"
     return f"{value:,.0f}"
 
@@ -82,7 +93,10 @@ def machine_info(work: Path) -> list[str]:
     ]
 
 
-def versions(names: list[str]) -> str:
+def versions(names: list[str], keys: set[str] | None = None) -> str:
+    """The versions of the systems *names*, pyfuse3 and fio, and of PostgreSQL and SQLite
+    when the row *keys* include theirs; a version that cannot be read is left out."""
+    keys = keys or set()
     parts = []
     for venv in (VENV, STOCK_VENV):
         python = venv / "bin" / "python"
@@ -105,14 +119,28 @@ def versions(names: list[str]) -> str:
             parts.append(out)
         except (RuntimeError, OSError):
             pass
+    if "pgbench" in keys and (bindir := postgres.bindir()) is not None:
+        try:
+            out = run([str(bindir / "postgres"), "--version"]).stdout.strip()
+            parts.append(f"PostgreSQL {out.removeprefix('postgres (PostgreSQL) ')}")
+        except (RuntimeError, OSError):
+            pass
+    if keys & {"sqlite", "sqlitewal"}:
+        try:
+            import sqlite3
+
+            parts.append(f"SQLite {sqlite3.sqlite_version} (python {platform.python_version()})")
+        except ImportError:
+            pass
     fio = run(["fio", "--version"]).stdout.strip()
     return ", ".join(parts + [fio])
 
 
 def _target(row: Row, peer_ratio: float | None, floor_ratio: float | None) -> list[str]:
-    """The target and met cells of *row* (empty when the row has no target)."""
+    """The target and met cells of *row* (empty when the row has no target); *peer_ratio*
+    is kmsfs over the best peer, or over ``row.versus`` if the row names one."""
     if row.peer_target is not None:
-        goal, ratio, of = row.peer_target, peer_ratio, "best peer"
+        goal, ratio, of = row.peer_target, peer_ratio, row.versus or "best peer"
     elif row.floor_target is not None:
         goal, ratio, of = row.floor_target, floor_ratio, "floor"
     else:
@@ -122,8 +150,10 @@ def _target(row: Row, peer_ratio: float | None, floor_ratio: float | None) -> li
     target = f"{'≥' if higher else '≤'} {digits}{'0' if digits.endswith('.') else ''}× {of}"
     if ratio is None:
         return [target, "n/a"]
-    met = ratio >= goal if higher else ratio <= goal
-    return [target, "met" if met else "MISSED"]
+    met = "met" if (ratio >= goal if higher else ratio <= goal) else "MISSED"
+    if row.versus is not None:  # no other column shows this ratio
+        met += f" ({ratio:.2f}×)"
+    return [target, met]
 
 
 def render(
@@ -144,7 +174,7 @@ def render(
         f" repeat(s){' (quick sizes)' if quick else ''}",
         "",
         *machine_info(work),
-        f"- versions: {versions(names)}",
+        f"- versions: {versions(names, {r.key for r in rows})}",
         "",
     ]
     baselines = [n for n in names if n.startswith("kmsfs@")]
@@ -170,7 +200,7 @@ def render(
     for row in rows:
         unit = row.unit + (" (higher is better)" if row.higher_better else " (lower is better)")
         cells = [row.number, row.label.format(procs=sizes.procs), unit]
-        cells += [fmt(results.median(row.key, n), row.unit) for n in names]
+        cells += [results.cell(row.key, n, row.unit) for n in names]
         mine = results.median(row.key, "kmsfs")
         peer_ratio = floor_ratio = None
         if ours:
@@ -196,8 +226,12 @@ def render(
             if row.unit == "s" and mine is not None and base and plain is not None:
                 above = (mine - plain) / base
             cells.append("" if above is None else f"{above:.2f}×")
+        target_ratio = peer_ratio
+        if row.versus is not None:
+            theirs_v = results.median(row.key, row.versus)
+            target_ratio = mine / theirs_v if mine is not None and theirs_v else None
         if ours and (peers or floor):
-            cells += _target(row, peer_ratio if peers else None, floor_ratio)
+            cells += _target(row, target_ratio if peers else None, floor_ratio)
         if ours:
             cpu = results.cpu(row.key, "kmsfs")
             hwm = results.hwm(row.key, "kmsfs")
@@ -247,7 +281,10 @@ def render(
         f" fio file {sizes.fio_bytes // MiB} MiB, {sizes.fio_seconds} s per job;"
         f" {sizes.creates:,} creates; {sizes.procs} processes ×"
         f" {sizes.par_bytes // MiB} MiB (9a) and × {sizes.par_creates:,} files (9b);"
-        f" C project of {sizes.modules} modules (10)."
+        f" C project of {sizes.modules} modules (10);"
+        f" pgbench scale {sizes.pgbench_scale}, {postgres.CLIENTS} clients on"
+        f" {postgres.THREADS} threads for {sizes.pgbench_seconds} s (11);"
+        f" {sizes.sqlite_txns:,} SQLite transactions (12a, 12b)."
         " MB = 10^6 bytes. Ratios: throughput and IOPS kmsfs/best (higher is better),"
         " times kmsfs/best (lower is better); kmsfs / floor likewise against the in-memory"
         " pyfuse3 floor; (kmsfs − plain) / floor, for times: kmsfs's time above what the"
@@ -263,4 +300,19 @@ def render(
     ]
     if failures:
         lines += ["", "Failures:", *failures]
+    skips = skip_notes(results)
+    if skips:
+        lines += ["", "Skipped:", *skips]
     return "\n".join(lines) + "\n"
+
+
+def skip_notes(results: Results) -> list[str]:
+    """One line per row and system that was skipped, with each distinct reason once."""
+    return sorted(
+        {
+            f"- {row}/{system}: {s.skipped}"
+            for (row, system), samples in results.samples.items()
+            for s in samples
+            if s.skipped
+        }
+    )

@@ -1,7 +1,10 @@
 """The filesystems under test: how each is created, mounted, unmounted and cleaned up.
 
 Every system keeps its volume under ``WORKDIR/<name>/`` and is reachable at
-``self.mnt`` once mounted, so all systems share one disk.
+``self.mnt`` once mounted, so all systems share one disk.  Every FUSE system is
+mounted with ``allow_other`` (the pgbench rows run PostgreSQL as the ``postgres``
+user; without it only root could enter the mount) and its root is open to other
+users (mode 0755 or 0711).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from benchlib.common import (
     VENV,
     VENV_PYTHON,
     drop_caches,
+    listed_mount,
     pid_alive,
     run,
     wait_for,
@@ -61,8 +65,8 @@ class System:
         return None
 
     def force_cleanup(self) -> None:
-        """Last-resort teardown (never raises)."""
-        if os.path.ismount(self.mnt):
+        """Last-resort teardown (never raises); also clears a mount whose daemon died."""
+        if listed_mount(self.mnt):
             for cmd in (["umount", str(self.mnt)], ["umount", "-l", str(self.mnt)]):
                 if subprocess.run(cmd, capture_output=True, check=False).returncode == 0:
                     break
@@ -120,6 +124,9 @@ class Kmsfs(System):
                 *self.init_options,
             ]
         )
+        # init makes the backing root 0700, and the mount's root has its mode: let other
+        # users (PostgreSQL's) pass through it, as the peers' roots (0755) do.
+        os.chmod(self.base / "backing", 0o711)
 
     def mount(self) -> None:
         out = run(
@@ -134,6 +141,8 @@ class Kmsfs(System):
                 str(self.base / "kmsfs.log"),
                 "--log-level",
                 "warning",
+                "-o",
+                "allow_other",
                 *self.options,
             ],
             env=self.env(),
@@ -237,6 +246,7 @@ class Gocryptfs(System):
             [
                 "gocryptfs",
                 "-q",
+                "-allow_other",
                 "-passfile",
                 str(self.base / "pass"),
                 str(self.base / "cipher"),
@@ -272,6 +282,8 @@ class Securefs(System):
                 "securefs",
                 "mount",
                 "-b",
+                "-o",
+                "allow_other",
                 "--log",
                 str(self.base / "securefs.log"),
                 "--keyfile",
@@ -337,7 +349,10 @@ class ForegroundDaemon(System):
 
 
 class Passthrough(ForegroundDaemon):
-    """pyfuse3's examples/passthroughfs.py: no encryption, a ceiling for Python (not a peer)."""
+    """pyfuse3's examples/passthroughfs.py: no encryption, a ceiling for Python (not a peer).
+
+    The example takes no mount options, so it is mounted without allow_other: the
+    pgbench rows skip it (the ``postgres`` user cannot enter the mount)."""
 
     name = "passthrough"
 
@@ -389,7 +404,7 @@ class Floor(ForegroundDaemon):
     name = "floor"
 
     def command(self) -> list[str]:
-        return [str(VENV_PYTHON), str(BENCHLIB / "floorfs.py"), str(self.mnt)]
+        return [str(VENV_PYTHON), str(BENCHLIB / "floorfs.py"), "--allow-other", str(self.mnt)]
 
     def remount_cold(self) -> None:
         drop_caches()

@@ -4,7 +4,10 @@ Each row ``key`` has ``Bench.prep_<key>`` (untimed set-up), ``Bench.run_<key>``
 (returns the figure) and optionally ``Bench.post_<key>`` (untimed clean-up).
 Rows that share state run in order (3-6 share the untarred tree, 10a-10d the
 clone), and each prep makes what its row needs if an earlier row did not, so
-any subset of rows can run alone.
+any subset of rows can run alone.  A row measured by another row's run (11b, the
+latency of the pgbench run of 11a) names it in ``part_of``: that run returns a
+figure per row key.  ``Bench.cleanup`` stops whatever a row left running (the
+pgbench row's server) after a failure or an interruption.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchlib.common import CMD_TIMEOUT, MB, MiB, log, run, timed
+from benchlib import postgres
+from benchlib.common import CMD_TIMEOUT, MB, MiB, Skipped, log, run, timed
 from benchlib.cproject import git_env, make_project
 from benchlib.systems import System
 
@@ -26,7 +30,9 @@ from benchlib.systems import System
 class Sizes:
     """How big each workload is.  Attributes (rows): seq_bytes (1, 2), tree_source (3-6),
     fio_bytes and fio_seconds (7), creates (8), procs (9a, 9b), par_bytes (9a, per
-    process), par_creates (9b, per process), modules (10, C modules in the project)."""
+    process), par_creates (9b, per process), modules (10, C modules in the project),
+    pgbench_seconds and pgbench_scale (11: the timed run, ``pgbench -i -s``),
+    sqlite_txns (12a, 12b: transactions)."""
 
     seq_bytes: int
     tree_source: str
@@ -37,6 +43,9 @@ class Sizes:
     par_bytes: int = 64 * MiB
     par_creates: int = 2_000
     modules: int = 48
+    pgbench_seconds: int = 60
+    pgbench_scale: int = 10
+    sqlite_txns: int = 2_000
 
 
 FULL = Sizes(256 * MiB, "/usr/include", 256 * MiB, 5, 20_000)
@@ -49,13 +58,17 @@ QUICK = Sizes(
     par_bytes=8 * MiB,
     par_creates=250,
     modules=16,
+    pgbench_seconds=10,
+    sqlite_txns=200,
 )
 
 
 @dataclass(frozen=True)
 class Row:
     """One line of the table.  ``peer_target``: kmsfs / best peer must reach it (throughput:
-    at least, time: at most); ``floor_target``: kmsfs / floor must stay within it."""
+    at least, time: at most), or kmsfs / ``versus`` if that names a peer;
+    ``floor_target``: kmsfs / floor must stay within it; ``part_of``: the key of the
+    row whose run also gives this row's figure (this row has no methods of its own)."""
 
     key: str
     number: str
@@ -64,6 +77,8 @@ class Row:
     higher_better: bool
     peer_target: float | None = None
     floor_target: float | None = None
+    versus: str | None = None
+    part_of: str | None = None
 
 
 # Targets: data rows against the best peer, metadata rows against the floor.
@@ -105,6 +120,40 @@ ROWS = [
     Row("gitmake", "10b", "C project: `make -j2`", "s", False),
     Row("gitstatus", "10c", "C project: `git status` ×3", "s", False, floor_target=1.25),
     Row("gitrm", "10d", "C project: `rm -rf` of the clone", "s", False),
+    # Real workloads: pgbench TPS at least gocryptfs's, SQLite at least the best peer's.
+    Row(
+        "pgbench",
+        "11a",
+        f"PostgreSQL `pgbench` TPC-B-like, {postgres.CLIENTS} clients, fsync on: throughput",
+        "TPS",
+        True,
+        1.0,
+        versus="gocryptfs",
+    ),
+    Row(
+        "pgbench_p99",
+        "11b",
+        "PostgreSQL `pgbench`: latency p99 (same run)",
+        "ms",
+        False,
+        part_of="pgbench",
+    ),
+    Row(
+        "sqlite",
+        "12a",
+        "SQLite: one insert per transaction, synchronous FULL, rollback journal (DELETE)",
+        "tx/s",
+        True,
+        1.0,
+    ),
+    Row(
+        "sqlitewal",
+        "12b",
+        "SQLite: one insert per transaction, synchronous FULL, write-ahead log (WAL)",
+        "tx/s",
+        True,
+        1.0,
+    ),
 ]
 
 # Row 0: one process asks for an extended attribute the file does not have, which
@@ -151,15 +200,58 @@ for p in names:
 print(time.monotonic(), flush=True)
 """
 
+# Rows 12a, 12b: SQLite with synchronous FULL, so each COMMIT returns once durable.
+# DELETE (SQLite's default journal): the journal file is created, written and synced
+# (with its directory), the database page written and synced, the journal deleted.
+# WAL: the commit appends to the -wal file and syncs it; the -shm index is a shared
+# mmap.  The journal mode is set when the database is made (WAL stays set in the file)
+# and checked again by the timed script.  Exit status 3: the mode could not be set.
+SQLITE_SCHEMA = """
+import sqlite3, sys
+path, journal = sys.argv[1], sys.argv[2]
+db = sqlite3.connect(path, isolation_level=None)
+mode = db.execute(f"PRAGMA journal_mode={journal}").fetchone()[0]
+if mode != journal.lower():
+    print(f"PRAGMA journal_mode={journal} left it {mode}", file=sys.stderr)
+    sys.exit(3)
+db.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, payload BLOB NOT NULL)")
+db.close()
+"""
+
+SQLITE_TRANSACTIONS = """
+import os, sqlite3, sys
+path, journal, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+db = sqlite3.connect(path, isolation_level=None)
+mode = db.execute(f"PRAGMA journal_mode={journal}").fetchone()[0]
+if mode != journal.lower():
+    sys.exit(f"journal_mode is {mode}, not {journal}")
+db.execute("PRAGMA synchronous=FULL")
+payload = os.urandom(100)
+for _ in range(n):
+    db.execute("BEGIN IMMEDIATE")
+    db.execute("INSERT INTO t (payload) VALUES (?)", (payload,))
+    db.execute("COMMIT")
+db.close()
+"""
+SQLITE_JOURNALS = {"sqlite": "DELETE", "sqlitewal": "WAL"}
+
 
 class Bench:
-    """The workloads; each run_* method returns one figure for one system."""
+    """The workloads; each run_* method returns one figure for one system, or a figure
+    per row key for a row that others are ``part_of``.
+
+    Attributes: unavailable (row key -> why it is skipped on every system, e.g. no
+    PostgreSQL), pg_bindir (PostgreSQL's programs, set when a pgbench row runs),
+    servers (system name -> the PostgreSQL server running on it)."""
 
     def __init__(self, work: Path, sizes: Sizes) -> None:
         self.work = work
         self.sizes = sizes
         self.tar = work / "tree.tar"
         self.project: Path | None = None
+        self.unavailable: dict[str, str] = {}
+        self.pg_bindir: Path | None = None
+        self.servers: dict[str, postgres.Server] = {}
 
     def make_tar(self) -> None:
         source = Path(self.sizes.tree_source)
@@ -196,6 +288,14 @@ class Bench:
     def clone(s: System) -> Path:
         return s.mnt / "cproject"
 
+    @staticmethod
+    def pgdata(s: System) -> Path:
+        return s.mnt / "pgdata"
+
+    @staticmethod
+    def sqlite_db(s: System) -> Path:
+        return s.mnt / "sqlite" / "bench.db"
+
     def leftovers(self, s: System) -> list[Path]:
         """Everything a row may leave on a volume."""
         return [
@@ -206,7 +306,16 @@ class Bench:
             self.many(s),
             self.par(s),
             self.clone(s),
+            self.pgdata(s),
+            self.sqlite_db(s).parent,
         ]
+
+    def cleanup(self, s: System) -> None:
+        """Stop whatever a row left running on *s* (the pgbench row's server), so that
+        it can be unmounted; never raises."""
+        server = self.servers.pop(s.name, None)
+        if server is not None:
+            server.stop()
 
     def _dd_write(self, path: Path) -> str:
         count = self.sizes.seq_bytes // (128 * 1024)
@@ -477,3 +586,74 @@ class Bench:
 
     def run_gitrm(self, s: System) -> float:
         return timed(["rm", "-rf", str(self.clone(s))])
+
+    # 11a, 11b
+    def prep_pgbench(self, s: System) -> None:
+        """A new cluster on the mount, started, ``pgbench -i``, checkpointed."""
+        if self.pg_bindir is None:
+            raise Skipped("PostgreSQL was not looked for (Bench.pg_bindir unset)")
+        self.cleanup(s)
+        if self.pgdata(s).exists():
+            run(["rm", "-rf", str(self.pgdata(s))])
+        server = postgres.Server(self.pg_bindir, self.pgdata(s))
+        self.servers[s.name] = server
+        server.create()
+        server.start()
+        server.initialise(self.sizes.pgbench_scale)
+
+    def run_pgbench(self, s: System) -> dict[str, float]:
+        """TPS as pgbench reports it, and the p99 latency (ms) from its transaction log."""
+        summary, latencies = self.servers[s.name].pgbench(self.sizes.pgbench_seconds)
+        return {"pgbench": summary.tps, "pgbench_p99": latencies.p99_ms}
+
+    def post_pgbench(self, s: System) -> None:
+        self.cleanup(s)
+        run(["rm", "-rf", str(self.pgdata(s))])
+
+    # 12a, 12b
+    def _sqlite_prep(self, s: System, journal: str) -> None:
+        """A new database in its own directory, its journal mode set.
+
+        Skipped if SQLite cannot set that journal mode on the filesystem (the reason
+        is SQLite's); RuntimeError if making the database fails otherwise."""
+        folder = self.sqlite_db(s).parent
+        if folder.exists():
+            run(["rm", "-rf", str(folder)])
+        folder.mkdir()
+        made = subprocess.run(
+            [sys.executable, "-c", SQLITE_SCHEMA, str(self.sqlite_db(s)), journal],
+            capture_output=True,
+            text=True,
+            timeout=CMD_TIMEOUT,
+            check=False,
+        )
+        why = made.stderr.strip().splitlines()[-1:] or [f"exit status {made.returncode}"]
+        if made.returncode == 3:
+            raise Skipped(f"SQLite cannot use journal mode {journal} here: {why[0]}")
+        if made.returncode != 0:
+            raise RuntimeError(f"making the SQLite database ({journal}) failed: {why[0]}")
+
+    def _sqlite_run(self, s: System, journal: str) -> float:
+        """Transactions per second of one process (start-up included) doing them all."""
+        n = self.sizes.sqlite_txns
+        return n / timed(
+            [sys.executable, "-c", SQLITE_TRANSACTIONS, str(self.sqlite_db(s)), journal, str(n)]
+        )
+
+    def prep_sqlite(self, s: System) -> None:
+        self._sqlite_prep(s, SQLITE_JOURNALS["sqlite"])
+
+    def run_sqlite(self, s: System) -> float:
+        return self._sqlite_run(s, SQLITE_JOURNALS["sqlite"])
+
+    def post_sqlite(self, s: System) -> None:
+        run(["rm", "-rf", str(self.sqlite_db(s).parent)])
+
+    def prep_sqlitewal(self, s: System) -> None:
+        self._sqlite_prep(s, SQLITE_JOURNALS["sqlitewal"])
+
+    def run_sqlitewal(self, s: System) -> float:
+        return self._sqlite_run(s, SQLITE_JOURNALS["sqlitewal"])
+
+    def post_sqlitewal(self, s: System) -> None:
+        self.post_sqlite(s)
