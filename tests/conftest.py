@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 if TYPE_CHECKING:
-    from support.kms_support import KmsProxy, MotoServer
+    from benchlib.kms import KmsProxy, MotoServer
 
 BIN = Path(sys.executable).parent / "kmsfs"
 KEY_FLAGS = {
@@ -273,13 +273,13 @@ def _check_log(vol: Volume) -> None:
         pytest.fail(f"daemon log of {vol.root} has an unexpected error:\n{text[-4000:]}")
 
 
-# -- AWS KMS on moto's server (tests/support/kms_support.py), shared by the KMS test modules --
+# -- AWS KMS on moto's server (scripts/benchlib/kms.py), shared by the KMS test modules --
 
 
 @pytest.fixture(scope="module")
 def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
     """moto's KMS server on 127.0.0.1, one per test module."""
-    from support.kms_support import MotoServer
+    from benchlib.kms import MotoServer
 
     server = MotoServer(tmp_path_factory.mktemp("moto") / "moto.log")
     yield server
@@ -289,7 +289,7 @@ def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
 @pytest.fixture
 def proxy(moto: MotoServer) -> Iterator[KmsProxy]:
     """A counting, fault-injecting proxy in front of moto."""
-    from support.kms_support import KmsProxy
+    from benchlib.kms import KmsProxy
 
     kms_proxy = KmsProxy(moto.url)
     yield kms_proxy
@@ -299,7 +299,7 @@ def proxy(moto: MotoServer) -> Iterator[KmsProxy]:
 @pytest.fixture
 def aws_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Dummy credentials for the kmsfs subprocesses, and nothing from this machine's AWS setup."""
-    from support.kms_support import aws_environment
+    from benchlib.kms import aws_environment
 
     for name in ("AWS_PROFILE", "AWS_REGION", "HTTP_PROXY", "HTTPS_PROXY", "https_proxy"):
         monkeypatch.delenv(name, raising=False)

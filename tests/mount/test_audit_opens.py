@@ -20,8 +20,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from benchlib.kms import Fault, KmsProxy, MotoServer
 from conftest import Volume, _check_log, force_unmount, requires_fuse, run_as, run_kmsfs
-from support.kms_support import Fault, KmsProxy, MotoServer
 
 from kmsfs.format.header import XATTR_NAME, FileHeader
 from kmsfs.format.volume_config import load_config

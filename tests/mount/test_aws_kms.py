@@ -25,9 +25,9 @@ from pathlib import Path
 
 import boto3
 import pytest
+from benchlib.kms import REGION, Fault, KmsProxy, MotoServer
 from botocore.stub import Stubber
 from conftest import Volume, force_unmount, make_volume, requires_fuse, run_kmsfs
-from support.kms_support import REGION, Fault, KmsProxy, MotoServer
 
 from kmsfs.errors import KeyAccessDenied, KeyUnavailable, ProviderError, WrongKeyError
 from kmsfs.format.header import XATTR_NAME, FileHeader, WrappedKey

@@ -8,8 +8,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from benchlib.kms import KmsProxy, MotoServer
 from conftest import Volume, force_unmount, make_volume, requires_fuse, run_kmsfs
-from support.kms_support import KmsProxy, MotoServer
 from support.lifecycle_support import entry_refs, populate
 
 from kmsfs.format.volume_config import load_config

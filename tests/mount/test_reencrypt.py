@@ -1,7 +1,7 @@
 """Rewrap between two AWS KMS keys with KMS ReEncrypt: the file keys never leave KMS.
 
 Against moto's KMS server over HTTP, through the counting proxy
-(tests/support/kms_support.py): the proxy's records show which KMS operations ran,
+(scripts/benchlib/kms.py): the proxy's records show which KMS operations ran,
 with which key IDs and encryption contexts.
 """
 
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import boto3
 import pytest
+from benchlib.kms import REGION, Fault, KmsProxy, MotoServer
 from conftest import Volume, force_unmount, make_volume, requires_fuse, run_kmsfs
-from support.kms_support import REGION, Fault, KmsProxy, MotoServer
 from support.lifecycle_support import entry_refs
 
 from kmsfs.errors import KeyAccessDenied, WrongKeyError

@@ -4,15 +4,12 @@ and its table gives each daemon's CPU per request."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "scripts"))
-
-from benchlib import fusetrace  # noqa: E402
-from benchlib.budget import RowBudget, parse_strace, render_budget  # noqa: E402
-from benchlib.systems import Floor, FloorStock  # noqa: E402
-from benchlib.workloads import ROWS  # noqa: E402
+from benchlib import fusetrace
+from benchlib.budget import RowBudget, parse_strace, render_budget
+from benchlib.systems import Floor, FloorStock
+from benchlib.workloads import ROWS
 
 TRACE = b"""\
 # tracer: nop

@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "scripts"))
-
-from benchlib.common import mount_points  # noqa: E402
+from benchlib.common import mount_points
 
 MOUNTS = r"""proc /proc proc rw,nosuid,nodev,noexec,relatime 0 0
 /var/tmp/w/kmsfs/backing /var/tmp/w/kmsfs/mnt fuse.kmsfs rw,allow_other 0 0

@@ -3,14 +3,10 @@ from pgbench's report, the p99 latency from its per-transaction log."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "scripts"))
-
-from benchlib.postgres import (  # noqa: E402
+from benchlib.postgres import (
     parse_summary,
     parse_transaction_log,
     percentile,

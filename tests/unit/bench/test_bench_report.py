@@ -3,16 +3,10 @@ run, and targets against one named peer (scripts/benchlib/report.py, cli.py)."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "scripts"))
-
-from benchlib.cli import parse_rows  # noqa: E402
-from benchlib.report import Results, Sample, _target, fmt, skip_notes  # noqa: E402
-from benchlib.workloads import ROWS, Row  # noqa: E402
+from benchlib.cli import parse_rows
+from benchlib.report import Results, Sample, _target, fmt, skip_notes
+from benchlib.workloads import ROWS, Row
 
 PGBENCH = next(r for r in ROWS if r.key == "pgbench")
 SQLITE = next(r for r in ROWS if r.key == "sqlite")

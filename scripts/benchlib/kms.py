@@ -13,7 +13,10 @@ in front of it and
 - can be stopped and started again on the same port (an outage: connections
   refused), or made to hang (accept and never answer: read timeouts).
 
-Used by tests/mount/test_aws_kms.py and scripts/bench-kms.
+Used by the KMS tests (tests/conftest.py's ``moto`` and ``proxy`` fixtures, the
+tests/mount KMS modules) and by scripts/bench-kms; it lives here because nothing in
+scripts/ imports from tests/.  Standard library only, except boto3 in
+``MotoServer.client`` (run it with the checkout's .venv).
 """
 
 from __future__ import annotations

@@ -1,0 +1,52 @@
+"""Rules of the test layout that can be checked by reading the files: the benchmark and
+helper scripts import nothing from tests/ (scripts/benchlib is their library, which the
+tests may use)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# An import of the tests' own modules, or tests/ put on the import path.
+TEST_IMPORT = re.compile(
+    r"^\s*(from|import)\s+(support|conftest|tests)\b"
+    r"|sys\.path\.\w+\(.*[\"'/]tests\b",
+    re.MULTILINE,
+)
+
+
+def _script_files() -> list[Path]:
+    """Every text file under scripts/ (Python modules and the launchers, which embed
+    Python in here-documents)."""
+    files = []
+    for path in sorted((ROOT / "scripts").rglob("*")):
+        if path.is_file() and "__pycache__" not in path.parts:
+            try:
+                path.read_text()
+            except UnicodeDecodeError:
+                continue
+            files.append(path)
+    return files
+
+
+def test_the_scripts_are_found() -> None:
+    names = {path.name for path in _script_files()}
+    assert {"bench", "bench-kms", "kms.py", "common.py"} <= names
+
+
+def test_scripts_import_nothing_from_tests() -> None:
+    offenders = [
+        f"{path.relative_to(ROOT)}:{text[: match.start()].count(chr(10)) + 1}: {match.group(0)}"
+        for path in _script_files()
+        for text in [path.read_text()]
+        for match in TEST_IMPORT.finditer(text)
+    ]
+    assert offenders == []
+
+
+def test_the_rule_sees_an_import_of_test_support() -> None:
+    assert TEST_IMPORT.search("x = 1\nfrom support.kms_support import kms_stack\n")
+    assert TEST_IMPORT.search('sys.path.insert(0, str(Path("tests").absolute()))')
+    assert not TEST_IMPORT.search("from benchlib.kms import kms_stack\n")
