@@ -18,8 +18,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Volume, _check_log, force_unmount, make_volume, requires_fuse, run_as
+from support.cli import run_as
+from support.fuse import force_unmount, requires_fuse
 from support.reliability_util import mount_pid
+from support.volumes import Volume, check_log, make_volume
 
 pytestmark = [requires_fuse, pytest.mark.mount]
 
@@ -78,7 +80,7 @@ def open_volume() -> Iterator[Volume]:
         yield vol
     finally:
         force_unmount(vol.mountpoint)
-        _check_log(vol)
+        check_log(vol)
         shutil.rmtree(top, ignore_errors=True)
 
 

@@ -17,7 +17,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import BIN, Volume, make_volume, requires_fuse, run_as
+from support.cli import BIN, run_as
+from support.fuse import requires_fuse
+from support.volumes import Volume, make_volume
 
 from kmsfs.format.content import mode_for_format
 from kmsfs.format.header import FORMAT_2

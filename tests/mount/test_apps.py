@@ -17,7 +17,8 @@ from contextlib import closing
 from pathlib import Path
 
 import pytest
-from conftest import BOTH_NAMES, Volume, requires_fuse
+from support.fuse import requires_fuse
+from support.volumes import BOTH_NAMES, Volume
 
 pytestmark = [requires_fuse, pytest.mark.mount, BOTH_NAMES]
 

@@ -21,7 +21,9 @@ from pathlib import Path
 
 import pytest
 from benchlib.kms import Fault, KmsProxy, MotoServer
-from conftest import Volume, _check_log, force_unmount, requires_fuse, run_as, run_kmsfs
+from support.cli import run_as, run_kmsfs
+from support.fuse import force_unmount, requires_fuse
+from support.volumes import Volume, check_log
 
 from kmsfs.format.header import XATTR_NAME, FileHeader
 from kmsfs.format.volume_config import load_config
@@ -104,7 +106,7 @@ def test_every_open_of_a_file_held_open_is_recorded(shared_dir: Path) -> None:
         assert [(r["path"], r["result"], r["uid"]) for r in creates] == [("/shared", "ok", 0)]
     finally:
         force_unmount(vol.mountpoint)
-        _check_log(vol)
+        check_log(vol)
 
 
 def test_creates_writes_and_refused_opens_are_recorded(shared_dir: Path) -> None:
@@ -137,7 +139,7 @@ def test_creates_writes_and_refused_opens_are_recorded(shared_dir: Path) -> None
         assert records(vol, uid=NOBODY, operation="unwrap")[0]["result"] == "WrongKeyError"
     finally:
         force_unmount(vol.mountpoint)
-        _check_log(vol)
+        check_log(vol)
 
 
 @pytest.mark.aws
@@ -164,7 +166,7 @@ def test_open_refused_by_the_key_provider_is_recorded_as_eacces(
         assert opens[0]["pid"] == pid and "AccessDeniedException" in str(opens[0]["error"])
     finally:
         force_unmount(vol.mountpoint)
-        _check_log(vol)
+        check_log(vol)
 
 
 def test_opens_the_kernel_refuses_never_reach_the_log(shared_dir: Path) -> None:
@@ -180,4 +182,4 @@ def test_opens_the_kernel_refuses_never_reach_the_log(shared_dir: Path) -> None:
         assert records(vol, uid=NOBODY) == []
     finally:
         force_unmount(vol.mountpoint)
-        _check_log(vol)
+        check_log(vol)

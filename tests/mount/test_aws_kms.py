@@ -27,7 +27,9 @@ import boto3
 import pytest
 from benchlib.kms import REGION, Fault, KmsProxy, MotoServer
 from botocore.stub import Stubber
-from conftest import Volume, force_unmount, make_volume, requires_fuse, run_kmsfs
+from support.cli import run_kmsfs
+from support.fuse import force_unmount, requires_fuse
+from support.volumes import Volume, make_volume
 
 from kmsfs.errors import KeyAccessDenied, KeyUnavailable, ProviderError, WrongKeyError
 from kmsfs.format.header import XATTR_NAME, FileHeader, WrappedKey

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import force_unmount, requires_fuse
+from support.fuse import force_unmount, requires_fuse
 
 pytestmark = [requires_fuse, pytest.mark.mount]
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from conftest import Volume, make_volume, requires_fuse, run_kmsfs
+from support.cli import run_kmsfs
+from support.fuse import requires_fuse
+from support.volumes import Volume, make_volume
 
 
 def test_umount_of_a_directory_that_is_not_mounted(tmp_path: Path) -> None:

@@ -19,9 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Volume, make_volume, requires_fuse, run_kmsfs
+from support.cli import run_kmsfs
+from support.fuse import requires_fuse
 from support.planted import Listener, build_planted_module
 from support.saved_volume import check_saved_plaintext, restore_saved_volume
+from support.volumes import Volume, make_volume
 
 from kmsfs.format.header import XATTR_NAME, FileHeader
 from kmsfs.format.volume_config import load_config

@@ -18,9 +18,11 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Volume, force_unmount, make_volume, requires_fuse, run_kmsfs
+from support.cli import run_kmsfs
 from support.crash_harness import check, start_writer
+from support.fuse import force_unmount, requires_fuse
 from support.reliability_util import drop_file_cache, env_int, kill_daemon, mount_pid, scaled
+from support.volumes import Volume, make_volume
 
 pytestmark = [requires_fuse, pytest.mark.mount]
 

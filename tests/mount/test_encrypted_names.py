@@ -21,7 +21,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Volume, force_unmount, make_volume, requires_fuse, run_kmsfs
+from support.cli import run_kmsfs
+from support.fuse import force_unmount, requires_fuse
+from support.volumes import Volume, make_volume
 from test_shared import Cluster, cluster_on, gluster_mounts  # noqa: F401  (a fixture)
 
 from kmsfs.format.names import DIR_ID_XATTR, LONG_NAME_PREFIX

@@ -21,8 +21,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import Volume, requires_fuse
+from support.fuse import requires_fuse
 from support.reliability_util import alive, env_int, scaled
+from support.volumes import Volume
 
 pytestmark = [requires_fuse, pytest.mark.mount]
 

@@ -12,7 +12,9 @@ import os
 import shutil
 
 import pytest
-from conftest import Volume, requires_fuse, run_kmsfs
+from support.cli import run_kmsfs
+from support.fuse import requires_fuse
+from support.volumes import Volume
 
 LIMIT = 400
 FILES = 1500
@@ -24,7 +26,7 @@ def test_more_files_than_descriptors(volume: Volume) -> None:
     env_prefix = ["prlimit", f"--nofile={LIMIT}:{LIMIT}"]
     import subprocess
 
-    from conftest import BIN
+    from support.cli import BIN
 
     mount = subprocess.run(
         [

@@ -17,9 +17,11 @@ import stat
 from pathlib import Path
 
 import pytest
-from conftest import Volume, force_unmount, requires_fuse, run_kmsfs
+from support.cli import run_kmsfs
+from support.fuse import force_unmount, requires_fuse
 from support.lifecycle_support import header_of, write_files
 from support.saved_volume import check_saved_plaintext, restore_saved_volume
+from support.volumes import Volume
 
 from kmsfs.format.content import Layout
 from kmsfs.format.header import FORMAT_1, FORMAT_2

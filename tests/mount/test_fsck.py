@@ -6,7 +6,9 @@ import json
 import os
 from pathlib import Path
 
-from conftest import Volume, force_unmount, make_volume, requires_fuse, run_kmsfs
+from support.cli import run_kmsfs
+from support.fuse import force_unmount, requires_fuse
+from support.volumes import Volume, make_volume
 
 BS = 4096
 BBS = BS + 40  # files made through the mount are format 2

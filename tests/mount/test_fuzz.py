@@ -19,10 +19,11 @@ import os
 import random
 
 import pytest
-from conftest import Volume, requires_fuse
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support.fuse import requires_fuse
 from support.reliability_util import env_int, mount_pid, scaled
+from support.volumes import Volume
 
 from kmsfs.errors import ConfigError, FormatError
 from kmsfs.format.header import XATTR_NAME, FileHeader, WrappedKey

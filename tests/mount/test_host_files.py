@@ -18,7 +18,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import Volume, requires_fuse, run_kmsfs
+from support.cli import run_kmsfs
+from support.fuse import requires_fuse
+from support.volumes import Volume
 
 pytestmark = [requires_fuse, pytest.mark.mount]
 NOBODY = 65534

@@ -25,12 +25,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Volume, make_volume, other_host, requires_fuse, run_kmsfs
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicNumbers
 from support import softhsm
+from support.cli import other_host, run_kmsfs
+from support.fuse import requires_fuse
 from support.saved_volume import restore_saved_volume
+from support.volumes import Volume, make_volume
 
 from kmsfs.format.header import XATTR_NAME, FileHeader, WrappedKey
 from kmsfs.format.volume_config import KeyConfig, VolumeConfig

@@ -35,8 +35,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Volume, force_unmount, requires_fuse, run_kmsfs
+from support.cli import run_kmsfs
+from support.fuse import force_unmount, requires_fuse
 from support.lifecycle_support import read_file, read_file_with_any_key, write_file
+from support.volumes import Volume
 
 from kmsfs.backing.syscalls import RENAME_EXCHANGE, renameat2
 from kmsfs.format.header import XATTR_NAME, FileHeader

@@ -15,7 +15,8 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import Volume, requires_fuse
+from support.fuse import requires_fuse
+from support.volumes import Volume
 
 from kmsfs.errors import WrongKeyError
 from kmsfs.format.header import XATTR_NAME, FileHeader, WrappedKey

@@ -13,8 +13,10 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import BIN, Volume, make_volume, requires_fuse, run_kmsfs
+from support.cli import BIN, run_kmsfs
+from support.fuse import requires_fuse
 from support.lifecycle_support import entry_refs, header_of, populate, write_files
+from support.volumes import Volume, make_volume
 
 from kmsfs.format.content import Layout
 from kmsfs.format.header import FORMAT_1, FORMAT_2
@@ -424,7 +426,7 @@ def _compare_tree(plain: Path, mountpoint: Path) -> int:
 
 @requires_fuse
 def test_import_tree_byte_exact(tmp_path: Path) -> None:
-    from conftest import force_unmount
+    from support.fuse import force_unmount
 
     plain = _plain_tree(tmp_path)
     before = {p: p.read_bytes() for p in plain.rglob("*") if p.is_file() and not p.is_symlink()}
@@ -472,7 +474,7 @@ def test_rekey_moves_format_1_files_to_format_2(volume: Volume) -> None:
 
 @requires_fuse
 def test_import_killed_then_resumed(tmp_path: Path) -> None:
-    from conftest import force_unmount
+    from support.fuse import force_unmount
 
     plain = _plain_tree(tmp_path)
     vol = make_volume(tmp_path, key=False)

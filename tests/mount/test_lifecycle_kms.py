@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 from benchlib.kms import KmsProxy, MotoServer
-from conftest import Volume, force_unmount, make_volume, requires_fuse, run_kmsfs
+from support.cli import run_kmsfs
+from support.fuse import force_unmount, requires_fuse
 from support.lifecycle_support import entry_refs, populate
+from support.volumes import Volume, make_volume
 
 from kmsfs.format.volume_config import load_config
 

@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Volume, requires_fuse
+from support.fuse import requires_fuse
 from support.reliability_util import alive, drop_file_cache, env_int, mount_pid, scaled, vm_hwm_kib
+from support.volumes import Volume
 
 pytestmark = [requires_fuse, pytest.mark.mount]
 

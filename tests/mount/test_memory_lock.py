@@ -14,8 +14,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import BIN, Volume, requires_fuse
+from support.cli import BIN
+from support.fuse import requires_fuse
 from support.reliability_util import mount_pid
+from support.volumes import Volume
 
 pytestmark = [requires_fuse, pytest.mark.mount]
 

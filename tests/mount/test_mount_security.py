@@ -14,7 +14,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import Volume, _check_log, force_unmount, requires_fuse, run_as, run_kmsfs
+from support.cli import run_as, run_kmsfs
+from support.fuse import force_unmount, requires_fuse
+from support.volumes import Volume, check_log
 
 pytestmark = [requires_fuse, pytest.mark.mount]
 
@@ -93,7 +95,7 @@ def test_comma_in_backing_path_cannot_add_allow_other(shared_dir: Path, name: st
         vol.umount()
     finally:
         force_unmount(vol.mountpoint)
-        _check_log(vol)
+        check_log(vol)
 
 
 def test_backing_path_with_escapes_spaces_and_utf8_mounts_as_itself(shared_dir: Path) -> None:
@@ -110,7 +112,7 @@ def test_backing_path_with_escapes_spaces_and_utf8_mounts_as_itself(shared_dir: 
         vol.umount()
     finally:
         force_unmount(vol.mountpoint)
-        _check_log(vol)
+        check_log(vol)
 
 
 def test_allow_other_still_works_when_asked_for(shared_dir: Path) -> None:
@@ -124,4 +126,4 @@ def test_allow_other_still_works_when_asked_for(shared_dir: Path) -> None:
         vol.umount()
     finally:
         force_unmount(vol.mountpoint)
-        _check_log(vol)
+        check_log(vol)

@@ -19,8 +19,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Volume, force_unmount, make_volume, requires_fuse, run_kmsfs
+from support.cli import run_kmsfs
+from support.fuse import force_unmount, requires_fuse
 from support.softhsm import MODULE, USER_PIN, SoftHSM, available
+from support.volumes import Volume, make_volume
 
 from kmsfs.format.header import XATTR_NAME, FileHeader, WrappedKey
 

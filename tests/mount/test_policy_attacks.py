@@ -21,7 +21,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import requires_fuse, run_as
+from support.cli import run_as
+from support.fuse import requires_fuse
 from support.policy_volume import (
     NOBODY,
     PolicyVolume,

@@ -15,7 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import BIN, requires_fuse, run_as, run_kmsfs
+from support.cli import BIN, run_as, run_kmsfs
+from support.fuse import requires_fuse
 from support.policy_volume import (
     DENY_VAULT,
     NOBODY,

@@ -29,15 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import (
-    NAMES,
-    Volume,
-    force_unmount,
-    fuse_available,
-    make_volume,
-    requires_fuse,
-    run_kmsfs,
-)
+from support.cli import run_kmsfs
+from support.fuse import force_unmount, fuse_available, requires_fuse
+from support.volumes import NAMES, Volume, make_volume
 
 pytestmark = [requires_fuse, pytest.mark.mount]
 
@@ -943,7 +937,7 @@ def test_passphrase_volume(tmp_path: Path) -> None:
         assert refused.returncode == 6
         assert not (tmp_path / "o2").exists()
     finally:
-        from conftest import force_unmount
+        from support.fuse import force_unmount
 
         force_unmount(vol.mountpoint)
     assert "Traceback" not in vol.log_text()

@@ -8,7 +8,8 @@ import errno
 import os
 
 import pytest
-from conftest import BOTH_NAMES, Volume, requires_fuse
+from support.fuse import requires_fuse
+from support.volumes import BOTH_NAMES, Volume
 
 pytestmark = [requires_fuse, pytest.mark.mount, BOTH_NAMES]
 

@@ -25,7 +25,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Volume, _wait_exited, force_unmount, make_volume, requires_fuse, run_kmsfs
+from support.cli import run_kmsfs
+from support.fuse import force_unmount, requires_fuse, wait_exited
+from support.volumes import Volume, make_volume
 
 from kmsfs.fs.fuseloop import PYFUSE3
 
@@ -182,7 +184,7 @@ def test_sigterm_while_requests_queue_unmounts(volume: Volume) -> None:
     with hammering(target):
         time.sleep(0.3)
         os.kill(pid, signal.SIGTERM)
-        _wait_exited(pid)
+        wait_exited(pid)
     volume.mounted = False
     assert not os.path.ismount(volume.mountpoint)
     assert "unmounted" in volume.log_text()  # its last line: the loop ended, then unmount

@@ -13,8 +13,10 @@ from pathlib import Path
 import boto3
 import pytest
 from benchlib.kms import REGION, Fault, KmsProxy, MotoServer
-from conftest import Volume, force_unmount, make_volume, requires_fuse, run_kmsfs
+from support.cli import run_kmsfs
+from support.fuse import force_unmount, requires_fuse
 from support.lifecycle_support import entry_refs
+from support.volumes import Volume, make_volume
 
 from kmsfs.errors import KeyAccessDenied, WrongKeyError
 from kmsfs.format.header import WrappedKey

@@ -18,11 +18,13 @@ import time
 from typing import Any
 
 import pytest
-from conftest import Volume, requires_fuse, run_kmsfs
+from support.cli import run_kmsfs
 from support.crash_harness import check, start_writer
+from support.fuse import requires_fuse
 from support.lifecycle_support import header_of
 from support.rekey_support import rekey_status, wait_job
 from support.reliability_util import env_int, kill_daemon, mount_pid, scaled
+from support.volumes import Volume
 
 from kmsfs.errors import MountError
 from kmsfs.server.status import query

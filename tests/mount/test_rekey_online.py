@@ -16,9 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Volume, requires_fuse, run_kmsfs
+from support.cli import run_kmsfs
+from support.fuse import requires_fuse
 from support.lifecycle_support import entry_refs, header_of, write_files
 from support.rekey_support import FINISHED, Workload, rekey_status, wait_job
+from support.volumes import Volume
 
 from kmsfs.format.header import FORMAT_1, FORMAT_2
 

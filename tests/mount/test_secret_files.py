@@ -22,7 +22,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from conftest import Volume, make_volume, requires_fuse, run_kmsfs
+from support.cli import run_kmsfs
+from support.fuse import requires_fuse
+from support.volumes import Volume, make_volume
 
 from kmsfs.errors import ConfigError
 from kmsfs.keys.secrets import get_text_secret, read_secret_file

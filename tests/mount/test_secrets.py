@@ -12,8 +12,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import Volume, requires_fuse
+from support.fuse import requires_fuse
 from support.reliability_util import mount_pid
+from support.volumes import Volume
 
 from kmsfs.format.content import derive_content_key
 from kmsfs.format.header import XATTR_NAME, FileHeader

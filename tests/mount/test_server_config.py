@@ -14,7 +14,9 @@ from pathlib import Path
 import click
 import pytest
 from click.testing import CliRunner
-from conftest import Volume, requires_fuse, run_kmsfs
+from support.cli import run_kmsfs
+from support.fuse import requires_fuse
+from support.volumes import Volume
 
 from kmsfs.cli.configfile import config_option, current_config
 from kmsfs.cli.mounthelper import HelperUsage, translate

@@ -23,7 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import BIN, Volume, force_unmount, requires_fuse, run_kmsfs
+from support.cli import BIN, run_kmsfs
+from support.fuse import force_unmount, requires_fuse
+from support.volumes import Volume
 
 from kmsfs.errors import MountError
 from kmsfs.server import mountpoint as mountpoint_module

@@ -34,15 +34,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import (
-    Volume,
-    _wait_exited,
-    _wait_unmounted,
-    force_unmount,
-    make_volume,
-    requires_fuse,
-    run_kmsfs,
-)
+from support.cli import run_kmsfs
+from support.fuse import force_unmount, requires_fuse, wait_exited, wait_unmounted
+from support.volumes import Volume, make_volume
 
 from kmsfs.backing.shared import ofd_lock, ofd_unlock
 from kmsfs.format.content import Layout
@@ -160,8 +154,8 @@ class Cluster:
 
     def umount(self, mount: Mount) -> None:
         run_kmsfs("umount", mount.mountpoint)
-        _wait_unmounted(mount.mountpoint)
-        _wait_exited(mount.pid)
+        wait_unmounted(mount.mountpoint)
+        wait_exited(mount.pid)
         self.mounts.remove(mount)
         self.check_log(mount)
 
@@ -266,7 +260,7 @@ def cluster_on(
             helper.communicate()
         for mount in group.mounts:
             force_unmount(mount.mountpoint)
-            _wait_exited(mount.pid)
+            wait_exited(mount.pid)
         if shared_dir is not None:
             shutil.rmtree(shared_dir, ignore_errors=True)
 
@@ -901,7 +895,7 @@ def test_sigkill_of_one_daemon_loses_nothing_fsynced_and_leaves_nothing_unreadab
 
     run_for(2.5, [appender(victim), appender(survivor), killer])
     force_unmount(victim.mountpoint)
-    _wait_exited(victim.pid)
+    wait_exited(victim.pid)
     cluster.mounts.remove(victim)
     assert serving_pids(cluster.volume.backing, [survivor.pid]) == [survivor.pid]
     survivor_file = survivor.path(f"own{survivor.pid}").read_bytes()
@@ -946,7 +940,7 @@ def test_registrations_name_the_daemons_and_refuse_the_wrong_mode(cluster: Clust
         assert f"pid {second.pid} at {second.mountpoint}" in result.stderr, (tool, result.stderr)
 
     os.kill(second.pid, signal.SIGKILL)  # its registration stays on disk, unlocked
-    _wait_exited(second.pid)
+    wait_exited(second.pid)
     force_unmount(second.mountpoint)
     cluster.mounts.remove(second)
     assert serving_pids(backing, [first.pid]) == [first.pid]
@@ -1201,7 +1195,7 @@ def test_sigterm_ends_the_daemon_at_once_while_requests_wait(cluster: Cluster) -
     waiters = cluster.waiters(mount.path("held"), readers=10, stats=10)
     wait_for("requests waiting", lambda: lock_waits(mount)["waiting"] > 0)
     os.kill(mount.pid, signal.SIGTERM)
-    assert _wait_exited(mount.pid, 10), "the daemon did not exit after SIGTERM"
+    assert wait_exited(mount.pid, 10), "the daemon did not exit after SIGTERM"
     results = outcomes(waiters, timeout=10)
     assert len(results) == 20
     assert {r["outcome"] for r in results} <= {"EIO", "ENOTCONN", "ECONNABORTED"}, results
@@ -1232,7 +1226,7 @@ def test_unmount_ends_the_daemon_at_once_while_a_killed_readers_read_waits(
     assert time.monotonic() - start < 5
     assert lock_waits(mount)["waiting"] == 1  # the READ the page cache asked for
     answered_within(10, lambda: run_kmsfs("umount", mount.mountpoint))
-    assert _wait_exited(mount.pid, 10), "the daemon did not exit after the unmount"
+    assert wait_exited(mount.pid, 10), "the daemon did not exit after the unmount"
     cluster.mounts.remove(mount)
     assert "gave up waiting for a shared lock of bytes 0" in mount.log_text()
     assert "the daemon is stopping" in mount.log_text()

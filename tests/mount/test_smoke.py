@@ -2,7 +2,9 @@
 
 import os
 
-from conftest import Volume, requires_fuse, run_kmsfs
+from support.cli import run_kmsfs
+from support.fuse import requires_fuse
+from support.volumes import Volume
 
 
 @requires_fuse

@@ -18,7 +18,6 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import BOTH_NAMES, Volume, requires_fuse
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -28,6 +27,8 @@ from hypothesis.stateful import (
     rule,
     run_state_machine_as_test,
 )
+from support.fuse import requires_fuse
+from support.volumes import BOTH_NAMES, Volume
 
 pytestmark = [requires_fuse, pytest.mark.mount, BOTH_NAMES]
 

@@ -17,7 +17,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import BIN, Volume, requires_fuse
+from support.cli import BIN
+from support.fuse import requires_fuse
+from support.volumes import Volume
 
 REPO = Path(__file__).resolve().parents[2]
 INSTALLER = REPO / "scripts" / "install-systemd"

@@ -32,8 +32,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import Volume, force_unmount, fuse_available, make_volume, requires_fuse
+from support.fuse import force_unmount, fuse_available, requires_fuse
 from support.lifecycle_support import write_files
+from support.volumes import Volume, make_volume
 
 from kmsfs.format.content import NONCE_SIZES, OVERHEADS
 from kmsfs.format.header import FORMAT_1, FORMAT_2

@@ -22,7 +22,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from conftest import Volume, requires_fuse, run_kmsfs
+from support.cli import run_kmsfs
+from support.fuse import requires_fuse
+from support.volumes import Volume
 
 from kmsfs.backing.volume_lock import RECHECK_INTERVAL, daemons_serving, volume_in_use
 

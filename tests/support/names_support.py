@@ -18,7 +18,7 @@ from kmsfs.backing.tree import open_root
 from kmsfs.volume_open import open_volume
 
 if TYPE_CHECKING:
-    from conftest import Volume
+    from support.volumes import Volume
 
 
 @cache

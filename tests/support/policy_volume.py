@@ -11,7 +11,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from conftest import BIN, Volume, make_volume, run_kmsfs
+from support.cli import BIN, run_kmsfs
+from support.volumes import Volume, make_volume
 
 NOBODY = 65534
 # a policy that refuses everyone reading /vault and permits the rest

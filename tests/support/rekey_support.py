@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Volume
 
 from kmsfs.server.status import query
+from support.volumes import Volume
 
 BS = 4096
 FINISHED = ("done", "cancelled", "failed")

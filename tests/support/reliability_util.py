@@ -13,7 +13,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from conftest import Volume, force_unmount
+from support.fuse import force_unmount
+from support.volumes import Volume
 
 SCALE_VARIABLE = "KMSFS_RELIABILITY_SCALE"
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from conftest import Volume
+    from support.volumes import Volume
 
 DATA = Path(__file__).parent.parent / "data" / "volumes"
 
@@ -74,10 +74,10 @@ def restore_volume(saved: dict[str, Any], backing: Path) -> None:
 def restore_saved_volume(name: str, tmp_path: Path) -> tuple[Volume, dict[str, Any], list[str]]:
     """The saved volume *name* (``format1-local``, ``format2-passphrase``...: its config
     format and key; every saved volume's files are file format 1) restored as a
-    conftest ``Volume`` under *tmp_path*, not mounted, its key file or passphrase file
+    ``Volume`` under *tmp_path*, not mounted, its key file or passphrase file
     written beside it (0600); returns (volume, the saved JSON, the key options naming
     its key)."""
-    from conftest import make_volume
+    from support.volumes import make_volume
 
     saved = json.loads((DATA / f"{name}.json").read_text())
     vol = make_volume(tmp_path, key=False)

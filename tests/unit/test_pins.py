@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import make_volume
+from support.volumes import make_volume
 
 from kmsfs.errors import ConfigError, ConfigTampered, PinMismatch
 from kmsfs.format.volume_config import load_config

@@ -1,9 +1,10 @@
 """Rules of the test layout that can be checked by reading the files: the benchmark and
 helper scripts import nothing from tests/ (scripts/benchlib is their library, which the
-tests may use)."""
+tests may use), and no test imports from conftest.py (the library is tests/support)."""
 
 from __future__ import annotations
 
+import ast
 import re
 from pathlib import Path
 
@@ -50,3 +51,35 @@ def test_the_rule_sees_an_import_of_test_support() -> None:
     assert TEST_IMPORT.search("x = 1\nfrom support.kms_support import kms_stack\n")
     assert TEST_IMPORT.search('sys.path.insert(0, str(Path("tests").absolute()))')
     assert not TEST_IMPORT.search("from benchlib.kms import kms_stack\n")
+
+
+def _conftest_imports(source: str) -> list[int]:
+    """The lines of *source* that import the module ``conftest``."""
+    lines = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom):
+            names = [node.module]
+        elif isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        else:
+            continue
+        if "conftest" in names:
+            lines.append(node.lineno)
+    return lines
+
+
+def test_no_test_imports_from_conftest() -> None:
+    files = sorted((ROOT / "tests").rglob("*.py"))
+    assert len(files) > 50
+    offenders = [
+        f"{path.relative_to(ROOT)}:{line}"
+        for path in files
+        for line in _conftest_imports(path.read_text())
+    ]
+    assert offenders == []
+
+
+def test_the_rule_sees_an_import_from_conftest() -> None:
+    assert _conftest_imports("def f():\n    from conftest import Volume\n") == [2]
+    assert _conftest_imports("import conftest\n") == [1]
+    assert _conftest_imports("from support.volumes import Volume\n") == []

@@ -23,8 +23,8 @@ from typing import Any
 import pyfuse3
 import pytest
 import trio
-from conftest import make_volume
 from support.lifecycle_support import header_of, write_file
+from support.volumes import make_volume
 
 from kmsfs.errors import IntegrityError, KeyAccessDenied, KeyUnavailable, WrongKeyError
 from kmsfs.format.content import Layout

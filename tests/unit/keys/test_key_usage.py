@@ -23,8 +23,8 @@ from types import SimpleNamespace
 
 import pytest
 import trio
-from conftest import Volume, make_volume
 from support.lifecycle_support import write_files
+from support.volumes import Volume, make_volume
 
 from kmsfs.backing import content_file
 from kmsfs.format.header import FORMAT_1

@@ -16,7 +16,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from conftest import run_kmsfs
+from support.cli import run_kmsfs
 
 from kmsfs.policy import Policy, Requester, audit_record, parse_policy
 from kmsfs.server.config import load_server_config

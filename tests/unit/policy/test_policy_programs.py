@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import run_kmsfs
+from support.cli import run_kmsfs
 
 from kmsfs.backing.statx import Statx
 from kmsfs.policy import IdentityCache, Pending, Policy, Requester, parse_policy
