@@ -22,9 +22,9 @@ from pathlib import Path
 
 import pytest
 from support.cli import run_kmsfs
+from support.cluster import Cluster, cluster_on
 from support.fuse import force_unmount, requires_fuse
 from support.volumes import Volume, make_volume
-from test_shared import Cluster, cluster_on, gluster_mounts  # noqa: F401  (a fixture)
 
 from kmsfs.format.names import DIR_ID_XATTR, LONG_NAME_PREFIX
 from kmsfs.format.volume_config import load_config

@@ -1,11 +1,14 @@
 """Rules of the test layout that can be checked by reading the files: the benchmark and
 helper scripts import nothing from tests/ (scripts/benchlib is their library, which the
-tests may use), and no test imports from conftest.py (the library is tests/support)."""
+tests may use), and no test imports from conftest.py or from another test module (the
+library is tests/support, the fixtures are in conftest.py files)."""
 
 from __future__ import annotations
 
 import ast
 import re
+from collections.abc import Callable
+from functools import cache
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -53,19 +56,32 @@ def test_the_rule_sees_an_import_of_test_support() -> None:
     assert not TEST_IMPORT.search("from benchlib.kms import kms_stack\n")
 
 
-def _conftest_imports(source: str) -> list[int]:
-    """The lines of *source* that import the module ``conftest``."""
-    lines = []
+@cache
+def _imported(source: str) -> tuple[tuple[int, str], ...]:
+    """(line, module name) of every import in *source* (parsed once per text)."""
+    found = []
     for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.ImportFrom):
-            names = [node.module]
+        if isinstance(node, ast.ImportFrom) and node.module:
+            found.append((node.lineno, node.module))
         elif isinstance(node, ast.Import):
-            names = [alias.name for alias in node.names]
-        else:
-            continue
-        if "conftest" in names:
-            lines.append(node.lineno)
-    return lines
+            found += [(node.lineno, alias.name) for alias in node.names]
+    return tuple(found)
+
+
+def _imports_of(source: str, wrong: Callable[[str], bool]) -> list[int]:
+    """The lines of *source* that import a module whose name is *wrong*."""
+    return sorted({line for line, name in _imported(source) if wrong(name)})
+
+
+def _conftest_imports(source: str) -> list[int]:
+    return _imports_of(source, lambda name: name == "conftest")
+
+
+def _test_module_imports(source: str) -> list[int]:
+    """Imports of test modules (``test_x``, ``unit.fs.test_x``, ``mount.test_x``)."""
+    return _imports_of(
+        source, lambda name: name.split(".")[0] in ("unit", "mount") or name.startswith("test_")
+    )
 
 
 def test_no_test_imports_from_conftest() -> None:
@@ -83,3 +99,18 @@ def test_the_rule_sees_an_import_from_conftest() -> None:
     assert _conftest_imports("def f():\n    from conftest import Volume\n") == [2]
     assert _conftest_imports("import conftest\n") == [1]
     assert _conftest_imports("from support.volumes import Volume\n") == []
+
+
+def test_no_test_imports_another_test_module() -> None:
+    offenders = [
+        f"{path.relative_to(ROOT)}:{line}"
+        for path in sorted((ROOT / "tests").rglob("*.py"))
+        for line in _test_module_imports(path.read_text())
+    ]
+    assert offenders == []
+
+
+def test_the_rule_sees_an_import_of_a_test_module() -> None:
+    assert _test_module_imports("from test_operations import CTX\n") == [1]
+    assert _test_module_imports("from unit.fs.test_operations import ops\n") == [1]
+    assert _test_module_imports("from support.operations import CTX\n") == []

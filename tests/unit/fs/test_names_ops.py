@@ -20,7 +20,7 @@ from typing import Any
 import pyfuse3
 import pytest
 import trio
-from test_operations import CTX, ROOT, create, read_all, run, serving
+from support.operations import CTX, ROOT, create, read_all, run, serving
 
 from kmsfs.backing.names import Dir
 from kmsfs.backing.syscalls import RENAME_EXCHANGE, RENAME_NOREPLACE

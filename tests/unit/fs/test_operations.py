@@ -14,79 +14,19 @@ import os
 import stat
 import subprocess
 import sys
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any
 
 import pyfuse3
 import pytest
-import trio
 from support.lifecycle_support import header_of, write_file
+from support.operations import CTX, ROOT, create, fields, fuse_errno, read_all, run, serving
 from support.volumes import make_volume
 
 from kmsfs.errors import IntegrityError, KeyAccessDenied, KeyUnavailable, WrongKeyError
 from kmsfs.format.content import Layout
 from kmsfs.format.header import FORMAT_1, FORMAT_2, XATTR_NAME
-from kmsfs.fs.operations import KmsfsOperations, errno_for, open_served_volume
-from kmsfs.volume_open import open_volume
-
-ROOT = pyfuse3.ROOT_INODE
-CTX = SimpleNamespace(uid=os.geteuid(), gid=os.getegid(), pid=os.getpid(), umask=0o022)
-
-
-def fields(**flags: bool) -> Any:
-    """A SetattrFields stand-in (pyfuse3's has read-only attributes)."""
-    names = ("atime", "ctime", "gid", "mode", "mtime", "size", "uid")
-    return SimpleNamespace(**{f"update_{n}": flags.get(n, False) for n in names})
-
-
-@contextmanager
-def serving(tmp_path: Path, names: str = "plain") -> Iterator[KmsfsOperations]:
-    """The operations of a new volume under *tmp_path* (with *names*), closed after."""
-    vol = make_volume(tmp_path, names=names)
-    config, keyring = open_volume(vol.backing, {"key_file": str(vol.key_file)})
-    operations = KmsfsOperations(open_served_volume(str(vol.backing), config, keyring))
-    try:
-        yield operations
-    finally:
-        operations.close()
-        keyring.close()
-
-
-@pytest.fixture
-def ops(tmp_path: Path) -> Iterator[KmsfsOperations]:
-    with serving(tmp_path) as operations:
-        yield operations
-
-
-def run(func: Callable[[], Awaitable[Any]]) -> Any:
-    return trio.run(func)
-
-
-def fuse_errno(func: Callable[[], Awaitable[Any]]) -> int:
-    with pytest.raises(pyfuse3.FUSEError) as info:
-        trio.run(func)
-    return int(info.value.errno)
-
-
-async def create(ops: KmsfsOperations, name: bytes, data: bytes = b"", parent: int = ROOT) -> int:
-    info, attr = await ops.create(parent, name, 0o644, os.O_RDWR, CTX)
-    if data:
-        assert await ops.write(info.fh, 0, data) == len(data)
-    await ops.release(info.fh)
-    return int(attr.st_ino)
-
-
-async def read_all(ops: KmsfsOperations, inode: int) -> bytes:
-    fh = (await ops.open(inode, os.O_RDONLY, CTX)).fh
-    try:
-        size = (await ops.getattr(inode, CTX)).st_size
-        return bytes(await ops.read(fh, 0, size + 100))
-    finally:
-        await ops.release(fh)
-
+from kmsfs.fs.operations import KmsfsOperations, errno_for
 
 # -- content ------------------------------------------------------------------
 
@@ -433,15 +373,8 @@ def test_backing_cut_inside_a_block_header_gives_eio_naming_the_file(
 
 @pytest.fixture
 def shared_ops(tmp_path: Path) -> Iterator[KmsfsOperations]:
-    vol = make_volume(tmp_path)
-    config, keyring = open_volume(vol.backing, {"key_file": str(vol.key_file)})
-    parts = open_served_volume(str(vol.backing), config, keyring, timeout=1.0, shared=True)
-    operations = KmsfsOperations(parts)
-    try:
+    with serving(tmp_path, timeout=1.0, shared=True) as operations:
         yield operations
-    finally:
-        operations.close()
-        keyring.close()
 
 
 def test_shared_lookup_gives_the_size_read_under_the_lock_and_caches_it(

@@ -23,8 +23,7 @@ import pytest
 import trio
 import trio.testing
 from support.lifecycle_support import header_of, write_file
-from unit.fs.test_operations import CTX, ROOT, create, fields, read_all
-from unit.fs.test_operations import ops as ops  # noqa: F401  (the fixture: pytest finds it here)
+from support.operations import CTX, ROOT, create, fields, read_all
 
 from kmsfs.backing.content_file import ContentFile
 from kmsfs.backing.tree import Tree, open_state_dir
