@@ -32,9 +32,10 @@ def fields(**flags: bool) -> Any:
 
 @contextmanager
 def serving(tmp_path: Path, names: str = "plain", **served: Any) -> Iterator[KmsfsOperations]:
-    """The operations of a new volume under *tmp_path* (with *names*), closed after.
-    *served* goes to ``open_served_volume`` (timeout, shared)."""
-    vol = make_volume(tmp_path, names=names)
+    """The operations of a new volume under *tmp_path* (with *names*; made in this
+    process, as ``kmsfs init`` makes it), closed after.  *served* goes to
+    ``open_served_volume`` (timeout, shared)."""
+    vol = make_volume(tmp_path, names=names, in_process=True)
     config, keyring = open_volume(vol.backing, {"key_file": str(vol.key_file)})
     operations = KmsfsOperations(open_served_volume(str(vol.backing), config, keyring, **served))
     try:

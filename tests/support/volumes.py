@@ -92,10 +92,19 @@ BOTH_NAMES = pytest.mark.parametrize("volume", NAMES, indirect=True)
 
 
 def make_volume(
-    tmp_path: Path, *init_args: str, key: bool = True, names: str = "plain"
+    tmp_path: Path,
+    *init_args: str,
+    key: bool = True,
+    names: str = "plain",
+    in_process: bool = False,
 ) -> Volume:
     """Create (not mount) a local-provider volume under *tmp_path*, with plain names
-    unless *names* is "encrypted" (or *init_args* choose)."""
+    unless *names* is "encrypted" (or *init_args* choose).
+
+    ``kmsfs init`` makes it, in a subprocess; with *in_process*, the function that
+    command calls (``init_volume``) makes it in this process, without the CLI's start-up
+    (the unit tier's way: same config, key file and pin).  *init_args* other than the
+    names options need the CLI: ValueError with *in_process*."""
     backing = tmp_path / "backing"
     mountpoint = tmp_path / "mnt"
     tmp_path.mkdir(parents=True, exist_ok=True)
@@ -107,7 +116,14 @@ def make_volume(
     volume.encrypted_names = "--encrypted-names" in chosen or (
         not chosen and names == "encrypted"
     )
-    if key:
+    if key and in_process:
+        if set(init_args) - chosen:
+            raise ValueError(f"make_volume(in_process=True) takes no init options: {init_args}")
+        from kmsfs.volume_open import init_volume
+
+        options = {"key_file": str(volume.key_file)}
+        init_volume(backing, "local", options, encrypted_names=volume.encrypted_names)
+    elif key:
         mode = [] if chosen else [f"--{names}-names"]
         run_kmsfs("init", backing, "--key-file", volume.key_file, *mode, *init_args)
     return volume

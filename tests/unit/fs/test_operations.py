@@ -466,7 +466,7 @@ def test_an_open_gets_its_content_descriptor_when_the_process_has_none_left(
     the daemon asked it to drop: an open then finds no descriptor for the file's
     content.  It takes a spare from the inode table's reserve (before: EMFILE at once,
     the CI failure of tests/mount/test_fd_limit.py)."""
-    vol = make_volume(tmp_path)
+    vol = make_volume(tmp_path, in_process=True)
     result = subprocess.run(
         [sys.executable, "-c", _OPEN_OUT_OF_DESCRIPTORS, str(vol.backing), str(vol.key_file)],
         capture_output=True,

@@ -47,7 +47,7 @@ def test_warning_fires_for_a_file_opened_and_closed_many_times(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(content_file, "WARN_BLOCK_ENCRYPTIONS", 50)
-    vol = make_volume(tmp_path)
+    vol = make_volume(tmp_path, in_process=True)
     bs = 4096
     seen_at: list[int] = []
 
@@ -82,7 +82,7 @@ def test_a_new_daemon_starts_from_the_blocks_already_written(
     """Counts are kept per daemon; each allocated block was sealed at least once, so a
     restarted daemon counts a big file's blocks before its first write."""
     monkeypatch.setattr(content_file, "WARN_BLOCK_ENCRYPTIONS", 100)
-    vol = make_volume(tmp_path)
+    vol = make_volume(tmp_path, in_process=True)
     write_files(vol.backing, vol.key_file, {"big": bytes(4096)}, FORMAT_1)
 
     async def write_big() -> None:
@@ -137,7 +137,7 @@ def test_format_2_files_are_not_counted(
     """New files are format 2: however much they are rewritten, no warning, and the
     table (bounded) keeps its places for the format-1 files it is for."""
     monkeypatch.setattr(content_file, "WARN_BLOCK_ENCRYPTIONS", 10)
-    vol = make_volume(tmp_path)
+    vol = make_volume(tmp_path, in_process=True)
     counted: list[int] = []
 
     async def main() -> None:
