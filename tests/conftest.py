@@ -24,6 +24,20 @@ from support.volumes import Volume, check_log, make_volume
 if TYPE_CHECKING:
     from benchlib.kms import KmsProxy, MotoServer
 
+MOUNT_DIR = Path(__file__).parent / "mount"
+MOUNTING_FIXTURES = {"mounted"}  # fixtures that mount a volume for the test
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark ``mount`` every test that mounts: those of tests/mount/ and those using a
+    mounting fixture, so ``-m "not mount"`` runs without /dev/fuse.  (Checked against
+    what tests do by ``pytest -p support.mountcheck``.)"""
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if item.path.is_relative_to(MOUNT_DIR) or fixtures & MOUNTING_FIXTURES:
+            item.add_marker(pytest.mark.mount)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def host_state(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """This host's kmsfs state (the volume pins) for the session, in a private temporary
