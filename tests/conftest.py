@@ -29,12 +29,16 @@ MOUNTING_FIXTURES = {"mounted"}  # fixtures that mount a volume for the test
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark ``mount`` every test that mounts: those of tests/mount/ and those using a
-    mounting fixture, so ``-m "not mount"`` runs without /dev/fuse.  (Checked against
-    what tests do by ``pytest -p support.mountcheck``.)"""
+    """Mark ``mount`` every test that mounts or tries to: those of tests/mount/ but the
+    ones marked ``nomount`` (the CLI and the offline tools against real volumes), and
+    those using a mounting fixture; so ``-m "not mount"`` needs no /dev/fuse.  Checked
+    against what the tests do by ``pytest -p support.mountcheck``."""
     for item in items:
         fixtures = set(getattr(item, "fixturenames", ()))
-        if item.path.is_relative_to(MOUNT_DIR) or fixtures & MOUNTING_FIXTURES:
+        in_mount_tier = item.path.is_relative_to(MOUNT_DIR)
+        if fixtures & MOUNTING_FIXTURES or (
+            in_mount_tier and item.get_closest_marker("nomount") is None
+        ):
             item.add_marker(pytest.mark.mount)
 
 

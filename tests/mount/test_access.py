@@ -23,7 +23,7 @@ from support.fuse import force_unmount, requires_fuse
 from support.reliability_util import mount_pid
 from support.volumes import Volume, check_log, make_volume
 
-pytestmark = [requires_fuse, pytest.mark.mount]
+pytestmark = requires_fuse
 
 NOBODY = 65534
 OTHER = 65533

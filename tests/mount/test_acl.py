@@ -25,7 +25,7 @@ from kmsfs.format.content import mode_for_format
 from kmsfs.format.header import FORMAT_2
 from kmsfs.fs.fuseloop import PYFUSE3
 
-pytestmark = [requires_fuse, pytest.mark.mount]
+pytestmark = requires_fuse
 NOBODY = 65534
 
 

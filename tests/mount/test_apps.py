@@ -20,7 +20,7 @@ import pytest
 from support.fuse import requires_fuse
 from support.volumes import BOTH_NAMES, Volume
 
-pytestmark = [requires_fuse, pytest.mark.mount, BOTH_NAMES]
+pytestmark = [requires_fuse, BOTH_NAMES]
 
 BS = 4096
 

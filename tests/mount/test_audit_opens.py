@@ -28,7 +28,7 @@ from support.volumes import Volume, check_log
 from kmsfs.format.header import XATTR_NAME, FileHeader
 from kmsfs.format.volume_config import load_config
 
-pytestmark = [requires_fuse, pytest.mark.mount]
+pytestmark = requires_fuse
 
 NOBODY = 65534
 PYTHON = os.path.realpath(sys.executable)

@@ -113,6 +113,7 @@ def _errno_of(func: object, *args: object) -> int:
 # -- init -----------------------------------------------------------------------
 
 
+@pytest.mark.nomount
 def test_init_resolves_alias_and_records_no_credentials(
     tmp_path: Path, moto: MotoServer, proxy: KmsProxy, aws_env: None
 ) -> None:
@@ -150,6 +151,7 @@ def test_init_resolves_alias_and_records_no_credentials(
     }
 
 
+@pytest.mark.nomount
 def test_init_unknown_key_is_refused(tmp_path: Path, proxy: KmsProxy, aws_env: None) -> None:
     vol = make_volume(tmp_path, key=False)
     missing = f"arn:aws:kms:{REGION}:123456789012:key/00000000-0000-0000-0000-000000000000"
@@ -453,6 +455,7 @@ ARN = f"arn:aws:kms:{REGION}:111122223333:key/11111111-2222-3333-4444-5555555555
 CONTEXT = KeyContext(bytes(range(16)), bytes(range(16, 32)))
 
 
+@pytest.mark.nomount
 @pytest.mark.parametrize(
     ("code", "status", "error"),
     [
@@ -486,6 +489,7 @@ def test_error_mapping(code: str, status: int, error: type[ProviderError]) -> No
     provider.close()
 
 
+@pytest.mark.nomount
 def test_decrypt_answer_for_another_key_is_refused() -> None:
     """AWS never answers for another key when KeyId is pinned; the check is
     defence in depth, so the answer is made with Stubber."""

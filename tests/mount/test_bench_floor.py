@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from support.fuse import force_unmount, requires_fuse
 
-pytestmark = [requires_fuse, pytest.mark.mount]
+pytestmark = requires_fuse
 
 FLOORFS = Path(__file__).resolve().parents[2] / "scripts" / "benchlib" / "floorfs.py"
 RENAME_NOREPLACE = 1

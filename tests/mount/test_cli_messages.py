@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from support.cli import run_kmsfs
 from support.fuse import requires_fuse
 from support.volumes import Volume, make_volume
 
 
+@pytest.mark.nomount
 def test_umount_of_a_directory_that_is_not_mounted(tmp_path: Path) -> None:
     result = run_kmsfs("umount", tmp_path, check=False)
     assert result.returncode == 7

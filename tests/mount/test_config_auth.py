@@ -186,6 +186,7 @@ def test_downgrade_to_format_1_is_refused(volume: Volume) -> None:
     assert not volume.mounted
 
 
+@pytest.mark.nomount
 def test_passphrase_cost_parameters_are_bounded(tmp_path: Path) -> None:
     """A planted config cannot make mount allocate 4 TiB for Argon2."""
     vol = make_volume(tmp_path, key=False)
@@ -220,6 +221,7 @@ def test_recorded_key_file_is_not_used_without_the_host_naming_it(volume: Volume
     volume.mounted = True
 
 
+@pytest.mark.nomount
 @requires_fuse
 def test_host_setting_that_differs_from_the_recorded_one_is_refused(
     tmp_path: Path, listener: Listener
@@ -264,6 +266,7 @@ def test_toml_config_writable_by_others_is_refused(tmp_path: Path) -> None:
     assert f"chmod go-w {toml}" in result.stderr
 
 
+@pytest.mark.nomount
 def test_init_makes_the_backing_root_0700(tmp_path: Path) -> None:
     backing = tmp_path / "new-backing"
     run_kmsfs("init", backing, "--key-file", tmp_path / "k.key")

@@ -24,7 +24,7 @@ from support.fuse import force_unmount, requires_fuse
 from support.reliability_util import drop_file_cache, env_int, kill_daemon, mount_pid, scaled
 from support.volumes import Volume, make_volume
 
-pytestmark = [requires_fuse, pytest.mark.mount]
+pytestmark = requires_fuse
 
 BS = 4096
 BBS = BS + 40  # files made through the mount are format 2
@@ -129,6 +129,7 @@ def test_torn_block_write_is_eio_naming_the_file(volume: Volume, block: int, hal
     drop_file_cache(other)
 
 
+@pytest.mark.nomount
 def test_checker_rejects_stale_and_foreign_bytes() -> None:
     """The checker itself: bytes from before the last fsync, or from nowhere, fail."""
     from support.crash_harness import FileModel, allowed_bytes_check

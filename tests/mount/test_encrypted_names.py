@@ -29,7 +29,7 @@ from support.volumes import Volume, make_volume
 from kmsfs.format.names import DIR_ID_XATTR, LONG_NAME_PREFIX
 from kmsfs.format.volume_config import load_config
 
-pytestmark = [requires_fuse, pytest.mark.mount]
+pytestmark = requires_fuse
 
 LONG = "Q3 résumé of the été accounts, ACME-Corp; " * 6  # 258 bytes of UTF-8: cut below
 LONG = LONG.encode()[:250].decode(errors="ignore")

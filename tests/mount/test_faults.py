@@ -20,12 +20,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from support.fuse import requires_fuse
 from support.reliability_util import alive, env_int, scaled
 from support.volumes import Volume
 
-pytestmark = [requires_fuse, pytest.mark.mount]
+pytestmark = requires_fuse
 
 FLAKY = Path(__file__).parent.parent / "support" / "flaky_provider.py"
 

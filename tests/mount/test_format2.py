@@ -26,7 +26,7 @@ from support.volumes import Volume
 from kmsfs.format.content import Layout
 from kmsfs.format.header import FORMAT_1, FORMAT_2
 
-pytestmark = [requires_fuse, pytest.mark.mount]
+pytestmark = requires_fuse
 
 BS = 4096
 

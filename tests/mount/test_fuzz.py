@@ -88,18 +88,21 @@ def _parse_header(data: bytes) -> None:
     assert header.pack() == data  # what parses re-packs to the same bytes
 
 
+@pytest.mark.nomount
 @FUZZ
 @given(st.binary(max_size=600))
 def test_header_random_bytes(data: bytes) -> None:
     _parse_header(data)
 
 
+@pytest.mark.nomount
 @FUZZ
 @given(st.randoms(use_true_random=False), st.integers(1, 8))
 def test_header_mutations(rng: random.Random, rounds: int) -> None:
     _parse_header(mutate(VALID_HEADER, rng, rounds))
 
 
+@pytest.mark.nomount
 @FUZZ
 @given(st.binary(min_size=0, max_size=40))
 def test_header_valid_prefix_then_garbage(tail: bytes) -> None:
@@ -107,6 +110,7 @@ def test_header_valid_prefix_then_garbage(tail: bytes) -> None:
     _parse_header(VALID_HEADER + tail)
 
 
+@pytest.mark.nomount
 def test_header_oversized_input_is_refused_quickly() -> None:
     with pytest.raises(FormatError):
         FileHeader.parse(VALID_HEADER + bytes(10_000_000))
@@ -155,18 +159,21 @@ def _load_config(text: str) -> None:
     VolumeConfig.loads(config.dumps())  # what loads also round-trips
 
 
+@pytest.mark.nomount
 @FUZZ
 @given(st.text(max_size=400))
 def test_config_random_text(text: str) -> None:
     _load_config(text)
 
 
+@pytest.mark.nomount
 @FUZZ
 @given(json_values | config_fields)
 def test_config_random_json(value: object) -> None:
     _load_config(json.dumps(value))
 
 
+@pytest.mark.nomount
 @FUZZ
 @given(st.randoms(use_true_random=False), st.integers(1, 6))
 def test_config_mutations(rng: random.Random, rounds: int) -> None:
@@ -174,6 +181,7 @@ def test_config_mutations(rng: random.Random, rounds: int) -> None:
     _load_config(raw.decode("utf-8", errors="replace"))
 
 
+@pytest.mark.nomount
 @pytest.mark.parametrize("text", ["[" * 100_000, '{"a":' * 100_000, "1" * 100_000])
 def test_config_deep_or_huge_json(text: str) -> None:
     with pytest.raises(ConfigError):
@@ -192,18 +200,21 @@ def _parse_key(data: bytes) -> None:
     assert len(key) == 32
 
 
+@pytest.mark.nomount
 @FUZZ
 @given(st.binary(max_size=200))
 def test_key_file_random_bytes(data: bytes) -> None:
     _parse_key(data)
 
 
+@pytest.mark.nomount
 @FUZZ
 @given(st.randoms(use_true_random=False), st.integers(1, 6))
 def test_key_file_mutations(rng: random.Random, rounds: int) -> None:
     _parse_key(mutate(VALID_KEY_FILE, rng, rounds))
 
 
+@pytest.mark.nomount
 @FUZZ
 @given(st.binary(max_size=64), st.sampled_from([" ", "\t", "\n", "  ", "\r\n"]))
 def test_key_file_any_key_bytes(key: bytes, sep: str) -> None:

@@ -22,7 +22,7 @@ from support.cli import run_kmsfs
 from support.fuse import requires_fuse
 from support.volumes import Volume
 
-pytestmark = [requires_fuse, pytest.mark.mount]
+pytestmark = requires_fuse
 NOBODY = 65534
 
 

@@ -34,6 +34,7 @@ def forge(header: FileHeader) -> FileHeader:
     return FileHeader(header.volume_id, os.urandom(16), header.block_size, header.entries)
 
 
+@pytest.mark.nomount
 def test_cached_key_is_not_given_to_a_header_with_another_file_id() -> None:
     events: list[KeyEvent] = []
     ring = Keyring(VOLUME, [LocalProvider(os.urandom(32), {})], KeyCache(), events.append)
@@ -50,6 +51,7 @@ def test_cached_key_is_not_given_to_a_header_with_another_file_id() -> None:
         wipe(buffer)
 
 
+@pytest.mark.nomount
 def test_cache_entry_is_keyed_by_context_and_wrapped_key() -> None:
     cache = KeyCache()
     wrapped = WrappedKey("local", "local:00", b"blob")

@@ -25,7 +25,7 @@ from support.fuse import requires_fuse
 from support.reliability_util import alive, drop_file_cache, env_int, mount_pid, scaled, vm_hwm_kib
 from support.volumes import Volume
 
-pytestmark = [requires_fuse, pytest.mark.mount]
+pytestmark = requires_fuse
 
 MAX_RSS_MIB = 300
 BS = 4096

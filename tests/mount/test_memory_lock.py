@@ -19,7 +19,7 @@ from support.fuse import requires_fuse
 from support.reliability_util import mount_pid
 from support.volumes import Volume
 
-pytestmark = [requires_fuse, pytest.mark.mount]
+pytestmark = requires_fuse
 
 REPO = Path(__file__).resolve().parents[2]
 NO_IPC_LOCK = ["setpriv", "--bounding-set=-ipc_lock"]
@@ -86,6 +86,7 @@ def test_an_unlimited_limit_is_enough_without_the_capability(volume: Volume) -> 
     volume.umount()
 
 
+@pytest.mark.nomount
 def test_systemd_unit_allows_locking() -> None:
     service = (REPO / "systemd/kmsfs@.service").read_text()
     settings = [line for line in service.splitlines() if line and not line.startswith("#")]

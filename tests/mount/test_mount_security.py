@@ -18,7 +18,7 @@ from support.cli import run_as, run_kmsfs
 from support.fuse import force_unmount, requires_fuse
 from support.volumes import Volume, check_log
 
-pytestmark = [requires_fuse, pytest.mark.mount]
+pytestmark = requires_fuse
 
 NOBODY = 65534
 

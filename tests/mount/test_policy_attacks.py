@@ -32,7 +32,7 @@ from support.policy_volume import (
     policy_volume,
 )
 
-pytestmark = [requires_fuse, pytest.mark.mount]
+pytestmark = requires_fuse
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="runs processes as another uid")
 
 

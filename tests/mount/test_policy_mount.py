@@ -23,7 +23,7 @@ from support.policy_volume import (
     policy_volume,
 )
 
-pytestmark = [requires_fuse, pytest.mark.mount]
+pytestmark = requires_fuse
 
 
 @pytest.fixture

@@ -30,7 +30,7 @@ from support.policy_volume import (
 
 from kmsfs.fs.fuseloop import PYFUSE3
 
-pytestmark = [requires_fuse, pytest.mark.mount]
+pytestmark = requires_fuse
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="runs processes as another uid")
 REPO = Path(__file__).resolve().parents[2]
 

@@ -33,7 +33,7 @@ from support.cli import run_kmsfs
 from support.fuse import force_unmount, fuse_available, requires_fuse
 from support.volumes import NAMES, Volume, make_volume
 
-pytestmark = [requires_fuse, pytest.mark.mount]
+pytestmark = requires_fuse
 
 BS = 4096  # the default block size of the volumes made by the fixtures
 OVERHEAD = 40  # nonce (24) + tag (16) per block: files made through the mount are format 2

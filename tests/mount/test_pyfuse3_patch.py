@@ -31,7 +31,7 @@ from support.volumes import Volume, make_volume
 
 from kmsfs.fs.fuseloop import PYFUSE3
 
-pytestmark = [requires_fuse, pytest.mark.mount]
+pytestmark = requires_fuse
 
 STOCK_VENV = os.environ.get("KMSFS_STOCK_VENV")
 

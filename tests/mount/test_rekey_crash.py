@@ -29,7 +29,7 @@ from support.volumes import Volume
 from kmsfs.errors import MountError
 from kmsfs.server.status import query
 
-pytestmark = [requires_fuse, pytest.mark.mount]
+pytestmark = requires_fuse
 
 MB = 1_000_000
 TMP = ".kmsfs.d/rekey-online-tmp"

@@ -24,7 +24,7 @@ from support.volumes import Volume
 
 from kmsfs.format.header import FORMAT_1, FORMAT_2
 
-pytestmark = [requires_fuse, pytest.mark.mount]
+pytestmark = requires_fuse
 
 BS = 4096
 MB = 1_000_000

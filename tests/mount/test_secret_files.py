@@ -63,6 +63,7 @@ def test_mount_refuses_a_key_file_owned_by_another_user(volume: Volume) -> None:
     assert not os.path.ismount(volume.mountpoint)
 
 
+@pytest.mark.nomount
 def test_init_refuses_an_existing_world_readable_key_file(tmp_path: Path) -> None:
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
@@ -75,6 +76,7 @@ def test_init_refuses_an_existing_world_readable_key_file(tmp_path: Path) -> Non
     assert not (second.backing / ".kmsfs.json").exists()
 
 
+@pytest.mark.nomount
 def test_passphrase_file_readable_by_others_is_refused(tmp_path: Path) -> None:
     vol = make_volume(tmp_path, key=False)
     secret = tmp_path / "pass"
@@ -93,6 +95,7 @@ def test_passphrase_file_readable_by_others_is_refused(tmp_path: Path) -> None:
     assert refused.returncode == 3 and "chmod 600" in refused.stderr
 
 
+@pytest.mark.nomount
 @pytest.mark.parametrize("mode", [0o640, 0o604, 0o660, 0o666], ids=oct)
 def test_pin_file_not_private_is_refused(tmp_path: Path, mode: int) -> None:
     pin = tmp_path / "user.pin"
@@ -108,6 +111,7 @@ def test_pin_file_not_private_is_refused(tmp_path: Path, mode: int) -> None:
     assert get_text_secret(str(pin), "kmsfs-pin", "PIN of token 'hsm'", None) == "1234"
 
 
+@pytest.mark.nomount
 def test_systemd_credentials_keep_working(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """systemd owns the credential directory's modes; a copy made with another mode still works."""
     creds = tmp_path / "creds"
@@ -118,6 +122,7 @@ def test_systemd_credentials_keep_working(tmp_path: Path, monkeypatch: pytest.Mo
     assert get_text_secret(None, "kmsfs-pin", "PIN", None) == "5678"
 
 
+@pytest.mark.nomount
 def test_a_pipe_is_refused_naming_what_to_use_instead(tmp_path: Path) -> None:
     """``--passphrase-file <(pass show x)`` passes a pipe: refused (a pipe is a FIFO, and a
     FIFO can hang a root process); a file, a systemd credential or the prompt instead."""
@@ -135,6 +140,7 @@ def test_a_pipe_is_refused_naming_what_to_use_instead(tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.nomount
 def test_a_symlink_is_refused_and_its_target_never_read(tmp_path: Path) -> None:
     target = tmp_path / "real.key"
     target.write_bytes(b"secret")
@@ -181,6 +187,7 @@ def _unblock_after(fifo: Path, seconds: float) -> Iterator[None]:
         thread.join()
 
 
+@pytest.mark.nomount
 @pytest.mark.parametrize(
     "make, kind",
     [
@@ -209,6 +216,7 @@ def _bound_socket(path: Path) -> Path:
     return path
 
 
+@pytest.mark.nomount
 def test_a_systemd_credential_must_be_a_regular_file_too(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -21,7 +21,7 @@ from kmsfs.format.header import XATTR_NAME, FileHeader
 from kmsfs.keys.local import LocalProvider, parse_key_file
 from kmsfs.keys.provider import KeyContext
 
-pytestmark = [requires_fuse, pytest.mark.mount]
+pytestmark = requires_fuse
 
 # -- secrets ------------------------------------------------------------------------
 

@@ -37,6 +37,7 @@ def key_file(tmp_path: Path) -> Path:
 # -- loading and validation ----------------------------------------------------
 
 
+@pytest.mark.nomount
 def test_smallest_file(tmp_path: Path, key_file: Path) -> None:
     path = write(
         tmp_path / "data.toml",
@@ -55,6 +56,7 @@ def test_smallest_file(tmp_path: Path, key_file: Path) -> None:
     }
 
 
+@pytest.mark.nomount
 def test_full_file(tmp_path: Path) -> None:
     path = write(
         tmp_path / "kms.toml",
@@ -96,6 +98,7 @@ max_age = 60
     assert "mount_options" not in defaults  # added to the command line's, not replaced
 
 
+@pytest.mark.nomount
 def test_pkcs11_names(tmp_path: Path) -> None:
     module = write(tmp_path / "libsofthsm2.so", "")
     pin = write(tmp_path / "pin", "1234\n")
@@ -112,6 +115,7 @@ def test_pkcs11_names(tmp_path: Path) -> None:
     }
 
 
+@pytest.mark.nomount
 @pytest.mark.parametrize(
     ("text", "message"),
     [
@@ -150,6 +154,7 @@ def test_bad_files_name_the_key(tmp_path: Path, text: str, message: str) -> None
     assert message in str(info.value)
 
 
+@pytest.mark.nomount
 @pytest.mark.parametrize(
     ("text", "where", "hint"),
     [
@@ -177,6 +182,7 @@ def test_secrets_refused(tmp_path: Path, text: str, where: str, hint: str) -> No
     assert "hunter2" not in message and "1234" not in message
 
 
+@pytest.mark.nomount
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         load_server_config(tmp_path / "nope.toml")
@@ -194,6 +200,7 @@ def test_a_config_file_that_is_a_fifo_is_refused_at_once(tmp_path: Path) -> None
     )
 
 
+@pytest.mark.nomount
 def test_listen_address() -> None:
     assert parse_listen_address("127.0.0.1:9750") == ("127.0.0.1", 9750)
     assert parse_listen_address("[::1]:0") == ("::1", 0)
@@ -219,6 +226,7 @@ def _probe_command() -> click.Command:
     return probe
 
 
+@pytest.mark.nomount
 def test_command_line_wins_over_file(tmp_path: Path, key_file: Path) -> None:
     path = write(
         tmp_path / "v.toml",
@@ -238,6 +246,7 @@ def test_command_line_wins_over_file(tmp_path: Path, key_file: Path) -> None:
     assert result.output == "None info None None ()\n"
 
 
+@pytest.mark.nomount
 def test_bad_config_is_exit_3(tmp_path: Path) -> None:
     path = write(tmp_path / "v.toml", 'backing = "x"\n')
     result = CliRunner().invoke(_probe_command(), ["--config", str(path)])
@@ -263,6 +272,7 @@ def test_kmsfs_mount_without_paths(tmp_path: Path) -> None:
 # -- mount helper argument translation ----------------------------------------
 
 
+@pytest.mark.nomount
 def test_helper_translation() -> None:
     assert translate(
         ["/srv/enc", "/srv/data", "-o", "rw,config=/etc/kmsfs/d.toml,_netdev,nofail,allow_other"]

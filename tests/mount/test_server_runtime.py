@@ -122,6 +122,7 @@ def foreground(
 # -- sd_notify protocol --------------------------------------------------------
 
 
+@pytest.mark.nomount
 def test_notify_path_socket(notify_socket: tuple[socket.socket, str], monkeypatch: Any) -> None:
     sock, path = notify_socket
     monkeypatch.setenv("NOTIFY_SOCKET", path)
@@ -131,6 +132,7 @@ def test_notify_path_socket(notify_socket: tuple[socket.socket, str], monkeypatc
     assert sock.recv(4096) == b"STOPPING=1\nSTATUS=bye"
 
 
+@pytest.mark.nomount
 def test_notify_abstract_socket(monkeypatch: Any) -> None:
     name = f"kmsfs-test-{os.getpid()}-{time.monotonic_ns()}"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
@@ -141,6 +143,7 @@ def test_notify_abstract_socket(monkeypatch: Any) -> None:
         assert sock.recv(4096) == b"STATUS=hello"
 
 
+@pytest.mark.nomount
 def test_notify_without_socket(monkeypatch: Any, tmp_path: Path) -> None:
     monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
     assert notify.notify("READY=1") is False
@@ -148,6 +151,7 @@ def test_notify_without_socket(monkeypatch: Any, tmp_path: Path) -> None:
     assert notify.notify("READY=1") is False  # logged, never raised
 
 
+@pytest.mark.nomount
 def test_watchdog_interval(monkeypatch: Any) -> None:
     monkeypatch.setenv("WATCHDOG_USEC", "4000000")
     monkeypatch.setenv("WATCHDOG_PID", str(os.getpid()))
@@ -230,6 +234,7 @@ def test_stale_mount_after_kill_9_is_recovered(volume: Volume) -> None:
     volume.umount()
 
 
+@pytest.mark.nomount
 def test_stale_mount_that_cannot_be_detached_says_what_to_run(monkeypatch: Any) -> None:
     monkeypatch.setattr(mountpoint_module, "is_stale", lambda path: True)
     monkeypatch.setattr(mountpoint_module.shutil, "which", lambda name: None)
@@ -359,6 +364,7 @@ def test_status_counts_fuse_requests_per_opcode(volume: Volume) -> None:
     volume.umount()
 
 
+@pytest.mark.nomount
 def test_status_without_daemon(tmp_path: Path) -> None:
     result = run_kmsfs("status", tmp_path, check=False)
     assert result.returncode == 7
@@ -421,6 +427,7 @@ def test_bad_metrics_address_refused_before_mounting(volume: Volume) -> None:
     assert not os.path.ismount(volume.mountpoint)
 
 
+@pytest.mark.nomount
 def test_provider_stats_percentiles() -> None:
     from kmsfs.keys.events import KeyEvent
 
@@ -441,6 +448,7 @@ def test_provider_stats_percentiles() -> None:
 # -- logging -------------------------------------------------------------------
 
 
+@pytest.mark.nomount
 def test_journal_formatter() -> None:
     formatter = JournalFormatter()
     record = logging.LogRecord("kmsfs.fs", logging.ERROR, __file__, 1, "bad %s", ("x",), None)
@@ -449,6 +457,7 @@ def test_journal_formatter() -> None:
     assert formatter.format(record) == "<7>kmsfs: two\n<7>lines"
 
 
+@pytest.mark.nomount
 def test_journal_stream_detection(tmp_path: Path, monkeypatch: Any) -> None:
     with open(tmp_path / "stream", "w") as stream:
         st = os.fstat(stream.fileno())

@@ -806,6 +806,7 @@ def test_default_mode_is_unchanged_by_shared_mode(tmp_path: Path) -> None:
         group.umount_all()
 
 
+@pytest.mark.nomount
 def test_the_config_file_says_shared_and_its_timeouts(tmp_path: Path) -> None:
     """``shared = true``, ``shared_timeout`` and ``shared_lock_timeout`` in
     /etc/kmsfs/NAME.toml give the shared mode the mount options ``shared``,

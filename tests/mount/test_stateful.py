@@ -17,7 +17,6 @@ import errno
 import os
 from pathlib import Path
 
-import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -30,7 +29,7 @@ from hypothesis.stateful import (
 from support.fuse import requires_fuse
 from support.volumes import BOTH_NAMES, Volume
 
-pytestmark = [requires_fuse, pytest.mark.mount, BOTH_NAMES]
+pytestmark = [requires_fuse, BOTH_NAMES]
 
 BS = 4096
 NAMES = ["a", "b", "c", "d/e"]  # "d" is a directory made by each example

@@ -36,6 +36,7 @@ def install(root: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.nomount
 def test_installer_layout(tmp_path: Path) -> None:
     result = install(tmp_path)
     units = tmp_path / "etc/systemd/system"
@@ -61,6 +62,7 @@ def test_installer_layout(tmp_path: Path) -> None:
     assert (tmp_path / "etc/kmsfs").is_dir()  # configs are never removed
 
 
+@pytest.mark.nomount
 def test_unit_settings() -> None:
     service = (REPO / "systemd/kmsfs@.service").read_text()
     settings = [line for line in service.splitlines() if line and not line.startswith("#")]
@@ -82,6 +84,7 @@ def test_unit_settings() -> None:
         assert not any(line.startswith(forbidden) for line in settings), forbidden
 
 
+@pytest.mark.nomount
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")
 def test_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
     install(tmp_path)

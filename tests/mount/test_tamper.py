@@ -39,7 +39,7 @@ from support.volumes import Volume, make_volume
 from kmsfs.format.content import NONCE_SIZES, OVERHEADS
 from kmsfs.format.header import FORMAT_1, FORMAT_2
 
-pytestmark = [requires_fuse, pytest.mark.mount]
+pytestmark = requires_fuse
 
 BS = 4096
 HEADER = "user.kmsfs.header"

@@ -48,6 +48,7 @@ def _read(root_fd: int, rel: str) -> bytes:
         os.close(fd)
 
 
+@pytest.mark.nomount
 def test_open_beneath_never_follows_a_symlink(root: Path, resolver: str) -> None:
     root_fd = open_root(root)
     try:
@@ -63,6 +64,7 @@ def test_open_beneath_never_follows_a_symlink(root: Path, resolver: str) -> None
         os.close(root_fd)
 
 
+@pytest.mark.nomount
 def test_open_beneath_does_not_cross_a_mount_point(
     root: Path, tmp_path: Path, resolver: str
 ) -> None:
@@ -91,6 +93,7 @@ def test_open_beneath_does_not_cross_a_mount_point(
         subprocess.run(["umount", str(root / "a" / "b")], check=True)
 
 
+@pytest.mark.nomount
 def test_walk_yields_symlinks_never_enters_them_and_skips_reserved_names(root: Path) -> None:
     (root / ".kmsfs.d").mkdir()
     (root / ".kmsfs.d" / "secret").write_bytes(b"")
@@ -112,6 +115,7 @@ def test_walk_yields_symlinks_never_enters_them_and_skips_reserved_names(root: P
         assert ".kmsfs.d/secret" in [node.rel for node in tree.walk()]
 
 
+@pytest.mark.nomount
 def test_walk_names_a_directory_whose_subdirectory_hid_behind_a_symlink(root: Path) -> None:
     # a holds b/, escape, flink and z/.  While the walk is paused at a/escape (b was
     # already examined), z is renamed and a symlink takes its name: the walk meets one
@@ -126,6 +130,7 @@ def test_walk_names_a_directory_whose_subdirectory_hid_behind_a_symlink(root: Pa
         assert "2 subdirectories by its link count, 1 listed" in tree.skipped[0][1]
 
 
+@pytest.mark.nomount
 def test_open_file_checks_type_and_inode(root: Path, resolver: str) -> None:
     with Tree(root) as tree:
         (entry,) = [e for e in tree.files() if e.rel == "a/b/f"]

@@ -21,14 +21,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import pytest
 from support.cli import run_kmsfs
 from support.fuse import requires_fuse
 from support.volumes import Volume
 
 from kmsfs.backing.volume_lock import RECHECK_INTERVAL, daemons_serving, volume_in_use
 
-pytestmark = [requires_fuse, pytest.mark.mount]
+pytestmark = requires_fuse
 NOBODY = 65534
 
 

@@ -114,3 +114,29 @@ def test_the_rule_sees_an_import_of_a_test_module() -> None:
     assert _test_module_imports("from test_operations import CTX\n") == [1]
     assert _test_module_imports("from unit.fs.test_operations import ops\n") == [1]
     assert _test_module_imports("from support.operations import CTX\n") == []
+
+
+def _module_marks(source: str) -> str:
+    """The source of the module-level ``pytestmark`` assignment of *source* ("" if none)."""
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.Assign) and any(
+            isinstance(target, ast.Name) and target.id == "pytestmark" for target in node.targets
+        ):
+            return ast.get_source_segment(source, node) or ""
+    return ""
+
+
+def test_no_module_of_the_mount_tier_marks_itself_mount() -> None:
+    """tests/conftest.py adds the mount marker to the mount tier's tests; a module-wide
+    mark would also cover the tests a module marks nomount."""
+    offenders = [
+        path.name
+        for path in sorted((ROOT / "tests" / "mount").glob("test_*.py"))
+        if "mark.mount" in _module_marks(path.read_text())
+    ]
+    assert offenders == []
+
+
+def test_the_rule_sees_a_module_mount_mark() -> None:
+    assert "mark.mount" in _module_marks("pytestmark = [requires_fuse, pytest.mark.mount]\n")
+    assert _module_marks("x = 1\n") == ""
