@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 from support.cli import BIN, run_kmsfs
 from support.fuse import force_unmount, requires_fuse
+from support.reliability_util import drop_file_cache
 from support.volumes import Volume
 
 from kmsfs.errors import MountError
@@ -262,15 +263,6 @@ def test_non_empty_mount_point_refused_unless_asked(volume: Volume) -> None:
 
 
 # -- status and metrics --------------------------------------------------------
-
-
-def drop_file_cache(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 @requires_fuse
