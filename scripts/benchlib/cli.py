@@ -246,8 +246,9 @@ def parser() -> argparse.ArgumentParser:
         "--budget",
         action="store_true",
         help="instead of timing: count the FUSE requests of the metadata rows (untar, ls -lR,"
-        " read all, rm -rf, create + stat, git status) per file and opcode with the kernel's"
-        " fuse tracepoints, once per system (needs Linux 6.16+ and tracefs)",
+        " read all, rm -rf, create + stat, git status) per file and of the database rows"
+        " (pgbench, SQLite) per transaction, by opcode, with the kernel's fuse tracepoints,"
+        " once per system (needs Linux 6.16+ and tracefs)",
     )
     p.add_argument(
         "--strace",
