@@ -45,6 +45,12 @@ BUDGET_ROWS = (
 TRANSACTION_ROWS = ("pgbench", "sqlite", "sqlitewal")
 
 
+def budget_rows(rows: list[Row], named: bool) -> list[Row]:
+    """The rows of *rows* the budget can count: the metadata rows, and the database rows
+    (long, and PostgreSQL to install) only if *named* (chosen with ``--only``)."""
+    return [r for r in rows if r.key in BUDGET_ROWS and (named or r.key not in TRANSACTION_ROWS)]
+
+
 def unit_of(row: Row) -> str:
     """What a row's requests are counted per: "tx" (database rows) or "file"."""
     return "tx" if row.key in TRANSACTION_ROWS else "file"

@@ -93,3 +93,19 @@ def test_pgbench_budget_names_each_systems_transaction_count(tmp_path: Path) -> 
     }
     text = render_budget(budgets, [row], [Floor(tmp_path), FloorStock(tmp_path)])
     assert "(floor 400, floor-stock 300 transactions)" in text
+
+
+def test_budget_counts_the_database_rows_only_when_named() -> None:
+    from benchlib.budget import budget_rows
+    from benchlib.cli import parse_rows
+
+    assert [r.key for r in budget_rows(parse_rows(None), named=False)] == [
+        "untar",
+        "ls",
+        "readall",
+        "rm",
+        "create",
+        "gitstatus",
+    ]
+    named = budget_rows(parse_rows("11,12"), named=True)
+    assert [r.key for r in named] == ["pgbench", "sqlite", "sqlitewal"]  # not 11b: no requests
