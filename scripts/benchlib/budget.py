@@ -1,8 +1,10 @@
-"""``scripts/bench --budget``: the FUSE requests each metadata row costs, per file and opcode.
+"""``scripts/bench --budget``: the FUSE requests each row costs, per file (or transaction)
+and opcode.
 
 For every system, each row of the budget (untar, ``ls -lR``, read all,
-``rm -rf``, create + stat, ``git status``) runs once with the kernel's FUSE
-tracepoints on (``fusetrace``): requests per file by opcode, and the mean
+``rm -rf``, create + stat, ``git status``; and the database rows, pgbench and
+SQLite, per transaction) runs once with the kernel's FUSE tracepoints on
+(``fusetrace``): requests per file or transaction by opcode, and the mean
 kernel-side round trip of each opcode (send to answer, queueing included).
 For kmsfs the daemon's own counters (``kmsfs status --json``, the time in
 its handlers) are read too, and with ``--strace`` each row runs once more on
@@ -28,7 +30,30 @@ from benchlib.cproject import git_env
 from benchlib.systems import System
 from benchlib.workloads import Bench, Row
 
-BUDGET_ROWS = ("untar", "ls", "readall", "rm", "create", "gitstatus")
+BUDGET_ROWS = (
+    "untar",
+    "ls",
+    "readall",
+    "rm",
+    "create",
+    "gitstatus",
+    "pgbench",
+    "sqlite",
+    "sqlitewal",
+)
+# Rows counted per transaction, not per file.
+TRANSACTION_ROWS = ("pgbench", "sqlite", "sqlitewal")
+
+
+def budget_rows(rows: list[Row], named: bool) -> list[Row]:
+    """The rows of *rows* the budget can count: the metadata rows, and the database rows
+    (long, and PostgreSQL to install) only if *named* (chosen with ``--only``)."""
+    return [r for r in rows if r.key in BUDGET_ROWS and (named or r.key not in TRANSACTION_ROWS)]
+
+
+def unit_of(row: Row) -> str:
+    """What a row's requests are counted per: "tx" (database rows) or "file"."""
+    return "tx" if row.key in TRANSACTION_ROWS else "file"
 
 
 @dataclass
@@ -47,7 +72,12 @@ class RowBudget:
 
 
 def files_of(bench: Bench, row: Row, s: System) -> int:
-    """The number of files a row works on (the divisor of "per file")."""
+    """The number of files a row works on (the divisor of "per file"), or of transactions
+    it committed (database rows; pgbench's only once it has run)."""
+    if row.key in ("sqlite", "sqlitewal"):
+        return bench.sizes.sqlite_txns
+    if row.key == "pgbench":
+        return bench.pgbench_processed.get(s.name, 0)
     if row.key in ("untar", "ls", "readall", "rm"):
         out = run(f"tar -tf {shlex.quote(str(bench.tar))} | grep -vc '/$'").stdout
         return int(out)
@@ -92,7 +122,8 @@ def parse_strace(text: str) -> tuple[dict[str, int], dict[str, int]]:
 
 def measure_row(bench: Bench, row: Row, s: System, work: Path) -> RowBudget:
     getattr(bench, f"prep_{row.key}")(s)
-    budget = RowBudget(files=files_of(bench, row, s) if row.key != "gitstatus" else 0)
+    late = row.key in ("gitstatus", "pgbench")  # counted after the run
+    budget = RowBudget(files=0 if late else files_of(bench, row, s))
     before = kmsfs_counters(s) if s.name == "kmsfs" else {}
     tracer = fusetrace.FuseTracer(s.mnt, work / f"trace-{s.name}-{row.key}.txt")
     pid = s.daemon_pid()
@@ -108,7 +139,7 @@ def measure_row(bench: Bench, row: Row, s: System, work: Path) -> RowBudget:
         tracer.close()
     if s.name == "kmsfs":
         budget.counters = _diff(kmsfs_counters(s), before)
-    if row.key == "gitstatus":
+    if late:
         budget.files = files_of(bench, row, s)
     if budget.trace.lost:
         log(f"budget {row.key} {s.name}: {budget.trace.lost} trace events lost (counts low)")
@@ -169,9 +200,10 @@ def render_budget(
 ) -> str:
     names = [s.name for s in systems if s.fuse]
     lines = [
-        "req/file: FUSE requests per file (kernel tracepoints; FORGET is not traced, its"
-        " count is kmsfs's own); µs/req: mean kernel round trip, send to answer, queueing"
-        " included; kmsfs handler µs/req: time in kmsfs's handler (its request counters).",
+        "req/file (req/tx): FUSE requests per file (per committed transaction) (kernel"
+        " tracepoints; FORGET is not traced, its count is kmsfs's own); µs/req: mean kernel"
+        " round trip, send to answer, queueing included; kmsfs handler µs/req: time in"
+        " kmsfs's handler (its request counters).",
         "",
     ]
     for row in rows:
@@ -179,7 +211,12 @@ def render_budget(
         if not present:
             continue
         files = budgets[row.key, present[0]].files
-        lines += [f"#### {row.number} {row.label} ({files:,} files)", ""]
+        unit = unit_of(row)
+        counted = f"{files:,} files" if unit == "file" else f"{files:,} transactions"
+        if row.key == "pgbench":  # a timed run: each system commits its own number
+            counted = ", ".join(f"{n} {budgets[row.key, n].files:,}" for n in present)
+            counted += " transactions"
+        lines += [f"#### {row.number} {row.label} ({counted})", ""]
         opcodes: list[str] = []
         for n in present:
             trace = budgets[row.key, n].trace
@@ -190,7 +227,7 @@ def render_budget(
         kmsfs_only = budgets.get((row.key, "kmsfs"))
         if kmsfs_only is not None:  # FORGET: no tracepoint, only the daemon counts it
             opcodes += [op for op in kmsfs_only.counters if op not in opcodes]
-        header = ["opcode", *(f"{n} req/file" for n in present)]
+        header = ["opcode", *(f"{n} req/{unit}" for n in present)]
         header += [f"{n} µs/req" for n in present]
         kmsfs = budgets.get((row.key, "kmsfs"))
         if kmsfs is not None and kmsfs.counters:
@@ -240,6 +277,13 @@ def render_budget(
                 f" tracepoints on): {', '.join(cpu)}.",
                 "",
             ]
+        per_tx = [
+            f"{n} {b.cpu / b.files * 1e3:.2f}"
+            for n in present
+            if (b := budgets[row.key, n]).cpu is not None and b.files and unit == "tx"
+        ]
+        if per_tx:
+            lines += [f"Daemon CPU per transaction (ms, same run): {', '.join(per_tx)}.", ""]
         if kmsfs is not None and kmsfs.syscalls and kmsfs.strace_requests:
             total = sum(kmsfs.syscalls.values())
             top = sorted(kmsfs.syscalls.items(), key=lambda kv: -kv[1])[:12]

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from benchlib import postgres
-from benchlib.budget import BUDGET_ROWS, RowBudget, render_budget, run_budget
+from benchlib.budget import RowBudget, budget_rows, render_budget, run_budget
 from benchlib.common import (
     BENCHLIB,
     FAILURES,
@@ -246,8 +246,9 @@ def parser() -> argparse.ArgumentParser:
         "--budget",
         action="store_true",
         help="instead of timing: count the FUSE requests of the metadata rows (untar, ls -lR,"
-        " read all, rm -rf, create + stat, git status) per file and opcode with the kernel's"
-        " fuse tracepoints, once per system (needs Linux 6.16+ and tracefs)",
+        " read all, rm -rf, create + stat, git status) per file, or of the database rows"
+        " named with --only (11, 12) per transaction, by opcode, with the kernel's fuse"
+        " tracepoints, once per system (needs Linux 6.16+ and tracefs)",
     )
     p.add_argument(
         "--strace",
@@ -312,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         why = fusetrace.available()
         if why is not None:
             raise SystemExit(f"bench: --budget: {why}")
-        rows = [r for r in rows if r.key in BUDGET_ROWS]
+        rows = budget_rows(rows, named=bool(args.only))
     work = Path(args.workdir).resolve()
     sizes = sizes_of(args)
 

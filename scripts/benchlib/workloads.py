@@ -242,7 +242,8 @@ class Bench:
 
     Attributes: unavailable (row key -> why it is skipped on every system, e.g. no
     PostgreSQL), pg_bindir (PostgreSQL's programs, set when a pgbench row runs),
-    servers (system name -> the PostgreSQL server running on it)."""
+    servers (system name -> the PostgreSQL server running on it), pgbench_processed
+    (system name -> transactions its last pgbench run completed)."""
 
     def __init__(self, work: Path, sizes: Sizes) -> None:
         self.work = work
@@ -252,6 +253,7 @@ class Bench:
         self.unavailable: dict[str, str] = {}
         self.pg_bindir: Path | None = None
         self.servers: dict[str, postgres.Server] = {}
+        self.pgbench_processed: dict[str, int] = {}
 
     def make_tar(self) -> None:
         source = Path(self.sizes.tree_source)
@@ -604,6 +606,7 @@ class Bench:
     def run_pgbench(self, s: System) -> dict[str, float]:
         """TPS as pgbench reports it, and the p99 latency (ms) from its transaction log."""
         summary, latencies = self.servers[s.name].pgbench(self.sizes.pgbench_seconds)
+        self.pgbench_processed[s.name] = summary.processed
         return {"pgbench": summary.tps, "pgbench_p99": latencies.p99_ms}
 
     def post_pgbench(self, s: System) -> None:

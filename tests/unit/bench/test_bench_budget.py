@@ -68,3 +68,41 @@ def test_budget_gives_each_daemons_cpu_per_traced_request(tmp_path: Path) -> Non
     }
     text = render_budget(budgets, [row], [Floor(tmp_path), FloorStock(tmp_path)])
     assert "over the traced requests, with the tracepoints on): floor 6.0." in text
+
+
+def test_database_rows_are_counted_per_transaction(tmp_path: Path) -> None:
+    trace = fusetrace.parse(TRACE)  # 4 requests
+    row = next(r for r in ROWS if r.key == "sqlite")
+    budgets = {("sqlite", "floor"): RowBudget(files=2, trace=trace, cpu=0.004)}
+    text = render_budget(budgets, [row], [Floor(tmp_path)])
+    assert "(2 transactions)" in text
+    assert "| opcode | floor req/tx | floor µs/req |" in text
+    assert "| LOOKUP | 1.00 | 75 |" in text  # 2 LOOKUPs in 2 transactions, 150 µs in all
+    assert "Daemon CPU per transaction (ms, same run): floor 2.00." in text
+
+
+def test_pgbench_budget_names_each_systems_transaction_count(tmp_path: Path) -> None:
+    trace = fusetrace.parse(TRACE)
+    row = next(r for r in ROWS if r.key == "pgbench")
+    budgets = {
+        ("pgbench", "floor"): RowBudget(files=400, trace=trace),
+        ("pgbench", "floor-stock"): RowBudget(files=300, trace=trace),
+    }
+    text = render_budget(budgets, [row], [Floor(tmp_path), FloorStock(tmp_path)])
+    assert "(floor 400, floor-stock 300 transactions)" in text
+
+
+def test_budget_counts_the_database_rows_only_when_named() -> None:
+    from benchlib.budget import budget_rows
+    from benchlib.cli import parse_rows
+
+    assert [r.key for r in budget_rows(parse_rows(None), named=False)] == [
+        "untar",
+        "ls",
+        "readall",
+        "rm",
+        "create",
+        "gitstatus",
+    ]
+    named = budget_rows(parse_rows("11,12"), named=True)
+    assert [r.key for r in named] == ["pgbench", "sqlite", "sqlitewal"]  # not 11b: no requests
