@@ -31,6 +31,7 @@ import errno
 import logging
 import os
 import stat
+import time
 from collections.abc import Callable
 
 from kmsfs.backing.names import (
@@ -221,10 +222,11 @@ class EncryptedNames(PlainNames):
         it at once, one wins and the other leaves nothing behind).
 
         A backing filesystem without RENAME_NOREPLACE (NFS, GlusterFS's client:
-        EINVAL) gets the directory made in place and its ID set right after: another
-        daemon may meet it without an ID for that moment (EIO for that request), and
-        a crash in between leaves an empty directory without one (fsck: ``dir-id``;
-        rmdir through the mount removes it)."""
+        EINVAL) gets the directory made in place and its ID set right after, the
+        first ID to land deciding which daemon made it (``_make_and_claim_dir``):
+        another daemon may meet it without an ID for that moment (EIO for that
+        request), and a crash in between leaves an empty directory without one
+        (fsck: ``dir-id``; rmdir through the mount removes it, mkdir claims it)."""
         dir_id = new_dir_id()
         temp = TEMP_PREFIX + os.urandom(8).hex().encode()
         os.mkdir(temp, mode, dir_fd=parent.fd)
@@ -242,17 +244,8 @@ class EncryptedNames(PlainNames):
         return backing, dir_id
 
     def _make_dir_in_place(self, parent: Dir, name: bytes, mode: int, dir_id: bytes) -> bytes:
-        backing = self._making(parent, name, lambda at: os.mkdir(at, mode, dir_fd=parent.fd))
-        try:
-            _set_dir_id(parent.fd, backing, dir_id)
-        except BaseException:
-            try:
-                os.rmdir(backing, dir_fd=parent.fd)
-            except OSError:
-                pass
-            self._drop_sidecar(parent, self._encrypted(parent, name))
-            raise
-        return backing
+        make = lambda at: _make_and_claim_dir(parent.fd, at, mode, dir_id)  # noqa: E731
+        return self._making(parent, name, make)
 
     def make_node(self, parent: Dir, name: bytes, mode: int, rdev: int) -> bytes:
         return self._making(parent, name, lambda at: os.mknod(at, mode, rdev, dir_fd=parent.fd))
@@ -448,7 +441,6 @@ class EncryptedNames(PlainNames):
         return "/" + "/".join(names)
 
 
-
 def names_for(
     sealed: SealedNameSecret | None, volume_key: bytes | bytearray | None, volume_id: bytes
 ) -> PlainNames:
@@ -510,6 +502,65 @@ def _set_dir_id(parent_fd: int, name: bytes, dir_id: bytes) -> None:
         os.close(fd)
 
 
+CLAIM_ATTEMPTS = 6  # tries of mkdir-then-claim; waits 5, 10 … 80 ms between (155 ms at most)
+CLAIM_RETRY = (errno.ENOENT, errno.ESTALE)  # a name another client is making this moment
+
+
+def _make_and_claim_dir(parent_fd: int, name: bytes, mode: int, dir_id: bytes) -> None:
+    """Make the directory *name* in place and claim it by setting its ID: the daemon
+    whose ID lands first (``XATTR_CREATE``) owns it, whoever's mkdir made it.
+    FileExistsError if the name is taken (a directory with an ID, or no directory).
+
+    On GlusterFS two clients making one name at once may both get EEXIST from mkdir
+    and then see the name as ENOENT or ESTALE for a moment (6 rounds in 600 here), so
+    mkdir's answer cannot pick the winner; the ID can. A directory without an ID is
+    claimed whoever made it (another daemon between its mkdir and its ID, or one left
+    by a crash, which is empty: nothing is made in a directory without an ID)."""
+    for attempt in range(CLAIM_ATTEMPTS):
+        last = attempt == CLAIM_ATTEMPTS - 1
+        made = False
+        try:
+            os.mkdir(name, mode, dir_fd=parent_fd)
+            made = True
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            if exc.errno not in CLAIM_RETRY or last:
+                raise
+            time.sleep(0.005 * 2**attempt)
+            continue
+        try:
+            _set_dir_id(parent_fd, name, dir_id)
+        except OSError as exc:
+            if exc.errno == errno.EEXIST:  # another daemon's ID: theirs; leave it
+                raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), name) from None
+            if exc.errno in (errno.ENOTDIR, errno.ELOOP):  # the name is not a directory
+                raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), name) from None
+            if exc.errno in CLAIM_RETRY and not last:
+                time.sleep(0.005 * 2**attempt)
+                continue
+            if made:
+                try:
+                    os.rmdir(name, dir_fd=parent_fd)
+                except OSError:
+                    pass
+            raise
+        if not made:  # claimed a directory another made: give it this request's mode
+            _chmod_at(parent_fd, name, mode)
+        return
+
+
+def _chmod_at(parent_fd: int, name: bytes, mode: int) -> None:
+    """chmod *name* of *parent_fd* (a directory) without following a symlink, keeping
+    the set-group-ID bit it inherited from its parent."""
+    fd = os.open(name, O_PATH_DIR, dir_fd=parent_fd)
+    try:
+        inherited = os.stat(fd).st_mode & stat.S_ISGID
+        os.chmod(f"/proc/self/fd/{fd}", stat.S_IMODE(mode) | inherited)
+    finally:
+        os.close(fd)
+
+
 def _left_out(where: Callable[[], str], backing: bytes) -> Callable[[], str]:
     return lambda: f"{where()}: entry {_show(backing)} left out of the listing"
 
@@ -552,4 +603,3 @@ def _clear_leftovers(parent_fd: int, name: bytes) -> bool:
         return True
     finally:
         os.close(fd)
-
