@@ -337,12 +337,10 @@ def test_a_new_directory_is_not_visible_before_it_has_its_id(
     assert set(made) <= set(os.listdir(ops.backing))
 
 
-def test_a_backing_filesystem_without_rename_noreplace_still_makes_every_entry(
-    ops: KmsfsOperations, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
-    """NFS and GlusterFS's client answer renameat2 with flags EINVAL (a stand-in makes
-    this filesystem answer so): directories are then made in place and given their ID
-    at once, files placed by a tool are linked to their name and unlinked."""
+@pytest.fixture
+def in_place(monkeypatch: pytest.MonkeyPatch) -> None:
+    """This filesystem answers renameat2 with flags EINVAL, as GlusterFS's client does:
+    directories are made in place and claimed by their ID."""
     from kmsfs.backing import encrypted_names, names
 
     real = names.renameat2
@@ -354,6 +352,14 @@ def test_a_backing_filesystem_without_rename_noreplace_still_makes_every_entry(
 
     monkeypatch.setattr(names, "renameat2", no_flags)
     monkeypatch.setattr(encrypted_names, "renameat2", no_flags)
+
+
+def test_a_backing_filesystem_without_rename_noreplace_still_makes_every_entry(
+    ops: KmsfsOperations, in_place: None, tmp_path: Path
+) -> None:
+    """NFS and GlusterFS's client answer renameat2 with flags EINVAL (a stand-in makes
+    this filesystem answer so): directories are then made in place and given their ID
+    at once, files placed by a tool are linked to their name and unlinked."""
 
     async def main() -> None:
         for name in (b"short", b"L" * 200):
@@ -379,23 +385,6 @@ def test_a_backing_filesystem_without_rename_noreplace_still_makes_every_entry(
     assert not temp.exists() and Path(ops.backing, os.fsdecode(backing)).read_bytes() == (
         b"a tool's file"
     )
-
-
-@pytest.fixture
-def in_place(monkeypatch: pytest.MonkeyPatch) -> None:
-    """This filesystem answers renameat2 with flags EINVAL, as GlusterFS's client does:
-    directories are made in place and claimed by their ID."""
-    from kmsfs.backing import encrypted_names, names
-
-    real = names.renameat2
-
-    def no_flags(old_fd: int, old: bytes, new_fd: int, new: bytes, flags: int) -> None:
-        if flags:
-            raise OSError(errno.EINVAL, "Invalid argument")
-        real(old_fd, old, new_fd, new, flags)
-
-    monkeypatch.setattr(names, "renameat2", no_flags)
-    monkeypatch.setattr(encrypted_names, "renameat2", no_flags)
 
 
 def gluster_mkdir(monkeypatch: pytest.MonkeyPatch, answers: list[str]) -> list[str]:
