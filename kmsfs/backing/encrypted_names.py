@@ -532,9 +532,9 @@ def _make_and_claim_dir(parent_fd: int, name: bytes, mode: int, dir_id: bytes) -
         try:
             _set_dir_id(parent_fd, name, dir_id)
         except OSError as exc:
-            if exc.errno == errno.EEXIST:  # another daemon's ID: theirs; leave it
-                raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), name) from None
-            if exc.errno in (errno.ENOTDIR, errno.ELOOP):  # the name is not a directory
+            # EEXIST: another daemon's ID landed first (theirs: leave it); ENOTDIR,
+            # ELOOP: the name is taken by something that is not a directory
+            if exc.errno in (errno.EEXIST, errno.ENOTDIR, errno.ELOOP):
                 raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), name) from None
             if exc.errno in CLAIM_RETRY and not last:
                 time.sleep(0.005 * 2**attempt)
