@@ -32,6 +32,7 @@ import logging
 import os
 import stat
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 
 from kmsfs.backing.names import (
@@ -67,13 +68,18 @@ log = logging.getLogger(__name__)
 NOFOLLOW_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 MAX_LOGGED = 1024  # undecryptable entries logged once each, up to this many
 MAX_CACHED = 8192  # decrypted path components kept for paths.py
+MAX_ENCRYPTED = 8192  # (directory ID, name) -> backing name kept, oldest dropped first
 
 
 class EncryptedNames(PlainNames):
     """Names of a volume with encrypted names, with its ``NameCipher``.
 
     Holds no key but the cipher's subkeys.  Decrypted path components are kept
-    (a name's encryption never changes) for ``plain_path``.
+    (a name's encryption never changes) for ``plain_path``.  The backing names of
+    the last ``MAX_ENCRYPTED`` names encrypted or listed are kept too, by
+    (directory ID, name): a name is deterministic, so the LOOKUP before a CREATE,
+    MKDIR or UNLINK, or the listing before ``rm -rf``'s UNLINKs, encrypts it for
+    both.  Only names that decrypted (authenticated) are kept from a listing.
     """
 
     encrypted = True
@@ -82,6 +88,7 @@ class EncryptedNames(PlainNames):
         self.cipher = cipher
         self._logged: set[tuple[bytes, bytes]] = set()
         self._components: dict[tuple[bytes, bytes], bytes] = {}
+        self._backing: OrderedDict[tuple[bytes, bytes], BackingName] = OrderedDict()
 
     # -- directories -------------------------------------------------------------
 
@@ -119,7 +126,26 @@ class EncryptedNames(PlainNames):
             raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG))
         if name in (b".", b".."):
             return BackingName(name)
-        return self.cipher.encrypt_name(parent.dir_id, name)
+        key = (parent.dir_id, name)
+        backing = self._backing.get(key)
+        if backing is None:
+            backing = self.cipher.encrypt_name(parent.dir_id, name)
+            self._keep(key, backing)
+        return backing
+
+    def _keep(self, key: tuple[bytes, bytes], backing: BackingName) -> None:
+        """Keep *backing* as the backing name of *key* (directory ID, name), dropping
+        the oldest kept beyond ``MAX_ENCRYPTED``.  Each step is one operation on the
+        OrderedDict, so worker threads (path resolution) may share it."""
+        kept = self._backing
+        if key in kept:
+            return
+        while len(kept) >= MAX_ENCRYPTED:
+            try:
+                kept.popitem(last=False)
+            except KeyError:  # emptied by another thread meanwhile
+                break
+        kept[key] = backing
 
     def backing_name(self, parent: Dir, name: bytes) -> bytes:
         return self._encrypted(parent, name).name
@@ -139,10 +165,15 @@ class EncryptedNames(PlainNames):
         return shown
 
     def name_of(self, parent: Dir, backing: bytes) -> bytes:
+        """The plaintext name of *backing*, kept with it: a name that authenticates under
+        this directory's ID is the one name that encrypts to *backing* (AES-SIV is
+        deterministic; the encoding, padding and sidecar are checked canonical)."""
         sidecar = None
         if entry_kind(backing) is EntryKind.LONG_NAME:
             sidecar = _read_sidecar(parent.fd, backing)
-        return self.cipher.decrypt_name(parent.dir_id, backing, sidecar)
+        name = self.cipher.decrypt_name(parent.dir_id, backing, sidecar)
+        self._keep((parent.dir_id, name), BackingName(backing, sidecar))
+        return name
 
     def _log_once(self, key: tuple[bytes, bytes], what: Callable[[], str], exc: Exception) -> None:
         """Log *exc* (an entry or attribute that does not decrypt) once per *key*."""
