@@ -630,6 +630,32 @@ def test_utime_with_dirty_pages_is_not_undone_by_writeback(mounted: Area) -> Non
     assert path.read_bytes() == pattern(3 * BS + 5)
 
 
+def test_fsync_makes_the_mtime_of_write_durable(mounted: Area) -> None:
+    """With the writeback cache the kernel owns a file's mtime: it sets it at write(2)
+    and, at fsync or fdatasync, writes it back after the cached data, as a SETATTR of
+    mtime and ctime with the file handle.  kmsfs must apply that SETATTR over the time
+    its own backing write left, so that the mtime seen before the sync is the one on
+    the backing file and after a remount.  These are most of the SETATTRs a SQLite
+    commit costs (docs/PERFORMANCE.md, "The SETATTRs of a commit"): they carry the
+    mtime and cannot be dropped."""
+    path = mounted.path("f")
+    path.write_bytes(b"x")
+    os.utime(path, ns=(0, 0))
+    with open(path, "r+b") as f:
+        f.write(b"y")  # the kernel's mtime: now
+        f.flush()
+        seen = os.fstat(f.fileno()).st_mtime_ns
+        time.sleep(0.2)  # the cached page reaches the daemon later, at the sync
+        os.fdatasync(f.fileno())
+        assert os.fstat(f.fileno()).st_mtime_ns == seen
+    assert abs(seen - time.time_ns()) < 5_000_000_000
+    # not the time of the backing write, 0.2 s later
+    assert mounted.backing_path("f").stat().st_mtime_ns == seen
+    mounted.remount()
+    assert path.stat().st_mtime_ns == seen
+    assert path.read_bytes() == b"y"
+
+
 @pytest.mark.xfail(
     strict=False,
     reason="known: with the writeback cache the kernel sets mtime at write(2) and often never"
