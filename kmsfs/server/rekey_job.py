@@ -47,6 +47,7 @@ log = logging.getLogger("kmsfs.rekey")
 JOURNAL = "rekey-online"
 OFFLINE_JOURNAL = "rekey"  # kmsfs.lifecycle.rekey's
 SAVE_INTERVAL = 2.0  # seconds between journal writes of the counters
+AUTO_POLL = 1.0  # seconds between looks at the queue of worn format-1 files (auto_rekey)
 FINISHED = ("done", "cancelled", "failed")
 MAX_WALKS = 4  # a file renamed across a walk is met by the next one, up to this many
 MAX_HANDLED = 100_000  # files skipped or failed that later walks leave alone
@@ -581,7 +582,7 @@ class RekeyService:
 
     async def _serve_auto(self) -> None:
         while True:
-            await trio.sleep(1.0)
+            await trio.sleep(AUTO_POLL)
             while self.auto_queue and self.ops is not None:
                 ino = self.auto_queue[0]
                 await self._rekey_worn(ino)

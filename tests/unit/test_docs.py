@@ -230,6 +230,8 @@ def test_kmsfs_options_exist(doc: Path) -> None:
 
 def issue_numbers(text: str) -> list[str]:
     """``line N: 'issue <number>'`` for each internal issue number *text* names."""
+    if not ISSUE.search(text.replace("PKCS#11", "")):  # no match spans lines: the usual case
+        return []
     return [
         f"line {number}: {match.group(0)!r}"
         for number, line in enumerate(text.splitlines(), 1)

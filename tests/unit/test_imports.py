@@ -8,10 +8,12 @@ at any depth in a module, including imports inside functions).
 
 from __future__ import annotations
 
-import ast
 import subprocess
 import sys
+from functools import cache
 from pathlib import Path
+
+from support.sources import imports
 
 PACKAGE = Path(__file__).parents[2] / "kmsfs"
 LAYER = {
@@ -43,16 +45,13 @@ def layer(module: str) -> int:
     return LAYER.get(top, 3)
 
 
+@cache
 def graph() -> dict[str, set[str]]:
+    """Each kmsfs module's kmsfs imports (read once: three tests walk it; do not modify)."""
     edges: dict[str, set[str]] = {}
     for path in PACKAGE.rglob("*.py"):
         name = module_name(path)
-        targets: set[str] = set()
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                targets |= {a.name for a in node.names if a.name.startswith("kmsfs")}
-            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("kmsfs"):
-                targets.add(str(node.module))
+        targets = {module for _, module in imports(path.read_text()) if module.startswith("kmsfs")}
         edges[name] = {t for t in targets if t != name}
     return edges
 
@@ -100,9 +99,7 @@ def test_format_layer_imports_no_fuse_trio_or_sdk() -> None:
 
 def test_backing_layer_imports_no_fuse_trio_or_sdk() -> None:
     for path in (PACKAGE / "backing").rglob("*.py"):
-        tree = ast.parse(path.read_text())
-        imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-        imported |= {str(n.module) for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        imported = {module for _, module in imports(path.read_text())}
         for name in ("pyfuse3", "trio", "boto3", "botocore", "pkcs11"):
             assert not any(m.split(".")[0] == name for m in imported), f"{path.name} imports {name}"
 
@@ -118,30 +115,41 @@ def test_offline_tools_and_backing_never_import_the_pyfuse3_layer() -> None:
     assert wrong == []
 
 
-def imported_by(*args: str) -> set[str]:
-    """The modules ``python -X importtime -m kmsfs ARGS`` imports (its stderr lists them)."""
-    result = subprocess.run(
-        [sys.executable, "-X", "importtime", "-m", "kmsfs", *args],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    )
-    return {
-        line.rsplit("|", 1)[1].strip()
-        for line in result.stderr.splitlines()
-        if line.startswith("import time:") and "|" in line
-    }
+def imported_by(*commands: list[str]) -> list[set[str]]:
+    """The modules ``python -X importtime -m kmsfs ARGS`` imports (its stderr lists them),
+    for each ARGS of *commands*: the processes run side by side."""
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-X", "importtime", "-m", "kmsfs", *args],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for args in commands
+    ]
+    found = []
+    for args, process in zip(commands, processes, strict=True):
+        _, stderr = process.communicate(timeout=60)
+        assert process.returncode == 0, f"kmsfs {' '.join(args)}: {stderr[-2000:]}"
+        found.append(
+            {
+                line.rsplit("|", 1)[1].strip()
+                for line in stderr.splitlines()
+                if line.startswith("import time:") and "|" in line
+            }
+        )
+    return found
 
 
 def test_the_command_line_imports_nothing_heavy_to_show_its_help() -> None:
     """``kmsfs --help`` (and a command's) stays fast: the event loop, FUSE, the SDKs,
     cryptography and the layers below the command line are imported by the commands
-    that run, not by the parsing of their options."""
+    that run, not by the parsing of their options.  (A real interpreter each: what is
+    tested is what a new process imports.)"""
     heavy = ("trio", "pyfuse3", "boto3", "botocore", "pkcs11", "cryptography")
     layers = ("kmsfs.fs", "kmsfs.server", "kmsfs.format", "kmsfs.backing", "kmsfs.lifecycle")
-    for args in (["--help"], ["mount", "--help"], ["policy", "check", "--help"]):
-        modules = imported_by(*args)
+    commands = [["--help"], ["mount", "--help"], ["policy", "check", "--help"]]
+    for args, modules in zip(commands, imported_by(*commands), strict=True):
         assert "kmsfs.cli" in modules
         wrong = sorted(
             name

@@ -45,7 +45,7 @@ def test_state_dir_by_user_and_environment(monkeypatch: pytest.MonkeyPatch) -> N
 
 
 def test_pins_are_private_files_named_by_the_real_path(tmp_path: Path, host: Path) -> None:
-    vol = make_volume(tmp_path)  # kmsfs init pins it in this host's state directory
+    vol = make_volume(tmp_path, in_process=True)  # init pins it in this host's state directory
     pin = read_pin(vol.backing)
     assert pin is not None and pin.pinned_by == "init"
     assert (host.stat().st_mode & 0o777, (host / "pins").stat().st_mode & 0o777) == (0o700, 0o700)
@@ -76,7 +76,7 @@ def open_and_close(backing: Path, key_file: Path, **options: str) -> None:
 def test_rotations_are_followed_as_far_as_the_chain_goes(
     tmp_path: Path, host: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    vol = make_volume(tmp_path)
+    vol = make_volume(tmp_path, in_process=True)
     open_and_close(vol.backing, vol.key_file)  # host A pins
     host_b, host_c = tmp_path / "host-b", tmp_path / "host-c"
     for other in (host_b, host_c):
@@ -116,7 +116,7 @@ def test_rotations_are_followed_as_far_as_the_chain_goes(
 def test_a_history_that_disagrees_with_the_pin_is_refused(tmp_path: Path, host: Path) -> None:
     """The key this host pinned was replaced at generation g (says the chain), but this host
     saw it at generation g or later: a former holder of that key made one of the two."""
-    vol = make_volume(tmp_path)
+    vol = make_volume(tmp_path, in_process=True)
     config, keyring = open_volume(vol.backing, {"key_file": str(vol.key_file)})
     try:
         for _ in range(3):
@@ -136,7 +136,7 @@ def test_a_history_that_disagrees_with_the_pin_is_refused(tmp_path: Path, host: 
 
 
 def test_keyring_volume_key_follows_the_rotation(tmp_path: Path, host: Path) -> None:
-    vol = make_volume(tmp_path)
+    vol = make_volume(tmp_path, in_process=True)
     config, keyring = open_volume(vol.backing, {"key_file": str(vol.key_file)})
     try:
         assert isinstance(keyring, Keyring) and keyring.volume_key is not None

@@ -8,8 +8,9 @@ from __future__ import annotations
 import ast
 import re
 from collections.abc import Callable
-from functools import cache
 from pathlib import Path
+
+from support.sources import imports
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -56,21 +57,9 @@ def test_the_rule_sees_an_import_of_test_support() -> None:
     assert not TEST_IMPORT.search("from benchlib.kms import kms_stack\n")
 
 
-@cache
-def _imported(source: str) -> tuple[tuple[int, str], ...]:
-    """(line, module name) of every import in *source* (parsed once per text)."""
-    found = []
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.ImportFrom) and node.module:
-            found.append((node.lineno, node.module))
-        elif isinstance(node, ast.Import):
-            found += [(node.lineno, alias.name) for alias in node.names]
-    return tuple(found)
-
-
 def _imports_of(source: str, wrong: Callable[[str], bool]) -> list[int]:
     """The lines of *source* that import a module whose name is *wrong*."""
-    return sorted({line for line, name in _imported(source) if wrong(name)})
+    return sorted({line for line, name in imports(source) if wrong(name)})
 
 
 def _conftest_imports(source: str) -> list[int]:
@@ -118,6 +107,8 @@ def test_the_rule_sees_an_import_of_a_test_module() -> None:
 
 def _module_marks(source: str) -> str:
     """The source of the module-level ``pytestmark`` assignment of *source* ("" if none)."""
+    if "pytestmark" not in source:  # no need to parse it
+        return ""
     for node in ast.parse(source).body:
         if isinstance(node, ast.Assign) and any(
             isinstance(target, ast.Name) and target.id == "pytestmark" for target in node.targets

@@ -39,14 +39,18 @@ operation = st.one_of(
 )
 
 
+@pytest.fixture(scope="module")
+def scratch(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory for the examples of a property test (one file each, truncated by the
+    next: a directory per example cost more than the example)."""
+    return tmp_path_factory.mktemp("cf")
+
+
 @FORMATS
 @settings(max_examples=150, deadline=None)
 @given(st.lists(operation, max_size=12))
-def test_random_operations_match_model(
-    tmp_path_factory: pytest.TempPathFactory, version: int, ops: list
-) -> None:
-    path = tmp_path_factory.mktemp("cf") / "f"
-    content = new_file(path, version)
+def test_random_operations_match_model(scratch: Path, version: int, ops: list) -> None:
+    content = new_file(scratch / "f", version)
     model = bytearray()
     try:
         for kind, offset, data in ops:

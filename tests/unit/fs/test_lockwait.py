@@ -1,6 +1,11 @@
 """Waits for what another daemon holds (kmsfs.fs.lockwait), in-process under trio: the
 deadline, the limit on waiting requests, the quick refusal after a timed-out wait, the
-end of every wait on close(), and the caller's pending signals read from /proc."""
+end of every wait on close(), and the caller's pending signals read from /proc.
+
+The waits run on trio's virtual clock (``run``: a MockClock that jumps to the next
+deadline whenever every task waits), so a lock held for a second costs no real second;
+the durations asserted are that clock's, which lockwait reads for every sleep and
+deadline."""
 
 from __future__ import annotations
 
@@ -10,9 +15,11 @@ import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from typing import TypeVar
 
 import pytest
 import trio
+from trio.testing import MockClock
 
 from kmsfs.backing.shared import LockBusy
 from kmsfs.fs.lockwait import (
@@ -24,6 +31,12 @@ from kmsfs.fs.lockwait import (
 )
 
 NEEDED = "an exclusive lock of bytes 0 to the end"
+T = TypeVar("T")
+
+
+def run(main: Callable[[], Awaitable[T]]) -> T:
+    """``trio.run(main)`` on a virtual clock."""
+    return trio.run(main, clock=MockClock(autojump_threshold=0))
 
 
 def held(start: int = 0, end: int | None = None) -> Callable[[], Awaitable[str]]:
@@ -55,7 +68,7 @@ def test_a_wait_that_ends_returns_what_the_attempt_returns() -> None:
     async def main() -> str:
         return await waits.run(attempt)
 
-    assert trio.run(main) == "done"
+    assert run(main) == "done"
     assert count[0] == 5 and waits.waiting == 0 and waits.timed_out == 0
 
 
@@ -72,7 +85,7 @@ def test_a_lock_held_for_ever_fails_after_the_deadline_naming_file_and_lock() ->
         )
         return trio.current_time() - start
 
-    elapsed = trio.run(main)
+    elapsed = run(main)
     assert 0.3 <= elapsed < 1.5
     assert waits.summary() == {
         "waiting": 0,
@@ -108,7 +121,7 @@ def test_after_a_timeout_overlapping_waits_on_the_same_file_give_up_at_once() ->
         attempt, _ = released_after(0)
         assert await waits.run(attempt, key="f") == "done"
 
-    trio.run(main)
+    run(main)
 
 
 def test_requests_waiting_for_the_same_bytes_take_turns_trying() -> None:
@@ -138,7 +151,7 @@ def test_requests_waiting_for_the_same_bytes_take_turns_trying() -> None:
             await trio.sleep(1)
             released[0] = True
 
-    trio.run(main)
+    run(main)
     assert results == ["done"] * 30
     # 30 first tries, one per retry (about 26 in a second: 1, 2, 4 ... 50 ms), 30 last
     assert tries[0] < 30 + 40 + 30, tries[0]
@@ -168,7 +181,7 @@ def test_no_more_than_limit_requests_wait_and_one_more_is_refused_at_once() -> N
         attempt, _ = released_after(2)
         assert await waits.run(attempt) == "done"  # a slot is free again
 
-    trio.run(main)
+    run(main)
     assert [what for what, _ in outcomes].count("timed out") == 3
     [(refusal, after)] = [(what, t) for what, t in outcomes if what != "timed out"]
     assert after < 0.05
@@ -199,14 +212,14 @@ def test_close_ends_every_wait_at_once_and_refuses_new_ones() -> None:
             waits.close()
         return trio.current_time() - start
 
-    assert trio.run(main) < 0.5
+    assert run(main) < 0.5
     assert ended == ["ended"] * 5 and waits.waiting == 0 and waits.abandoned == 5
 
     async def later() -> None:
         with pytest.raises(LockWaitFailed, match="not waiting for"):
             await waits.run(held())
 
-    trio.run(later)
+    run(later)
 
 
 @pytest.fixture
@@ -265,5 +278,5 @@ def test_a_wait_whose_caller_has_a_signal_pending_gives_up(
             await trio.sleep(0.5)  # within the next retry (50 ms at most)
             assert waits.waiting == 0
 
-    trio.run(main)
+    run(main)
     assert waits.interrupted == 1

@@ -332,11 +332,14 @@ def test_auto_rekey_moves_a_worn_format_1_file_to_format_2(
     ops: KmsfsOperations, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """With ``-o auto_rekey`` the usage warning of a format-1 key (lowered here from 2^31
-    block encryptions to 8) queues the file, which is re-keyed while it stays open."""
+    block encryptions to 8) queues the file, which is re-keyed while it stays open (the
+    service looks at its queue every 50 ms here instead of every second)."""
     from kmsfs.backing import content_file
+    from kmsfs.server import rekey_job
     from kmsfs.server.rekey_job import RekeyService
 
     monkeypatch.setattr(content_file, "WARN_BLOCK_ENCRYPTIONS", 8)
+    monkeypatch.setattr(rekey_job, "AUTO_POLL", 0.05)
     path = Path(ops.backing, "worn")
     write_file(path, ops.config, ops.keyring, b"a" * BS, FORMAT_1)
     service = RekeyService(auto=True)
@@ -354,7 +357,7 @@ def test_auto_rekey_moves_a_worn_format_1_file_to_format_2(
                 patch(model, n * BS, data)
             assert header_of(path).version == FORMAT_1
             with trio.fail_after(20):
-                for _ in iter(lambda: service.auto_done, 1):  # the service polls each second
+                for _ in iter(lambda: service.auto_done, 1):
                     await trio.sleep(0.05)
             assert header_of(path).version == FORMAT_2
             assert bytes(await ops.read(fh, 0, len(model))) == bytes(model)

@@ -66,18 +66,18 @@ def test_concurrency_is_bounded_and_failures_back_off() -> None:
             active += 1
             calls += 1
             most = max(most, active)
-        time.sleep(0.05)
+        time.sleep(0.02)
         with lock:
             active -= 1
         raise KeyUnavailable("endpoint down")
 
     pool = KeyPool(VOLUME, failing, size=64, workers=3)
     pool.start()
-    time.sleep(1.0)
+    time.sleep(0.5)
     assert pool.take() is None  # never blocks, never raises
     pool.close()
     assert most <= 3
-    assert calls < 40  # 3 workers backing off, not spinning (unbounded would be ~60)
+    assert calls < 40  # 3 workers backing off, not spinning (unbounded would be ~75)
 
 
 def test_keyring_uses_pool_for_remote_provider_and_reports_every_key() -> None:

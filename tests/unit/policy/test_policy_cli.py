@@ -1,4 +1,5 @@
-"""``kmsfs policy check`` / ``suggest`` through the real CLI, and reloading a policy.
+"""``kmsfs policy check`` / ``suggest`` through the real CLI (its click commands, run in
+process by ``invoke_kmsfs``: exit codes, stdout and stderr), and reloading a policy.
 
 ``suggest`` is fed the records a learn-mode policy produces for a workload
 (the records are built by the same function the daemon will write them
@@ -16,7 +17,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from support.cli import run_kmsfs
+from support.cli import invoke_kmsfs
 
 from kmsfs.policy import Policy, Requester, audit_record, parse_policy
 from kmsfs.server.config import load_server_config
@@ -56,7 +57,7 @@ def write_config(tmp_path: Path, text: str, name: str = "db.toml") -> Path:
 
 
 def check(config: Path, *args: str) -> tuple[int, str, str]:
-    result = run_kmsfs("policy", "check", config, *args, check=False)
+    result = invoke_kmsfs("policy", "check", config, *args, check=False)
     return result.returncode, result.stdout, result.stderr
 
 
@@ -176,7 +177,7 @@ def test_check_exit_codes_for_bad_input(tmp_path: Path) -> None:
 
 def test_mount_refuses_a_config_with_a_bad_policy_before_anything_else(tmp_path: Path) -> None:
     bad = write_config(tmp_path, '[[policy.rule]]\nactions = ["reed"]\neffect = "deny"\n')
-    result = run_kmsfs("mount", "--config", bad, check=False)
+    result = invoke_kmsfs("mount", "--config", bad, check=False)
     assert result.returncode == 3
     assert result.stderr == (
         f"kmsfs: error: {bad}: policy rule 1: actions: unknown action 'reed' (did you mean"
@@ -229,7 +230,7 @@ def learn_log(tmp_path: Path) -> Path:
 
 def suggested_policy(tmp_path: Path) -> tuple[Policy, str, str]:
     log = learn_log(tmp_path)
-    result = run_kmsfs("policy", "suggest", log)
+    result = invoke_kmsfs("policy", "suggest", log)
     text = '[policy]\ndefault = "deny"\n\n' + result.stdout
     tomllib.loads(text)  # valid TOML as printed
     policy = load_server_config(write_config(tmp_path, text, "suggested.toml")).policy
@@ -294,9 +295,9 @@ def test_suggest_groups_rules_by_user_program_and_actions(tmp_path: Path) -> Non
 def test_suggest_with_nothing_to_suggest(tmp_path: Path) -> None:
     log = tmp_path / "empty.jsonl"
     log.write_text("")
-    result = run_kmsfs("policy", "suggest", log)
+    result = invoke_kmsfs("policy", "suggest", log)
     assert "# No would-be denies in learn mode: nothing to suggest." in result.stdout
-    missing = run_kmsfs("policy", "suggest", tmp_path / "nothing.jsonl", check=False)
+    missing = invoke_kmsfs("policy", "suggest", tmp_path / "nothing.jsonl", check=False)
     assert missing.returncode == 2  # click: the file does not exist
 
 

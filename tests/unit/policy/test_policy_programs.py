@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support.cli import run_kmsfs
+from support.cli import invoke_kmsfs
 
 from kmsfs.backing.statx import Statx
 from kmsfs.policy import IdentityCache, Pending, Policy, Requester, parse_policy
@@ -205,7 +205,7 @@ def test_policy_check_says_what_a_symlinked_program_is(tmp_path: Path) -> None:
         'effect = "permit"\n'
     )
     for program in (tmp_path / "alias", real):
-        result = run_kmsfs(
+        result = invoke_kmsfs(
             "policy", "check", config, "--user", "root", "--program", program,
             "--path", "/x", "--action", "read",
         )  # fmt: skip
@@ -213,7 +213,7 @@ def test_policy_check_says_what_a_symlinked_program_is(tmp_path: Path) -> None:
         assert f"note: {config}: policy rule 1: programs: {tmp_path / 'alias'} is a symlink" in (
             result.stdout
         )
-    alias = run_kmsfs(
+    alias = invoke_kmsfs(
         "policy", "check", config, "--user", "root", "--program", tmp_path / "alias",
         "--path", "/x", "--action", "read",
     ).stdout  # fmt: skip
