@@ -188,7 +188,8 @@ def status(ops: Any) -> dict[str, Any]:
         active.append("dont_mask")
     access = getattr(ops, "content_access", None)  # kmsfs/fs/content_access.py
     if access is not None and access.cache_listings:
-        if getattr(ops, "timeout", 0) > 0:
+        access_control = getattr(ops, "access_control", None)  # kmsfs/fs/access.py
+        if getattr(access_control, "timeout", 0) > 0:
             active.append("cache_dir")
         else:
             off["cache_dir"] = "the kernel's caches are off (access policy)"

@@ -37,11 +37,11 @@ from kmsfs.backing.syscalls import RENAME_EXCHANGE, renameat2
 from kmsfs.backing.tree import FILE_FLAGS, Entry, Tree, TreeChanged
 from kmsfs.errors import KmsfsError
 from kmsfs.format.header import FileHeader
+from kmsfs.fs.errno_map import LookAgain
 from kmsfs.fs.inodes import Inode
-from kmsfs.fs.ops_base import LookAgain
 
 if TYPE_CHECKING:
-    from kmsfs.fs.ops_base import OperationsBase
+    from kmsfs.fs.operations import KmsfsOperations
 
 log = logging.getLogger("kmsfs.rekey")
 
@@ -96,7 +96,7 @@ class OnlineRekey:
     """
 
     def __init__(
-        self, ops: OperationsBase, tree: Tree, state_fd: int, chunk: int = CHUNK_BYTES
+        self, ops: KmsfsOperations, tree: Tree, state_fd: int, chunk: int = CHUNK_BYTES
     ) -> None:
         self.ops = ops
         self.tree = tree
@@ -150,7 +150,7 @@ class OnlineRekey:
         finally:
             self.current = None
             with trio.CancelScope(shield=True):
-                await self.ops._release_content(entry)
+                await self.ops.contents.release_content(entry)
                 self.ops.inodes.release_if_unused(entry)
 
     async def _rekey_entry(
@@ -164,14 +164,14 @@ class OnlineRekey:
         requester = _requester(path)
         async with entry.lock:
             try:
-                old = await ops._content(entry, requester)
+                old = await ops.contents.content(entry, requester)
             except LookAgain:  # its format marker was wrong, and is right now
-                old = await ops._content(entry, requester)
+                old = await ops.contents.content(entry, requester)
         header = read_header(old.fd, path)
         reason = wanted(header, old)
         if reason is not None:
             raise NotDue(reason, where=path)
-        new_header, cipher = await ops._key_call(
+        new_header, cipher = await ops.contents.key_call(
             ops.keyring.new_file_cipher, header.block_size, requester
         )
         self.recover()
@@ -181,22 +181,22 @@ class OnlineRekey:
         new = None
         try:
             new = start_encrypted(new_fd, new_header, cipher, path)
-            new.describe = lambda: ops.describe(entry)
+            new.describe = lambda: ops.places.describe(entry)
             async with entry.lock:
                 old = self._mirrored(entry, None)
                 old.mirror, old.mirror_error = new, None
             copied = await self._copy(entry, new, before_chunk)
-            await trio.to_thread.run_sync(os.fsync, new_fd, limiter=ops._limiter)
+            await trio.to_thread.run_sync(os.fsync, new_fd, limiter=ops.contents.io_limiter)
             synced = (new.usage.sealed, new.size)
             async with entry.lock:
                 old = self._mirrored(entry, new)
                 if new.size != old.size:
                     new.truncate(old.size)  # a trailing hole the copy left unwritten
                 if (new.usage.sealed, new.size) != synced:  # changed since: sync again
-                    await trio.to_thread.run_sync(os.fsync, new_fd, limiter=ops._limiter)
+                    await trio.to_thread.run_sync(os.fsync, new_fd, limiter=ops.contents.io_limiter)
                 with trio.CancelScope(shield=True):
                     await self._switch(entry, old, new, header, new_header)
-            await trio.to_thread.run_sync(_free, old.fd, limiter=ops._limiter)
+            await trio.to_thread.run_sync(_free, old.fd, limiter=ops.contents.io_limiter)
             return copied
         finally:
             if new is None or entry.content is not new:
@@ -223,7 +223,7 @@ class OnlineRekey:
             why = content.mirror_error
             raise RekeyAbandoned(
                 f"a write or truncate failed while it was copied ({why}): left as it was",
-                where=self.ops.describe(entry),
+                where=self.ops.places.describe(entry),
             )
         return content
 
@@ -246,7 +246,7 @@ class OnlineRekey:
                 if pos >= old.size:
                     return copied
                 copied += await trio.to_thread.run_sync(
-                    copy_chunk, old.read, new, pos, self.chunk, limiter=ops._limiter
+                    copy_chunk, old.read, new, pos, self.chunk, limiter=ops.contents.io_limiter
                 )
             pos += self.chunk
             if progress is not None:
@@ -266,7 +266,7 @@ class OnlineRekey:
         ops = self.ops
         dir_fd = self._exchange(entry, old, new, old_header.file_id, header.file_id)
         try:
-            await trio.to_thread.run_sync(os.fsync, dir_fd, limiter=ops._limiter)
+            await trio.to_thread.run_sync(os.fsync, dir_fd, limiter=ops.contents.io_limiter)
         finally:
             os.close(dir_fd)
             # from here on every request uses the new file (also if the fsync failed:
@@ -275,7 +275,7 @@ class OnlineRekey:
             entry.content = new
             entry.format, entry.claims = header.version, 0
         os.unlink(TMP_NAME, dir_fd=self.state_fd)  # the old inode, held as ``retired``
-        log.info("%s: re-keyed (file ID %s, format %d)", ops.describe(entry),
+        log.info("%s: re-keyed (file ID %s, format %d)", ops.places.describe(entry),
                  header.file_id.hex(), header.version)  # fmt: skip
 
     def _exchange(
@@ -288,8 +288,8 @@ class OnlineRekey:
         daemon comes in between."""
         ops = self.ops
         st_old = os.fstat(old.fd)
-        backing = ops.paths.backing_of(entry.fd)
-        path = ops.describe(entry)
+        backing = ops.places.paths.backing_of(entry.fd)
+        path = ops.places.describe(entry)
         if backing is None or backing == "/" or st_old.st_nlink != 1:
             raise Moved(
                 "unlinked, hard-linked or moved out of the volume while it was copied",

@@ -83,7 +83,7 @@ def serve(
     built with once this returns or raises.
     """
     backing, mountpoint = spec.backing, spec.mountpoint
-    os.umask(0)  # new entries get the modes the requesters ask for (ops_base._new_mode)
+    os.umask(0)  # new entries get the modes the requesters ask for (Places.new_mode)
     try:
         pyfuse3.init(ops, mountpoint, fuse_options(backing, spec.fuse_options))
     except RuntimeError as exc:
@@ -98,8 +98,9 @@ def serve(
         if shared is not None
         else "",
     )
-    log.info("access policy: %s%s", ops.policy.summary(), _source(ops.policy))
-    ops.policy.programs.log_notes()
+    policy = ops.access_control.policy
+    log.info("access policy: %s%s", policy.summary(), _source(policy))
+    policy.programs.log_notes()
     failed: list[MountError] = []
     try:
         trio.run(_run, mountpoint, on_ready, ops, services, reloader, failed)
@@ -231,7 +232,8 @@ async def _announce_ready(
     try:
         st = await trio.to_thread.run_sync(os.stat, mountpoint)
     except PermissionError:  # the only EACCES a daemon's stat of its own root can get
-        failed.append(await trio.to_thread.run_sync(_readiness_denied, mountpoint, ops.policy))
+        policy = ops.access_control.policy
+        failed.append(await trio.to_thread.run_sync(_readiness_denied, mountpoint, policy))
         log.error("%s", failed[0])
         pyfuse3.terminate()
         return

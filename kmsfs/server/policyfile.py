@@ -90,8 +90,9 @@ class PolicyReloader:
         other, so the file read last is the one served.
         """
         async with self._lock:
-            policy, refused = await trio.to_thread.run_sync(reload_policy, self.path, ops.policy)
-            ops.policy = policy
+            current = ops.access_control.policy
+            policy, refused = await trio.to_thread.run_sync(reload_policy, self.path, current)
+            ops.access_control.set_policy(policy)
             if refused is None:
                 self.reloads += 1
             else:

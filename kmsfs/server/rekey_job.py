@@ -191,7 +191,7 @@ class RekeyService:
             log.warning("-o auto_rekey is off on a read-only mount")
             self.auto = False
         if self.auto:
-            ops.on_worn = self._queue_worn
+            ops.contents.on_worn = self._queue_worn
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -595,12 +595,12 @@ class RekeyService:
         entry = ops.inodes.get(ino)
         if entry is None or entry.fd < 0:
             return  # forgotten since: nothing to do
-        backing = ops.paths.backing_of(entry.fd)
+        backing = ops.places.paths.backing_of(entry.fd)
         if backing is None or backing == "/":
             return  # unlinked since
         try:
             st = os.stat(entry.fd)
-            path = ops.describe(entry)
+            path = ops.places.describe(entry)
             await self._rekey(backing[1:], path, st, lambda header, content: None, _no_pace)
         except Skipped as exc:
             log.warning("automatic rekey skipped %s", exc)

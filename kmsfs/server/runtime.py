@@ -102,7 +102,8 @@ class ServerRuntime:
         if self.reloader is None:
             return {"error": "mounted without a config file (--config): no policy to reload"}
         refused = await self.reloader.reload(ops)
-        return {"reloaded": refused is None, "refused": refused, "policy": ops.policy.summary()}
+        summary = ops.access_control.policy.summary()
+        return {"reloaded": refused is None, "refused": refused, "policy": summary}
 
     def check_claim(self) -> None:
         """Recheck the volume lock and this daemon's registration (``VolumeClaim.recheck``:

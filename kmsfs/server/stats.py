@@ -145,7 +145,7 @@ def snapshot(
         "bytes_written": ops.bytes_written,
         "errors": ops.errors,
         "requests": ops.requests.summary(),
-        "policy": ops.policy.describe(),
+        "policy": ops.access_control.policy.describe(),
         # shared mode: requests waiting for other daemons' locks, and how waits ended
         **({"lock_waits": ops.lock_waits.summary()} if ops.content_access.shared else {}),
         "pyfuse3": fuseloop.status(ops),

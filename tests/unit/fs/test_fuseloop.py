@@ -191,7 +191,7 @@ def test_status_names_the_hooks_in_use_and_why_one_is_off() -> None:
         enable_read_before_wait=patched,
         enable_dont_mask=patched,
         content_access=SimpleNamespace(cache_listings=patched, shared=False),
-        timeout=60.0,
+        access_control=SimpleNamespace(timeout=60.0),
     )
     info = fuseloop.status(plain)
     assert info["version"] == pyfuse3.__version__ and info["patched"] is patched
@@ -203,6 +203,6 @@ def test_status_names_the_hooks_in_use_and_why_one_is_off() -> None:
     access = SimpleNamespace(cache_listings=False, shared=True)
     shared = SimpleNamespace(**{**vars(plain), "content_access": access})
     assert fuseloop.status(shared)["off"] == {"cache_dir": "shared mode"}
-    varying = SimpleNamespace(**{**vars(plain), "timeout": 0.0})
+    varying = SimpleNamespace(**{**vars(plain), "access_control": SimpleNamespace(timeout=0.0)})
     assert "cache_dir" not in fuseloop.status(varying)["active"]
     assert "access policy" in fuseloop.status(varying)["off"]["cache_dir"]

@@ -550,6 +550,6 @@ def test_policy_and_log_paths_are_plaintext(ops: KmsfsOperations) -> None:
         inode = await create(ops, b"ACME-Corp.txt", b"x", parent=e)
         entry = ops.inodes.get(inode)
         assert entry is not None
-        return ops.describe(entry)
+        return ops.places.describe(entry)
 
     assert run(main) == "/customers/" + "E" * 200 + "/ACME-Corp.txt"

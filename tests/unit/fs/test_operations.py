@@ -201,7 +201,7 @@ def test_rename_link_unlink(ops: KmsfsOperations) -> None:
 def test_lookup_of_a_missing_name_is_a_cached_negative_entry(ops: KmsfsOperations) -> None:
     async def main() -> None:
         negative = await ops.lookup(ROOT, b"nope", CTX)
-        assert negative.st_ino == 0 and negative.entry_timeout == ops.timeout
+        assert negative.st_ino == 0 and negative.entry_timeout == ops.access_control.timeout
 
     run(main)
 

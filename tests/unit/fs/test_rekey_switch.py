@@ -136,7 +136,7 @@ def test_a_request_waiting_for_the_lock_during_the_switch_uses_the_new_file(
     """A large write queued behind the switch (it waits for the inode lock) must reach
     the new backing file.  Without re-reading the entry's content once it has the lock,
     it was written to the old inode, switched out and freed: the write was lost."""
-    data = os.urandom(ops.offload_bytes + BS)  # large: it takes the lock, never inline
+    data = os.urandom(ops.contents.offload_bytes + BS)  # large: it takes the lock, never inline
 
     class Probe(OnlineRekey):
         async def _switch(

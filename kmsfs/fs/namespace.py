@@ -6,7 +6,6 @@ import errno
 import os
 import stat
 from collections.abc import Sequence
-from time import perf_counter_ns
 
 import pyfuse3
 import trio
@@ -15,16 +14,40 @@ from pyfuse3 import FUSEError
 from kmsfs.backing import syscalls
 from kmsfs.errors import KmsfsError, PlaintextTooLong
 from kmsfs.format.content import format_of_mode, mode_for_format
+from kmsfs.fs.access import Access
+from kmsfs.fs.attributes import Attributes
+from kmsfs.fs.content_access import LocalContentAccess
+from kmsfs.fs.contents import Contents
+from kmsfs.fs.errno_map import log
 from kmsfs.fs.inodes import O_PATH_FLAGS, ROOT_INODE, DirHandle, Inode
-from kmsfs.fs.ops_access import AccessChecks
-from kmsfs.fs.ops_base import fuse_op, log
+from kmsfs.fs.places import Places
+from kmsfs.fs.served import ServedVolume
 
 
-class NamespaceOps(AccessChecks):
+class Namespace:
     """lookup, forget, getattr, setattr, readlink, mknod, mkdir, symlink, unlink, rmdir,
-    rename, link, opendir, readdir, releasedir, fsyncdir, statfs."""
+    rename, link, opendir, readdir, releasedir, fsyncdir, statfs (a truncation by
+    setattr goes to ``contents``)."""
 
-    @fuse_op
+    def __init__(
+        self,
+        parts: ServedVolume,
+        places: Places,
+        access: Access,
+        attributes: Attributes,
+        contents: Contents,
+        content_access: LocalContentAccess,
+    ) -> None:
+        self.places = places
+        self.access = access
+        self.attributes = attributes
+        self.contents = contents
+        self.content_access = content_access
+        self.backing = parts.backing
+        self.inodes = parts.inodes
+        self.names = parts.names
+        self._limiter = parts.io_limiter
+
     async def lookup(
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
@@ -32,46 +55,43 @@ class NamespaceOps(AccessChecks):
         if parent_inode == ROOT_INODE and name == b"..":
             st = os.stat(parent.fd)
             parent.lookups += 1
-            return self._attr(st, parent)
+            return self.attributes.of(st, parent)
         if self.names.reserved(parent_inode == ROOT_INODE, name):
             raise FUSEError(errno.ENOENT)
-        await self._allow(ctx, "list", self._path_of(parent, name))
-        backing = self.names.backing_name(self._dir(parent), name)
+        await self.access.allow(ctx, "list", self.places.path_of(parent, name))
+        backing = self.names.backing_name(self.places.dir(parent), name)
         try:
             st = os.stat(backing, dir_fd=parent.fd, follow_symlinks=False)
         except FileNotFoundError:
             negative = pyfuse3.EntryAttributes()
             negative.st_ino = 0
-            negative.entry_timeout = self.timeout
+            negative.entry_timeout = self.access.timeout
             return negative
         try:
-            link_size = self._entry_size(st, parent.fd, backing)
+            link_size = self.attributes.entry_size(st, parent.fd, backing)
         except KmsfsError as exc:  # a symlink whose target does not decrypt
-            raise exc.located(os.path.join(self.describe(parent), os.fsdecode(name))) from None
+            raise exc.located(
+                os.path.join(self.places.describe(parent), os.fsdecode(name))
+            ) from None
         entry, st = self.inodes.remember(st, parent_inode, name, backing)
         self.inodes.trim()
         if entry.fd < 0 or link_size is not None:  # deferred: no descriptor to lock through
-            return self._attr(st, entry, link_size)
-        return await self._attr_sized(st, entry, ctx.pid)
+            return self.attributes.of(st, entry, link_size)
+        return await self.attributes.sized(st, entry, ctx.pid)
 
-    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
-        # Not wrapped in _fuse_op: FORGET has no answer, and pyfuse3 must never see
-        # an exception from it; counted here instead.
-        start = perf_counter_ns()
+    def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        """Drop the kernel's lookup references; never raises (FORGET has no answer)."""
         for ino, count in inode_list:
             try:
                 self.inodes.forget(ino, count)
             except OSError as exc:  # closing a descriptor cannot really fail; never raise here
                 log.warning("forget inode %d: %s", ino, exc)
-        self._forgets.add(perf_counter_ns() - start)
 
-    @fuse_op
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         entry = await self.inodes.entry_waiting(inode)
-        await self._allow(ctx, "list", self._path_of(entry))
-        return await self._attr_sized(os.stat(entry.fd), entry, ctx.pid)
+        await self.access.allow(ctx, "list", self.places.path_of(entry))
+        return await self.attributes.sized(os.stat(entry.fd), entry, ctx.pid)
 
-    @fuse_op
     async def setattr(
         self,
         inode: int,
@@ -81,19 +101,11 @@ class NamespaceOps(AccessChecks):
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
         entry = await self.inodes.entry_waiting(inode)
-        await self._allow(ctx, "write", self._path_of(entry))
+        await self.access.allow(ctx, "write", self.places.path_of(entry))
         if fields.update_size:
             if not entry.is_regular:
                 raise FUSEError(errno.EISDIR if stat.S_ISDIR(entry.mode) else errno.EINVAL)
-            await self.content_access.wait_created(entry, ctx.pid)
-            async with entry.lock:
-                await self._content(entry, self._requester(ctx, entry))
-                entry.opens += 1  # kept open while the truncation may wait for its lock
-            try:
-                size = attr.st_size
-                await self._content_run(entry, 0, lambda c: c.truncate(size), ctx.pid)
-            finally:
-                await self._release_content(entry)
+            await self.contents.truncate(entry, attr.st_size, ctx)
         if fields.update_mode and not stat.S_ISLNK(entry.mode):
             mode = stat.S_IMODE(attr.st_mode)
             if entry.is_regular:  # the backing file keeps its format marker, whatever was asked
@@ -114,16 +126,15 @@ class NamespaceOps(AccessChecks):
                 attr.st_atime_ns if fields.update_atime else None,
                 attr.st_mtime_ns if fields.update_mtime else None,
             )
-        return await self._attr_sized(os.stat(entry.fd), entry, ctx.pid)
+        return await self.attributes.sized(os.stat(entry.fd), entry, ctx.pid)
 
-    @fuse_op
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
         entry = self.inodes.entry(inode)
-        await self._allow(ctx, "list", self._path_of(entry))
+        await self.access.allow(ctx, "list", self.places.path_of(entry))
         try:
             return self.names.read_link(entry.fd)
         except KmsfsError as exc:
-            raise exc.located(self.describe(entry)) from None
+            raise exc.located(self.places.describe(entry)) from None
 
     async def _created(
         self,
@@ -137,7 +148,7 @@ class NamespaceOps(AccessChecks):
         *parent*, owned by the caller; *dir_id*: a new directory's ID, kept with it."""
         fd = os.open(backing, O_PATH_FLAGS, dir_fd=parent.fd)
         try:
-            self._own(fd, parent, ctx)
+            self.places.own(fd, parent, ctx)
             st = os.stat(fd)
         except BaseException:
             os.close(fd)
@@ -146,60 +157,54 @@ class NamespaceOps(AccessChecks):
         if dir_id and entry.dir_id is None:
             entry.dir_id = dir_id
         self.inodes.trim()
-        return self._attr(st, entry)
+        return self.attributes.of(st, entry)
 
-    @fuse_op
     async def mknod(
         self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        self._check_name(parent_inode, name)
+        self.places.check_name(parent_inode, name)
         parent = self.inodes.entry(parent_inode)
-        await self._allow(ctx, "create", self._path_of(parent, name))
+        await self.access.allow(ctx, "create", self.places.path_of(parent, name))
         if stat.S_ISREG(mode):
             raise FUSEError(errno.EPERM)  # regular files are made by create, with a header
-        new_mode = self._new_mode(parent, mode, ctx)
-        backing = self.names.make_node(self._dir(parent), name, new_mode, rdev)
+        new_mode = self.places.new_mode(parent, mode, ctx)
+        backing = self.names.make_node(self.places.dir(parent), name, new_mode, rdev)
         return await self._created(parent, name, backing, ctx)
 
-    @fuse_op
     async def mkdir(
         self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        self._check_name(parent_inode, name)
+        self.places.check_name(parent_inode, name)
         parent = self.inodes.entry(parent_inode)
-        await self._allow(ctx, "create", self._path_of(parent, name))
-        new_mode = self._new_mode(parent, mode, ctx)
-        backing, dir_id = self.names.make_dir(self._dir(parent), name, new_mode)
+        await self.access.allow(ctx, "create", self.places.path_of(parent, name))
+        new_mode = self.places.new_mode(parent, mode, ctx)
+        backing, dir_id = self.names.make_dir(self.places.dir(parent), name, new_mode)
         return await self._created(parent, name, backing, ctx, dir_id)
 
-    @fuse_op
     async def symlink(
         self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        self._check_name(parent_inode, name)
+        self.places.check_name(parent_inode, name)
         parent = self.inodes.entry(parent_inode)
-        await self._allow(ctx, "create", self._path_of(parent, name))
+        await self.access.allow(ctx, "create", self.places.path_of(parent, name))
         try:
-            backing = self.names.make_symlink(self._dir(parent), name, target)
+            backing = self.names.make_symlink(self.places.dir(parent), name, target)
         except PlaintextTooLong:
             raise FUSEError(errno.ENAMETOOLONG) from None  # a target the volume cannot store
         return await self._created(parent, name, backing, ctx)
 
-    @fuse_op
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        self._check_name(parent_inode, name)
+        self.places.check_name(parent_inode, name)
         parent = self.inodes.entry(parent_inode)
-        await self._allow(ctx, "delete", self._path_of(parent, name))
-        self.names.unlink(self._dir(parent), name)
+        await self.access.allow(ctx, "delete", self.places.path_of(parent, name))
+        self.names.unlink(self.places.dir(parent), name)
 
-    @fuse_op
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        self._check_name(parent_inode, name)
+        self.places.check_name(parent_inode, name)
         parent = self.inodes.entry(parent_inode)
-        await self._allow(ctx, "delete", self._path_of(parent, name))
-        self.names.rmdir(self._dir(parent), name)
+        await self.access.allow(ctx, "delete", self.places.path_of(parent, name))
+        self.names.rmdir(self.places.dir(parent), name)
 
-    @fuse_op
     async def rename(
         self,
         parent_inode_old: int,
@@ -209,44 +214,45 @@ class NamespaceOps(AccessChecks):
         flags: int,
         ctx: pyfuse3.RequestContext,
     ) -> None:
-        self._check_name(parent_inode_old, name_old)
-        self._check_name(parent_inode_new, name_new)
+        self.places.check_name(parent_inode_old, name_old)
+        self.places.check_name(parent_inode_new, name_new)
         old_parent = self.inodes.entry(parent_inode_old)
         new_parent = self.inodes.entry(parent_inode_new)
-        await self._allow_rename(ctx, old_parent, name_old, new_parent, name_new)
-        self.names.rename(self._dir(old_parent), name_old, self._dir(new_parent), name_new, flags)
+        await self.access.allow_rename(ctx, old_parent, name_old, new_parent, name_new)
+        self.names.rename(
+            self.places.dir(old_parent), name_old, self.places.dir(new_parent), name_new, flags
+        )
 
-    @fuse_op
     async def link(
         self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        self._check_name(new_parent_inode, new_name)
+        self.places.check_name(new_parent_inode, new_name)
         entry = self.inodes.entry(inode)
         parent = self.inodes.entry(new_parent_inode)
-        await self._allow(ctx, "rename", self._path_of(entry))  # a new name for it
-        await self._allow(ctx, "create", self._path_of(parent, new_name))
-        self.names.link(entry.proc_path, self._dir(parent), new_name)
+        await self.access.allow(ctx, "rename", self.places.path_of(entry))  # a new name for it
+        await self.access.allow(ctx, "create", self.places.path_of(parent, new_name))
+        self.names.link(entry.proc_path, self.places.dir(parent), new_name)
         entry.lookups += 1
-        return await self._attr_sized(os.stat(entry.fd), entry, ctx.pid)
+        return await self.attributes.sized(os.stat(entry.fd), entry, ctx.pid)
 
-    @fuse_op
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int | pyfuse3.FileInfo:
         entry = await self.inodes.entry_waiting(inode)
-        await self._allow(ctx, "list", self._path_of(entry))
+        await self.access.allow(ctx, "list", self.places.path_of(entry))
         fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=entry.fd)
         # READDIR has no requester: the opener's decides what the listing shows
-        fh = self.inodes.open_dir(fd, inode, self.identities.lookup(ctx.pid, ctx.uid, ctx.gid))
+        fh = self.inodes.open_dir(
+            fd, inode, self.access.identities.lookup(ctx.pid, ctx.uid, ctx.gid)
+        )
         # The kernel may keep the listing (FOPEN_CACHE_DIR) while it keeps entries: every
         # change reaches it through the mount, OPENDIR (the policy's "list" check) is still
         # sent on every open, and the kernel's caches are off (timeout 0) when listings
         # differ per requester.  A listing kept under an earlier policy is not kept again.
-        if self.content_access.cache_listings and self.timeout > 0:
-            keep = entry.listed_under == self.policy_serial
-            entry.listed_under = self.policy_serial
+        if self.content_access.cache_listings and self.access.timeout > 0:
+            keep = entry.listed_under == self.access.policy_serial
+            entry.listed_under = self.access.policy_serial
             return pyfuse3.FileInfo(fh=fh, cache_readdir=True, keep_cache=keep)
         return fh
 
-    @fuse_op
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         handle = self.inodes.dirs[fh]
         if handle.names is None or start_id == 0:
@@ -254,9 +260,9 @@ class NamespaceOps(AccessChecks):
             if directory is None:
                 raise FUSEError(errno.ESTALE)
             listed = self.names.listing(
-                self._dir(directory, handle.fd), lambda: self.describe(directory)
+                self.places.dir(directory, handle.fd), lambda: self.places.describe(directory)
             )
-            handle.names = await self._listable(handle, listed)
+            handle.names = await self.access.listable(handle, listed)
         names = handle.names
         fd = handle.fd
         # Offsets: 1 is ".", 2 is "..", 3 + i is names[i].  The kernel takes no
@@ -264,12 +270,12 @@ class NamespaceOps(AccessChecks):
         if start_id < 1:
             st = os.stat(fd)
             if not pyfuse3.readdir_reply(
-                token, b".", self._attr(st, self.inodes.get(handle.ino)), 1
+                token, b".", self.attributes.of(st, self.inodes.get(handle.ino)), 1
             ):
                 return
         if start_id < 2:
             st = os.stat("..", dir_fd=fd) if handle.ino != ROOT_INODE else os.stat(fd)
-            if not pyfuse3.readdir_reply(token, b"..", self._attr(st), 2):
+            if not pyfuse3.readdir_reply(token, b"..", self.attributes.of(st), 2):
                 return
         for index in range(max(start_id - 2, 0), len(names)):
             name, backing = names[index].name, names[index].backing
@@ -290,13 +296,15 @@ class NamespaceOps(AccessChecks):
                     os.close(new_fd)
                     new_fd = None
             try:
-                size = self._entry_size(st, fd, backing)
+                size = self.attributes.entry_size(st, fd, backing)
             except KmsfsError as exc:  # a symlink whose target does not decrypt
                 log.error("%s: left out of the listing: %s", self._listed_path(handle, name), exc)
                 if new_fd is not None and new_fd >= 0:
                     os.close(new_fd)
                 continue
-            if not pyfuse3.readdir_reply(token, name, self._attr(st, known, size), index + 3):
+            if not pyfuse3.readdir_reply(
+                token, name, self.attributes.of(st, known, size), index + 3
+            ):
                 if new_fd is not None and new_fd >= 0:
                     os.close(new_fd)
                 break
@@ -305,23 +313,20 @@ class NamespaceOps(AccessChecks):
             else:
                 entry = self.inodes.adopt(st, new_fd, handle.ino, name, born, backing)
             if known is None and stat.S_ISREG(st.st_mode):
-                self._layout_for(st, entry)  # the size just reported came from its marker
+                self.attributes.layout_for(st, entry)  # the size just reported came from its marker
         self.inodes.trim()
 
     def _listed_path(self, handle: DirHandle, name: bytes) -> str:
         directory = self.inodes.get(handle.ino)
-        base = f"inode {handle.ino}" if directory is None else self.describe(directory)
+        base = f"inode {handle.ino}" if directory is None else self.places.describe(directory)
         return os.path.join(base, os.fsdecode(name))
 
-    @fuse_op
     async def releasedir(self, fh: int) -> None:
         self.inodes.close_dir(fh)
 
-    @fuse_op
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
         await trio.to_thread.run_sync(os.fsync, self.inodes.dirs[fh].fd, limiter=self._limiter)
 
-    @fuse_op
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         vfs = os.statvfs(self.backing)
         data = pyfuse3.StatvfsData()

@@ -1,5 +1,9 @@
 """The access policy in the operations: which action each request needs, who asks,
-and the audit records of opens, creates and decisions (kmsfs.policy decides)."""
+and the audit records of opens, creates and decisions (kmsfs.policy decides).
+
+``Access`` is what every concern of the operations asks (EACCES on a denial);
+``policy reload`` swaps its policy through ``set_policy``.
+"""
 
 from __future__ import annotations
 
@@ -15,12 +19,26 @@ from pyfuse3 import FUSEError
 
 from kmsfs.backing.names import Listed
 from kmsfs.fs.access_events import AccessEvent, access_mode
+from kmsfs.fs.errno_map import errno_for, log
 from kmsfs.fs.inodes import DirHandle, Inode
-from kmsfs.fs.ops_base import OperationsBase, errno_for, log
+from kmsfs.fs.places import Places
+from kmsfs.fs.served import ServedVolume
 from kmsfs.policy import Decision, Pending, Policy, Requester
 from kmsfs.policy.records import audit_record
 
 MAX_ROUNDS = 3  # Pending kinds (program look-up, SHA-256) + 1
+_FMODE_EXEC = 0x20  # in an OPEN's flags when the kernel opens a file to execute it
+
+
+def open_actions(flags: int) -> tuple[str, ...]:
+    """The policy actions an open with *flags* needs: read, write, both, or exec."""
+    mode = flags & os.O_ACCMODE
+    actions: list[str] = []
+    if mode in (os.O_RDONLY, os.O_RDWR):
+        actions.append("exec" if flags & _FMODE_EXEC else "read")
+    if mode in (os.O_WRONLY, os.O_RDWR) or flags & os.O_TRUNC:
+        actions.append("write")
+    return tuple(actions)
 
 
 def _once(path: Callable[[], str | None]) -> Callable[[], str | None]:
@@ -49,15 +67,37 @@ def mode_lets_read(st: os.stat_result, uid: int, groups: frozenset[int]) -> bool
     return bool(st.st_mode & stat.S_IROTH)
 
 
-class AccessChecks(OperationsBase):
-    """Policy checks and audit records for the handlers (EACCES on a denial)."""
+class Access:
+    """Policy checks and audit records for the handlers (EACCES on a denial).
+
+    Attributes: policy (the access policy served; ``set_policy`` replaces it),
+    policy_serial (policies set so far), timeout (the seconds the kernel may keep
+    entries and attributes under the current policy: 0 when listings differ per
+    requester), identities (requester identities), on_access (the audit log's sink
+    for opens and creates, or None), on_policy (its sink for decisions marked for
+    audit, or None).
+    """
+
+    def __init__(self, parts: ServedVolume, places: Places) -> None:
+        self.places = places
+        self.names = parts.names
+        self.inodes = parts.inodes
+        self.identities = parts.identities
+        self.on_access = parts.on_access
+        self.on_policy = parts.on_policy
+        self._volume_hex = parts.config.volume_id.hex()
+        self._key_limiter = parts.key_limiter
+        self._timeout = parts.timeout  # the configured one; ``timeout`` may be 0 (policy)
+        self.timeout = parts.timeout
+        self._exec_warned: set[int] = set()  # inodes (warn_exec_only)
+        self.policy_serial = 0  # policies set so far (set_policy counts them)
+        self.set_policy(parts.policy)
 
     @property
     def policy(self) -> Policy:
         return self._policy
 
-    @policy.setter
-    def policy(self, policy: Policy) -> None:
+    def set_policy(self, policy: Policy) -> None:
         """Swap the access policy (SIGHUP reload).  When two processes may be shown
         different things for one name (``list`` rules that test the requester), entries
         and attributes are not cached by the kernel (docs/DESIGN.md "Access policy")."""
@@ -66,7 +106,7 @@ class AccessChecks(OperationsBase):
         self.timeout = 0.0 if policy.varies_by_requester("list") else self._timeout
         self._exec_warned.clear()  # warned once per file and policy
 
-    async def _allow(
+    async def allow(
         self,
         ctx: pyfuse3.RequestContext,
         action: str,
@@ -89,13 +129,13 @@ class AccessChecks(OperationsBase):
             requester = self.identities.lookup(ctx.pid, ctx.uid, ctx.gid)
         else:
             requester = self.identities.lookup(ctx.pid, ctx.uid, ctx.gid)
-            decision = await self._decide(policy, requester, action, path, tree)
+            decision = await self.decide(policy, requester, action, path, tree)
         if decision.audit and self.on_policy is not None:
             self.on_policy(audit_record(requester, action, path(), decision))
         if not decision.allowed:
             raise FUSEError(errno.EACCES)  # the access policy denies it
 
-    async def _decide(
+    async def decide(
         self,
         policy: Policy,
         requester: Requester,
@@ -116,7 +156,7 @@ class AccessChecks(OperationsBase):
                 await trio.to_thread.run_sync(pending.resolve, limiter=self._key_limiter)
         raise RuntimeError(f"policy decision for {action} still pending after {MAX_ROUNDS} rounds")
 
-    async def _listable(self, handle: DirHandle, names: list[Listed]) -> list[Listed]:
+    async def listable(self, handle: DirHandle, names: list[Listed]) -> list[Listed]:
         """The entries of *names* (in the directory *handle*) its opener may ``list``.
 
         A denied entry is left out, not audited (the opener asked for the
@@ -129,16 +169,16 @@ class AccessChecks(OperationsBase):
         if requester is None or policy.mode != "enforce" or not policy.applies("list"):
             return names
         entry = self.inodes.get(handle.ino)
-        base = None if entry is None else self._path_of(entry)()
+        base = None if entry is None else self.places.path_of(entry)()
         shown = []
         for name in names:
             path = None if base is None else os.path.join(base, os.fsdecode(name.name))
-            decision = await self._decide(policy, requester, "list", _constant(path))
+            decision = await self.decide(policy, requester, "list", _constant(path))
             if decision.allowed:
                 shown.append(name)
         return shown
 
-    async def _warn_exec_only(self, ctx: pyfuse3.RequestContext, entry: Inode) -> None:
+    async def warn_exec_only(self, ctx: pyfuse3.RequestContext, entry: Inode) -> None:
         """Log (once per file and policy) an exec the policy permits to a requester it
         denies ``read``, of a file whose mode lets that requester read it.
 
@@ -154,8 +194,8 @@ class AccessChecks(OperationsBase):
         if entry.ino in self._exec_warned:
             return
         requester = self.identities.lookup(ctx.pid, ctx.uid, ctx.gid)
-        path = _once(self._path_of(entry))
-        if (await self._decide(policy, requester, "read", path)).allowed:
+        path = _once(self.places.path_of(entry))
+        if (await self.decide(policy, requester, "read", path)).allowed:
             return
         st = os.stat(entry.fd)
         if not mode_lets_read(st, requester.uid, requester.groups):
@@ -172,7 +212,7 @@ class AccessChecks(OperationsBase):
             stat.S_IMODE(st.st_mode),
         )
 
-    async def _allow_rename(
+    async def allow_rename(
         self,
         ctx: pyfuse3.RequestContext,
         old_parent: Inode,
@@ -182,17 +222,17 @@ class AccessChecks(OperationsBase):
     ) -> None:
         """rename on the source (and all below it), create on the destination, delete on a
         name it replaces; the existence check costs a syscall only under a delete rule."""
-        await self._allow(ctx, "rename", self._path_of(old_parent, old_name), tree=True)
-        await self._allow(ctx, "create", self._path_of(new_parent, new_name))
+        await self.allow(ctx, "rename", self.places.path_of(old_parent, old_name), tree=True)
+        await self.allow(ctx, "create", self.places.path_of(new_parent, new_name))
         if self._policy.applies("delete") or not self._policy.default_decision.allowed:
-            backing = self.names.backing_name(self._dir(new_parent), new_name)
+            backing = self.names.backing_name(self.places.dir(new_parent), new_name)
             try:
                 os.stat(backing, dir_fd=new_parent.fd, follow_symlinks=False)
             except FileNotFoundError:
                 return
-            await self._allow(ctx, "delete", self._path_of(new_parent, new_name), tree=True)
+            await self.allow(ctx, "delete", self.places.path_of(new_parent, new_name), tree=True)
 
-    def _requester(
+    def requester(
         self,
         ctx: pyfuse3.RequestContext | None,
         entry: Inode | None,
@@ -223,13 +263,13 @@ class AccessChecks(OperationsBase):
             "unknown_program": requester.unknown_program,
         }
         if entry is not None:
-            path = self.describe(entry)
+            path = self.places.describe(entry)
             if name is not None:
                 path = os.path.join(path, os.fsdecode(name))
             info["path"] = path
         return info
 
-    def _audit_access(
+    def audit_access(
         self,
         operation: str,
         flags: int,
