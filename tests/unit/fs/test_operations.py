@@ -26,7 +26,8 @@ from support.volumes import make_volume
 from kmsfs.errors import IntegrityError, KeyAccessDenied, KeyUnavailable, WrongKeyError
 from kmsfs.format.content import Layout
 from kmsfs.format.header import FORMAT_1, FORMAT_2, XATTR_NAME
-from kmsfs.fs.operations import KmsfsOperations, errno_for
+from kmsfs.fs.operations import DEFAULT_TIMEOUT, KmsfsOperations, errno_for
+from kmsfs.policy import Policy, parse_policy
 
 # -- content ------------------------------------------------------------------
 
@@ -204,6 +205,27 @@ def test_lookup_of_a_missing_name_is_a_cached_negative_entry(ops: KmsfsOperation
         assert negative.st_ino == 0 and negative.entry_timeout == ops.access_control.timeout
 
     run(main)
+
+
+def test_a_reloaded_policy_sets_how_long_the_kernel_keeps_entries(
+    ops: KmsfsOperations,
+) -> None:
+    """``set_policy`` (what ``policy reload`` calls): list rules that test the requester
+    turn the kernel's entry and attribute caches off, a policy without them back on."""
+    rule = {"users": "daemon", "actions": ["list"], "effect": "deny"}
+    varies = parse_policy({"rule": [rule]}, "test.toml")
+
+    async def timeouts() -> tuple[float, float]:
+        negative = await ops.lookup(ROOT, b"nope", CTX)
+        attr = await ops.getattr(ROOT, CTX)
+        return negative.entry_timeout, attr.attr_timeout
+
+    assert run(timeouts) == (DEFAULT_TIMEOUT, DEFAULT_TIMEOUT)
+    ops.access_control.set_policy(varies)
+    assert ops.access_control.policy is varies
+    assert run(timeouts) == (0.0, 0.0)
+    ops.access_control.set_policy(Policy.permit_all())
+    assert run(timeouts) == (DEFAULT_TIMEOUT, DEFAULT_TIMEOUT)
 
 
 def test_namespace_errors_map_to_posix_errnos(ops: KmsfsOperations) -> None:
