@@ -121,7 +121,7 @@ def parse_strace(text: str) -> tuple[dict[str, int], dict[str, int]]:
 
 
 def measure_row(bench: Bench, row: Row, s: System, work: Path) -> RowBudget:
-    getattr(bench, f"prep_{row.key}")(s)
+    bench.prepare(row, s)
     late = row.key in ("gitstatus", "pgbench")  # counted after the run
     budget = RowBudget(files=0 if late else files_of(bench, row, s))
     before = kmsfs_counters(s) if s.name == "kmsfs" else {}
@@ -154,8 +154,8 @@ def strace_row(bench: Bench, row: Row, s: System, work: Path, budget: RowBudget)
     pid = s.daemon_pid()
     if pid is None:
         return
-    getattr(bench, f"prep_{row.key}")(s)
-    pid = s.daemon_pid()  # a cold prep remounts: a new daemon
+    bench.prepare(row, s)
+    pid = s.daemon_pid()  # a cold row remounts: a new daemon
     assert pid is not None
     before = kmsfs_counters(s)
     out = work / f"strace-{row.key}.txt"

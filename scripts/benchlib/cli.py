@@ -69,7 +69,7 @@ def measure(bench: Bench, row: Row, system: System) -> dict[str, Sample]:
         raise Skipped(bench.unavailable[row.key])
     if system.fuse and not os.path.ismount(system.mnt):
         raise RuntimeError(f"{system.name} is not mounted at {system.mnt}")
-    getattr(bench, f"prep_{row.key}")(system)
+    bench.prepare(row, system)
     pid = system.daemon_pid()
     cpu0 = proc_cpu(pid) if pid else None
     figures = getattr(bench, f"run_{row.key}")(system)

@@ -2,6 +2,10 @@
 
 Each row ``key`` has ``Bench.prep_<key>`` (untimed set-up), ``Bench.run_<key>``
 (returns the figure) and optionally ``Bench.post_<key>`` (untimed clean-up).
+``Bench.prepare`` runs the prep and, for a ``cold`` row, then remounts the system
+and drops the kernel's caches, right before the timed run: the drop is global, so
+a row that read state an earlier row left would otherwise meet it cold or warm
+depending on which system ran last (rows run interleaved across systems).
 Rows that share state run in order (3-6 share the untarred tree, 10a-10d the
 clone), and each prep makes what its row needs if an earlier row did not, so
 any subset of rows can run alone.  A row measured by another row's run (11b, the
@@ -68,7 +72,9 @@ class Row:
     """One line of the table.  ``peer_target``: kmsfs / best peer must reach it (throughput:
     at least, time: at most), or kmsfs / ``versus`` if that names a peer;
     ``floor_target``: kmsfs / floor must stay within it; ``part_of``: the key of the
-    row whose run also gives this row's figure (this row has no methods of its own)."""
+    row whose run also gives this row's figure (this row has no methods of its own);
+    ``cold``: the system is remounted and the kernel's caches dropped right before the
+    timed run (``Bench.prepare``), and the label says "cold"."""
 
     key: str
     number: str
@@ -79,15 +85,16 @@ class Row:
     floor_target: float | None = None
     versus: str | None = None
     part_of: str | None = None
+    cold: bool = False
 
 
 # Targets: data rows against the best peer, metadata rows against the floor.
 ROWS = [
     Row("rtt", "0", "request round trip (uncached getxattr)", "µs", False),
     Row("seqwrite", "1", "sequential write (dd bs=128k, fsync)", "MB/s", True, 0.9),
-    Row("seqread", "2", "cold sequential read (dd bs=128k)", "MB/s", True, 1.0),
+    Row("seqread", "2", "cold sequential read (dd bs=128k)", "MB/s", True, 1.0, cold=True),
     Row("untar", "3", "untar", "s", False, floor_target=1.25),
-    Row("ls", "4", "`ls -lR`, cold", "s", False, floor_target=1.25),
+    Row("ls", "4", "`ls -lR`, cold", "s", False, floor_target=1.25, cold=True),
     Row(
         "readall",
         "5",
@@ -95,10 +102,19 @@ ROWS = [
         "s",
         False,
         floor_target=1.25,
+        cold=True,
     ),
-    Row("rm", "6", "`rm -rf`", "s", False, floor_target=1.25),
-    Row("randread", "7a", "fio random 4 KiB read, cold", "IOPS", True, 0.8),
-    Row("randwrite", "7b", "fio random 4 KiB write (+ end fsync)", "IOPS", True, 0.8),
+    Row("rm", "6", "`rm -rf`, cold", "s", False, floor_target=1.25, cold=True),
+    Row("randread", "7a", "fio random 4 KiB read, cold", "IOPS", True, 0.8, cold=True),
+    Row(
+        "randwrite",
+        "7b",
+        "fio random 4 KiB write (+ end fsync), cold",
+        "IOPS",
+        True,
+        0.8,
+        cold=True,
+    ),
     Row("create", "8", "create + stat of empty files in one dir", "s", False, floor_target=1.25),
     Row(
         "parrw",
@@ -319,6 +335,14 @@ class Bench:
         if server is not None:
             server.stop()
 
+    def prepare(self, row: Row, s: System) -> None:
+        """The untimed set-up of *row* on *s*: its prep, then for a cold row a remount
+        of *s* and a drop of the kernel's caches, so that nothing runs between the drop
+        and the timed run."""
+        getattr(self, f"prep_{row.key}")(s)
+        if row.cold:
+            s.remount_cold()
+
     def _dd_write(self, path: Path) -> str:
         count = self.sizes.seq_bytes // (128 * 1024)
         target = shlex.quote(str(path))
@@ -355,7 +379,6 @@ class Bench:
     def prep_seqread(self, s: System) -> None:
         if not self.seq(s).exists():
             run(self._dd_write(self.seq(s)))
-        s.remount_cold()
 
     def run_seqread(self, s: System) -> float:
         path = shlex.quote(str(self.seq(s)))
@@ -367,8 +390,12 @@ class Bench:
 
     # 3
     def prep_untar(self, s: System) -> None:
+        """No tree on the mount, and the tar read once: every system untars it from the
+        page cache (a cold row dropped it, and only the first untar after would read
+        the disk)."""
         if self.tree(s).exists():
             run(["rm", "-rf", str(self.tree(s))])
+        run(f"cat {shlex.quote(str(self.tar))} > /dev/null")
 
     def run_untar(self, s: System) -> float:
         return timed(self._untar(s))
@@ -380,14 +407,12 @@ class Bench:
 
     def prep_ls(self, s: System) -> None:
         self._ensure_tree(s)
-        s.remount_cold()
 
     def run_ls(self, s: System) -> float:
         return timed(f"ls -lR {shlex.quote(str(self.tree(s)))} > /dev/null")
 
     def prep_readall(self, s: System) -> None:
         self._ensure_tree(s)
-        s.remount_cold()
 
     def run_readall(self, s: System) -> float:
         tree = shlex.quote(str(self.tree(s)))
@@ -428,7 +453,6 @@ class Bench:
                 f"dd if=/dev/urandom of={shlex.quote(str(path))} bs=1M count={count}"
                 " conv=fsync status=none"
             )
-        s.remount_cold()
 
     def run_randread(self, s: System) -> float:
         return float(self._fio(s, "randread", [])["read"]["iops"])  # type: ignore[index]
@@ -558,8 +582,12 @@ class Bench:
             run(["make", "-C", str(self.clone(s)), "-j2", "-s"])
 
     def prep_gitclone(self, s: System) -> None:
+        """No clone on the mount, and the project read once: every system clones it from
+        the page cache (as the tar in prep_untar)."""
         if self.clone(s).exists():
             run(["rm", "-rf", str(self.clone(s))])
+        if self.project is not None:
+            run(f"find {shlex.quote(str(self.project))} -type f -exec cat {{}} + > /dev/null")
 
     def run_gitclone(self, s: System) -> float:
         start = time.perf_counter()
