@@ -19,6 +19,7 @@ Schema (every key optional except where the command line does not supply it)::
     key_file = "/etc/kmsfs/data.key"  # local: key_file, passphrase_file
                                       # aws-kms: key_id, region, endpoint_url, profile
                                       # pkcs11: module, token, key, pin_file
+                                      # (declared in kmsfs/keys/settings.py)
 
     [cache]
     max_entries = 10000               # unwrapped file keys kept in memory
@@ -55,30 +56,19 @@ from typing import Any
 from kmsfs.errors import ConfigError
 from kmsfs.format.volume_key import parse_fingerprint
 from kmsfs.hostfiles import open_regular
+from kmsfs.keys.settings import PROVIDERS, all_settings
 from kmsfs.policy import Policy, parse_policy
 from kmsfs.server.spec import seconds_range_problem
 
 CONFIG_DIR = Path("/etc/kmsfs")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
-# TOML provider option -> CLI parameter name, per provider type.
+# TOML provider option -> CLI parameter name, per provider type (kmsfs/keys/settings.py).
 PROVIDER_OPTIONS: dict[str, dict[str, str]] = {
-    "local": {"key_file": "key_file", "passphrase_file": "passphrase_file"},
-    "aws-kms": {
-        "key_id": "kms_key_id",
-        "region": "kms_region",
-        "endpoint_url": "kms_endpoint_url",
-        "profile": "kms_profile",
-    },
-    "pkcs11": {
-        "module": "pkcs11_module",
-        "token": "pkcs11_token",
-        "key": "pkcs11_key",
-        "pin_file": "pkcs11_pin_file",
-    },
+    name: decl.toml_options for name, decl in PROVIDERS.items()
 }
-# Options naming a file that must exist when the config is loaded.
-FILE_OPTIONS = {"key_file", "passphrase_file", "pin_file", "module"}
+# Options naming a file that must exist when the config is loaded: the path settings.
+FILE_OPTIONS = {name for _, name, s in all_settings() if s.in_toml and s.kind == "path"}
 
 # Names that would hold a secret: refused wherever they appear.
 SECRET_NAMES = {
