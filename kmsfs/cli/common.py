@@ -14,7 +14,13 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from kmsfs.errors import KmsfsError, UsageError
-from kmsfs.keys.settings import CONTROL_OPTIONS, HostOptions, Setting, all_settings
+from kmsfs.keys.settings import (
+    CONTROL_OPTIONS,
+    PROVIDER_NAMES,
+    HostOptions,
+    Setting,
+    all_settings,
+)
 
 if TYPE_CHECKING:
     from kmsfs.format.volume_config import VolumeConfig
@@ -86,9 +92,7 @@ def key_options(for_init: bool) -> Callable[[Callable[..., Any]], Callable[..., 
 
 
 def provider_option(help_text: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """``--provider``: one of the registered providers, local by default."""
-    from kmsfs.keys.registry import PROVIDER_NAMES
-
+    """``--provider``: one of the declared providers, local by default."""
     return click.option(
         "--provider",
         default="local",

@@ -364,7 +364,8 @@ def create(host: AwsKmsSettings, prompt: Prompt | None) -> AwsKmsProvider:
     """The provider for a new volume: resolve --kms-key-id and check it can make data keys."""
     key_id = host.key_id
     if not key_id:
-        raise ConfigError("--provider aws-kms needs --kms-key-id (key ID, ARN or alias)")
+        flag = host.flag_of("key_id")
+        raise ConfigError(f"--provider aws-kms needs {flag} (key ID, ARN or alias)")
     endpoint_url = host.endpoint_url
     profile = host.profile
     client, region = _client(host.region, endpoint_url, profile, key_id)
@@ -394,7 +395,8 @@ def open_provider(
     recorded = settings.get("key_arn")
     key_id = host.key_id or recorded
     if not isinstance(key_id, str) or not key_id:
-        raise ConfigError("the aws-kms provider needs --kms-key-id (key ARN, ID or alias)")
+        flag = host.flag_of("key_id")
+        raise ConfigError(f"the aws-kms provider needs {flag} (key ARN, ID or alias)")
     endpoint_url = host.endpoint_url or settings.get("endpoint_url")
     profile = host.profile or settings.get("profile")
     region = host.region or settings.get("region")

@@ -187,7 +187,8 @@ def create(host: LocalSettings, prompt: Prompt | None) -> LocalProvider:
     """The master key for a new volume: an existing or new key file, or a passphrase."""
     key_file = host.key_file
     if key_file and host.passphrase_file:
-        raise ConfigError("give either --key-file or --passphrase-file, not both")
+        key_flag, passphrase_flag = host.flag_of("key_file"), host.flag_of("passphrase_file")
+        raise ConfigError(f"give either {key_flag} or {passphrase_flag}, not both")
     if key_file:
         path = Path(key_file).absolute()
         if path.exists():
@@ -215,7 +216,7 @@ def open_provider(
         return LocalProvider(master, {**settings, "key_file": str(Path(key_file).absolute())})
     stored = settings.get("passphrase")
     if stored is None:
-        raise ConfigError("this volume's local key is a key file: give --key-file")
+        raise ConfigError(f"this volume's local key is a key file: give {host.flag_of('key_file')}")
     passphrase = get_text_secret(host.passphrase_file, "kmsfs-passphrase", "passphrase", prompt)
     return LocalProvider(unlock_master(stored, passphrase), settings)
 

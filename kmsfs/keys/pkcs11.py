@@ -655,10 +655,11 @@ def _get_pin(host: Pkcs11Settings, token: str, prompt: Prompt | None) -> str:
     return get_text_secret(host.pin_file, PIN_CREDENTIAL, f"PIN of token {token!r}", prompt)
 
 
-def _required(host: Pkcs11Settings, settings: dict[str, Any], name: str, flag: str) -> str:
+def _required(host: Pkcs11Settings, settings: dict[str, Any], name: str) -> str:
+    """This host's setting *name*, else the recorded hint; ConfigError naming its flag."""
     value = getattr(host, name) or settings.get(name)
     if not value or not isinstance(value, str):
-        raise ConfigError(f"the pkcs11 provider needs {flag}")
+        raise ConfigError(f"the pkcs11 provider needs {host.flag_of(name)}")
     return value
 
 
@@ -669,9 +670,9 @@ def create(host: Pkcs11Settings, prompt: Prompt | None) -> Pkcs11Provider:
     (one of aes-gcm, aes-kwp, aes-kw, rsa-oaep-sha1; default: the best the token
     and key allow).
     """
-    module = _required(host, {}, "module", "--pkcs11-module")
-    token = _required(host, {}, "token", "--pkcs11-token")
-    key = _required(host, {}, "key", "--pkcs11-key")
+    module = _required(host, {}, "module")
+    token = _required(host, {}, "token")
+    key = _required(host, {}, "key")
     mechanism = host.mechanism or None
     if mechanism is not None and mechanism not in ALGORITHM_BYTE:
         raise ConfigError(f"unknown PKCS#11 mechanism {mechanism!r} (known: {_KNOWN})")
@@ -701,9 +702,9 @@ def open_provider(
     recorded hints (kmsfs.keys.registry); the key's CKA_ID, type and mechanism
     are used to find the same key again, and the key_ref and key check verify it.
     """
-    module = _required(host, settings, "module", "--pkcs11-module")
-    token = _required(host, settings, "token", "--pkcs11-token")
-    key = _required(host, settings, "key", "--pkcs11-key")
+    module = _required(host, settings, "module")
+    token = _required(host, settings, "token")
+    key = _required(host, settings, "key")
     same_key = settings.get("key") in (None, key) and settings.get("token") in (None, token)
     try:
         key_id = bytes.fromhex(str(settings.get("key_id") or "")) if same_key else None

@@ -25,17 +25,14 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from kmsfs.errors import ConfigError, WrongKeyError
-from kmsfs.keys.settings import PROVIDER_NAMES, PROVIDERS, HostOptions, ProviderDecl, ProviderEntry
+from kmsfs.keys.settings import PROVIDERS, HostOptions, ProviderDecl, ProviderEntry
 
-if TYPE_CHECKING:  # the command line reads PROVIDER_NAMES: nothing heavy at import
+if TYPE_CHECKING:  # nothing heavy at import
     from kmsfs.format.volume_config import KeyConfig
     from kmsfs.keys.provider import KeyProvider
     from kmsfs.keys.secrets import Prompt
 
 TRUST_FLAG = "--trust-volume-settings"
-
-__all__ = ["PROVIDERS", "PROVIDER_NAMES", "TRUST_FLAG"]
-
 
 def provider_info(name: str) -> ProviderDecl:
     """ConfigError naming the known providers if *name* is not one."""
@@ -70,6 +67,7 @@ def create_provider(name: str, options: HostOptions, prompt: Prompt | None) -> K
 def host_names(key: KeyConfig, options: HostOptions) -> bool:
     """True if this host's options name a key of *key*'s provider (or none is needed:
     a passphrase key is unlocked by the passphrase alone)."""
+    provider_info(key.provider)
     settings = options.of(key.provider)
     if any(value for _, declared, value in settings.given() if declared.names_key):
         return True

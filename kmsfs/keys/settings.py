@@ -108,6 +108,11 @@ class ProviderSettings:
             for f in dataclasses.fields(cls)  # type: ignore[arg-type]
         )
 
+    @classmethod
+    def flag_of(cls, name: str) -> str:
+        """The command-line flag of field *name* (``--pkcs11-module`` for ``module``)."""
+        return dict(cls.declared())[name].flag
+
     def given(self) -> Iterator[tuple[str, Setting, Any]]:
         """(field name, Setting, value) of every field this host gave (not None, not off)."""
         for name, declared in self.declared():
@@ -272,9 +277,9 @@ class ProviderDecl:
         )
 
     @property
-    def toml_options(self) -> dict[str, str]:
-        """TOML ``[provider]`` key -> the option it gives."""
-        return {name: s.option for name, s in self.settings.declared() if s.in_toml}
+    def toml_settings(self) -> dict[str, Setting]:
+        """TOML ``[provider]`` key -> the setting it gives."""
+        return {name: s for name, s in self.settings.declared() if s.in_toml}
 
 
 # The providers, by name: the one table of what exists (no module is looked for).
@@ -348,8 +353,8 @@ class HostOptions:
 
     def given(self) -> Iterator[tuple[Setting, Any]]:
         """(Setting, value) of every setting this host gave, in the declared order."""
-        for name in PROVIDERS:
-            for _, declared, value in self.settings[name].given():
+        for settings in self.settings.values():
+            for _, declared, value in settings.given():
                 yield declared, value
 
     def value(self, option: str) -> Any:

@@ -56,19 +56,12 @@ from typing import Any
 from kmsfs.errors import ConfigError
 from kmsfs.format.volume_key import parse_fingerprint
 from kmsfs.hostfiles import open_regular
-from kmsfs.keys.settings import PROVIDERS, all_settings
+from kmsfs.keys.settings import PROVIDERS
 from kmsfs.policy import Policy, parse_policy
 from kmsfs.server.spec import seconds_range_problem
 
 CONFIG_DIR = Path("/etc/kmsfs")
 LOG_LEVELS = ("debug", "info", "warning", "error")
-
-# TOML provider option -> CLI parameter name, per provider type (kmsfs/keys/settings.py).
-PROVIDER_OPTIONS: dict[str, dict[str, str]] = {
-    name: decl.toml_options for name, decl in PROVIDERS.items()
-}
-# Options naming a file that must exist when the config is loaded: the path settings.
-FILE_OPTIONS = {name for _, name, s in all_settings() if s.in_toml and s.kind == "path"}
 
 # Names that would hold a secret: refused wherever they appear.
 SECRET_NAMES = {
@@ -416,28 +409,27 @@ def _shared_mode(data: dict[str, Any], where: str) -> tuple[bool | None, dict[st
 
 
 def _parse_provider(provider: dict[str, Any], where: str) -> tuple[str, dict[str, str]]:
+    """``[provider]``: its type and {option: value}, the keys being the declared settings
+    of that provider (kmsfs/keys/settings.py) that belong in a volume config."""
+    kinds = ", ".join(sorted(PROVIDERS))
     kind = _get(provider, "type", str, where, "provider.")
     if kind is None:
-        raise ConfigError(
-            f"{where}: provider.type is missing (one of {', '.join(sorted(PROVIDER_OPTIONS))})"
-        )
-    if kind not in PROVIDER_OPTIONS:
-        raise ConfigError(
-            f"{where}: provider.type {kind!r} is not one of {', '.join(sorted(PROVIDER_OPTIONS))}"
-        )
-    allowed = PROVIDER_OPTIONS[kind]
+        raise ConfigError(f"{where}: provider.type is missing (one of {kinds})")
+    if kind not in PROVIDERS:
+        raise ConfigError(f"{where}: provider.type {kind!r} is not one of {kinds}")
+    allowed = PROVIDERS[kind].toml_settings
     options: dict[str, str] = {}
     for name in provider:
         if name == "type":
             continue
         if name not in allowed:
-            other = [t for t, names in PROVIDER_OPTIONS.items() if name in names]
+            other = [t for t, decl in PROVIDERS.items() if name in decl.toml_settings]
             hint = f" (it belongs to the {other[0]} provider)" if other else ""
             raise ConfigError(
                 f"{where}: provider.{name} is not an option of the {kind} provider{hint};"
                 f" its options: {', '.join(sorted(allowed))}"
             )
-        if name in FILE_OPTIONS:
+        if allowed[name].kind == "path":  # a file on this host: absolute, existing
             value = _abs_path(provider, name, where, "provider.")
             assert value is not None
             if not os.path.exists(value):
@@ -446,5 +438,5 @@ def _parse_provider(provider: dict[str, Any], where: str) -> tuple[str, dict[str
             value = _get(provider, name, str, where, "provider.")
             if not value:
                 raise ConfigError(f"{where}: provider.{name} is empty")
-        options[allowed[name]] = value
+        options[allowed[name].option] = value
     return kind, options
