@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, NamedTuple
 
 if TYPE_CHECKING:
     from kmsfs.keys.provider import KeyProvider
@@ -29,9 +29,9 @@ if TYPE_CHECKING:
 Kind = Literal["text", "path", "flag", "choice"]
 
 
-@dataclass(frozen=True)
-class Setting:
-    """One declared host setting of a provider.
+class Setting(NamedTuple):
+    """One declared host setting of a provider (a named tuple: many are made at import,
+    and ``kmsfs --help`` reads them).
 
     Attributes:
         option: the command-line parameter (``kms_key_id`` is ``--kms-key-id``).
@@ -236,8 +236,7 @@ class Pkcs11Settings(ProviderSettings):
     )
 
 
-@dataclass(frozen=True)
-class ProviderEntry:
+class ProviderEntry(NamedTuple):
     """What an SDK module gives the registry (its ``ENTRY``).
 
     Attributes:
@@ -251,8 +250,7 @@ class ProviderEntry:
     open: Callable[[dict[str, Any], Any, Prompt | None], KeyProvider]
 
 
-@dataclass(frozen=True)
-class ProviderDecl:
+class ProviderDecl(NamedTuple):
     """One provider: its settings and where its SDK part lives (imported on use).
 
     Attributes: name, settings (its ProviderSettings dataclass), module (the
