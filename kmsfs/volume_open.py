@@ -26,6 +26,7 @@ import hmac
 import logging
 import os
 import shlex
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,7 @@ from kmsfs.keys.registry import (
     provider_info,
 )
 from kmsfs.keys.secrets import Prompt
+from kmsfs.keys.settings import HostOptions, host_options
 from kmsfs.trust import enforce_pin, record_pin
 from kmsfs.volume_writes import (
     migrate_format1,
@@ -103,7 +105,7 @@ def check_backing_dir(backing: Path) -> None:
 def init_volume(
     backing: str | os.PathLike[str],
     provider_name: str,
-    options: dict[str, Any],
+    options: HostOptions | Mapping[str, Any],
     prompt: Prompt | None = None,
     block_size: int = DEFAULT_BLOCK_SIZE,
     *,
@@ -132,7 +134,7 @@ def init_volume(
     if encrypted_names:
         check_case_sensitive(path)
     os.chmod(path, BACKING_MODE)
-    provider = create_provider(provider_name, options, prompt)
+    provider = create_provider(provider_name, host_options(options), prompt)
     warn_public_wrap(provider)
     volume_key = bytearray(os.urandom(VOLUME_KEY_SIZE))
     name_secret = new_name_secret()
@@ -164,14 +166,14 @@ def host_options_hint(key: KeyConfig) -> str:
     wanted = [
         f"{option_flag(option)} {key.settings[hint]}"
         for hint, option in info.host_settings.items()
-        if hint in info.required and isinstance(key.settings.get(hint), str)
+        if hint in info.hints("required") and isinstance(key.settings.get(hint), str)
     ]
     return f"{' '.join(wanted) or 'its options'} ({key.describe()})"
 
 
 def _open_named(
-    config: VolumeConfig, options: dict[str, Any], prompt: Prompt | None, trusted: bool
-) -> tuple[dict[int, KeyProvider], dict[int, dict[str, Any]], list[KmsfsError]]:
+    config: VolumeConfig, options: HostOptions, prompt: Prompt | None, trusted: bool
+) -> tuple[dict[int, KeyProvider], dict[int, HostOptions], list[KmsfsError]]:
     """Open the keys this host names; the others wait until the config is verified.
 
     Returns the opened providers, the deferred entries with the options to open
@@ -182,7 +184,7 @@ def _open_named(
     opens with its recorded settings; the others are deferred too.
     """
     opened: dict[int, KeyProvider] = {}
-    deferred: dict[int, dict[str, Any]] = {}
+    deferred: dict[int, HostOptions] = {}
     errors: list[KmsfsError] = []
     wrong: list[KmsfsError] = []  # the host's key is not this entry's
     for index, key in enumerate(config.keys):
@@ -193,8 +195,7 @@ def _open_named(
         try:
             opened[index] = open_provider(key, options, prompt, trusted)
         except WrongKeyError as exc:
-            host_keys = provider_info(key.provider).host_settings.values()
-            deferred[index] = {k: v for k, v in options.items() if k not in host_keys}
+            deferred[index] = options.without_hints(key.provider)
             wrong.append(exc)
         except (ConfigError, ProviderError) as exc:
             errors.append(exc)
@@ -215,7 +216,7 @@ def _nothing_named(config: VolumeConfig) -> ConfigError:
 
 def open_volume(
     backing: str | os.PathLike[str],
-    options: dict[str, Any],
+    options: HostOptions | Mapping[str, Any],
     prompt: Prompt | None = None,
     cache: KeyCache | None = None,
     on_event: EventSink | None = None,
@@ -224,17 +225,19 @@ def open_volume(
 ) -> tuple[VolumeConfig, Keyring]:
     """Load and authenticate the config; a keyring whose keys passed their key check.
 
-    ``options["trust_volume_settings"]`` uses the recorded settings to find
-    keys the host does not name; ``options["expect_fingerprint"]`` is the
-    volume-key fingerprint an unpinned volume must have to be pinned.  With
+    *options* (a mapping is read as ``HostOptions.parse``): its
+    ``trust_volume_settings`` uses the recorded settings to find keys the host
+    does not name; its ``expect_fingerprint`` is the volume-key fingerprint an
+    unpinned volume must have to be pinned.  With
     *migrate*, a format-1 config is rewritten as format 3 when every key opens,
     and a format-2 one at once.  Raises ConfigError (no key named, host and
     recorded settings differ), ConfigTampered (tags do not verify), PinMismatch
     (the config is not what this host pinned: kmsfs/trust.py), WrongKeyError
     and other ProviderErrors.
     """
+    options = host_options(options)
     config = load_config(backing)
-    trusted = bool(options.get("trust_volume_settings"))
+    trusted = options.trust_volume_settings
     opened, deferred, errors = _open_named(config, options, prompt, trusted)
     if not opened:
         raise errors[0] if errors else _nothing_named(config)
@@ -306,27 +309,26 @@ def _check_named(
         config.verify(checks[min(checks)], str(config_path(backing)))
 
 
-def _expected(options: dict[str, Any]) -> bytes | None:
-    text = options.get("expect_fingerprint")
+def _expected(options: HostOptions) -> bytes | None:
+    text = options.expect_fingerprint
     return parse_fingerprint(text, "--expect-fingerprint") if text else None
 
 
-HOST_ONLY_OPTIONS = ("expect_fingerprint", "accept_changed_hints", "flag_names")
-
-
-def _key_flags(options: dict[str, Any]) -> str:
+def _key_flags(options: HostOptions) -> str:
     """The command-line flags for the key options this host gave (for ``kmsfs pin set``)."""
-    flags = []
-    for name, value in options.items():
-        if name in HOST_ONLY_OPTIONS or value is None or value is False:
-            continue
-        flag = "--" + name.replace("_", "-")
-        flags.append(flag if value is True else f"{flag} {shlex.quote(str(value))}")
+    flags = [
+        declared.flag if value is True else f"{declared.flag} {shlex.quote(str(value))}"
+        for declared, value in options.given()
+    ]
+    if options.trust_volume_settings:
+        flags.append(TRUST_FLAG)
     return " ".join(flags)
 
 
 def authenticate_volume(
-    backing: str | os.PathLike[str], options: dict[str, Any], prompt: Prompt | None = None
+    backing: str | os.PathLike[str],
+    options: HostOptions | Mapping[str, Any],
+    prompt: Prompt | None = None,
 ) -> tuple[VolumeConfig, bytearray]:
     """The config, authenticated with the keys this host names, and its volume key (the
     caller wipes it); no other key is opened and the host pin is not consulted.
@@ -334,15 +336,14 @@ def authenticate_volume(
     For ``kmsfs pin set``.  Raises what ``open_volume`` raises before its pin
     check, and ConfigError for a format-1 config (it has no volume key).
     """
+    options = host_options(options)
     config = load_config(backing)
     if not config.authenticated_format:
         raise ConfigError(
             f"{backing}: the volume config is format 1 (no volume key to pin): mount it once"
             " with every key so that it is migrated"
         )
-    opened, _, errors = _open_named(
-        config, options, prompt, bool(options.get("trust_volume_settings"))
-    )
+    opened, _, errors = _open_named(config, options, prompt, options.trust_volume_settings)
     if not opened:
         raise errors[0] if errors else _nothing_named(config)
     checks: dict[int, bytearray] = {}

@@ -14,26 +14,16 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from kmsfs.errors import KmsfsError, UsageError
+from kmsfs.keys.settings import (
+    CONTROL_OPTIONS,
+    PROVIDER_NAMES,
+    HostOptions,
+    Setting,
+    all_settings,
+)
 
 if TYPE_CHECKING:
     from kmsfs.format.volume_config import VolumeConfig
-
-KEY_OPTION_NAMES = (
-    "key_file",
-    "passphrase_file",
-    "kms_key_id",
-    "kms_region",
-    "kms_endpoint_url",
-    "kms_profile",
-    "pkcs11_module",
-    "pkcs11_token",
-    "pkcs11_key",
-    "pkcs11_pin_file",
-    "pkcs11_create_key",
-    "pkcs11_mechanism",
-    "trust_volume_settings",
-    "expect_fingerprint",
-)
 
 EXPECT_HELP = (
     "The volume-key fingerprint this volume must have when this host has not pinned it"
@@ -51,76 +41,58 @@ def prompt_secret(text: str, confirm: bool) -> str:
     return str(click.prompt(text, hide_input=True, confirmation_prompt=confirm, err=True))
 
 
+TRUST_HELP = (
+    "Find keys this host does not name with the settings recorded in the backing directory"
+    " (key file path, KMS endpoint, PKCS#11 module). Only for a backing directory nobody"
+    " else can write."
+)
+OLD_TRUST_HELP = (
+    "Find the current keys with the settings recorded in the backing directory (only for a"
+    " backing directory nobody else can write)."
+)
+
+
+def setting_option(declared: Setting, old: bool = False) -> Callable[[Any], Any]:
+    """The click option of a declared provider setting (``--old-OPTION`` with *old*)."""
+    help_text = declared.old_help if old else declared.help
+    flag = "--old-" + declared.flag[2:] if old else declared.flag
+    if declared.kind == "flag":
+        return click.option(flag, is_flag=True, help=help_text)
+    if declared.kind == "choice":
+        return click.option(flag, type=click.Choice(list(declared.choices)), help=help_text)
+    if declared.kind == "path":
+        exists = declared.secret_file and (old or not declared.created)
+        return click.option(flag, type=click.Path(dir_okay=False, exists=exists), help=help_text)
+    return click.option(flag, help=help_text)
+
+
+def _apply(func: Callable[..., Any], opts: list[Callable[[Any], Any]]) -> Callable[..., Any]:
+    for opt in reversed(opts):
+        func = opt(func)
+    return func
+
+
 def key_options(for_init: bool) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """The options that locate a master key (never the secret itself)."""
+    """The options that locate a master key (never the secret itself): every provider's
+    declared settings (kmsfs/keys/settings.py), and the control flags of commands that
+    open a volume."""
 
     def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
-        opts = [
-            click.option(
-                "--key-file",
-                type=click.Path(dir_okay=False),
-                help="Local master key file (created 0600 by init if absent).",
-            ),
-            click.option(
-                "--passphrase-file",
-                type=click.Path(dir_okay=False, exists=True),
-                help="File holding the passphrase of a local passphrase volume.",
-            ),
-            click.option("--kms-key-id", help="AWS KMS key ID, ARN or alias."),
-            click.option("--kms-region", help="AWS region of the KMS key."),
-            click.option("--kms-endpoint-url", help="KMS endpoint URL (regional, VPC, test)."),
-            click.option("--kms-profile", help="AWS profile for credentials."),
-            click.option(
-                "--pkcs11-module",
-                type=click.Path(dir_okay=False),
-                help="PKCS#11 module (.so) path.",
-            ),
-            click.option("--pkcs11-token", help="PKCS#11 token label."),
-            click.option("--pkcs11-key", help="Label of the wrapping key on the token."),
-            click.option(
-                "--pkcs11-pin-file",
-                type=click.Path(dir_okay=False, exists=True),
-                help="File holding the token user PIN.",
-            ),
-        ]
+        opts = [setting_option(s) for _, _, s in all_settings() if not s.init_only]
         if not for_init:
             opts.append(
-                click.option(
-                    "--trust-volume-settings",
-                    is_flag=True,
-                    default=None,
-                    help="Find keys this host does not name with the settings recorded in the"
-                    " backing directory (key file path, KMS endpoint, PKCS#11 module). Only for"
-                    " a backing directory nobody else can write.",
-                )
+                click.option("--trust-volume-settings", is_flag=True, default=None, help=TRUST_HELP)
             )
             opts.append(click.option("--expect-fingerprint", metavar="FP", help=EXPECT_HELP))
         if for_init:
-            opts.append(
-                click.option(
-                    "--pkcs11-create-key",
-                    is_flag=True,
-                    help="Create the wrapping key on the token if missing.",
-                )
-            )
-            opts.append(
-                click.option(
-                    "--pkcs11-mechanism",
-                    type=click.Choice(["aes-gcm", "aes-kwp", "aes-kw", "rsa-oaep-sha1"]),
-                    help="Wrapping mechanism (default: the first the token and key support).",
-                )
-            )
-        for opt in reversed(opts):
-            func = opt(func)
-        return func
+            opts += [setting_option(s) for _, _, s in all_settings() if s.init_only]
+        return _apply(func, opts)
 
     return decorate
 
 
 def provider_option(help_text: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """``--provider``: one of the registered providers, local by default."""
-    from kmsfs.keys.registry import PROVIDER_NAMES
-
+    """``--provider``: one of the declared providers, local by default."""
     return click.option(
         "--provider",
         default="local",
@@ -157,9 +129,11 @@ def names_mode(config: VolumeConfig) -> str:
     return "plain (names, symlink targets and user/trusted xattrs stored as they are)"
 
 
-def key_option_values(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Pop the key options from a command's *kwargs*: the options a provider reads."""
-    return {name: kwargs.pop(name) for name in KEY_OPTION_NAMES if name in kwargs}
+def key_option_values(kwargs: dict[str, Any]) -> HostOptions:
+    """Pop the key options from a command's *kwargs*: the host's provider settings and
+    control flags."""
+    names = [s.option for _, _, s in all_settings()] + list(CONTROL_OPTIONS)
+    return HostOptions.parse({name: kwargs.pop(name) for name in names if name in kwargs})
 
 
 def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -180,70 +154,34 @@ def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-# --old-X -> the option X naming the current key on this host; the shared --kms-region,
-# --kms-endpoint-url and --kms-profile serve the current key too.
-OLD_OPTIONS = {
-    "old_key_file": "key_file",
-    "old_passphrase_file": "passphrase_file",
-    "old_kms_key_id": "kms_key_id",
-    "old_pkcs11_module": "pkcs11_module",
-    "old_pkcs11_token": "pkcs11_token",
-    "old_pkcs11_key": "pkcs11_key",
-    "old_pkcs11_pin_file": "pkcs11_pin_file",
-    "trust_volume_settings": "trust_volume_settings",
-    "expect_fingerprint": "expect_fingerprint",
-}
-SHARED_OPTIONS = ("kms_region", "kms_endpoint_url", "kms_profile")
-
-
 def old_key_options(func: Any) -> Any:
-    """Options naming the volume's current key on this host (the new key uses the others)."""
-    for opt in reversed(
-        [
-            click.option(
-                "--old-key-file",
-                type=click.Path(dir_okay=False, exists=True),
-                help="Current local key file.",
-            ),
-            click.option(
-                "--old-passphrase-file",
-                type=click.Path(dir_okay=False, exists=True),
-                help="File holding the current passphrase.",
-            ),
-            click.option("--old-kms-key-id", help="Current AWS KMS key (ARN, ID or alias)."),
-            click.option(
-                "--old-pkcs11-module",
-                type=click.Path(dir_okay=False),
-                help="PKCS#11 module of the current key.",
-            ),
-            click.option("--old-pkcs11-token", help="Token label of the current key."),
-            click.option("--old-pkcs11-key", help="Label of the current key on its token."),
-            click.option(
-                "--old-pkcs11-pin-file",
-                type=click.Path(dir_okay=False, exists=True),
-                help="File holding the current PKCS#11 token PIN.",
-            ),
-            click.option(
-                "--trust-volume-settings",
-                is_flag=True,
-                default=None,
-                help="Find the current keys with the settings recorded in the backing"
-                " directory (only for a backing directory nobody else can write).",
-            ),
-            click.option("--expect-fingerprint", metavar="FP", help=EXPECT_HELP),
-        ]
-    ):
-        func = opt(func)
-    return func
+    """Options naming the volume's current key on this host (the new key uses the others;
+    a shared setting, such as --kms-region, serves both)."""
+    opts = [setting_option(s, old=True) for _, _, s in all_settings() if s.old_help is not None]
+    opts.append(
+        click.option("--trust-volume-settings", is_flag=True, default=None, help=OLD_TRUST_HELP)
+    )
+    opts.append(click.option("--expect-fingerprint", metavar="FP", help=EXPECT_HELP))
+    return _apply(func, opts)
 
 
-def old_option_values(kwargs: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
-    old = {option: kwargs.pop(name, None) for name, option in OLD_OPTIONS.items()}
-    old.update({name: new.get(name) for name in SHARED_OPTIONS})
-    old["flag_names"] = {
-        option: "--" + name.replace("_", "-") for name, option in OLD_OPTIONS.items()
-    }
-    return old
+def old_option_values(kwargs: dict[str, Any], new: HostOptions) -> HostOptions:
+    """Pop the --old-* options from *kwargs*: the options of the current key, with the
+    shared settings of *new* and the control flags."""
+    values: dict[str, Any] = {}
+    renamed: dict[str, str] = {}
+    for _, _, declared in all_settings():
+        if declared.old_option is not None:
+            values[declared.option] = kwargs.pop(declared.old_option, None)
+            renamed[declared.option] = "--old-" + declared.flag[2:]
+        elif declared.shared:
+            values[declared.option] = new.value(declared.option)
+    return HostOptions.parse(
+        values,
+        trust_volume_settings=kwargs.pop("trust_volume_settings", None),
+        expect_fingerprint=kwargs.pop("expect_fingerprint", None),
+        flag_names=renamed,
+    )
 
 
 def progress_flag(quiet: bool) -> bool | None:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from kmsfs.cli.configfile import current_config
 from kmsfs.errors import UsageError
 from kmsfs.keys.cache import DEFAULT_MAX_AGE, DEFAULT_MAX_ENTRIES
+from kmsfs.keys.settings import HostOptions, host_options
 from kmsfs.server.spec import SHARED_SECONDS, MountSpec, SharedMode, seconds_range_problem
 
 if TYPE_CHECKING:
@@ -32,7 +33,7 @@ def mount_spec(
     mountpoint: str | None,
     mount_options: tuple[str, ...],
     *,
-    key_options: Mapping[str, Any],
+    key_options: HostOptions | Mapping[str, Any],
     prompt: Prompt | None,
     cache_max_entries: int | None,
     cache_max_age: float | None,
@@ -71,7 +72,7 @@ def mount_spec(
         os.path.abspath(mountpoint),
         tuple(fuse_options),
         shared,
-        key_options=key_options,
+        key_options=host_options(key_options),
         prompt=prompt,
         cache_max_entries=DEFAULT_MAX_ENTRIES if cache_max_entries is None else cache_max_entries,
         cache_max_age=DEFAULT_MAX_AGE if cache_max_age is None else cache_max_age,

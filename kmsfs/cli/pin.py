@@ -82,6 +82,8 @@ def pin_set(backing: str, yes: bool, **kwargs: Any) -> None:
     (checked: refused with exit 8 if the volume key's fingerprint differs) or
     --yes.
     """
+    import dataclasses
+
     from kmsfs.errors import PinMismatch, UsageError
     from kmsfs.format.volume_key import fingerprint, parse_fingerprint, show_fingerprint
     from kmsfs.keys.provider import wipe
@@ -90,9 +92,11 @@ def pin_set(backing: str, yes: bool, **kwargs: Any) -> None:
     from kmsfs.volume_open import authenticate_volume
 
     options = key_option_values(kwargs)
-    text = options.pop("expect_fingerprint", None)
+    text = options.expect_fingerprint
     expected = parse_fingerprint(text, "--expect-fingerprint") if text else None
-    config, volume_key = authenticate_volume(backing, options, prompt_secret)
+    config, volume_key = authenticate_volume(
+        backing, dataclasses.replace(options, expect_fingerprint=None), prompt_secret
+    )
     try:
         value = fingerprint(volume_key, config.volume_id)
         old = _describe(_shown(read_pin(backing)))

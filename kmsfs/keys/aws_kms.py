@@ -47,6 +47,7 @@ from kmsfs.errors import (
 from kmsfs.format.header import WrappedKey
 from kmsfs.keys.provider import KeyContext, KeyProvider, wipe
 from kmsfs.keys.secrets import Prompt
+from kmsfs.keys.settings import AwsKmsSettings, ProviderEntry
 
 log = logging.getLogger("kmsfs.keys.aws_kms")
 
@@ -359,14 +360,15 @@ def _describe(client: Any, key_id: str) -> str:
     return arn
 
 
-def create(options: dict[str, Any], prompt: Prompt | None) -> AwsKmsProvider:
+def create(host: AwsKmsSettings, prompt: Prompt | None) -> AwsKmsProvider:
     """The provider for a new volume: resolve --kms-key-id and check it can make data keys."""
-    key_id = options.get("kms_key_id")
+    key_id = host.key_id
     if not key_id:
-        raise ConfigError("--provider aws-kms needs --kms-key-id (key ID, ARN or alias)")
-    endpoint_url = options.get("kms_endpoint_url")
-    profile = options.get("kms_profile")
-    client, region = _client(options.get("kms_region"), endpoint_url, profile, key_id)
+        flag = host.flag_of("key_id")
+        raise ConfigError(f"--provider aws-kms needs {flag} (key ID, ARN or alias)")
+    endpoint_url = host.endpoint_url
+    profile = host.profile
+    client, region = _client(host.region, endpoint_url, profile, key_id)
     try:
         arn = _describe(client, key_id)
         provider = AwsKmsProvider(client, arn, region, endpoint_url, profile)
@@ -381,21 +383,23 @@ def create(options: dict[str, Any], prompt: Prompt | None) -> AwsKmsProvider:
 
 
 def open_provider(
-    settings: dict[str, Any], options: dict[str, Any], prompt: Prompt | None
+    settings: dict[str, Any], host: AwsKmsSettings, prompt: Prompt | None
 ) -> AwsKmsProvider:
-    """The provider of an existing volume: --kms-* options, else *settings* (trusted hints).
+    """The provider of an existing volume: this host's --kms-* settings, else *settings*
+    (trusted hints).
 
     No KMS call when the key is named by its ARN (the recorded one, or an ARN
     on the command line); otherwise DescribeKey resolves the ID or alias.  The
     keyring's key check makes the first Decrypt.
     """
     recorded = settings.get("key_arn")
-    key_id = options.get("kms_key_id") or recorded
+    key_id = host.key_id or recorded
     if not isinstance(key_id, str) or not key_id:
-        raise ConfigError("the aws-kms provider needs --kms-key-id (key ARN, ID or alias)")
-    endpoint_url = options.get("kms_endpoint_url") or settings.get("endpoint_url")
-    profile = options.get("kms_profile") or settings.get("profile")
-    region = options.get("kms_region") or settings.get("region")
+        flag = host.flag_of("key_id")
+        raise ConfigError(f"the aws-kms provider needs {flag} (key ARN, ID or alias)")
+    endpoint_url = host.endpoint_url or settings.get("endpoint_url")
+    profile = host.profile or settings.get("profile")
+    region = host.region or settings.get("region")
     client, region = _client(region, endpoint_url, profile, key_id)
     try:
         arn = key_id if key_id == recorded or _arn_region(key_id) else _describe(client, key_id)
@@ -403,3 +407,6 @@ def open_provider(
         client.close()
         raise
     return AwsKmsProvider(client, arn, region, endpoint_url, profile)
+
+
+ENTRY = ProviderEntry(create=create, open=open_provider)

@@ -29,6 +29,7 @@ from kmsfs.errors import ConfigError, WrongKeyError
 from kmsfs.format.header import WrappedKey
 from kmsfs.keys.provider import DATA_KEY_SIZE, KeyContext, KeyProvider
 from kmsfs.keys.secrets import Prompt, get_text_secret, read_secret_file
+from kmsfs.keys.settings import LocalSettings, ProviderEntry
 
 KEY_FILE_TAG = "kmsfs-local-key-v1"
 BLOB_VERSION = 1
@@ -182,11 +183,12 @@ def unlock_master(stored: Any, passphrase: str) -> bytes:
         raise WrongKeyError("wrong passphrase for this volume") from None
 
 
-def create(options: dict[str, Any], prompt: Prompt | None) -> LocalProvider:
+def create(host: LocalSettings, prompt: Prompt | None) -> LocalProvider:
     """The master key for a new volume: an existing or new key file, or a passphrase."""
-    key_file = options.get("key_file")
-    if key_file and options.get("passphrase_file"):
-        raise ConfigError("give either --key-file or --passphrase-file, not both")
+    key_file = host.key_file
+    if key_file and host.passphrase_file:
+        key_flag, passphrase_flag = host.flag_of("key_file"), host.flag_of("passphrase_file")
+        raise ConfigError(f"give either {key_flag} or {passphrase_flag}, not both")
     if key_file:
         path = Path(key_file).absolute()
         if path.exists():
@@ -195,27 +197,28 @@ def create(options: dict[str, Any], prompt: Prompt | None) -> LocalProvider:
             master = write_new_key_file(path)
         return LocalProvider(master, {"key_file": str(path)})
     passphrase = get_text_secret(
-        options.get("passphrase_file"), "kmsfs-passphrase", "passphrase", prompt, confirm=True
+        host.passphrase_file, "kmsfs-passphrase", "passphrase", prompt, confirm=True
     )
     master = os.urandom(DATA_KEY_SIZE)
     return LocalProvider(master, {"passphrase": wrap_master(master, passphrase)})
 
 
 def open_provider(
-    settings: dict[str, Any], options: dict[str, Any], prompt: Prompt | None
+    settings: dict[str, Any], host: LocalSettings, prompt: Prompt | None
 ) -> LocalProvider:
-    """The provider for an existing volume: --key-file, else a recorded (trusted) key file,
-    else the passphrase (--passphrase-file, credential or prompt)."""
-    key_file = options.get("key_file")
-    if not key_file and not options.get("passphrase_file"):
+    """The provider for an existing volume: --key-file, else a recorded (trusted) key file
+    in *settings*, else the passphrase (--passphrase-file, credential or prompt)."""
+    key_file = host.key_file
+    if not key_file and not host.passphrase_file:
         key_file = settings.get("key_file")
     if key_file:
         master = parse_key_file(read_secret_file(key_file, "key file"), str(key_file))
         return LocalProvider(master, {**settings, "key_file": str(Path(key_file).absolute())})
     stored = settings.get("passphrase")
     if stored is None:
-        raise ConfigError("this volume's local key is a key file: give --key-file")
-    passphrase = get_text_secret(
-        options.get("passphrase_file"), "kmsfs-passphrase", "passphrase", prompt
-    )
+        raise ConfigError(f"this volume's local key is a key file: give {host.flag_of('key_file')}")
+    passphrase = get_text_secret(host.passphrase_file, "kmsfs-passphrase", "passphrase", prompt)
     return LocalProvider(unlock_master(stored, passphrase), settings)
+
+
+ENTRY = ProviderEntry(create=create, open=open_provider)

@@ -53,6 +53,7 @@ from kmsfs.errors import (
 from kmsfs.format.header import WrappedKey
 from kmsfs.keys.provider import DATA_KEY_SIZE, KeyContext, KeyProvider
 from kmsfs.keys.secrets import Prompt, get_text_secret
+from kmsfs.keys.settings import Pkcs11Settings, ProviderEntry
 
 log = logging.getLogger("kmsfs.keys.pkcs11")
 T = TypeVar("T")
@@ -650,40 +651,39 @@ def _destroy(obj: Any) -> None:
         log.debug("could not destroy a session object: %s", _name(exc))
 
 
-def _get_pin(options: dict[str, Any], token: str, prompt: Prompt | None) -> str:
-    return get_text_secret(
-        options.get("pkcs11_pin_file"), PIN_CREDENTIAL, f"PIN of token {token!r}", prompt
-    )
+def _get_pin(host: Pkcs11Settings, token: str, prompt: Prompt | None) -> str:
+    return get_text_secret(host.pin_file, PIN_CREDENTIAL, f"PIN of token {token!r}", prompt)
 
 
-def _required(options: dict[str, Any], settings: dict[str, Any], name: str, flag: str) -> str:
-    value = options.get(f"pkcs11_{name}") or settings.get(name)
+def _required(host: Pkcs11Settings, settings: dict[str, Any], name: str) -> str:
+    """This host's setting *name*, else the recorded hint; ConfigError naming its flag."""
+    value = getattr(host, name) or settings.get(name)
     if not value or not isinstance(value, str):
-        raise ConfigError(f"the pkcs11 provider needs {flag}")
+        raise ConfigError(f"the pkcs11 provider needs {host.flag_of(name)}")
     return value
 
 
-def create(options: dict[str, Any], prompt: Prompt | None) -> Pkcs11Provider:
+def create(host: Pkcs11Settings, prompt: Prompt | None) -> Pkcs11Provider:
     """The master key for a new volume: find the key on the token, or create it if asked.
 
-    options: pkcs11_module, pkcs11_token, pkcs11_key (required), pkcs11_pin_file,
-    pkcs11_create_key, and pkcs11_mechanism (one of aes-gcm, aes-kwp, aes-kw,
-    rsa-oaep-sha1; default: the best the token and key allow).
+    *host*: module, token, key (required), pin_file, create_key, and mechanism
+    (one of aes-gcm, aes-kwp, aes-kw, rsa-oaep-sha1; default: the best the token
+    and key allow).
     """
-    module = _required(options, {}, "module", "--pkcs11-module")
-    token = _required(options, {}, "token", "--pkcs11-token")
-    key = _required(options, {}, "key", "--pkcs11-key")
-    mechanism = options.get("pkcs11_mechanism") or None
+    module = _required(host, {}, "module")
+    token = _required(host, {}, "token")
+    key = _required(host, {}, "key")
+    mechanism = host.mechanism or None
     if mechanism is not None and mechanism not in ALGORITHM_BYTE:
         raise ConfigError(f"unknown PKCS#11 mechanism {mechanism!r} (known: {_KNOWN})")
-    pin = _get_pin(options, token, prompt)
+    pin = _get_pin(host, token, prompt)
     provider = Pkcs11Provider(
         module,
         token,
         key,
         pin,
         mechanism=mechanism,
-        create_key=bool(options.get("pkcs11_create_key")),
+        create_key=bool(host.create_key),
     )
     try:
         provider.self_test()
@@ -694,7 +694,7 @@ def create(options: dict[str, Any], prompt: Prompt | None) -> Pkcs11Provider:
 
 
 def open_provider(
-    settings: dict[str, Any], options: dict[str, Any], prompt: Prompt | None
+    settings: dict[str, Any], host: Pkcs11Settings, prompt: Prompt | None
 ) -> Pkcs11Provider:
     """The provider for an existing volume: --pkcs11-module/-token/-key, else *settings*.
 
@@ -702,9 +702,9 @@ def open_provider(
     recorded hints (kmsfs.keys.registry); the key's CKA_ID, type and mechanism
     are used to find the same key again, and the key_ref and key check verify it.
     """
-    module = _required(options, settings, "module", "--pkcs11-module")
-    token = _required(options, settings, "token", "--pkcs11-token")
-    key = _required(options, settings, "key", "--pkcs11-key")
+    module = _required(host, settings, "module")
+    token = _required(host, settings, "token")
+    key = _required(host, settings, "key")
     same_key = settings.get("key") in (None, key) and settings.get("token") in (None, token)
     try:
         key_id = bytes.fromhex(str(settings.get("key_id") or "")) if same_key else None
@@ -714,7 +714,10 @@ def open_provider(
     mechanism = settings.get("mechanism") if same_key else None
     if key_type not in (None, "aes", "rsa") or not isinstance(mechanism, str | None):
         raise ConfigError("volume config: pkcs11 key_type or mechanism is missing or malformed")
-    pin = _get_pin(options, token, prompt)
+    pin = _get_pin(host, token, prompt)
     return Pkcs11Provider(
         module, token, key, pin, key_id=key_id or None, key_type=key_type, mechanism=mechanism
     )
+
+
+ENTRY = ProviderEntry(create=create, open=open_provider)

@@ -9,12 +9,15 @@ is re-tagged under the volume key.
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from collections.abc import Mapping
 from typing import Any
 
 from kmsfs.errors import UsageError
 from kmsfs.keys.cache import NullCache
 from kmsfs.keys.secrets import Prompt
+from kmsfs.keys.settings import HostOptions, host_options
 from kmsfs.volume_open import open_volume
 from kmsfs.volume_writes import save_volume_config
 
@@ -22,7 +25,7 @@ from kmsfs.volume_writes import save_volume_config
 def update_hints(
     backing: str | os.PathLike[str],
     key_ref: str,
-    options: dict[str, Any],
+    options: HostOptions | Mapping[str, Any],
     prompt: Prompt | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Replace *key_ref*'s recorded settings by what this host's *options* lead to.
@@ -32,9 +35,8 @@ def update_hints(
     (old settings, new settings).  Raises UsageError if *key_ref* is not a key
     of the volume, and the errors of ``open_volume`` and ``open_provider``.
     """
-    config, keyring = open_volume(
-        backing, {**options, "accept_changed_hints": True}, prompt, NullCache(), migrate=True
-    )
+    accepting = dataclasses.replace(host_options(options), accept_changed_hints=True)
+    config, keyring = open_volume(backing, accepting, prompt, NullCache(), migrate=True)
     try:
         key = next((k for k in config.keys if k.key_ref == key_ref), None)
         if key is None:

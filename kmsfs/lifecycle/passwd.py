@@ -19,6 +19,7 @@ from kmsfs.errors import UsageError, WrongKeyError
 from kmsfs.format.volume_config import load_config
 from kmsfs.keys import local
 from kmsfs.keys.secrets import Prompt, get_text_secret
+from kmsfs.keys.settings import HostOptions
 from kmsfs.volume_open import open_volume
 from kmsfs.volume_writes import rotate_volume_key
 
@@ -45,7 +46,10 @@ def change_passphrase(
     master = local.unlock_master(keys[0].settings["passphrase"], old)
     ref = local.LocalProvider(master, {}).key_ref
     config, keyring = open_volume(
-        backing, {"passphrase_file": old_file}, lambda _text, _confirm: old, migrate=True
+        backing,
+        HostOptions.parse({"passphrase_file": old_file}),
+        lambda _text, _confirm: old,
+        migrate=True,
     )
     try:
         key = next((k for k in config.keys if k.key_ref == ref), None)

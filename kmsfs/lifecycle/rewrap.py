@@ -71,6 +71,7 @@ from kmsfs.keys.keyring import Keyring
 from kmsfs.keys.provider import KeyContext, KeyProvider, wipe
 from kmsfs.keys.registry import create_provider, open_provider
 from kmsfs.keys.secrets import Prompt
+from kmsfs.keys.settings import HostOptions
 from kmsfs.lifecycle.progress import Progress
 from kmsfs.volume_open import open_volume
 from kmsfs.volume_writes import (
@@ -117,8 +118,8 @@ def _old_prompt(prompt: Prompt | None) -> Prompt | None:
 def rewrap_volume(
     backing: str | os.PathLike[str],
     provider_name: str,
-    new_options: dict[str, Any],
-    old_options: dict[str, Any],
+    new_options: HostOptions,
+    old_options: HostOptions,
     prompt: Prompt | None = None,
     *,
     retire_old: bool = True,
@@ -234,7 +235,7 @@ def _finish(
     journal: dict[str, Any],
     report: RewrapReport,
     show_progress: bool | None,
-    options: dict[str, Any],
+    options: HostOptions,
     prompt: Prompt | None,
 ) -> None:
     """Switch and strip, holding the volume lock when keys leave the config (no daemon
@@ -249,7 +250,7 @@ def _finish(
 def remove_key(
     backing: str | os.PathLike[str],
     key_ref: str,
-    options: dict[str, Any],
+    options: HostOptions,
     prompt: Prompt | None = None,
     force: bool = False,
     show_progress: bool | None = None,
@@ -274,7 +275,7 @@ def _remove_key(
     key_ref: str,
     force: bool,
     show_progress: bool | None,
-    options: dict[str, Any],
+    options: HostOptions,
     prompt: Prompt | None,
 ) -> RewrapReport:
     journal = load_journal(root, JOURNAL)
@@ -327,11 +328,11 @@ def _command(journal: dict[str, Any]) -> str:
     return {"add": "keys add", "remove": "keys remove"}.get(str(journal.get("operation")), "rewrap")
 
 
-def _would_create(provider_name: str, options: dict[str, Any]) -> bool:
+def _would_create(provider_name: str, options: HostOptions) -> bool:
     """True if opening this new key would create something (a key file, a passphrase key)."""
     if provider_name != "local":
         return False
-    key_file = options.get("key_file")
+    key_file = options.of("local").key_file
     return not key_file or not Path(key_file).exists()
 
 
@@ -491,7 +492,7 @@ def _switch_and_strip(
     journal: dict[str, Any],
     report: RewrapReport,
     show_progress: bool | None,
-    options: dict[str, Any],
+    options: HostOptions,
     prompt: Prompt | None,
 ) -> None:
     """Remove the retired keys from the config (idempotent), then from every header.

@@ -64,7 +64,7 @@ def serve_mount(spec: MountSpec, on_ready: Callable[[], None] | None) -> None:
         stats = ProviderStats()
         config, keyring = open_volume(
             spec.backing,
-            dict(spec.key_options),
+            spec.key_options,
             spec.prompt,
             KeyCache(spec.cache_max_entries, spec.cache_max_age),
             stats.chain(audit),

@@ -19,6 +19,7 @@ Schema (every key optional except where the command line does not supply it)::
     key_file = "/etc/kmsfs/data.key"  # local: key_file, passphrase_file
                                       # aws-kms: key_id, region, endpoint_url, profile
                                       # pkcs11: module, token, key, pin_file
+                                      # (declared in kmsfs/keys/settings.py)
 
     [cache]
     max_entries = 10000               # unwrapped file keys kept in memory
@@ -55,30 +56,12 @@ from typing import Any
 from kmsfs.errors import ConfigError
 from kmsfs.format.volume_key import parse_fingerprint
 from kmsfs.hostfiles import open_regular
+from kmsfs.keys.settings import PROVIDERS
 from kmsfs.policy import Policy, parse_policy
 from kmsfs.server.spec import seconds_range_problem
 
 CONFIG_DIR = Path("/etc/kmsfs")
 LOG_LEVELS = ("debug", "info", "warning", "error")
-
-# TOML provider option -> CLI parameter name, per provider type.
-PROVIDER_OPTIONS: dict[str, dict[str, str]] = {
-    "local": {"key_file": "key_file", "passphrase_file": "passphrase_file"},
-    "aws-kms": {
-        "key_id": "kms_key_id",
-        "region": "kms_region",
-        "endpoint_url": "kms_endpoint_url",
-        "profile": "kms_profile",
-    },
-    "pkcs11": {
-        "module": "pkcs11_module",
-        "token": "pkcs11_token",
-        "key": "pkcs11_key",
-        "pin_file": "pkcs11_pin_file",
-    },
-}
-# Options naming a file that must exist when the config is loaded.
-FILE_OPTIONS = {"key_file", "passphrase_file", "pin_file", "module"}
 
 # Names that would hold a secret: refused wherever they appear.
 SECRET_NAMES = {
@@ -426,28 +409,27 @@ def _shared_mode(data: dict[str, Any], where: str) -> tuple[bool | None, dict[st
 
 
 def _parse_provider(provider: dict[str, Any], where: str) -> tuple[str, dict[str, str]]:
+    """``[provider]``: its type and {option: value}, the keys being the declared settings
+    of that provider (kmsfs/keys/settings.py) that belong in a volume config."""
+    kinds = ", ".join(sorted(PROVIDERS))
     kind = _get(provider, "type", str, where, "provider.")
     if kind is None:
-        raise ConfigError(
-            f"{where}: provider.type is missing (one of {', '.join(sorted(PROVIDER_OPTIONS))})"
-        )
-    if kind not in PROVIDER_OPTIONS:
-        raise ConfigError(
-            f"{where}: provider.type {kind!r} is not one of {', '.join(sorted(PROVIDER_OPTIONS))}"
-        )
-    allowed = PROVIDER_OPTIONS[kind]
+        raise ConfigError(f"{where}: provider.type is missing (one of {kinds})")
+    if kind not in PROVIDERS:
+        raise ConfigError(f"{where}: provider.type {kind!r} is not one of {kinds}")
+    allowed = PROVIDERS[kind].toml_settings
     options: dict[str, str] = {}
     for name in provider:
         if name == "type":
             continue
         if name not in allowed:
-            other = [t for t, names in PROVIDER_OPTIONS.items() if name in names]
+            other = [t for t, decl in PROVIDERS.items() if name in decl.toml_settings]
             hint = f" (it belongs to the {other[0]} provider)" if other else ""
             raise ConfigError(
                 f"{where}: provider.{name} is not an option of the {kind} provider{hint};"
                 f" its options: {', '.join(sorted(allowed))}"
             )
-        if name in FILE_OPTIONS:
+        if allowed[name].kind == "path":  # a file on this host: absolute, existing
             value = _abs_path(provider, name, where, "provider.")
             assert value is not None
             if not os.path.exists(value):
@@ -456,5 +438,5 @@ def _parse_provider(provider: dict[str, Any], where: str) -> tuple[str, dict[str
             value = _get(provider, name, str, where, "provider.")
             if not value:
                 raise ConfigError(f"{where}: provider.{name} is empty")
-        options[allowed[name]] = value
+        options[allowed[name].option] = value
     return kind, options

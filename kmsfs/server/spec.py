@@ -11,12 +11,12 @@ The ranges of the shared-mode timeouts are here, once, for the command line
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from kmsfs.backing.shared import DEFAULT_LOCK_TIMEOUT, DEFAULT_SHARED_TIMEOUT
 from kmsfs.keys.cache import DEFAULT_MAX_AGE, DEFAULT_MAX_ENTRIES
+from kmsfs.keys.settings import HostOptions
 
 if TYPE_CHECKING:
     from kmsfs.keys.secrets import Prompt
@@ -53,7 +53,7 @@ class MountSpec:
     Attributes: backing and mountpoint (absolute), fuse_options (passed to FUSE:
     the config file's, then the command line's, without kmsfs's own), shared
     (the shared-mode settings, or None: this daemon alone serves the volume),
-    key_options (this host's key options, what the providers read), prompt (asks
+    key_options (this host's provider settings and control flags), prompt (asks
     for a passphrase or PIN, or None), cache_max_entries and cache_max_age (the
     unwrapped-key cache), audit_log (absolute, or None: no audit log),
     metrics_listen (``HOST:PORT`` or None), log_level, log_file (None: stderr),
@@ -67,7 +67,7 @@ class MountSpec:
     mountpoint: str
     fuse_options: tuple[str, ...] = ()
     shared: SharedMode | None = None
-    key_options: Mapping[str, Any] = field(default_factory=dict)
+    key_options: HostOptions = field(default_factory=HostOptions)
     prompt: Prompt | None = None
     cache_max_entries: int = DEFAULT_MAX_ENTRIES
     cache_max_age: float = DEFAULT_MAX_AGE

@@ -230,15 +230,19 @@ def test_host_setting_that_differs_from_the_recorded_one_is_refused(
     records the host's after checking that they open the same key."""
     from kmsfs.format.volume_config import KeyConfig
     from kmsfs.keys.registry import host_settings
+    from kmsfs.keys.settings import HostOptions
 
     key = KeyConfig("aws-kms", "arn:x", {"key_arn": "arn:x", "endpoint_url": "http://a"}, b"")
     with pytest.raises(Exception, match=r"gives endpoint_url 'http://b' .* records 'http://a'"):
-        host_settings(key, {"kms_key_id": "arn:x", "kms_endpoint_url": "http://b"}, False)
+        host_settings(
+            key, HostOptions.parse({"kms_key_id": "arn:x", "kms_endpoint_url": "http://b"}), False
+        )
     with pytest.raises(
         Exception, match=r"give --kms-endpoint-url .* records endpoint_url 'http://a'"
     ):
-        host_settings(key, {"kms_key_id": "arn:x"}, False)
-    assert host_settings(key, {"kms_key_id": "arn:x", "kms_endpoint_url": "http://a"}, False) == {}
+        host_settings(key, HostOptions.parse({"kms_key_id": "arn:x"}), False)
+    same = HostOptions.parse({"kms_key_id": "arn:x", "kms_endpoint_url": "http://a"})
+    assert host_settings(key, same, False) == {}
 
 
 @requires_fuse

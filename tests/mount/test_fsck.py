@@ -139,13 +139,14 @@ def test_fsck_reports_entries_that_unwrap_to_different_keys(volume: Volume, tmp_
     from kmsfs.format.volume_config import load_config
     from kmsfs.keys.provider import KeyContext, random_key, wipe
     from kmsfs.keys.registry import open_provider
+    from kmsfs.keys.settings import HostOptions
 
     populate(volume.backing, volume.key_file, 3)
     key_b = tmp_path / "b.key"
     run_kmsfs("keys", "add", volume.backing, "--key-file", key_b, "--old-key-file", volume.key_file)
     config = load_config(volume.backing)
     ref_a, ref_b = (key.key_ref for key in config.keys)
-    provider_b = open_provider(config.keys[1], {"key_file": str(key_b)}, None)
+    provider_b = open_provider(config.keys[1], HostOptions.parse({"key_file": str(key_b)}), None)
     try:
         mixed = volume.backing / "d1/f00001"
         header = FileHeader.parse(os.getxattr(mixed, "user.kmsfs.header"))

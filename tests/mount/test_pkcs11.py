@@ -495,18 +495,17 @@ def test_concurrent_writers(p11vol: Volume, hsm: SoftHSM, label: str) -> None:
 
 def _provider(hsm: SoftHSM, label: str, **options: object):  # type: ignore[no-untyped-def]
     from kmsfs.keys import pkcs11 as p11
+    from kmsfs.keys.settings import HostOptions
 
-    return p11.create(
-        {
-            "pkcs11_module": MODULE,
-            "pkcs11_token": TOKEN,
-            "pkcs11_key": label,
-            "pkcs11_pin_file": str(hsm.pin_file()),
-            "pkcs11_create_key": True,
-            **options,
-        },
-        None,
-    )
+    given = {
+        "pkcs11_module": MODULE,
+        "pkcs11_token": TOKEN,
+        "pkcs11_key": label,
+        "pkcs11_pin_file": str(hsm.pin_file()),
+        "pkcs11_create_key": True,
+        **options,
+    }
+    return p11.create(HostOptions.parse(given).of("pkcs11"), None)
 
 
 def _context():  # type: ignore[no-untyped-def]

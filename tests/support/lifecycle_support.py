@@ -82,11 +82,12 @@ def read_file_with_any_key(path: Path, key_files: list[Path]) -> bytes:
     key files opens one of its header's entries (AssertionError if none does)."""
     from kmsfs.keys import local
     from kmsfs.keys.provider import KeyContext
+    from kmsfs.keys.settings import LocalSettings
 
     header = header_of(path)
     context = KeyContext(header.volume_id, header.file_id)
     for key_file in key_files:
-        provider = local.open_provider({}, {"key_file": str(key_file)}, None)
+        provider = local.open_provider({}, LocalSettings(key_file=str(key_file)), None)
         for entry in header.entries:
             if provider.accepts(entry):
                 key = provider.unwrap(entry, context)
