@@ -8,8 +8,9 @@ import os
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
+from support.properties import examples
 
 from kmsfs.backing import content_file
 from kmsfs.backing.content_file import ContentFile
@@ -47,7 +48,7 @@ def scratch(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @FORMATS
-@settings(max_examples=150, deadline=None)
+@examples(150)
 @given(st.lists(operation, max_size=12))
 def test_random_operations_match_model(scratch: Path, version: int, ops: list) -> None:
     content = new_file(scratch / "f", version)

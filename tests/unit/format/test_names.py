@@ -9,8 +9,9 @@ import re
 
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESSIV
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
+from support.properties import examples
 
 from kmsfs.errors import EncryptedNameError, FormatError, PlaintextTooLong
 from kmsfs.format import names
@@ -113,7 +114,7 @@ def test_non_utf8_and_control_bytes_round_trip(cipher: NameCipher, name: bytes) 
     stored(cipher, ROOT_DIR_ID, name)
 
 
-@settings(max_examples=300, deadline=None)
+@examples(300)
 @given(name=names_strategy, dir_id=st.binary(min_size=16, max_size=16))
 def test_random_names_round_trip(cipher: NameCipher, name: bytes, dir_id: bytes) -> None:
     stored(cipher, dir_id, name)
@@ -373,7 +374,7 @@ def test_symlink_targets_round_trip(cipher: NameCipher, length: int) -> None:
     assert cipher.decrypt_symlink(stored_target) == target
 
 
-@settings(max_examples=200, deadline=None)
+@examples(200)
 @given(target=st.binary(min_size=1, max_size=MAX_SYMLINK_TARGET).filter(lambda t: b"\0" not in t))
 def test_random_symlink_targets_round_trip(cipher: NameCipher, target: bytes) -> None:
     assert cipher.decrypt_symlink(cipher.encrypt_symlink(target)) == target

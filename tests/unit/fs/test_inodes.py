@@ -1,12 +1,11 @@
 """The inode table's descriptors: forgotten entries' descriptors are closed off the
-request path, all of them, in order, and never more than a bounded number wait; a
-reserve lets a deferred entry open when the process is out of descriptors."""
+request path, all of them, in order, and never more than a bounded number wait.  What
+a deferred entry does when the process is out of descriptors is tested in a child
+process that uses them up: tests/mount/test_fd_limit.py."""
 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -85,55 +84,6 @@ def test_entry_lock_excludes_a_second_task_until_released() -> None:
     assert order == ["holder in", "holder out", "second in"]
 
 
-_OUT_OF_DESCRIPTORS = """
-import errno, os, resource, sys
-from kmsfs.fs.inodes import InodeTable, Reserve
-resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
-root = os.open(sys.argv[1], os.O_PATH)
-table = InodeTable(root, high_water=40)
-if sys.argv[2] == "no-reserve":
-    table.reserve.close()
-    table.reserve = Reserve(0)
-st = os.stat("f", dir_fd=root)
-hog = []
-while True:  # use up every descriptor left
-    try:
-        hog.append(os.open("/", os.O_PATH))
-    except OSError as exc:
-        assert exc.errno == errno.EMFILE
-        break
-entry, _ = table.remember(st, 1, b"f")
-assert entry.fd == -1, "the entry should have been deferred"
-try:
-    table.open_deferred(entry)
-except OSError as exc:
-    print(errno.errorcode[exc.errno])
-else:
-    print("same inode" if os.stat(entry.fd).st_ino == st.st_ino else "other inode")
-"""
-
-
-@pytest.mark.parametrize(
-    ("reserve", "expected"), [("reserve", "same inode"), ("no-reserve", "EMFILE")]
-)
-def test_a_deferred_entry_opens_from_the_reserve_when_out_of_descriptors(
-    tmp_path: Path, reserve: str, expected: str
-) -> None:
-    """A request on a deferred entry (the kernel's SETATTR of a dirty inode's times,
-    which must succeed before the kernel will forget it) gets a descriptor even when
-    the process has none left; without the reserve it fails with EMFILE."""
-    (tmp_path / "f").write_bytes(b"x")
-    result = subprocess.run(
-        [sys.executable, "-c", _OUT_OF_DESCRIPTORS, str(tmp_path), reserve],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == expected
-
-
 def test_an_entry_holds_the_inode_its_number_names_when_the_name_was_replaced(
     tmp_path: Path,
 ) -> None:
@@ -162,59 +112,3 @@ def test_an_entry_holds_the_inode_its_number_names_when_the_name_was_replaced(
         os.close(keep_old_alive)
     finally:
         table.close_all()
-
-
-_NUMBER_REUSED = """
-import errno, os, resource, sys
-from kmsfs.fs.inodes import InodeTable
-resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
-os.chdir(sys.argv[1])
-root = os.open(".", os.O_PATH)
-table = InodeTable(root, high_water=40)
-with open("f", "wb") as handle:
-    handle.write(b"first file")
-st = os.stat("f")
-hog = []
-while True:
-    try:
-        hog.append(os.open("/", os.O_PATH))
-    except OSError:
-        break
-entry, _ = table.remember(st, 1, b"f")
-assert entry.fd == -1, "the entry should have been deferred"
-for fd in hog:
-    os.close(fd)
-os.unlink("f")
-for n in range(200):  # ext4 hands a freed inode number to the next file it creates
-    with open(f"x{n}", "wb") as handle:
-        handle.write(b"another file")
-    if os.stat(f"x{n}").st_ino == st.st_ino:
-        os.rename(f"x{n}", "f")
-        break
-else:
-    print("not reused")
-    sys.exit(0)
-try:
-    table.open_deferred(entry)
-except OSError as exc:
-    print(errno.errorcode[exc.errno])
-else:
-    print("opened the other file")
-"""
-
-
-def test_a_deferred_entry_never_opens_another_file_that_took_its_number(tmp_path: Path) -> None:
-    """A deferred entry holds no inode, so its number can be reused by a new file under
-    the same name before its first use; that file has another birth time, and the
-    entry answers ESTALE instead of serving it under the old inode's number."""
-    result = subprocess.run(
-        [sys.executable, "-c", _NUMBER_REUSED, str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    if result.stdout.strip() == "not reused":
-        pytest.skip("this filesystem did not reuse the inode number in 200 creates")
-    assert result.stdout.strip() == "ESTALE"

@@ -12,8 +12,6 @@ import errno
 import logging
 import os
 import stat
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,7 +19,6 @@ import pyfuse3
 import pytest
 from support.lifecycle_support import header_of, write_file
 from support.operations import CTX, ROOT, create, fields, fuse_errno, read_all, run, serving
-from support.volumes import make_volume
 
 from kmsfs.errors import IntegrityError, KeyAccessDenied, KeyUnavailable, WrongKeyError
 from kmsfs.format.content import Layout
@@ -445,56 +442,3 @@ def test_shared_lookup_of_a_file_the_daemon_may_not_open_answers_uncached(
         assert attr.st_size == 5000 and attr.attr_timeout == 0
 
     run(main)
-
-
-_OPEN_OUT_OF_DESCRIPTORS = """
-import errno, os, resource, sys
-from types import SimpleNamespace
-import pyfuse3, trio
-from kmsfs.fs.operations import KmsfsOperations, open_served_volume
-from kmsfs.volume_open import open_volume
-backing, key = sys.argv[1:3]
-resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128))
-config, keyring = open_volume(backing, {"key_file": key})
-ops = KmsfsOperations(open_served_volume(backing, config, keyring))
-ctx = SimpleNamespace(uid=os.geteuid(), gid=os.getegid(), pid=os.getpid(), umask=0o022)
-
-async def main():
-    info, attr = await ops.create(pyfuse3.ROOT_INODE, b"f", 0o644, os.O_RDWR, ctx)
-    await ops.write(info.fh, 0, b"its bytes")
-    await ops.release(info.fh)
-    hog = []
-    while True:  # use up every descriptor left
-        try:
-            hog.append(os.open("/", os.O_PATH))
-        except OSError as exc:
-            assert exc.errno == errno.EMFILE
-            break
-    try:
-        fh = (await ops.open(attr.st_ino, os.O_RDONLY, ctx)).fh
-    except pyfuse3.FUSEError as exc:
-        print(errno.errorcode[exc.errno])
-        return
-    print(bytes(await ops.read(fh, 0, 100)).decode())
-
-trio.run(main)
-"""
-
-
-def test_an_open_gets_its_content_descriptor_when_the_process_has_none_left(
-    tmp_path: Path,
-) -> None:
-    """Under a small descriptor limit the kernel may not yet have forgotten the entries
-    the daemon asked it to drop: an open then finds no descriptor for the file's
-    content.  It takes a spare from the inode table's reserve (before: EMFILE at once,
-    the CI failure of tests/mount/test_fd_limit.py)."""
-    vol = make_volume(tmp_path, in_process=True)
-    result = subprocess.run(
-        [sys.executable, "-c", _OPEN_OUT_OF_DESCRIPTORS, str(vol.backing), str(vol.key_file)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "its bytes"

@@ -12,8 +12,9 @@ import logging
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
+from support.properties import examples
 
 from kmsfs.errors import ConfigError
 from kmsfs.policy import ACTIONS, HashPending, Policy, Requester, audit_record, parse_policy
@@ -431,7 +432,7 @@ AGREEMENT_RULES: list[dict[str, object]] = [
 COMPONENTS = st.sampled_from(["db", "pub", "tmp", "x.key", "a", "b", "home", "*"])
 
 
-@settings(max_examples=400, deadline=None)
+@examples(400)
 @given(
     uid=st.sampled_from([0, DAEMON, BACKUP, NOBODY, 4242, 5000]),
     gid=st.sampled_from([0, BACKUP, NOBODY, 5000]),
@@ -462,7 +463,7 @@ def test_decide_agrees_with_explain(
     assert policy.decide(requester, action, path) is decision
 
 
-@settings(max_examples=300, deadline=None)
+@examples(300)
 @given(
     uid=st.sampled_from([0, DAEMON, BACKUP, NOBODY, 4242]),
     exe=st.sampled_from(["/usr/bin/db", "/usr/bin/cat"]),
