@@ -5,12 +5,12 @@ This package's operations modules are the only place an errno is chosen (see
 kmsfs.fs.operations).  Threads: metadata syscalls on the backing filesystem and
 small reads and writes run on the trio loop, because a worker-thread hop costs
 0.1-0.4 ms on the machines we measured (docs/DESIGN.md); requests of
-OFFLOAD_BYTES or more, fsync, and calls to providers that are not ``inline`` go
-to worker threads.  In shared mode nothing waits for another daemon in a thread:
-a request that finds another daemon's lock in its way waits through
-``lock_waits`` (kmsfs/fs/lockwait.py), on the loop, with a deadline.  What
-differs in shared mode is ``content_access``, chosen once
-(kmsfs/fs/content_access.py).
+OFFLOAD_BYTES or more, fsync while another request waits (kmsfs/fs/syncs.py), and
+calls to providers that are not ``inline`` go to worker threads.  In shared mode
+nothing waits for another daemon in a thread: a request that finds another
+daemon's lock in its way waits through ``lock_waits`` (kmsfs/fs/lockwait.py), on
+the loop, with a deadline.  What differs in shared mode is ``content_access``,
+chosen once (kmsfs/fs/content_access.py).
 """
 
 from __future__ import annotations
@@ -38,11 +38,12 @@ from kmsfs.errors import KeyAccessDenied, KmsfsError
 from kmsfs.format.content import FORMAT_MARKER, BlockCipher, Layout, format_of_mode
 from kmsfs.format.header import FORMAT_1, FORMAT_2, FileHeader
 from kmsfs.fs.content_access import content_access_for
-from kmsfs.fs.fuseloop import PYFUSE3
+from kmsfs.fs.fuseloop import PYFUSE3, request_queued
 from kmsfs.fs.inodes import ROOT_INODE, Inode
 from kmsfs.fs.lockwait import LockWaitInterrupted, LockWaits
 from kmsfs.fs.requests import OPCODES, RequestStats
 from kmsfs.fs.served import ServedVolume
+from kmsfs.fs.syncs import SyncPath
 
 log = logging.getLogger("kmsfs.fs")
 
@@ -101,6 +102,7 @@ def fuse_op(
     async def wrapper(self: S, /, *args: P.args, **kwargs: P.kwargs) -> T:
         counter = self.requests.by_opcode[opcode]
         start = perf_counter_ns()
+        self.requests.in_flight += 1
         try:
             return await func(self, *args, **kwargs)
         except FUSEError:
@@ -129,6 +131,7 @@ def fuse_op(
             log.exception("%s: unexpected error", func.__name__)
             raise FUSEError(errno.EIO) from None
         finally:
+            self.requests.in_flight -= 1
             counter.add(perf_counter_ns() - start)
 
     functools.update_wrapper(wrapper, func)
@@ -189,6 +192,8 @@ class OperationsBase(pyfuse3.Operations):
         self.bytes_written = 0
         self.requests = RequestStats()
         self._forgets = self.requests.counter("forget")
+        # FSYNC and FSYNCDIR: inline when no other request waits (kmsfs/fs/syncs.py)
+        self.syncs = SyncPath(self._limiter, self._others_waiting)
         self.lock_waits = LockWaits(parts.lock_timeout)
         self.content_access = content_access_for(parts, self.lock_waits)
         self.enable_writeback_cache = self.content_access.writeback_cache
@@ -386,6 +391,10 @@ class OperationsBase(pyfuse3.Operations):
             return path
         backing = self.paths.backing_of(entry.fd)
         return f"inode {entry.ino}" if backing is None else f"inode {entry.ino} (backing {backing})"
+
+    def _others_waiting(self) -> bool:
+        """Whether a request other than the caller's is being handled or waits unread."""
+        return self.requests.in_flight > 1 or request_queued()
 
     async def _key_call(self, func: Callable[..., T], *args: Any) -> T:
         if self.keyring.inline:

@@ -9,7 +9,6 @@ import stat
 from typing import Any
 
 import pyfuse3
-import trio
 from pyfuse3 import FUSEError
 
 from kmsfs.backing import xattrs
@@ -191,7 +190,7 @@ class FileOps(NamespaceOps):
         entry = self.inodes.entry(fh)
         content = entry.content
         if content is not None:
-            await trio.to_thread.run_sync(content.fsync, datasync, limiter=self._limiter)
+            await self.syncs.run(content.fsync, datasync)
 
     @fuse_op
     async def setxattr(

@@ -9,7 +9,6 @@ from collections.abc import Sequence
 from time import perf_counter_ns
 
 import pyfuse3
-import trio
 from pyfuse3 import FUSEError
 
 from kmsfs.backing import syscalls
@@ -319,7 +318,7 @@ class NamespaceOps(AccessChecks):
 
     @fuse_op
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
-        await trio.to_thread.run_sync(os.fsync, self.inodes.dirs[fh].fd, limiter=self._limiter)
+        await self.syncs.run(os.fsync, self.inodes.dirs[fh].fd)
 
     @fuse_op
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
