@@ -190,7 +190,7 @@ class FileOps(NamespaceOps):
         entry = self.inodes.entry(fh)
         content = entry.content
         if content is not None:
-            await self.syncs.run(content.fsync, datasync)
+            await self.syncs.run(content.fsync, datasync, unsynced=content.unsynced)
 
     @fuse_op
     async def setxattr(

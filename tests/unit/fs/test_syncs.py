@@ -110,3 +110,23 @@ def test_other_tasks_run_after_an_inline_sync_and_during_one_in_a_thread(others:
 
     trio.run(main)
     assert seen_done == [not others]
+
+
+def test_a_sync_that_may_flush_much_runs_in_a_thread() -> None:
+    """A sync after many written bytes may take long: it goes to a worker thread
+    even when nothing else waits, so that it stops nobody who arrives meanwhile."""
+    path = SyncPath(trio.CapacityLimiter(2), lambda: False)
+    loop_thread = threading.get_ident()
+    where: list[bool] = []
+
+    def sync() -> None:
+        where.append(threading.get_ident() == loop_thread)
+
+    _run_unsynced = [syncs.INLINE_SYNC_BYTES - 1, syncs.INLINE_SYNC_BYTES, 0]
+    for unsynced in _run_unsynced:
+
+        async def main(unsynced: int = unsynced) -> None:
+            await path.run(sync, unsynced=unsynced)
+
+        trio.run(main)
+    assert where == [True, False, True]
