@@ -117,6 +117,9 @@ class ContentFile:
         self.mirror: ContentFile | None = None
         self.mirror_error: BaseException | None = None
         self.on_worn: Callable[[], None] | None = None
+        # plaintext bytes written or truncated since the last fsync: how much the next
+        # one may have to flush (kmsfs/fs/syncs.py syncs a little on the loop thread)
+        self.unsynced = 0
 
     @property
     def what(self) -> str:
@@ -217,6 +220,7 @@ class ContentFile:
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> int:
         """Write *data* at *offset*, growing the file if needed; returns len(data)."""
+        self.unsynced += len(data)
         if self.mirror is None:
             return self._write(offset, data)
         self._mirrored(lambda content: content._write(offset, data))
@@ -224,6 +228,7 @@ class ContentFile:
 
     def truncate(self, new_size: int) -> None:
         """Set the plaintext size, re-sealing the block that becomes final."""
+        self.unsynced += abs(new_size - self.size)
         if self.mirror is None:
             self._truncate(new_size)
         else:
@@ -327,6 +332,7 @@ class ContentFile:
         self._final = (new_final, bytes(keep))
 
     def fsync(self, datasync: bool) -> None:
+        self.unsynced = 0
         if datasync:
             os.fdatasync(self.fd)
         else:

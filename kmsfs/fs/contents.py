@@ -4,10 +4,11 @@ inline or in a worker thread, in shared mode after waiting for another daemon's 
 
 Threads: small reads and writes run on the trio loop, because a worker-thread hop
 costs 0.1-0.4 ms on the machines we measured (docs/DESIGN.md); requests of
-OFFLOAD_BYTES or more, fsync, and calls to providers that are not ``inline`` go to
-worker threads.  In shared mode nothing waits for another daemon in a thread: a
-request that finds another daemon's lock in its way waits through ``lock_waits``
-(kmsfs/fs/lockwait.py), on the loop, with a deadline.
+OFFLOAD_BYTES or more, fsync while another request waits (kmsfs/fs/syncs.py), and
+calls to providers that are not ``inline`` go to worker threads.  In shared mode
+nothing waits for another daemon in a thread: a request that finds another daemon's
+lock in its way waits through ``lock_waits`` (kmsfs/fs/lockwait.py), on the loop,
+with a deadline.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from kmsfs.fs.inodes import Inode
 from kmsfs.fs.lockwait import LockWaits
 from kmsfs.fs.places import Places
 from kmsfs.fs.served import ServedVolume
+from kmsfs.fs.syncs import SyncPath
 
 T = TypeVar("T")
 
@@ -52,7 +54,8 @@ class Contents:
 
     Attributes: keyring, key_usage (block encryptions per file key, kept across
     opens and closes: FORMAT.md "How much one file key may encrypt"), offload_bytes,
-    io_limiter (threads for large I/O and fsync), content_access (local or shared:
+    io_limiter (threads for large I/O and fsync), syncs (where FSYNC and FSYNCDIR
+    run: kmsfs/fs/syncs.py), content_access (local or shared:
     kmsfs/fs/content_access.py), lock_waits (shared mode's waits for other daemons),
     on_worn (``-o auto_rekey``'s queue, or None).
     """
@@ -66,6 +69,7 @@ class Contents:
         content_access: LocalContentAccess,
         lock_waits: LockWaits,
         open_created_elsewhere: OpenCreatedElsewhere,
+        syncs: SyncPath,
     ) -> None:
         self.places = places
         self.access = access
@@ -73,6 +77,7 @@ class Contents:
         self.content_access = content_access
         self.lock_waits = lock_waits
         self.open_created_elsewhere = open_created_elsewhere
+        self.syncs = syncs
         self.config = parts.config
         self.keyring = parts.keyring
         self.inodes = parts.inodes
@@ -314,7 +319,7 @@ class Contents:
         entry = self.inodes.entry(fh)
         content = entry.content
         if content is not None:
-            await trio.to_thread.run_sync(content.fsync, datasync, limiter=self.io_limiter)
+            await self.syncs.run(content.fsync, datasync, unsynced=content.unsynced)
 
     async def truncate(self, entry: Inode, size: int, ctx: pyfuse3.RequestContext) -> None:
         """Truncate the regular file *entry* to *size* (SETATTR of its size), opening its

@@ -75,6 +75,7 @@ def fuse_op(
     async def wrapper(self: S, /, *args: P.args, **kwargs: P.kwargs) -> T:
         counter = self.requests.by_opcode[opcode]
         start = perf_counter_ns()
+        self.requests.in_flight += 1
         try:
             return await func(self, *args, **kwargs)
         except FUSEError:
@@ -103,6 +104,7 @@ def fuse_op(
             log.exception("%s: unexpected error", func.__name__)
             raise FUSEError(errno.EIO) from None
         finally:
+            self.requests.in_flight -= 1
             counter.add(perf_counter_ns() - start)
 
     functools.update_wrapper(wrapper, func)

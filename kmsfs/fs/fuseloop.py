@@ -25,6 +25,10 @@ connection (the file system was unmounted; ``/dev/fuse`` then polls POLLERR):
 pyfuse3's loop ends only once every request being handled has finished, so
 requests waiting for another daemon's lock must be told to stop waiting.
 
+``request_queued()`` says whether a request waits unread in /dev/fuse, from the fd
+the adapter's loop waits for (either loop): kmsfs/fs/syncs.py runs a backing sync on
+the loop thread only when none does.
+
 A pyfuse3 built with kmsfs's patch (scripts/install-pyfuse3, docs/pyfuse3-patch.md)
 does this itself, better: ``Operations.enable_read_before_wait`` makes its loop
 read the non-blocking session fd first and wait only when nothing is queued (no
@@ -89,6 +93,13 @@ class _Lowlevel(types.ModuleType):
             if ready and ready[0][1] & _GONE:
                 self._gone()
 
+    def queued(self) -> bool:
+        """Whether a request waits unread in the fd this loop waits for (or the
+        connection ended); True before the loop first waited, when the fd is unknown."""
+        if not self._polls:
+            return True
+        return any(poll.poll(0) for poll in self._polls.values())
+
     def _gone(self) -> None:
         """The kernel ended the connection: call on_disconnect, once."""
         on_disconnect, self._on_disconnect = self._on_disconnect, None
@@ -125,6 +136,16 @@ def install(
 
 def uninstall() -> None:
     pyfuse3.trio = trio  # type: ignore[attr-defined]
+
+
+def request_queued() -> bool:
+    """Whether a FUSE request waits unread in /dev/fuse (or the connection ended).
+    True when the adapter is not installed or its loop has not waited for the fd yet:
+    a caller that would make the loop wait must then assume that something waits."""
+    lowlevel = getattr(getattr(pyfuse3, "trio", None), "lowlevel", None)
+    if not isinstance(lowlevel, _Lowlevel):
+        return True
+    return lowlevel.queued()
 
 
 @dataclass(frozen=True)

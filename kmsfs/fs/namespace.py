@@ -8,7 +8,6 @@ import stat
 from collections.abc import Sequence
 
 import pyfuse3
-import trio
 from pyfuse3 import FUSEError
 
 from kmsfs.backing import syscalls
@@ -325,7 +324,7 @@ class Namespace:
         self.inodes.close_dir(fh)
 
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
-        await trio.to_thread.run_sync(os.fsync, self.inodes.dirs[fh].fd, limiter=self._limiter)
+        await self.contents.syncs.run(os.fsync, self.inodes.dirs[fh].fd)
 
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         vfs = os.statvfs(self.backing)

@@ -38,12 +38,13 @@ from kmsfs.fs.attributes import Attributes
 from kmsfs.fs.content_access import content_access_for
 from kmsfs.fs.contents import Contents
 from kmsfs.fs.errno_map import errno_for, fuse_op
-from kmsfs.fs.fuseloop import PYFUSE3
+from kmsfs.fs.fuseloop import PYFUSE3, request_queued
 from kmsfs.fs.lockwait import LockWaits
 from kmsfs.fs.namespace import Namespace
 from kmsfs.fs.places import Places
 from kmsfs.fs.requests import RequestStats
 from kmsfs.fs.served import DEFAULT_TIMEOUT, OFFLOAD_BYTES, ServedVolume, open_served_volume
+from kmsfs.fs.syncs import SyncPath
 from kmsfs.fs.xattrs import Xattrs
 
 __all__ = [
@@ -92,6 +93,8 @@ class KmsfsOperations(pyfuse3.Operations):
         self.lock_waits = LockWaits(parts.lock_timeout)
         self.content_access = content_access_for(parts, self.lock_waits)
         self.enable_writeback_cache = self.content_access.writeback_cache
+        # FSYNC and FSYNCDIR: inline when no other request waits (kmsfs/fs/syncs.py)
+        self.syncs = SyncPath(parts.io_limiter, self._others_waiting)
         self.places = Places(parts)
         self.access_control = Access(parts, self.places)
         self.attributes = Attributes(parts, self.access_control, self.places, self.content_access)
@@ -103,6 +106,7 @@ class KmsfsOperations(pyfuse3.Operations):
             self.content_access,
             self.lock_waits,
             self._open_created_elsewhere,
+            self.syncs,
         )
         self.namespace = Namespace(
             parts,
@@ -117,6 +121,10 @@ class KmsfsOperations(pyfuse3.Operations):
     def close(self) -> None:
         """Close every descriptor (after the FUSE loop has ended)."""
         self.inodes.close_all()
+
+    def _others_waiting(self) -> bool:
+        """Whether a request other than the caller's is being handled or waits unread."""
+        return self.requests.in_flight > 1 or request_queued()
 
     # namespace
 

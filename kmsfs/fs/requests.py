@@ -88,10 +88,12 @@ class OpCounter:
 
 
 class RequestStats:
-    """An OpCounter per opcode (``by_opcode``), all created up front."""
+    """An OpCounter per opcode (``by_opcode``), all created up front, and in_flight:
+    the requests whose handler has started and not yet answered."""
 
     def __init__(self) -> None:
         self.by_opcode = {opcode: OpCounter() for opcode in OPCODES.values()}
+        self.in_flight = 0
 
     def counter(self, handler: str) -> OpCounter:
         """The counter of pyfuse3 handler *handler* (KeyError for an unknown one)."""

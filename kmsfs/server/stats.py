@@ -145,6 +145,8 @@ def snapshot(
         "bytes_written": ops.bytes_written,
         "errors": ops.errors,
         "requests": ops.requests.summary(),
+        # FSYNC and FSYNCDIR: backing syncs run on the loop thread, and in worker threads
+        "syncs": {"inline": ops.syncs.inline, "in_thread": ops.syncs.offloaded},
         "policy": ops.access_control.policy.describe(),
         # shared mode: requests waiting for other daemons' locks, and how waits ended
         **({"lock_waits": ops.lock_waits.summary()} if ops.content_access.shared else {}),

@@ -356,6 +356,36 @@ def test_status_counts_fuse_requests_per_opcode(volume: Volume) -> None:
     volume.umount()
 
 
+def test_syncs_of_a_lone_process_run_on_the_loop_and_are_counted(volume: Volume) -> None:
+    """FSYNC and FSYNCDIR run their backing sync on the loop thread when no other request
+    waits (kmsfs/fs/syncs.py): one process syncing in turn gets most of its syncs that
+    way, the status counts each sync once, and the data is there after a remount."""
+    volume.mount()
+    path = volume.mountpoint / "f"
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644)
+    try:
+        for i in range(10):
+            os.pwrite(fd, b"%d" % i, 0)
+            os.fdatasync(fd) if i % 2 else os.fsync(fd)
+    finally:
+        os.close(fd)
+    dir_fd = os.open(volume.mountpoint, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    info = status_json(volume.mountpoint)
+    by_opcode = info["requests"]["by_opcode"]
+    syncs = info["syncs"]
+    assert syncs["inline"] + syncs["in_thread"] == 10 + 1
+    assert by_opcode["FSYNC"]["count"] == 10 and by_opcode["FSYNCDIR"]["count"] == 1
+    assert syncs["inline"] > syncs["in_thread"]
+    volume.umount()
+    volume.mount()
+    assert path.read_bytes() == b"9"
+    volume.umount()
+
+
 @pytest.mark.nomount
 def test_status_without_daemon(tmp_path: Path) -> None:
     result = run_kmsfs("status", tmp_path, check=False)

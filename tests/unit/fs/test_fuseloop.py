@@ -206,3 +206,29 @@ def test_status_names_the_hooks_in_use_and_why_one_is_off() -> None:
     varying = SimpleNamespace(**{**vars(plain), "access_control": SimpleNamespace(timeout=0.0)})
     assert "cache_dir" not in fuseloop.status(varying)["active"]
     assert "access policy" in fuseloop.status(varying)["off"]["cache_dir"]
+
+
+@pytest.mark.parametrize("poll_first", [True, False], ids=["adapter", "watch only"])
+def test_request_queued_says_whether_the_fd_the_loop_waits_for_has_data(
+    pipe: tuple[int, int], poll_first: bool
+) -> None:
+    """The sync path runs a sync on the loop only when no request waits unread: it asks
+    ``request_queued``, which polls the fd the loop waits for, and says True while that
+    fd is unknown (no adapter, or the loop has not waited yet)."""
+    r, w = pipe
+    assert fuseloop.request_queued() is True  # no adapter installed
+    fuseloop.install(lambda: None, poll_first)
+    try:
+        assert fuseloop.request_queued() is True  # the loop has not waited yet
+        os.write(w, b"x")
+
+        async def main() -> None:
+            await pyfuse3.trio.lowlevel.wait_readable(r)  # type: ignore[attr-defined]
+
+        trio.run(main)
+        assert fuseloop.request_queued() is True
+        os.read(r, 1)
+        assert fuseloop.request_queued() is False
+    finally:
+        fuseloop.uninstall()
+    assert fuseloop.request_queued() is True
