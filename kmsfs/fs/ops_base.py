@@ -197,11 +197,16 @@ class OperationsBase(pyfuse3.Operations):
         self.on_worn: Callable[[int], None] | None = None
 
     def _attr(
-        self, st: os.stat_result, entry: Inode | None = None, size: int | None = None
+        self,
+        st: os.stat_result,
+        entry: Inode | None = None,
+        size: int | None = None,
+        kept_for: float | None = None,
     ) -> pyfuse3.EntryAttributes:
         """Attributes of backing inode *st*; a regular file's or symlink's size is *size*
         if given (a symlink's is its target's length, else read through *entry*:
-        ``_link_size``; EncryptedNameError if its target does not decrypt).
+        ``_link_size``; EncryptedNameError if its target does not decrypt).  The kernel
+        keeps them *kept_for* seconds, ``self.timeout`` if None.
 
         Otherwise the size of its open content, else the one computed from the backing
         file's, which shared mode's kernel does not cache (``content_access``: another
@@ -210,8 +215,9 @@ class OperationsBase(pyfuse3.Operations):
         attr = pyfuse3.EntryAttributes()
         attr.st_ino = entry.ino if entry is not None else self.inodes.fuse_ino(st.st_ino)
         attr.generation = entry.generation if entry is not None else 0
-        attr.entry_timeout = self.timeout
-        attr.attr_timeout = self.timeout
+        timeout = self.timeout if kept_for is None else kept_for
+        attr.entry_timeout = timeout
+        attr.attr_timeout = timeout
         attr.st_nlink = st.st_nlink
         attr.st_uid = st.st_uid
         attr.st_gid = st.st_gid
@@ -224,9 +230,7 @@ class OperationsBase(pyfuse3.Operations):
                 attr.st_size = size
             else:
                 attr.st_size = self._layout_for(st, entry).plain_size(st.st_size)
-                attr.attr_timeout = self.content_access.attr_timeout_of_computed_size(
-                    self.timeout
-                )
+                attr.attr_timeout = self.content_access.attr_timeout_of_computed_size(timeout)
         elif stat.S_ISLNK(st.st_mode):
             attr.st_mode = st.st_mode
             if size is None:
@@ -257,15 +261,15 @@ class OperationsBase(pyfuse3.Operations):
         return self._link_size(st, lambda: os.readlink(backing, dir_fd=dir_fd))
 
     async def _attr_sized(
-        self, st: os.stat_result, entry: Inode, caller: int
+        self, st: os.stat_result, entry: Inode, caller: int, kept_for: float | None = None
     ) -> pyfuse3.EntryAttributes:
         """``_attr``, with a regular file's size read under a lock in shared mode
         (``content_access.locked_size``: *caller* is the requester's pid, and
         LockWaitFailed and its kin come from there)."""
         if not stat.S_ISREG(st.st_mode):
-            return self._attr(st, entry)
+            return self._attr(st, entry, kept_for=kept_for)
         size = await self.content_access.locked_size(st, entry, self._layout_for, caller)
-        return self._attr(st, entry, size)
+        return self._attr(st, entry, size, kept_for)
 
     def _layout_for(self, st: os.stat_result, entry: Inode | None) -> Layout:
         """The layout a regular file's size is computed with, without reading its header:
@@ -513,4 +517,3 @@ class OperationsBase(pyfuse3.Operations):
     def close(self) -> None:
         """Close every descriptor (after the FUSE loop has ended)."""
         self.inodes.close_all()
-

@@ -103,7 +103,8 @@ class FileOps(NamespaceOps):
         entry.content = content
         entry.opens += 1
         info = pyfuse3.FileInfo(fh=entry.ino, keep_cache=self.content_access.keep_cache)
-        return info, self._attr(st, entry, content.size)
+        kept_for = self._timeout_for(self._path_of(parent, name))
+        return info, self._attr(st, entry, content.size, kept_for)
 
     async def _open_created_elsewhere(
         self, parent_inode: int, name: bytes, flags: int, ctx: pyfuse3.RequestContext

@@ -16,7 +16,7 @@ from kmsfs.backing import syscalls
 from kmsfs.errors import KmsfsError, PlaintextTooLong
 from kmsfs.format.content import format_of_mode, mode_for_format
 from kmsfs.fs.inodes import O_PATH_FLAGS, ROOT_INODE, DirHandle, Inode
-from kmsfs.fs.ops_access import AccessChecks
+from kmsfs.fs.ops_access import AccessChecks, once
 from kmsfs.fs.ops_base import fuse_op, log
 
 
@@ -35,14 +35,15 @@ class NamespaceOps(AccessChecks):
             return self._attr(st, parent)
         if self.names.reserved(parent_inode == ROOT_INODE, name):
             raise FUSEError(errno.ENOENT)
-        await self._allow(ctx, "list", self._path_of(parent, name))
+        path = once(self._path_of(parent, name))
+        await self._allow(ctx, "list", path)
         backing = self.names.backing_name(self._dir(parent), name)
         try:
             st = os.stat(backing, dir_fd=parent.fd, follow_symlinks=False)
         except FileNotFoundError:
             negative = pyfuse3.EntryAttributes()
             negative.st_ino = 0
-            negative.entry_timeout = self.timeout
+            negative.entry_timeout = self._timeout_for(path)
             return negative
         try:
             link_size = self._entry_size(st, parent.fd, backing)
@@ -50,9 +51,10 @@ class NamespaceOps(AccessChecks):
             raise exc.located(os.path.join(self.describe(parent), os.fsdecode(name))) from None
         entry, st = self.inodes.remember(st, parent_inode, name, backing)
         self.inodes.trim()
+        timeout = self._timeout_for(path)  # the name looked up: a hard link's other names differ
         if entry.fd < 0 or link_size is not None:  # deferred: no descriptor to lock through
-            return self._attr(st, entry, link_size)
-        return await self._attr_sized(st, entry, ctx.pid)
+            return self._attr(st, entry, link_size, timeout)
+        return await self._attr_sized(st, entry, ctx.pid, timeout)
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         # Not wrapped in _fuse_op: FORGET has no answer, and pyfuse3 must never see
@@ -68,8 +70,9 @@ class NamespaceOps(AccessChecks):
     @fuse_op
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         entry = await self.inodes.entry_waiting(inode)
-        await self._allow(ctx, "list", self._path_of(entry))
-        return await self._attr_sized(os.stat(entry.fd), entry, ctx.pid)
+        path = once(self._path_of(entry))
+        await self._allow(ctx, "list", path)
+        return await self._attr_sized(os.stat(entry.fd), entry, ctx.pid, self._timeout_for(path))
 
     @fuse_op
     async def setattr(
@@ -146,7 +149,7 @@ class NamespaceOps(AccessChecks):
         if dir_id and entry.dir_id is None:
             entry.dir_id = dir_id
         self.inodes.trim()
-        return self._attr(st, entry)
+        return self._attr(st, entry, kept_for=self._timeout_for(self._path_of(parent, name)))
 
     @fuse_op
     async def mknod(
@@ -215,6 +218,7 @@ class NamespaceOps(AccessChecks):
         new_parent = self.inodes.entry(parent_inode_new)
         await self._allow_rename(ctx, old_parent, name_old, new_parent, name_new)
         self.names.rename(self._dir(old_parent), name_old, self._dir(new_parent), name_new, flags)
+        self._forget_moved(parent_inode_old, name_old, parent_inode_new, name_new)
 
     @fuse_op
     async def link(
@@ -224,10 +228,11 @@ class NamespaceOps(AccessChecks):
         entry = self.inodes.entry(inode)
         parent = self.inodes.entry(new_parent_inode)
         await self._allow(ctx, "rename", self._path_of(entry))  # a new name for it
-        await self._allow(ctx, "create", self._path_of(parent, new_name))
+        path = once(self._path_of(parent, new_name))
+        await self._allow(ctx, "create", path)
         self.names.link(entry.proc_path, self._dir(parent), new_name)
         entry.lookups += 1
-        return await self._attr_sized(os.stat(entry.fd), entry, ctx.pid)
+        return await self._attr_sized(os.stat(entry.fd), entry, ctx.pid, self._timeout_for(path))
 
     @fuse_op
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int | pyfuse3.FileInfo:
@@ -259,13 +264,12 @@ class NamespaceOps(AccessChecks):
             handle.names = await self._listable(handle, listed)
         names = handle.names
         fd = handle.fd
+        folder = self.inodes.get(handle.ino)
         # Offsets: 1 is ".", 2 is "..", 3 + i is names[i].  The kernel takes no
         # lookup reference for the dot entries.
         if start_id < 1:
             st = os.stat(fd)
-            if not pyfuse3.readdir_reply(
-                token, b".", self._attr(st, self.inodes.get(handle.ino)), 1
-            ):
+            if not pyfuse3.readdir_reply(token, b".", self._attr(st, folder), 1):
                 return
         if start_id < 2:
             st = os.stat("..", dir_fd=fd) if handle.ino != ROOT_INODE else os.stat(fd)
@@ -296,7 +300,8 @@ class NamespaceOps(AccessChecks):
                 if new_fd is not None and new_fd >= 0:
                     os.close(new_fd)
                 continue
-            if not pyfuse3.readdir_reply(token, name, self._attr(st, known, size), index + 3):
+            attr = self._attr(st, known, size, self._timeout_of_listed(folder, name))
+            if not pyfuse3.readdir_reply(token, name, attr, index + 3):
                 if new_fd is not None and new_fd >= 0:
                     os.close(new_fd)
                 break
