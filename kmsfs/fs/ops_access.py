@@ -76,6 +76,13 @@ class AccessChecks(OperationsBase):
             return self.timeout  # no list rule tests the requester (or nothing is kept)
         return 0.0 if self._policy.varies_for(path(), "list") else self._timeout
 
+    def _listing_kept(self, path: Callable[[], str | None]) -> bool:
+        """True if the kernel may keep the listing of the directory at *path* for every
+        process that opens it: no ``list`` decision below it may differ by requester."""
+        if self.timeout > 0 or self._timeout == 0:
+            return self.timeout > 0
+        return not self._policy.varies_below(path(), "list")
+
     def _timeout_of_listed(self, directory: Inode | None, name: bytes) -> float:
         """``_timeout_for`` the entry *name* of a listing of *directory* (None: gone)."""
         if self.timeout > 0 or directory is None:

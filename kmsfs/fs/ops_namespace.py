@@ -237,15 +237,16 @@ class NamespaceOps(AccessChecks):
     @fuse_op
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int | pyfuse3.FileInfo:
         entry = await self.inodes.entry_waiting(inode)
-        await self._allow(ctx, "list", self._path_of(entry))
+        path = once(self._path_of(entry))
+        await self._allow(ctx, "list", path)
         fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=entry.fd)
         # READDIR has no requester: the opener's decides what the listing shows
         fh = self.inodes.open_dir(fd, inode, self.identities.lookup(ctx.pid, ctx.uid, ctx.gid))
         # The kernel may keep the listing (FOPEN_CACHE_DIR) while it keeps entries: every
         # change reaches it through the mount, OPENDIR (the policy's "list" check) is still
-        # sent on every open, and the kernel's caches are off (timeout 0) when listings
-        # differ per requester.  A listing kept under an earlier policy is not kept again.
-        if self.content_access.cache_listings and self.timeout > 0:
+        # sent on every open, and no listing is kept where a "list" decision on an entry
+        # may differ per requester.  A listing kept under an earlier policy is not kept again.
+        if self.content_access.cache_listings and self._listing_kept(path):
             keep = entry.listed_under == self.policy_serial
             entry.listed_under = self.policy_serial
             return pyfuse3.FileInfo(fh=fh, cache_readdir=True, keep_cache=keep)

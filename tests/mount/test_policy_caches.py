@@ -15,6 +15,8 @@ from support.cli import run_as, run_kmsfs
 from support.fuse import requires_fuse
 from support.policy_volume import NOBODY, PolicyVolume, as_root, denied, deny_policy, policy_volume
 
+from kmsfs.fs.fuseloop import PYFUSE3
+
 pytestmark = [
     requires_fuse,
     pytest.mark.skipif(os.geteuid() != 0, reason="runs processes as another uid"),
@@ -33,10 +35,10 @@ def pv(shared_dir: Path) -> Iterator[PolicyVolume]:
     volume.vol.umount()
 
 
-def lookups(pv: PolicyVolume) -> int:
-    """LOOKUP requests the daemon has answered so far."""
+def answered(pv: PolicyVolume, opcode: str = "LOOKUP") -> int:
+    """Requests of *opcode* the daemon has answered so far."""
     info = json.loads(run_kmsfs("status", pv.vol.mountpoint, "--json").stdout)
-    return int(info["requests"]["by_opcode"].get("LOOKUP", {}).get("count", 0))
+    return int(info["requests"]["by_opcode"].get(opcode, {}).get("count", 0))
 
 
 def shown_to_nobody(path: Path) -> bool:
@@ -86,11 +88,29 @@ def test_entries_no_rule_testing_the_requester_matches_are_kept_by_the_kernel(
     (mnt / "shared/hidden").write_text("hidden")
     for path in ("shared/f", "shared/hidden"):
         os.stat(mnt / path)
-    before = lookups(pv)
+    before = answered(pv)
     for _ in range(5):
         os.stat(mnt / "shared/f")
-    kept = lookups(pv)
+    kept = answered(pv)
     assert kept - before <= 1  # answered by the kernel (unless it dropped the entry)
     for _ in range(5):
         os.stat(mnt / "shared/hidden")
-    assert lookups(pv) >= kept + 5  # asked every time: another user may get another answer
+    assert answered(pv) >= kept + 5  # asked every time: another user may get another answer
+
+
+@pytest.mark.skipif(
+    not PYFUSE3.cache_dir,
+    reason="stock pyfuse3 cannot ask the kernel to keep listings (FOPEN_CACHE_DIR): build"
+    " the patched one with scripts/setup (docs/pyfuse3-patch.md)",
+)
+def test_only_a_directory_with_no_hidden_names_below_keeps_its_listing(pv: PolicyVolume) -> None:
+    mnt = pv.vol.mountpoint
+    (mnt / "shared/hidden").write_text("hidden")
+    assert os.listdir(mnt / "vault") == ["f"]
+    kept = answered(pv, "READDIRPLUS")
+    assert os.listdir(mnt / "vault") == ["f"]
+    assert answered(pv, "READDIRPLUS") == kept  # listed from the kernel's cache
+    # /shared holds a name hidden from nobody: each opener gets a listing of its own
+    assert as_root("ls", mnt / "shared").stdout.split() == ["f", "hidden"]
+    assert as_root("ls", mnt / "shared").stdout.split() == ["f", "hidden"]
+    assert run_as(NOBODY, "ls", mnt / "shared").stdout.split() == ["f"]

@@ -396,6 +396,11 @@ def test_list_decisions_vary_only_on_paths_a_rule_testing_the_requester_matches_
     assert policy.varies_for(None, "list")  # a path not established: as for every path
     assert not any(policy.varies_for(p, "read") for p in varying + [None])
     assert not Policy.permit_all().varies_for(None, "list")
+    below = ["/", "/home", "/home/a", "/db", "/db/a"]  # /db/a: "/db/*" cannot, "/db/**" can
+    assert [d for d in below + ["/tmp", "/homer", "/dbx"] if policy.varies_below(d, "list")] == (
+        below[:-1]
+    )
+    assert policy.varies_below(None, "list") and not policy.varies_below("/", "read")
 
 
 VARIANCE_RULES: list[dict[str, object]] = [
@@ -428,6 +433,24 @@ def test_a_path_said_not_to_vary_gets_one_decision_for_every_requester(
     if policy.varies_for(path, "list"):
         return
     assert len({policy.decide(r, "list", path) for r in REQUESTERS}) == 1, path
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    rules=st.lists(st.sampled_from(VARIANCE_RULES), max_size=5),
+    parts=st.lists(st.sampled_from(["db", "home", "tmp", "a", "b"]), max_size=2),
+    below=st.lists(st.sampled_from(["db", "home", "x.key", "a", "b"]), min_size=1, max_size=3),
+)
+def test_a_directory_said_not_to_vary_below_lists_alike_for_every_requester(
+    rules: list[dict[str, object]], parts: list[str], below: list[str]
+) -> None:
+    """What a listing kept by the kernel for every opener relies on."""
+    policy = policy_of(rules)
+    directory = "/" + "/".join(parts)
+    if policy.varies_below(directory, "list"):
+        return
+    path = directory.rstrip("/") + "/" + "/".join(below)
+    assert not policy.varies_for(path, "list"), path
 
 
 # -- renaming a directory renames everything below it -------------------------------
