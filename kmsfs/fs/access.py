@@ -41,7 +41,7 @@ def open_actions(flags: int) -> tuple[str, ...]:
     return tuple(actions)
 
 
-def _once(path: Callable[[], str | None]) -> Callable[[], str | None]:
+def once(path: Callable[[], str | None]) -> Callable[[], str | None]:
     """*path*, computed on the first call only (a readlink each time otherwise)."""
     found: list[str | None] = []
 
@@ -99,12 +99,48 @@ class Access:
 
     def set_policy(self, policy: Policy) -> None:
         """Swap the access policy (SIGHUP reload).  When two processes may be shown
-        different things for one name (``list`` rules that test the requester), entries
-        and attributes are not cached by the kernel (docs/DESIGN.md "Access policy")."""
+        different things for some name (``list`` rules that test the requester), entries
+        and attributes are kept by the kernel only where ``_timeout_for`` says so: a reply
+        that does not ask it gets timeout 0 (docs/DESIGN.md "Access policy")."""
         self._policy = policy
         self.policy_serial += 1  # listings the kernel kept under the old one are made again
         self.timeout = 0.0 if policy.varies_by_requester("list") else self._timeout
         self._exec_warned.clear()  # warned once per file and policy
+
+    def timeout_for(self, path: Callable[[], str | None]) -> float:
+        """How long the kernel may keep the entry at *path* and its attributes: 0 where two
+        processes may be shown different things for it (its ``list`` decision may differ
+        by requester: docs/POLICY.md "What the kernel caches"), else the configured time.
+        The kernel answers a kept entry for every process without asking the daemon."""
+        if self.timeout > 0 or self._timeout == 0:
+            return self.timeout  # no list rule tests the requester (or nothing is kept)
+        return 0.0 if self._policy.varies_for(path(), "list") else self._timeout
+
+    def listing_kept(self, path: Callable[[], str | None]) -> bool:
+        """True if the kernel may keep the listing of the directory at *path* for every
+        process that opens it: no ``list`` decision below it may differ by requester."""
+        if self.timeout > 0 or self._timeout == 0:
+            return self.timeout > 0
+        return not self._policy.varies_below(path(), "list")
+
+    def timeout_of_listed(self, directory: Inode | None, name: bytes) -> float:
+        """``timeout_for`` the entry *name* of a listing of *directory* (None: gone)."""
+        if self.timeout > 0 or directory is None:
+            return self.timeout
+        return self.timeout_for(self.places.path_of(directory, name))
+
+    def forget_moved(
+        self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes
+    ) -> None:
+        """After a rename, when some ``list`` decision may differ by requester: have the
+        kernel drop the entries it moved (a directory's with the entries below it).  It
+        moves an entry with the time it may keep it, given for its old path, which the
+        new one may not allow.  Queued to pyfuse3's notify thread: the kernel holds the
+        directories until it has moved the entry, so the notice waits for that."""
+        if self.timeout > 0 or self._timeout == 0:
+            return
+        pyfuse3.invalidate_entry_async(new_parent, new_name, ignore_enoent=True)
+        pyfuse3.invalidate_entry_async(old_parent, old_name, ignore_enoent=True)  # exchange
 
     async def allow(
         self,
@@ -121,7 +157,7 @@ class Access:
         policies cost one dictionary look-up.
         """
         policy = self._policy
-        path = _once(path)
+        path = once(path)
         if not policy.applies(action):
             decision = policy.default_decision
             if decision.allowed and not decision.audit:
@@ -194,7 +230,7 @@ class Access:
         if entry.ino in self._exec_warned:
             return
         requester = self.identities.lookup(ctx.pid, ctx.uid, ctx.gid)
-        path = _once(self.places.path_of(entry))
+        path = once(self.places.path_of(entry))
         if (await self.decide(policy, requester, "read", path)).allowed:
             return
         st = os.stat(entry.fd)

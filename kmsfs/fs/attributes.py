@@ -44,11 +44,16 @@ class Attributes:
         self.layouts = {v: Layout(parts.config.block_size, v) for v in (FORMAT_1, FORMAT_2)}
 
     def of(
-        self, st: os.stat_result, entry: Inode | None = None, size: int | None = None
+        self,
+        st: os.stat_result,
+        entry: Inode | None = None,
+        size: int | None = None,
+        kept_for: float | None = None,
     ) -> pyfuse3.EntryAttributes:
         """Attributes of backing inode *st*; a regular file's or symlink's size is *size*
         if given (a symlink's is its target's length, else read through *entry*:
-        ``link_size``; EncryptedNameError if its target does not decrypt).
+        ``link_size``; EncryptedNameError if its target does not decrypt).  The kernel
+        keeps them *kept_for* seconds, ``access.timeout`` if None.
 
         Otherwise the size of its open content, else the one computed from the backing
         file's, which shared mode's kernel does not cache (``content_access``: another
@@ -57,8 +62,9 @@ class Attributes:
         attr = pyfuse3.EntryAttributes()
         attr.st_ino = entry.ino if entry is not None else self.inodes.fuse_ino(st.st_ino)
         attr.generation = entry.generation if entry is not None else 0
-        attr.entry_timeout = self.access.timeout
-        attr.attr_timeout = self.access.timeout
+        timeout = self.access.timeout if kept_for is None else kept_for
+        attr.entry_timeout = timeout
+        attr.attr_timeout = timeout
         attr.st_nlink = st.st_nlink
         attr.st_uid = st.st_uid
         attr.st_gid = st.st_gid
@@ -71,9 +77,7 @@ class Attributes:
                 attr.st_size = size
             else:
                 attr.st_size = self.layout_for(st, entry).plain_size(st.st_size)
-                attr.attr_timeout = self.content_access.attr_timeout_of_computed_size(
-                    self.access.timeout
-                )
+                attr.attr_timeout = self.content_access.attr_timeout_of_computed_size(timeout)
         elif stat.S_ISLNK(st.st_mode):
             attr.st_mode = st.st_mode
             if size is None:
@@ -103,14 +107,16 @@ class Attributes:
             return None
         return self.link_size(st, lambda: os.readlink(backing, dir_fd=dir_fd))
 
-    async def sized(self, st: os.stat_result, entry: Inode, caller: int) -> pyfuse3.EntryAttributes:
+    async def sized(
+        self, st: os.stat_result, entry: Inode, caller: int, kept_for: float | None = None
+    ) -> pyfuse3.EntryAttributes:
         """``of``, with a regular file's size read under a lock in shared mode
         (``content_access.locked_size``: *caller* is the requester's pid, and
         LockWaitFailed and its kin come from there)."""
         if not stat.S_ISREG(st.st_mode):
-            return self.of(st, entry)
+            return self.of(st, entry, kept_for=kept_for)
         size = await self.content_access.locked_size(st, entry, self.layout_for, caller)
-        return self.of(st, entry, size)
+        return self.of(st, entry, size, kept_for)
 
     def layout_for(self, st: os.stat_result, entry: Inode | None) -> Layout:
         """The layout a regular file's size is computed with, without reading its header:

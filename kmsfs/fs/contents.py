@@ -257,7 +257,8 @@ class Contents:
         entry.content = content
         entry.opens += 1
         info = pyfuse3.FileInfo(fh=entry.ino, keep_cache=self.content_access.keep_cache)
-        return info, self.attributes.of(st, entry, content.size)
+        kept_for = self.access.timeout_for(self.places.path_of(parent, name))
+        return info, self.attributes.of(st, entry, content.size, kept_for)
 
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         # Every open reaches the audit log, also of a file already open (whose key

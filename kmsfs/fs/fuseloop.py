@@ -213,7 +213,7 @@ def status(ops: Any) -> dict[str, Any]:
         if getattr(access_control, "timeout", 0) > 0:
             active.append("cache_dir")
         else:
-            off["cache_dir"] = "the kernel's caches are off (access policy)"
+            off["cache_dir"] = "not where list decisions below differ by requester (access policy)"
     elif PYFUSE3.cache_dir and access is not None and access.shared:
         off["cache_dir"] = "shared mode"
     return {

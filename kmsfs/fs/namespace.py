@@ -13,7 +13,7 @@ from pyfuse3 import FUSEError
 from kmsfs.backing import syscalls
 from kmsfs.errors import KmsfsError, PlaintextTooLong
 from kmsfs.format.content import format_of_mode, mode_for_format
-from kmsfs.fs.access import Access
+from kmsfs.fs.access import Access, once
 from kmsfs.fs.attributes import Attributes
 from kmsfs.fs.content_access import LocalContentAccess
 from kmsfs.fs.contents import Contents
@@ -57,14 +57,15 @@ class Namespace:
             return self.attributes.of(st, parent)
         if self.names.reserved(parent_inode == ROOT_INODE, name):
             raise FUSEError(errno.ENOENT)
-        await self.access.allow(ctx, "list", self.places.path_of(parent, name))
+        path = once(self.places.path_of(parent, name))
+        await self.access.allow(ctx, "list", path)
         backing = self.names.backing_name(self.places.dir(parent), name)
         try:
             st = os.stat(backing, dir_fd=parent.fd, follow_symlinks=False)
         except FileNotFoundError:
             negative = pyfuse3.EntryAttributes()
             negative.st_ino = 0
-            negative.entry_timeout = self.access.timeout
+            negative.entry_timeout = self.access.timeout_for(path)
             return negative
         try:
             link_size = self.attributes.entry_size(st, parent.fd, backing)
@@ -74,9 +75,10 @@ class Namespace:
             ) from None
         entry, st = self.inodes.remember(st, parent_inode, name, backing)
         self.inodes.trim()
+        timeout = self.access.timeout_for(path)  # the looked-up name: a hard link's may differ
         if entry.fd < 0 or link_size is not None:  # deferred: no descriptor to lock through
-            return self.attributes.of(st, entry, link_size)
-        return await self.attributes.sized(st, entry, ctx.pid)
+            return self.attributes.of(st, entry, link_size, timeout)
+        return await self.attributes.sized(st, entry, ctx.pid, timeout)
 
     def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         """Drop the kernel's lookup references; never raises (FORGET has no answer)."""
@@ -88,8 +90,10 @@ class Namespace:
 
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         entry = await self.inodes.entry_waiting(inode)
-        await self.access.allow(ctx, "list", self.places.path_of(entry))
-        return await self.attributes.sized(os.stat(entry.fd), entry, ctx.pid)
+        path = once(self.places.path_of(entry))
+        await self.access.allow(ctx, "list", path)
+        timeout = self.access.timeout_for(path)
+        return await self.attributes.sized(os.stat(entry.fd), entry, ctx.pid, timeout)
 
     async def setattr(
         self,
@@ -156,7 +160,8 @@ class Namespace:
         if dir_id and entry.dir_id is None:
             entry.dir_id = dir_id
         self.inodes.trim()
-        return self.attributes.of(st, entry)
+        kept_for = self.access.timeout_for(self.places.path_of(parent, name))
+        return self.attributes.of(st, entry, kept_for=kept_for)
 
     async def mknod(
         self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
@@ -221,6 +226,7 @@ class Namespace:
         self.names.rename(
             self.places.dir(old_parent), name_old, self.places.dir(new_parent), name_new, flags
         )
+        self.access.forget_moved(parent_inode_old, name_old, parent_inode_new, name_new)
 
     async def link(
         self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
@@ -229,14 +235,17 @@ class Namespace:
         entry = self.inodes.entry(inode)
         parent = self.inodes.entry(new_parent_inode)
         await self.access.allow(ctx, "rename", self.places.path_of(entry))  # a new name for it
-        await self.access.allow(ctx, "create", self.places.path_of(parent, new_name))
+        path = once(self.places.path_of(parent, new_name))
+        await self.access.allow(ctx, "create", path)
         self.names.link(entry.proc_path, self.places.dir(parent), new_name)
         entry.lookups += 1
-        return await self.attributes.sized(os.stat(entry.fd), entry, ctx.pid)
+        timeout = self.access.timeout_for(path)
+        return await self.attributes.sized(os.stat(entry.fd), entry, ctx.pid, timeout)
 
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int | pyfuse3.FileInfo:
         entry = await self.inodes.entry_waiting(inode)
-        await self.access.allow(ctx, "list", self.places.path_of(entry))
+        path = once(self.places.path_of(entry))
+        await self.access.allow(ctx, "list", path)
         fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=entry.fd)
         # READDIR has no requester: the opener's decides what the listing shows
         fh = self.inodes.open_dir(
@@ -244,9 +253,9 @@ class Namespace:
         )
         # The kernel may keep the listing (FOPEN_CACHE_DIR) while it keeps entries: every
         # change reaches it through the mount, OPENDIR (the policy's "list" check) is still
-        # sent on every open, and the kernel's caches are off (timeout 0) when listings
-        # differ per requester.  A listing kept under an earlier policy is not kept again.
-        if self.content_access.cache_listings and self.access.timeout > 0:
+        # sent on every open, and no listing is kept where a "list" decision on an entry
+        # may differ per requester.  A listing kept under an earlier policy is not kept again.
+        if self.content_access.cache_listings and self.access.listing_kept(path):
             keep = entry.listed_under == self.access.policy_serial
             entry.listed_under = self.access.policy_serial
             return pyfuse3.FileInfo(fh=fh, cache_readdir=True, keep_cache=keep)
@@ -264,13 +273,12 @@ class Namespace:
             handle.names = await self.access.listable(handle, listed)
         names = handle.names
         fd = handle.fd
+        folder = self.inodes.get(handle.ino)
         # Offsets: 1 is ".", 2 is "..", 3 + i is names[i].  The kernel takes no
         # lookup reference for the dot entries.
         if start_id < 1:
             st = os.stat(fd)
-            if not pyfuse3.readdir_reply(
-                token, b".", self.attributes.of(st, self.inodes.get(handle.ino)), 1
-            ):
+            if not pyfuse3.readdir_reply(token, b".", self.attributes.of(st, folder), 1):
                 return
         if start_id < 2:
             st = os.stat("..", dir_fd=fd) if handle.ino != ROOT_INODE else os.stat(fd)
@@ -301,9 +309,8 @@ class Namespace:
                 if new_fd is not None and new_fd >= 0:
                     os.close(new_fd)
                 continue
-            if not pyfuse3.readdir_reply(
-                token, name, self.attributes.of(st, known, size), index + 3
-            ):
+            attr = self.attributes.of(st, known, size, self.access.timeout_of_listed(folder, name))
+            if not pyfuse3.readdir_reply(token, name, attr, index + 3):
                 if new_fd is not None and new_fd >= 0:
                     os.close(new_fd)
                 break

@@ -123,6 +123,27 @@ class Policy:
         # (action, uid or None, first component or None) -> the rules that may match, as
         # (path test or None, process test or None, decision): uids are already checked
         self._candidates: dict[tuple[str, int | None, str | None], tuple[_Check, ...]] = {}
+        # action -> the rules for it that test the requester, unless none can make two
+        # requesters' decisions differ; and (path test or None, tests the requester) for
+        # every rule for it, in file order (empty in the same case)
+        self._varying: dict[str, tuple[Rule, ...]] = {
+            action: tuple(
+                rule for rule in rules if action in rule.actions and not rule.ignores_requester
+            )
+            if self.varies_by_requester(action)
+            else ()
+            for action in ACTIONS
+        }
+        self._variance: dict[str, tuple[tuple[Callable[[str], bool] | None, bool], ...]] = {
+            action: tuple(
+                (rule.paths.matches if rule.paths is not None else None, not rule.ignores_requester)
+                for rule in rules
+                if action in rule.actions
+            )
+            if self.varies_by_requester(action)
+            else ()
+            for action in ACTIONS
+        }
 
     @classmethod
     def permit_all(cls, source: str = "") -> Policy:
@@ -178,6 +199,40 @@ class Policy:
             if not _shadowed(rule, independent):
                 return True
         return False
+
+    def varies_for(self, path: str | None, action: str) -> bool:
+        """True if two requesters can get different decisions for *action* on *path*.
+
+        Exact for the rules: the first rule matching *path* that ignores the
+        requester decides for everyone, so a rule testing users, groups, programs
+        or sha256 makes the answer True only if it matches *path* before such a
+        rule does.  *path* None (not established) is answered for every path
+        (``varies_by_requester``).  For ``list``, False lets the kernel keep the
+        entry and its attributes for every process (docs/POLICY.md "What the
+        kernel caches").  Raises KeyError for an action not in ACTIONS.
+        """
+        rules = self._variance[action]
+        if not rules:
+            return False
+        if path is None:
+            return True
+        for path_test, tests_requester in rules:
+            if path_test is None or path_test(path):
+                return tests_requester
+        return False
+
+    def varies_below(self, directory: str | None, action: str) -> bool:
+        """True if two requesters may get different decisions for *action* on some path
+        strictly below *directory* (None: on some path anywhere).
+
+        Conservative: True for any rule testing the requester that could match a path
+        below, even where an earlier rule decides it for everyone.  For ``list``, False
+        lets the kernel keep the directory's listing for every process.
+        """
+        rules = self._varying[action]
+        if directory is None:
+            return bool(rules)
+        return any(rule.paths is None or rule.paths.can_match_below(directory) for rule in rules)
 
     def decide(self, requester: Requester, action: str, path: PathArg) -> Decision:
         """The first matching rule's Decision for *action* on *path*, else the default's.

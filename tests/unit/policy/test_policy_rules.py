@@ -381,6 +381,79 @@ def test_whether_list_decisions_depend_on_the_requester() -> None:
     assert not Policy.permit_all().varies_by_requester("list")
 
 
+PER_USER_LIST: list[dict[str, object]] = [
+    {"paths": "/**/*.key", "actions": "list", "effect": "deny"},
+    {"users": "nobody", "paths": "/home/**", "actions": "list", "effect": "deny"},
+    {"programs": "/usr/bin/db", "paths": ["/db", "/db/*"], "actions": "list", "effect": "permit"},
+    {"paths": "/db/**", "actions": "list", "effect": "deny"},
+]
+
+
+def test_list_decisions_vary_only_on_paths_a_rule_testing_the_requester_matches_first() -> None:
+    policy = policy_of(PER_USER_LIST)
+    varying = ["/home", "/home/a", "/home/a/b", "/db", "/db/a"]
+    uniform = ["/", "/homer", "/tmp/a", "/home/x.key", "/db/a/b", "/db/a/x.key"]
+    assert [p for p in varying + uniform if policy.varies_for(p, "list")] == varying
+    assert policy.varies_for(None, "list")  # a path not established: as for every path
+    assert not any(policy.varies_for(p, "read") for p in varying + [None])
+    assert not Policy.permit_all().varies_for(None, "list")
+    below = ["/", "/home", "/home/a", "/db", "/db/a"]  # /db/a: "/db/*" cannot, "/db/**" can
+    assert [d for d in below + ["/tmp", "/homer", "/dbx"] if policy.varies_below(d, "list")] == (
+        below[:-1]
+    )
+    assert policy.varies_below(None, "list") and not policy.varies_below("/", "read")
+
+
+VARIANCE_RULES: list[dict[str, object]] = [
+    *PER_USER_LIST,
+    {"groups": "backup", "paths": "/*/b", "actions": "list", "effect": "permit"},
+    {"paths": ["/", "/tmp/**"], "actions": "list", "effect": "permit"},
+    {"users": 4242, "actions": "list", "effect": "deny"},
+    {"sha256": "0" * 64, "paths": "/a/*", "actions": "list", "effect": "deny"},
+]
+REQUESTERS = [
+    Requester(uid, gid, exe=exe, groups=frozenset({gid}), sha256="1" * 64)
+    for uid in (0, NOBODY, 4242)
+    for gid in (0, BACKUP)
+    for exe in ("/usr/bin/db", "/usr/bin/cat")
+]
+
+
+@examples(300)
+@given(
+    rules=st.lists(st.sampled_from(VARIANCE_RULES), max_size=5),
+    parts=st.lists(st.sampled_from(["db", "home", "homer", "tmp", "x.key", "a", "b"]), max_size=4),
+    default=st.sampled_from(["permit", "deny"]),
+)
+def test_a_path_said_not_to_vary_gets_one_decision_for_every_requester(
+    rules: list[dict[str, object]], parts: list[str], default: str
+) -> None:
+    """What the kernel's caches rely on: one requester's answer is every requester's."""
+    policy = policy_of(rules, default=default)
+    path = "/" + "/".join(parts)
+    if policy.varies_for(path, "list"):
+        return
+    assert len({policy.decide(r, "list", path) for r in REQUESTERS}) == 1, path
+
+
+@examples(300)
+@given(
+    rules=st.lists(st.sampled_from(VARIANCE_RULES), max_size=5),
+    parts=st.lists(st.sampled_from(["db", "home", "tmp", "a", "b"]), max_size=2),
+    below=st.lists(st.sampled_from(["db", "home", "x.key", "a", "b"]), min_size=1, max_size=3),
+)
+def test_a_directory_said_not_to_vary_below_lists_alike_for_every_requester(
+    rules: list[dict[str, object]], parts: list[str], below: list[str]
+) -> None:
+    """What a listing kept by the kernel for every opener relies on."""
+    policy = policy_of(rules)
+    directory = "/" + "/".join(parts)
+    if policy.varies_below(directory, "list"):
+        return
+    path = directory.rstrip("/") + "/" + "/".join(below)
+    assert not policy.varies_for(path, "list"), path
+
+
 # -- renaming a directory renames everything below it -------------------------------
 
 
