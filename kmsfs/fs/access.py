@@ -100,7 +100,7 @@ class Access:
     def set_policy(self, policy: Policy) -> None:
         """Swap the access policy (SIGHUP reload).  When two processes may be shown
         different things for some name (``list`` rules that test the requester), entries
-        and attributes are kept by the kernel only where ``_timeout_for`` says so: a reply
+        and attributes are kept by the kernel only where ``timeout_for`` says so: a reply
         that does not ask it gets timeout 0 (docs/DESIGN.md "Access policy")."""
         self._policy = policy
         self.policy_serial += 1  # listings the kernel kept under the old one are made again
