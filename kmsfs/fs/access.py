@@ -107,25 +107,31 @@ class Access:
         self.timeout = 0.0 if policy.varies_by_requester("list") else self._timeout
         self._exec_warned.clear()  # warned once per file and policy
 
+    @property
+    def _per_path(self) -> bool:
+        """Whether cache times are chosen per path: the kernel keeps entries at all, and
+        some ``list`` rule tests the requester (``set_policy`` then set ``timeout`` 0)."""
+        return self.timeout == 0 and self._timeout > 0
+
     def timeout_for(self, path: Callable[[], str | None]) -> float:
         """How long the kernel may keep the entry at *path* and its attributes: 0 where two
         processes may be shown different things for it (its ``list`` decision may differ
         by requester: docs/POLICY.md "What the kernel caches"), else the configured time.
         The kernel answers a kept entry for every process without asking the daemon."""
-        if self.timeout > 0 or self._timeout == 0:
-            return self.timeout  # no list rule tests the requester (or nothing is kept)
+        if not self._per_path:
+            return self.timeout
         return 0.0 if self._policy.varies_for(path(), "list") else self._timeout
 
     def listing_kept(self, path: Callable[[], str | None]) -> bool:
         """True if the kernel may keep the listing of the directory at *path* for every
         process that opens it: no ``list`` decision below it may differ by requester."""
-        if self.timeout > 0 or self._timeout == 0:
+        if not self._per_path:
             return self.timeout > 0
         return not self._policy.varies_below(path(), "list")
 
     def timeout_of_listed(self, directory: Inode | None, name: bytes) -> float:
         """``timeout_for`` the entry *name* of a listing of *directory* (None: gone)."""
-        if self.timeout > 0 or directory is None:
+        if not self._per_path or directory is None:
             return self.timeout
         return self.timeout_for(self.places.path_of(directory, name))
 
@@ -137,7 +143,7 @@ class Access:
         moves an entry with the time it may keep it, given for its old path, which the
         new one may not allow.  Queued to pyfuse3's notify thread: the kernel holds the
         directories until it has moved the entry, so the notice waits for that."""
-        if self.timeout > 0 or self._timeout == 0:
+        if not self._per_path:
             return
         pyfuse3.invalidate_entry_async(new_parent, new_name, ignore_enoent=True)
         pyfuse3.invalidate_entry_async(old_parent, old_name, ignore_enoent=True)  # exchange

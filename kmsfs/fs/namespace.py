@@ -45,7 +45,6 @@ class Namespace:
         self.backing = parts.backing
         self.inodes = parts.inodes
         self.names = parts.names
-        self._limiter = parts.io_limiter
 
     async def lookup(
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
