@@ -204,9 +204,7 @@ def decrypt(
     click.echo(f"decrypted {size} bytes to {output}")
 
 
-def _source_file(
-    given: str, in_volume: bool, volume: str | None, kwargs: dict[str, Any]
-) -> Path:
+def _source_file(given: str, in_volume: bool, volume: str | None, kwargs: dict[str, Any]) -> Path:
     """The backing file *given* names: itself, or (with *in_volume*) the backing entry of
     that path in the volume *volume* (opened with the key options in *kwargs* if its
     names are encrypted)."""

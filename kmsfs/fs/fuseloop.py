@@ -125,9 +125,7 @@ class _Trio(types.ModuleType):
         return getattr(trio, name)
 
 
-def install(
-    on_disconnect: Callable[[], None] | None = None, poll_first: bool = True
-) -> None:
+def install(on_disconnect: Callable[[], None] | None = None, poll_first: bool = True) -> None:
     """Make pyfuse3's loop use the adapter (call before ``pyfuse3.main``); it calls
     *on_disconnect*, once, when it sees that the kernel ended the connection.  With
     *poll_first* False it only watches for that (for the patched loop)."""
@@ -180,9 +178,7 @@ def probe() -> Pyfuse3Hooks:
 PYFUSE3 = probe()
 
 
-def configure(
-    ops: pyfuse3.Operations, on_disconnect: Callable[[], None] | None = None
-) -> str:
+def configure(ops: pyfuse3.Operations, on_disconnect: Callable[[], None] | None = None) -> str:
     """Before ``pyfuse3.main``: have the loop that serves *ops* take queued requests without
     a trip around trio's loop, and call *on_disconnect*, once, when it sees that the
     kernel ended the connection (either loop).  Returns how: "read_before_wait" (the

@@ -34,6 +34,7 @@ if TYPE_CHECKING:  # nothing heavy at import
 
 TRUST_FLAG = "--trust-volume-settings"
 
+
 def provider_info(name: str) -> ProviderDecl:
     """ConfigError naming the known providers if *name* is not one."""
     try:

@@ -88,7 +88,5 @@ def serve_mount(spec: MountSpec, on_ready: Callable[[], None] | None) -> None:
         built.callback(ops.close)
         reloader = PolicyReloader(spec.config_file) if spec.config_file else None
         rekey = RekeyService(read_only=spec.read_only, auto=spec.auto_rekey)
-        runtime = ServerRuntime(
-            spec.mountpoint, stats, spec.metrics_listen, claim, reloader, rekey
-        )
+        runtime = ServerRuntime(spec.mountpoint, stats, spec.metrics_listen, claim, reloader, rekey)
         daemon.serve(spec, ops, on_ready, services=[runtime.run], reloader=reloader)

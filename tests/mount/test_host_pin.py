@@ -296,9 +296,7 @@ def test_older_generation_is_refused(volume: Volume, tmp_path: Path) -> None:
 
 @requires_fuse
 @pytest.mark.parametrize("name", ["format1-local", "format2-local"])
-def test_older_format_restored_over_a_migrated_volume_is_refused(
-    name: str, tmp_path: Path
-) -> None:
+def test_older_format_restored_over_a_migrated_volume_is_refused(name: str, tmp_path: Path) -> None:
     vol, saved, _ = restore_saved_volume(name, tmp_path)
     old_text = (vol.backing / ".kmsfs.json").read_text()
     vol.mount()  # migrates it to format 3 and pins it

@@ -935,9 +935,7 @@ def test_a_lock_another_host_holds_for_ever_never_wedges_the_mount(cluster: Clus
     assert LOCK_TIMEOUT - 1 <= longest < 2 * LOCK_TIMEOUT + 5, results
     backing = cluster.backings[0].resolve() / "held"
     log = mount.log_text()
-    assert (
-        f"{backing}: gave up after {LOCK_TIMEOUT} s waiting for a shared lock of bytes"
-    ) in log
+    assert (f"{backing}: gave up after {LOCK_TIMEOUT} s waiting for a shared lock of bytes") in log
     assert "another daemon holds a conflicting lock; shared_lock_timeout)" in log
     figures = lock_waits(mount)
     assert figures["waiting"] == 0 and figures["timed_out"] > 0

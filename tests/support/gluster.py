@@ -64,9 +64,7 @@ def _glusterd_answers() -> bool:
 
 def _start_glusterd(log: Path) -> subprocess.Popen[bytes]:
     with open(log, "wb") as out:
-        daemon = subprocess.Popen(
-            ["glusterd", "--no-daemon"], stdout=out, stderr=subprocess.STDOUT
-        )
+        daemon = subprocess.Popen(["glusterd", "--no-daemon"], stdout=out, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 30
     while not _glusterd_answers():
         if daemon.poll() is not None or time.monotonic() > deadline:

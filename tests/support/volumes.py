@@ -113,9 +113,7 @@ def make_volume(
     volume = Volume(tmp_path, backing, mountpoint, tmp_path / "master.key", tmp_path / "kmsfs.log")
     volume.key_args = ["--key-file", str(volume.key_file)]
     chosen = {"--plain-names", "--encrypted-names"} & set(init_args)
-    volume.encrypted_names = "--encrypted-names" in chosen or (
-        not chosen and names == "encrypted"
-    )
+    volume.encrypted_names = "--encrypted-names" in chosen or (not chosen and names == "encrypted")
     if key and in_process:
         if set(init_args) - chosen:
             raise ValueError(f"make_volume(in_process=True) takes no init options: {init_args}")
