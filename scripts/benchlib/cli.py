@@ -258,6 +258,13 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--keep", action="store_true", help="keep the volumes afterwards")
     p.add_argument(
+        "--from-results",
+        metavar="JSON",
+        help="run nothing: render the table again from a run's results.json (in its"
+        " --workdir), with the rows, targets and systems as now; give the run's --systems,"
+        " --only, --repeats and sizes",
+    )
+    p.add_argument(
         "--micro",
         action="store_true",
         help="run only the format-layer micro-benchmarks (seal/open per block size, header"
@@ -316,6 +323,9 @@ def main(argv: list[str] | None = None) -> int:
         rows = budget_rows(rows, named=bool(args.only))
     work = Path(args.workdir).resolve()
     sizes = sizes_of(args)
+
+    if args.from_results:
+        return render_saved(Path(args.from_results), rows, names, sizes, args)
 
     def on_signal(signum: int, frame: object) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
@@ -377,6 +387,24 @@ def main(argv: list[str] | None = None) -> int:
         table = render_budget(budgets, rows, systems)
     else:
         table = render(results, rows, systems, sizes, args.repeats, args.quick, work)
+    print(table)
+    if args.markdown:
+        Path(args.markdown).write_text(table)
+    return 0
+
+
+def render_saved(
+    path: Path, rows: list[Row], names: list[str], sizes: Sizes, args: argparse.Namespace
+) -> int:
+    """Print (and with --markdown write) the table of the samples saved in *path*."""
+    raw = json.loads(path.read_text())
+    results = Results()
+    for key, samples in raw.items():
+        row, _, system = key.partition("/")
+        for sample in samples:
+            results.add(row, system, Sample(**sample))
+    systems = [make_system(n, path.parent) for n in names]
+    table = render(results, rows, systems, sizes, args.repeats, args.quick, path.parent)
     print(table)
     if args.markdown:
         Path(args.markdown).write_text(table)

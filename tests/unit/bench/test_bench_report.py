@@ -3,8 +3,10 @@ run, and targets against one named peer (scripts/benchlib/report.py, cli.py)."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
-from benchlib.cli import parse_rows
+from benchlib.cli import main, parse_rows
 from benchlib.report import Results, Sample, _target, fmt, skip_notes
 from benchlib.workloads import ROWS, Row
 
@@ -61,3 +63,20 @@ def test_row_group_12_is_both_sqlite_journals() -> None:
 def test_every_row_part_of_another_names_a_row_with_a_run() -> None:
     keys = {r.key for r in ROWS if r.part_of is None}
     assert all(r.part_of in keys for r in ROWS if r.part_of is not None)
+
+
+def test_a_saved_run_renders_again_with_its_figures(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """``--from-results`` runs nothing and renders the table from a run's results.json:
+    each system's median and the ratio to the floor, as the run itself would have."""
+    saved = {
+        "untar/kmsfs": [{"value": v, "cpu": 1.0, "hwm_kb": 50_000} for v in (3.0, 2.0, 9.0)],
+        "untar/floor": [{"value": v, "cpu": 0.5} for v in (2.0, 2.5, 1.0)],
+    }
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(saved))
+    argv = ["--from-results", str(path), "--systems", "kmsfs,floor", "--only", "3"]
+    assert main([*argv, "--repeats", "3", "--markdown", str(tmp_path / "t.md")]) == 0
+    (line,) = [row for row in capsys.readouterr().out.splitlines() if row.startswith("| 3 ")]
+    cells = [cell.strip() for cell in line.strip("|").split("|")]
+    assert cells[3:6] == ["3.00", "2.00", "1.50×"]
+    assert line in (tmp_path / "t.md").read_text()
