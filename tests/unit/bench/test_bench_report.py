@@ -4,6 +4,7 @@ run, and targets against one named peer (scripts/benchlib/report.py, cli.py)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from benchlib.cli import main, parse_rows
@@ -65,7 +66,9 @@ def test_every_row_part_of_another_names_a_row_with_a_run() -> None:
     assert all(r.part_of in keys for r in ROWS if r.part_of is not None)
 
 
-def test_a_saved_run_renders_again_with_its_figures(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_a_saved_run_renders_again_with_its_figures(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """``--from-results`` runs nothing and renders the table from a run's results.json:
     each system's median and the ratio to the floor, as the run itself would have."""
     saved = {
