@@ -533,7 +533,7 @@ def _set_dir_id(parent_fd: int, name: bytes, dir_id: bytes) -> None:
         os.close(fd)
 
 
-CLAIM_ATTEMPTS = 6  # tries of mkdir-then-claim; waits 5, 10 … 80 ms between (155 ms at most)
+CLAIM_ATTEMPTS = 9  # tries of mkdir-then-claim; waits 5, 10 … 640 ms between (1.3 s at most)
 CLAIM_RETRY = (errno.ENOENT, errno.ESTALE)  # a name another client is making this moment
 
 
