@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import shutil
 import signal
@@ -379,32 +378,25 @@ def main(argv: list[str] | None = None) -> int:
             for s in systems:
                 if not os.path.ismount(s.mnt):
                     shutil.rmtree(s.base, ignore_errors=True)
-        raw = {f"{r}/{n}": [vars(x) for x in v] for (r, n), v in results.samples.items()}
         work.mkdir(parents=True, exist_ok=True)
-        (work / "results.json").write_text(json.dumps(raw, indent=1))
+        (work / "results.json").write_text(results.dump())
 
     if args.budget:
-        table = render_budget(budgets, rows, systems)
-    else:
-        table = render(results, rows, systems, sizes, args.repeats, args.quick, work)
-    print(table)
-    if args.markdown:
-        Path(args.markdown).write_text(table)
-    return 0
+        return _emit(render_budget(budgets, rows, systems), args)
+    return _emit(render(results, rows, systems, sizes, args.repeats, args.quick, work), args)
 
 
 def render_saved(
     path: Path, rows: list[Row], names: list[str], sizes: Sizes, args: argparse.Namespace
 ) -> int:
     """Print (and with --markdown write) the table of the samples saved in *path*."""
-    raw = json.loads(path.read_text())
-    results = Results()
-    for key, samples in raw.items():
-        row, _, system = key.partition("/")
-        for sample in samples:
-            results.add(row, system, Sample(**sample))
+    results = Results.load(path.read_text())
     systems = [make_system(n, path.parent) for n in names]
-    table = render(results, rows, systems, sizes, args.repeats, args.quick, path.parent)
+    return _emit(render(results, rows, systems, sizes, args.repeats, args.quick, path.parent), args)
+
+
+def _emit(table: str, args: argparse.Namespace) -> int:
+    """Print *table*, and write it to --markdown's file if given; exit status 0."""
     print(table)
     if args.markdown:
         Path(args.markdown).write_text(table)

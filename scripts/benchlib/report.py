@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
@@ -35,6 +36,21 @@ class Results:
 
     def add(self, row: str, system: str, sample: Sample) -> None:
         self.samples.setdefault((row, system), []).append(sample)
+
+    def dump(self) -> str:
+        """The samples as JSON, keyed "row/system" (a run's results.json)."""
+        raw = {f"{r}/{n}": [vars(x) for x in v] for (r, n), v in self.samples.items()}
+        return json.dumps(raw, indent=1)
+
+    @classmethod
+    def load(cls, text: str) -> Results:
+        """The samples of a ``dump``."""
+        results = cls()
+        for key, samples in json.loads(text).items():
+            row, _, system = key.partition("/")
+            for sample in samples:
+                results.add(row, system, Sample(**sample))
+        return results
 
     def median(self, row: str, system: str) -> float | None:
         values = [s.value for s in self.samples.get((row, system), []) if s.value is not None]

@@ -22,7 +22,7 @@ from support.cli import run_kmsfs
 from support.crash_harness import check, start_writer
 from support.fuse import requires_fuse
 from support.lifecycle_support import header_of
-from support.rekey_support import FINISHED, rekey_status, wait_job
+from support.rekey_support import rekey_status, wait_job
 from support.reliability_util import env_int, kill_daemon, mount_pid, scaled
 from support.volumes import Volume
 
@@ -145,24 +145,13 @@ def test_sigkill_at_random_points_of_rekeys_under_a_writer(volume: Volume) -> No
     print(f"rekey crash iterations: {iterations}, where the kills left the rekey: {seen}")
     try:
         run_kmsfs("rekey", volume.mountpoint, "--cancel", check=False)
-        _wait_no_running_job(volume)
+        # the last kill may have left no journal (the job had ended, or none had
+        # started): then the remount resumes nothing and the daemon reports no job
+        wait_job(volume, timeout=60, or_none_without=volume.backing / JOURNAL)
     finally:
         volume.umount()
     assert not (volume.backing / TMP).exists()
     assert run_kmsfs("fsck", volume.backing, *volume.key_args).returncode == 0
-
-
-def _wait_no_running_job(volume: Volume, timeout: float = 60) -> None:
-    """Wait until the daemon's job has finished, or there is none: the last kill may have
-    left no journal (the job had ended, or none had started), and then the remount
-    resumes nothing and the daemon reports no job."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        state = rekey_status(volume).get("state")
-        if state in FINISHED or (state is None and not (volume.backing / JOURNAL).exists()):
-            return
-        time.sleep(0.05)
-    pytest.fail(f"rekey job still running after {timeout} s: {rekey_status(volume)}")
 
 
 def _keep_rekeying(volume: Volume, stop: threading.Event) -> None:

@@ -36,12 +36,21 @@ def rekey_status(volume: Volume) -> dict[str, Any]:
     return dict(info.get("job") or {})
 
 
-def wait_job(volume: Volume, timeout: float, until: tuple[str, ...] = FINISHED) -> dict[str, Any]:
-    """Poll the job until its state is one of *until*; fail after *timeout* seconds."""
+def wait_job(
+    volume: Volume,
+    timeout: float,
+    until: tuple[str, ...] = FINISHED,
+    or_none_without: Path | None = None,
+) -> dict[str, Any]:
+    """Poll the job until its state is one of *until* (or, given *or_none_without*, until
+    there is no job and no file there: nothing journalled to resume); fail after
+    *timeout* seconds."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         job = rekey_status(volume)
         if job.get("state") in until:
+            return job
+        if or_none_without is not None and not job and not or_none_without.exists():
             return job
         time.sleep(0.05)
     pytest.fail(f"rekey job not {until} after {timeout} s: {rekey_status(volume)}")
