@@ -89,6 +89,7 @@ class EncryptedNames(PlainNames):
         self._logged: set[tuple[bytes, bytes]] = set()
         self._components: dict[tuple[bytes, bytes], bytes] = {}
         self._backing: OrderedDict[tuple[bytes, bytes], BackingName] = OrderedDict()
+        self._dirs_in_place = False  # the backing filesystem lacks RENAME_NOREPLACE
 
     # -- directories -------------------------------------------------------------
 
@@ -212,11 +213,10 @@ class EncryptedNames(PlainNames):
             raise
         os.close(fd)
         try:
-            os.rename(temp, sidecar_name, src_dir_fd=parent.fd, dst_dir_fd=parent.fd)
+            return _rename_sidecar(parent.fd, temp, sidecar_name, target)
         except BaseException:
             _unlink_quietly(parent.fd, temp)
             raise
-        return True
 
     @staticmethod
     def _drop_sidecar(parent: Dir, target: BackingName) -> None:
@@ -257,8 +257,12 @@ class EncryptedNames(PlainNames):
         first ID to land deciding which daemon made it (``_make_and_claim_dir``):
         another daemon may meet it without an ID for that moment (EIO for that
         request), and a crash in between leaves an empty directory without one
-        (fsck: ``dir-id``; rmdir through the mount removes it, mkdir claims it)."""
+        (fsck: ``dir-id``; rmdir through the mount removes it, mkdir claims it).  Once
+        the rename has answered so, every later mkdir is made in place straight away
+        (no long name's sidecar written and dropped again by the failed rename)."""
         dir_id = new_dir_id()
+        if self._dirs_in_place:
+            return self._make_dir_in_place(parent, name, mode, dir_id), dir_id
         temp = TEMP_PREFIX + os.urandom(8).hex().encode()
         os.mkdir(temp, mode, dir_fd=parent.fd)
         try:
@@ -270,6 +274,7 @@ class EncryptedNames(PlainNames):
             except OSError:
                 pass
             if isinstance(exc, OSError) and exc.errno in NO_RENAME_FLAGS:
+                self._dirs_in_place = True
                 return self._make_dir_in_place(parent, name, mode, dir_id), dir_id
             raise
         return backing, dir_id
@@ -514,6 +519,36 @@ def _read_sidecar(dir_fd: int, long_name: bytes) -> bytes | None:
     return data
 
 
+# tries of a directory's claim or a sidecar's rename; waits 5, 10 … 640 ms between (1.3 s)
+CLAIM_ATTEMPTS = 9
+CLAIM_RETRY = (errno.ENOENT, errno.ESTALE)  # a name another client is making this moment
+
+
+def _rename_sidecar(dir_fd: int, temp: bytes, sidecar_name: bytes, target: BackingName) -> bool:
+    """Rename the sidecar written as *temp* onto *sidecar_name*; True if this one
+    landed, False if another client's of the same bytes is there instead.
+
+    On GlusterFS two clients renaming onto one name at once (two daemons making one
+    long name) may get ENOENT or ESTALE; the sidecar of a name is always the same
+    bytes, so one that is in place serves, else the rename is tried again."""
+    for attempt in range(CLAIM_ATTEMPTS - 1):
+        try:
+            os.rename(temp, sidecar_name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            return True
+        except OSError as exc:
+            if exc.errno not in CLAIM_RETRY:
+                raise
+        try:
+            if _read_sidecar(dir_fd, target.name) == target.sidecar:
+                _unlink_quietly(dir_fd, temp)
+                return False
+        except (OSError, EncryptedNameError):
+            pass
+        time.sleep(0.005 * 2**attempt)
+    os.rename(temp, sidecar_name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)  # its error is the answer
+    return True
+
+
 def _set_dir_id(parent_fd: int, name: bytes, dir_id: bytes) -> None:
     """Give the new directory *name* of *parent_fd* its ID (through an O_PATH descriptor:
     its mode may not let the daemon open it for reading)."""
@@ -531,10 +566,6 @@ def _set_dir_id(parent_fd: int, name: bytes, dir_id: bytes) -> None:
                 os.chmod(path, mode)
     finally:
         os.close(fd)
-
-
-CLAIM_ATTEMPTS = 9  # tries of mkdir-then-claim; waits 5, 10 … 640 ms between (1.3 s at most)
-CLAIM_RETRY = (errno.ENOENT, errno.ESTALE)  # a name another client is making this moment
 
 
 def _make_and_claim_dir(parent_fd: int, name: bytes, mode: int, dir_id: bytes) -> None:

@@ -467,6 +467,92 @@ def test_a_directory_claimed_first_by_another_daemon_is_left_to_it(
     assert backing.is_dir() and os.getxattr(backing, DIR_ID_XATTR) == b"\x07" * 16
 
 
+def sidecar_renames(monkeypatch: pytest.MonkeyPatch, race: str) -> list[bytes]:
+    """Make os.rename onto a sidecar answer ENOENT once per sidecar, as a GlusterFS
+    client did when another client renamed onto the same sidecar at that moment
+    (traced in test_two_daemons_making_one_name_at_once): *race* "theirs" (the other
+    client's sidecar, the same bytes, is in place), "moment" (nothing landed yet),
+    "none" (no race).  A stand-in: the real race is rare.  Returns the sidecars
+    renamed onto, one entry per try."""
+    real_rename = os.rename
+    tries: list[bytes] = []
+
+    def rename(
+        src: Any, dst: Any, *, src_dir_fd: int | None = None, dst_dir_fd: int | None = None
+    ) -> None:
+        first = isinstance(dst, bytes) and dst.endswith(b".name") and dst not in tries
+        if isinstance(dst, bytes) and dst.endswith(b".name"):
+            tries.append(dst)
+        if first and race != "none":
+            if race == "theirs":
+                fd = os.open(src, os.O_RDONLY, dir_fd=src_dir_fd)
+                data = os.read(fd, 4096)
+                os.close(fd)
+                fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600, dir_fd=dst_dir_fd)
+                os.write(fd, data)
+                os.close(fd)
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory")
+        real_rename(src, dst, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd)
+
+    monkeypatch.setattr(os, "rename", rename)
+    return tries
+
+
+@pytest.mark.parametrize("race", ["theirs", "moment"])
+def test_a_long_name_whose_sidecar_another_client_renames_onto_at_once_is_made(
+    ops: KmsfsOperations, in_place: None, monkeypatch: pytest.MonkeyPatch, race: str
+) -> None:
+    """Two daemons making one long name on GlusterFS both rename a sidecar onto its
+    name, and one rename may fail with ENOENT: the mkdir and the create still succeed,
+    each long name has its sidecar, and no temporary name is left."""
+    tries = sidecar_renames(monkeypatch, race)
+
+    async def main() -> None:
+        d = await ops.mkdir(ROOT, b"D" * 200, 0o755, CTX)
+        await create(ops, b"inside", b"x", parent=d.st_ino)
+        await create(ops, b"F" * 200, b"file")
+        assert await listdir(ops) == sorted([b"D" * 200, b"F" * 200])
+        assert await listdir(ops, d.st_ino) == [b"inside"]
+
+    run(main)
+    sidecars = sorted(n for n in os.listdir(ops.backing) if n.endswith(".name"))
+    assert len(sidecars) == 2 and sorted(set(os.fsdecode(t) for t in tries)) == sidecars
+    # "theirs": one try each, and the sidecar in place serves both the directory's
+    # first try (under a temporary name, EINVAL) and its making in place; "moment":
+    # each tried again, and the directory's sidecar put again after that EINVAL
+    assert len(tries) == {"theirs": 2, "moment": 5}[race]
+    assert not [n for n in os.listdir(ops.backing) if n.startswith(".kmsfs-tmp.")]
+
+
+def test_after_one_failed_rename_directories_are_made_in_place_at_once(
+    ops: KmsfsOperations, in_place: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once the backing filesystem has answered RENAME_NOREPLACE with EINVAL, the
+    daemon makes every later directory in place: no rename with flags, and each long
+    name's sidecar written once (not written, dropped and written again)."""
+    from kmsfs.backing import names
+
+    flagged: list[int] = []
+    refusing = names.renameat2
+
+    def counting(old_fd: int, old: bytes, new_fd: int, new: bytes, flags: int) -> None:
+        if flags:
+            flagged.append(flags)
+        refusing(old_fd, old, new_fd, new, flags)
+
+    monkeypatch.setattr(names, "renameat2", counting)
+    tries = sidecar_renames(monkeypatch, "none")
+
+    async def main() -> None:
+        for n in range(3):
+            await ops.mkdir(ROOT, bytes([65 + n]) * 200, 0o755, CTX)
+        assert await listdir(ops) == [bytes([65 + n]) * 200 for n in range(3)]
+
+    run(main)
+    assert flagged == [RENAME_NOREPLACE]
+    assert len(tries) == 4  # the first directory's sidecar twice, then once each
+
+
 # -- symbolic links -----------------------------------------------------------------
 
 
