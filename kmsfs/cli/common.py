@@ -184,6 +184,16 @@ def old_option_values(kwargs: dict[str, Any], new: HostOptions) -> HostOptions:
     )
 
 
+def adding_key_option_values(kwargs: dict[str, Any]) -> tuple[HostOptions, HostOptions]:
+    """Pop the options of a command that adds a key (rewrap, keys add): the new key's,
+    as for init, and the current key's (``old_option_values``).  The control flags go
+    with the current key: they are about opening the volume, which it does."""
+    control = {name: kwargs.pop(name) for name in CONTROL_OPTIONS if name in kwargs}
+    new = key_option_values(kwargs)
+    kwargs.update(control)
+    return new, old_option_values(kwargs, new)
+
+
 def progress_flag(quiet: bool) -> bool | None:
     return False if quiet else None  # None: on a terminal only
 

@@ -10,11 +10,11 @@ from typing import Any
 import click
 
 from kmsfs.cli.common import (
+    adding_key_option_values,
     handle_errors,
     key_option_values,
     key_options,
     old_key_options,
-    old_option_values,
     progress_flag,
     prompt_secret,
     provider_option,
@@ -83,12 +83,12 @@ def rewrap(
     """
     from kmsfs.lifecycle.rewrap import rewrap_volume
 
-    new = key_option_values(kwargs)
+    new, current = adding_key_option_values(kwargs)
     report = rewrap_volume(
         backing,
         provider,
         new,
-        old_option_values(kwargs, new),
+        current,
         prompt_secret,
         retire_old=True,
         dry_run=dry_run,
@@ -152,12 +152,12 @@ def keys_add(backing: str, provider: str, quiet: bool, **kwargs: Any) -> None:
     """
     from kmsfs.lifecycle.rewrap import rewrap_volume
 
-    new = key_option_values(kwargs)
+    new, current = adding_key_option_values(kwargs)
     report = rewrap_volume(
         backing,
         provider,
         new,
-        old_option_values(kwargs, new),
+        current,
         prompt_secret,
         retire_old=False,
         show_progress=progress_flag(quiet),

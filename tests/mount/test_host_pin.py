@@ -386,6 +386,40 @@ def test_expected_fingerprint_at_first_use(volume: Volume, tmp_path: Path) -> No
     assert result.returncode == 3 and f"{toml}: expect_fingerprint" in result.stderr
 
 
+def test_rewrap_and_keys_add_open_the_volume_with_their_control_flags(
+    volume: Volume, tmp_path: Path
+) -> None:
+    """rewrap's and keys add's --expect-fingerprint and --trust-volume-settings are
+    about opening the volume with its current key.  They once went to the new key's
+    options and did nothing: a host that had not pinned the volume pinned whatever
+    config it found (trust on first use) although the operator gave the fingerprint
+    it must have."""
+    fingerprint = pin_json(volume)["pin"]["fingerprint"]
+    host_b = other_host(tmp_path)
+    wrong = "00ff-" * 7 + "00ff"
+    for n, command in enumerate((["rewrap"], ["keys", "add"])):
+        result = run_kmsfs(
+            *command, volume.backing, "--key-file", tmp_path / f"new{n}.key",
+            "--old-key-file", volume.key_file, "--expect-fingerprint", wrong, "-q",
+            env=host_b, check=False,
+        )  # fmt: skip
+        refused(result, f"fingerprint {fingerprint}, not {wrong} as expected", "nothing was pinned")
+        assert pin_json(volume, host_b)["pin"] is None
+    assert len(read_config(volume).keys) == 1
+    run_kmsfs(
+        "keys", "add", volume.backing, "--key-file", tmp_path / "added.key",
+        "--old-key-file", volume.key_file, "--expect-fingerprint", fingerprint, "-q", env=host_b,
+    )  # fmt: skip
+    assert pin_json(volume, host_b)["pin"]["pinned_by"] == "expected fingerprint"
+    assert len(read_config(volume).keys) == 2
+    # the current keys from the volume's recorded settings, as the flag says
+    run_kmsfs(
+        "keys", "add", volume.backing, "--key-file", tmp_path / "third.key",
+        "--trust-volume-settings", "-q", env=host_b,
+    )  # fmt: skip
+    assert len(read_config(volume).keys) == 3
+
+
 @requires_fuse
 def test_repin_after_a_deliberate_restore(volume: Volume, tmp_path: Path) -> None:
     backup = (volume.backing / ".kmsfs.json").read_text()
