@@ -27,6 +27,11 @@ def keys(count: int) -> list[bytes]:
     return [os.urandom(32) for _ in range(count)]
 
 
+def flip_last(data: bytes) -> bytes:
+    """*data* with one bit of its last byte changed (whatever that byte is)."""
+    return data[:-1] + bytes([data[-1] ^ 1])
+
+
 def chain_of(volume_keys: list[bytes], first_generation: int = 2) -> list[ChainEntry]:
     """The chain of a volume whose key was volume_keys[0], then [1], ... (one rotation each)."""
     return [
@@ -59,7 +64,7 @@ def test_chain_entry_opens_only_under_the_next_key_and_its_own_binding() -> None
         (os.urandom(32), entry),  # another key
         (new, ChainEntry(6, entry.previous, entry.sealed)),  # another generation
         (new, ChainEntry(5, fingerprint(new, VOLUME_ID), entry.sealed)),  # another fingerprint
-        (new, ChainEntry(5, entry.previous, entry.sealed[:-1] + b"\0")),  # a flipped byte
+        (new, ChainEntry(5, entry.previous, flip_last(entry.sealed))),  # a flipped byte
     ]
     for later, changed in bad:
         with pytest.raises(ConfigTampered, match="generation"):
