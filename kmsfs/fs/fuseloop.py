@@ -25,6 +25,17 @@ connection (the file system was unmounted; ``/dev/fuse`` then polls POLLERR):
 pyfuse3's loop ends only once every request being handled has finished, so
 requests waiting for another daemon's lock must be told to stop waiting.
 
+Before it parks the loop with trio, the adapter keeps asking for the next request for
+up to ``SPIN_NS`` (``spin_ns``; on a machine with more than one CPU): a process that
+sends one request after another (``stat`` after ``stat``, a database's small reads
+and writes) has its next one there within a few microseconds of the answer, and
+waking a parked daemon costs far more: the CPU it slept on goes idle, and waking an
+idle CPU is an interrupt to another CPU and, on a virtual machine, an exit to the
+hypervisor (docs/PERFORMANCE.md, "The floor, per request").  A spin that finds
+nothing makes the next ones park at once, twice as many each time (up to
+``SPIN_BACKOFF_MAX``), until one finds a request again: an idle daemon spins once,
+and a daemon whose caller runs on its own CPU (where spinning only delays it) rarely.
+
 ``request_queued()`` says whether a request waits unread in /dev/fuse, from the fd
 the adapter's loop waits for (either loop): kmsfs/fs/syncs.py runs a backing sync on
 the loop thread only when none does.
@@ -44,7 +55,9 @@ patch's hooks this pyfuse3 has, found by probing for them, not by version;
 
 from __future__ import annotations
 
+import os
 import select
+import time
 import types
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -56,6 +69,8 @@ import trio
 from kmsfs.fs.inodes import EntryLock
 
 YIELD_EVERY = 32  # requests served without a trip around trio's run loop, at most
+SPIN_NS = 50_000  # how long the loop asks for the next request before it parks
+SPIN_BACKOFF_MAX = 1024  # parks in a row without spinning after fruitless spins, at most
 _GONE = select.POLLERR | select.POLLHUP | select.POLLNVAL
 
 
@@ -63,13 +78,19 @@ class _Lowlevel(types.ModuleType):
     """trio.lowlevel, but with a ``wait_readable`` that returns at once when it can."""
 
     def __init__(
-        self, on_disconnect: Callable[[], None] | None = None, poll_first: bool = True
+        self,
+        on_disconnect: Callable[[], None] | None = None,
+        poll_first: bool = True,
+        spin_ns: int = 0,
     ) -> None:
         super().__init__("kmsfs.fs.fuseloop.lowlevel")
         self._polls: dict[int, select.poll] = {}
         self._streak = 0
         self._on_disconnect = on_disconnect
         self._poll_first = poll_first
+        self.spin_ns = spin_ns
+        self._backoff = 1  # parks without spinning after the next fruitless spin
+        self._skip = 0  # parks left to make without spinning
 
     def __getattr__(self, name: str) -> Any:
         return getattr(trio.lowlevel, name)
@@ -79,8 +100,8 @@ class _Lowlevel(types.ModuleType):
         if poll is None:
             poll = self._polls[fd] = select.poll()
             poll.register(fd, select.POLLIN)
-        if self._poll_first and self._streak < YIELD_EVERY:
-            ready = poll.poll(0)
+        if (self._poll_first or self.spin_ns) and self._streak < YIELD_EVERY:
+            ready = self._poll_briefly(poll)
             if ready:
                 self._streak += 1
                 if ready[0][1] & _GONE:
@@ -92,6 +113,25 @@ class _Lowlevel(types.ModuleType):
             ready = poll.poll(0)
             if ready and ready[0][1] & _GONE:
                 self._gone()
+
+    def _poll_briefly(self, poll: select.poll) -> list[tuple[int, int]]:
+        """``poll(0)``, asked again for up to ``spin_ns`` while nothing is there (unless
+        earlier spins that found nothing say to park at once)."""
+        ready = poll.poll(0)
+        if ready or not self.spin_ns:
+            return ready
+        if self._skip:
+            self._skip -= 1
+            return ready
+        end = time.perf_counter_ns() + self.spin_ns
+        while time.perf_counter_ns() < end:
+            ready = poll.poll(0)
+            if ready:
+                self._backoff = 1
+                return ready
+        self._skip = self._backoff
+        self._backoff = min(2 * self._backoff, SPIN_BACKOFF_MAX)
+        return ready
 
     def queued(self) -> bool:
         """Whether a request waits unread in the fd this loop waits for (or the
@@ -114,10 +154,13 @@ class _Trio(types.ModuleType):
     Lock: Any = EntryLock
 
     def __init__(
-        self, on_disconnect: Callable[[], None] | None = None, poll_first: bool = True
+        self,
+        on_disconnect: Callable[[], None] | None = None,
+        poll_first: bool = True,
+        spin_ns: int = 0,
     ) -> None:
         super().__init__("kmsfs.fs.fuseloop.trio")
-        self.lowlevel = _Lowlevel(on_disconnect, poll_first)
+        self.lowlevel = _Lowlevel(on_disconnect, poll_first, spin_ns)
         if not poll_first:
             self.Lock = trio.Lock
 
@@ -125,11 +168,20 @@ class _Trio(types.ModuleType):
         return getattr(trio, name)
 
 
-def install(on_disconnect: Callable[[], None] | None = None, poll_first: bool = True) -> None:
+def install(
+    on_disconnect: Callable[[], None] | None = None, poll_first: bool = True, spin_ns: int = 0
+) -> None:
     """Make pyfuse3's loop use the adapter (call before ``pyfuse3.main``); it calls
     *on_disconnect*, once, when it sees that the kernel ended the connection.  With
-    *poll_first* False it only watches for that (for the patched loop)."""
-    pyfuse3.trio = _Trio(on_disconnect, poll_first)  # type: ignore[attr-defined]
+    *poll_first* False it only watches for that (for the patched loop), and spins for
+    *spin_ns* before it parks (either loop)."""
+    pyfuse3.trio = _Trio(on_disconnect, poll_first, spin_ns)  # type: ignore[attr-defined]
+
+
+def spin_ns_here() -> int:
+    """``SPIN_NS`` where this process may run on more than one CPU, else 0 (spinning
+    on the only CPU would keep the caller from sending its next request)."""
+    return SPIN_NS if len(os.sched_getaffinity(0)) > 1 else 0
 
 
 def uninstall() -> None:
@@ -181,15 +233,17 @@ PYFUSE3 = probe()
 def configure(ops: pyfuse3.Operations, on_disconnect: Callable[[], None] | None = None) -> str:
     """Before ``pyfuse3.main``: have the loop that serves *ops* take queued requests without
     a trip around trio's loop, and call *on_disconnect*, once, when it sees that the
-    kernel ended the connection (either loop).  Returns how: "read_before_wait" (the
-    patched pyfuse3's, set on *ops*; the adapter then only watches for the disconnect,
-    if *on_disconnect* is given) or "adapter" (``install()``)."""
+    kernel ended the connection (either loop), spinning before it parks where
+    ``spin_ns_here()`` says.  Returns how: "read_before_wait" (the patched pyfuse3's,
+    set on *ops*; the adapter then only watches for the disconnect and spins, if
+    either applies) or "adapter" (``install()``)."""
+    spin_ns = spin_ns_here()
     if PYFUSE3.read_before_wait:
         ops.enable_read_before_wait = True
-        if on_disconnect is not None:
-            install(on_disconnect, poll_first=False)
+        if on_disconnect is not None or spin_ns:
+            install(on_disconnect, poll_first=False, spin_ns=spin_ns)
         return "read_before_wait"
-    install(on_disconnect)
+    install(on_disconnect, spin_ns=spin_ns)
     return "adapter"
 
 
@@ -212,7 +266,9 @@ def status(ops: Any) -> dict[str, Any]:
             off["cache_dir"] = "not where list decisions below differ by requester (access policy)"
     elif PYFUSE3.cache_dir and access is not None and access.shared:
         off["cache_dir"] = "shared mode"
+    lowlevel = getattr(getattr(pyfuse3, "trio", None), "lowlevel", None)
     return {
+        "spin_us": lowlevel.spin_ns // 1000 if isinstance(lowlevel, _Lowlevel) else 0,
         "version": PYFUSE3.version,
         "patched": PYFUSE3.patched,
         "active": active,

@@ -218,12 +218,16 @@ def format_status(info: dict[str, Any]) -> str:
 def describe_pyfuse3(info: dict[str, Any]) -> str:
     """The pyfuse3 line of a status answer: its version and the patch's hooks in use
     (docs/pyfuse3-patch.md), from ``kmsfs.fs.fuseloop.status``."""
+    spin = info.get("spin_us", 0)  # absent from a daemon older than the spin
+    spins = f"spins {spin} µs before it waits" if spin else "waits without spinning"
     if not info["patched"]:
-        return f"stock {info['version']}: none of the patch's hooks (loop: kmsfs's adapter)"
+        return (
+            f"stock {info['version']}: none of the patch's hooks (loop: kmsfs's adapter, {spins})"
+        )
     text = f"{info['version']}: {', '.join(info['active']) or 'no hooks in use'}"
     for name, why in info["off"].items():
         text += f"; {name} off ({why})"
-    return text
+    return f"{text}; loop {spins}"
 
 
 def format_requests(requests: dict[str, Any] | None) -> list[str]:

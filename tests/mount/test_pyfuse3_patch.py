@@ -29,7 +29,7 @@ from support.cli import run_kmsfs
 from support.fuse import force_unmount, requires_fuse, wait_exited
 from support.volumes import Volume, make_volume
 
-from kmsfs.fs.fuseloop import PYFUSE3
+from kmsfs.fs.fuseloop import PYFUSE3, spin_ns_here
 
 pytestmark = requires_fuse
 
@@ -84,9 +84,13 @@ def answers(path: Path, timeout: float = 20) -> bool:
 def test_status_says_which_pyfuse3_and_which_hooks(mounted: Volume) -> None:
     info = json.loads(run_kmsfs("status", mounted.mountpoint, "--json").stdout)["pyfuse3"]
     text = run_kmsfs("status", mounted.mountpoint).stdout
+    spin_us = spin_ns_here() // 1000  # the daemon may use the CPUs this test may
+    assert info["spin_us"] == spin_us, info
+    spins = f"spins {spin_us} µs before it waits" if spin_us else "waits without spinning"
     if PYFUSE3.patched:
         assert info["active"] == ["read_before_wait", "dont_mask", "cache_dir"], info
-        line = f"pyfuse3:        {PYFUSE3.version}: read_before_wait, dont_mask, cache_dir\n"
+        hooks = "read_before_wait, dont_mask, cache_dir"
+        line = f"pyfuse3:        {PYFUSE3.version}: {hooks}; loop {spins}\n"
     else:
         assert info["active"] == [] and info["loop"] == "adapter", info
         line = f"pyfuse3:        stock {PYFUSE3.version}: "

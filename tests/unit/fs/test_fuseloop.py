@@ -5,6 +5,7 @@ how kmsfs chooses between it and a patched pyfuse3's own loop, and reports which
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
@@ -131,10 +132,15 @@ def test_configure_uses_the_patched_loop_where_pyfuse3_has_it() -> None:
         if fuseloop.PYFUSE3.read_before_wait:
             assert how == "read_before_wait"
             assert ops.enable_read_before_wait is True
-            assert pyfuse3.trio is trio  # type: ignore[attr-defined]
+            if fuseloop.spin_ns_here():  # the adapter watches and spins, nothing more
+                assert pyfuse3.trio.lowlevel.spin_ns == fuseloop.SPIN_NS  # type: ignore[attr-defined]
+                assert not pyfuse3.trio.lowlevel._poll_first  # type: ignore[attr-defined]
+            else:
+                assert pyfuse3.trio is trio  # type: ignore[attr-defined]
         else:
             assert how == "adapter"
             assert pyfuse3.trio is not trio  # type: ignore[attr-defined]
+            assert pyfuse3.trio.lowlevel.spin_ns == fuseloop.spin_ns_here()  # type: ignore[attr-defined]
     finally:
         fuseloop.uninstall()
 
@@ -232,3 +238,94 @@ def test_request_queued_says_whether_the_fd_the_loop_waits_for_has_data(
     finally:
         fuseloop.uninstall()
     assert fuseloop.request_queued() is True
+
+
+class CountedWaits:
+    """trio's wait_readable, counted: the waits that parked the loop."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.count = 0
+        real = trio.lowlevel.wait_readable
+
+        async def counted(fd: int) -> None:
+            self.count += 1
+            await real(fd)
+
+        monkeypatch.setattr(trio.lowlevel, "wait_readable", counted)
+
+
+@pytest.mark.parametrize("poll_first", [True, False], ids=["adapter", "watch only"])
+def test_a_request_that_comes_while_the_loop_spins_is_taken_without_parking(
+    pipe: tuple[int, int], monkeypatch: pytest.MonkeyPatch, poll_first: bool
+) -> None:
+    """The next request of a caller that sends one after another comes a few µs after
+    the answer: the loop, still asking, takes it without parking (waking a parked
+    daemon's idle CPU costs more than the spin).  Here the request comes 20 ms into
+    a 5 s spin, from another thread."""
+    r, w = pipe
+    waits = CountedWaits(monkeypatch)
+    lowlevel = fuseloop._Trio(None, poll_first, spin_ns=5_000_000_000).lowlevel
+
+    async def main() -> None:
+        timer = threading.Timer(0.02, os.write, (w, b"x"))
+        timer.start()
+        with trio.fail_after(10):
+            await lowlevel.wait_readable(r)
+        timer.join()
+
+    trio.run(main)
+    assert waits.count == 0
+
+
+def test_spins_that_find_nothing_make_the_loop_park_at_once_more_and_more(
+    pipe: tuple[int, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An idle daemon, or one whose caller shares its CPU, spins in vain: after such a
+    spin the next 1, then 2, 4 … waits park without spinning, and a spin that finds a
+    request ends that.  (Spinning is seen by the number of polls.)"""
+    r, w = pipe
+    lowlevel = fuseloop._Trio(None, True, spin_ns=1_000_000).lowlevel  # 1 ms
+    polls: list[int] = []
+
+    class CountingPoll:
+        def __init__(self, poll: Any) -> None:
+            self.inner = poll
+
+        def poll(self, timeout: int) -> Any:
+            polls.append(timeout)
+            return self.inner.poll(timeout)
+
+    async def wait_with_data_soon() -> None:
+        async with trio.open_nursery() as nursery:
+
+            async def write() -> None:
+                await trio.sleep(0.01)
+                os.write(w, b"x")
+
+            nursery.start_soon(write)
+            await lowlevel.wait_readable(r)
+        os.read(r, 1)
+
+    spun: list[bool] = []
+
+    async def main() -> None:
+        await wait_with_data_soon()  # registers the fd; spins in vain (data after 10 ms)
+        lowlevel._polls[r] = CountingPoll(lowlevel._polls[r])  # type: ignore[assignment]
+        for _ in range(8):
+            polls.clear()
+            await wait_with_data_soon()
+            spun.append(len(polls) > 2)
+
+    trio.run(main)
+    # waits after the first fruitless spin: 1 parked at once, spin (vain), 2 at once,
+    # spin (vain), 4 at once ...
+    assert spun == [False, True, False, False, True, False, False, False]
+    # a spin that finds a request ends the backing off: the next fruitless spin is
+    # followed by one park at once again
+    lowlevel._skip, lowlevel.spin_ns = 0, 5_000_000_000
+    timer = threading.Timer(0.02, os.write, (w, b"x"))
+    timer.start()
+    trio.run(lowlevel.wait_readable, r)
+    timer.join()
+    os.read(r, 1)
+    assert (lowlevel._backoff, lowlevel._skip) == (1, 0)
