@@ -524,6 +524,11 @@ CLAIM_ATTEMPTS = 9
 CLAIM_RETRY = (errno.ENOENT, errno.ESTALE)  # a name another client is making this moment
 
 
+def _pause(attempt: int) -> None:
+    """Wait before try *attempt* + 2 of a claim or a sidecar's rename (5 ms, doubling)."""
+    time.sleep(0.005 * 2**attempt)
+
+
 def _rename_sidecar(dir_fd: int, temp: bytes, sidecar_name: bytes, target: BackingName) -> bool:
     """Rename the sidecar written as *temp* onto *sidecar_name*; True if this one
     landed, False if another client's of the same bytes is there instead.
@@ -544,7 +549,7 @@ def _rename_sidecar(dir_fd: int, temp: bytes, sidecar_name: bytes, target: Backi
                 return False
         except (OSError, EncryptedNameError):
             pass
-        time.sleep(0.005 * 2**attempt)
+        _pause(attempt)
     os.rename(temp, sidecar_name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)  # its error is the answer
     return True
 
@@ -589,7 +594,7 @@ def _make_and_claim_dir(parent_fd: int, name: bytes, mode: int, dir_id: bytes) -
         except OSError as exc:
             if exc.errno not in CLAIM_RETRY or last:
                 raise
-            time.sleep(0.005 * 2**attempt)
+            _pause(attempt)
             continue
         try:
             _set_dir_id(parent_fd, name, dir_id)
@@ -599,7 +604,7 @@ def _make_and_claim_dir(parent_fd: int, name: bytes, mode: int, dir_id: bytes) -
             if exc.errno in (errno.EEXIST, errno.ENOTDIR, errno.ELOOP):
                 raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), name) from None
             if exc.errno in CLAIM_RETRY and not last:
-                time.sleep(0.005 * 2**attempt)
+                _pause(attempt)
                 continue
             if made:
                 try:

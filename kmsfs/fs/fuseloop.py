@@ -31,10 +31,11 @@ sends one request after another (``stat`` after ``stat``, a database's small rea
 and writes) has its next one there within a few microseconds of the answer, and
 waking a parked daemon costs far more: the CPU it slept on goes idle, and waking an
 idle CPU is an interrupt to another CPU and, on a virtual machine, an exit to the
-hypervisor (docs/PERFORMANCE.md, "The floor, per request").  A spin that finds
-nothing makes the next ones park at once, twice as many each time (up to
-``SPIN_BACKOFF_MAX``), until one finds a request again: an idle daemon spins once,
-and a daemon whose caller runs on its own CPU (where spinning only delays it) rarely.
+hypervisor (docs/PERFORMANCE.md, "Waking an idle vCPU, and the spin before
+parking").  A spin that finds nothing makes the next ones park at once, twice as
+many each time (up to ``SPIN_BACKOFF_MAX``), until one finds a request again: an
+idle daemon spins once, and a daemon whose caller shares its CPU (where spinning
+only delays the caller) rarely.
 
 ``request_queued()`` says whether a request waits unread in /dev/fuse, from the fd
 the adapter's loop waits for (either loop): kmsfs/fs/syncs.py runs a backing sync on
