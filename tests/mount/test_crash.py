@@ -35,7 +35,7 @@ def test_sigkill_during_writes(volume: Volume) -> None:
     iterations = env_int("KMSFS_CRASH_ITERATIONS", scaled(10))
     base_seed = env_int("KMSFS_CRASH_SEED", 1000)
     verified: dict[Path, bytes] = {}
-    totals = {"ops": 0, "files": 0, "exact": 0, "changed": 0, "eio": 0}
+    totals = {"ops": 0, "files": 0, "exact": 0, "changed": 0, "eio": 0, "torn": 0}
     pid = mount_pid(volume)
     for i in range(iterations):
         seed = base_seed + i
@@ -57,6 +57,7 @@ def test_sigkill_during_writes(volume: Volume) -> None:
         for key in ("files", "exact", "changed"):
             totals[key] += getattr(result, key)
         totals["eio"] += len(result.eio)
+        totals["torn"] += sum(len(blocks) for blocks in result.torn.values())
         # Nothing that earlier iterations left (and we read back) may change.
         for path, content in verified.items():
             assert path.read_bytes() == content, f"{path} changed after a later kill"
@@ -145,6 +146,47 @@ def test_checker_rejects_stale_and_foreign_bytes() -> None:
     exact = FileModel(2, versions=[synced])
     assert allowed_bytes_check(synced, exact) is None
     assert allowed_bytes_check(b"A" * 99 + b"B", exact) is not None
+
+
+@pytest.mark.nomount
+def test_checker_admits_what_a_kill_can_leave_and_nothing_more(tmp_path: Path) -> None:
+    """The checker: a growing write half written back ends at a page boundary; a kill
+    can tear a block written since the last fsync (EIO there), no other block."""
+    from support.crash_harness import FileModel, Model, _eio_problem, allowed_size
+
+    model = Model(seed=7)
+    model.apply(0, {"op": "create", "name": "f"})
+    model.apply(1, {"op": "write", "name": "f", "off": 0, "len": 7783})
+    model.apply(2, {"op": "fsync", "name": "f"})
+    model.apply(3, {"op": "write", "name": "f", "off": 7783, "len": 10464 - 7783})
+    grown = model.names["f"]
+    assert allowed_size(8192, grown)  # pages up to 8192 written back, the third not
+    assert allowed_size(7783, grown) and allowed_size(10464, grown)
+    assert not allowed_size(8000, grown)  # not a page boundary
+    assert not allowed_size(12288, grown)  # beyond every state
+    assert not allowed_size(4096, grown)  # below the fsync'ed size
+    assert grown.touched_blocks == {1, 2}  # the old partial final block and the new one
+
+    (tmp_path / "f").touch()
+    log = f"ERROR block 1 of /{tmp_path.name}/f failed authentication"
+    assert _eio_problem(tmp_path, "f", grown, {1}, lambda: log) is None
+    assert "no write since the last fsync" in (
+        _eio_problem(tmp_path, "f", grown, {0}, lambda: log) or ""
+    )
+    assert "does not name it" in (_eio_problem(tmp_path, "f", grown, {2}, lambda: "") or "")
+    assert "promises a readable file" in (
+        _eio_problem(tmp_path, "f", grown, None, lambda: log) or ""
+    )
+    model.apply(4, {"op": "fsync", "name": "f"})
+    synced = model.names["f"]
+    assert not synced.touched_blocks and not synced.growths
+    assert "no write since the last fsync" in (
+        _eio_problem(tmp_path, "f", synced, {2}, lambda: log) or ""
+    )
+    shrinking = FileModel(2, versions=[bytes(9000)], changed=True)
+    model.names["g"] = shrinking
+    model.apply(5, {"op": "truncate", "name": "g", "size": 5000})
+    assert shrinking.touched_blocks == {1, 2}
 
 
 @pytest.mark.parametrize("seed, chunk, free", [(1, 3000, 6000), (2, 20000, 30000), (3, 4096, 4096)])

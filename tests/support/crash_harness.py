@@ -27,14 +27,19 @@ too.  So, for each file (an identity that follows renames):
 * **Changed after its last fsync**: let V_k be the state at the last fsync
   and V_k+1 .. V_m the states produced by later operations (including the
   one in flight).  The size read back is the size of one of V_k..V_m (for a
-  write in flight, anything between its before and after sizes), and each
-  byte at offset p equals V_j[p] for some j in k..m, or is zero if p was past
-  the end of some V_j (a page the kernel never wrote back is a hole).  Bytes
-  from before the last fsync, or from nowhere, fail the check.
+  write in flight, anything between its before and after sizes; for a write
+  that grew the file, also a page boundary between them: the kernel wrote
+  back the pages up to there and not the rest), and each byte at offset p
+  equals V_j[p] for some j in k..m, or is zero if p was past the end of some
+  V_j (a page the kernel never wrote back is a hole).  Bytes from before the
+  last fsync, or from nowhere, fail the check.
 * **EIO**: never for an fsync'ed-and-untouched file.  For a changed file
   only where docs/FORMAT.md admits it (a shrinking truncate in flight, a
-  create in flight), and the daemon's log must name the file.  Anything else
-  is a failure.
+  create in flight: the whole file; a block some write or truncate touched
+  since the last fsync: that block alone, torn when the kill stopped the
+  daemon's backing write between two kernel pages), and the daemon's log must
+  name the file.  The file is read block by block, so the other blocks are
+  still checked.  Anything else is a failure.
 """
 
 from __future__ import annotations
@@ -50,7 +55,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-BLOCK = 4096
+BLOCK = 4096  # the volume's block size and the kernel's page size here
 MAX_FILES = 6
 
 
@@ -202,6 +207,11 @@ class FileModel:
     versions: list[bytes] = field(default_factory=lambda: [b""])
     # Extra sizes allowed because of the operation in flight (a partial write).
     size_ranges: list[tuple[int, int]] = field(default_factory=list)
+    # Writes that grew the file since the last fsync: a page boundary between
+    # their before and after sizes is allowed (written back up to there).
+    growths: list[tuple[int, int]] = field(default_factory=list)
+    # Blocks written since the last fsync: a kill may have torn one (EIO).
+    touched_blocks: set[int] = field(default_factory=set)
     eio_allowed: bool = False
     changed: bool = False  # any operation after the last fsync (or the create)
 
@@ -235,16 +245,24 @@ class Model:
                 after = grown[:off] + payload + grown[off + len(payload) :]
                 if in_flight:
                     model.size_ranges.append((len(before), len(after)))
+                if len(after) > len(before):
+                    model.growths.append((len(before), len(after)))
+                first = min(off, len(before))
             else:
                 after = before[: op["size"]].ljust(op["size"], b"\0")
                 if in_flight and op["size"] < len(before):
                     model.eio_allowed = True  # FORMAT.md: the shrinking-truncate window
+                first = min(len(before), len(after))
+            last = max(len(before), len(after), first + 1) - 1
+            model.touched_blocks.update(range(first // BLOCK, last // BLOCK + 1))
             model.versions.append(after)
             model.changed = True
         elif kind == "fsync":
             if not in_flight:
                 model.versions = [model.current]
                 model.size_ranges = []
+                model.growths = []
+                model.touched_blocks = set()
                 model.changed = False
         elif kind == "rename":
             self.names[op["to"]] = self.names.pop(name)
@@ -271,11 +289,25 @@ def parse_journal(journal: Path) -> tuple[list[tuple[int, dict[str, Any]]], dict
     return done, pending
 
 
-def allowed_bytes_check(got: bytes, model: FileModel) -> str | None:
-    """None if *got* is an allowed content for *model*, else a description of why not."""
+def allowed_size(size: int, model: FileModel) -> bool:
+    """Whether a file of *model* may have *size* after the kill (see the module doc)."""
+    if size in {len(v) for v in model.versions}:
+        return True
+    if any(lo <= size <= hi for lo, hi in model.size_ranges):
+        return True
+    return size % BLOCK == 0 and any(lo < size < hi for lo, hi in model.growths)
+
+
+def allowed_bytes_check(
+    got: bytes, model: FileModel, torn_blocks: frozenset[int] = frozenset()
+) -> str | None:
+    """None if *got* is an allowed content for *model*, else a description of why not.
+
+    The blocks in *torn_blocks* read EIO; their bytes in *got* are not checked.
+    """
     versions = model.versions
     sizes = {len(v) for v in versions}
-    size_ok = len(got) in sizes or any(lo <= len(got) <= hi for lo, hi in model.size_ranges)
+    size_ok = allowed_size(len(got), model)
     if not model.changed:
         if got != versions[0]:
             return _first_diff("fsync'ed content differs", got, versions[0])
@@ -286,6 +318,8 @@ def allowed_bytes_check(got: bytes, model: FileModel) -> str | None:
     zero_from = min(len(v) for v in versions)
     chunk = 512
     for start in range(0, len(got), chunk):
+        if start // BLOCK in torn_blocks:
+            continue
         piece = got[start : start + chunk]
         if any(v[start : start + chunk] == piece for v in versions):
             continue
@@ -313,6 +347,7 @@ class CheckResult:
     exact: int = 0
     changed: int = 0
     eio: list[str] = field(default_factory=list)
+    torn: dict[str, list[int]] = field(default_factory=dict)  # blocks that read EIO
     problems: list[str] = field(default_factory=list)
     contents: dict[str, bytes] = field(default_factory=dict)
 
@@ -344,29 +379,75 @@ def check(root: Path, journal: Path, seed: int, log_text: Callable[[], str]) -> 
         result.files += 1
         path = root / name
         try:
-            got = path.read_bytes()
+            got, torn = read_by_blocks(path)
         except OSError as exc:
             if exc.errno != errno.EIO:
                 result.problems.append(f"{name}: {exc}")
                 continue
+            got, torn = b"", None
+        if torn is None or torn:
             result.eio.append(name)
-            if not file_model.eio_allowed:
-                result.problems.append(f"{name}: EIO where the format promises a readable file")
-            elif f"/{root.name}/{name}" not in log_text():
-                errors = [line for line in log_text().splitlines() if " ERROR " in line]
-                result.problems.append(
-                    f"{name}: EIO but the daemon log does not name it; errors logged: {errors[-5:]}"
-                )
-            continue
-        result.contents[name] = got
+            if torn:
+                result.torn[name] = sorted(torn)
+            problem = _eio_problem(root, name, file_model, torn, log_text)
+            if problem:
+                result.problems.append(f"{name}: {problem}")
+            if torn is None:
+                continue
+        else:
+            result.contents[name] = got
         if file_model.changed:
             result.changed += 1
         else:
             result.exact += 1
-        problem = allowed_bytes_check(got, file_model)
+        problem = allowed_bytes_check(got, file_model, frozenset(torn))
         if problem:
             result.problems.append(f"{name}: {problem}")
     return result
+
+
+def read_by_blocks(path: Path) -> tuple[bytes, set[int]]:
+    """The file's bytes (zeros where a block read EIO) and the blocks that did.
+
+    Raises OSError when the file cannot be opened or its size read.
+    """
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        pieces: list[bytes] = []
+        torn: set[int] = set()
+        for index in range((size + BLOCK - 1) // BLOCK):
+            want = min(BLOCK, size - index * BLOCK)
+            try:
+                piece = os.pread(fd, want, index * BLOCK)
+            except OSError as exc:
+                if exc.errno != errno.EIO:
+                    raise
+                torn.add(index)
+                piece = bytes(want)
+            pieces.append(piece)
+        return b"".join(pieces), torn
+    finally:
+        os.close(fd)
+
+
+def _eio_problem(
+    root: Path, name: str, model: FileModel, torn: set[int] | None, log_text: Callable[[], str]
+) -> str | None:
+    """Why an EIO (the whole file when *torn* is None, else those blocks) is not allowed."""
+    if not model.eio_allowed:
+        if torn is None:
+            return "EIO where the format promises a readable file"
+        untouched = sorted(torn - model.touched_blocks)
+        if untouched:
+            return (
+                f"EIO in blocks {untouched}, which no write since the last fsync touched"
+                f" (touched: {sorted(model.touched_blocks)})"
+            )
+    if f"/{root.name}/{name}" not in log_text():
+        errors = [line for line in log_text().splitlines() if " ERROR " in line]
+        return f"EIO but the daemon log does not name it; errors logged: {errors[-5:]}"
+    return None
 
 
 if __name__ == "__main__":
