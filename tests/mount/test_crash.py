@@ -183,6 +183,11 @@ def test_checker_admits_what_a_kill_can_leave_and_nothing_more(tmp_path: Path) -
     assert "no write since the last fsync" in (
         _eio_problem(tmp_path, "f", synced, {2}, lambda: log) or ""
     )
+    # A growing truncate in flight (seed 3174): the old final block padded first.
+    model.apply(6, {"op": "truncate", "name": "f", "size": 20000}, in_flight=True)
+    assert allowed_size(12288, model.names["f"])
+    assert not allowed_size(12000, model.names["f"])
+    assert not allowed_size(16384, model.names["f"])  # only the old final block is padded
     shrinking = FileModel(2, versions=[bytes(9000)], changed=True)
     model.names["g"] = shrinking
     model.apply(5, {"op": "truncate", "name": "g", "size": 5000})

@@ -29,7 +29,9 @@ too.  So, for each file (an identity that follows renames):
   one in flight).  The size read back is the size of one of V_k..V_m (for a
   write in flight, anything between its before and after sizes; for a write
   that grew the file, also a page boundary between them: the kernel wrote
-  back the pages up to there and not the rest), and each byte at offset p
+  back the pages up to there and not the rest; for a growing truncate in
+  flight, also the block boundary after its before size: growing a file
+  first pads its final block), and each byte at offset p
   equals V_j[p] for some j in k..m, or is zero if p was past the end of some
   V_j (a page the kernel never wrote back is a hole).  Bytes from before the
   last fsync, or from nowhere, fail the check.
@@ -246,12 +248,18 @@ class Model:
                 if in_flight:
                     model.size_ranges.append((len(before), len(after)))
                 if len(after) > len(before):
-                    model.growths.append((len(before), len(after)))
+                    padded = -(-len(before) // BLOCK) * BLOCK
+                    model.growths.append((len(before), min(padded + 1, len(after))))
                 first = min(off, len(before))
             else:
                 after = before[: op["size"]].ljust(op["size"], b"\0")
                 if in_flight and op["size"] < len(before):
                     model.eio_allowed = True  # FORMAT.md: the shrinking-truncate window
+                if in_flight and op["size"] > len(before):
+                    # FORMAT.md, growing a file: its first step pads the old final
+                    # block with zeros to the block boundary
+                    padded = -(-len(before) // BLOCK) * BLOCK
+                    model.growths.append((len(before), min(padded + 1, len(after))))
                 first = min(len(before), len(after))
             last = max(len(before), len(after), first + 1) - 1
             model.touched_blocks.update(range(first // BLOCK, last // BLOCK + 1))
