@@ -166,6 +166,12 @@ def test_checker_admits_what_a_kill_can_leave_and_nothing_more(tmp_path: Path) -
     assert not allowed_size(12288, grown)  # beyond every state
     assert not allowed_size(4096, grown)  # below the fsync'ed size
     assert grown.touched_blocks == {1, 2}  # the old partial final block and the new one
+    model.apply(5, {"op": "create", "name": "long"})
+    model.apply(6, {"op": "write", "name": "long", "off": 0, "len": 100})
+    model.apply(7, {"op": "fsync", "name": "long"})
+    model.apply(8, {"op": "write", "name": "long", "off": 100, "len": 20000})
+    assert allowed_size(8192, model.names["long"])  # any page boundary of a growing write
+    assert allowed_size(16384, model.names["long"])
 
     (tmp_path / "f").touch()
     log = f"ERROR block 1 of /{tmp_path.name}/f failed authentication"

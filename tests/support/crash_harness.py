@@ -248,8 +248,7 @@ class Model:
                 if in_flight:
                     model.size_ranges.append((len(before), len(after)))
                 if len(after) > len(before):
-                    padded = -(-len(before) // BLOCK) * BLOCK
-                    model.growths.append((len(before), min(padded + 1, len(after))))
+                    model.growths.append((len(before), len(after)))
                 first = min(off, len(before))
             else:
                 after = before[: op["size"]].ljust(op["size"], b"\0")
