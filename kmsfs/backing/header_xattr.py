@@ -65,13 +65,16 @@ def set_format_marker(fd: int, version: int) -> int:
     return claimed
 
 
-def write_new_header(fd: int, header: FileHeader) -> None:
+def write_new_header(fd: int, header: FileHeader) -> int:
     """Give the new, empty backing file *fd* the format marker of the header's version,
     then the header xattr (so that whoever sees the header sees the marker: another
-    daemon of a shared volume looking the file up meanwhile).  OSError as fchmod or
-    setxattr raise it (EEXIST if *fd* has a header already)."""
+    daemon of a shared volume looking the file up meanwhile); returns the header's
+    size in bytes.  OSError as fchmod or setxattr raise it (EEXIST if *fd* has a
+    header already)."""
     set_format_marker(fd, header.version)
-    os.setxattr(fd, XATTR_NAME, header.pack(), os.XATTR_CREATE)
+    packed = header.pack()
+    os.setxattr(fd, XATTR_NAME, packed, os.XATTR_CREATE)
+    return len(packed)
 
 
 def replace_header(fd: int, expected: bytes | None, header: bytes, what: str) -> None:

@@ -32,7 +32,7 @@ from kmsfs.format.header import FileHeader
 from kmsfs.fs.access import Access, open_actions
 from kmsfs.fs.attributes import Attributes
 from kmsfs.fs.content_access import LocalContentAccess
-from kmsfs.fs.errno_map import LookAgain
+from kmsfs.fs.errno_map import LookAgain, log
 from kmsfs.fs.inodes import Inode
 from kmsfs.fs.lockwait import LockWaits
 from kmsfs.fs.places import Places
@@ -57,7 +57,8 @@ class Contents:
     io_limiter (threads for large I/O and fsync), syncs (where FSYNC and FSYNCDIR
     run: kmsfs/fs/syncs.py), content_access (local or shared:
     kmsfs/fs/content_access.py), lock_waits (shared mode's waits for other daemons),
-    on_worn (``-o auto_rekey``'s queue, or None).
+    on_worn (``-o auto_rekey``'s queue, or None), header_room (whether new files'
+    headers fit in the backing inodes: kmsfs/backing/inode_room.py).
     """
 
     def __init__(
@@ -79,10 +80,12 @@ class Contents:
         self.open_created_elsewhere = open_created_elsewhere
         self.syncs = syncs
         self.config = parts.config
+        self.backing = parts.backing
         self.keyring = parts.keyring
         self.inodes = parts.inodes
         self.names = parts.names
         self.key_usage = parts.key_usage
+        self.header_room = parts.header_room
         self.offload_bytes = parts.offload_bytes
         self.io_limiter = parts.io_limiter
         self._key_limiter = parts.key_limiter
@@ -230,7 +233,7 @@ class Contents:
             stat.S_IMODE(self.places.new_mode(parent, mode, ctx)),
         )
         try:
-            write_new_header(fd, header)
+            header_size = write_new_header(fd, header)
             self.places.own(fd, parent, ctx)
             content = self.content_access.content_class(
                 fd,
@@ -250,6 +253,16 @@ class Contents:
             except OSError:
                 pass
             raise
+        if self.header_room.note_header(header_size):
+            log.warning(
+                "file headers of %d bytes do not fit the %d bytes the backing filesystem keeps"
+                " in an inode (%s): each file takes one more 4 KiB block, and a cold open or"
+                " ACL lookup one more disk read; an ext4 made with larger inodes keeps them"
+                ' there (docs/SERVERS.md, "The backing filesystem")',
+                header_size,
+                self.header_room.xattr_bytes,
+                self.backing,
+            )
         entry = self.inodes.adopt(st, path_fd, parent.ino, name, backing=backing)
         entry.format = header.version
         self.inodes.trim()

@@ -12,6 +12,7 @@ import trio
 
 from kmsfs.backing.content_file import KeyUsageTable
 from kmsfs.backing.encrypted_names import names_for
+from kmsfs.backing.inode_room import HeaderRoom, header_room
 from kmsfs.backing.names import Names, PlainNames
 from kmsfs.backing.shared import DEFAULT_LOCK_TIMEOUT
 from kmsfs.format.volume_config import VolumeConfig
@@ -41,7 +42,9 @@ class ServedVolume:
     on_policy (the audit log's sink for policy decisions marked for audit),
     shared (other daemons serve the volume too: docs/DESIGN.md "Shared storage"),
     lock_timeout (shared mode: seconds a request waits for another daemon's lock),
-    names (the volume's names, plain or encrypted: kmsfs/backing/names.py).
+    names (the volume's names, plain or encrypted: kmsfs/backing/names.py),
+    header_room (whether new files' headers fit in the backing inodes:
+    kmsfs/backing/inode_room.py).
     """
 
     backing: str
@@ -60,6 +63,7 @@ class ServedVolume:
     shared: bool = False
     lock_timeout: float = DEFAULT_LOCK_TIMEOUT
     names: Names = field(default_factory=PlainNames)
+    header_room: HeaderRoom = field(default_factory=HeaderRoom)
 
 
 def open_served_volume(
@@ -78,7 +82,8 @@ def open_served_volume(
     *shared*: other daemons serve the volume too; a request waits at most
     *lock_timeout* seconds for another daemon's byte-range lock (kmsfs/fs/lockwait.py).
     A volume with encrypted names gets its names from the name secret, which the
-    keyring's volume key unseals (ConfigTampered if it does not)."""
+    keyring's volume key unseals (ConfigTampered if it does not).  The backing
+    root's room for headers in the inode is measured here, once."""
     backing = os.path.abspath(backing)
     names = names_for(config.names, keyring.volume_key, config.volume_id)
     fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
@@ -101,4 +106,5 @@ def open_served_volume(
         shared=shared,
         lock_timeout=lock_timeout,
         names=names,
+        header_room=HeaderRoom(header_room(inodes.root_fd)),
     )

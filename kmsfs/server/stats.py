@@ -151,4 +151,6 @@ def snapshot(
         # shared mode: requests waiting for other daemons' locks, and how waits ended
         **({"lock_waits": ops.lock_waits.summary()} if ops.content_access.shared else {}),
         "pyfuse3": fuseloop.status(ops),
+        # whether new files' headers fit in the backing inodes (kmsfs/backing/inode_room.py)
+        "header_room": ops.contents.header_room.summary(),
     }

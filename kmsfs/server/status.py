@@ -181,6 +181,8 @@ def format_status(info: dict[str, Any]) -> str:
         lines.append(f"pyfuse3:        {describe_pyfuse3(info['pyfuse3'])}")
     for provider in info["providers"]:
         lines.append(f"master key:     {provider['description']}")
+    if "header_room" in info:  # absent from daemons older than the probe
+        lines.append(f"file headers:   {describe_header_room(info['header_room'])}")
     lines += [
         f"key cache:      {cache['size']} of {cache['max_entries']} keys,"
         f" {cache['hits']} hits, {cache['misses']} misses, {cache['evictions']} evictions",
@@ -213,6 +215,26 @@ def format_status(info: dict[str, Any]) -> str:
     lines += format_rekey(info.get("rekey"))
     lines += format_requests(info.get("requests"))
     return "\n".join(lines)
+
+
+def describe_header_room(room: dict[str, Any]) -> str:
+    """The file headers line of a status answer: whether they fit in the backing inodes
+    (``HeaderRoom.summary``, docs/SERVERS.md "The backing filesystem")."""
+    inode = room["xattr_bytes"]
+    size = room["header_bytes"]
+    where = (
+        "inode room unknown (the backing filesystem has no O_TMPFILE or no user xattrs)"
+        if inode is None
+        else f"{inode} bytes of room in a backing inode"
+    )
+    if size is None:
+        return f"{where}; none created yet"
+    if room["fits"] is False:
+        return (
+            f"{size} bytes, {where}: each takes a 4 KiB block of its own"
+            ' (docs/SERVERS.md, "The backing filesystem")'
+        )
+    return f"{size} bytes, {where}" + ("" if inode is None else ": kept in the inode")
 
 
 def describe_pyfuse3(info: dict[str, Any]) -> str:
