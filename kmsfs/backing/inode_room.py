@@ -16,7 +16,8 @@ import errno
 import os
 from dataclasses import dataclass
 
-from kmsfs.format.header import XATTR_NAME
+from kmsfs.format.header import ID_SIZE, XATTR_NAME, FileHeader, WrappedKey
+from kmsfs.format.volume_config import VolumeConfig
 
 # the largest value probed: more than any one-key header needs (the room of a 512-byte
 # ext4 inode is about 316 bytes, of a 1,024-byte one about 828)
@@ -49,6 +50,27 @@ def header_room(dir_fd: int, limit: int = PROBE_LIMIT) -> int | None:
     except OSError:  # no O_TMPFILE, no user xattrs, a read-only or full filesystem
         return None
     return fits
+
+
+def header_room_at(path: str) -> int | None:
+    """``header_room`` of the directory *path* (None as there, or if it cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        return header_room(fd)
+    finally:
+        os.close(fd)
+
+
+def new_header_size(config: VolumeConfig) -> int:
+    """The size in bytes of a new file's header in the volume of *config*: one entry per
+    master key, each blob as long as that key's check value, which the provider made by
+    wrapping a 32-byte key as it wraps file keys (docs/FORMAT.md, "File header")."""
+    entries = tuple(WrappedKey(key.provider, key.key_ref, key.check) for key in config.keys)
+    header = FileHeader.new(config.volume_id, bytes(ID_SIZE), config.block_size, entries)
+    return len(header.pack())
 
 
 def _costs_a_block(dir_fd: int, size: int) -> bool:

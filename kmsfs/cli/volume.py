@@ -24,6 +24,7 @@ from kmsfs.errors import UsageError
 
 if TYPE_CHECKING:
     from kmsfs.backing.names import Names
+    from kmsfs.format.volume_config import VolumeConfig
 
 
 @click.command()
@@ -63,6 +64,7 @@ def init(backing: str, provider: str, block_size: int, plain_names: bool, **kwar
         encrypted_names=not plain_names,
     )
     key = config.keys[0]
+    _warn_if_headers_do_not_fit(backing, config)
     click.echo(f"created volume {config.volume_id.hex()} in {backing}")
     click.echo(f"names: {names_mode(config)}")
     pin = read_pin(backing)
@@ -74,6 +76,24 @@ def init(backing: str, provider: str, block_size: int, plain_names: bool, **kwar
     named = host_options_hint(key).split(" (")[0].replace("its options", "")
     click.echo(f"mount it with: kmsfs mount {shlex.quote(backing)} MOUNTPOINT {named}".rstrip())
     click.echo(f"master key: {key.provider} {key.key_ref}")
+
+
+def _warn_if_headers_do_not_fit(backing: str, config: VolumeConfig) -> None:
+    """Say on stderr when the new volume's file headers will not fit in the backing
+    filesystem's inodes (kmsfs/backing/inode_room.py): the moment an operator can still
+    make the filesystem again."""
+    from kmsfs.backing.inode_room import header_room_at, new_header_size
+
+    room = header_room_at(backing)
+    size = new_header_size(config)
+    if room is not None and size > room:
+        click.echo(
+            f"kmsfs: warning: a file's header ({size} bytes) does not fit the {room} bytes"
+            " this filesystem keeps in an inode: each file will take one more 4 KiB block,"
+            " and a cold open one more disk read; an ext4 made with larger inodes"
+            ' (mkfs.ext4 -I 512) keeps it there (docs/SERVERS.md, "The backing filesystem")',
+            err=True,
+        )
 
 
 IN_VOLUME_HELP = (

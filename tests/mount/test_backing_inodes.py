@@ -103,6 +103,34 @@ def test_the_daemon_says_whether_headers_fit(ext4: tuple[int, Path]) -> None:
         check_log(volume)
 
 
+def test_init_warns_when_headers_will_not_fit(ext4: tuple[int, Path]) -> None:
+    inode_size, directory = ext4
+    backing, key = directory / "backing", directory / "master.key"
+    made = run_kmsfs("init", backing, "--key-file", key, "--encrypted-names")
+    room = EXT4_ROOM[inode_size]
+    size = 138  # a local key's header: docs/FORMAT.md "File header", "Local provider"
+    warning = (
+        f"kmsfs: warning: a file's header ({size} bytes) does not fit the {room} bytes this"
+        " filesystem keeps in an inode"
+    )
+    assert (warning in made.stderr) is (inode_size == 256), made.stderr
+    assert "created volume " in made.stdout  # a warning, not a refusal
+
+    # the size init predicted is the size of the headers the daemon then writes
+    volume = Volume(directory, backing, directory / "mnt", key, directory / "kmsfs.log")
+    volume.key_args = ["--key-file", str(key)]
+    volume.encrypted_names = True
+    volume.mountpoint.mkdir()
+    try:
+        volume.mount()
+        volume.path("f").write_bytes(b"x")
+        assert len(os.getxattr(volume.backing_path("f"), XATTR_NAME)) == size
+        volume.umount()
+    finally:
+        force_unmount(volume.mountpoint)
+        check_log(volume)
+
+
 def _check_reported(volume: Volume, inode_size: int) -> None:
     volume.mount()
     before = json.loads(run_kmsfs("status", volume.mountpoint, "--json").stdout)
