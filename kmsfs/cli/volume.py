@@ -79,7 +79,7 @@ def init(backing: str, provider: str, block_size: int, plain_names: bool, **kwar
 
 
 def _warn_if_headers_do_not_fit(backing: str, config: VolumeConfig) -> None:
-    """Say on stderr when the new volume's file headers will not fit in the backing
+    """Note on stderr when the new volume's file headers will not fit in the backing
     filesystem's inodes (kmsfs/backing/inode_room.py): the moment an operator can still
     make the filesystem again."""
     from kmsfs.backing.inode_room import header_room_at, new_header_size
@@ -88,7 +88,7 @@ def _warn_if_headers_do_not_fit(backing: str, config: VolumeConfig) -> None:
     size = new_header_size(config)
     if room is not None and size > room:
         click.echo(
-            f"kmsfs: warning: a file's header ({size} bytes) does not fit the {room} bytes"
+            f"kmsfs: note: a file's header ({size} bytes) does not fit the {room} bytes"
             " this filesystem keeps in an inode: each file will take one more 4 KiB block,"
             " and a cold open one more disk read; an ext4 made with larger inodes"
             ' (mkfs.ext4 -I 512) keeps it there (docs/SERVERS.md, "The backing filesystem")',

@@ -32,6 +32,7 @@ from typing import Any
 
 import trio
 
+from kmsfs.backing.inode_room import PROBE_LIMIT
 from kmsfs.errors import MountError
 from kmsfs.server.rekey_progress import format_rekey
 from kmsfs.server.rundir import in_runtime_dir, open_runtime_dir, runtime_dir
@@ -222,11 +223,12 @@ def describe_header_room(room: dict[str, Any]) -> str:
     (``HeaderRoom.summary``, docs/SERVERS.md "The backing filesystem")."""
     inode = room["xattr_bytes"]
     size = room["header_bytes"]
-    where = (
-        "inode room unknown (the backing filesystem has no O_TMPFILE or no user xattrs)"
-        if inode is None
-        else f"{inode} bytes of room in a backing inode"
-    )
+    if inode is None:
+        where = "inode room unknown (no O_TMPFILE or user xattrs, or a read-only filesystem)"
+    elif inode >= PROBE_LIMIT:
+        where = f"at least {inode} bytes of room in a backing inode"
+    else:
+        where = f"{inode} bytes of room in a backing inode"
     if size is None:
         return f"{where}; none created yet"
     if room["fits"] is False:

@@ -103,18 +103,18 @@ def test_the_daemon_says_whether_headers_fit(ext4: tuple[int, Path]) -> None:
         check_log(volume)
 
 
-def test_init_warns_when_headers_will_not_fit(ext4: tuple[int, Path]) -> None:
+def test_init_notes_when_headers_will_not_fit(ext4: tuple[int, Path]) -> None:
     inode_size, directory = ext4
     backing, key = directory / "backing", directory / "master.key"
     made = run_kmsfs("init", backing, "--key-file", key, "--encrypted-names")
     room = EXT4_ROOM[inode_size]
     size = 138  # a local key's header: docs/FORMAT.md "File header", "Local provider"
     warning = (
-        f"kmsfs: warning: a file's header ({size} bytes) does not fit the {room} bytes this"
+        f"kmsfs: note: a file's header ({size} bytes) does not fit the {room} bytes this"
         " filesystem keeps in an inode"
     )
     assert (warning in made.stderr) is (inode_size == 256), made.stderr
-    assert "created volume " in made.stdout  # a warning, not a refusal
+    assert "created volume " in made.stdout  # a note, not a refusal
 
     # the size init predicted is the size of the headers the daemon then writes
     volume = Volume(directory, backing, directory / "mnt", key, directory / "kmsfs.log")
