@@ -117,9 +117,13 @@ def _shared_op(rng: random.Random, root: Path, writer: int, seq: int) -> None:
         elif roll < 0.55:
             os.truncate(path, RECORD * rng.randrange(0, 48))
         elif roll < 0.9:
-            content = path.read_bytes()
-            if len(content) % RECORD:
-                raise AssertionError(f"{path.name}: size {len(content)} not a record multiple")
+            # In flight, the read need only succeed (no EIO: the worker records any
+            # OSError).  Linux gives a buffered read no atomicity against a write in
+            # progress: under this load a plain ext4 directory, without kmsfs, showed
+            # concurrent readers 58 sizes that were not record multiples in 20 s
+            # (44 records and 1 byte, for one).  Sizes and whole records are checked
+            # once the writers are done, from the backing files (the test, below).
+            path.read_bytes()
         elif roll < 0.95:
             os.rename(path, root / rng.choice(SHARED))
         else:
