@@ -14,7 +14,7 @@ from benchlib import postgres
 from benchlib.common import KMSFS, STOCK_VENV, VENV, MiB, run
 from benchlib.systems import System
 from benchlib.workloads import RTT_REQUESTS, Row, Sizes
-from kmsfs.backing.inode_room import header_room
+from kmsfs.backing.inode_room import header_room_at
 
 RSS_TARGET_MB = 150
 
@@ -103,11 +103,7 @@ def machine_info(work: Path) -> list[str]:
     except OSError:
         pass
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    fd = os.open(work, os.O_PATH | os.O_DIRECTORY)
-    try:
-        room = header_room(fd)  # a kmsfs header in the inode, or a block of its own
-    finally:
-        os.close(fd)
+    room = header_room_at(str(work))  # a kmsfs header in the inode, or a block of its own
     disk += "" if room is None else f", {room} bytes of xattr room per inode"
     return [
         f"- CPU: {cpu}, {os.cpu_count()} cores (nproc {len(os.sched_getaffinity(0))})",
